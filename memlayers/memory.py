@@ -1,0 +1,255 @@
+"""The memory layer: MemoryConfig, MemoryValues and ProductKeyMemory (Memory+).
+
+PAPER.md §1. A token's query picks the top-k of ``n_keys**2`` product keys in each of
+``heads`` heads; the softmax of the k scores weights the selected rows of one value
+table; the ``heads · k`` rows form one bag, summed by :func:`memlayers.ops.embedding_bag`.
+Memory+ gates the result with ``silu(x W1)`` and projects it back with ``W2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from memlayers.ops.embedding_bag import IMPLS, embedding_bag
+from memlayers.ops.product_keys import product_key_topk
+from memlayers.usage import MemoryUsage
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+
+
+@dataclass
+class MemoryConfig:
+    """Knobs of one memory layer. Defaults are Memory+ at a CPU-friendly size.
+
+    The paper's default (PAPER.md §1 table) is ``n_keys=1024, heads=4, topk=32``,
+    ``k_dim = dim/2``, ``v_dim = dim``: 1,048,576 value rows.
+    """
+
+    n_keys: int = 256  # half keys per head; the value table has n_keys**2 rows
+    heads: int = 4
+    topk: int = 32  # per head: a bag holds heads * topk rows
+    k_dim: int | None = None  # None: half the model dim (Memory+ rule)
+    v_dim: int | None = None  # None: the model dim
+    swilu: bool = True  # Memory+ output gating (y ⊙ silu(x W1)) W2
+    qk_norm: bool = True  # normalise queries and keys (Memory+)
+    share_values: bool = True  # models: one value pool for all memory layers
+    value_lr: float = 1e-3  # learning rate of the value table (paper: 1e-3, no decay)
+    impl: str = "auto"  # embedding-bag implementation: auto | torch | triton
+    query_bias: bool = False  # bias in the query projection
+    input_dropout: float = 0.0  # on the layer input, before the query projection
+    query_dropout: float = 0.0  # on the queries, before the key search
+    value_dropout: float = 0.0  # on the looked-up values, before the output gating
+    norm_eps: float = 1e-6  # epsilon of the qk normalisation
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of the value table (``n_keys**2``)."""
+        return self.n_keys**2
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and its value for invalid settings."""
+        for name in ("n_keys", "heads", "topk"):
+            _positive_int(name, getattr(self, name))
+        for name in ("k_dim", "v_dim"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if self.k_dim is not None and self.k_dim % 2:
+            raise ValueError(
+                f"k_dim must be even (it splits into two half keys), got k_dim={self.k_dim}"
+            )
+        if self.topk > self.n_keys:
+            raise ValueError(
+                f"topk must be <= n_keys, got topk={self.topk} > n_keys={self.n_keys}"
+            )
+        if not self.value_lr > 0:
+            raise ValueError(f"value_lr must be > 0, got value_lr={self.value_lr!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got impl={self.impl!r}")
+        for name in ("input_dropout", "query_dropout", "value_dropout"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {name}={p!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got norm_eps={self.norm_eps!r}")
+
+    def resolved_dims(self, dim: int) -> tuple[int, int]:
+        """``(k_dim, v_dim)`` for a model of width ``dim``, validated."""
+        _positive_int("dim", dim)
+        k_dim = self.k_dim if self.k_dim is not None else dim // 2
+        if k_dim < 2 or k_dim % 2:
+            raise ValueError(
+                f"k_dim must be even and >= 2, got k_dim={k_dim} (dim={dim}, "
+                f"config k_dim={self.k_dim})"
+            )
+        return k_dim, self.v_dim if self.v_dim is not None else dim
+
+
+class MemoryValues(nn.Module):
+    """The value table ``[n_rows, v_dim]``, passed explicitly to every layer sharing it."""
+
+    def __init__(
+        self,
+        n_rows: int,
+        v_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        _positive_int("n_rows", n_rows)
+        _positive_int("v_dim", v_dim)
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be floating point, got dtype={dtype}")
+        self.n_rows, self.v_dim = n_rows, v_dim
+        self.weight = nn.Parameter(torch.empty(n_rows, v_dim, dtype=dtype, device=device))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Normal with std ``v_dim**-0.5`` (PAPER.md; keeps ``‖y‖`` near 1 at init)."""
+        nn.init.normal_(self.weight, mean=0.0, std=self.v_dim**-0.5)
+
+    def extra_repr(self) -> str:
+        return f"n_rows={self.n_rows}, v_dim={self.v_dim}, dtype={self.weight.dtype}"
+
+
+def _trunc_normal_(w: torch.Tensor, std: float) -> None:
+    nn.init.trunc_normal_(w, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+def _rms_halves(t: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS-normalise each half-key-sized vector along the last dim."""
+    return t * torch.rsqrt(t.float().pow(2).mean(-1, keepdim=True) + eps).to(t.dtype)
+
+
+class ProductKeyMemory(nn.Module):
+    """``(..., dim) -> (..., dim)``: query → qk-norm → product-key top-k → softmax →
+    weighted sum of value rows → ``(y ⊙ silu(x W1)) W2`` (or ``y W_out`` without swilu).
+
+    A ``values`` table passed in is shared, not owned: it is *not* registered as a
+    submodule here, so the module that owns it (the model) registers it once and
+    ``state_dict``/optimizers see one table. Without ``values`` the layer creates and
+    owns its table (``self.values`` is then a submodule).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        config: MemoryConfig,
+        values: MemoryValues | None = None,
+        *,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        config.validate()
+        k_dim, v_dim = config.resolved_dims(dim)
+        self.dim, self.k_dim, self.v_dim, self.config = dim, k_dim, v_dim, config
+        if values is None:
+            self.owned_values = MemoryValues(config.n_rows, v_dim, device=device)
+        else:
+            if not isinstance(values, MemoryValues):
+                raise ValueError(f"values must be a MemoryValues, got {type(values).__name__}")
+            if values.n_rows != config.n_rows or values.v_dim != v_dim:
+                raise ValueError(
+                    f"values is [{values.n_rows}, {values.v_dim}] but the config needs "
+                    f"[n_keys**2={config.n_rows}, v_dim={v_dim}]"
+                )
+            self.owned_values = None
+            self._shared_values = (values,)  # a tuple: not registered as a submodule
+
+        h, half = config.heads, k_dim // 2
+        self.query = nn.Linear(dim, h * k_dim, bias=config.query_bias, device=device)
+        self.keys = nn.Parameter(torch.empty(h, 2, config.n_keys, half, device=device))
+        # qk-norm: both sides to unit RMS, a learnable query gain, scores scaled by
+        # 1/sqrt(half) as in attention, so the score scale at init matches no-norm.
+        self.query_norm = (
+            nn.Parameter(torch.empty(h, k_dim, device=device)) if config.qk_norm else None
+        )
+        if config.swilu:
+            self.w1 = nn.Linear(dim, v_dim, bias=False, device=device)
+            self.w2 = nn.Linear(v_dim, dim, bias=False, device=device)
+        else:
+            self.out_proj = nn.Linear(v_dim, dim, bias=False, device=device)
+        self.usage: MemoryUsage | None = None
+        self.init_weights()
+
+    @property
+    def values(self) -> MemoryValues:
+        return self.owned_values if self.owned_values is not None else self._shared_values[0]
+
+    def init_weights(self) -> None:
+        """Fill every parameter (the paper's rules); an owned value table too.
+
+        Keys uniform in ``±1/sqrt(k_dim)``; projections truncated normal with std
+        ``fan_in**-0.5``; biases zero; the qk-norm gain one.
+        """
+        bound = self.k_dim**-0.5
+        nn.init.uniform_(self.keys, -bound, bound)
+        _trunc_normal_(self.query.weight, self.dim**-0.5)
+        if self.query.bias is not None:
+            nn.init.zeros_(self.query.bias)
+        if self.query_norm is not None:
+            nn.init.ones_(self.query_norm)
+        if self.config.swilu:
+            _trunc_normal_(self.w1.weight, self.dim**-0.5)
+            _trunc_normal_(self.w2.weight, self.v_dim**-0.5)
+        else:
+            _trunc_normal_(self.out_proj.weight, self.v_dim**-0.5)
+        if self.owned_values is not None:
+            self.owned_values.init_weights()
+
+    def track_usage(self, enabled: bool = True) -> MemoryUsage | None:
+        """Start (or stop) collecting which rows are read; returns the collector."""
+        self.usage = MemoryUsage(self.config.n_rows) if enabled else None
+        return self.usage
+
+    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows and weights of every token's bag: ``[N, heads*topk]`` each (N = tokens)."""
+        cfg = self.config
+        h = x.reshape(-1, self.dim)  # [N, dim]
+        h = F.dropout(h, cfg.input_dropout, self.training)
+        q = self.query(h).view(-1, cfg.heads, self.k_dim)  # [N, H, k_dim]
+        q = F.dropout(q, cfg.query_dropout, self.training)
+        keys = self.keys  # [H, 2, n_keys, half]
+        if self.query_norm is not None:
+            half = self.k_dim // 2
+            q = q.view(-1, cfg.heads, 2, half)
+            q = _rms_halves(q, cfg.norm_eps).view(-1, cfg.heads, self.k_dim)
+            q = q * self.query_norm * half**-0.5
+            keys = _rms_halves(keys, cfg.norm_eps)
+        scores, indices = product_key_topk(q, keys, cfg.topk)  # [N, H, k] each
+        weights = scores.float().softmax(dim=-1)  # per head, over its k rows
+        n = h.shape[0]
+        return indices.view(n, -1), weights.view(n, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected input [..., dim={self.dim}], got {tuple(x.shape)}")
+        cfg = self.config
+        indices, weights = self.lookup(x)  # [N, H*k]
+        if self.usage is not None:
+            self.usage.update(indices, weights)
+        y = embedding_bag(self.values.weight, indices, weights, impl=cfg.impl)  # [N, v_dim]
+        y = F.dropout(y, cfg.value_dropout, self.training)
+        h = x.reshape(-1, self.dim)
+        if cfg.swilu:
+            out = self.w2(y * F.silu(self.w1(h)))  # [N, dim]
+        else:
+            out = self.out_proj(y)
+        return out.view(*x.shape[:-1], self.dim)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"dim={self.dim}, n_keys={c.n_keys}, heads={c.heads}, topk={c.topk}, "
+            f"k_dim={self.k_dim}, v_dim={self.v_dim}, swilu={c.swilu}, qk_norm={c.qk_norm}, "
+            f"shared_values={self.owned_values is None}"
+        )

@@ -1,0 +1,151 @@
+"""The weighted sum of value rows: ``out[b] = Σ_k weights[b, k] · values[indices[b, k]]``.
+
+This is EmbeddingBag(mode="sum", per_sample_weights) (PAPER.md §2 "Kernels"). FLOPs are
+negligible; the op is bound by memory bandwidth. This module holds the input checks, the
+dispatcher and the PyTorch path, which runs on CPU and GPU, in any floating dtype, and is
+the reference every faster implementation is tested against.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("auto", "torch", "triton")
+
+# The backward materialises [rows, K, D] fp32 products; bound that to ~64 MB per chunk so
+# a 16k-token batch with 128-row bags and D = 1024 doesn't need 8 GB at once.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def check_embedding_bag_inputs(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> None:
+    """Raise ``ValueError`` naming the offending value before any kernel runs."""
+    if values.dim() != 2:
+        raise ValueError(f"values must be [N, D], got shape {tuple(values.shape)}")
+    if not values.is_floating_point():
+        raise ValueError(f"values must be floating point, got dtype {values.dtype}")
+    if indices.dim() != 2:
+        raise ValueError(f"indices must be [B, K], got shape {tuple(indices.shape)}")
+    if indices.dtype != torch.int64:
+        raise ValueError(f"indices must be int64, got dtype {indices.dtype}")
+    if weights.shape != indices.shape:
+        raise ValueError(
+            f"weights must have the shape of indices {tuple(indices.shape)}, "
+            f"got {tuple(weights.shape)}"
+        )
+    if not weights.is_floating_point():
+        raise ValueError(f"weights must be floating point, got dtype {weights.dtype}")
+    if not (values.device == indices.device == weights.device):
+        raise ValueError(
+            f"values, indices and weights must be on one device, got {values.device}, "
+            f"{indices.device} and {weights.device}"
+        )
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Map ``impl`` to the implementation that will run on ``device``.
+
+    ``auto`` picks Triton on CUDA (when Triton imports) and PyTorch elsewhere. ``triton``
+    on a CPU tensor is allowed only under ``TRITON_INTERPRET=1`` (how CI tests kernels).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if impl == "triton":
+        if not triton_available():
+            raise ValueError("impl='triton' but triton is not installed")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"impl='triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1"
+            )
+    return impl
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _row_chunk(k: int, d: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(1, k * d))
+
+
+class _TorchEmbeddingBag(torch.autograd.Function):
+    """PyTorch path with a backward that also supports bf16/fp16 score gradients."""
+
+    @staticmethod
+    def forward(ctx, values, indices, weights):
+        ctx.save_for_backward(values, indices, weights)
+        if indices.numel() == 0:
+            return values.new_zeros(indices.shape[0], values.shape[1])
+        # F.embedding_bag accumulates in fp32 for half types and is PyTorch's own kernel:
+        # the honest baseline for the Triton path.
+        return F.embedding_bag(
+            indices, values, per_sample_weights=weights.to(values.dtype), mode="sum"
+        )
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, weights = ctx.saved_tensors
+        n, d = values.shape
+        b, k = indices.shape
+        acc = torch.promote_types(values.dtype, torch.float32)
+        need_v, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        grad_values = values.new_zeros(n, d, dtype=acc) if need_v else None
+        grad_weights = torch.empty(b, k, dtype=acc, device=weights.device) if need_w else None
+        step = _row_chunk(k, d)
+        for s in range(0, b, step):
+            g = grad_out[s : s + step].to(acc)  # [b', D]
+            idx = indices[s : s + step]  # [b', K]
+            if need_w:
+                rows = values[idx].to(acc)  # [b', K, D]
+                grad_weights[s : s + step] = torch.einsum("bkd,bd->bk", rows, g)
+            if need_v:
+                contrib = weights[s : s + step].to(acc).unsqueeze(-1) * g.unsqueeze(1)
+                grad_values.index_add_(0, idx.reshape(-1), contrib.reshape(-1, d))
+        if need_v:
+            grad_values = grad_values.to(values.dtype)
+        if need_w:
+            grad_weights = grad_weights.to(weights.dtype)
+        return grad_values, None, grad_weights
+
+
+def embedding_bag_torch(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The PyTorch path (no input checks; call :func:`embedding_bag`)."""
+    return _TorchEmbeddingBag.apply(values, indices, weights)
+
+
+def embedding_bag(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Weighted sum of value rows per bag, differentiable in ``values`` and ``weights``.
+
+    Args:
+        values: ``[N, D]`` value table, any floating dtype, any ``D``.
+        indices: ``[B, K]`` int64 row indices into ``values``.
+        weights: ``[B, K]`` weight of each row in its bag.
+        impl: ``"auto"`` | ``"torch"`` | ``"triton"`` (see :func:`resolve_impl`).
+
+    Returns:
+        ``[B, D]`` in ``values.dtype``, accumulated in fp32.
+    """
+    check_embedding_bag_inputs(values, indices, weights)
+    impl = resolve_impl(impl, values.device)
+    if impl == "triton":
+        from memlayers.ops.embedding_bag_triton import embedding_bag_triton
+
+        return embedding_bag_triton(values, indices, weights)
+    return embedding_bag_torch(values, indices, weights)
