@@ -7,6 +7,7 @@ that adds billions of parameters to a language model at almost no extra FLOPs.
 from memlayers import ops
 from memlayers.memory import MemoryConfig, MemoryValues, ProductKeyMemory
 from memlayers.usage import MemoryUsage
+from memlayers.value_optim import SparseValueAdam, SparseValueSGD
 
 __version__ = "0.1.0"
 
@@ -15,5 +16,7 @@ __all__ = [
     "MemoryUsage",
     "MemoryValues",
     "ProductKeyMemory",
+    "SparseValueAdam",
+    "SparseValueSGD",
     "ops",
 ]

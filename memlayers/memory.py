@@ -68,9 +68,7 @@ class MemoryConfig:
                 f"k_dim must be even (it splits into two half keys), got k_dim={self.k_dim}"
             )
         if self.topk > self.n_keys:
-            raise ValueError(
-                f"topk must be <= n_keys, got topk={self.topk} > n_keys={self.n_keys}"
-            )
+            raise ValueError(f"topk must be <= n_keys, got topk={self.topk} > n_keys={self.n_keys}")
         if not self.value_lr > 0:
             raise ValueError(f"value_lr must be > 0, got value_lr={self.value_lr!r}")
         if self.impl not in IMPLS:
@@ -95,7 +93,12 @@ class MemoryConfig:
 
 
 class MemoryValues(nn.Module):
-    """The value table ``[n_rows, v_dim]``, passed explicitly to every layer sharing it."""
+    """The value table ``[n_rows, v_dim]``, passed explicitly to every layer sharing it.
+
+    ``sparse_grad=True`` makes lookups return a row-sparse (COO) gradient holding only the
+    rows read, for :class:`memlayers.value_optim.SparseValueAdam`; leave it off for dense
+    optimizers and FSDP.
+    """
 
     def __init__(
         self,
@@ -103,13 +106,14 @@ class MemoryValues(nn.Module):
         v_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        sparse_grad: bool = False,
     ) -> None:
         super().__init__()
         _positive_int("n_rows", n_rows)
         _positive_int("v_dim", v_dim)
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be floating point, got dtype={dtype}")
-        self.n_rows, self.v_dim = n_rows, v_dim
+        self.n_rows, self.v_dim, self.sparse_grad = n_rows, v_dim, sparse_grad
         self.weight = nn.Parameter(torch.empty(n_rows, v_dim, dtype=dtype, device=device))
         self.init_weights()
 
@@ -237,7 +241,10 @@ class ProductKeyMemory(nn.Module):
         indices, weights = self.lookup(x)  # [N, H*k]
         if self.usage is not None:
             self.usage.update(indices, weights)
-        y = embedding_bag(self.values.weight, indices, weights, impl=cfg.impl)  # [N, v_dim]
+        values = self.values
+        y = embedding_bag(
+            values.weight, indices, weights, impl=cfg.impl, sparse_grad=values.sparse_grad
+        )  # [N, v_dim]
         y = F.dropout(y, cfg.value_dropout, self.training)
         h = x.reshape(-1, self.dim)
         if cfg.swilu:

@@ -65,8 +65,7 @@ class MemoryUsage:
         )
         if w.numel() != idx.numel():
             raise ValueError(
-                f"weights must match indices, got {tuple(weights.shape)} vs "
-                f"{tuple(indices.shape)}"
+                f"weights must match indices, got {tuple(weights.shape)} vs {tuple(indices.shape)}"
             )
         self.counts += torch.bincount(idx, minlength=self.n_rows)
         self.mass.index_add_(0, idx, w)

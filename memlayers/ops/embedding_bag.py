@@ -82,7 +82,8 @@ class _TorchEmbeddingBag(torch.autograd.Function):
     """PyTorch path with a backward that also supports bf16/fp16 score gradients."""
 
     @staticmethod
-    def forward(ctx, values, indices, weights):
+    def forward(ctx, values, indices, weights, sparse_grad=False):
+        ctx.sparse_grad = sparse_grad
         ctx.save_for_backward(values, indices, weights)
         if indices.numel() == 0:
             return values.new_zeros(indices.shape[0], values.shape[1])
@@ -99,30 +100,50 @@ class _TorchEmbeddingBag(torch.autograd.Function):
         b, k = indices.shape
         acc = torch.promote_types(values.dtype, torch.float32)
         need_v, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        grad_values = values.new_zeros(n, d, dtype=acc) if need_v else None
-        grad_weights = torch.empty(b, k, dtype=acc, device=weights.device) if need_w else None
+        grad_values = grad_weights = None
+        if need_v:
+            if ctx.sparse_grad:
+                # Row-sparse: accumulate into the U unique rows only.
+                rows, target = torch.unique(indices, sorted=True, return_inverse=True)
+            else:
+                rows, target = None, indices
+            grad_rows = values.new_zeros(n if rows is None else rows.numel(), d, dtype=acc)
+        if need_w:
+            grad_weights = torch.empty(b, k, dtype=acc, device=weights.device)
         step = _row_chunk(k, d)
         for s in range(0, b, step):
             g = grad_out[s : s + step].to(acc)  # [b', D]
-            idx = indices[s : s + step]  # [b', K]
             if need_w:
-                rows = values[idx].to(acc)  # [b', K, D]
-                grad_weights[s : s + step] = torch.einsum("bkd,bd->bk", rows, g)
+                vals = values[indices[s : s + step]].to(acc)  # [b', K, D]
+                grad_weights[s : s + step] = torch.einsum("bkd,bd->bk", vals, g)
             if need_v:
                 contrib = weights[s : s + step].to(acc).unsqueeze(-1) * g.unsqueeze(1)
-                grad_values.index_add_(0, idx.reshape(-1), contrib.reshape(-1, d))
+                grad_rows.index_add_(0, target[s : s + step].reshape(-1), contrib.reshape(-1, d))
         if need_v:
-            grad_values = grad_values.to(values.dtype)
+            grad_values = (
+                grad_rows.to(values.dtype)
+                if rows is None
+                else torch.sparse_coo_tensor(
+                    rows.unsqueeze(0),
+                    grad_rows.to(values.dtype),
+                    (n, d),
+                    is_coalesced=True,
+                    check_invariants=False,
+                )
+            )
         if need_w:
             grad_weights = grad_weights.to(weights.dtype)
-        return grad_values, None, grad_weights
+        return grad_values, None, grad_weights, None
 
 
 def embedding_bag_torch(
-    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    sparse_grad: bool = False,
 ) -> torch.Tensor:
     """The PyTorch path (no input checks; call :func:`embedding_bag`)."""
-    return _TorchEmbeddingBag.apply(values, indices, weights)
+    return _TorchEmbeddingBag.apply(values, indices, weights, sparse_grad)
 
 
 def embedding_bag(
@@ -130,6 +151,7 @@ def embedding_bag(
     indices: torch.Tensor,
     weights: torch.Tensor,
     impl: str = "auto",
+    sparse_grad: bool = False,
 ) -> torch.Tensor:
     """Weighted sum of value rows per bag, differentiable in ``values`` and ``weights``.
 
@@ -138,6 +160,8 @@ def embedding_bag(
         indices: ``[B, K]`` int64 row indices into ``values``.
         weights: ``[B, K]`` weight of each row in its bag.
         impl: ``"auto"`` | ``"torch"`` | ``"triton"`` (see :func:`resolve_impl`).
+        sparse_grad: return the value gradient as a coalesced sparse COO tensor holding
+            only the rows read (for :mod:`memlayers.value_optim`), instead of dense.
 
     Returns:
         ``[B, D]`` in ``values.dtype``, accumulated in fp32.
@@ -147,5 +171,5 @@ def embedding_bag(
     if impl == "triton":
         from memlayers.ops.embedding_bag_triton import embedding_bag_triton
 
-        return embedding_bag_triton(values, indices, weights)
-    return embedding_bag_torch(values, indices, weights)
+        return embedding_bag_triton(values, indices, weights, sparse_grad=sparse_grad)
+    return embedding_bag_torch(values, indices, weights, sparse_grad)
