@@ -131,7 +131,8 @@ def _trunc_normal_(w: torch.Tensor, std: float) -> None:
 
 def _rms_halves(t: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS-normalise each half-key-sized vector along the last dim."""
-    return t * torch.rsqrt(t.float().pow(2).mean(-1, keepdim=True) + eps).to(t.dtype)
+    acc = torch.promote_types(t.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
+    return t * torch.rsqrt(t.to(acc).pow(2).mean(-1, keepdim=True) + eps).to(t.dtype)
 
 
 class ProductKeyMemory(nn.Module):
@@ -230,7 +231,8 @@ class ProductKeyMemory(nn.Module):
             q = q * self.query_norm * half**-0.5
             keys = _rms_halves(keys, cfg.norm_eps)
         scores, indices = product_key_topk(q, keys, cfg.topk)  # [N, H, k] each
-        weights = scores.float().softmax(dim=-1)  # per head, over its k rows
+        # Per head, over its k rows; fp32 at least (scores may be bf16 under autocast).
+        weights = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
         n = h.shape[0]
         return indices.view(n, -1), weights.view(n, -1)
 
