@@ -115,11 +115,28 @@ class MemoryValues(nn.Module):
             raise ValueError(f"dtype must be floating point, got dtype={dtype}")
         self.n_rows, self.v_dim, self.sparse_grad = n_rows, v_dim, sparse_grad
         self.weight = nn.Parameter(torch.empty(n_rows, v_dim, dtype=dtype, device=device))
+        # Set from outside by memlayers.parallel: then ``weight`` holds only this rank's
+        # columns and lookups go through the shard's gather → lookup → redistribute.
+        self.shard = None
         self.init_weights()
 
+    def lookup(self, indices: torch.Tensor, weights: torch.Tensor, impl: str = "auto"):
+        """``[B, v_dim]`` weighted sums of the rows ``indices [B, K]`` (see
+        :func:`memlayers.ops.embedding_bag`), through the shard when sharded."""
+        if self.shard is not None:
+            return self.shard.lookup(self.weight, indices, weights, impl, self.sparse_grad)
+        return embedding_bag(self.weight, indices, weights, impl=impl, sparse_grad=self.sparse_grad)
+
     def init_weights(self) -> None:
-        """Normal with std ``v_dim**-0.5`` (PAPER.md; keeps ``‖y‖`` near 1 at init)."""
-        nn.init.normal_(self.weight, mean=0.0, std=self.v_dim**-0.5)
+        """Normal with std ``v_dim**-0.5`` (PAPER.md; keeps ``‖y‖`` near 1 at init).
+
+        A sharded table draws the full table from the current RNG state and keeps its
+        columns, so every layout of the same seed holds the same values."""
+        std = self.v_dim**-0.5
+        if self.shard is None:
+            nn.init.normal_(self.weight, mean=0.0, std=std)
+        else:
+            self.shard.init_normal_(self.weight, std)
 
     def extra_repr(self) -> str:
         return f"n_rows={self.n_rows}, v_dim={self.v_dim}, dtype={self.weight.dtype}"
@@ -243,10 +260,7 @@ class ProductKeyMemory(nn.Module):
         indices, weights = self.lookup(x)  # [N, H*k]
         if self.usage is not None:
             self.usage.update(indices, weights)
-        values = self.values
-        y = embedding_bag(
-            values.weight, indices, weights, impl=cfg.impl, sparse_grad=values.sparse_grad
-        )  # [N, v_dim]
+        y = self.values.lookup(indices, weights, impl=cfg.impl)  # [N, v_dim]
         y = F.dropout(y, cfg.value_dropout, self.training)
         h = x.reshape(-1, self.dim)
         if cfg.swilu:
