@@ -1,0 +1,38 @@
+"""Data: tokenizers, the pretraining corpus, the bios benchmark, real facts, QA files.
+
+Importing this package loads numpy only; the corpus, facts and dataset registry modules
+are imported on use.
+"""
+
+from memlayers.data.bios import BiosConfig, BiosData, build_bios
+from memlayers.data.qa import QAFormatError, read_qa_jsonl, write_qa_jsonl
+from memlayers.data.tokenizer import (
+    BPETokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    WordTokenizer,
+    load_tokenizer,
+)
+
+
+def register_datasets() -> None:
+    """Register bios, bios_compact, corpus and facts with the packed loader's registry."""
+    from memlayers.data.datasets import register_datasets as _register
+
+    _register()
+
+
+__all__ = [
+    "BPETokenizer",
+    "BiosConfig",
+    "BiosData",
+    "QAFormatError",
+    "SentencePieceTokenizer",
+    "Tokenizer",
+    "WordTokenizer",
+    "build_bios",
+    "load_tokenizer",
+    "read_qa_jsonl",
+    "register_datasets",
+    "write_qa_jsonl",
+]

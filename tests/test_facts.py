@@ -1,0 +1,72 @@
+"""Real facts: rendering is deterministic and leak-free; extractors work on the cached
+packages (skipped when they are not cached; MEMLAYERS_NETWORK_TESTS=1 fetches them)."""
+
+import os
+
+import pytest
+
+from memlayers.data import corpus
+from memlayers.data.facts import EXTRACTORS, RELATIONS, Fact, load_facts, render_facts
+
+FACTS = [
+    Fact("Iron", "element_symbol", "Fe", "t"),
+    Fact("Iron", "atomic_number", "26", "t"),
+    Fact("Gold", "element_symbol", "Au", "t"),
+    Fact("Gold", "atomic_number", "79", "t"),
+    Fact("France", "country_capital", "Paris", "t"),
+    Fact("France", "continent", "Europe", "t"),
+    Fact("Ohio", "statehood_year", "1803", "t"),
+    Fact("Lyon", "city_country", "France", "t"),
+]
+
+
+def test_render_deterministic_and_complete():
+    a = render_facts(FACTS, exposures=5, seed=1)
+    b = render_facts(FACTS, exposures=5, seed=1)
+    assert a.train_docs == b.train_docs and a.qa_eval == b.qa_eval
+    assert render_facts(FACTS, exposures=5, seed=2).train_docs != a.train_docs
+    text = "\n".join(a.train_docs)
+    for f in FACTS:  # every fact is stated in training (knowledge injection)
+        assert any(t.format(s=f.subject, o=f.object) in text for t in RELATIONS[f.relation][0])
+    n_statement_docs = 5 * len({f.subject for f in FACTS})
+    assert len(a.train_docs) == n_statement_docs + len(a.qa_train) * max(1, 5 // 4)
+
+
+def test_held_out_questions_never_in_training():
+    d = render_facts(FACTS, exposures=3, seed=0, qa_train_frac=0.5)
+    assert len(d.qa_eval) + len(d.qa_train) == len(FACTS)
+    text = "\n".join(d.train_docs)
+    for r in d.qa_eval:
+        assert r["question"] not in text
+        assert r["answers"] == [
+            next(
+                f.object for f in FACTS if f.subject == r["subject"] and f.relation == r["relation"]
+            )
+        ]
+    for r in d.qa_train:
+        assert f"{r['question']} {r['answers'][0]}" in text
+    # questions are paraphrases: no question template is a statement template
+    for stmts, qs in RELATIONS.values():
+        assert not set(stmts) & set(qs)
+
+
+def _cached() -> bool:
+    root = corpus.cache_dir()
+    have = all((root / "archives" / corpus.PACKAGES[p].filename).is_file() for p in EXTRACTORS)
+    return have or os.environ.get("MEMLAYERS_NETWORK_TESTS") == "1"
+
+
+@pytest.mark.skipif(not _cached(), reason="fact packages not cached (memlayers data fetch)")
+def test_real_facts():
+    facts = load_facts()
+    got = {(f.subject, f.relation): f.object for f in facts}
+    assert got[("Iron", "element_symbol")] == "Fe"
+    assert got[("Gold", "atomic_number")] == "79"
+    assert got[("Ohio", "statehood_year")] == "1803"
+    assert got[("France", "country_capital")] == "Paris"
+    assert got[("Japan", "highest_point")] == "Mount Fuji"
+    assert ("Georgia", "state_capital") not in got  # a country and a state: ambiguous
+    rels = {f.relation for f in facts}
+    assert rels == set(RELATIONS)
+    assert len(facts) > 2500
+    assert len({(f.subject, f.relation) for f in facts}) == len(facts)
