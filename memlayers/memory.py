@@ -130,16 +130,30 @@ class MemoryValues(nn.Module):
     def init_weights(self) -> None:
         """Normal with std ``v_dim**-0.5`` (PAPER.md; keeps ``‖y‖`` near 1 at init).
 
-        A sharded table draws the full table from the current RNG state and keeps its
-        columns, so every layout of the same seed holds the same values."""
-        std = self.v_dim**-0.5
-        if self.shard is None:
-            nn.init.normal_(self.weight, mean=0.0, std=std)
-        else:
-            self.shard.init_normal_(self.weight, std)
+        Drawn row-chunk by row-chunk over the *full* width, keeping this table's columns,
+        so a seed gives the same table whether it is sharded (memlayers.parallel) or not.
+        """
+        start = self.shard.start if self.shard is not None else 0
+        normal_columns_(self.weight, self.v_dim**-0.5, self.v_dim, start)
 
     def extra_repr(self) -> str:
         return f"n_rows={self.n_rows}, v_dim={self.v_dim}, dtype={self.weight.dtype}"
+
+
+@torch.no_grad()
+def normal_columns_(
+    weight: torch.Tensor, std: float, full_dim: int, start: int = 0, chunk_rows: int = 1 << 16
+) -> None:
+    """Fill ``weight [N, w]`` with columns ``[start, start + w)`` of a normal ``[N, full_dim]``
+    table drawn in chunks of ``chunk_rows`` rows (the same RNG calls for any ``w``)."""
+    n, width = weight.shape
+    for s in range(0, n, chunk_rows):
+        rows = weight[s : s + chunk_rows]
+        if width == full_dim:
+            rows.normal_(0.0, std)
+        else:
+            full = torch.empty(rows.shape[0], full_dim, dtype=weight.dtype, device=weight.device)
+            rows.copy_(full.normal_(0.0, std)[:, start : start + width])
 
 
 def _trunc_normal_(w: torch.Tensor, std: float) -> None:
@@ -247,7 +261,7 @@ class ProductKeyMemory(nn.Module):
             q = _rms_halves(q, cfg.norm_eps).view(-1, cfg.heads, self.k_dim)
             q = q * self.query_norm * half**-0.5
             keys = _rms_halves(keys, cfg.norm_eps)
-        scores, indices = product_key_topk(q, keys, cfg.topk)  # [N, H, k] each
+        scores, indices = product_key_topk(q, keys, cfg.topk, impl=cfg.impl)  # [N, H, k] each
         # Per head, over its k rows; fp32 at least (scores may be bf16 under autocast).
         weights = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
         n = h.shape[0]

@@ -7,61 +7,53 @@ optimizers then update only its rows ("lazy" Adam: an untouched row keeps its pa
 and moments bit-identical, as in ``torch.optim.SparseAdam``). A dense gradient updates
 every row (plain Adam / SGD). Moments are fp32 whatever the table's dtype; bias correction
 uses the optimizer's global step count.
+
+The steps run as Triton kernels on CUDA (``impl="auto"``) and as the PyTorch references
+elsewhere; both live in :mod:`memlayers.ops.row_adam`.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from memlayers.ops.embedding_bag import IMPLS
+from memlayers.ops.row_adam import row_adam_step_, row_sgd_step_
+
+__all__ = ["SparseValueAdam", "SparseValueSGD", "row_adam_step_", "row_sgd_step_"]
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
 
 
 def _rows_and_grad(p: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``(rows [U] or None for all rows, grad rows [U or N, D])`` of ``p.grad``."""
     g = p.grad
     if g.is_sparse:
-        g = g.coalesce()
-        return g.indices()[0], g.values()
-    return None, g
-
-
-def row_adam_step_(
-    param: torch.Tensor,
-    rows: torch.Tensor | None,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """Adam(W) on ``param[rows]`` (all rows when ``rows`` is None), in place, fp32 math.
-
-    The arithmetic follows ``torch.optim.Adam``'s order (denominator ``sqrt(v)/sqrt(bc2)
-    + eps``, step ``lr / bc1``) so touched rows match it; decay is decoupled (AdamW).
-    """
-    sel = slice(None) if rows is None else rows
-    g = grad.float()
-    m = exp_avg[sel].mul_(beta1).add_(g, alpha=1 - beta1)
-    v = exp_avg_sq[sel].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    p = param[sel].float()
-    if weight_decay:
-        p.mul_(1 - lr * weight_decay)
-    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-    denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
-    p.addcdiv_(m, denom, value=-lr / bc1)
-    exp_avg[sel] = m
-    exp_avg_sq[sel] = v
-    param[sel] = p.to(param.dtype)
+        if not g.is_coalesced():
+            rows = g._indices()[0]
+            # AccumulateGrad drops the coalesced flag of the lookup's gradient (distinct,
+            # ascending rows); a check costs one comparison, coalesce() a copy of [U, D].
+            if rows.numel() <= 1 or bool((rows[1:] > rows[:-1]).all()):
+                g._coalesced_(True)
+            else:
+                g = g.coalesce()  # e.g. the sum of several layers' gradients
+        return g.indices()[0], g.values().contiguous()
+    return None, g.contiguous()
 
 
 class SparseValueAdam(torch.optim.Optimizer):
-    """Row-wise lazy Adam(W) for value tables; fp32 moments; sparse or dense gradients."""
+    """Row-wise lazy Adam(W) for value tables; fp32 moments; sparse or dense gradients.
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    ``impl``: ``"auto"`` (Triton on CUDA) | ``"torch"`` | ``"triton"``.
+    """
+
+    def __init__(
+        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, impl="auto"
+    ):
+        _check_impl(impl)
+        self.impl = impl
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got lr={lr!r}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
@@ -102,14 +94,20 @@ class SparseValueAdam(torch.optim.Optimizer):
                     beta2,
                     group["eps"],
                     group["weight_decay"],
+                    impl=self.impl,
                 )
         return loss
 
 
 class SparseValueSGD(torch.optim.Optimizer):
-    """Row-wise SGD for value tables: ``p[rows] -= lr * g`` on the touched rows only."""
+    """Row-wise SGD for value tables: ``p[rows] -= lr * g`` on the touched rows only.
 
-    def __init__(self, params, lr=1e-2):
+    ``impl``: ``"auto"`` (Triton on CUDA) | ``"torch"`` | ``"triton"``.
+    """
+
+    def __init__(self, params, lr=1e-2, impl="auto"):
+        _check_impl(impl)
+        self.impl = impl
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got lr={lr!r}")
         super().__init__(params, dict(lr=lr))
@@ -125,6 +123,5 @@ class SparseValueSGD(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 rows, g = _rows_and_grad(p)
-                sel = slice(None) if rows is None else rows
-                p[sel] = (p[sel].float() - group["lr"] * g.float()).to(p.dtype)
+                row_sgd_step_(p, rows, g, group["lr"], impl=self.impl)
         return loss

@@ -10,3 +10,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Import Triton now, with the variable set: its own @jit helpers (tl.zeros, tl.topk)
+    # are decorated at import, and a test that unsets the variable (a monkeypatch) must
+    # not be the first to import it, or kernels later run half-interpreted.
+    import triton  # noqa: F401

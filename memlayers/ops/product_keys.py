@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from memlayers.ops.embedding_bag import resolve_impl
+
 
 def check_product_key_inputs(query: torch.Tensor, keys: torch.Tensor, k: int) -> None:
     """Raise ``ValueError`` naming the offending value when shapes or ``k`` don't fit."""
@@ -37,7 +39,7 @@ def check_product_key_inputs(query: torch.Tensor, keys: torch.Tensor, k: int) ->
 
 
 def product_key_topk(
-    query: torch.Tensor, keys: torch.Tensor, k: int
+    query: torch.Tensor, keys: torch.Tensor, k: int, impl: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k over the ``n_keys**2`` product keys of every head.
 
@@ -46,12 +48,27 @@ def product_key_topk(
             the second half against ``keys[:, 1]``.
         keys: ``[heads, 2, n_keys, k_dim // 2]``.
         k: how many keys to keep per head, ``1 <= k <= n_keys``.
+        impl: ``"auto"`` (Triton on CUDA) | ``"torch"`` | ``"triton"``: the Triton path
+            (:mod:`memlayers.ops.product_keys_triton`) runs the two top-k passes in one
+            kernel; the half-key scores are matrix products either way.
 
     Returns:
         ``(scores, indices)``, both ``[..., heads, k]``, sorted by descending score, with
         ``index = i1 * n_keys + i2`` (int64). Scores are differentiable in query and keys.
+        Among equal scores the two paths may pick different keys.
     """
     check_product_key_inputs(query, keys, k)
+    if resolve_impl(impl, query.device) == "triton":
+        from memlayers.ops.product_keys_triton import product_key_topk_triton
+
+        return product_key_topk_triton(query, keys, k)
+    return _product_key_topk_torch(query, keys, k)
+
+
+def _product_key_topk_torch(
+    query: torch.Tensor, keys: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch path and reference: three ``torch.topk`` passes."""
     n_keys, half = keys.shape[2], keys.shape[3]
     dtype = torch.promote_types(query.dtype, keys.dtype)
     q = query.to(dtype)

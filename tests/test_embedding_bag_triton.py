@@ -1,0 +1,247 @@
+"""The Triton embedding bag against the float64 PyTorch path: output, value gradient (dense
+and row-sparse) and score gradient, for fp32/bf16/fp16 tables.
+
+On a CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) at small sizes; on a
+GPU the same tests run on CUDA, plus sizes and cases only a GPU can hold.
+"""
+
+import pytest
+import torch
+
+from memlayers.ops import embedding_bag
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+# (N rows, D, B bags, K per bag)
+CASES = {
+    "basic": (50, 16, 8, 6),
+    "odd-dim": (37, 13, 5, 7),
+    "many-duplicates": (3, 24, 10, 32),
+    "single-row": (1, 8, 4, 5),
+    "one-per-bag": (20, 9, 11, 1),
+    "wide-odd-dim": (12, 300, 3, 4),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Relative error allowed on the output and value gradient: the table dtype's final
+# rounding (one ulp: the interpreter truncates bf16 instead of rounding, 2^-7), fp32 sums.
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1.5e-3}
+
+
+def _inputs(n, d, b, k, dtype, seed=0, device=DEVICE, weight_dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(n, d, generator=g).to(dtype)
+    indices = torch.randint(0, n, (b, k), generator=g)
+    weights = torch.randn(b, k, generator=g).to(weight_dtype)
+    grad = torch.randn(b, d, generator=g).to(dtype)
+    return [t.to(device) for t in (values, indices, weights, grad)]
+
+
+def _close(actual, expected, rtol):
+    """Relative to the tensor's scale: outputs that cancel to ~0 get the same atol."""
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=rtol * scale)
+
+
+def _reference(values, indices, weights, grad):
+    """float64 output, dense value gradient and score gradient (PyTorch path)."""
+    v = values.detach().double().requires_grad_()
+    w = weights.detach().double().requires_grad_()
+    out = embedding_bag(v, indices, w, impl="torch")
+    gv, gw = torch.autograd.grad(out, (v, w), grad.double()) if out.numel() else (None, None)
+    return out.detach(), gv, gw
+
+
+def _run(values, indices, weights, grad, sparse_grad, need=(True, True)):
+    v = values.clone().requires_grad_(need[0])
+    w = weights.clone().requires_grad_(need[1])
+    out = embedding_bag(v, indices, w, impl="triton", sparse_grad=sparse_grad)
+    out.backward(grad)
+    return out, v.grad, w.grad
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense-grad", "sparse-grad"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_reference(case, dtype, sparse_grad):
+    values, indices, weights, grad = _inputs(*CASES[case], dtype)
+    out, gv, gw = _run(values, indices, weights, grad, sparse_grad)
+    ref_out, ref_gv, ref_gw = _reference(values, indices, weights, grad)
+    assert out.dtype == dtype and gv.dtype == dtype and gw.dtype == weights.dtype
+    _close(out, ref_out, RTOL[dtype])
+    if sparse_grad:
+        # Exactly the rows read, distinct and ascending: untouched rows cost nothing.
+        # (AccumulateGrad drops the coalesced flag when it stores .grad; the optimizer
+        # checks the order instead of paying for coalesce().)
+        assert gv.is_sparse
+        assert torch.equal(gv._indices()[0], indices.unique())
+        gv = gv.to_dense()
+    _close(gv, ref_gv, RTOL[dtype])
+    # Score gradients: fp32 dot products of the exact table rows and output gradient.
+    _close(gw, ref_gw, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "need", [(True, False), (False, True)], ids=["values-only", "weights-only"]
+)
+def test_partial_gradients(need):
+    values, indices, weights, grad = _inputs(30, 20, 6, 9, torch.float32, seed=1)
+    out, gv, gw = _run(values, indices, weights, grad, False, need)
+    _, ref_gv, ref_gw = _reference(values, indices, weights, grad)
+    assert (gv is None) != need[0] and (gw is None) != need[1]
+    if need[0]:
+        _close(gv, ref_gv, 1e-5)
+    if need[1]:
+        _close(gw, ref_gw, 1e-5)
+
+
+def test_half_weights():
+    # bf16 scores (PyTorch's own backward raises NotImplementedError here): fp32 dot
+    # products, one rounding to bf16.
+    args = _inputs(40, 33, 7, 8, torch.bfloat16, seed=2, weight_dtype=torch.bfloat16)
+    out, gv, gw = _run(*args, False)
+    ref_out, ref_gv, ref_gw = _reference(*args)
+    assert gw.dtype == torch.bfloat16
+    _close(out, ref_out, 1e-2)
+    _close(gv, ref_gv, 1e-2)
+    _close(gw, ref_gw, 1e-2)
+
+
+@pytest.mark.parametrize("b,k", [(0, 5), (4, 0)], ids=["empty-batch", "empty-bags"])
+@pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense-grad", "sparse-grad"])
+def test_empty(b, k, sparse_grad):
+    values, indices, weights, _ = _inputs(10, 6, b, k, torch.float32)
+    v, w = values.clone().requires_grad_(), weights.clone().requires_grad_()
+    out = embedding_bag(v, indices, w, impl="triton", sparse_grad=sparse_grad)
+    assert out.shape == (b, 6) and torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.equal(v.grad.to_dense(), torch.zeros_like(values))
+    assert w.grad.shape == (b, k)
+
+
+@pytest.mark.parametrize(
+    "fwd,bwd",
+    [
+        (dict(block_k=2, block_d=8), dict(block_s=1, block_d=8)),
+        (dict(block_k=4, block_d=16), dict(block_s=2, block_d=16)),
+        (dict(block_k=1, block_d=64), dict(block_s=4, block_d=64)),
+    ],
+    ids=["small-tiles", "odd-steps", "wide-steps"],
+)
+@pytest.mark.parametrize("n", [9, 2], ids=["rows-9", "rows-2-long-runs"])
+def test_tilings(fwd, bwd, n):
+    # Many column tiles (score parts added across them), K tails, rows with many entries
+    # and entry tails: every launch shape computes the same function.
+    from memlayers.ops import embedding_bag_triton as ebt
+
+    values, indices, weights, grad = _inputs(n, 45, 6, 7, torch.float32, seed=3)
+    ref_out, ref_gv, ref_gw = _reference(values, indices, weights, grad)
+    _close(ebt._fwd_launch(values, indices, weights, **fwd), ref_out, 1e-5)
+    gv, gw = ebt._bwd_dense(grad, values, indices, weights, True, True, **bwd)
+    _close(gv, ref_gv, 1e-5)
+    _close(gw, ref_gw, 1e-5)
+    rows, grad_rows, gw = ebt._bwd_sparse(grad, values, indices, weights, True, **bwd)
+    _close(grad_rows, ref_gv[rows], 1e-5)
+    _close(gw, ref_gw, 1e-5)
+
+
+def test_deterministic():
+    # A stable sort and one writer per row: bitwise the same on every run.
+    args = _inputs(16, 40, 32, 16, torch.bfloat16, seed=4)
+    first = _run(*args, False)
+    second = _run(*args, False)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense-grad", "sparse-grad"])
+def test_torch_compile_fullgraph(sparse_grad):
+    values, indices, weights, _ = _inputs(40, 16, 5, 6, torch.float32, seed=5)
+
+    def loss(v, idx, w):
+        return (embedding_bag(v, idx, w, impl="triton", sparse_grad=sparse_grad) ** 2).sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    results = []
+    for fn in (loss, compiled):
+        v, w = values.clone().requires_grad_(), weights.clone().requires_grad_()
+        out = fn(v, indices, w)
+        out.backward()
+        results.append((out, v.grad.to_dense(), w.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_registered_ops_pass_opcheck():
+    # torch.library's own consistency checks: fake kernels, schema, autograd registration.
+    from memlayers.ops import embedding_bag_triton as ebt
+
+    values, indices, weights, grad = _inputs(20, 12, 4, 5, torch.float32, seed=6)
+    values.requires_grad_()
+    weights.requires_grad_()
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(
+        ebt.embedding_bag_fwd, (values, indices, weights, False), test_utils=tests
+    )
+    torch.library.opcheck(
+        ebt.embedding_bag_bwd, (grad, values.detach(), indices, weights.detach(), True, True),
+        test_utils=tests,
+    )  # fmt: skip
+
+
+# --- GPU only: sizes the interpreter can't afford -------------------------------------
+
+GPU_CASES = {
+    "paper-shape-small": (4096, 1024, 256, 128),
+    "non-pow2-dim": (4096, 1000, 128, 128),
+    "wide": (1024, 4096, 64, 32),
+    "hot-rows": (8, 512, 512, 128),
+}
+
+
+@gpu_only
+@pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense-grad", "sparse-grad"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("case", list(GPU_CASES), ids=list(GPU_CASES))
+def test_gpu_sizes(case, dtype, sparse_grad):
+    values, indices, weights, grad = _inputs(*GPU_CASES[case], dtype, seed=7)
+    out, gv, gw = _run(values, indices, weights, grad, sparse_grad)
+    ref_out, ref_gv, ref_gw = _reference(values, indices, weights, grad)
+    # On a GPU bf16 rounds to nearest: half an ulp, 2^-9.
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 4e-3, torch.float16: 1e-3}[dtype]
+    _close(out, ref_out, rtol)
+    _close(gv.to_dense(), ref_gv, rtol)
+    _close(gw, ref_gw, 1e-5)
+
+
+@gpu_only
+def test_gpu_table_past_2_31_elements():
+    # 2.2M rows × 1024 = 2.25e9 elements (4.5 GB bf16): rows past element 2^31 must be
+    # addressed with int64 offsets. The reference gathers only the rows read.
+    n, d = 2_200_000, 1024
+    values = torch.empty(n, d, dtype=torch.bfloat16, device="cuda").normal_()
+    g = torch.Generator(device="cuda").manual_seed(8)
+    indices = torch.randint(n - 100_000, n, (64, 16), device="cuda", generator=g)
+    indices[:, 0] = n - 1
+    weights = torch.randn(64, 16, device="cuda", generator=g)
+    grad = torch.randn(64, d, device="cuda", generator=g).bfloat16()
+    for sparse_grad in (False, True):
+        v = values.requires_grad_()
+        w = weights.clone().requires_grad_()
+        out = embedding_bag(v, indices, w, impl="triton", sparse_grad=sparse_grad)
+        out.backward(grad)
+        rows = values.detach()[indices].double()  # [B, K, D]
+        ref = torch.einsum("bk,bkd->bd", weights.double(), rows)
+        _close(out, ref, 4e-3)
+        _close(w.grad, torch.einsum("bkd,bd->bk", rows, grad.double()), 1e-5)
+        touched = indices.unique()
+        gv = v.grad.to_dense() if sparse_grad else v.grad
+        ref_gv = torch.zeros(n - touched[0], d, dtype=torch.float64, device="cuda")
+        contrib = weights.double().unsqueeze(-1) * grad.double().unsqueeze(1)  # [B, K, D]
+        ref_gv.index_add_(0, (indices - touched[0]).reshape(-1), contrib.reshape(-1, d))
+        _close(gv[touched[0] :], ref_gv, 4e-3)
+        if not sparse_grad:
+            assert gv[: touched[0]].abs().sum() == 0
+        v.grad = None
+        del gv

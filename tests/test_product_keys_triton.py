@@ -1,0 +1,132 @@
+"""The Triton product-key top-k against the PyTorch path: scores, indices and gradients.
+
+Ties may resolve differently, so low-precision cases compare the sorted scores, check that
+every returned index scores what is returned, and take gradients against a reference
+built from the returned indices. On a CPU the kernel runs under TRITON_INTERPRET=1
+(tests/conftest.py), which truncates bf16 instead of rounding: there the inputs are made
+so that every candidate sum is exact in bf16.
+"""
+
+import pytest
+import torch
+
+from memlayers.ops.product_keys import _product_key_topk_torch, product_key_topk
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+# (tokens, heads, n_keys, half key dim, k)
+CASES = {
+    "basic": (5, 2, 16, 8, 4),
+    "non-pow2-keys-and-k": (3, 2, 20, 6, 5),
+    "k-equals-n-keys": (4, 1, 32, 4, 32),
+    "k-1": (2, 2, 8, 4, 1),
+}
+
+
+def _inputs(t, h, nk, half, dtype, seed=0, exact=False):
+    g = torch.Generator().manual_seed(seed)
+    if exact:
+        # Scores are multiples of 1/8 below 16 in magnitude: sums are exact in bf16/fp16.
+        q = torch.randint(-2, 3, (t, h, 2 * half), generator=g).float()
+        keys = torch.randint(-8, 9, (h, 2, nk, half), generator=g) / 8
+    else:
+        q = torch.randn(t, h, 2 * half, generator=g)
+        keys = torch.randn(h, 2, nk, half, generator=g)
+    return q.to(dtype).to(DEVICE), keys.to(dtype).to(DEVICE)
+
+
+def _gather_scores(q, keys, index):
+    """Scores of given product keys, differentiable: the gradient reference."""
+    nk, half = keys.shape[2], keys.shape[3]
+    s1 = torch.einsum("...hd,hnd->...hn", q[..., :half], keys[:, 0])
+    s2 = torch.einsum("...hd,hnd->...hn", q[..., half:], keys[:, 1])
+    return s1.gather(-1, index // nk) + s2.gather(-1, index % nk)
+
+
+def _check(q, keys, k, exact_indices):
+    qa, ka = q.clone().requires_grad_(), keys.clone().requires_grad_()
+    scores, index = product_key_topk(qa, ka, k, impl="triton")
+    ref_scores, ref_index = _product_key_topk_torch(q, keys, k)
+    assert scores.dtype == q.dtype and index.dtype == torch.int64
+    assert scores.shape == index.shape == (*q.shape[:-1], k)
+    # Same scores, descending; indices equal where no ties can interfere (fp32).
+    assert torch.equal(scores, ref_scores)
+    if exact_indices:
+        assert torch.equal(index, ref_index)
+    # Every index scores what is returned (half scores and their sum in the score dtype,
+    # as both paths compute them).
+    assert torch.equal(_gather_scores(q, keys, index), scores)
+    assert (index.unsqueeze(-1) != index.unsqueeze(-2)).sum() == index.numel() * (k - 1)
+    grad = torch.randn(scores.shape, generator=torch.Generator().manual_seed(1)).to(scores)
+    dq, dk = torch.autograd.grad(scores, (qa, ka), grad)
+    qr, kr = q.clone().requires_grad_(), keys.clone().requires_grad_()
+    rdq, rdk = torch.autograd.grad(_gather_scores(qr, kr, index), (qr, kr), grad)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[q.dtype]
+    torch.testing.assert_close(dq, rdq, rtol=tol, atol=tol * rdq.abs().max().item())
+    torch.testing.assert_close(dk, rdk, rtol=tol, atol=tol * rdk.abs().max().item())
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_fp32_matches_torch_exactly(case):
+    t, h, nk, half, k = CASES[case]
+    q, keys = _inputs(t, h, nk, half, torch.float32)
+    _check(q, keys, k, exact_indices=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_half_precision(case, dtype):
+    t, h, nk, half, k = CASES[case]
+    q, keys = _inputs(t, h, nk, half, dtype, exact=True)
+    _check(q, keys, k, exact_indices=False)
+
+
+def test_launch_variants():
+    # Several rows per program with a partial last program, and int64 keys for bf16.
+    from memlayers.ops.product_keys_triton import topk_launch
+
+    q, keys = _inputs(7, 1, 16, 4, torch.bfloat16, exact=True)
+    s1 = torch.einsum("thd,hnd->thn", q[..., :4], keys[:, 0]).reshape(-1, 16)
+    s2 = torch.einsum("thd,hnd->thn", q[..., 4:], keys[:, 1]).reshape(-1, 16)
+    ref = topk_launch(s1, s2, 4, rows=1)
+    for kwargs in (dict(rows=4), dict(rows=2, narrow=False)):
+        assert torch.equal(topk_launch(s1, s2, 4, **kwargs)[0], ref[0])
+
+
+def test_empty_and_mixed_dtypes():
+    q, keys = _inputs(0, 2, 16, 4, torch.float32)
+    scores, index = product_key_topk(q, keys, 3, impl="triton")
+    assert scores.shape == index.shape == (0, 2, 3)
+    # bf16 queries against fp32 keys: promoted to fp32, as the PyTorch path does.
+    q, keys = _inputs(3, 2, 16, 4, torch.float32, seed=2)
+    scores, index = product_key_topk(q.bfloat16(), keys, 3, impl="triton")
+    ref_scores, ref_index = _product_key_topk_torch(q.bfloat16(), keys, 3)
+    assert scores.dtype == torch.float32
+    assert torch.equal(scores, ref_scores) and torch.equal(index, ref_index)
+
+
+def test_torch_compile_fullgraph():
+    q, keys = _inputs(4, 2, 16, 4, torch.float32, seed=3)
+
+    def loss(q, keys):
+        scores, _ = product_key_topk(q, keys, 4, impl="triton")
+        return scores.softmax(-1).pow(2).sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    grads = []
+    for fn in (loss, compiled):
+        qa, ka = q.clone().requires_grad_(), keys.clone().requires_grad_()
+        fn(qa, ka).backward()
+        grads.append((qa.grad, ka.grad))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_paper_shape(dtype):
+    # 512 tokens × 4 heads over 1024² keys, k_dim 512, top-32; random (not exact) inputs:
+    # on a GPU the kernel rounds candidate sums as PyTorch does.
+    q, keys = _inputs(512, 4, 1024, 256, dtype, seed=4)
+    _check(q, keys, 32, exact_indices=dtype == torch.float32)

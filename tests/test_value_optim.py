@@ -1,0 +1,179 @@
+"""Row-wise lazy Adam(W) and SGD for value tables: the Triton steps against the PyTorch
+references and torch.optim.AdamW; untouched rows must stay bit-identical.
+
+On a CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py).
+"""
+
+import pytest
+import torch
+
+from memlayers import SparseValueAdam, SparseValueSGD
+from memlayers.ops import embedding_bag
+from memlayers.ops.row_adam import (
+    row_adam_step_torch,
+    row_adam_step_triton,
+    row_sgd_step_torch,
+    row_sgd_step_triton,
+)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+
+
+# A bf16 table stores each step's fp32 result rounded once; tiny fp32 differences can land
+# on the neighbouring bf16 value, and the next step compounds it: two ulps (2^-7 relative
+# each) on a GPU over a few steps. The interpreter truncates instead of rounding, one ulp
+# per step: allow three.
+BF16_ULPS = 2 if CUDA else 3
+
+
+def _assert_param_close(actual, expected):
+    # fp32: the same formula, rounding differences only (fused multiply-adds).
+    if actual.dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, rtol=2e-6, atol=1e-7)
+    else:
+        rtol = BF16_ULPS * 2**-7
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=1e-6)
+
+
+def _table(n, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g).to(dtype).to(DEVICE)
+
+
+def _rows(n, u, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:u].sort().values.to(DEVICE)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1], ids=["adam", "adamw"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("d", [64, 37], ids=["d64", "odd-dim"])
+def test_row_adam_matches_reference(d, dtype, weight_decay):
+    n = 40
+    params = [_table(n, d, dtype) for _ in range(2)]
+    states = [[torch.zeros(n, d, device=DEVICE) for _ in range(2)] for _ in range(2)]
+    touched = torch.zeros(n, dtype=torch.bool, device=DEVICE)
+    for step in (1, 2, 3):
+        rows = _rows(n, 9, seed=step)
+        touched[rows] = True
+        grad = _table(rows.numel(), d, dtype, seed=10 + step)
+        for fn, p, (m, v) in zip(
+            (row_adam_step_torch, row_adam_step_triton), params, states, strict=True
+        ):
+            fn(p, rows, grad, m, v, step, weight_decay=weight_decay, **HP)
+    _assert_param_close(params[1], params[0])
+    for a, b in zip(states[0], states[1], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-9)
+    # Untouched rows: parameter bit-identical to the start, moments never written.
+    start = _table(n, d, dtype)
+    assert torch.equal(params[1][~touched], start[~touched])
+    assert not states[1][0][~touched].any() and not states[1][1][~touched].any()
+
+
+def test_row_adam_first_step_equals_adamw_on_touched_rows():
+    # Step 1 of lazy AdamW on the touched rows is exactly dense AdamW's step on them.
+    n, d = 30, 48
+    p_lazy = _table(n, d, torch.float32).requires_grad_()
+    p_dense = p_lazy.detach().clone().requires_grad_()
+    rows = _rows(n, 11, seed=1)
+    grad_rows = _table(rows.numel(), d, torch.float32, seed=2)
+    p_lazy.grad = torch.sparse_coo_tensor(rows[None], grad_rows, (n, d), check_invariants=True)
+    p_dense.grad = p_lazy.grad.to_dense()
+    SparseValueAdam([p_lazy], lr=1e-2, weight_decay=0.1, impl="triton").step()
+    torch.optim.AdamW([p_dense], lr=1e-2, weight_decay=0.1).step()
+    _assert_param_close(p_lazy.detach()[rows], p_dense.detach()[rows])
+
+
+def test_dense_grad_equals_adamw():
+    # A dense gradient updates every row: plain AdamW, over several steps.
+    n, d = 12, 33
+    p1 = _table(n, d, torch.float32).requires_grad_()
+    p2 = p1.detach().clone().requires_grad_()
+    opt1 = SparseValueAdam([p1], lr=1e-2, weight_decay=0.05, impl="triton")
+    opt2 = torch.optim.AdamW([p2], lr=1e-2, weight_decay=0.05)
+    for step in range(3):
+        g = _table(n, d, torch.float32, seed=20 + step)
+        p1.grad, p2.grad = g.clone(), g.clone()
+        opt1.step()
+        opt2.step()
+    torch.testing.assert_close(p1.detach(), p2.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_row_sgd_matches_reference(dtype):
+    n, d = 25, 19
+    p_ref, p_tri = _table(n, d, dtype), _table(n, d, dtype)
+    rows = _rows(n, 7, seed=3)
+    grad = _table(rows.numel(), d, dtype, seed=4)
+    row_sgd_step_torch(p_ref, rows, grad, 0.1)
+    row_sgd_step_triton(p_tri, rows, grad, 0.1)
+    _assert_param_close(p_tri, p_ref)
+    untouched = torch.ones(n, dtype=torch.bool, device=DEVICE)
+    untouched[rows] = False
+    assert torch.equal(p_tri[untouched], _table(n, d, dtype)[untouched])
+
+
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+def test_optimizer_through_lookup(opt):
+    # The whole path: sparse value gradient from the Triton lookup → Triton step, against
+    # the PyTorch lookup → PyTorch step. Two lookups on one table make an uncoalesced
+    # gradient (the shared-memory case), which the optimizer must coalesce.
+    n, d = 50, 24
+    g = torch.Generator().manual_seed(5)
+    idx = [torch.randint(0, n, (6, 8), generator=g).to(DEVICE) for _ in range(2)]
+    w = [torch.randn(6, 8, generator=g).to(DEVICE) for _ in range(2)]
+    tables = []
+    for impl in ("torch", "triton"):
+        p = _table(n, d, torch.float32).requires_grad_()
+        make = SparseValueAdam if opt == "adam" else SparseValueSGD
+        optim = make([p], lr=1e-2, impl=impl)
+        for _ in range(2):
+            loss = sum(
+                embedding_bag(p, i, ww, impl=impl, sparse_grad=True).pow(2).sum()
+                for i, ww in zip(idx, w, strict=True)
+            )
+            loss.backward()
+            assert p.grad.is_sparse
+            optim.step()
+            p.grad = None
+        tables.append(p.detach())
+    torch.testing.assert_close(tables[1], tables[0], rtol=1e-5, atol=1e-6)
+    untouched = torch.ones(n, dtype=torch.bool, device=DEVICE)
+    untouched[torch.cat(idx).unique()] = False
+    assert torch.equal(tables[1][untouched], _table(n, d, torch.float32)[untouched])
+
+
+def test_bad_arguments():
+    p = _table(10, 4, torch.float32)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    rows = torch.tensor([1, 2], device=DEVICE)
+    with pytest.raises(ValueError, match="grad must be"):
+        row_adam_step_triton(p, rows, torch.zeros(3, 4, device=DEVICE), m, v, 1, **HP,
+                             weight_decay=0.0)  # fmt: skip
+    with pytest.raises(ValueError, match="optimizer state must be fp32"):
+        row_adam_step_triton(p, rows, torch.zeros(2, 4, device=DEVICE), m.half(), v, 1, **HP,
+                             weight_decay=0.0)  # fmt: skip
+    with pytest.raises(ValueError, match="impl must be one of"):
+        SparseValueAdam([p.requires_grad_()], impl="cuda")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_gpu_large(dtype):
+    n, d = 100_000, 1024
+    params = [_table(n, d, dtype) for _ in range(2)]
+    states = [[torch.zeros(n, d, device=DEVICE) for _ in range(2)] for _ in range(2)]
+    rows = _rows(n, 30_000, seed=6)
+    grad = _table(rows.numel(), d, dtype, seed=7)
+    for fn, p, (m, v) in zip(
+        (row_adam_step_torch, row_adam_step_triton), params, states, strict=True
+    ):
+        for step in (1, 2):
+            fn(p, rows, grad, m, v, step, weight_decay=0.1, **HP)
+    _assert_param_close(params[1], params[0])
+    untouched = torch.ones(n, dtype=torch.bool, device=DEVICE)
+    untouched[rows] = False
+    assert torch.equal(params[1][untouched], _table(n, d, dtype)[untouched])
