@@ -374,6 +374,8 @@ def bench_dim(args, table: Table, d: int, device, sweep: bool, extras: bool, sum
         note="value + score grads",
     )
 
+    launch = "BLOCK_D={} warps={}".format(*ebt.bwd_launch(d))
+
     # Ours.
     t_fwd = table.add(
         "triton forward", d, timed(lambda: ebt._fwd_launch(values, indices, weights)), fwd_bytes
@@ -442,6 +444,7 @@ def bench_dim(args, table: Table, d: int, device, sweep: bool, extras: bool, sum
     )
 
     summary[d] = dict(
+        bwd_launch=launch,
         fwd_copy=fwd_bytes / t_fwd / 1e9 / table.copy_tbs,
         bwd_over_fwd=min(t_bwd_s, t_bwd_d) / t_fwd,
         bwd_sparse_over_fwd=t_bwd_s / t_fwd,
@@ -554,14 +557,15 @@ def main() -> None:
         table.markdown(),
         "",
         "| D | fwd of copy BW (≥90%) | bwd / fwd (≤1.6; sparse, dense) | fwd+bwd vs "
-        "F.embedding_bag fp32 (≥8×) | fwd vs F.embedding_bag bf16 | Adam of copy BW (≥80%) |",
-        "|---|---|---|---|---|---|",
+        "F.embedding_bag fp32 (≥8×) | fwd vs F.embedding_bag bf16 | Adam of copy BW (≥80%) "
+        "| backward launch |",
+        "|---|---|---|---|---|---|---|",
     ]
     for d, s in summary.items():
         lines.append(
             f"| {d} | {s['fwd_copy']:.0%} | {s['bwd_sparse_over_fwd']:.2f}, "
             f"{s['bwd_dense_over_fwd']:.2f} | {s['vs_torch_fp32']:.1f}× | "
-            f"{s['fwd_vs_torch_bf16']:.1f}× | {s['adam_copy']:.0%} |"
+            f"{s['fwd_vs_torch_bf16']:.1f}× | {s['adam_copy']:.0%} | {s['bwd_launch']} |"
         )
     text = "\n".join(lines)
     print(text)

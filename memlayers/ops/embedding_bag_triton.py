@@ -40,10 +40,13 @@ FWD_BLOCK_K = 8
 FWD_BLOCK_D = 512
 FWD_WARPS = 4
 # Backward: a row's entries per step (1: no wasted lanes at ~2.3 lookups per row), and
-# columns per step (the whole row up to 1024).
+# columns per step with the warps per program. Measured on an H100 (benchmarks/NOTES.md,
+# 2026-11-25): the whole row in one step with 4 warps is fastest at D = 1000 and 1024;
+# 512-column steps with 2 warps are 25% faster at D = 512 and 8% at D = 2048.
 BWD_BLOCK_S = 1
 BWD_BLOCK_D = 1024
 BWD_WARPS = 4
+BWD_NARROW = (512, 2)  # (BLOCK_D, warps) unless next_power_of_2(D) == BWD_BLOCK_D
 
 
 @triton.jit
@@ -182,6 +185,13 @@ def row_segments(indices: torch.Tensor, n_rows: int):
     return rows.long(), seg, perm
 
 
+def bwd_launch(d: int) -> tuple[int, int]:
+    """The backward's default ``(BLOCK_D, num_warps)`` for rows of ``d`` columns."""
+    if triton.next_power_of_2(d) == BWD_BLOCK_D:
+        return BWD_BLOCK_D, BWD_WARPS
+    return BWD_NARROW
+
+
 def _bwd_launch(
     grad_out: torch.Tensor,
     values: torch.Tensor,
@@ -191,15 +201,19 @@ def _bwd_launch(
     grad_values: torch.Tensor | None,
     dense_out: bool,
     write_dw: bool,
-    block_s: int = BWD_BLOCK_S,
-    block_d: int = BWD_BLOCK_D,
-    num_warps: int = BWD_WARPS,
+    block_s: int | None = None,
+    block_d: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Run the backward kernel over the distinct rows: fills ``grad_values`` (row u's
     gradient at row u, or at its table row when ``dense_out``) and returns the score
-    gradient ``[B, K]`` fp32 (empty when not asked for)."""
+    gradient ``[B, K]`` fp32 (empty when not asked for). Launch parameters default to
+    :func:`bwd_launch`."""
     rows, seg, perm = segments
     d = values.shape[1]
+    default_d, default_warps = bwd_launch(d)
+    block_s, block_d = block_s or BWD_BLOCK_S, block_d or default_d
+    num_warps = num_warps or default_warps
     dw = torch.empty(indices.shape if write_dw else (0,), dtype=torch.float32,
                      device=values.device)  # fmt: skip
     if rows.numel() == 0 or d == 0 or (grad_values is None and not write_dw):
