@@ -1,0 +1,402 @@
+"""Checkpoints: written atomically, described by a manifest, verified on load.
+
+One checkpoint is a directory; ``latest`` names the newest complete one::
+
+    checkpoints/
+      step_000100/
+        model.safetensors   weights (safetensors.torch.save_model: a tensor shared by
+                            several modules is stored once; non-persistent buffers such
+                            as the RoPE tables are rebuilt by init_weights)
+        optimizer.pt        optimizer state (moments, step counts), torch.save
+        trainer.pt          step, data-loader position, RNG states of every rank
+        meta.json           step, model config, size and sha256 of every file above
+      latest                text file: "step_000100"
+
+Distributed runs (and ``checkpoint.format=dcp``) write the weights and optimizer state
+with torch.distributed.checkpoint instead, every rank its own shards::
+
+      step_000100/
+        dcp/                .metadata + one __R_0.distcp file per rank: the model (FSDP
+                            shards, value-table column shards as DTensors), the AdamW
+                            state and the value optimizer's moments
+        trainer.pt, meta.json   as above ("layout": "dcp")
+
+DCP reshards on load, so such a checkpoint loads on any number of ranks and any
+memory-parallel degree (2 → 1, 1 → 4, 4 → 2), or into one process for evaluation;
+:func:`consolidate_checkpoint` turns it into the single-file layout above.
+
+A save writes everything into a hidden ``.tmp-*`` directory, then ``os.replace`` renames
+it into place and ``latest`` is replaced the same way, so a crash at any point leaves the
+previous checkpoint and pointer intact. A load checks the manifest (missing files, sizes,
+checksums) before reading anything and raises :class:`CheckpointError` naming the path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_model, save_model
+
+FORMAT_VERSION = 1
+
+
+FORMATS = ("auto", "safetensors", "dcp")
+
+
+@dataclass
+class CheckpointArgs:
+    every: int = 100  # steps between checkpoints (and one at the end); 0: only at the end
+    keep: int = 2  # newest checkpoints kept; 0 keeps all
+    checksum: bool = True  # sha256 of every file in meta.json, verified on load
+    format: str = "auto"  # auto (dcp when distributed) | safetensors | dcp
+
+    def validate(self) -> None:
+        for name in ("every", "keep"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"checkpoint.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"checkpoint.format must be one of {FORMATS}, got {self.format!r}")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupted or does not fit the model."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("_", 1)[1])
+
+
+def _new_tmp(root: Path, name: str) -> Path:
+    tmp = root / f".tmp-{name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _finalize(
+    root: Path, tmp: Path, step: int, model_config, keep: int, checksum: bool, layout: str
+) -> Path:
+    """Describe every file of ``tmp`` in meta.json, rename it into place, point
+    ``latest`` at it and prune old checkpoints."""
+    name = step_dir_name(step)
+    files = {}
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        _fsync(f)
+        info = {"bytes": f.stat().st_size}
+        if checksum:
+            info["sha256"] = _sha256(f)
+        files[f.relative_to(tmp).as_posix()] = info
+    meta = {
+        "format": FORMAT_VERSION,
+        "layout": layout,
+        "step": step,
+        "model_config": model_config,
+        "files": files,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    _fsync(tmp / "meta.json")
+    final = root / name
+    if final.exists():  # re-saving a step: move the old one aside, then swap
+        old = root / f".old-{name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _write_text_atomic(root / "latest", name + "\n")
+    if keep > 0:  # by step number: names outgrow their 6 digits past step 999,999
+        steps = sorted((p for p in root.glob("step_*") if p.is_dir()), key=_step_of)
+        for p in steps[:-keep]:
+            if p.name != name:
+                shutil.rmtree(p)
+    return final
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer=None,
+    trainer_state: dict | None = None,
+    model_config: dict | None = None,
+    keep: int = 0,
+    checksum: bool = True,
+) -> Path:
+    """Write ``root/step_XXXXXX`` atomically, point ``root/latest`` at it, prune old ones."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = _new_tmp(root, f"{step_dir_name(step)}-{os.getpid()}")
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
+    torch.save({"step": step, **(trainer_state or {})}, tmp / "trainer.pt")
+    return _finalize(root, tmp, step, model_config, keep, checksum, "safetensors")
+
+
+def _dcp_state(model: nn.Module, optimizer=None, plan=None) -> tuple[dict, list]:
+    """The state DCP saves or loads in place, and the table entries wrapped as DTensors
+    (``(container, key, local)`` to unwrap after a load). Value tables and their
+    optimizer moments become DTensor views of this rank's column shard (``plan``)."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    from memlayers.parallel import value_tables
+
+    wrapped = []
+
+    def wrap(container: dict, key: str, table) -> None:
+        local = container[key]
+        if plan is not None and plan.sharded:
+            container[key] = plan.table_dtensor(table, local)
+            wrapped.append((container, key, local))
+
+    tables = value_tables(model)
+    state = {"model": get_model_state_dict(model)}
+    for prefix, table in tables:
+        state["model"][f"{prefix}.weight"] = table.weight.detach()
+        wrap(state["model"], f"{prefix}.weight", table)
+    optimizers = getattr(optimizer, "optimizers", {}) if optimizer is not None else {}
+    if "adamw" in optimizers:
+        state["optim"] = get_optimizer_state_dict(model, optimizers["adamw"])
+        for prefix, table in tables:
+            moments = state["optim"]["state"].get(f"{prefix}.weight")
+            for key in ("exp_avg", "exp_avg_sq") if moments else ():
+                wrap(moments, key, table)
+    if "values" in optimizers:
+        opt = optimizers["values"]
+        state["values_optim"] = {}
+        for prefix, table in tables:
+            st = opt.state[table.weight]
+            if not st:  # moments exist from the first step on; make them now to load into
+                st["step"] = 0
+                st["exp_avg"] = torch.zeros_like(table.weight, dtype=torch.float32)
+                st["exp_avg_sq"] = torch.zeros_like(table.weight, dtype=torch.float32)
+            entry = {"step": st["step"], "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
+            wrap(entry, "exp_avg", table)
+            wrap(entry, "exp_avg_sq", table)
+            state["values_optim"][prefix] = entry
+    return state, wrapped
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_distributed_checkpoint(
+    root: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer=None,
+    trainer_state: dict | None = None,
+    model_config: dict | None = None,
+    keep: int = 0,
+    checksum: bool = True,
+    plan=None,
+) -> Path:
+    """Like :func:`save_checkpoint` in the DCP layout; every rank calls it (or a single
+    process). ``trainer_state`` is written by rank 0 (gather per-rank parts first)."""
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(root)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tmp = root / f".tmp-{step_dir_name(step)}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        _new_tmp(root, tmp.name[len(".tmp-") :])
+    _barrier()
+    state, _ = _dcp_state(model, optimizer, plan)
+    dcp.save(state, checkpoint_id=str(tmp / "dcp"))
+    _barrier()
+    final = root / step_dir_name(step)
+    if rank == 0:
+        torch.save({"step": step, **(trainer_state or {})}, tmp / "trainer.pt")
+        final = _finalize(root, tmp, step, model_config, keep, checksum, "dcp")
+    _barrier()
+    return final
+
+
+def _load_dcp(path: Path, model: nn.Module, optimizer=None, plan=None) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state, wrapped = _dcp_state(model, optimizer, plan)
+    # Load what the checkpoint holds: one saved without optimizer state (e.g. for
+    # inference) still loads into a run that has an optimizer, which then starts fresh.
+    saved = dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
+    sections = {key.split(".", 1)[0] for key in saved}
+    state = {k: v for k, v in state.items() if k in sections}
+    # Without a plan the model is whole: this process reads every shard itself, even
+    # inside a process group (e.g. rank 0 evaluating after a distributed run).
+    dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=plan is None)
+    for container, key, local in wrapped:  # loaded in place; hand back the plain shards
+        container[key] = local
+    set_model_state_dict(model, state["model"])
+    if optimizer is None:
+        return
+    if "optim" in state:
+        set_optimizer_state_dict(model, optimizer.optimizers["adamw"], state["optim"])
+    opt = optimizer.optimizers.get("values")
+    for prefix, entry in state.get("values_optim", {}).items():
+        weight = model.get_submodule(prefix).weight
+        opt.state[weight]["step"] = int(entry["step"])
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a step directory, a ``checkpoints/`` directory (its
+    ``latest``) or a run directory (its ``checkpoints/latest``)."""
+    p = Path(path)
+    if (p / "meta.json").is_file():
+        return p
+    for root in (p, p / "checkpoints"):
+        latest = root / "latest"
+        if latest.is_file():
+            name = latest.read_text().strip()
+            # A re-save of the same step swaps directories: between its two renames the
+            # previous copy sits at .old-<name>-<pid>, complete.
+            aside = sorted(root.glob(f".old-{name}-*"))
+            if not (root / name / "meta.json").is_file() and aside:
+                return aside[-1]
+            if not (root / name / "meta.json").is_file():
+                raise CheckpointError(
+                    f"{latest} points to {name!r}, which is missing or "
+                    f"incomplete (no meta.json in {root / name})"
+                )
+            return root / name
+    raise CheckpointError(
+        f"no checkpoint at {p}: expected a step_XXXXXX directory with meta.json, a "
+        f"checkpoints/ directory with a 'latest' file, or a run directory holding one"
+    )
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """Check the manifest of a checkpoint directory; returns ``meta``."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable meta.json ({e})") from e
+    if meta.get("format") != FORMAT_VERSION or not isinstance(meta.get("files"), dict):
+        raise CheckpointError(f"{path}: meta.json is not a format-{FORMAT_VERSION} manifest")
+    for fname, info in meta["files"].items():
+        f = path / fname
+        if not f.is_file():
+            raise CheckpointError(f"{path}: {fname} is missing")
+        size = f.stat().st_size
+        if size != info.get("bytes"):
+            raise CheckpointError(
+                f"{path}: {fname} has {size} bytes, the manifest says "
+                f"{info.get('bytes')} (truncated or overwritten)"
+            )
+        if "sha256" in info and _sha256(f) != info["sha256"]:
+            raise CheckpointError(f"{path}: {fname} fails its sha256 check (corrupted)")
+    return meta
+
+
+def _torch_load(f: Path) -> dict:
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {f}: {e}") from e
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, plan=None) -> dict:
+    """Load weights (and optimizer state) in place; returns the trainer state + ``meta``.
+
+    ``path`` is anything :func:`resolve_checkpoint` accepts. A DCP checkpoint loads into
+    any layout (``plan`` from :func:`memlayers.parallel.parallelize`, or none); a
+    single-file one into an unsharded model.
+    """
+    path = resolve_checkpoint(path)
+    meta = verify_checkpoint(path)
+    if meta.get("layout") == "dcp":
+        try:
+            _load_dcp(path, model, optimizer, plan)
+        except Exception as e:
+            raise CheckpointError(f"cannot load the DCP checkpoint {path}: {e}") from e
+        state = _torch_load(path / "trainer.pt")
+        state["meta"], state["path"] = meta, str(path)
+        return state
+    if plan is not None and plan.world > 1:
+        raise CheckpointError(
+            f"{path} is a single-file checkpoint; a distributed run resumes from DCP "
+            f"checkpoints (checkpoint.format=dcp)"
+        )
+    device = next(model.parameters()).device
+    try:
+        load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot load {path / 'model.safetensors'} into the model: {e}"
+        ) from e
+    if optimizer is not None:
+        try:
+            optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{path / 'optimizer.pt'} does not fit the optimizer: {e}") from e
+    state = _torch_load(path / "trainer.pt")
+    state["meta"], state["path"] = meta, str(path)
+    return state
+
+
+def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild the model from ``meta.json``'s config and load its weights (for eval)."""
+    from memlayers.model import ModelConfig, build_model
+
+    path = resolve_checkpoint(path)
+    meta = verify_checkpoint(path)
+    if not meta.get("model_config"):
+        raise CheckpointError(f"{path}: meta.json has no model_config")
+    model = build_model(ModelConfig.from_dict(meta["model_config"]), device)
+    load_checkpoint(path, model)
+    return model
+
+
+def consolidate_checkpoint(src: str | Path, dst_root: str | Path) -> Path:
+    """Turn a (DCP) checkpoint into the single-file layout under ``dst_root`` (weights and
+    trainer state; no optimizer state), for inference with :func:`load_model_from_checkpoint`.
+    Runs in one process, whatever the number of ranks that wrote ``src``."""
+    src = resolve_checkpoint(src)
+    meta = verify_checkpoint(src)
+    model = load_model_from_checkpoint(src)
+    trainer = _torch_load(src / "trainer.pt")
+    step = int(meta["step"])
+    trainer.pop("step", None)
+    return save_checkpoint(dst_root, step, model, None, trainer, meta["model_config"])

@@ -1,0 +1,120 @@
+"""The training config: one root dataclass, loaded as defaults < preset < YAML < CLI.
+
+Each section is the ``*Args`` dataclass that lives next to the code it configures::
+
+    TrainArgs            run_dir, steps, seed, grad_accum, device, dtype, compile, eval_*
+      model: ModelArgs        memlayers/presets.py  (a preset name + any ModelConfig field)
+      optim: OptimArgs        memlayers/optim.py
+      data: DataArgs          memlayers/data/loader.py
+      checkpoint: CheckpointArgs  memlayers/checkpoint.py
+      logging: LoggingArgs    memlayers/logger.py
+      parallel: ParallelArgs  memlayers/parallel.py
+
+``model.preset`` is merged in under the YAML and the CLI, so either may override single
+fields of it; so are the ``data.options`` of :data:`DATA_OPTION_DEFAULTS` when
+``data.dataset`` names one (the main job's bios size). Unknown keys, wrong types and
+invalid values raise ``ValueError`` naming the key and the value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from memlayers.checkpoint import CheckpointArgs
+from memlayers.data.loader import DataArgs
+from memlayers.logger import LoggingArgs
+from memlayers.optim import OptimArgs
+from memlayers.parallel import ParallelArgs
+from memlayers.presets import ModelArgs, get_preset
+
+DTYPES = ("auto", "fp32", "bf16")
+
+# ``data.options`` merged under the YAML and the CLI when ``data.dataset`` is a key here
+# (like ``model.preset``), so a run that switches datasets never inherits another's
+# options. bios: the main job's CPU size (docs/main_job.md).
+DATA_OPTION_DEFAULTS: dict[str, dict] = {
+    "bios": {"n_people": 1000, "exposures": 36},
+}
+
+
+@dataclass
+class TrainArgs:
+    """Defaults are the main job (docs/main_job.md): tiny Memory+ on 1,000 bios people,
+    1,000 steps of 16 × 128 tokens (one epoch, ~36 exposures a person), ~5 min on 2 CPU
+    cores, then ``memlayers eval``."""
+
+    run_dir: str = "runs/tiny-memory-plus"
+    steps: int = 1000  # optimizer steps (the schedule's length)
+    seed: int = 0  # weights, dropout
+    grad_accum: int = 1  # micro-batches per optimizer step
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16
+    compile: bool = False  # torch.compile the model
+    eval_every: int = 250  # steps between validation losses; 0: only at the end
+    eval_batches: int = 8  # validation micro-batches per evaluation
+    final_eval: bool = True  # `memlayers train`: run `memlayers eval` on the last checkpoint
+    model: ModelArgs = field(default_factory=ModelArgs)
+    # lr 3e-3 beat 1e-3, 6e-3 and 1e-2 for both tiny-dense and tiny-memory+ on the main
+    # job (docs/results.md)
+    optim: OptimArgs = field(default_factory=lambda: OptimArgs(lr=3e-3, warmup_steps=50))
+    data: DataArgs = field(default_factory=lambda: DataArgs(dataset="bios"))
+    checkpoint: CheckpointArgs = field(default_factory=lambda: CheckpointArgs(every=250))
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
+    parallel: ParallelArgs = field(default_factory=ParallelArgs)
+
+    def validate(self) -> None:
+        for name in ("steps", "grad_accum"):
+            v = getattr(self, name)
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {name}={v!r}")
+        for name in ("eval_every", "eval_batches"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)!r}")
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got device={self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got dtype={self.dtype!r}")
+        self.model.to_config()  # ModelConfig.validate
+        self.optim.validate()
+        self.data.validate()
+        self.checkpoint.validate()
+        self.logging.validate()
+        self.parallel.validate()
+
+
+def load_config(yaml_paths=(), overrides=()) -> TrainArgs:
+    """``TrainArgs`` from YAML files (merged in order) and ``key=value`` overrides."""
+    try:
+        base = OmegaConf.structured(TrainArgs)
+        layers = []
+        for p in yaml_paths:
+            if not Path(p).is_file():
+                raise ValueError(f"config file not found: {p}")
+            layers.append(OmegaConf.load(p))
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(base, *layers)
+        preset, dataset = merged.model.preset, merged.data.dataset
+        if preset:
+            base = OmegaConf.merge(base, {"model": get_preset(preset).to_dict()})
+        if dataset in DATA_OPTION_DEFAULTS:
+            base = OmegaConf.merge(base, {"data": {"options": DATA_OPTION_DEFAULTS[dataset]}})
+        args = OmegaConf.to_object(OmegaConf.merge(base, *layers))
+    except OmegaConfBaseException as e:
+        # e.g. "Key 'lrr' not in 'OptimArgs'\n    full_key: optim.lrr" -> one line.
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ValueError(f"bad config: {msg}") from None
+    args.validate()
+    return args
+
+
+def to_yaml(args: TrainArgs) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(args))
+
+
+def save_config(args: TrainArgs, path: str | Path) -> None:
+    """Write the resolved config (what :func:`load_config` reads back)."""
+    Path(path).write_text(to_yaml(args))

@@ -1,0 +1,134 @@
+"""What a training run reports: progress bar, metrics.jsonl, TensorBoard, loss.png.
+
+Only the logging rank (rank 0) writes; on other ranks every method is a no-op.
+TensorBoard and matplotlib are optional extras (``pip install memlayers[all]``): without
+them the run still writes metrics.jsonl and says once what it skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+@dataclass
+class LoggingArgs:
+    every: int = 10  # steps between metrics.jsonl / TensorBoard records (and the last step)
+    progress: bool = True  # tqdm progress bar
+    tensorboard: bool = True  # events under <run_dir>/tb
+    plot: bool = True  # <run_dir>/loss.png at the end
+
+    def validate(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"logging.every must be >= 1, got {self.every!r}")
+
+
+class RunLogger:
+    def __init__(
+        self, run_dir: Path, args: LoggingArgs, total_steps: int, start_step: int, enabled: bool
+    ) -> None:
+        self.run_dir, self.args, self.enabled = Path(run_dir), args, enabled
+        self.total_steps = total_steps
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(start_step)
+        if args.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                # purge_step drops events a crashed run wrote after its last checkpoint.
+                self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
+            except ImportError:
+                self.message(
+                    "tensorboard is not installed: no tb/ events (pip install tensorboard)"
+                )
+        if args.progress:
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def _truncate_after(self, step: int) -> None:
+        """Keep only records up to ``step`` (a resumed run rewrites what follows)."""
+        if not self.metrics_path.exists():
+            return
+        keep = [
+            line
+            for line in self.metrics_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def _write(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def log_step(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        step = record["step"]
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:,.0f}", refresh=False
+            )
+            self.bar.update(step - self.bar.n)
+        if step % self.args.every == 0 or step == self.total_steps:
+            self._write({**record, "time": time.time()})
+
+    def log_eval(self, record: dict) -> None:
+        if self.enabled:
+            self._write({**record, "time": time.time()})
+            self.message(
+                "step {step}: ".format(**record)
+                + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step")
+            )
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.args.plot and self.metrics_path.exists():
+            self.plot()
+
+    def plot(self) -> Path | None:
+        """Train (and validation) loss against step, into ``loss.png``."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            self.message("matplotlib is not installed: no loss.png (pip install matplotlib)")
+            return None
+        records = [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in ("loss", "val_loss"):
+            pts = [(r["step"], r[key]) for r in records if key in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), label=key, marker="o" if key != "loss" else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats / token)")
+        ax.set_title(self.run_dir.name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        out = self.run_dir / "loss.png"
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out

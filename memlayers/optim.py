@@ -1,0 +1,255 @@
+"""Optimizer groups, the value-table optimizer, the learning-rate schedule, clipping.
+
+Groups are built from module types and shapes, never from attributes stored on
+parameters (STYLE.md):
+
+- ``decay``: every matrix (``ndim >= 2``) outside a value table, AdamW with weight decay;
+- ``no_decay``: vectors (norm gains), AdamW without decay;
+- ``values``: every :class:`~memlayers.memory.MemoryValues` table, with its own learning
+  rate (paper: 1e-3, no weight decay, PAPER.md §1).
+
+``value_optimizer="sparse_adam"`` (the default) switches the tables to row-sparse
+gradients and steps them with :class:`~memlayers.value_optim.SparseValueAdam`, which
+touches only the rows read this step; ``"adamw"`` keeps dense gradients and puts the
+table in the AdamW as a third group (every row's moments decay every step).
+
+The schedule is a multiplier of each group's ``base_lr``: linear warmup, then cosine or
+linear decay to ``min_lr_ratio``. It is a pure function of the step, so the checkpoint
+only needs the step to resume it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from memlayers.memory import MemoryValues, ProductKeyMemory
+from memlayers.peer import PEER
+from memlayers.value_optim import SparseValueAdam
+
+VALUE_OPTIMIZERS = ("sparse_adam", "adamw")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class OptimArgs:
+    lr: float = 1e-3  # dense parameters (the paper's larger models used 1e-4)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    value_lr: float | None = None  # None: model.memory.value_lr (paper: 1e-3)
+    value_weight_decay: float = 0.0
+    value_optimizer: str = "sparse_adam"  # sparse_adam | adamw
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+    def validate(self) -> None:
+        for name in ("lr", "eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"optim.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.value_lr is not None and not self.value_lr > 0:
+            raise ValueError(f"optim.value_lr must be > 0 or null, got {self.value_lr!r}")
+        for name in ("weight_decay", "value_weight_decay", "grad_clip", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.value_optimizer not in VALUE_OPTIMIZERS:
+            raise ValueError(
+                f"optim.value_optimizer must be one of {VALUE_OPTIMIZERS}, "
+                f"got {self.value_optimizer!r}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+
+
+def _undecayed(model: nn.Module) -> set[int]:
+    """Matrices that are not weights: product keys (lookup addresses; with qk-norm their
+    scale means nothing) and the qk-norm gain ``[heads, k_dim]`` (a norm gain, like the
+    RMSNorm vectors). Decay would shrink the gain and flatten the memory's softmax."""
+    out = set()
+    for m in model.modules():
+        if isinstance(m, ProductKeyMemory | PEER):
+            out.add(id(m.keys))
+        if isinstance(m, ProductKeyMemory) and m.query_norm is not None:
+            out.add(id(m.query_norm))
+    return out
+
+
+def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """``{"decay": [...], "no_decay": [...], "values": [...]}``, each parameter once."""
+    values = {id(m.weight): m.weight for m in model.modules() if isinstance(m, MemoryValues)}
+    undecayed = _undecayed(model)
+    groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "values": []}
+    groups["values"] = list(values.values())
+    for p in model.parameters():  # parameters() already skips duplicates
+        if id(p) in values or not p.requires_grad:
+            continue
+        decay = p.dim() >= 2 and id(p) not in undecayed
+        groups["decay" if decay else "no_decay"].append(p)
+    return groups
+
+
+class Optimizers:
+    """The dense AdamW and the value optimizer, stepped and saved as one."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore moments and step counts; hyperparameters (``base_lr``, decay, betas)
+        stay those of the current config, so a resumed run may change them."""
+        if set(state) != set(self.optimizers):
+            raise ValueError(
+                f"optimizer state holds {sorted(state)}, expected {sorted(self.optimizers)}"
+            )
+        for name, opt in self.optimizers.items():
+            fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            opt.load_state_dict(state[name])
+            for group, hyper in zip(opt.param_groups, fresh, strict=True):
+                group.update(hyper)
+
+
+def set_value_grad_sparsity(model: nn.Module, sparse: bool) -> None:
+    """Make every value table return row-sparse (COO) or dense gradients."""
+    for m in model.modules():
+        if isinstance(m, MemoryValues):
+            m.sparse_grad = sparse
+
+
+def build_optimizer(
+    model: nn.Module, args: OptimArgs, value_lr: float = 1e-3, impl: str = "auto"
+) -> Optimizers:
+    """AdamW over the dense groups; the value tables per ``args.value_optimizer``.
+
+    ``value_lr`` is used when ``args.value_lr`` is None (pass the model's
+    ``memory.value_lr``); ``impl`` picks the sparse step's kernel (pass ``memory.impl``).
+    Also sets the tables' gradient sparsity to match.
+    """
+    args.validate()
+    groups = param_groups(model)
+    value_lr = args.value_lr if args.value_lr is not None else value_lr
+    betas = (args.beta1, args.beta2)
+    adamw_groups = [
+        dict(
+            name="decay",
+            params=groups["decay"],
+            weight_decay=args.weight_decay,
+            lr=args.lr,
+            base_lr=args.lr,
+        ),
+        dict(
+            name="no_decay",
+            params=groups["no_decay"],
+            weight_decay=0.0,
+            lr=args.lr,
+            base_lr=args.lr,
+        ),
+    ]
+    values_group = dict(
+        name="values",
+        params=groups["values"],
+        weight_decay=args.value_weight_decay,
+        lr=value_lr,
+        base_lr=value_lr,
+    )
+    sparse = args.value_optimizer == "sparse_adam"
+    set_value_grad_sparsity(model, sparse)
+    optimizers = {}
+    if groups["values"] and not sparse:
+        adamw_groups.append(values_group)
+    adamw_groups = [g for g in adamw_groups if g["params"]]
+    optimizers["adamw"] = torch.optim.AdamW(adamw_groups, lr=args.lr, betas=betas, eps=args.eps)
+    if groups["values"] and sparse:
+        optimizers["values"] = SparseValueAdam([values_group], betas=betas, eps=args.eps, impl=impl)
+    return Optimizers(optimizers)
+
+
+def lr_multiplier(step: int, total_steps: int, args: OptimArgs) -> float:
+    """Multiplier of ``base_lr`` at optimizer step ``step`` (1-based).
+
+    Linear warmup from ``1/warmup`` to 1 over ``warmup_steps``, then cosine or linear decay
+    to ``min_lr_ratio`` at ``total_steps``.
+    """
+    if args.warmup_steps and step <= args.warmup_steps:
+        return step / args.warmup_steps
+    if args.schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - args.warmup_steps)
+    progress = min(1.0, (step - args.warmup_steps) / span)
+    if args.schedule == "cosine":
+        decay = 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        decay = 1 - progress
+    return args.min_lr_ratio + (1 - args.min_lr_ratio) * decay
+
+
+def set_lr(optimizer: Optimizers, step: int, total_steps: int, args: OptimArgs) -> float:
+    """Set every group's ``lr`` for ``step``; returns the multiplier."""
+    mult = lr_multiplier(step, total_steps, args)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * mult
+    return mult
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm: float, copies=None, all_reduce=None) -> torch.Tensor:
+    """Global L2 norm over dense, row-sparse and sharded (DTensor) gradients; rescale them
+    when above ``max_norm`` (``max_norm <= 0`` only measures).
+
+    ``torch.nn.utils.clip_grad_norm_`` rejects sparse gradients, and an uncoalesced sparse
+    gradient (accumulation appends rows) would count a repeated row twice, so sparse
+    gradients are coalesced first. Distributed (:mod:`memlayers.parallel`): each rank sums
+    the squares of its local gradients, divided by ``copies(p)`` (how many ranks hold the
+    same numbers), and ``all_reduce`` sums that over the ranks.
+    """
+    grads, device = [], None
+    total = None
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            local = p.grad._values()
+        else:
+            local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        grads.append(local)
+        acc = torch.promote_types(local.dtype, torch.float32)  # no fp64 copy of fp32 grads
+        sq = torch.linalg.vector_norm(local, dtype=acc).double().square()
+        sq = sq / copies(p) if copies is not None else sq
+        total = sq if total is None else total + sq
+        device = local.device
+    if total is None:
+        total = torch.zeros((), dtype=torch.float64, device=device)
+    if all_reduce is not None:
+        all_reduce(total)
+    norm = total.sqrt().float()
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+    return norm

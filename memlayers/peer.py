@@ -1,0 +1,108 @@
+"""PEER: a mixture of a million tiny experts (He 2024), the paper's second baseline.
+
+Product keys (as in the memory layer) select, per head, the top-k of ``n_keys**2``
+experts. Expert ``i`` is rank one: a down vector ``u_i`` and an up vector ``v_i``, both
+``[dim]``, computing ``gelu(u_i · x) v_i``. With ``g`` the softmax of the k selected scores
+of a head, the output is ``Σ_heads Σ_i g_i gelu(u_i · x) v_i`` — a feed-forward whose
+hidden units are chosen per token. The up half is exactly a weighted embedding bag
+(weights ``g_i gelu(u_i · x)``), so it reuses :func:`memlayers.ops.embedding_bag`.
+
+The paper's baseline uses 768 half-keys, so ``2 · 768² · dim`` parameters slightly
+exceed the 1024² · dim of a memory layer (PAPER.md §3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from memlayers.ops.embedding_bag import IMPLS, embedding_bag
+from memlayers.ops.product_keys import product_key_topk
+
+
+@dataclass
+class PEERConfig:
+    n_keys: int = 768  # half keys per head; n_keys**2 experts
+    heads: int = 8
+    topk: int = 16  # experts per head and token
+    k_dim: int | None = None  # query / key dim; None: half the model dim
+    qk_norm: bool = True  # RMS-normalise query and key halves (as the memory layer)
+    impl: str = "auto"  # kernels (product-key top-k, embedding bag): auto | torch | triton
+
+    def validate(self) -> None:
+        for name in ("n_keys", "heads", "topk"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {name}={v!r}")
+        if self.topk > self.n_keys:
+            raise ValueError(f"topk must be <= n_keys, got topk={self.topk} > n_keys={self.n_keys}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got impl={self.impl!r}")
+
+    def resolved_k_dim(self, dim: int) -> int:
+        k_dim = self.k_dim if self.k_dim is not None else dim // 2
+        if k_dim < 2 or k_dim % 2:
+            raise ValueError(f"k_dim must be even and >= 2, got k_dim={k_dim} (dim={dim})")
+        return k_dim
+
+    @property
+    def n_experts(self) -> int:
+        return self.n_keys**2
+
+
+def _rms(t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return t * torch.rsqrt(t.float().pow(2).mean(-1, keepdim=True) + eps).to(t.dtype)
+
+
+class PEER(nn.Module):
+    """``(..., dim) -> (..., dim)``, ``heads · topk`` rank-1 experts per token."""
+
+    def __init__(self, dim: int, config: PEERConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.dim, self.config = dim, config
+        self.k_dim = k_dim = config.resolved_k_dim(dim)
+        h, n = config.heads, config.n_keys
+        self.query = nn.Linear(dim, h * k_dim, bias=False)
+        self.keys = nn.Parameter(torch.empty(h, 2, n, k_dim // 2))
+        self.down = nn.Embedding(n * n, dim)  # u_i
+        self.up = nn.Embedding(n * n, dim)  # v_i
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        """Keys uniform ``±k_dim**-0.5`` (as memory.py); ``u ~ N(0, 1/dim)`` so that
+        ``u · x`` is ~N(0, 1) for a unit-RMS input; ``v`` with the residual-output std."""
+        bound = self.k_dim**-0.5
+        nn.init.uniform_(self.keys, -bound, bound)
+        nn.init.trunc_normal_(self.query.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
+        nn.init.normal_(self.down.weight, std=self.dim**-0.5)
+        nn.init.normal_(self.up.weight, std=out_std)
+
+    def lookup(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Experts and router weights of every token: ``[N, heads*topk]`` each."""
+        cfg, half = self.config, self.k_dim // 2
+        q = self.query(h).view(-1, cfg.heads, self.k_dim)  # [N, H, k_dim]
+        keys = self.keys  # [H, 2, n_keys, half]
+        if cfg.qk_norm:
+            q = _rms(q.view(-1, cfg.heads, 2, half)).view(-1, cfg.heads, self.k_dim) * half**-0.5
+            keys = _rms(keys)
+        scores, idx = product_key_topk(q, keys, cfg.topk, impl=cfg.impl)  # [N, H, k] each
+        g = scores.float().softmax(dim=-1)  # softmax per head over its k experts
+        return idx.view(h.shape[0], -1), g.view(h.shape[0], -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(-1, self.dim)  # [N, dim]
+        idx, g = self.lookup(h)  # [N, H*k]
+        u = F.embedding(idx, self.down.weight)  # [N, H*k, dim]
+        a = F.gelu(torch.einsum("nkd,nd->nk", u, h.to(u.dtype)).float())  # [N, H*k]
+        out = embedding_bag(self.up.weight, idx, g * a, impl=self.config.impl)  # [N, dim]
+        return out.view(*x.shape[:-1], self.dim).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"dim={self.dim}, n_experts={c.n_experts}, heads={c.heads}, topk={c.topk}, "
+            f"k_dim={self.k_dim}"
+        )

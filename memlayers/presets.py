@@ -1,0 +1,147 @@
+"""Named model configurations: the paper's sizes in every variant, and tiny CPU models.
+
+Names are ``<size>-<variant>``: sizes ``134m 373m 720m 1.3b`` (the paper's Llama-style
+base models, PAPER.md §3) and ``tiny`` (about 2M parameters, ~10k tokens/s on 2 CPU
+cores); variants:
+
+| variant   | feed-forward blocks                                                       |
+|-----------|---------------------------------------------------------------------------|
+| dense     | SwiGLU everywhere                                                         |
+| memory    | one memory layer in the middle block (Lample et al. 2019 style: no swilu, |
+|           | k_dim 512 = Lample's query size; qk-norm kept as the stabiliser)          |
+| memory+   | 3 memory layers sharing one value table, swilu, k_dim = dim/2, placed by  |
+|           | :func:`memory_plus_layers` (24 layers -> blocks 4, 12, 20)                |
+| moe       | every FFN becomes 16 / 8 / 6 / 4 experts (134m / 373m / 720m / 1.3b)       |
+| peer      | one PEER layer (768 half-keys) in the middle block                        |
+
+Paper-size memories: 1024 half-keys (1,048,576 values), 4 heads, top-32, v_dim = dim.
+Names are nominal: ``memlayers.report`` prints the exact counts (720m is dim 1536 × 24
+layers with untied 32k embeddings: 778M parameters). ``vocab_size`` is 32000 here; the
+trainer replaces it with the dataset's vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from memlayers.memory import MemoryConfig
+from memlayers.model import ModelConfig
+from memlayers.moe import MoEConfig
+from memlayers.peer import PEERConfig
+
+# Base shapes (dim, layers, heads) of the paper's models.
+PAPER_SIZES = {
+    "134m": dict(dim=768, n_layers=12, n_heads=12),
+    "373m": dict(dim=1024, n_layers=24, n_heads=16),
+    "720m": dict(dim=1536, n_layers=24, n_heads=12),
+    "1.3b": dict(dim=2048, n_layers=22, n_heads=16),
+}
+# MoE baseline: experts per FFN so its parameters slightly exceed the memory model's.
+MOE_EXPERTS = {"134m": 16, "373m": 8, "720m": 6, "1.3b": 4}
+VARIANTS = ("dense", "memory", "memory+", "moe", "peer")
+
+
+def memory_plus_layers(n_layers: int, interval: int | None = None, n_memory: int = 3) -> list[int]:
+    """The paper's Memory+ placement: ``n_memory`` blocks centred, ``interval`` apart.
+
+    ``interval=None`` takes the paper's (4 for the 12-layer 134M, 8 for the deeper
+    models), halved until the blocks fit. Ties in centring round towards the output, which
+    reproduces the paper's 24 layers -> ``[4, 12, 20]``; 12 layers give ``[2, 6, 10]``.
+    """
+    if n_memory < 1 or n_memory > n_layers:
+        raise ValueError(
+            f"need 1 <= n_memory <= n_layers, got n_memory={n_memory}, n_layers={n_layers}"
+        )
+    if interval is None:
+        interval = 4 if n_layers < 16 else 8
+        while interval > 1 and (n_memory - 1) * interval >= n_layers:
+            interval //= 2
+    span = (n_memory - 1) * interval
+    if interval < 1 or span >= n_layers:
+        raise ValueError(
+            f"{n_memory} memory blocks {interval} apart don't fit in n_layers={n_layers}"
+        )
+    start = (n_layers - span) // 2
+    return [start + i * interval for i in range(n_memory)]
+
+
+def _paper_preset(size: str, variant: str) -> ModelConfig:
+    base = dict(PAPER_SIZES[size], vocab_size=32000, max_seq_len=2048, tie_embeddings=False)
+    n_layers = base["n_layers"]
+    mem = dict(n_keys=1024, heads=4, topk=32)
+    if variant == "dense":
+        return ModelConfig(**base)
+    if variant == "memory":
+        memory = MemoryConfig(**mem, k_dim=512, swilu=False)
+        return ModelConfig(**base, memory_layers=[n_layers // 2], memory=memory)
+    if variant == "memory+":
+        memory = MemoryConfig(**mem, k_dim=None, swilu=True, share_values=True)
+        layers = memory_plus_layers(n_layers, 4 if size == "134m" else 8)
+        return ModelConfig(**base, memory_layers=layers, memory=memory)
+    if variant == "moe":
+        return ModelConfig(**base, ffn="moe", moe=MoEConfig(n_experts=MOE_EXPERTS[size]))
+    peer = PEERConfig(n_keys=768, heads=8, topk=16)
+    return ModelConfig(**base, peer_layers=[n_layers // 2], peer=peer)
+
+
+def _tiny_preset(variant: str) -> ModelConfig:
+    # dim 128 × 6 layers, hidden 384, 4 query / 2 kv heads, tied 4k vocab: ~1.7M dense
+    # parameters. Memories of 128² = 16,384 rows (2.1M values) keep CPU steps fast.
+    base = dict(
+        dim=128,
+        n_layers=6,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=4096,
+        multiple_of=64,
+        max_seq_len=512,
+        tie_embeddings=True,
+    )
+    # 2 heads × top-16 (a 32-row bag): the PyTorch embedding-bag backward dominates a CPU
+    # step, and 4 × 16 halves the speed. Values learn at 3e-2, 30× the paper's 1e-3: on
+    # the main job (bios, 2M tokens) 1e-3 stored 33.0k bits, 1e-2 40.9k, 3e-2 42.5k
+    # (docs/results.md).
+    mem = dict(n_keys=128, heads=2, topk=16, value_lr=3e-2)
+    if variant == "dense":
+        return ModelConfig(**base)
+    if variant == "memory":
+        memory = MemoryConfig(**mem, k_dim=64, swilu=False)
+        return ModelConfig(**base, memory_layers=[3], memory=memory)
+    if variant == "memory+":
+        memory = MemoryConfig(**mem, k_dim=None, swilu=True, share_values=True)
+        return ModelConfig(**base, memory_layers=memory_plus_layers(6), memory=memory)
+    if variant == "moe":
+        return ModelConfig(**base, ffn="moe", moe=MoEConfig(n_experts=4))
+    return ModelConfig(**base, peer_layers=[3], peer=PEERConfig(n_keys=64, heads=4, topk=8))
+
+
+PRESETS: dict[str, ModelConfig] = {
+    f"{size}-{variant}": (_tiny_preset(variant) if size == "tiny" else _paper_preset(size, variant))
+    for size in (*PAPER_SIZES, "tiny")
+    for variant in VARIANTS
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """A fresh copy of the preset ``name`` (see :data:`PRESETS`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+@dataclass
+class ModelArgs(ModelConfig):
+    """The trainer's model section: a preset name plus any ModelConfig field.
+
+    The config loader merges ``preset`` under the YAML and CLI values, so
+    ``model.preset=tiny-memory+ model.dim=256`` is the preset with ``dim`` replaced.
+    ``preset: null`` uses the ModelConfig defaults.
+    """
+
+    preset: str | None = "tiny-memory+"
+
+    def to_config(self) -> ModelConfig:
+        d = self.to_dict()
+        d.pop("preset")
+        return ModelConfig.from_dict(d)

@@ -1,0 +1,335 @@
+"""Trainer: config loading, exact resume, checkpoints (save/load/corruption), NaN stop,
+run-directory layout, the optimizer groups and schedule."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+import memlayers.train as train_mod
+from memlayers.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model_from_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from memlayers.cli import main as cli_main
+from memlayers.config import TrainArgs, load_config
+from memlayers.model import build_model
+from memlayers.optim import OptimArgs, build_optimizer, clip_grad_norm_, lr_multiplier
+from memlayers.train import NonFiniteLossError, train
+
+# A ~20k-parameter Memory+ model on a small synthetic stream: a step takes milliseconds.
+TINY = [
+    "data.dataset=synthetic", "model.preset=tiny-memory+", "model.dim=32",
+    "model.n_layers=3", "model.n_heads=2", "model.n_kv_heads=1",
+    "model.memory_layers=[0,2]", "model.memory.n_keys=8",
+    "model.memory.heads=2", "model.memory.topk=4", "model.max_seq_len=32",
+    "data.seq_len=16", "data.batch_size=4", "data.options.vocab_size=64",
+    "data.options.n_tokens=20000", "optim.warmup_steps=2", "eval_every=0", "eval_batches=2",
+    "logging.progress=false", "logging.tensorboard=false", "logging.plot=false",
+    "logging.every=1", "checkpoint.keep=0",
+]  # fmt: skip
+
+
+def tiny_args(run_dir, *overrides) -> TrainArgs:
+    return load_config([], [*TINY, f"run_dir={run_dir}", *overrides])
+
+
+# ---- exact resume --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],  # sparse value Adam
+        ["optim.value_optimizer=adamw", "grad_accum=2", "model.memory.value_dropout=0.2"],
+    ],
+    ids=["sparse-adam", "adamw-accum-dropout"],
+)
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, extra):
+    full = train(tiny_args(tmp_path / "a", "steps=6", "checkpoint.every=3", *extra))
+    resumed = train(
+        tiny_args(tmp_path / "b", "steps=6", "checkpoint.every=3", *extra),
+        resume=str(tmp_path / "a" / "checkpoints" / "step_000003"),
+    )
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full[3:]]  # bitwise
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in full[3:]]
+    a = load_model_from_checkpoint(tmp_path / "a")
+    b = load_model_from_checkpoint(tmp_path / "b")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_resume_latest_in_the_same_run_dir(tmp_path):
+    full = train(tiny_args(tmp_path / "a", "steps=4", "checkpoint.every=2"))
+    run = tmp_path / "b"
+    train(tiny_args(run, "steps=4", "checkpoint.every=2"))
+    shutil.rmtree(run / "checkpoints" / "step_000004")
+    (run / "checkpoints" / "latest").write_text("step_000002\n")
+    resumed = train(tiny_args(run, "steps=4", "checkpoint.every=2"), resume="latest")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full[2:]]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [
+        1,
+        2,
+        3,
+        4,
+    ]  # records after the checkpoint were rewritten, not doubled
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+
+
+def _model_and_opt(seed=0):
+    args = tiny_args("unused")
+    args.model.vocab_size = 64
+    model = build_model(args.model.to_config(), seed=seed)
+    return model, build_optimizer(model, OptimArgs()), args.model.to_config()
+
+
+def test_save_load_identical_logits(tmp_path):
+    model, opt, cfg = _model_and_opt(seed=0)
+    x = torch.randint(0, 64, (2, 16))
+    model(x).sum().backward()
+    opt.step()  # non-trivial optimizer state
+    save_checkpoint(tmp_path, 7, model, opt, {"note": "hi"}, cfg.to_dict())
+    other, other_opt, _ = _model_and_opt(seed=1)
+    assert not torch.equal(other(x), model(x))
+    state = load_checkpoint(tmp_path, other, other_opt)
+    assert state["step"] == 7 and state["note"] == "hi"
+    assert torch.equal(other(x), model(x))
+    assert torch.equal(load_model_from_checkpoint(tmp_path)(x), model(x))
+    assert (tmp_path / "latest").read_text().strip() == "step_000007"
+    assert not list(tmp_path.glob(".tmp-*"))  # nothing left of the atomic write
+
+
+def test_keep_prunes_old_checkpoints(tmp_path):
+    model, opt, _ = _model_and_opt()
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, model, opt, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000003", "step_000004"]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("flip", "sha256"),
+        ("truncate", "bytes"),
+        ("delete", "missing"),
+        ("meta", "meta.json"),
+        ("latest", "points to"),
+        ("nothing", "no checkpoint"),
+    ],
+)
+def test_corrupted_or_missing_checkpoint_is_a_clear_error(tmp_path, damage, message):
+    model, opt, _ = _model_and_opt()
+    path = save_checkpoint(tmp_path / "ck", 5, model, opt)
+    weights = path / "model.safetensors"
+    if damage == "flip":
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "delete":
+        (path / "optimizer.pt").unlink()
+    elif damage == "meta":
+        (path / "meta.json").write_text("{not json")
+    elif damage == "latest":
+        (tmp_path / "ck" / "latest").write_text("step_000009\n")
+    target = tmp_path / ("empty" if damage == "nothing" else "ck")
+    target.mkdir(exist_ok=True)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(target, model, opt)
+
+
+def test_unverified_garbage_still_fails_clearly(tmp_path):
+    model, opt, _ = _model_and_opt()
+    path = save_checkpoint(tmp_path, 1, model, opt, checksum=False)
+    size = (path / "model.safetensors").stat().st_size
+    (path / "model.safetensors").write_bytes(b"\x00" * size)  # same size, no checksum
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(path, model, opt)
+
+
+def test_checkpoint_of_another_model_is_rejected(tmp_path):
+    model, opt, _ = _model_and_opt()
+    save_checkpoint(tmp_path, 1, model, opt)
+    args = tiny_args("unused", "model.dim=48")
+    args.model.vocab_size = 64
+    with pytest.raises(CheckpointError, match="cannot load"):
+        load_checkpoint(tmp_path, build_model(args.model.to_config()))
+
+
+# ---- NaN -----------------------------------------------------------------------------------
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real, calls = train_mod.compute_loss, []
+
+    def poisoned(logits, targets):
+        calls.append(1)
+        loss = real(logits, targets)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(train_mod, "compute_loss", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"step 5 .*step_000004"):
+        train(tiny_args(run, "steps=8", "checkpoint.every=2"))
+    assert resolve_checkpoint(run).name == "step_000004"
+    assert not (run / "checkpoints" / "step_000005").exists()
+
+
+# ---- config and CLI ------------------------------------------------------------------------
+
+
+def test_config_precedence_defaults_preset_yaml_cli(tmp_path):
+    yaml = tmp_path / "exp.yaml"
+    yaml.write_text("steps: 7\nmodel:\n  preset: tiny-dense\n  dim: 64\noptim:\n  lr: 0.5\n")
+    args = load_config([yaml], ["optim.lr=0.25"])
+    assert args.steps == 7 and args.optim.lr == 0.25  # YAML, then CLI
+    assert args.model.dim == 64 and args.model.n_layers == 6  # YAML over the preset
+    assert args.model.memory_layers == [] and args.checkpoint.every == 250  # preset, defaults
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "lrr"),
+        ("steps=many", "steps"),
+        ("steps=0", "steps"),
+        ("optim.value_optimizer=sgd", "value_optimizer"),
+        ("model.preset=huge", "preset"),
+        ("dtype=fp8", "dtype"),
+        ("data.batch_size=-1", "batch_size"),
+    ],
+)
+def test_bad_config_is_a_value_error_naming_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config([], [override])
+
+
+def test_cli_run_writes_the_documented_run_directory(tmp_path, capsys):
+    run = tmp_path / "cli"
+    overrides = [o for o in TINY if not o.startswith(("logging.", "eval_every"))]
+    rc = cli_main(
+        [
+            "train",
+            *overrides,
+            f"run_dir={run}",
+            "steps=4",
+            "eval_every=2",
+            "checkpoint.every=2",
+            "logging.every=1",
+        ]
+    )
+    assert rc == 0
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "tb",
+        "loss.png",
+        "checkpoints/latest",
+        "checkpoints/step_000004/model.safetensors",
+    ):
+        assert (run / name).exists(), name
+    saved = load_config([run / "config.yaml"])
+    assert saved.steps == 4 and saved.model.vocab_size == 64  # resolved, vocab from data
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "lr", "tok_per_s", "grad_norm"} <= set(records[0])
+    assert any("val_loss" in r for r in records)
+    assert cli_main(["train", "optim.bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+# ---- optimizer -----------------------------------------------------------------------------
+
+
+def test_param_groups_and_value_optimizer_choice():
+    args = tiny_args("unused")
+    args.model.vocab_size = 64
+    model = build_model(args.model.to_config(), seed=0)
+    opt = build_optimizer(model, OptimArgs(lr=0.01, value_lr=0.05))
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(opt.optimizers) == {"adamw", "values"}
+    assert groups["values"]["params"] == [model.memory_values.weight]
+    assert groups["values"]["lr"] == 0.05 and groups["values"]["weight_decay"] == 0.0
+    # No decay: vectors, and the memory layers' keys and qk-norm gains (matrices that are
+    # addresses and norm gains, not weights). Decay: every other matrix.
+    mem = model.memory_layers()
+    undecayed = {id(p) for m in mem for p in (m.keys, m.query_norm)}
+    no_decay = {id(p) for p in groups["no_decay"]["params"]}
+    assert undecayed <= no_decay
+    assert all(p.dim() < 2 or id(p) in undecayed for p in groups["no_decay"]["params"])
+    assert all(p.dim() >= 2 and id(p) not in undecayed for p in groups["decay"]["params"])
+    assert model.memory_values.sparse_grad
+    n_params = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_params == len(list(model.parameters()))
+    dense = build_optimizer(model, OptimArgs(value_optimizer="adamw"))
+    assert set(dense.optimizers) == {"adamw"} and not model.memory_values.sparse_grad
+    assert {g["name"] for g in dense.param_groups} == {"decay", "no_decay", "values"}
+
+
+def test_lr_schedule():
+    args = OptimArgs(warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_multiplier(1, 100, args) == pytest.approx(0.1)
+    assert lr_multiplier(10, 100, args) == pytest.approx(1.0)
+    assert lr_multiplier(55, 100, args) == pytest.approx(0.55)
+    assert lr_multiplier(100, 100, args) == pytest.approx(0.1)
+    lin = OptimArgs(warmup_steps=0, min_lr_ratio=0.0, schedule="linear")
+    assert lr_multiplier(50, 100, lin) == pytest.approx(0.5)
+
+
+def test_clip_grad_norm_counts_sparse_rows_once():
+    dense = torch.nn.Parameter(torch.zeros(3))
+    dense.grad = torch.tensor([3.0, 0.0, 0.0])
+    table = torch.nn.Parameter(torch.zeros(5, 2))
+    # an uncoalesced gradient: row 1 appears twice and sums to [0, 4]
+    table.grad = torch.sparse_coo_tensor(
+        [[1, 1]], torch.tensor([[0.0, 2.0], [0.0, 2.0]]), (5, 2), check_invariants=True
+    )
+    norm = clip_grad_norm_([dense, table], max_norm=1.0)
+    assert norm.item() == pytest.approx(5.0)
+    assert table.grad.to_dense()[1, 1].item() == pytest.approx(4.0 / 5.0, rel=1e-5)
+    assert math.isclose(dense.grad[0].item(), 3.0 / 5.0, rel_tol=1e-5)
+
+
+# ---- torchrun ------------------------------------------------------------------------------
+
+
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
+    """Rank r reads the r-th half of each global batch and gradients are averaged, so
+    2 ranks × batch 4 train like 1 rank × batch 8 (up to summation order)."""
+    import os
+    import subprocess
+    import sys
+
+    common = [o for o in TINY if not o.startswith("data.batch_size")] + ["steps=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "memlayers.train",
+        *common,
+        "data.batch_size=4",
+        f"run_dir={tmp_path / 'two'}",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: 3 steps") == 1  # rank 0 alone reports
+    one = train(load_config([], [*common, "data.batch_size=8", f"run_dir={tmp_path / 'one'}"]))
+    two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    two = [r for r in two if "loss" in r]
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
