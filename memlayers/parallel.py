@@ -23,13 +23,18 @@ width works as long as no shard is empty.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from memlayers.memory import MemoryValues
 from memlayers.ops.embedding_bag import embedding_bag
+from memlayers.optim import clip_grad_norm_
 
 
 def column_widths(dim: int, parts: int) -> list[int]:
@@ -122,7 +127,6 @@ class ColumnShard:
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.full_dim = full_dim
         self.widths = column_widths(full_dim, self.world)
         self.start = sum(self.widths[: self.rank])
         self.width = self.widths[self.rank]
@@ -136,16 +140,6 @@ class ColumnShard:
         idx_all, w_all = _GatherBags.apply(indices, weights, sizes, self.rank, self.group)
         partial = embedding_bag(weight, idx_all, w_all, impl=impl, sparse_grad=sparse_grad)
         return _ReturnColumns.apply(partial, sizes, self.widths, self.rank, self.group)
-
-    @torch.no_grad()
-    def init_normal_(self, weight: torch.Tensor, std: float, chunk_rows: int = 1 << 16) -> None:
-        """Draw the full table row-chunk by row-chunk and keep this shard's columns, so a
-        seed gives the same table whatever the number of shards."""
-        cols = slice(self.start, self.start + self.width)
-        for s in range(0, weight.shape[0], chunk_rows):
-            rows = min(chunk_rows, weight.shape[0] - s)
-            full = torch.empty(rows, self.full_dim, dtype=weight.dtype, device=weight.device)
-            weight[s : s + rows] = full.normal_(0.0, std)[:, cols]
 
 
 def shard_values_(values: MemoryValues, group) -> MemoryValues:
@@ -163,3 +157,164 @@ def shard_values_(values: MemoryValues, group) -> MemoryValues:
     values.weight = torch.nn.Parameter(local, requires_grad=values.weight.requires_grad)
     values.shard = shard
     return values
+
+
+# ---- the whole model: mesh, parallelize, gradients, checkpoints ---------------------------
+
+
+@dataclass
+class ParallelArgs:
+    mp: int = 1  # memory-parallel degree: value tables split by columns over mp ranks
+    fsdp: bool = True  # FSDP2 for every other parameter over all ranks (else replicate)
+
+    def validate(self) -> None:
+        if isinstance(self.mp, bool) or not isinstance(self.mp, int) or self.mp < 1:
+            raise ValueError(f"parallel.mp must be a positive int, got parallel.mp={self.mp!r}")
+
+
+def value_tables(model: nn.Module) -> list[tuple[str, MemoryValues]]:
+    """``(state_dict prefix, table)`` of every distinct value table of ``model``."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MemoryValues)]
+
+
+@dataclass
+class ParallelPlan:
+    """What :func:`parallelize` did; the trainer uses it for gradients and checkpoints."""
+
+    mesh: DeviceMesh
+    args: ParallelArgs
+    tables: list[tuple[str, MemoryValues]]
+
+    @property
+    def world(self) -> int:
+        return self.mesh.size()
+
+    @property
+    def dp(self) -> int:
+        return self.mesh["dp"].size()
+
+    @property
+    def sharded(self) -> bool:
+        return self.mesh["mp"].size() > 1
+
+    def is_table(self, p: torch.Tensor) -> bool:
+        return any(p is t.weight for _, t in self.tables)
+
+    @torch.no_grad()
+    def sync_grads(self, model: nn.Module) -> None:
+        """Average gradients over all ranks, as if one process had seen every token.
+
+        FSDP2 already reduce-scatters (mean) the sharded parameters. A table shard holds
+        the *sum* over its memory-parallel group's tokens (the lookup gathered them), so
+        it is summed over the ``dp`` replicas and divided by the world size. Replicated
+        dense parameters (``fsdp=False``) are all-reduced here.
+        """
+        dp_group = self.mesh["dp"].get_group()
+        for p in model.parameters():
+            if self.is_table(p):
+                if p.grad is None:  # no lookup this step: still join the collectives
+                    p.grad = _empty_grad(p, sparse=any(p is t.weight and t.sparse_grad
+                                                       for _, t in self.tables))  # fmt: skip
+                if p.grad.is_sparse:
+                    p.grad = _all_reduce_sparse(p.grad, dp_group, self.dp) / self.world
+                else:
+                    if self.dp > 1:
+                        dist.all_reduce(p.grad, group=dp_group)
+                    p.grad.div_(self.world)
+            elif not isinstance(p, DTensor) and self.world > 1:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.world)
+
+    def _copies(self, p: torch.Tensor) -> int:
+        """Ranks holding the same numbers as this rank's ``p``: a table shard is replicated
+        over ``dp``, an FSDP shard is unique, a replicated dense parameter is everywhere."""
+        if self.is_table(p):
+            return self.dp
+        return 1 if isinstance(p, DTensor) else self.world
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Global L2 gradient norm over FSDP shards, table shards and replicas; rescale
+        when above ``max_norm`` (``<= 0`` only measures). Call after :meth:`sync_grads`."""
+        return clip_grad_norm_(
+            model.parameters(),
+            max_norm,
+            copies=self._copies,
+            all_reduce=dist.all_reduce if self.world > 1 else None,
+        )
+
+    def table_dtensor(self, table: MemoryValues, local: torch.Tensor) -> torch.Tensor:
+        """``local`` (a ``[N, D_r]`` shard of the table or of its optimizer state) as a
+        DTensor view over the mesh, so DCP saves and reshards it; unsharded: itself."""
+        if not self.sharded:
+            return local
+        return DTensor.from_local(
+            local,
+            self.mesh,
+            [Replicate(), Shard(1)],
+            run_check=False,
+            shape=torch.Size([table.n_rows, table.v_dim]),
+            stride=(table.v_dim, 1),
+        )
+
+
+def _empty_grad(p: torch.Tensor, sparse: bool) -> torch.Tensor:
+    """A zero gradient: row-sparse with no rows (lazy Adam then moves nothing) or dense."""
+    if not sparse:
+        return torch.zeros_like(p)
+    rows = torch.empty(1, 0, dtype=torch.int64, device=p.device)
+    return torch.sparse_coo_tensor(rows, p.new_empty(0, p.shape[1]), p.shape).coalesce()
+
+
+def _all_reduce_sparse(grad: torch.Tensor, group, size: int) -> torch.Tensor:
+    """Sum a row-sparse gradient over ``group``: gather every rank's rows, coalesce."""
+    grad = grad.coalesce()
+    if size == 1:
+        return grad
+    rows, vals = grad.indices()[0], grad.values()
+    n = torch.tensor([rows.numel()], device=rows.device)
+    sizes = [torch.zeros_like(n) for _ in range(size)]
+    dist.all_gather(sizes, n, group=group)
+    sizes = [int(s) for s in sizes]
+    all_rows = _gather_rows(rows, sizes, group)
+    all_vals = _gather_rows(vals, sizes, group)
+    return torch.sparse_coo_tensor(all_rows[None], all_vals, grad.shape).coalesce()
+
+
+def shard_tables(model: nn.Module, mesh: DeviceMesh, args: ParallelArgs) -> ParallelPlan:
+    """Split every value table of ``model`` by columns over ``mesh["mp"]`` (in place; on
+    the meta device too). The first half of :func:`parallelize`."""
+    args.validate()
+    if mesh.mesh_dim_names != ("dp", "mp"):
+        raise ValueError(f"mesh must have dims ('dp', 'mp'), got {mesh.mesh_dim_names}")
+    if mesh["mp"].size() != args.mp:
+        raise ValueError(f"mesh mp size {mesh['mp'].size()} != parallel.mp={args.mp}")
+    tables = value_tables(model)
+    if args.mp > 1:
+        for _, table in tables:
+            shard_values_(table, mesh["mp"].get_group())
+    return ParallelPlan(mesh, args, tables)
+
+
+def apply_fsdp(model: nn.Module, plan: ParallelPlan) -> None:
+    """FSDP2 over all ranks for every parameter but the tables: one unit per
+    ``model.layers`` block, then the root. The second half of :func:`parallelize`."""
+    mesh = plan.mesh
+    if not plan.args.fsdp or mesh.size() == 1:
+        return
+    world_mesh = init_device_mesh(mesh.device_type, (mesh.size(),), mesh_dim_names=("all",))
+    ignored = {t.weight for _, t in plan.tables}
+    for block in getattr(model, "layers", []):
+        fully_shard(block, mesh=world_mesh, ignored_params=ignored)
+    fully_shard(model, mesh=world_mesh, ignored_params=ignored)
+
+
+def parallelize(model: nn.Module, mesh: DeviceMesh, args: ParallelArgs) -> ParallelPlan:
+    """Apply parallelism from outside the model: value tables split by columns over
+    ``mesh["mp"]``, FSDP2 over all ranks for the rest. On a materialised model (its
+    tables are sliced); the trainer instead shards the tables on the meta device,
+    initialises, then applies FSDP (:func:`memlayers.train.build_parallel_model`)."""
+    plan = shard_tables(model, mesh, args)
+    apply_fsdp(model, plan)
+    return plan

@@ -141,3 +141,205 @@ def test_mesh_errors():
         build_mesh(6, 4)
     with pytest.raises(ValueError, match="mp=0"):
         build_mesh(4, 0)
+
+
+# ---- the whole model: parallelize (FSDP2 + sharded tables), one step, DCP resharding ----
+
+
+def _tiny_config():
+    from memlayers import ModelConfig
+
+    mem = MemoryConfig(n_keys=8, heads=2, topk=3, impl="torch")
+    # Memory+ (3 memory blocks sharing one table) + dense blocks; dim 10 per table column
+    # split: v_dim = dim = 20 -> mp=4 shards [5, 5, 5, 5]; mp=3 would be [7, 7, 6].
+    return ModelConfig(
+        dim=20, n_layers=4, n_heads=2, vocab_size=37, ffn="dense", memory_layers=[0, 2, 3],
+        multiple_of=8, max_seq_len=16, memory=mem,
+    )  # fmt: skip
+
+
+def _reference_model(seed=0):
+    from memlayers import build_model
+
+    return build_model(_tiny_config(), "cpu", seed=seed).double()
+
+
+def _parallel_model(world, mp, reference):
+    """The reference's weights, parallelised over a (world/mp, mp) mesh."""
+    import copy
+
+    from memlayers.parallel import ParallelArgs, parallelize
+
+    model = copy.deepcopy(reference)
+    plan = parallelize(model, build_mesh(world, mp), ParallelArgs(mp=mp))
+    return model, plan
+
+
+def _full(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _step_worker(rank, world, mp):
+    from memlayers.optim import OptimArgs, build_optimizer, clip_grad_norm_
+    from memlayers.train import compute_loss
+
+    ref = _reference_model()
+    model, plan = _parallel_model(world, mp, ref)
+    tokens = torch.randint(0, 37, (2 * world, 9))  # the global batch, same on every rank
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    mine = slice(2 * rank, 2 * rank + 2)
+    # A small clip so clipping is active: its global norm must be right too.
+    args = OptimArgs(lr=1e-2, warmup_steps=0, grad_clip=0.05)
+
+    ref_opt = build_optimizer(ref, args)
+    ref_logits = ref(x)
+    compute_loss(ref_logits, y).backward()
+    ref_norm = clip_grad_norm_(ref.parameters(), args.grad_clip)
+    ref_opt.step()
+
+    opt = build_optimizer(model, args)
+    logits = model(x[mine])
+    torch.testing.assert_close(logits, ref_logits[mine])
+    compute_loss(logits, y[mine]).backward()
+    plan.sync_grads(model)
+    norm = plan.clip_grad_norm_(model, args.grad_clip)
+    torch.testing.assert_close(norm.double(), ref_norm.double())
+    opt.step()
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        q = ref_params[name]
+        if plan.is_table(p) and plan.sharded:
+            shard = [t for _, t in plan.tables if t.weight is p][0].shard
+            q = q[:, shard.start : shard.start + shard.width]
+        torch.testing.assert_close(_full(p.detach()), q.detach(), msg=name)
+
+
+@pytest.mark.parametrize(
+    "world,mp", [(2, 1), (2, 2), (4, 2), (4, 4)], ids=["dp2", "mp2", "dp2xmp2", "mp4"]
+)
+def test_parallel_model_training_step_matches_reference(world, mp):
+    torch.set_default_dtype(torch.float64)
+    try:
+        _spawn(_step_worker, world, mp)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _probe_logits(model):
+    g = torch.Generator().manual_seed(7)
+    return model(torch.randint(0, 37, (3, 8), generator=g))
+
+
+def _save_worker(rank, world, mp, root, seed):
+    from memlayers.checkpoint import save_distributed_checkpoint
+    from memlayers.optim import OptimArgs, build_optimizer
+
+    model, plan = _parallel_model(world, mp, _reference_model(seed))
+    opt = build_optimizer(model, OptimArgs())
+    save_distributed_checkpoint(
+        root, 1, model, opt, {"rng": []}, _tiny_config().to_dict(), plan=plan
+    )
+    logits = _probe_logits(model).detach()  # every rank: the forward is collective
+    if rank == 0:
+        torch.save(logits, os.path.join(root, "probe.pt"))
+
+
+def _load_worker(rank, world, mp, root, seed):
+    from memlayers.checkpoint import load_checkpoint
+    from memlayers.optim import OptimArgs, build_optimizer
+
+    model, plan = _parallel_model(world, mp, _reference_model(seed))  # other weights
+    opt = build_optimizer(model, OptimArgs())
+    load_checkpoint(root, model, opt, plan=plan)
+    expected = torch.load(os.path.join(root, "probe.pt"))
+    torch.testing.assert_close(_probe_logits(model), expected, rtol=0, atol=0)
+
+
+def test_dcp_checkpoints_reshard(tmp_path):
+    """2 -> 1, 1 -> 4, 4 -> 2 ranks (memory-parallel degree = ranks): identical outputs."""
+    from memlayers.checkpoint import (
+        consolidate_checkpoint,
+        load_model_from_checkpoint,
+        save_distributed_checkpoint,
+    )
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        two, one, four = (str(tmp_path / n) for n in ("two", "one", "four"))
+        _spawn(_save_worker, 2, 2, two, 1)
+        # 2 -> 1: a plain single-process model, no process group.
+        model = load_model_from_checkpoint(two).double()
+        expected = torch.load(os.path.join(two, "probe.pt"))
+        torch.testing.assert_close(_probe_logits(model), expected, rtol=0, atol=0)
+        # ... and consolidated into one safetensors file for inference.
+        single = load_model_from_checkpoint(consolidate_checkpoint(two, tmp_path / "single"))
+        torch.testing.assert_close(_probe_logits(single.double()), expected, rtol=0, atol=0)
+        # 1 -> 4: a single process writes DCP (no process group), four ranks read it.
+        ref = _reference_model(seed=2)
+        save_distributed_checkpoint(one, 1, ref, None, {}, _tiny_config().to_dict())
+        torch.save(_probe_logits(ref).detach(), os.path.join(one, "probe.pt"))
+        _spawn(_load_worker, 4, 4, one, 0)
+        # 4 -> 2.
+        _spawn(_save_worker, 4, 4, four, 3)
+        _spawn(_load_worker, 2, 2, four, 0)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _torchrun(tmp_path, *overrides, resume_from=None):
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "memlayers.train", "model.preset=tiny-memory+", "model.n_layers=2",
+        "model.memory_layers=[1]", "data.batch_size=4", "data.seq_len=32", "steps=4",
+        "checkpoint.every=2", "logging.every=1", "logging.progress=false",
+        "logging.tensorboard=false", "logging.plot=false", "eval_every=0", "parallel.mp=2",
+        "data.dataset=synthetic", "final_eval=false",
+        *overrides,
+    ]  # fmt: skip
+    if resume_from:
+        cmd += ["--resume-from", resume_from]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def _losses(run_dir):
+    import json
+
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_torchrun_two_ranks_resume_is_exact(tmp_path):
+    """torchrun with 2 gloo ranks, memory-parallel 2: 4 steps straight vs 2 + resume 2."""
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    _torchrun(tmp_path, f"run_dir={full}")
+    _torchrun(tmp_path, f"run_dir={part}", "steps=4", "checkpoint.every=2")
+    # Resume the second run from its step-2 DCP checkpoint, overwriting steps 3 and 4.
+    os.remove(os.path.join(part, "metrics.jsonl"))
+    _torchrun(
+        tmp_path, f"run_dir={part}", resume_from=os.path.join(part, "checkpoints", "step_000002")
+    )
+    full_losses, resumed = _losses(full), _losses(part)
+    assert set(resumed) == {3, 4}
+    for step in (3, 4):
+        assert resumed[step] == full_losses[step], (step, resumed[step], full_losses[step])
+    assert os.path.isfile(os.path.join(full, "checkpoints", "step_000004", "dcp", ".metadata"))
+
+
+def test_single_process_rejects_memory_parallel():
+    from memlayers.config import load_config
+    from memlayers.train import Env, build_parallel_model
+
+    args = load_config([], ["model.preset=tiny-memory+", "parallel.mp=2"])
+    with pytest.raises(ValueError, match="parallel.mp=2 .* world_size=1"):
+        build_parallel_model(args.model.to_config(), args, Env(0, 1, torch.device("cpu")))
+    with pytest.raises(ValueError, match="parallel.mp"):
+        load_config([], ["parallel.mp=0"])

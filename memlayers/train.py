@@ -1,0 +1,428 @@
+"""Train a language model with memory layers: one script for CPU, one GPU and torchrun.
+
+    memlayers train                                   # the main job: tiny Memory+ on bios,
+                                                      # then eval (~5 min on 2 CPU cores)
+    memlayers train model.preset=tiny-dense run_dir=runs/dense      # its dense baseline
+    memlayers train data.options.n_people=200 steps=200 run_dir=runs/quick   # ~1 min
+    memlayers train configs/tiny_memory_plus.yaml optim.lr=3e-3
+    memlayers train model.preset=tiny-memory+ data.dataset=text data.path=README.md \\
+        run_dir=runs/readme                           # byte-level model of any text file
+    memlayers train configs/tiny_memory_plus.yaml --resume          # from run_dir's latest
+    memlayers train configs/tiny_memory_plus.yaml --resume-from runs/x/checkpoints/step_000100
+    memlayers train configs/tiny_memory_plus.yaml --print-config    # resolved config, no run
+    python -m memlayers.train configs/373m_memory_plus.yaml          # one GPU, bf16 autocast
+    torchrun --standalone --nproc_per_node=8 -m memlayers.train configs/373m_memory_plus.yaml
+
+Config precedence: dataclass defaults < ``model.preset`` < YAML files (in order) <
+``key=value`` overrides (see :mod:`memlayers.config`). ``model.vocab_size`` is set from
+the dataset.
+
+Run directory (``run_dir``)::
+
+    <run_dir>/
+      config.yaml             the resolved config of the last (re)start
+      tokenizer.json          the dataset's tokenizer (eval and generate decode with it)
+      metrics.jsonl           one JSON object per logged step
+                              {"step", "loss", "lr", "grad_norm", "tokens", "tok_per_s", "time"}
+                              and per evaluation {"step", "val_loss", "time"}
+      tb/                     TensorBoard events (same scalars)
+      checkpoints/
+        step_000100/          model.safetensors, optimizer.pt, trainer.pt, meta.json
+        latest                name of the newest complete checkpoint
+      loss.png                train / validation loss against step, written at the end
+      eval/results.json       `memlayers eval` (run at the end unless final_eval=false)
+      eval/<set>.predictions.jsonl   greedy answers to each QA set
+
+Under torchrun every rank reads its own shard of each global batch and rank 0 alone
+logs. The model is built on the meta device and parallelised from outside
+(:func:`memlayers.parallel.parallelize`): value tables split by columns over
+``parallel.mp`` ranks, FSDP2 over all ranks for the rest; checkpoints are DCP (every rank
+writes its shards) and load on any number of ranks. CPU runs use gloo, GPU runs NCCL::
+
+    torchrun --standalone --nproc_per_node=2 -m memlayers.train parallel.mp=2 steps=50
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from memlayers.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_distributed_checkpoint,
+)
+from memlayers.config import TrainArgs, load_config, save_config, to_yaml
+from memlayers.data.loader import PackedLoader, load_dataset
+from memlayers.logger import RunLogger
+from memlayers.model import Transformer, build_model
+from memlayers.optim import build_optimizer, clip_grad_norm_, set_lr
+from memlayers.parallel import ParallelPlan, apply_fsdp, build_mesh, shard_tables
+from memlayers.report import format_report, parameter_report
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm became NaN/inf; the run stopped before updating weights."""
+
+
+@dataclass
+class Env:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Env:
+    """Read RANK / WORLD_SIZE / LOCAL_RANK (torchrun) and pick the device."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available")
+        if device == "cuda" or world_size > 1:  # torchrun: one GPU per local rank
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(torch.device(device))
+    if world_size > 1 and not dist.is_initialized():
+        if device.startswith("cuda"):
+            dist.init_process_group("nccl", device_id=torch.device(device))
+        else:
+            dist.init_process_group("gloo")
+    return Env(rank, world_size, torch.device(device))
+
+
+def compute_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32; ``logits (B, T, V)``, ``targets (B, T)``."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def _mean_over_ranks(x: float, env: Env) -> float:
+    if env.world_size == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.item() / env.world_size
+
+
+@torch.no_grad()
+def evaluate(model, loader: PackedLoader, n_batches: int, env: Env, autocast) -> float:
+    """Mean loss over the first ``n_batches`` of ``loader``'s epoch 0 (same every call)."""
+    loader.rewind()
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    n = min(n_batches, len(loader))
+    for _ in range(n):
+        x, y = (t.to(env.device) for t in next(loader))
+        with autocast:
+            total += compute_loss(model(x), y).item()
+    model.train(was_training)
+    return _mean_over_ranks(total / n, env)
+
+
+def _rng_state(env: Env) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if env.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(env.device)
+    return state
+
+
+def _gather_rng(env: Env) -> list[dict]:
+    mine = _rng_state(env)
+    if env.world_size == 1:
+        return [mine]
+    states = [None] * env.world_size
+    dist.all_gather_object(states, {k: v.cpu() for k, v in mine.items()})
+    return states
+
+
+def _restore_rng(states: list[dict], env: Env) -> None:
+    if len(states) != env.world_size:
+        raise ValueError(
+            f"the checkpoint holds RNG states of {len(states)} ranks but the run "
+            f"has world_size={env.world_size}: it cannot resume exactly"
+        )
+    mine = states[env.rank]
+    torch.set_rng_state(mine["torch"])
+    if "cuda" in mine and env.device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"], env.device)
+
+
+def build_parallel_model(model_cfg, args: TrainArgs, env: Env):
+    """One process: ``build_model``. Several: meta build → value tables split over
+    ``parallel.mp`` ranks → allocate → ``init_weights`` → FSDP2 for the rest (as
+    :func:`memlayers.parallel.parallelize`). Returns ``(model, plan or None)``."""
+    if env.world_size == 1:
+        if args.parallel.mp != 1:
+            raise ValueError(
+                f"parallel.mp={args.parallel.mp} needs that many ranks (torchrun), but world_size=1"
+            )
+        return build_model(model_cfg, env.device, seed=args.seed), None
+    mesh = build_mesh(env.world_size, args.parallel.mp, env.device.type)
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    plan: ParallelPlan = shard_tables(model, mesh, args.parallel)
+    # Allocate this rank's table columns and the whole dense part, initialise with the
+    # RNG stream of a single process (a table shard draws the full table's stream), so
+    # any layout of one seed starts from the same weights; then FSDP shards the dense part.
+    model.to_empty(device=env.device)
+    torch.manual_seed(args.seed)
+    model.init_weights()
+    apply_fsdp(model, plan)
+    return model, plan
+
+
+def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
+    """Run (or resume) training; returns the per-step records of this process.
+
+    ``resume``: ``"latest"`` for ``run_dir``'s newest checkpoint, or any path
+    :func:`memlayers.checkpoint.resolve_checkpoint` accepts.
+    """
+    args.validate()
+    env = init_distributed(args.device)
+    run_dir = Path(args.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and env.device.type == "cuda")
+    autocast = (
+        torch.autocast(env.device.type, dtype=torch.bfloat16)
+        if use_bf16
+        else contextlib.nullcontext()
+    )
+
+    data = load_dataset(args.data)
+    args.model.vocab_size = data.vocab_size
+    if env.is_main and hasattr(data.tokenizer, "save"):
+        # eval and generate decode with the run's own tokenizer (memlayers/eval.py)
+        data.tokenizer.save(run_dir / "tokenizer.json")
+    model_cfg = args.model.to_config()
+    model, plan = build_parallel_model(model_cfg, args, env)
+    mem = model_cfg.memory
+    optimizer = build_optimizer(model, args.optim, value_lr=mem.value_lr, impl=mem.impl)
+    B, T = args.data.batch_size, args.data.seq_len
+    loader = PackedLoader(data.train, B, T, env.rank, env.world_size, seed=args.data.seed)
+    val_loader = None
+    if len(data.val) > B * T * env.world_size + 1 and args.eval_batches > 0:
+        val_loader = PackedLoader(data.val, B, T, env.rank, env.world_size, seed=0)
+
+    start = 0
+    if resume is not None:
+        state = load_checkpoint(
+            run_dir if resume == "latest" else resume, model, optimizer, plan=plan
+        )
+        start = int(state["step"])
+        loader.load_state_dict(state["data"])
+        _restore_rng(state["rng"], env)
+    else:
+        torch.manual_seed(args.seed + env.rank)  # dropout streams differ per rank
+    if start >= args.steps:
+        raise ValueError(f"the checkpoint is at step {start}, nothing to do for steps={args.steps}")
+
+    log = RunLogger(run_dir, args.logging, args.steps, start, enabled=env.is_main)
+    if env.is_main:
+        save_config(args, run_dir / "config.yaml")
+        # From the config (a meta-device model) when parallelised: this rank holds only its
+        # shards of the tables.
+        rep = parameter_report(model_cfg if plan is not None else model, seq_len=T)
+        log.message(format_report(rep, args.model.preset or "model"))
+        log.message(
+            f"device {env.device} x{env.world_size}, {'bf16 autocast' if use_bf16 else 'fp32'}; "
+            f"data {args.data.dataset}: {len(data.train):,} train / {len(data.val):,} val "
+            f"tokens, vocab {data.vocab_size}; run_dir {run_dir}"
+            + (f"; resumed at step {start} from {state['path']}" if resume else "")
+        )
+    fwd = torch.compile(model) if args.compile else model
+    tokens_per_step = B * T * args.grad_accum * env.world_size
+    history: list[dict] = []
+    last_ckpt = state["path"] if resume else None
+
+    if args.checkpoint.format == "safetensors" and env.world_size > 1:
+        raise ValueError(
+            f"checkpoint.format=safetensors writes one file from rank 0; with "
+            f"world_size={env.world_size} use checkpoint.format=dcp (or auto)"
+        )
+    dcp = args.checkpoint.format == "dcp" or (
+        args.checkpoint.format == "auto" and env.world_size > 1
+    )
+
+    def checkpoint(step: int) -> str:
+        trainer_state = {"data": loader.state_dict(), "rng": _gather_rng(env)}
+        path = None
+        if dcp:
+            path = save_distributed_checkpoint(
+                ckpt_root,
+                step,
+                model,
+                optimizer,
+                trainer_state,
+                model_cfg.to_dict(),
+                keep=args.checkpoint.keep,
+                checksum=args.checkpoint.checksum,
+                plan=plan,
+            )
+        elif env.is_main:
+            path = save_checkpoint(
+                ckpt_root,
+                step,
+                model,
+                optimizer,
+                trainer_state,
+                model_cfg.to_dict(),
+                keep=args.checkpoint.keep,
+                checksum=args.checkpoint.checksum,
+            )
+        if env.world_size > 1:
+            dist.barrier()
+        return str(path or ckpt_root / "latest")
+
+    try:
+        model.train()
+        for step in range(start + 1, args.steps + 1):
+            t0 = time.perf_counter()
+            mult = set_lr(optimizer, step, args.steps, args.optim)
+            loss_sum = torch.zeros((), device=env.device)
+            for _ in range(args.grad_accum):
+                x, y = (t.to(env.device, non_blocking=True) for t in next(loader))
+                with autocast:
+                    loss = compute_loss(fwd(x), y)
+                (loss / args.grad_accum).backward()
+                loss_sum += loss.detach()
+            loss_val = _mean_over_ranks(loss_sum.item() / args.grad_accum, env)
+            if plan is not None:
+                plan.sync_grads(model)
+                grad_norm = plan.clip_grad_norm_(model, args.optim.grad_clip).item()
+            else:
+                grad_norm = clip_grad_norm_(model.parameters(), args.optim.grad_clip).item()
+            if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+                raise NonFiniteLossError(
+                    f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient norm'} "
+                    f"at step {step} (loss={loss_val}, grad_norm={grad_norm}); stopped before "
+                    f"updating the weights. Last good checkpoint: {last_ckpt or 'none'}. "
+                    f"Try a lower optim.lr, more optim.warmup_steps or dtype=fp32, then "
+                    f"--resume."
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            record = {
+                "step": step, "loss": loss_val, "lr": args.optim.lr * mult,
+                "grad_norm": grad_norm, "tokens": step * tokens_per_step,
+                "tok_per_s": tokens_per_step / dt,
+            }  # fmt: skip
+            history.append(record)
+            log.log_step(record)
+            last = step == args.steps
+            if val_loader is not None and (
+                last or (args.eval_every and step % args.eval_every == 0)
+            ):
+                val = evaluate(model, val_loader, args.eval_batches, env, autocast)
+                log.log_eval({"step": step, "val_loss": val})
+                record["val_loss"] = val
+            if last or (args.checkpoint.every and step % args.checkpoint.every == 0):
+                last_ckpt = checkpoint(step)
+    finally:
+        log.close()
+    if env.is_main:
+        log.message(
+            f"done: {args.steps} steps, final loss {history[-1]['loss']:.4f}; "
+            f"checkpoint {last_ckpt}"
+        )
+    return history
+
+
+def final_evaluation(args: TrainArgs) -> dict:
+    """``memlayers eval`` of the finished run (one process): writes
+    ``run_dir/eval/results.json`` and prints the table, then the QA accuracy and the bits
+    stored as the last lines."""
+    from memlayers.eval import evaluate, format_results, headline
+
+    t0 = time.perf_counter()
+    results = evaluate(args.run_dir, device=args.device, progress=args.logging.progress)
+    print(format_results(results))
+    print(f"eval: {time.perf_counter() - t0:.0f}s; {Path(args.run_dir) / 'eval' / 'results.json'}")
+    if headline(results):
+        print(headline(results))
+    return results
+
+
+# ---- command line ------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG.yaml | key=value",
+        help="YAML config files (merged in order), then dotted overrides, e.g. optim.lr=1e-3",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from run_dir's latest checkpoint"
+    )
+    parser.add_argument(
+        "--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory"
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Entry point of ``memlayers train`` and ``python -m memlayers.train``."""
+    yamls = [a for a in ns.items if "=" not in a]
+    overrides = [a for a in ns.items if "=" in a]
+    try:
+        args = load_config(yamls, overrides)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if ns.print_config:
+        print(to_yaml(args), end="")
+        return 0
+    resume = ns.resume_from or ("latest" if ns.resume else None)
+    try:
+        if resume is not None:
+            resolve_checkpoint(args.run_dir if resume == "latest" else resume)
+        train(args, resume=resume)
+        if dist.is_initialized():
+            dist.barrier()  # gloo aborts a rank that tears down while another still talks
+        if args.final_eval and int(os.environ.get("RANK", "0")) == 0:
+            final_evaluation(args)
+    except (NonFiniteLossError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m memlayers.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    ns = parser.parse_args(argv)
+    sys.exit(ns.func(ns))
+
+
+if __name__ == "__main__":
+    main()
