@@ -1,0 +1,336 @@
+"""Train several variants on the same data, token budget and seed; tabulate and plot them.
+
+    memlayers compare tiny-dense tiny-memory+                     # the main job's data
+    memlayers compare tiny-dense tiny-memory tiny-memory+ tiny-moe tiny-peer --out runs/cmp
+    memlayers compare tiny-dense tiny-memory+:optim.value_lr=1e-2 steps=300   # per-variant
+    memlayers compare tiny-dense tiny-memory+ configs/x.yaml data.options.n_people=500
+    memlayers compare tiny-dense tiny-memory+ --reuse             # keep finished runs
+
+Positional items: ``PRESET[:key=value[:key=value…]]`` is a variant (a model preset and
+overrides for it alone: model or optimizer keys, never data, steps, batch or seed, so
+every variant sees the same tokens); ``*.yaml`` files and ``key=value`` overrides apply to
+every variant. Each variant trains into ``OUT/<variant>/`` (a normal run directory) and is
+evaluated with :func:`memlayers.eval.evaluate`. Written into ``OUT`` (default
+``runs/compare``)::
+
+    results.md     the table, the exact command, the machine and date
+    results.json   one row per variant (the summary) plus each full eval result
+    compare.png    exact match / answer NLL / bits stored against active parameters per
+                   token and training FLOPs (needs matplotlib: pip install 'memlayers[plot]')
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from memlayers.config import TrainArgs, load_config, to_yaml
+
+# Variant overrides may not change what the variants are compared on.
+SHARED_KEYS = ("data.", "steps", "grad_accum", "seed", "run_dir", "device", "dtype")
+
+
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """``"tiny-memory+:optim.value_lr=1e-2"`` -> ``("tiny-memory+", ["optim.value_lr=1e-2"])``."""
+    preset, *overrides = spec.split(":")
+    for o in overrides:
+        if "=" not in o:
+            raise ValueError(f"variant {spec!r}: {o!r} is not a key=value override")
+        if o.split("=", 1)[0].startswith(SHARED_KEYS):
+            raise ValueError(
+                f"variant {spec!r}: {o.split('=')[0]} must be the same for every variant; "
+                f"pass it as a global key=value instead"
+            )
+    return preset, overrides
+
+
+def slug(label: str) -> str:
+    """A directory name for a variant label."""
+    return re.sub(r"[^A-Za-z0-9._+=-]+", "_", label)
+
+
+def variant_args(spec: str, yamls: list[str], overrides: list[str], out: Path) -> TrainArgs:
+    preset, own = parse_variant(spec)
+    return load_config(
+        yamls, [*overrides, f"model.preset={preset}", *own, f"run_dir={out / slug(spec)}"]
+    )
+
+
+def _finished(args: TrainArgs) -> dict | None:
+    """The eval results of an identical finished run in ``args.run_dir``, else None."""
+    run = Path(args.run_dir)
+    if not (run / "eval" / "results.json").is_file() or not (run / "config.yaml").is_file():
+        return None
+    saved = load_config([run / "config.yaml"])
+    saved.model.vocab_size = args.model.vocab_size  # the trainer fills it from the data
+    if to_yaml(saved) != to_yaml(args):
+        return None
+    results = json.loads((run / "eval" / "results.json").read_text())
+    return results if results.get("step") == args.steps else None
+
+
+def _train_seconds(run_dir: Path) -> float | None:
+    """Wall time of a finished run: config.yaml is written before the first step and
+    metrics.jsonl's last record after the last one (model build and data load included)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    times = [json.loads(x)["time"] for x in lines if x.strip()]
+    return max(times) - (run_dir / "config.yaml").stat().st_mtime if times else None
+
+
+def summary_row(label: str, r: dict, train_seconds: float | None) -> dict:
+    """The numbers of one variant that go into the table and the plot."""
+    p = r["params"]
+    row = {
+        "variant": label,
+        "preset": r["preset"],
+        "total_params": p["total"],
+        "non_embedding_params": p["non_embedding"],
+        "active_params": p["active_per_token"],
+        "flops_per_token": p["flops_per_token"],
+        "train_flops": r["train_flops"],
+        "tokens": r["tokens_trained"],
+        "val_loss": r["perplexity"]["loss"],
+        "train_seconds": train_seconds,
+    }
+    qa = next(iter(r.get("qa", {}).values()), None)
+    if qa is not None:
+        row.update(
+            qa_set=next(iter(r["qa"])),
+            qa_n=qa["n"],
+            exact_match=qa["exact_match"],
+            f1=qa["f1"],
+            answer_nll=qa["answer_nll"],
+            answer_nll_per_token=qa["answer_nll_per_token"],
+        )
+    if "knowledge" in r:
+        k = r["knowledge"]
+        row.update(
+            bits=k["bits"],
+            capacity_bits=k["capacity"],
+            bits_per_param=k["bits_per_param"],
+            bits_per_active_param=k["bits_per_active_param"],
+            bits_per_flop=k["bits_per_flop"],
+        )
+    return row
+
+
+def _m(x: float) -> str:
+    return f"{x / 1e6:.2f}M"
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table of the summary rows ("–" where a metric does not apply)."""
+    cols = [
+        ("variant", lambda r: r["variant"]),
+        ("params", lambda r: _m(r["total_params"])),
+        ("active/token", lambda r: _m(r["active_params"])),
+        ("train FLOPs", lambda r: f"{r['train_flops']:.3g}"),
+        ("val loss", lambda r: f"{r['val_loss']:.4f}"),
+        ("QA EM", lambda r: f"{100 * r['exact_match']:.1f}%"),
+        ("QA F1", lambda r: f"{100 * r['f1']:.1f}%"),
+        ("answer NLL/token", lambda r: f"{r['answer_nll_per_token']:.3f}"),
+        ("bits stored", lambda r: f"{r['bits']:,.0f}"),
+        ("bits/active param", lambda r: f"{r['bits_per_active_param']:.4f}"),
+        ("train time", lambda r: f"{r['train_seconds']:.0f} s"),
+    ]
+
+    def cell(fn, r) -> str:
+        try:
+            return fn(r)
+        except (KeyError, TypeError):  # metric absent (no QA, no bios) or time unknown
+            return "–"
+
+    lines = ["| " + " | ".join(name for name, _ in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(fn, r) for _, fn in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """Exact match, answer NLL and bits stored against active parameters and FLOPs."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(
+            "matplotlib is not installed: no compare.png (pip install 'memlayers[plot]')",
+            file=sys.stderr,
+        )
+        return None
+    metrics = [
+        ("exact_match", "held-out QA exact match"),
+        ("answer_nll_per_token", "answer NLL (nats/token)"),
+        ("bits", "knowledge stored (bits)"),
+    ]
+    metrics = [(k, t) for k, t in metrics if any(k in r for r in rows)]
+    if not metrics:
+        return None
+    xs = [("active_params", "active parameters per token"), ("train_flops", "training FLOPs")]
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.2 * len(metrics)), squeeze=False)
+    for i, (key, title) in enumerate(metrics):
+        for j, (xkey, xlabel) in enumerate(xs):
+            ax = axes[i][j]
+            for r in rows:
+                if key in r:
+                    ax.scatter(r[xkey], r[key], s=40)
+                    ax.annotate(r["variant"], (r[xkey], r[key]), fontsize=8,
+                                xytext=(4, 4), textcoords="offset points")  # fmt: skip
+            lo, hi = min(r[xkey] for r in rows), max(r[xkey] for r in rows)
+            if hi > 10 * lo:  # a log axis only where the variants span decades
+                ax.set_xscale("log")
+            else:
+                ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(title)
+            ax.grid(alpha=0.3)
+    fig.suptitle(f"same data, {rows[0]['tokens']:,} training tokens per variant")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def machine() -> str:
+    """The card, or the CPU model and the threads torch uses."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def compare(
+    variants: list[str],
+    yamls: list[str] = (),
+    overrides: list[str] = (),
+    out: str | Path = "runs/compare",
+    reuse: bool = False,
+    command: str | None = None,
+) -> list[dict]:
+    """Train and evaluate every variant; write ``results.md/json`` and ``compare.png``."""
+    from memlayers.eval import evaluate, format_results
+    from memlayers.train import train
+
+    if not variants:
+        raise ValueError("name at least one variant (a model preset), e.g. tiny-dense")
+    out = Path(out)
+    all_args = [variant_args(v, list(yamls), list(overrides), out) for v in variants]
+    rows, full = [], {}
+    for label, args in zip(variants, all_args, strict=True):
+        results = _finished(args) if reuse else None
+        if results is not None:
+            print(f"== {label}: reusing {args.run_dir}")
+            secs = _train_seconds(Path(args.run_dir))
+        else:
+            print(f"== {label}: training into {args.run_dir}")
+            t0 = time.perf_counter()
+            train(args)
+            secs = time.perf_counter() - t0
+            results = evaluate(args.run_dir, device=args.device, progress=args.logging.progress)
+        print(format_results(results))
+        rows.append(summary_row(label, results, secs))
+        full[label] = results
+    out.mkdir(parents=True, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    doc = {"command": command, "machine": machine(), "date": date, "rows": rows, "eval": full}
+    _write(out / "results.json", json.dumps(doc, indent=2) + "\n")
+    md = [
+        f"# compare: {', '.join(variants)}",
+        "",
+        f"Command: `{command}`" if command else "",
+        f"Machine: {machine()}; date {date}. Every variant: the same data, seed and "
+        f"{rows[0]['tokens']:,} training tokens.",
+        "",
+        format_table(rows),
+        "",
+    ]
+    _write(out / "results.md", "\n".join(md))
+    png = plot(rows, out / "compare.png")
+    print(format_table(rows))
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {png}" if png else ""))
+    return rows
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---- command line ------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "items",
+        nargs="+",
+        metavar="PRESET[:k=v…] | CONFIG.yaml | key=value",
+        help="variants (model presets), then shared YAML files and dotted overrides",
+    )
+    parser.add_argument("--out", default="runs/compare", help="output directory")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep variants already trained with the same config"
+    )
+    parser.set_defaults(func=run)
+
+
+def split_items(items: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(variants, yaml files, overrides) from the positional items."""
+    variants, yamls, overrides = [], [], []
+    for it in items:
+        if it.endswith((".yaml", ".yml")):
+            yamls.append(it)
+        elif "=" in it.split(":", 1)[0]:
+            overrides.append(it)
+        else:
+            variants.append(it)
+    return variants, yamls, overrides
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Entry point of ``memlayers compare``."""
+    variants, yamls, overrides = split_items(ns.items)
+    command = shlex.join(
+        ["memlayers", "compare", *ns.items]
+        + (["--out", ns.out] if ns.out != "runs/compare" else [])
+        + (["--reuse"] if ns.reuse else [])
+    )
+    try:
+        for v in variants:
+            parse_variant(v)
+        compare(variants, yamls, overrides, ns.out, ns.reuse, command)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m memlayers.compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    ns = parser.parse_args(argv)
+    sys.exit(ns.func(ns))
+
+
+if __name__ == "__main__":
+    main()

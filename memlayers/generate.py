@@ -1,0 +1,91 @@
+"""Continue a prompt with a trained run's model (greedy or sampled).
+
+    memlayers generate runs/tiny-memory-plus --prompt "Which city was Anya Briar Forger born in?"
+    memlayers generate runs/x --prompt "The capital of France is" --max-new-tokens 20
+    memlayers generate runs/x --prompt "Once" --temperature 0.8 --top-p 0.9 --seed 1 -n 3
+
+The prompt is encoded with the run's tokenizer after an EOS (documents in the packed
+training stream start after one), so it reads like the start of a training document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from memlayers.checkpoint import CheckpointError
+from memlayers.eval import EvalError, load_run
+
+
+def generate(
+    run_dir: str,
+    prompt: str,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    n: int = 1,
+    seed: int = 0,
+    device: str = "auto",
+) -> list[str]:
+    """``n`` continuations of ``prompt`` (text after the prompt, up to EOS)."""
+    run = load_run(run_dir, device)
+    tok, model = run.tokenizer, run.model
+    if tok is None:
+        raise EvalError(f"{run.run_dir}: the dataset has no tokenizer, so no text to generate")
+    try:
+        ids = [tok.eos_id] + tok.encode(prompt)
+    except KeyError as e:  # the closed bios vocabulary
+        raise EvalError(f"cannot encode the prompt: {e.args[0]}") from None
+    device_ = next(model.parameters()).device
+    room = model.config.max_seq_len - len(ids)
+    if room < 1:
+        raise EvalError(
+            f"the prompt has {len(ids)} tokens; max_seq_len is {model.config.max_seq_len}"
+        )
+    x = torch.tensor([ids] * n, device=device_)  # [n, T0]
+    gen = torch.Generator(device=device_).manual_seed(seed)
+    out = model.generate(
+        x, min(max_new_tokens, room), temperature, top_p, eos_id=tok.eos_id, generator=gen
+    )
+    texts = []
+    for row in out[:, len(ids) :].tolist():
+        row = row[: row.index(tok.eos_id)] if tok.eos_id in row else row
+        texts.append(tok.decode(row))
+    return texts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN_DIR", help="a run directory or one of its checkpoints")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("-n", type=int, default=1, help="number of samples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.set_defaults(func=run)
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Entry point of ``memlayers generate``."""
+    try:
+        texts = generate(
+            ns.run, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p, ns.n, ns.seed,
+            ns.device,
+        )  # fmt: skip
+    except (EvalError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for t in texts:
+        print(ns.prompt + t)
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(prog="python -m memlayers.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_arguments(p)
+    ns = p.parse_args()
+    sys.exit(ns.func(ns))
