@@ -64,6 +64,18 @@ class SparseValueAdam(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay!r}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.Optimizer``'s, but the moments stay fp32: the base class casts
+        floating state to the parameter's dtype, which for a bf16 table would round the
+        moments (and the Triton step refuses non-fp32 state)."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in enumerate(params):  # the saved fp32 values, not the rounded copies
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in saved.get(i, {}):
+                    self.state[p][key] = saved[i][key].to(p.device, torch.float32).clone()
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

@@ -177,3 +177,20 @@ def test_gpu_large(dtype):
     untouched = torch.ones(n, dtype=torch.bool, device=DEVICE)
     untouched[rows] = False
     assert torch.equal(params[1][untouched], _table(n, d, dtype)[untouched])
+
+
+def test_bf16_table_keeps_fp32_moments_through_state_dict():
+    # torch.optim.Optimizer.load_state_dict casts state to the parameter's dtype; the
+    # moments of a bf16 table must come back fp32 and bit-identical (exact resume).
+    from memlayers.value_optim import SparseValueAdam
+
+    table = torch.nn.Parameter(torch.randn(20, 8).bfloat16())
+    opt = SparseValueAdam([table], lr=1e-2, impl="torch")
+    table.grad = torch.randn(20, 8).bfloat16()
+    opt.step()
+    saved = {k: v.clone() for k, v in opt.state[table].items() if torch.is_tensor(v)}
+    fresh = SparseValueAdam([table], lr=1e-2, impl="torch")
+    fresh.load_state_dict(opt.state_dict())
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert fresh.state[table][key].dtype == torch.float32
+        assert torch.equal(fresh.state[table][key], saved[key])
