@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def module_main(command: str, argv: list[str] | None = None) -> None:
+    """``python -m memlayers.<module>``: the subcommand ``command`` without the prefix."""
+    sys.exit(main([command, *(sys.argv[1:] if argv is None else argv)]))
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     return ns.func(ns)

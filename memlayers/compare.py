@@ -322,14 +322,9 @@ def run(ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m memlayers.compare",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    ns = parser.parse_args(argv)
-    sys.exit(ns.func(ns))
+    from memlayers.cli import module_main
+
+    module_main("compare", argv)
 
 
 if __name__ == "__main__":

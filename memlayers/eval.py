@@ -599,14 +599,9 @@ def run(ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m memlayers.eval",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    ns = parser.parse_args(argv)
-    sys.exit(ns.func(ns))
+    from memlayers.cli import module_main
+
+    module_main("eval", argv)
 
 
 if __name__ == "__main__":
