@@ -7,7 +7,8 @@
     python -m memlayers.eval runs/x --json                   # print the JSON, not the table
 
 What it measures (results in ``RUN_DIR/eval/results.json``, written atomically, plus
-``RUN_DIR/eval/<qa set>.predictions.jsonl`` and a printed table):
+``RUN_DIR/eval/<qa set>.predictions.jsonl`` and a printed table; an older checkpoint's go
+to ``RUN_DIR/eval/<step_dir>/``):
 
 - ``perplexity``: next-token loss on the run's validation tokens, cut into ``seq_len``
   sequences like training: nats/token, perplexity, bits/token and **bits per byte**
@@ -392,7 +393,8 @@ def evaluate(
     write: bool = True,
 ) -> dict:
     """Evaluate a run directory or checkpoint (see the module docstring); returns the
-    results dict and, with ``write``, saves it to ``RUN_DIR/eval/results.json``.
+    results dict and, with ``write``, saves it to ``RUN_DIR/eval/results.json`` (an
+    older checkpoint's to ``RUN_DIR/eval/<step_dir>/results.json``).
 
     ``max_qa`` keeps the first records of each QA set; ``max_val_tokens`` caps the
     perplexity tokens (None: all)."""
@@ -453,7 +455,8 @@ def evaluate(
         results["knowledge"] = knowledge_stored(model, tok, bios, rep, train_flops, batch_size)
     results["eval_seconds"] = time.perf_counter() - t0
     if write:
-        out = run.run_dir / "eval"
+        out = eval_dir(run)
+        results["results_path"] = str(out / "results.json")
         out.mkdir(parents=True, exist_ok=True)
         for name, preds in predictions.items():
             _write_atomic(
@@ -462,6 +465,14 @@ def evaluate(
             )
         _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
+
+
+def eval_dir(run: Run) -> Path:
+    """``RUN_DIR/eval`` for the run's newest checkpoint, ``RUN_DIR/eval/<step_dir>`` for an
+    older one (so evaluating an intermediate checkpoint never replaces the run's results)."""
+    latest = resolve_checkpoint(run.run_dir)
+    same = run.checkpoint.resolve() == latest.resolve()
+    return run.run_dir / "eval" if same else run.run_dir / "eval" / run.checkpoint.name
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -594,7 +605,7 @@ def run(ns: argparse.Namespace) -> int:
         return 1
     print(json.dumps(r, indent=2) if ns.json else format_results(r))
     if not ns.json:
-        print(f"wrote {Path(r['run_dir']) / 'eval' / 'results.json'}")
+        print(f"wrote {r['results_path']}")
     return 0
 
 

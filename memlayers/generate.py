@@ -84,8 +84,6 @@ def run(ns: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="python -m memlayers.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    add_arguments(p)
-    ns = p.parse_args()
-    sys.exit(ns.func(ns))
+    from memlayers.cli import module_main
+
+    module_main("generate")

@@ -30,7 +30,7 @@ TINY_BIOS = [
     "model.n_kv_heads=1", "model.memory_layers=[0,2]", "model.memory.n_keys=8",
     "model.memory.heads=2", "model.memory.topk=4", "model.max_seq_len=64",
     "data.seq_len=32", "data.batch_size=4", "steps=8", "optim.warmup_steps=2",
-    "eval_every=0", "eval_batches=2", "checkpoint.every=0", "logging.progress=false",
+    "eval_every=0", "eval_batches=2", "checkpoint.every=4", "logging.progress=false",
     "logging.tensorboard=false", "logging.plot=false",
 ]  # fmt: skip
 
@@ -61,6 +61,13 @@ def test_results_file_and_sections(run_dir, results):
     assert 0 <= qa["exact_match"] <= qa["f1"] <= 1
     preds = (run_dir / "eval" / "bios-heldout.predictions.jsonl").read_text().splitlines()
     assert len(preds) == qa["n"] and "prediction" in json.loads(preds[0])
+
+
+def test_an_older_checkpoint_keeps_the_runs_results(run_dir, results):
+    older = evaluate(run_dir / "checkpoints" / "step_000004", max_qa=6, progress=False)
+    assert older["step"] == 4
+    assert older["results_path"] == str(run_dir / "eval" / "step_000004" / "results.json")
+    assert json.loads((run_dir / "eval" / "results.json").read_text())["step"] == 8
 
 
 def test_knowledge_and_flops(results):
