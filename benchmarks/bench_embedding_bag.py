@@ -460,7 +460,12 @@ def bench_dim(args, table: Table, d: int, device, sweep: bool, extras: bool, sum
         for bk, bd, wp in fwd_sweep:
             fn = lambda bk=bk, bd=bd, wp=wp: ebt._fwd_launch(values, indices, weights, bk, bd, wp)
             table.add(f"sweep fwd BLOCK_K={bk} BLOCK_D={bd} warps={wp}", d, timed(fn), fwd_bytes)
-        bwd_sweep = [dict(block_s=2), dict(block_d=512), dict(block_s=2, num_warps=8)]
+        bwd_sweep = [
+            dict(block_d=256),
+            dict(block_d=1024, num_warps=2),
+            dict(stages=3),
+            dict(rows_per_program=16),
+        ]
         for cfg in bwd_sweep:
             fn = lambda cfg=cfg: ebt._bwd_sparse(grad, values, indices, weights, True, **cfg)
             name = "sweep bwd sparse " + " ".join(f"{a}={c}" for a, c in cfg.items())
@@ -490,18 +495,18 @@ def bench_dim(args, table: Table, d: int, device, sweep: bool, extras: bool, sum
             d,
             timed(lambda: torch.sort(flat.to(torch.int32), stable=True)),
         )
-        srt, perm = ebt.sort_by_row(indices, n)
         table.add(
-            "  part: unique_consecutive",
+            "  part: segments (sort, prep, scan, starts)",
             d,
-            timed(lambda: torch.unique_consecutive(srt, return_counts=True)),
+            timed(lambda: ebt.row_segments(indices, weights, n)),
         )
+        segs = ebt.row_segments(indices, weights, n)
+        out_rows = values.new_empty(segs.rows.numel(), d)
         table.add(
-            "  part: searchsorted (dense segments)",
+            "  part: walk kernel + score-part sum",
             d,
-            timed(
-                lambda: torch.searchsorted(srt, torch.arange(n + 1, device=device, dtype=srt.dtype))
-            ),
+            timed(lambda: ebt._bwd_launch(grad, values, indices, segs, out_rows, False, True)),
+            bwd_sparse_bytes,
         )
         for bd, wp in [(512, 4), (2048, 8), (1024, 8), (256, 2)]:
             fn = lambda bd=bd, wp=wp: row_adam_step_triton(

@@ -169,10 +169,12 @@ def test_bf16_autocast_forward_backward(impl):
     # The default on GPU is bf16 autocast: scores stay fp32 (top-k and softmax are not
     # quantised), the output matches the fp32 layer to bf16 precision, gradients flow.
     torch.manual_seed(3)
-    layer = ProductKeyMemory(16, MemoryConfig(n_keys=8, heads=2, topk=4, impl=impl))
-    x = torch.randn(3, 5, 16)
+    # Triton kernels need CUDA tensors where a GPU is present (the interpreter runs on CPU).
+    dev = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
+    layer = ProductKeyMemory(16, MemoryConfig(n_keys=8, heads=2, topk=4, impl=impl)).to(dev)
+    x = torch.randn(3, 5, 16).to(dev)
     ref = layer(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(dev, dtype=torch.bfloat16):
         idx, w = layer.lookup(x)
         y = layer(x)
     assert w.dtype == torch.float32

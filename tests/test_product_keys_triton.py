@@ -47,9 +47,11 @@ def _gather_scores(q, keys, index):
 def _check(q, keys, k, exact_indices):
     qa, ka = q.clone().requires_grad_(), keys.clone().requires_grad_()
     scores, index = product_key_topk(qa, ka, k, impl="triton")
-    ref_scores, ref_index = _product_key_topk_torch(q, keys, k)
-    # Scores are fp32 at least whatever the inputs (product_keys.py: no bf16 top-k).
-    assert scores.dtype == torch.promote_types(q.dtype, torch.float32)
+    # Scores are fp32 at least whatever the inputs (product_keys.py: no bf16 top-k), so
+    # the references score in that dtype too.
+    sd = torch.promote_types(q.dtype, torch.float32)
+    assert scores.dtype == sd
+    ref_scores, ref_index = _product_key_topk_torch(q.to(sd), keys.to(sd), k)
     assert index.dtype == torch.int64
     assert scores.shape == index.shape == (*q.shape[:-1], k)
     # Same scores, descending; indices equal where no ties can interfere (fp32).
@@ -58,12 +60,12 @@ def _check(q, keys, k, exact_indices):
         assert torch.equal(index, ref_index)
     # Every index scores what is returned (half scores and their sum in the score dtype,
     # as both paths compute them).
-    assert torch.equal(_gather_scores(q, keys, index), scores)
+    assert torch.equal(_gather_scores(q.to(sd), keys.to(sd), index), scores)
     assert (index.unsqueeze(-1) != index.unsqueeze(-2)).sum() == index.numel() * (k - 1)
     grad = torch.randn(scores.shape, generator=torch.Generator().manual_seed(1)).to(scores)
     dq, dk = torch.autograd.grad(scores, (qa, ka), grad)
     qr, kr = q.clone().requires_grad_(), keys.clone().requires_grad_()
-    rdq, rdk = torch.autograd.grad(_gather_scores(qr, kr, index), (qr, kr), grad)
+    rdq, rdk = torch.autograd.grad(_gather_scores(qr.to(sd), kr.to(sd), index), (qr, kr), grad)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[q.dtype]
     torch.testing.assert_close(dq, rdq, rtol=tol, atol=tol * rdq.abs().max().item())
     torch.testing.assert_close(dk, rdk, rtol=tol, atol=tol * rdk.abs().max().item())
