@@ -146,14 +146,15 @@ def bench_search(args, q, keys, add) -> None:
         add(f"    search impl={impl}: forward", timed(fwd, args.iters))
         add(f"    search impl={impl}: forward+backward", timed(fwd_bwd, args.iters))
     with torch.no_grad():
-        s1, s2 = pkt._half_scores(q, keys)
-        nk = keys.shape[2]
-        s1, s2 = s1.reshape(-1, nk), s2.reshape(-1, nk)
+        s1, s2 = pkt._half_scores(q, keys)  # [H, T, n_keys] in the score dtype (fp32)
         add("    half-key score matmuls (cuBLAS)", timed(lambda: pkt._half_scores(q, keys), 20))
-        for rows, warps, narrow in [(1, 4, True), (2, 4, True), (1, 8, True), (4, 8, True),
-                                    (8, 8, True), (2, 4, False), (1, 2, True)]:  # fmt: skip
-            fn = lambda r=rows, w=warps, n=narrow: pkt.topk_launch(s1, s2, args.topk, r, w, n)
-            add(f"    sweep top-k kernel ROWS={rows} warps={warps} narrow={narrow}", timed(fn, 20))
+        for rows, warps in [(1, 4), (2, 4), (1, 8), (4, 8), (1, 2)]:
+            fn = lambda r=rows, w=warps: pkt.topk_launch(s1, s2, args.topk, r, w)
+            add(f"    sweep top-k kernel ROWS={rows} warps={warps} ({s1.dtype})", timed(fn, 20))
+        # What bf16 scores would cost: 32-bit keys with the index in the zero low bits.
+        b1, b2 = s1.bfloat16(), s2.bfloat16()
+        fn = lambda: pkt.topk_launch(b1, b2, args.topk, 1, 4, True)
+        add("    sweep top-k kernel ROWS=1 warps=4 (bf16 scores, narrow keys)", timed(fn, 20))
 
 
 def bench_torch_layer(args, x, gy, add, device, dtype, sparse_grad: bool) -> float:

@@ -17,10 +17,11 @@ lookup's score-gradient part ``grad_out[bag] · values[row]`` (the row read once
 first lookup). Tiles are launched tile-major, so only a ``[B, 512]`` slice of grad_out
 is live at a time, which L2 keeps far better: the per-row kernel this replaced read
 grad_out's full ``[B, D]`` at random and read 4.3 GB from HBM where 1.9 GB are needed;
-the walk reads 3.3 GB (ncu, H100, paper shape) and keeps more loads in flight. No atomics: a row has one writer, the tiles' score
-parts are summed in a fixed order. Measured against fp32 atomics (5× slower), per-bag
-score gradients plus a value-gradient kernel, a chunked segmented scan, and the per-row
-kernel; the alternatives are in benchmarks/bench_embedding_bag.py.
+the walk reads 3.3 GB (ncu, H100, paper shape) and keeps more loads in flight. No
+atomics: a row has one writer, the tiles' score parts are summed in a fixed order.
+Measured against fp32 atomics (5× slower), per-bag score gradients plus a value-gradient
+kernel, a chunked segmented scan, and the per-row kernel; the alternatives are in
+benchmarks/bench_embedding_bag.py.
 
 The value gradient comes back row-sparse (``rows [U]``, ``grad_rows [U, D]``: untouched
 rows cost nothing) or dense ``[N, D]`` (a kernel zero-fills the untouched rows, the walk

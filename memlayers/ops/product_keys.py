@@ -59,20 +59,16 @@ def product_key_topk(
     """
     check_product_key_inputs(query, keys, k)
     # Scores in fp32 at least, autocast or not: bf16 would quantise the top-k choice and
-    # the softmax (a bf16 step is 0.0625 between 8 and 16), and scoring costs only
-    # n_keys · k_dim per head. Both paths then see the same dtypes (the custom op's fake).
-    dtype = torch.promote_types(torch.promote_types(query.dtype, keys.dtype), torch.float32)
-    query, keys = query.to(dtype), keys.to(dtype)
+    # the softmax (a bf16 step is 0.0625 between 8 and 16). The PyTorch path widens its
+    # inputs; the Triton path multiplies bf16/fp16 inputs with fp32 accumulation and fp32
+    # output (the same products, on tensor cores). Autocast is off inside either way.
     with torch.autocast(query.device.type, enabled=False):
-        return _dispatch(query, keys, k, impl)
+        if resolve_impl(impl, query.device) == "triton":
+            from memlayers.ops.product_keys_triton import product_key_topk_triton
 
-
-def _dispatch(query, keys, k, impl):
-    if resolve_impl(impl, query.device) == "triton":
-        from memlayers.ops.product_keys_triton import product_key_topk_triton
-
-        return product_key_topk_triton(query, keys, k)
-    return _product_key_topk_torch(query, keys, k)
+            return product_key_topk_triton(query, keys, k)
+        dtype = torch.promote_types(torch.promote_types(query.dtype, keys.dtype), torch.float32)
+        return _product_key_topk_torch(query.to(dtype), keys.to(dtype), k)
 
 
 def _product_key_topk_torch(

@@ -1,6 +1,7 @@
 """Triton kernel for the two top-k passes of the product-key search (PAPER.md §1).
 
-The half-key scores ``s1 = q1 K1ᵀ`` and ``s2 = q2 K2ᵀ`` stay cuBLAS matrix products; one
+The half-key scores ``s1 = q1 K1ᵀ`` and ``s2 = q2 K2ᵀ`` stay cuBLAS matrix products, fp32
+out whatever the inputs (bf16/fp16 inputs accumulate in fp32 on tensor cores); one
 program then takes ``ROWS`` (token, head) rows of both, keeps the top-k of each half,
 forms the ``k × k`` candidate sums and keeps their top-k — all in registers, where the
 PyTorch path runs three ``torch.topk`` launches and writes the candidates out in between.
@@ -28,7 +29,7 @@ from memlayers.ops.triton_interpreter import patch_triton_interpreter
 patch_triton_interpreter()
 
 TOPK_ROWS = 1
-TOPK_WARPS = 4
+TOPK_WARPS = 8  # fp32 scores (int64 keys): 3.41 vs 3.77 ms at 4 warps, H100, paper shape
 # Lowest finite bf16 (its fp32 bits end in 16 zero bits): padding that never wins and
 # stays a number when an index is packed into it.
 _PAD = tl.constexpr(-3.3895313892515355e38)
@@ -62,13 +63,15 @@ def _unpack(key, LOW_BITS: tl.constexpr, NARROW: tl.constexpr):
 
 @triton.jit
 def _pk_topk_kernel(
-    s1_ptr,  # [R, NK] scores of the first half keys (R = tokens × heads)
-    s2_ptr,  # [R, NK] scores of the second half keys
+    s1_ptr,  # [H, T, NK] scores of the first half keys (row r = t·H + h; R = T·H)
+    s2_ptr,  # [H, T, NK] scores of the second half keys
     scores_ptr,  # [R, k] out, descending
     index_ptr,  # [R, k] int64 out: i1 * NK + i2
     i1_ptr,  # [R, k] int32 out: first half key of each pick (for the backward)
     i2_ptr,  # [R, k] int32 out
     R,
+    H,
+    T,
     NK,
     k,
     NKP: tl.constexpr,  # next power of two of NK
@@ -81,7 +84,8 @@ def _pk_topk_kernel(
     rmask = rows < R
     cols = tl.arange(0, NKP)  # [NKP]
     m2 = rmask[:, None] & (cols < NK)[None, :]
-    offs = rows[:, None] * NK + cols[None, :]  # [ROWS, NKP]
+    # Scores come head-major out of the batched matmul: row (t, h) sits at h·T + t.
+    offs = ((rows % H) * T + rows // H)[:, None] * NK + cols[None, :]  # [ROWS, NKP]
     # Padding is set in fp32: in fp16 the pad value would be -inf, and -inf with an index
     # packed into its low bits is a NaN.
     s1 = tl.where(m2, tl.load(s1_ptr + offs, mask=m2, other=0.0).to(tl.float32), _PAD)
@@ -120,8 +124,12 @@ def topk_launch(
     num_warps: int = TOPK_WARPS,
     narrow: bool | None = None,
 ):
-    """``(scores, index, i1, i2)`` of the exact product top-k of ``[R, NK]`` half scores."""
-    r, nk = s1.shape
+    """``(scores, index, i1, i2)``, ``[T·H, k]`` each (row t·H + h), of the exact product
+    top-k of ``[H, T, NK]`` half scores (a 2-D ``[R, NK]`` is one head)."""
+    if s1.dim() == 2:
+        s1, s2 = s1.unsqueeze(0), s2.unsqueeze(0)
+    heads, tokens, nk = s1.shape
+    r = heads * tokens
     nkp, kp = triton.next_power_of_2(nk), triton.next_power_of_2(k)
     if kp == 1:
         rows = max(rows, 2)  # tl.topk cannot reshape a [1, 1] result (seen on an H100)
@@ -135,18 +143,33 @@ def topk_launch(
     if r == 0:
         return scores, index, i1, i2
     _pk_topk_kernel[(triton.cdiv(r, rows),)](
-        s1, s2, scores, index, i1, i2, r, nk, k,
+        s1, s2, scores, index, i1, i2, r, heads, tokens, nk, k,
         NKP=nkp, KP=kp, ROWS=rows, LOW_BITS=max(low, 1), NARROW=narrow,
         num_warps=num_warps,
     )  # fmt: skip
     return scores, index, i1, i2
 
 
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores are fp32 at least (product_keys.py: bf16 would quantise the choice)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _half_scores(q: torch.Tensor, keys: torch.Tensor):
-    half = keys.shape[3]
-    s1 = torch.einsum("...hd,hnd->...hn", q[..., :half], keys[:, 0])  # [..., H, NK]
-    s2 = torch.einsum("...hd,hnd->...hn", q[..., half:], keys[:, 1])
-    return s1, s2
+    """``(s1, s2)``: ``[H, T, NK]`` scores of each half (T = all leading dims of q) in
+    :func:`score_dtype`. bf16/fp16 inputs on CUDA multiply at their own precision with
+    fp32 accumulation and output (``bmm(..., out_dtype)``): the same numbers as fp32
+    inputs up to summation order, at tensor-core speed; elsewhere the inputs are widened."""
+    heads, _, _, half = keys.shape
+    q3 = q.reshape(-1, heads, 2 * half)  # [T, H, k_dim]
+    out = score_dtype(q.dtype)
+    fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    scores = []
+    for i in range(2):
+        a = q3[..., i * half : (i + 1) * half].transpose(0, 1)  # [H, T, half]
+        b = keys[:, i].transpose(1, 2)  # [H, half, NK]
+        scores.append(torch.bmm(a, b, out) if fast else torch.bmm(a.to(out), b.to(out)))
+    return scores[0], scores[1]
 
 
 @torch.library.custom_op("memlayers::product_key_topk", mutates_args=())
@@ -155,8 +178,7 @@ def product_key_topk_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(scores, indices, i1, i2)``: ``[..., H, k]`` each; q and keys of one dtype."""
     s1, s2 = _half_scores(q, keys)
-    nk = keys.shape[2]
-    scores, index, i1, i2 = topk_launch(s1.reshape(-1, nk), s2.reshape(-1, nk), k)
+    scores, index, i1, i2 = topk_launch(s1, s2, k)
     shape = (*q.shape[:-1], k)
     return scores.view(shape), index.view(shape), i1.view(shape), i2.view(shape)
 
@@ -165,7 +187,8 @@ def product_key_topk_op(
 def _(q, keys, k):
     shape = (*q.shape[:-1], k)
     i1, i2 = (torch.empty(shape, dtype=torch.int32, device=q.device) for _ in range(2))
-    return q.new_empty(shape), torch.empty(shape, dtype=torch.int64, device=q.device), i1, i2
+    scores = q.new_empty(shape, dtype=score_dtype(q.dtype))
+    return scores, torch.empty(shape, dtype=torch.int64, device=q.device), i1, i2
 
 
 def _setup_context(ctx, inputs, output):
@@ -211,7 +234,8 @@ torch.library.register_autograd(
 def product_key_topk_triton(
     query: torch.Tensor, keys: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton path of :func:`memlayers.ops.product_keys.product_key_topk` (inputs checked)."""
+    """Triton path of :func:`memlayers.ops.product_keys.product_key_topk` (inputs checked):
+    q and keys in their common dtype, scores in :func:`score_dtype` of it."""
     dtype = torch.promote_types(query.dtype, keys.dtype)
     scores, index, _, _ = product_key_topk_op(query.to(dtype), keys.to(dtype), k)
     return scores, index
