@@ -215,12 +215,14 @@ def _bwd_kernel(
             # One writer per row, once: its last lookup. Streamed out of L2 first.
             tl.store(
                 grad_values_ptr + out_row * D + cols, acc.to(grad_values_ptr.dtype.element_ty),
-                mask=dmask & last, eviction_policy="evict_first",
+                mask=tl.where(last, dmask, False), eviction_policy="evict_first",
             )  # fmt: skip
         if WRITE_DW:
             # The row's values are read once, at its first lookup (a masked load moves
-            # nothing on the others).
-            fresh = tl.load(values_ptr + row * D + cols, mask=dmask & first, other=0.0)
+            # nothing on the others). Masks are where(flag, dmask, False), not
+            # dmask & flag: Triton 3.9's interpreter rejects a vector & scalar mask.
+            at_first = tl.where(first, dmask, False)
+            fresh = tl.load(values_ptr + row * D + cols, mask=at_first, other=0.0)
             v = tl.where(first, fresh.to(tl.float32), v)
             tl.store(parts_ptr + tile * E + e, tl.sum(g * v))
 
