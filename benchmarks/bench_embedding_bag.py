@@ -464,7 +464,7 @@ def bench_dim(args, table: Table, d: int, device, sweep: bool, extras: bool, sum
             dict(block_d=256),
             dict(block_d=1024, num_warps=2),
             dict(stages=3),
-            dict(rows_per_program=16),
+            dict(rows_per_program=64),
         ]
         for cfg in bwd_sweep:
             fn = lambda cfg=cfg: ebt._bwd_sparse(grad, values, indices, weights, True, **cfg)
