@@ -263,7 +263,7 @@ class ProductKeyMemory(nn.Module):
             q = q * self.query_norm * half**-0.5
             keys = _rms_halves(keys, cfg.norm_eps)
         scores, indices = product_key_topk(q, keys, cfg.topk, impl=cfg.impl)  # [N, H, k] each
-        # Per head, over its k rows; fp32 at least (scores may be bf16 under autocast).
+        # Per head, over its k rows (scores are fp32 at least: product_key_topk).
         weights = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
         n = h.shape[0]
         return indices.view(n, -1), weights.view(n, -1)

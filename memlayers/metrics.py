@@ -142,12 +142,22 @@ def answer_nll(
     answer: str,
     context: str | None = None,
     prefix_eos: bool = True,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """NLL of ``answer`` given ``question`` (see :func:`answer_nll_batch`)."""
-    return answer_nll_batch(model_fn, tokenizer, [question], [answer], [context], prefix_eos)[0]
+    """NLL of ``answer`` given ``question`` (see :func:`answer_nll_batch`; ``device``: where
+    ``model_fn`` takes its token ids)."""
+    return answer_nll_batch(
+        model_fn, tokenizer, [question], [answer], [context], prefix_eos, device=device
+    )[0]
 
 
-def min_answer_nll(model_fn: ModelFn, tokenizer, record: Mapping, prefix_eos=True) -> dict:
+def min_answer_nll(
+    model_fn: ModelFn,
+    tokenizer,
+    record: Mapping,
+    prefix_eos: bool = True,
+    device: torch.device | str = "cpu",
+) -> dict:
     """The lowest-NLL gold answer of a QA record (several answers may be acceptable)."""
     answers = record["answers"]
     res = answer_nll_batch(
@@ -157,6 +167,7 @@ def min_answer_nll(model_fn: ModelFn, tokenizer, record: Mapping, prefix_eos=Tru
         answers,
         [record.get("context")] * len(answers),
         prefix_eos,
+        device=device,
     )
     return min(res, key=lambda r: r["nll"])
 

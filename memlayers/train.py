@@ -263,30 +263,16 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
 
     def checkpoint(step: int) -> str:
         trainer_state = {"data": loader.state_dict(), "rng": _gather_rng(env)}
+        what = dict(
+            root=ckpt_root, step=step, model=model, optimizer=optimizer,
+            trainer_state=trainer_state, model_config=model_cfg.to_dict(),
+            keep=args.checkpoint.keep, checksum=args.checkpoint.checksum,
+        )  # fmt: skip
         path = None
-        if dcp:
-            path = save_distributed_checkpoint(
-                ckpt_root,
-                step,
-                model,
-                optimizer,
-                trainer_state,
-                model_cfg.to_dict(),
-                keep=args.checkpoint.keep,
-                checksum=args.checkpoint.checksum,
-                plan=plan,
-            )
+        if dcp:  # every rank writes its shards
+            path = save_distributed_checkpoint(**what, plan=plan)
         elif env.is_main:
-            path = save_checkpoint(
-                ckpt_root,
-                step,
-                model,
-                optimizer,
-                trainer_state,
-                model_cfg.to_dict(),
-                keep=args.checkpoint.keep,
-                checksum=args.checkpoint.checksum,
-            )
+            path = save_checkpoint(**what)
         if env.world_size > 1:
             dist.barrier()
         return str(path or ckpt_root / "latest")

@@ -43,7 +43,36 @@ def _rows_and_grad(p: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     return None, g.contiguous()
 
 
-class SparseValueAdam(torch.optim.Optimizer):
+class _RowOptimizer(torch.optim.Optimizer):
+    """The shared frame of the row-wise optimizers: ``impl`` and ``lr`` checks, the
+    closure, and a loop over parameters with a gradient handing each one's touched rows
+    (or all rows) to :meth:`_update`."""
+
+    def __init__(self, params, defaults: dict, impl: str):
+        _check_impl(impl)
+        self.impl = impl
+        if not defaults["lr"] > 0:
+            raise ValueError(f"lr must be > 0, got lr={defaults['lr']!r}")
+        super().__init__(params, defaults)
+
+    def _update(self, p: torch.Tensor, group: dict, rows, grad: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    rows, g = _rows_and_grad(p)
+                    self._update(p, group, rows, g)
+        return loss
+
+
+class SparseValueAdam(_RowOptimizer):
     """Row-wise lazy Adam(W) for value tables; fp32 moments; sparse or dense gradients.
 
     ``impl``: ``"auto"`` (Triton on CUDA) | ``"torch"`` | ``"triton"``.
@@ -52,17 +81,14 @@ class SparseValueAdam(torch.optim.Optimizer):
     def __init__(
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, impl="auto"
     ):
-        _check_impl(impl)
-        self.impl = impl
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got lr={lr!r}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"betas must be in [0, 1), got betas={betas!r}")
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got eps={eps!r}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay!r}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, impl)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer``'s, but the moments stay fp32: the base class casts
@@ -76,64 +102,28 @@ class SparseValueAdam(torch.optim.Optimizer):
                 if key in saved.get(i, {}):
                     self.state[p][key] = saved[i][key].to(p.device, torch.float32).clone()
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                rows, g = _rows_and_grad(p)
-                row_adam_step_(
-                    p,
-                    rows,
-                    g,
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
-                    state["step"],
-                    group["lr"],
-                    beta1,
-                    beta2,
-                    group["eps"],
-                    group["weight_decay"],
-                    impl=self.impl,
-                )
-        return loss
+    def _update(self, p, group, rows, grad):
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        row_adam_step_(
+            p, rows, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
+            beta1, beta2, group["eps"], group["weight_decay"], impl=self.impl,
+        )  # fmt: skip
 
 
-class SparseValueSGD(torch.optim.Optimizer):
+class SparseValueSGD(_RowOptimizer):
     """Row-wise SGD for value tables: ``p[rows] -= lr * g`` on the touched rows only.
 
     ``impl``: ``"auto"`` (Triton on CUDA) | ``"torch"`` | ``"triton"``.
     """
 
     def __init__(self, params, lr=1e-2, impl="auto"):
-        _check_impl(impl)
-        self.impl = impl
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got lr={lr!r}")
-        super().__init__(params, dict(lr=lr))
+        super().__init__(params, dict(lr=lr), impl)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                rows, g = _rows_and_grad(p)
-                row_sgd_step_(p, rows, g, group["lr"], impl=self.impl)
-        return loss
+    def _update(self, p, group, rows, grad):
+        row_sgd_step_(p, rows, grad, group["lr"], impl=self.impl)

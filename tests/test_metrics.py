@@ -96,6 +96,23 @@ def test_answer_nll_prefix_eos():
     assert best["nll"] == pytest.approx(-math.log(0.4))
 
 
+def test_single_answer_helpers_put_ids_on_the_given_device(monkeypatch):
+    # answer_nll / min_answer_nll pass ``device`` through, so a GPU model gets GPU ids.
+    import memlayers.metrics as metrics
+
+    seen = []
+    real = metrics.answer_nll_batch
+
+    def spy(*args, device="cpu", **kwargs):
+        seen.append(device)
+        return real(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(metrics, "answer_nll_batch", spy)
+    answer_nll(bigram, TOK, "Q?", "no", device="cpu:0")
+    min_answer_nll(bigram, TOK, {"question": "Q?", "answers": ["no"]}, device="cpu:0")
+    assert seen == ["cpu:0", "cpu:0"]
+
+
 def test_greedy_answer_stops_at_eos():
     # after "?" the argmax is " yes", after " yes" it is EOS
     assert greedy_answer(bigram, TOK, "Q?") == "yes"

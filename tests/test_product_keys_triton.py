@@ -2,9 +2,11 @@
 
 Ties may resolve differently, so low-precision cases compare the sorted scores, check that
 every returned index scores what is returned, and take gradients against a reference
-built from the returned indices. On a CPU the kernel runs under TRITON_INTERPRET=1
-(tests/conftest.py), which truncates bf16 instead of rounding: there the inputs are made
-so that every candidate sum is exact in bf16.
+built from the returned indices. Scores are fp32 whatever the inputs; low-precision
+inputs are made so that every score is exact (on a GPU, bf16 inputs are multiplied on
+tensor cores, the reference widens them first: scores agree to fp32 rounding). On a CPU
+the kernel runs under TRITON_INTERPRET=1 (tests/conftest.py); test_launch_variants also
+runs the bf16 (narrow-key) ranking the op itself no longer uses.
 """
 
 import pytest
@@ -140,3 +142,16 @@ def test_gpu_paper_shape(dtype):
     # on a GPU the kernel rounds candidate sums as PyTorch does.
     q, keys = _inputs(512, 4, 1024, 256, dtype, seed=4)
     _check(q, keys, 32, exact_indices=dtype == torch.float32)
+
+
+def test_autocast_scores_at_the_autocast_dtype():
+    # Under bf16 autocast the Triton path takes q and keys at bf16, as autocast would for
+    # a matmul (fp32 parameters included), and still returns fp32 scores.
+    q, keys = _inputs(6, 2, 16, 8, torch.float32, seed=7)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        scores, index = product_key_topk(q, keys, 4, impl="triton")
+    ref_scores, ref_index = product_key_topk(q.bfloat16(), keys.bfloat16(), 4, impl="triton")
+    full_scores, _ = product_key_topk(q, keys, 4, impl="triton")
+    assert scores.dtype == torch.float32
+    assert torch.equal(scores, ref_scores) and torch.equal(index, ref_index)
+    assert not torch.equal(scores, full_scores)  # the inputs were rounded: it shows

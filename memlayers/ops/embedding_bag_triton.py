@@ -132,6 +132,8 @@ def _starts_kernel(
     rows_ptr,  # out [bound] int64: the distinct rows, ascending, in rows[:U]
     touched_ptr,  # out [N] int8 (dense only): 1 on rows some lookup read
     E,
+    N,
+    bound,  # min(E, N): the size of rows (U <= bound when every index is in [0, N))
     DENSE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -140,10 +142,13 @@ def _starts_kernel(
     starts = m & (tl.load(firsts_ptr + e, mask=m, other=0) != 0)
     u = tl.load(ordinal_ptr + e, mask=starts, other=1).to(tl.int64) - 1
     r = tl.load(srows_ptr + e, mask=starts, other=0).to(tl.int64)
-    tl.store(seg_ptr + u, e, mask=starts)
-    tl.store(rows_ptr + u, r, mask=starts)
+    # Indices outside [0, N) are the caller's bug (the forward reads out of bounds too);
+    # the masks keep them from writing past these buffers.
+    ok = starts & (u < bound) & (r >= 0) & (r < N)
+    tl.store(seg_ptr + u, e, mask=ok)
+    tl.store(rows_ptr + u, r, mask=ok)
     if DENSE:
-        tl.store(touched_ptr + r, tl.full([BLOCK], 1, tl.int8), mask=starts)
+        tl.store(touched_ptr + r, tl.full([BLOCK], 1, tl.int8), mask=ok)
 
 
 @triton.jit
@@ -187,10 +192,11 @@ def _bwd_kernel(
 ):
     """Program (p, t) walks the sorted lookups of distinct rows [p·RPP, (p+1)·RPP) over
     column tile t, one lookup per step, software-pipelined STAGES deep. Axis 0 varies
-    fastest in launch order, so the whole grid finishes tile 0 before tile 1: at any time
-    only a [B, BLOCK_D] slice of grad_out is being read, and it stays in L2."""
+    fastest in launch order, so the grid runs (mostly: blocks are dispatched about in
+    order) through tile 0 before tile 1, and only a [B, BLOCK_D] slice of grad_out is
+    being read at a time: L2 keeps it far better than all of grad_out."""
     p = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
+    tile = tl.program_id(1).to(tl.int64)  # tile * E passes 2**31 for large batches
     u_lo = p * RPP  # the grid covers an upper bound on U: programs past it walk nothing
     e_lo = tl.load(seg_ptr + u_lo)
     e_hi = tl.load(seg_ptr + tl.minimum(u_lo + RPP, tl.load(n_distinct_ptr).to(tl.int64)))
@@ -285,8 +291,15 @@ class Segments(NamedTuple):
     n_distinct_ready: torch.cuda.Event | None  # recorded after that copy (CUDA only)
 
 
-def row_segments(indices: torch.Tensor, weights: torch.Tensor, n_rows: int, dense: bool = False):
+def row_segments(
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    n_rows: int,
+    dense: bool = False,
+    need_count: bool = False,
+):
     """Sort the lookups by row and lay out what the walk reads: see :class:`Segments`.
+    ``need_count``: also queue U's copy to the host (the sparse path sizes its result).
 
     A stable sort (deterministic order within a row), one pass for the per-lookup arrays,
     a scan for row ordinals, one pass for the row starts; nothing waits for the device.
@@ -306,24 +319,24 @@ def row_segments(indices: torch.Tensor, weights: torch.Tensor, n_rows: int, dens
     # U goes to the host by an async copy queued here; a caller that needs it waits for
     # this event only, which completes while the walk still runs (no queue drain).
     host, ready = n_distinct, None
-    if dev.type == "cuda":
+    if need_count and dev.type == "cuda":
         host = torch.empty(1, dtype=torch.int32, pin_memory=True)
         host.copy_(n_distinct, non_blocking=True)
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.current_stream(dev))
     bound = min(e, n_rows)
     seg = torch.full((bound + 1,), e, dtype=torch.int64, device=dev)
     rows = torch.empty(bound, dtype=torch.int64, device=dev)
     touched = torch.zeros(n_rows if dense else 0, dtype=torch.int8, device=dev)
     if e:
-        _starts_kernel[grid](sorted_rows, firsts, ordinal, seg, rows, touched, e,
+        _starts_kernel[grid](sorted_rows, firsts, ordinal, seg, rows, touched, e, n_rows, bound,
                              DENSE=dense, BLOCK=_PREP_BLOCK)  # fmt: skip
     return Segments(rows, seg, perm, sorted_rows, packed, ws, touched, n_distinct, host, ready)
 
 
 def bwd_launch(d: int) -> tuple[int, int]:
     """The backward's default ``(BLOCK_D, num_warps)`` for rows of ``d`` columns."""
-    return min(BWD_BLOCK_D, triton.next_power_of_2(d)), BWD_WARPS
+    return min(BWD_BLOCK_D, triton.next_power_of_2(max(d, 1))), BWD_WARPS
 
 
 def _bwd_launch(
@@ -344,7 +357,7 @@ def _bwd_launch(
     when not asked for). Launch parameters default to the module's BWD_* constants."""
     d = values.shape[1]
     bound, e = segments.rows.numel(), segments.perm.numel()
-    block_d = min(block_d or BWD_BLOCK_D, triton.next_power_of_2(max(d, 1)))
+    block_d = min(block_d, triton.next_power_of_2(max(d, 1))) if block_d else bwd_launch(d)[0]
     rpp = rows_per_program or BWD_ROWS_PER_PROGRAM
     n_tiles = triton.cdiv(d, block_d)
     dw = torch.empty(indices.shape if write_dw else (0,), dtype=torch.float32,
@@ -382,7 +395,7 @@ def _bwd_dense(grad_out, values, indices, weights, need_values, need_weights, **
 
 def _bwd_sparse(grad_out, values, indices, weights, need_weights, **launch):
     """Row-sparse value gradient ``(rows [U], grad_rows [U, D])`` and score gradient."""
-    segments = row_segments(indices, weights, values.shape[0])
+    segments = row_segments(indices, weights, values.shape[0], need_count=True)
     # Sized by the bound on U, min(B·K, N), so the walk is queued without waiting for U
     # (1.1× U at the paper's shape, at most 1.6× U for uniform lookups); U is read once
     # all the work is queued. Skewed lookups (bound > 2U) get a right-sized copy.

@@ -15,6 +15,8 @@ import torch
 
 from memlayers.ops.embedding_bag import resolve_impl
 
+_HALF = (torch.bfloat16, torch.float16)
+
 
 def check_product_key_inputs(query: torch.Tensor, keys: torch.Tensor, k: int) -> None:
     """Raise ``ValueError`` naming the offending value when shapes or ``k`` don't fit."""
@@ -61,11 +63,18 @@ def product_key_topk(
     # Scores in fp32 at least, autocast or not: bf16 would quantise the top-k choice and
     # the softmax (a bf16 step is 0.0625 between 8 and 16). The PyTorch path widens its
     # inputs; the Triton path multiplies bf16/fp16 inputs with fp32 accumulation and fp32
-    # output (the same products, on tensor cores). Autocast is off inside either way.
-    with torch.autocast(query.device.type, enabled=False):
+    # output (the same products, on tensor cores), and under bf16/fp16 autocast it takes
+    # its inputs at the autocast dtype, as autocast would for a matmul (fp32 keys and an
+    # fp32 normed query included). Autocast is off inside either way.
+    device = query.device.type
+    amp = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in _HALF
+    with torch.autocast(device, enabled=False):
         if resolve_impl(impl, query.device) == "triton":
             from memlayers.ops.product_keys_triton import product_key_topk_triton
 
+            if amp:
+                half = torch.get_autocast_dtype(device)
+                query, keys = query.to(half), keys.to(half)
             return product_key_topk_triton(query, keys, k)
         dtype = torch.promote_types(torch.promote_types(query.dtype, keys.dtype), torch.float32)
         return _product_key_topk_torch(query.to(dtype), keys.to(dtype), k)

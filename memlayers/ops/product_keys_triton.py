@@ -8,14 +8,18 @@ PyTorch path runs three ``torch.topk`` launches and writes the candidates out in
 The reference is :func:`memlayers.ops.product_keys._product_key_topk_torch`.
 
 Top-k uses Triton's bitonic ``tl.topk`` on keys that carry each value's index:
-- bf16/fp16 scores: the fp32 bits of a half-precision value end in 16 (13) zero bits, so
-  the index goes there and the key is still an exact fp32 number (``NARROW`` keys);
-- fp32 scores: ``(order-preserving int32 of the value) << 32 | index`` in an int64 key.
+- fp32 scores (what the op produces): ``(order-preserving int32 of the value) << 32 |
+  index`` in an int64 key;
+- bf16/fp16 scores (``topk_launch`` called directly, e.g. by the benchmark): the fp32 bits
+  of a half-precision value end in 16 (13) zero bits, so the index goes there and the key
+  is still an exact fp32 number (``NARROW`` keys, about half the time of int64 keys).
 Either way the ranking is exact; only ties may resolve differently from ``torch.topk``.
 Candidate sums are rounded to the score dtype before ranking, as the PyTorch path does.
 
-Backward: the score gradient scatters onto the chosen half keys (dense ``[.., n_keys]``,
-as autograd of the PyTorch path does) and flows through two matrix products per half.
+Backward: the score gradient scatters onto the chosen half keys (dense ``[.., n_keys]`` in
+fp32, as autograd of the PyTorch path does), is rounded to the inputs' dtype and flows
+through two matrix products per half at that dtype (bf16 inputs: bf16 products with fp32
+accumulation, as for any bf16 layer's backward).
 """
 
 from __future__ import annotations

@@ -14,6 +14,21 @@ patch_triton_interpreter()
 
 
 @triton.jit
+def _row_tile(rows_ptr, grad_ptr, D, n_dtiles, DENSE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's table row, column tile, its mask and the fp32 gradient there."""
+    pid = tl.program_id(0).to(tl.int64)
+    u = pid // n_dtiles
+    cols = (pid % n_dtiles) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    mask = cols < D
+    if DENSE:
+        row = u
+    else:
+        row = tl.load(rows_ptr + u)
+    g = tl.load(grad_ptr + u * D + cols, mask=mask, other=0.0).to(tl.float32)
+    return row, cols, mask, g
+
+
+@triton.jit
 def row_adam_kernel(
     param_ptr,  # [N, D] any float dtype, updated in place
     rows_ptr,  # [U] int64 table rows (unused when DENSE: row = program's row)
@@ -34,15 +49,7 @@ def row_adam_kernel(
     DECAY: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    u = pid // n_dtiles
-    cols = (pid % n_dtiles) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    mask = cols < D
-    if DENSE:
-        row = u
-    else:
-        row = tl.load(rows_ptr + u)
-    g = tl.load(grad_ptr + u * D + cols, mask=mask, other=0.0).to(tl.float32)
+    row, cols, mask, g = _row_tile(rows_ptr, grad_ptr, D, n_dtiles, DENSE, BLOCK_D)
     offs = row * D + cols  # int64: tables past 2**31 elements
     m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
     v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0)
@@ -70,15 +77,7 @@ def row_sgd_kernel(
     DENSE: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    u = pid // n_dtiles
-    cols = (pid % n_dtiles) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    mask = cols < D
-    if DENSE:
-        row = u
-    else:
-        row = tl.load(rows_ptr + u)
-    g = tl.load(grad_ptr + u * D + cols, mask=mask, other=0.0).to(tl.float32)
+    row, cols, mask, g = _row_tile(rows_ptr, grad_ptr, D, n_dtiles, DENSE, BLOCK_D)
     p = tl.load(param_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
     p = p - lr * g
     tl.store(param_ptr + row * D + cols, p.to(param_ptr.dtype.element_ty), mask=mask)
