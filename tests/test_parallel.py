@@ -232,18 +232,44 @@ def _probe_logits(model):
     return model(torch.randint(0, 37, (3, 8), generator=g))
 
 
+def _optimizer_probe(model, opt, plan):
+    """Every optimizer moment and step count as full tensors (collective: call on every
+    rank in the same order), keyed by parameter name."""
+    tables = {id(t.weight): t for _, t in plan.tables}
+    states = {}
+    for o in opt.optimizers.values():
+        states.update({id(p): st for p, st in o.state.items()})
+    probe = {}
+    for name, p in model.named_parameters():
+        for key, val in sorted(states.get(id(p), {}).items()):
+            if torch.is_tensor(val) and val.dim() > 0:
+                if id(p) in tables:
+                    val = plan.table_dtensor(tables[id(p)], val)
+                val = _full(val)
+            probe[f"{name}.{key}"] = val.detach().clone() if torch.is_tensor(val) else val
+    return probe
+
+
 def _save_worker(rank, world, mp, root, seed):
     from memlayers.checkpoint import save_distributed_checkpoint
     from memlayers.optim import OptimArgs, build_optimizer
+    from memlayers.train import compute_loss
 
     model, plan = _parallel_model(world, mp, _reference_model(seed))
-    opt = build_optimizer(model, OptimArgs())
+    opt = build_optimizer(model, OptimArgs(lr=1e-2, warmup_steps=0))
+    # One step, so every moment (value-table shards, FSDP shards) holds something to check.
+    tokens = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(seed))
+    compute_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    plan.sync_grads(model)
+    opt.step()
     save_distributed_checkpoint(
         root, 1, model, opt, {"rng": []}, _tiny_config().to_dict(), plan=plan
     )
     logits = _probe_logits(model).detach()  # every rank: the forward is collective
+    moments = _optimizer_probe(model, opt, plan)
     if rank == 0:
         torch.save(logits, os.path.join(root, "probe.pt"))
+        torch.save(moments, os.path.join(root, "moments.pt"))
 
 
 def _load_worker(rank, world, mp, root, seed):
@@ -251,14 +277,21 @@ def _load_worker(rank, world, mp, root, seed):
     from memlayers.optim import OptimArgs, build_optimizer
 
     model, plan = _parallel_model(world, mp, _reference_model(seed))  # other weights
-    opt = build_optimizer(model, OptimArgs())
+    opt = build_optimizer(model, OptimArgs(lr=1e-2, warmup_steps=0))
     load_checkpoint(root, model, opt, plan=plan)
     expected = torch.load(os.path.join(root, "probe.pt"))
     torch.testing.assert_close(_probe_logits(model), expected, rtol=0, atol=0)
+    saved = os.path.join(root, "moments.pt")
+    if os.path.exists(saved):  # written by a run that had an optimizer
+        want, got = torch.load(saved), _optimizer_probe(model, opt, plan)
+        assert sorted(got) == sorted(want) and any("exp_avg_sq" in k for k in got)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
 
 
 def test_dcp_checkpoints_reshard(tmp_path):
-    """2 -> 1, 1 -> 4, 4 -> 2 ranks (memory-parallel degree = ranks): identical outputs."""
+    """2 -> 1, 1 -> 4, 4 -> 2 ranks (memory-parallel degree = ranks): identical outputs,
+    and (2 -> 2 and 4 -> 2, which load an optimizer) identical moments and step counts."""
     from memlayers.checkpoint import (
         consolidate_checkpoint,
         load_model_from_checkpoint,
@@ -281,7 +314,8 @@ def test_dcp_checkpoints_reshard(tmp_path):
         save_distributed_checkpoint(one, 1, ref, None, {}, _tiny_config().to_dict())
         torch.save(_probe_logits(ref).detach(), os.path.join(one, "probe.pt"))
         _spawn(_load_worker, 4, 4, one, 0)
-        # 4 -> 2.
+        # 2 -> 2 (same layout) and 4 -> 2: moments of table and FSDP shards reshard too.
+        _spawn(_load_worker, 2, 2, two, 0)
         _spawn(_save_worker, 4, 4, four, 3)
         _spawn(_load_worker, 2, 2, four, 0)
     finally:
