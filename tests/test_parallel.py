@@ -247,11 +247,10 @@ def _local_moments(model, opt, plan):
     for name, p in model.named_parameters():
         for key, val in states.get(id(p), {}).items():
             where = (None, 0)
-            if isinstance(val, DTensor) and val.dim() > 0:  # FSDP2: torch.chunk rows
-                step = -(-val.shape[0] // val.device_mesh.size())
-                where = (0, min(val.device_mesh.get_local_rank() * step, val.shape[0]))
-                val = val.to_local()
-            elif isinstance(val, DTensor):
+            if isinstance(val, DTensor):
+                if val.dim() > 0:  # FSDP2: torch.chunk rows
+                    step = -(-val.shape[0] // val.device_mesh.size())
+                    where = (0, min(val.device_mesh.get_local_rank() * step, val.shape[0]))
                 val = val.to_local()
             elif id(p) in shards and torch.is_tensor(val) and val.dim() == 2:
                 where = (1, shards[id(p)].start)

@@ -334,9 +334,10 @@ def row_segments(
     return Segments(rows, seg, perm, sorted_rows, packed, ws, touched, n_distinct, host, ready)
 
 
-def bwd_launch(d: int) -> tuple[int, int]:
-    """The backward's default ``(BLOCK_D, num_warps)`` for rows of ``d`` columns."""
-    return min(BWD_BLOCK_D, triton.next_power_of_2(max(d, 1))), BWD_WARPS
+def bwd_launch(d: int, block_d: int | None = None) -> tuple[int, int]:
+    """The backward's ``(BLOCK_D, num_warps)`` for rows of ``d`` columns: ``block_d`` (or
+    the default) capped at the next power of two of ``d``."""
+    return min(block_d or BWD_BLOCK_D, triton.next_power_of_2(max(d, 1))), BWD_WARPS
 
 
 def _bwd_launch(
@@ -357,7 +358,7 @@ def _bwd_launch(
     when not asked for). Launch parameters default to the module's BWD_* constants."""
     d = values.shape[1]
     bound, e = segments.rows.numel(), segments.perm.numel()
-    block_d = min(block_d, triton.next_power_of_2(max(d, 1))) if block_d else bwd_launch(d)[0]
+    block_d, default_warps = bwd_launch(d, block_d)
     rpp = rows_per_program or BWD_ROWS_PER_PROGRAM
     n_tiles = triton.cdiv(d, block_d)
     dw = torch.empty(indices.shape if write_dw else (0,), dtype=torch.float32,
@@ -369,7 +370,7 @@ def _bwd_launch(
         grad_out, values, segments.ws, segments.packed, segments.sorted_rows, segments.seg,
         values if grad_values is None else grad_values, parts, segments.n_distinct, rpp, e,
         D=d, DENSE_OUT=dense_out, WRITE_DV=grad_values is not None, WRITE_DW=write_dw,
-        BLOCK_D=block_d, STAGES=stages or BWD_STAGES, num_warps=num_warps or BWD_WARPS,
+        BLOCK_D=block_d, STAGES=stages or BWD_STAGES, num_warps=num_warps or default_warps,
     )  # fmt: skip
     if write_dw:
         # Column tiles' parts summed in a fixed order, then back to (bag, slot) order.
