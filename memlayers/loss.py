@@ -1,0 +1,108 @@
+"""The training loss without a full logits tensor: the output head and the cross-entropy
+computed together, one chunk of tokens at a time.
+
+A 32k vocabulary makes the logits the largest activation of a small model: 8 × 1024
+tokens × 32,000 is 0.5 GB in bf16, and ``F.cross_entropy(logits.float())`` adds an fp32
+copy, its log-softmax and their gradients (~3 GB more). Here each chunk of ``chunk``
+tokens gets its logits (in the head's compute dtype, as ``F.linear`` under autocast would
+give), an fp32 log-sum-exp and loss, and — when a gradient is wanted — its logit gradient
+``softmax − onehot`` right away, turned into the chunk's hidden-state gradient and added
+to the head's weight gradient (fp32). Only one ``[chunk, V]`` block is ever live, and the
+backward is two scalings. The forward value equals ``F.cross_entropy(F.linear(h, W)
+.float(), targets)`` (tested); the gradients agree to the rounding of the bf16 products.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows per chunk: [chunk, V] fp32 is ~256 MB at V = 32k, small next to a step's activations
+# and large enough that each chunk's three matmuls keep the card busy.
+DEFAULT_CHUNK = 2048
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, ignore_index, dtype):
+        # h [N, D], weight [V, D], targets [N] int64; matmuls at ``dtype``
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(dtype)  # [V, D], one cast per call (what F.linear under autocast does)
+        n = h.shape[0]
+        valid = targets != ignore_index  # [N]
+        count = valid.sum()  # stays on the device: no host sync
+        acc = torch.promote_types(dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        for s in range(0, n, chunk):
+            hc, tc, vc = h[s : s + chunk].to(dtype), targets[s : s + chunk], valid[s : s + chunk]
+            logits = hc @ w.t()  # [c, V] at the compute dtype
+            lf = logits.to(acc)
+            lse = torch.logsumexp(lf, dim=-1)  # [c]
+            safe = tc.clamp(min=0)[:, None]  # ignored rows pick class 0, masked below
+            picked = lf.gather(1, safe)[:, 0]
+            total = total + torch.where(vc, lse - picked, 0.0).sum()
+            if need_h or need_w:
+                # d loss_sum / d logits = softmax - onehot, zero on ignored rows; the mean's
+                # 1/count and the incoming gradient are applied in backward.
+                p = lf.sub_(lse[:, None]).exp_()  # [c, V] softmax, in place of lf
+                p.scatter_add_(1, safe, torch.full_like(picked, -1.0)[:, None])
+                p.mul_(vc[:, None])
+                p = p.to(dtype)
+                if need_h:
+                    grad_h[s : s + chunk] = p @ w  # [c, D]
+                if need_w:
+                    grad_w.add_(p.t() @ hc)  # [V, D], summed over chunks in fp32
+        count = count.clamp(min=1).to(acc)
+        ctx.save_for_backward(grad_h, grad_w, count)
+        ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w, count = ctx.saved_tensors
+        scale = grad / count  # []
+        dh = (grad_h * scale).to(grad_h.dtype) if ctx.needs_input_grad[0] else None
+        dw = (grad_w * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None, None, None
+
+
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = DEFAULT_CHUNK,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Mean cross-entropy of ``F.linear(h, weight)`` against ``targets``, chunked.
+
+    Args:
+        h: ``[..., D]`` final hidden states (under autocast, pass them as they come: the
+            chunks' matmuls run at the autocast dtype like ``F.linear`` would).
+        weight: ``[V, D]`` output head.
+        targets: ``[...]`` int64 class ids; ``ignore_index`` entries don't count.
+        chunk: tokens per chunk (memory: one ``[chunk, V]`` fp32 block at a time).
+
+    Returns:
+        A scalar fp32 loss, differentiable in ``h`` and ``weight``.
+    """
+    if h.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"targets must have the leading shape of h {tuple(h.shape[:-1])}, "
+            f"got {tuple(targets.shape)}"
+        )
+    if weight.dim() != 2 or weight.shape[1] != h.shape[-1]:
+        raise ValueError(f"weight must be [V, D={h.shape[-1]}], got {tuple(weight.shape)}")
+    if targets.dtype != torch.int64:
+        raise ValueError(f"targets must be int64, got {targets.dtype}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got chunk={chunk!r}")
+    device = h.device.type
+    dtype = torch.promote_types(h.dtype, weight.dtype)
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)  # as F.linear under autocast
+    flat_h = h.reshape(-1, h.shape[-1])
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(
+            flat_h, weight, targets.reshape(-1), chunk, ignore_index, dtype
+        )
