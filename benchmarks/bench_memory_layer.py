@@ -5,44 +5,25 @@ against the SwiGLU FFN it replaces at the same dim and tokens, all in one run.
 
     python benchmarks/bench_memory_layer.py                    # one GPU, paper shape
     python benchmarks/bench_memory_layer.py --out results.md
+    python benchmarks/bench_memory_layer.py --shared --dim 768 --tokens 8192 --table-dtype fp32
     TRITON_INTERPRET=1 python benchmarks/bench_memory_layer.py --smoke   # CPU: code paths
 
-Paper shape (PAPER.md §1): dim 1024, 1024² = 1,048,576 value rows of 1024 (bf16), 4 heads
+Paper shape (docs/method.md §1): dim 1024, 1024² = 1,048,576 value rows of 1024 (bf16), 4 heads
 × top-32, k_dim 512, 16,384 tokens; every parameter bf16, Adam moments fp32 for values.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import card_name, report, timed
 
 from memlayers import MemoryConfig, MemoryValues, ProductKeyMemory, SparseValueAdam
 from memlayers.ops import embedding_bag
 from memlayers.ops.product_keys import product_key_topk
-
-
-def timed(fn, iters: int) -> float:
-    """Median ms of ``fn()`` over ``iters`` calls after two warm-ups (CUDA events)."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(iters):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+from memlayers.value_optim import coalesce_rows
 
 
 def build(args, impl: str, sparse_grad: bool, device, dtype):
@@ -73,7 +54,7 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> float:
     layer, values, vopt, ropt = build(args, "triton", True, device, dtype)
     t = add(
         "Memory+ step, impl=triton (sparse grad, lazy Adam)",
-        timed(lambda: train_step(layer, x, gy, (vopt, ropt)), args.iters),
+        timed(lambda: train_step(layer, x, gy, (vopt, ropt))),
     )
     params = [p for p in layer.parameters() if p is not values.weight]
 
@@ -81,7 +62,7 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> float:
         idx, w = layer.lookup(x)
         torch.autograd.grad(w, params, torch.ones_like(w), allow_unused=True)
 
-    add("  part: query + qk-norm + product-key search (fwd+bwd)", timed(search_part, args.iters))
+    add("  part: query + qk-norm + product-key search (fwd+bwd)", timed(search_part))
     q = torch.randn(args.tokens, args.heads, layer.k_dim, device=device, dtype=dtype)
     q.requires_grad_()
 
@@ -89,7 +70,7 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> float:
         s, _ = product_key_topk(q, layer.keys, args.topk, impl="triton")
         torch.autograd.grad(s, (q, layer.keys), torch.ones_like(s))
 
-    add("    of which product_key_topk (fwd+bwd)", timed(topk_part, args.iters))
+    add("    of which product_key_topk (fwd+bwd)", timed(topk_part))
     if args.sweep:
         bench_search(args, q, layer.keys, add)
     idx, w = (t.detach() for t in layer.lookup(x))
@@ -100,14 +81,14 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> float:
         y = embedding_bag(values.weight, idx, w, impl="triton", sparse_grad=True)
         torch.autograd.grad(y, (values.weight, w), gyv)
 
-    add("  part: value lookup (fwd+bwd, sparse grad)", timed(lookup_part, args.iters))
+    add("  part: value lookup (fwd+bwd, sparse grad)", timed(lookup_part))
     y = torch.randn(args.tokens, values.v_dim, device=device, dtype=dtype, requires_grad=True)
 
     def gating_part():
         out = layer.w2(y * F.silu(layer.w1(x)))
         torch.autograd.grad(out, (y, layer.w1.weight, layer.w2.weight), gy)
 
-    add("  part: swilu gating + output projection (fwd+bwd)", timed(gating_part, args.iters))
+    add("  part: swilu gating + output projection (fwd+bwd)", timed(gating_part))
     embedding_bag(values.weight, idx, w.detach(), impl="triton", sparse_grad=True).backward(gyv)
     grad = values.weight.grad
 
@@ -117,13 +98,13 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> float:
 
     add(
         "  part: value lazy Adam step",
-        timed(value_step, args.iters),
+        timed(value_step),
         f"{grad._nnz()} of {values.n_rows} rows touched",
     )
     values.weight.grad = None
     for prm in params:
         prm.grad = torch.zeros_like(prm)
-    add("  part: AdamW(fused) on the other parameters", timed(ropt.step, args.iters))
+    add("  part: AdamW(fused) on the other parameters", timed(ropt.step))
     return t
 
 
@@ -143,18 +124,18 @@ def bench_search(args, q, keys, add) -> None:
             s, _ = product_key_topk(q, keys, args.topk, impl=impl)
             torch.autograd.grad(s, (q, keys), torch.ones_like(s))
 
-        add(f"    search impl={impl}: forward", timed(fwd, args.iters))
-        add(f"    search impl={impl}: forward+backward", timed(fwd_bwd, args.iters))
+        add(f"    search impl={impl}: forward", timed(fwd))
+        add(f"    search impl={impl}: forward+backward", timed(fwd_bwd))
     with torch.no_grad():
         s1, s2 = pkt._half_scores(q, keys)  # [H, T, n_keys] in the score dtype (fp32)
-        add("    half-key score matmuls (cuBLAS)", timed(lambda: pkt._half_scores(q, keys), 20))
+        add("    half-key score matmuls (cuBLAS)", timed(lambda: pkt._half_scores(q, keys)))
         for rows, warps in [(1, 4), (2, 4), (1, 8), (4, 8), (1, 2)]:
             fn = lambda r=rows, w=warps: pkt.topk_launch(s1, s2, args.topk, r, w)
-            add(f"    sweep top-k kernel ROWS={rows} warps={warps} ({s1.dtype})", timed(fn, 20))
+            add(f"    sweep top-k kernel ROWS={rows} warps={warps} ({s1.dtype})", timed(fn))
         # What bf16 scores would cost: 32-bit keys with the index in the zero low bits.
         b1, b2 = s1.bfloat16(), s2.bfloat16()
         fn = lambda: pkt.topk_launch(b1, b2, args.topk, 1, 4, True)
-        add("    sweep top-k kernel ROWS=1 warps=4 (bf16 scores, narrow keys)", timed(fn, 20))
+        add("    sweep top-k kernel ROWS=1 warps=4 (bf16 scores, narrow keys)", timed(fn))
 
 
 def bench_torch_layer(args, x, gy, add, device, dtype, sparse_grad: bool) -> float:
@@ -163,7 +144,7 @@ def bench_torch_layer(args, x, gy, add, device, dtype, sparse_grad: bool) -> flo
     if not sparse_grad:
         name = "Memory+ step, impl=torch (dense grad, AdamW fused on values)"
         note = "bf16 moments (fused AdamW keeps the param dtype)"
-    return add(name, timed(lambda: train_step(layer, x, gy, (vopt, ropt)), args.torch_iters), note)
+    return add(name, timed(lambda: train_step(layer, x, gy, (vopt, ropt)), rep_ms=300), note)
 
 
 def bench_ffn(args, x, gy, add, device, dtype) -> float:
@@ -174,7 +155,66 @@ def bench_ffn(args, x, gy, add, device, dtype) -> float:
     ffn = SwiGLU(args.dim, hidden).to(device=device, dtype=dtype)
     opt = torch.optim.AdamW(ffn.parameters(), lr=1e-4, fused=device.type == "cuda")
     fn = lambda: train_step(ffn, x, gy, (opt,))
-    return add(f"SwiGLU FFN step (hidden {hidden})", timed(fn, args.iters))
+    return add(f"SwiGLU FFN step (hidden {hidden})", timed(fn))
+
+
+def bench_shared_table(args, add, device) -> dict:
+    """Memory+'s three layers read one value table: autograd adds their row-sparse
+    gradients by concatenation, and the optimizer (and gradient clipping) must sum the
+    repeated rows. One lookup against three, each forward + backward into ``.grad``, then
+    the coalesce and the lazy Adam step, with ``Tensor.coalesce`` against
+    :func:`memlayers.value_optim.coalesce_rows` (uniform lookups: the rows of three
+    layers overlap as at init)."""
+    n, d, b = args.n_keys**2, args.dim, args.tokens
+    dtype = torch.float32 if args.table_dtype == "fp32" else torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(2)
+    table = torch.randn(n, d, device=device, generator=g).to(dtype).requires_grad_()
+    bag = args.heads * args.topk
+    idx = [torch.randint(0, n, (b, bag), device=device, generator=g) for _ in range(3)]
+    w = [torch.rand(b, bag, device=device, generator=g).softmax(-1) for _ in range(3)]
+    gy = torch.randn(b, d, device=device, generator=g).to(dtype)
+    tag = f"shared table {n}×{d} {args.table_dtype}, {b}×{bag}"
+
+    def lookups(count):
+        table.grad = None
+        ys = [embedding_bag(table, idx[i], w[i], sparse_grad=True) for i in range(count)]
+        torch.autograd.backward(ys, [gy] * count)
+
+    out = {"one": add(f"{tag}: 1 lookup fwd+bwd", timed(lambda: lookups(1)))}
+    out["three"] = add(f"{tag}: 3 lookups fwd+bwd (concatenated grad)", timed(lambda: lookups(3)))
+    # What one walk over all three layers' lookups would cost (no concatenation, no
+    # coalesce): one lookup of 3·B bags.
+    idx3, w3, gy3 = torch.cat(idx), torch.cat(w), gy.repeat(3, 1)
+
+    def merged():
+        table.grad = None
+        embedding_bag(table, idx3, w3, sparse_grad=True).backward(gy3)
+
+    out["merged"] = add(f"{tag}: 1 lookup of 3×{b} bags fwd+bwd (a merged walk)", timed(merged))
+    lookups(3)
+    grad = table.grad
+    m = grad._nnz()
+    out["coalesce"] = add(f"{tag}: Tensor.coalesce() of the sum", timed(grad.coalesce),
+                          note=f"{m} rows in")  # fmt: skip
+    uncoalesced = lambda: coalesce_rows(torch.sparse_coo_tensor(  # noqa: E731
+        grad._indices(), grad._values(), grad.shape, check_invariants=False))  # fmt: skip
+    out["coalesce_rows"] = add(f"{tag}: coalesce_rows() of the sum", timed(uncoalesced))
+    opt = SparseValueAdam([table], lr=1e-3)
+
+    def step():
+        table.grad = torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape,
+                                             check_invariants=False)  # fmt: skip
+        opt.step()
+
+    out["step"] = add(f"{tag}: lazy Adam step on the sum (coalesce_rows inside)", timed(step))
+
+    def whole(count):
+        lookups(count)
+        opt.step()
+
+    out["whole1"] = add(f"{tag}: 1 lookup fwd+bwd + Adam step", timed(lambda: whole(1)))
+    out["whole3"] = add(f"{tag}: 3 lookups fwd+bwd + Adam step", timed(lambda: whole(3)))
+    return out
 
 
 def main() -> None:
@@ -184,17 +224,20 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--topk", type=int, default=32)
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--torch-iters", type=int, default=3)
+    p.add_argument(
+        "--shared",
+        action="store_true",
+        help="only the shared-table case: 1 vs 3 lookups into one table",
+    )
+    p.add_argument("--table-dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--sweep", action="store_true", help="search breakdown and launch sweep")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
     p.add_argument("--out", help="write the markdown table here")
     args = p.parse_args()
     if args.smoke:
         args.dim, args.n_keys, args.heads, args.topk, args.tokens = 64, 16, 2, 4, 32
-        args.iters = args.torch_iters = 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)"
+    card = card_name(device)
     dtype = torch.bfloat16
     torch.manual_seed(0)
     x = torch.randn(args.tokens, args.dim, device=device, dtype=dtype)
@@ -210,6 +253,18 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    if args.shared:
+        sh = bench_shared_table(args, add, device)
+        lines = [
+            f"Card: {card}; torch {torch.__version__}.", "",
+            "| step | ms | note |", "|---|---|---|",
+            *[f"| {n.strip()} | {ms:.3f} | {note} |" for n, ms, note in rows], "",
+            f"3 lookups ÷ 1 lookup, fwd+bwd: {sh['three'] / sh['one']:.2f}; with the Adam step "
+            f"(coalesce_rows): {sh['whole3'] / sh['whole1']:.2f}; "
+            f"coalesce() ÷ coalesce_rows(): {sh['coalesce'] / sh['coalesce_rows']:.1f}",
+        ]  # fmt: skip
+        report("\n".join(lines), args.out)
+        return
     t_tri = bench_triton_layer(args, x, gy, add, device, dtype)
     release()
     t_torch = bench_torch_layer(args, x, gy, add, device, dtype, sparse_grad=True)
@@ -233,10 +288,7 @@ def main() -> None:
         f"| Memory+ triton step / SwiGLU FFN step | {t_tri / t_ffn:.2f} |",
     ]
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report(text, args.out)
 
 
 if __name__ == "__main__":

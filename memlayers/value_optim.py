@@ -16,10 +16,16 @@ from __future__ import annotations
 
 import torch
 
-from memlayers.ops.embedding_bag import IMPLS
+from memlayers.ops.embedding_bag import IMPLS, resolve_impl
 from memlayers.ops.row_adam import row_adam_step_, row_sgd_step_
 
-__all__ = ["SparseValueAdam", "SparseValueSGD", "row_adam_step_", "row_sgd_step_"]
+__all__ = [
+    "SparseValueAdam",
+    "SparseValueSGD",
+    "coalesce_rows",
+    "row_adam_step_",
+    "row_sgd_step_",
+]
 
 
 def _check_impl(impl: str) -> None:
@@ -27,18 +33,38 @@ def _check_impl(impl: str) -> None:
         raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
 
 
-def _rows_and_grad(p: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+def coalesce_rows(grad: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """A row-sparse gradient ``[N, D]`` (COO, one sparse dim) with each row once, ascending.
+
+    The lookup's own gradient is coalesced as built (AccumulateGrad drops the flag; a
+    sortedness check restores it). A sum of several (three Memory+ layers on one shared
+    table: autograd concatenates their rows) is summed here by the lookup's backward walk
+    (:func:`memlayers.ops.embedding_bag_triton.sum_rows`: fp32 sums, deterministic) on
+    CUDA, where ``torch.Tensor.coalesce`` sorts and adds far slower; ``coalesce()`` elsewhere.
+    Dense gradients come back unchanged.
+    """
+    _check_impl(impl)
+    if not grad.is_sparse or grad.is_coalesced():
+        return grad
+    rows = grad._indices()[0]
+    # One comparison (and one host sync) instead of a copy of [U, D].
+    if rows.numel() <= 1 or bool((rows[1:] > rows[:-1]).all()):
+        return grad._coalesced_(True)
+    if grad.sparse_dim() != 1 or resolve_impl(impl, grad.device) != "triton":
+        return grad.coalesce()
+    from memlayers.ops.embedding_bag_triton import sum_rows
+
+    distinct, sums = sum_rows(rows, grad._values(), grad.shape[0])
+    return torch.sparse_coo_tensor(
+        distinct.unsqueeze(0), sums, grad.shape, is_coalesced=True, check_invariants=False
+    )
+
+
+def _rows_and_grad(p: torch.Tensor, impl: str) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``(rows [U] or None for all rows, grad rows [U or N, D])`` of ``p.grad``."""
     g = p.grad
     if g.is_sparse:
-        if not g.is_coalesced():
-            rows = g._indices()[0]
-            # AccumulateGrad drops the coalesced flag of the lookup's gradient (distinct,
-            # ascending rows); a check costs one comparison, coalesce() a copy of [U, D].
-            if rows.numel() <= 1 or bool((rows[1:] > rows[:-1]).all()):
-                g._coalesced_(True)
-            else:
-                g = g.coalesce()  # e.g. the sum of several layers' gradients
+        g = coalesce_rows(g, impl)
         return g.indices()[0], g.values().contiguous()
     return None, g.contiguous()
 
@@ -67,7 +93,7 @@ class _RowOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    rows, g = _rows_and_grad(p)
+                    rows, g = _rows_and_grad(p, self.impl)
                     self._update(p, group, rows, g)
         return loss
 

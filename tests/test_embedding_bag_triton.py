@@ -5,10 +5,14 @@ On a CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) at small s
 GPU the same tests run on CUDA, plus sizes and cases only a GPU can hold.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from memlayers.ops import embedding_bag
+from memlayers.ops import embedding_bag_triton as ebt
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -123,27 +127,134 @@ def test_empty(b, k, sparse_grad):
 @pytest.mark.parametrize(
     "fwd,bwd",
     [
-        (dict(block_k=2, block_d=8), dict(block_d=8, rows_per_program=1, stages=1)),
-        (dict(block_k=4, block_d=16), dict(block_d=16, rows_per_program=3, stages=2)),
-        (dict(block_k=1, block_d=64), dict(block_d=64, rows_per_program=64, num_warps=2)),
+        ((1, 1, 1), dict(block_d=8, chunk=1, stages=1)),
+        ((2, 2, 3), dict(block_d=16, chunk=3, stages=2)),
+        ((4, 4, 2), dict(block_d=64, chunk=64, num_warps=2)),
     ],
     ids=["small-tiles", "odd-steps", "wide-steps"],
 )
 @pytest.mark.parametrize("n", [9, 2], ids=["rows-9", "rows-2-long-runs"])
 def test_tilings(fwd, bwd, n):
-    # Many column tiles (score parts added across them), K tails, rows with many entries
-    # and entry tails: every launch shape computes the same function.
-    from memlayers.ops import embedding_bag_triton as ebt
-
+    # Many column tiles (score parts added across them), rows cut into many pieces (chunk
+    # 1 and 3) or held whole (64), chunk tails: every launch computes the same function.
     values, indices, weights, grad = _inputs(n, 45, 6, 7, torch.float32, seed=3)
     ref_out, ref_gv, ref_gw = _reference(values, indices, weights, grad)
-    _close(ebt._fwd_launch(values, indices, weights, **fwd), ref_out, 1e-5)
+    _close(ebt._fwd_launch(values, indices, weights, config=fwd), ref_out, 1e-5)
     gv, gw = ebt._bwd_dense(grad, values, indices, weights, True, True, **bwd)
     _close(gv, ref_gv, 1e-5)
     _close(gw, ref_gw, 1e-5)
     rows, grad_rows, gw = ebt._bwd_sparse(grad, values, indices, weights, True, **bwd)
     _close(grad_rows, ref_gv[rows], 1e-5)
     _close(gw, ref_gw, 1e-5)
+
+
+def test_forward_order_fixed_across_launches():
+    # Every launch adds a bag's rows in the same order: bitwise equal outputs, equal to
+    # the simple baseline's too (no launch parameter can change a result).
+    values, indices, weights, _ = _inputs(64, 40, 9, 17, torch.bfloat16, seed=9)
+    outs = [ebt._fwd_launch(values, indices, weights, config=c) for c in ebt.FWD_SWEEP]
+    outs.append(ebt.simple_forward(values, indices, weights))
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+
+
+def _skewed_indices(kind, n, b, k, seed):
+    """``[B, K]`` lookups: ``half-one-row`` (row 7 takes half), ``zipf`` (p ∝ 1/rank),
+    ``all-one-row``."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "all-one-row":
+        return torch.full((b, k), n // 2, device=DEVICE)
+    if kind == "zipf":
+        p = 1.0 / torch.arange(1, n + 1, dtype=torch.float64)
+        flat = torch.multinomial(p / p.sum(), b * k, replacement=True, generator=g)
+        return torch.randperm(n, generator=g)[flat].view(b, k).to(DEVICE)
+    indices = torch.randint(0, n, (b, k), generator=g)
+    indices[torch.rand(b, k, generator=g) < 0.5] = 7
+    return indices.to(DEVICE)
+
+
+SKEWS = ["half-one-row", "zipf", "all-one-row"]
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense-grad", "sparse-grad"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("skew", SKEWS)
+def test_skewed_distributions(skew, dtype, sparse_grad):
+    # 48 bags × 12 = 576 lookups: the hot row of half-one-row and all-one-row is longer
+    # than the default chunk (256), so it is cut into pieces that a second pass adds.
+    # Output and every gradient against float64.
+    values, _, weights, grad = _inputs(40, 33, 48, 12, dtype, seed=11)
+    indices = _skewed_indices(skew, 40, 48, 12, seed=12)
+    ref_out, ref_gv, ref_gw = _reference(values, indices, weights, grad)
+    out, gv, gw = _run(values, indices, weights, grad, sparse_grad)
+    _close(out, ref_out, RTOL[dtype])
+    if sparse_grad:
+        assert torch.equal(gv._indices()[0], indices.unique())
+    # A hot row's value gradient sums ~300 terms: the fp32 sum is rounded once to the
+    # table dtype, so the same tolerance holds.
+    _close(gv.to_dense(), ref_gv, RTOL[dtype])
+    _close(gw, ref_gw, 1e-5)
+
+
+@pytest.mark.parametrize("chunk", [16, 5])
+@pytest.mark.parametrize("skew", SKEWS)
+def test_skewed_pieces(skew, chunk):
+    # Small chunks cut every hot row into many pieces (and the Zipf law's middle rows
+    # too): the second pass adds them in chunk order.
+    values, _, weights, grad = _inputs(40, 33, 48, 12, torch.float32, seed=11)
+    indices = _skewed_indices(skew, 40, 48, 12, seed=12)
+    _, ref_gv, ref_gw = _reference(values, indices, weights, grad)
+    dense, dw = ebt._bwd_dense(grad, values, indices, weights, True, True, chunk=chunk)
+    _close(dense, ref_gv, 1e-5)
+    _close(dw, ref_gw, 1e-5)
+    rows, grad_rows, dw = ebt._bwd_sparse(grad, values, indices, weights, True, chunk=chunk)
+    _close(grad_rows, ref_gv[rows], 1e-5)
+    _close(dw, ref_gw, 1e-5)
+
+
+def test_simple_baselines_match_reference():
+    # The benchmark's baselines (simple forward, reverse-index backward) are tested too.
+    values, _, weights, grad = _inputs(30, 21, 10, 9, torch.float32, seed=13)
+    indices = _skewed_indices("half-one-row", 30, 10, 9, seed=14)
+    ref_out, ref_gv, ref_gw = _reference(values, indices, weights, grad)
+    _close(ebt.simple_forward(values, indices, weights), ref_out, 1e-5)
+    rows, grad_rows, gw = ebt.simple_backward(grad, values, indices, weights)
+    assert torch.equal(rows, indices.unique())
+    _close(grad_rows, ref_gv[rows], 1e-5)
+    _close(gw, ref_gw, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sum_rows(dtype):
+    # Three sorted row lists concatenated (how autograd adds three lookups' sparse
+    # gradients) and a hot row repeated 200 times: distinct ascending rows, fp32 sums.
+    g = torch.Generator().manual_seed(15)
+    lists = [torch.randperm(50, generator=g)[:20].sort().values for _ in range(3)]
+    rows = torch.cat([*lists, torch.full((200,), 3)]).to(DEVICE)
+    grads = torch.randn(rows.numel(), 17, generator=g).to(dtype).to(DEVICE)
+    distinct, sums = ebt.sum_rows(rows, grads, 50)
+    ref = torch.zeros(50, 17, dtype=torch.float64, device=DEVICE)
+    ref.index_add_(0, rows, grads.double())
+    assert torch.equal(distinct, rows.unique())
+    assert sums.dtype == dtype
+    _close(sums, ref[distinct], RTOL[dtype])
+
+
+def test_out_of_range_index_raises():
+    # The forward reads no row outside the table (masked) and fails loudly instead. On a
+    # GPU the failure is a device-side assert, which ends the process: run it in a child.
+    code = (
+        "import torch\n"
+        "from memlayers.ops import embedding_bag\n"
+        f"v = torch.randn(10, 8, device='{DEVICE}')\n"
+        f"i = torch.tensor([[1, 10]], device='{DEVICE}')\n"
+        f"w = torch.ones(1, 2, device='{DEVICE}')\n"
+        "embedding_bag(v, i, w, impl='triton')\n"
+        "torch.cuda.synchronize() if torch.cuda.is_available() else None\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "outside [0, N)" in done.stderr or "device-side assert" in done.stderr
 
 
 @pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense-grad", "sparse-grad"])
@@ -201,8 +312,6 @@ def test_torch_compile_fullgraph(sparse_grad):
 
 def test_registered_ops_pass_opcheck():
     # torch.library's own consistency checks: fake kernels, schema, autograd registration.
-    from memlayers.ops import embedding_bag_triton as ebt
-
     values, indices, weights, grad = _inputs(20, 12, 4, 5, torch.float32, seed=6)
     values.requires_grad_()
     weights.requires_grad_()
@@ -230,6 +339,11 @@ GPU_CASES = {
     "wide": (1024, 4096, 64, 32),
     "hot-rows": (8, 512, 512, 128),
 }
+GPU_SKEWED = {
+    # (N, D, B, K): half of 262k lookups on one row, a Zipf law, every lookup on one row.
+    "trainer-d": (65536, 768, 2048, 128),
+    "paper-d": (65536, 1024, 2048, 128),
+}
 
 
 @gpu_only
@@ -245,6 +359,25 @@ def test_gpu_sizes(case, dtype, sparse_grad):
     _close(out, ref_out, rtol)
     _close(gv.to_dense(), ref_gv, rtol)
     _close(gw, ref_gw, 1e-5)
+
+
+@gpu_only
+@pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense-grad", "sparse-grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("skew", SKEWS)
+@pytest.mark.parametrize("case", list(GPU_SKEWED), ids=list(GPU_SKEWED))
+def test_gpu_skewed(case, skew, dtype, sparse_grad):
+    n, d, b, k = GPU_SKEWED[case]
+    values, _, weights, grad = _inputs(n, d, b, k, dtype, seed=16)
+    indices = _skewed_indices(skew, n, b, k, seed=17)
+    out, gv, gw = _run(values, indices, weights, grad, sparse_grad)
+    ref_out, ref_gv, ref_gw = _reference(values, indices, weights, grad)
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 4e-3}[dtype]
+    _close(out, ref_out, rtol)
+    _close(gv.to_dense(), ref_gv, rtol)
+    _close(gw, ref_gw, 1e-5)
+    again = _run(values, indices, weights, grad, sparse_grad)  # bitwise deterministic
+    assert torch.equal(again[1].to_dense(), gv.to_dense()) and torch.equal(again[2], gw)
 
 
 @gpu_only

@@ -9,12 +9,8 @@ import torch
 
 from memlayers import SparseValueAdam, SparseValueSGD
 from memlayers.ops import embedding_bag
-from memlayers.ops.row_adam import (
-    row_adam_step_torch,
-    row_adam_step_triton,
-    row_sgd_step_torch,
-    row_sgd_step_triton,
-)
+from memlayers.ops.row_adam import row_adam_step_torch, row_sgd_step_torch
+from memlayers.ops.row_adam_triton import row_adam_step_triton, row_sgd_step_triton
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -144,6 +140,31 @@ def test_optimizer_through_lookup(opt):
     untouched = torch.ones(n, dtype=torch.bool, device=DEVICE)
     untouched[torch.cat(idx).unique()] = False
     assert torch.equal(tables[1][untouched], _table(n, d, torch.float32)[untouched])
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_coalesce_rows_of_three_lookups(impl):
+    # Three lookups into one table (Memory+'s shared values): autograd concatenates their
+    # sparse gradients; coalesce_rows gives each row once, ascending, summed.
+    from memlayers.value_optim import coalesce_rows
+
+    n, d = 40, 12
+    g = torch.Generator().manual_seed(8)
+    p = _table(n, d, torch.float32).requires_grad_()
+    loss = 0
+    for _ in range(3):
+        idx = torch.randint(0, n, (5, 6), generator=g).to(DEVICE)
+        w = torch.randn(5, 6, generator=g).to(DEVICE)
+        loss = loss + embedding_bag(p, idx, w, impl="triton", sparse_grad=True).pow(2).sum()
+    loss.backward()
+    assert p.grad.is_sparse and not p.grad.is_coalesced()
+    ref = p.grad.coalesce()
+    out = coalesce_rows(p.grad, impl=impl)
+    assert out.is_coalesced()
+    assert torch.equal(out.indices(), ref.indices())
+    torch.testing.assert_close(out.values(), ref.values(), rtol=1e-5, atol=1e-6)
+    dense = torch.randn(3, 4)
+    assert coalesce_rows(dense) is dense
 
 
 def test_bad_arguments():

@@ -1,32 +1,45 @@
-"""Triton kernels for the weighted embedding bag, forward and backward (PAPER.md §2).
+"""Triton kernels for the weighted embedding bag, forward and backward (docs/method.md §2).
 
 ``out[b] = Σ_k weights[b, k] · values[indices[b, k]]``. The reference is
 :class:`memlayers.ops.embedding_bag._TorchEmbeddingBag`; tests compare the two.
 
-Forward: one program per (bag, column tile); the bag's rows stream in ``[BLOCK_K, BLOCK_D]``
-tiles with fp32 accumulation. It reads each looked-up row once, as a copy does.
+Forward: one program per (bag, column tile) walks the bag's rows one at a time,
+``acc += w · row`` in fp32; by the measured rule (``FWD_CONFIG``) the tile is the whole
+row. Every launch adds the rows in the same order (k = 0, 1, …, per column), so no
+launch parameter changes a bit of the output. The simplest kernel (one program per bag,
+whole row per load, default warps, no checks) is the benchmark's baseline
+(:func:`simple_forward`).
 
-Backward (chosen by measurement, benchmarks/NOTES.md): the flattened indices are sorted by
-row (stable, so the result is bitwise deterministic); a prep pass lays out, per sorted
-lookup, its bag with first/last-of-row flags and its weight, and a scan gives each
-distinct row its ordinal. The walk then takes 16 distinct rows per program and one
-512-column tile per grid column: it steps through the rows' lookups one at a time,
-software-pipelined four deep (``tl.range(num_stages=4)``), accumulating the open row's
-value gradient ``Σ w · grad_out[bag]`` (written once, at the row's last lookup) and each
-lookup's score-gradient part ``grad_out[bag] · values[row]`` (the row read once, at its
-first lookup). Tiles are launched tile-major, so only a ``[B, 512]`` slice of grad_out
-is live at a time, which L2 keeps far better: the per-row kernel this replaced read
-grad_out's full ``[B, D]`` at random and read 4.3 GB from HBM where 1.9 GB are needed;
-the walk reads 3.3 GB (ncu, H100, paper shape) and keeps more loads in flight. No
-atomics: a row has one writer, the tiles' score parts are summed in a fixed order.
-Measured against fp32 atomics (5× slower), per-bag score gradients plus a value-gradient
-kernel, a chunked segmented scan, and the per-row kernel; the alternatives are in
-benchmarks/bench_embedding_bag.py.
+Backward (benchmarks/NOTES.md, sessions 3 and 4): the flattened lookups are sorted by row
+(stable, so every sum below has a fixed order and the result is bitwise deterministic); a
+prep pass lays out, per sorted lookup, its bag with first/last-of-row flags and its
+weight, and a scan gives each lookup its row's ordinal. The walk then splits the work by
+*lookups*, not rows: program c owns the sorted lookups ``[c·CHUNK, (c+1)·CHUNK)``, moved to
+whole-row bounds for rows of at most CHUNK lookups (such a row belongs to the program
+where it starts). A longer row — skewed lookups put tens of thousands on one row — is cut
+at the chunk bounds: each program writes its piece's fp32 partial sum (``heads``/``tails``)
+and a second small pass adds a row's pieces in chunk order. So no program walks more than
+2·CHUNK lookups whatever the distribution (the walk before this gave each program 16
+whole rows: a hot row was one serial chain, 4× slower in the 134m trainer, 12-160×
+slower than this walk on skewed lookups in benchmarks/bench_embedding_bag.py).
+
+Per lookup the walk accumulates the open row's value gradient ``Σ w · grad_out[bag]``
+(written once, at the row's last lookup, or as a piece) and the score-gradient part
+``grad_out[bag] · values[row]`` (the row read once per piece). Programs take one
+512-column tile each and are launched tile-major, so only a ``[B, 512]`` slice of
+grad_out is live at a time, which L2 keeps (ncu: 3.3 GB read where a per-row kernel read
+4.3 GB). No atomics: a row has one writer, the tiles' score parts are summed in a fixed
+order.
 
 The value gradient comes back row-sparse (``rows [U]``, ``grad_rows [U, D]``: untouched
 rows cost nothing) or dense ``[N, D]`` (a kernel zero-fills the untouched rows, the walk
 writes each touched row at its place). U, the number of distinct rows, reaches the host
-by an async copy: nothing waits for the device before the walk is queued.
+by an async copy: nothing waits for the device before the walk is queued. The same walk
+sums the repeated rows of an uncoalesced sparse gradient (:func:`sum_rows`).
+
+Indices outside ``[0, N)`` are the caller's bug: the forward reads no row for them
+(masked) and fails with a device-side assert instead (``torch._assert_async``: no host
+wait), as PyTorch's own index kernels do; the backward's writes are masked too.
 
 The ops are registered with ``torch.library`` (``memlayers::embedding_bag_fwd`` and the
 two backward ops) so ``torch.compile(fullgraph=True)`` traces through them.
@@ -44,18 +57,17 @@ from memlayers.ops.triton_interpreter import patch_triton_interpreter
 
 patch_triton_interpreter()
 
-# Launch parameters, picked by the sweep in benchmarks/bench_embedding_bag.py on an H100
-# (benchmarks/NOTES.md). Forward: rows per inner step and columns per program.
-FWD_BLOCK_K = 8
-FWD_BLOCK_D = 512
-FWD_WARPS = 4
 # Backward (benchmarks/NOTES.md, H100, 2026-11-26): 512-column tiles walked by one warp,
-# four lookups in flight, 16 distinct rows per program (1-2% faster than 64 at every D in
-# three runs).
+# four lookups in flight. CHUNK, lookups per program (H100 sweep, 2026-11-28): 256 keeps
+# every skewed case within 1.22x of uniform (128: 1.57x, the pieces' second pass grows)
+# at +0-5% on uniform against 128.
 BWD_BLOCK_D = 512
 BWD_WARPS = 1
 BWD_STAGES = 4
-BWD_ROWS_PER_PROGRAM = 16
+BWD_CHUNK = 256
+# The pass that adds a long row's pieces: [BLOCK_R pieces, BLOCK_D columns] per step.
+_COMBINE_BLOCK_R = 8
+_COMBINE_BLOCK_D = 256
 _PREP_BLOCK = 1024
 
 
@@ -65,36 +77,67 @@ def _fwd_kernel(
     indices_ptr,  # [B, K] int64
     weights_ptr,  # [B, K]
     out_ptr,  # [B, D]
+    bad_ptr,  # [1] int32: set to 1 when some index is outside [0, N)
+    N,
     K,
-    n_dtiles,
     D: tl.constexpr,  # a constant: row offsets idx * D then carry its alignment
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # columns per program: next_power_of_2(D) // SPLIT
+    STAGES: tl.constexpr,  # rows in flight (software pipelining of the loop over K)
 ):
+    """Program (bag, tile): ``acc += w_k · values[idx_k, tile]`` for k = 0 … K-1, in order.
+    One row per step and no reduction across lanes: each column's sum has the same order
+    for every launch, so no launch parameter can change a bit of the output."""
+    n_dtiles = tl.cdiv(D, BLOCK_D)
     pid = tl.program_id(0).to(tl.int64)
     bag = pid // n_dtiles
     cols = (pid % n_dtiles) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
     dmask = cols < D
-    # A 2-D accumulator, summed over K once at the end: a per-step tl.sum over K crosses
-    # warps (shared memory + a barrier every step) and left the loads waiting (3.3× slower
-    # at D = 1024 on an H100, benchmarks/NOTES.md).
-    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    # The next step's indices are loaded before this step's rows: one memory round trip
-    # per step on the critical path instead of two.
-    ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
-    idx_next = tl.load(indices_ptr + bag * K + ks, mask=ks < K, other=0)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
-        kmask = ks < K
-        idx = idx_next  # int64
-        idx_next = tl.load(indices_ptr + bag * K + BLOCK_K + ks, mask=ks + BLOCK_K < K, other=0)
-        w = tl.load(weights_ptr + bag * K + ks, mask=kmask, other=0.0).to(tl.float32)
-        # idx is int64, so idx * D is too: tables past 2**31 elements are addressed right.
-        ptrs = values_ptr + idx[:, None] * D + cols[None, :]  # [BLOCK_K, BLOCK_D]
-        rows = tl.load(ptrs, mask=kmask[:, None] & dmask[None, :], other=0.0)
-        acc += rows.to(tl.float32) * w[:, None]
-    out = tl.sum(acc, axis=0)  # [BLOCK_D]
-    tl.store(out_ptr + bag * D + cols, out.to(out_ptr.dtype.element_ty), mask=dmask)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    n_bad = tl.full([], 0, tl.int32)
+    for k in tl.range(0, K, num_stages=STAGES):
+        idx = tl.load(indices_ptr + bag * K + k)  # int64: idx * D passes 2**31 on big tables
+        w = tl.load(weights_ptr + bag * K + k).to(tl.float32)
+        # An index outside the table reads nothing (masked) and raises the flag instead.
+        ok = (idx >= 0) & (idx < N)
+        n_bad += (~ok).to(tl.int32)
+        row = tl.load(values_ptr + idx * D + cols, mask=tl.where(ok, dmask, False), other=0.0)
+        acc += row.to(tl.float32) * w
+    tl.store(out_ptr + bag * D + cols, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+    tl.store(bad_ptr, 1, mask=n_bad > 0)
+
+
+# Forward launch (SPLIT column tiles per bag, warps, stages). The rule: the whole row per
+# program, 4 warps, no pipelining: on an H100 (2026-11-28) a six-launch autotune picked
+# it at D = 512, 1000 and 2048, where it ran at 97-99% of copy bandwidth (93% at 1000,
+# as the simple kernel); 256-column tiles with 2 warps were 1-9% slower on uniform and
+# up to 4.6x slower on skewed lookups. On an H200 the simple kernel (the same launch) ran
+# at 100% (issue 16). The other entries are the benchmark's sweep; every one adds the
+# rows in the same order (see _fwd_kernel), so none changes a bit of the output.
+FWD_CONFIG = (1, 4, 1)
+FWD_SWEEP = [(1, 4, 1), (1, 4, 3), (1, 8, 3), (2, 4, 3), (2, 2, 3), (4, 2, 3)]
+
+
+@triton.jit
+def _simple_fwd_kernel(
+    values_ptr,  # [N, D]
+    indices_ptr,  # [B, K] int64
+    weights_ptr,  # [B, K]
+    out_ptr,  # [B, D]
+    K,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of two of D: the whole row per load
+):
+    """The simplest forward: one program per bag, a loop over its rows. The benchmark's
+    baseline (issue 16): the shipped forward must not be slower on any card."""
+    bag = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    dmask = cols < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for k in range(K):
+        idx = tl.load(indices_ptr + bag * K + k)
+        w = tl.load(weights_ptr + bag * K + k).to(tl.float32)
+        acc += tl.load(values_ptr + idx * D + cols, mask=dmask, other=0.0).to(tl.float32) * w
+    tl.store(out_ptr + bag * D + cols, acc.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
 @triton.jit
@@ -171,18 +214,39 @@ def _zero_untouched_kernel(
 
 
 @triton.jit
+def _chunk_bounds(ordinal_ptr, seg_ptr, c, E, CHUNK):
+    """``(begin, end)``: the sorted lookups program c walks. Nominally ``[c·CHUNK,
+    (c+1)·CHUNK)``; a row of at most CHUNK lookups is never cut: the program where it
+    starts takes all of it (begin skips a short row begun earlier, end runs on to the end
+    of a short row begun here). Longer rows are cut at the nominal bounds."""
+    e_lo = c * CHUNK
+    e_hi = tl.minimum(e_lo + CHUNK, E)
+    u_lo = tl.load(ordinal_ptr + e_lo).to(tl.int64) - 1  # row of the first lookup
+    s_lo = tl.load(seg_ptr + u_lo)
+    t_lo = tl.load(seg_ptr + u_lo + 1)
+    begin = tl.where((s_lo < e_lo) & (t_lo - s_lo <= CHUNK), t_lo, e_lo)
+    u_hi = tl.load(ordinal_ptr + e_hi - 1).to(tl.int64) - 1  # row of the last lookup
+    s_hi = tl.load(seg_ptr + u_hi)
+    t_hi = tl.load(seg_ptr + u_hi + 1)
+    end = tl.where(t_hi - s_hi <= CHUNK, t_hi, e_hi)
+    return begin, tl.maximum(end, begin)
+
+
+@triton.jit
 def _bwd_kernel(
     grad_out_ptr,  # [B, D]
     values_ptr,  # [N, D]
     ws_ptr,  # [E] fp32: weights in sorted order
     packed_ptr,  # [E] int64: bag | first << 62 | last << 61 (see _prep_kernel)
     srows_ptr,  # [E] sorted table rows
+    ordinal_ptr,  # [E] int32: 1 + the ordinal of each lookup's row
     seg_ptr,  # [bound + 1] int64: distinct row u owns sorted lookups seg[u] : seg[u + 1]
     grad_values_ptr,  # [bound, D] (sparse) or [N, D] (dense)
+    heads_ptr,  # [C, D] fp32: chunk c's piece of a long row that began before chunk c
+    tails_ptr,  # [C, D] fp32: chunk c's piece of a long row that begins in c, ends later
     parts_ptr,  # [n_tiles, E] fp32: each column tile's part of each score gradient
-    n_distinct_ptr,  # [1] int32: U, read here so the host need not wait for it
-    RPP,  # distinct rows per program
     E,
+    CHUNK,  # lookups per program (C = cdiv(E, CHUNK) programs per tile)
     D: tl.constexpr,  # a constant: row offsets row * D then carry its alignment
     DENSE_OUT: tl.constexpr,  # write row u's gradient at its table row, not at u
     WRITE_DV: tl.constexpr,
@@ -190,71 +254,174 @@ def _bwd_kernel(
     BLOCK_D: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """Program (p, t) walks the sorted lookups of distinct rows [p·RPP, (p+1)·RPP) over
-    column tile t, one lookup per step, software-pipelined STAGES deep. Axis 0 varies
-    fastest in launch order, so the grid runs (mostly: blocks are dispatched about in
-    order) through tile 0 before tile 1, and only a [B, BLOCK_D] slice of grad_out is
-    being read at a time: L2 keeps it far better than all of grad_out."""
-    p = tl.program_id(0).to(tl.int64)
+    """Program (c, t) walks the sorted lookups of chunk c (:func:`_chunk_bounds`) over
+    column tile t, one lookup per step, software-pipelined STAGES deep. A row whose lookups
+    all lie in the walk is written to grad_values; a piece of a longer row goes to heads
+    or tails (fp32) for :func:`_combine_kernel`. Axis 0 varies fastest in launch order, so
+    the grid runs (mostly) through tile 0 before tile 1, and only a [B, BLOCK_D] slice of
+    grad_out is being read at a time: L2 keeps it far better than all of grad_out."""
+    c = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1).to(tl.int64)  # tile * E passes 2**31 for large batches
-    u_lo = p * RPP  # the grid covers an upper bound on U: programs past it walk nothing
-    e_lo = tl.load(seg_ptr + u_lo)
-    e_hi = tl.load(seg_ptr + tl.minimum(u_lo + RPP, tl.load(n_distinct_ptr).to(tl.int64)))
+    begin, end = _chunk_bounds(ordinal_ptr, seg_ptr, c, E, CHUNK)
     cols = tile * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
     dmask = cols < D
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)  # the open row's value gradient
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)  # the open piece's value gradient
     v = tl.zeros([BLOCK_D], dtype=tl.float32)  # the open row's values
-    u = u_lo - 1  # ordinal of the open row
-    for e in tl.range(e_lo, e_hi, num_stages=STAGES):
+    u = tl.load(ordinal_ptr + begin, mask=begin < E, other=0).to(tl.int64) - 2  # +1 below
+    # 1 while the open piece began at its row's first lookup, 0 for a head piece.
+    whole = tl.full([], 1, tl.int32)
+    for e in tl.range(begin, end, num_stages=STAGES):
         packed = tl.load(packed_ptr + e)
         first = ((packed >> 62) & 1) != 0
         last = ((packed >> 61) & 1) != 0
+        start = first | (e == begin)  # a new piece: a row's first lookup, or the walk's
         bag = packed & ((1 << 61) - 1)
         g = tl.load(grad_out_ptr + bag * D + cols, mask=dmask, other=0.0).to(tl.float32)
         row = tl.load(srows_ptr + e).to(tl.int64)
         if WRITE_DV:
-            acc = tl.where(first, 0.0, acc) + tl.load(ws_ptr + e) * g
-            u += first.to(tl.int64)
+            acc = tl.where(start, 0.0, acc) + tl.load(ws_ptr + e) * g
+            u += start.to(tl.int64)
+            whole = tl.where(start, first.to(tl.int32), whole)
             if DENSE_OUT:
                 out_row = row
             else:
                 out_row = u
-            # One writer per row, once: its last lookup. Streamed out of L2 first.
+            # One writer per row, once: its last lookup. Streamed out of L2 first. Masks
+            # are where(flag, dmask, False), not dmask & flag: Triton 3.9's interpreter
+            # rejects a vector & scalar mask.
             tl.store(
                 grad_values_ptr + out_row * D + cols, acc.to(grad_values_ptr.dtype.element_ty),
-                mask=tl.where(last, dmask, False), eviction_policy="evict_first",
+                mask=tl.where(last & (whole != 0), dmask, False), eviction_policy="evict_first",
             )  # fmt: skip
+            # A long row's last piece (it began in an earlier chunk).
+            head_end = tl.where(last & (whole == 0), dmask, False)
+            tl.store(heads_ptr + c * D + cols, acc, mask=head_end)
         if WRITE_DW:
-            # The row's values are read once, at its first lookup (a masked load moves
-            # nothing on the others). Masks are where(flag, dmask, False), not
-            # dmask & flag: Triton 3.9's interpreter rejects a vector & scalar mask.
-            at_first = tl.where(first, dmask, False)
-            fresh = tl.load(values_ptr + row * D + cols, mask=at_first, other=0.0)
-            v = tl.where(first, fresh.to(tl.float32), v)
+            # The row's values are read once per piece (a masked load moves nothing).
+            fresh = tl.load(values_ptr + row * D + cols, mask=tl.where(start, dmask, False),
+                            other=0.0)  # fmt: skip
+            v = tl.where(start, fresh.to(tl.float32), v)
             tl.store(parts_ptr + tile * E + e, tl.sum(g * v))
+    if WRITE_DV:
+        # A long row still open at the walk's end: this chunk's piece of it.
+        walked = end > begin
+        final = tl.load(packed_ptr + end - 1, mask=walked, other=1 << 61)
+        open_end = ((final >> 61) & 1) == 0
+        piece = c * D + cols
+        tl.store(tails_ptr + piece, acc, mask=tl.where(open_end & (whole != 0), dmask, False))
+        tl.store(heads_ptr + piece, acc, mask=tl.where(open_end & (whole == 0), dmask, False))
+
+
+@triton.jit
+def _combine_kernel(
+    packed_ptr,  # [E] int64
+    srows_ptr,  # [E]
+    ordinal_ptr,  # [E] int32
+    seg_ptr,  # [bound + 1] int64
+    heads_ptr,  # [C, D] fp32
+    tails_ptr,  # [C, D] fp32
+    grad_values_ptr,  # [bound, D] or [N, D]
+    E,
+    CHUNK,
+    D: tl.constexpr,
+    DENSE_OUT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Program (c, t): if a long row (more than CHUNK lookups) ends in chunk c, write its
+    gradient ``tails[c0] + Σ_{c0 < j ≤ c} heads[j]`` (c0: the chunk where it begins), the
+    heads added in a fixed order. Few rows are long; the other programs return at once."""
+    c = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1).to(tl.int64)
+    e_lo = c * CHUNK
+    u = tl.load(ordinal_ptr + e_lo).to(tl.int64) - 1  # the row open at the chunk's start
+    s = tl.load(seg_ptr + u)
+    t = tl.load(seg_ptr + u + 1)
+    if (s < e_lo) & (t - s > CHUNK) & (t <= tl.minimum(e_lo + CHUNK, E)):
+        c0 = s // CHUNK
+        cols = tile * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+        dmask = cols < D
+        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        for j0 in range(c0 + 1, c + 1, BLOCK_R):
+            js = j0 + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+            m = (js <= c)[:, None] & dmask[None, :]
+            acc += tl.load(heads_ptr + js[:, None] * D + cols[None, :], mask=m, other=0.0)
+        total = tl.load(tails_ptr + c0 * D + cols, mask=dmask, other=0.0) + tl.sum(acc, axis=0)
+        if DENSE_OUT:
+            out_row = tl.load(srows_ptr + e_lo).to(tl.int64)
+        else:
+            out_row = u
+        tl.store(grad_values_ptr + out_row * D + cols,
+                 total.to(grad_values_ptr.dtype.element_ty), mask=dmask)  # fmt: skip
+
+
+@triton.jit
+def _simple_bwd_kernel(
+    grad_out_ptr,  # [B, D]
+    values_ptr,  # [N, D]
+    ws_ptr,  # [E] fp32, sorted order
+    packed_ptr,  # [E] int64
+    rows_ptr,  # [bound] int64
+    seg_ptr,  # [bound + 1] int64
+    grad_rows_ptr,  # [bound, D]
+    dw_ptr,  # [E] fp32: score gradient of each sorted lookup
+    n_distinct_ptr,  # [1] int32
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of two of D: the whole row per load
+):
+    """The simplest reverse-index backward: one program per distinct row, a loop over the
+    row's lookups. The benchmark's baseline (row-sparse value grad + score grads)."""
+    u = tl.program_id(0).to(tl.int64)
+    if u < tl.load(n_distinct_ptr):
+        cols = tl.arange(0, BLOCK_D)
+        dmask = cols < D
+        row = tl.load(rows_ptr + u)
+        v = tl.load(values_ptr + row * D + cols, mask=dmask, other=0.0).to(tl.float32)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for e in range(tl.load(seg_ptr + u), tl.load(seg_ptr + u + 1)):
+            bag = tl.load(packed_ptr + e) & ((1 << 61) - 1)
+            g = tl.load(grad_out_ptr + bag * D + cols, mask=dmask, other=0.0).to(tl.float32)
+            acc += tl.load(ws_ptr + e) * g
+            tl.store(dw_ptr + e, tl.sum(g * v))
+        tl.store(grad_rows_ptr + u * D + cols, acc.to(grad_rows_ptr.dtype.element_ty),
+                 mask=dmask)  # fmt: skip
 
 
 def _fwd_launch(
     values: torch.Tensor,
     indices: torch.Tensor,
     weights: torch.Tensor,
-    block_k: int = FWD_BLOCK_K,
-    block_d: int = FWD_BLOCK_D,
-    num_warps: int = FWD_WARPS,
+    config: tuple[int, int, int] = FWD_CONFIG,
+    check: bool = True,
 ) -> torch.Tensor:
-    """Forward on contiguous inputs: ``[B, D]`` in ``values.dtype``."""
+    """Forward on contiguous inputs: ``[B, D]`` in ``values.dtype``. ``config``: ``(SPLIT,
+    warps, stages)``, BLOCK_D = next_power_of_2(D) // SPLIT. ``check``: raise
+    (asynchronously, on the device: nothing waits) when an index is outside ``[0, N)``."""
     b, k = indices.shape
-    d = values.shape[1]
+    n, d = values.shape
     if b == 0 or k == 0 or d == 0:
         return values.new_zeros(b, d)
     out = values.new_empty(b, d)
-    block_d = min(block_d, triton.next_power_of_2(d))
-    block_k = min(block_k, triton.next_power_of_2(k))
-    n_dtiles = triton.cdiv(d, block_d)
-    _fwd_kernel[(b * n_dtiles,)](
-        values, indices, weights, out, k, n_dtiles,
-        D=d, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps,
+    bad = torch.zeros(1, dtype=torch.int32, device=values.device)
+    split, warps, stages = config
+    block_d = max(triton.next_power_of_2(d) // split, 1)
+    _fwd_kernel[(b * triton.cdiv(d, block_d),)](
+        values, indices, weights, out, bad, n, k,
+        D=d, BLOCK_D=block_d, STAGES=stages, num_warps=warps,
     )  # fmt: skip
+    if check:
+        torch._assert_async(bad[0] == 0, "embedding_bag: an index is outside [0, N)")
+    return out
+
+
+def simple_forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor):
+    """The benchmark's baseline forward (:func:`_simple_fwd_kernel`), contiguous inputs."""
+    b, k = indices.shape
+    d = values.shape[1]
+    out = values.new_empty(b, d)
+    if b and d:
+        _simple_fwd_kernel[(b,)](values, indices, weights, out, k, D=d,
+                                 BLOCK_D=triton.next_power_of_2(d))  # fmt: skip
     return out
 
 
@@ -277,7 +444,8 @@ class Segments(NamedTuple):
     ``rows[:U]`` int64 ascending, ``seg[:U + 1]`` (row u owns sorted lookups
     ``seg[u] : seg[u + 1]``; the tail holds E). Per lookup, in sorted order: ``perm`` (flat
     (bag, slot)), ``sorted_rows``, ``packed`` (bag and first/last-of-row flags), ``ws``
-    (fp32 weight). ``touched [N]`` int8 marks rows read (dense only, else empty)."""
+    (fp32 weight), ``ordinal`` (int32, 1 + its row's ordinal). ``touched [N]`` int8 marks
+    rows read (dense only, else empty)."""
 
     rows: torch.Tensor
     seg: torch.Tensor
@@ -285,6 +453,7 @@ class Segments(NamedTuple):
     sorted_rows: torch.Tensor
     packed: torch.Tensor
     ws: torch.Tensor
+    ordinal: torch.Tensor
     touched: torch.Tensor
     n_distinct: torch.Tensor
     n_distinct_host: torch.Tensor  # pinned [1] copy of U on CUDA (else n_distinct itself)
@@ -331,7 +500,9 @@ def row_segments(
     if e:
         _starts_kernel[grid](sorted_rows, firsts, ordinal, seg, rows, touched, e, n_rows, bound,
                              DENSE=dense, BLOCK=_PREP_BLOCK)  # fmt: skip
-    return Segments(rows, seg, perm, sorted_rows, packed, ws, touched, n_distinct, host, ready)
+    return Segments(
+        rows, seg, perm, sorted_rows, packed, ws, ordinal, touched, n_distinct, host, ready
+    )
 
 
 def bwd_launch(d: int, block_d: int | None = None) -> tuple[int, int]:
@@ -342,8 +513,7 @@ def bwd_launch(d: int, block_d: int | None = None) -> tuple[int, int]:
 
 def _bwd_launch(
     grad_out: torch.Tensor,
-    values: torch.Tensor,
-    indices: torch.Tensor,
+    values: torch.Tensor | None,
     segments: Segments,
     grad_values: torch.Tensor | None,
     dense_out: bool,
@@ -351,30 +521,46 @@ def _bwd_launch(
     block_d: int | None = None,
     num_warps: int | None = None,
     stages: int | None = None,
-    rows_per_program: int | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
-    """Run the backward walk: fills ``grad_values`` (row u's gradient at row u, or at its
-    table row when ``dense_out``) and returns the score gradient ``[B, K]`` fp32 (empty
-    when not asked for). Launch parameters default to the module's BWD_* constants."""
-    d = values.shape[1]
+    """Run the backward walk (and the pass over long rows): fills ``grad_values`` (row u's
+    gradient at row u, or at its table row when ``dense_out``) and returns the score
+    gradient of each flat (bag, slot) ``[E]`` fp32 (empty when not asked for). ``values``
+    is read only for the score gradient. Launch parameters default to the BWD_* constants.
+    """
+    d = grad_out.shape[1]
     bound, e = segments.rows.numel(), segments.perm.numel()
     block_d, default_warps = bwd_launch(d, block_d)
-    rpp = rows_per_program or BWD_ROWS_PER_PROGRAM
-    n_tiles = triton.cdiv(d, block_d)
-    dw = torch.empty(indices.shape if write_dw else (0,), dtype=torch.float32,
-                     device=values.device)  # fmt: skip
+    chunk = chunk or BWD_CHUNK
+    n_tiles, n_chunks = triton.cdiv(d, block_d), triton.cdiv(e, chunk)
+    dev = grad_out.device
+    dw = torch.empty(e if write_dw else 0, dtype=torch.float32, device=dev)
     if bound == 0 or d == 0 or (grad_values is None and not write_dw):
         return dw.zero_()
-    parts = torch.empty(n_tiles if write_dw else 0, e, dtype=torch.float32, device=dw.device)
-    _bwd_kernel[(triton.cdiv(bound, rpp), n_tiles)](
-        grad_out, values, segments.ws, segments.packed, segments.sorted_rows, segments.seg,
-        values if grad_values is None else grad_values, parts, segments.n_distinct, rpp, e,
+    parts = torch.empty(n_tiles if write_dw else 0, e, dtype=torch.float32, device=dev)
+    # A long row's pieces: [C, D] fp32 each (34 MB apiece at the paper's shape, untouched
+    # where no row is long).
+    n_pieces = n_chunks if grad_values is not None else 0
+    heads = torch.empty(n_pieces, d, dtype=torch.float32, device=dev)
+    tails = torch.empty(n_pieces, d, dtype=torch.float32, device=dev)
+    dummy = grad_out
+    _bwd_kernel[(n_chunks, n_tiles)](
+        grad_out, dummy if values is None else values, segments.ws, segments.packed,
+        segments.sorted_rows, segments.ordinal, segments.seg,
+        dummy if grad_values is None else grad_values, heads, tails, parts, e, chunk,
         D=d, DENSE_OUT=dense_out, WRITE_DV=grad_values is not None, WRITE_DW=write_dw,
         BLOCK_D=block_d, STAGES=stages or BWD_STAGES, num_warps=num_warps or default_warps,
     )  # fmt: skip
+    if grad_values is not None:
+        cblock = min(_COMBINE_BLOCK_D, triton.next_power_of_2(d))
+        _combine_kernel[(n_chunks, triton.cdiv(d, cblock))](
+            segments.packed, segments.sorted_rows, segments.ordinal, segments.seg, heads,
+            tails, grad_values, e, chunk, D=d, DENSE_OUT=dense_out, BLOCK_R=_COMBINE_BLOCK_R,
+            BLOCK_D=cblock,
+        )  # fmt: skip
     if write_dw:
         # Column tiles' parts summed in a fixed order, then back to (bag, slot) order.
-        dw.view(-1)[segments.perm] = parts.sum(0) if n_tiles > 1 else parts[0]
+        dw[segments.perm] = parts.sum(0) if n_tiles > 1 else parts[0]
     return dw
 
 
@@ -390,8 +576,22 @@ def _bwd_dense(grad_out, values, indices, weights, need_values, need_weights, **
             _zero_untouched_kernel[(triton.cdiv(n, 16),)](
                 gv, segments.touched, n, D=d, BLOCK_R=16, BLOCK_D=block_d
             )
-    dw = _bwd_launch(grad_out, values, indices, segments, gv, True, need_weights, **launch)
-    return (gv if need_values else values.new_empty(0)), dw
+    dw = _bwd_launch(grad_out, values, segments, gv, True, need_weights, **launch)
+    return (gv if need_values else values.new_empty(0)), dw.view(
+        indices.shape if need_weights else (0,)
+    )
+
+
+def _sparse_rows(segments: Segments, grad_rows: torch.Tensor):
+    """``(rows [U], grad_rows [U, D])`` once U is on the host; buffers sized by the bound
+    (min(B·K, N)) are trimmed, and copied when the bound is over 2U (skewed lookups)."""
+    if segments.n_distinct_ready is not None:
+        segments.n_distinct_ready.synchronize()
+    u = int(segments.n_distinct_host)
+    rows, grad_rows = segments.rows[:u], grad_rows[:u]
+    if segments.rows.numel() > 2 * u:
+        rows, grad_rows = rows.clone(), grad_rows.clone()
+    return rows, grad_rows
 
 
 def _bwd_sparse(grad_out, values, indices, weights, need_weights, **launch):
@@ -399,17 +599,46 @@ def _bwd_sparse(grad_out, values, indices, weights, need_weights, **launch):
     segments = row_segments(indices, weights, values.shape[0], need_count=True)
     # Sized by the bound on U, min(B·K, N), so the walk is queued without waiting for U
     # (1.1× U at the paper's shape, at most 1.6× U for uniform lookups); U is read once
-    # all the work is queued. Skewed lookups (bound > 2U) get a right-sized copy.
+    # all the work is queued.
     grad_rows = values.new_empty(segments.rows.numel(), values.shape[1])
-    dw = _bwd_launch(grad_out, values, indices, segments, grad_rows, False, need_weights,
-                     **launch)  # fmt: skip
-    if segments.n_distinct_ready is not None:
-        segments.n_distinct_ready.synchronize()
-    u = int(segments.n_distinct_host)
-    rows, grad_rows = segments.rows[:u], grad_rows[:u]
-    if segments.rows.numel() > 2 * u:
-        rows, grad_rows = rows.clone(), grad_rows.clone()
-    return rows, grad_rows, dw
+    dw = _bwd_launch(grad_out, values, segments, grad_rows, False, need_weights, **launch)
+    rows, grad_rows = _sparse_rows(segments, grad_rows)
+    return rows, grad_rows, dw.view(indices.shape if need_weights else (0,))
+
+
+def simple_backward(grad_out, values, indices, weights):
+    """The benchmark's baseline backward (:func:`_simple_bwd_kernel`): ``(rows [U],
+    grad_rows [U, D], grad_weights [B, K] fp32)``, contiguous inputs."""
+    segments = row_segments(indices, weights, values.shape[0], need_count=True)
+    bound, d = segments.rows.numel(), values.shape[1]
+    grad_rows = values.new_empty(bound, d)
+    dw_sorted = torch.zeros(segments.perm.numel(), dtype=torch.float32, device=values.device)
+    if bound and d:
+        _simple_bwd_kernel[(bound,)](
+            grad_out, values, segments.ws, segments.packed, segments.rows, segments.seg,
+            grad_rows, dw_sorted, segments.n_distinct, D=d, BLOCK_D=triton.next_power_of_2(d),
+        )  # fmt: skip
+    dw = torch.empty_like(dw_sorted)
+    dw[segments.perm] = dw_sorted
+    rows, grad_rows = _sparse_rows(segments, grad_rows)
+    return rows, grad_rows, dw.view(indices.shape)
+
+
+def sum_rows(
+    rows: torch.Tensor, grads: torch.Tensor, n_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coalesce a row gradient with repeats: ``(distinct rows [U] ascending, sums [U, D])``
+    of ``rows [M]`` int64 and ``grads [M, D]`` (e.g. the sum of several lookups' sparse
+    gradients, which autograd concatenates). It is the backward walk with one-row bags and
+    unit weights: deterministic (repeats added in their order in ``rows``), fp32 sums, and
+    no serial chain on a row that repeats many times."""
+    m, d = grads.shape
+    indices = rows.reshape(m, 1)
+    ones = torch.ones(m, 1, dtype=torch.float32, device=grads.device)
+    segments = row_segments(indices, ones, n_rows, need_count=True)
+    out = grads.new_empty(segments.rows.numel(), d)
+    _bwd_launch(grads.contiguous(), None, segments, out, False, False)
+    return _sparse_rows(segments, out)
 
 
 # ---------------------------------------------------------------------------------------

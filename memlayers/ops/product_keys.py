@@ -1,4 +1,4 @@
-"""Product-key top-k search (Lample et al. 2019; PAPER.md §1 "Product keys").
+"""Product-key top-k search (Lample et al. 2019; docs/method.md §1 "Product keys").
 
 The full key set of a head is the Cartesian product of two half-key sets of ``n_keys``
 rows each, so it has ``n_keys**2`` keys that are never materialised. The score of key

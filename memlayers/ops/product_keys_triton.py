@@ -1,4 +1,4 @@
-"""Triton kernel for the two top-k passes of the product-key search (PAPER.md §1).
+"""Triton kernel for the two top-k passes of the product-key search (docs/method.md §1).
 
 The half-key scores ``s1 = q1 K1ᵀ`` and ``s2 = q2 K2ᵀ`` stay cuBLAS matrix products, fp32
 out whatever the inputs (bf16/fp16 inputs accumulate in fp32 on tensor cores); one

@@ -4,11 +4,13 @@ A step reads and writes only the rows a batch touched: ``param[rows]``, the fp32
 ``exp_avg[rows]`` and ``exp_avg_sq[rows]``, and reads the gradient rows. Untouched rows
 are never read or written, so they stay bit-identical. Bytes per touched element:
 Adam ``2·p + 2·4 + 2·4 + g`` (22 for a bf16 table and gradient, 28 for fp32); SGD
-``2·p + g``. A dense AdamW over 1M × 1024 fp32 moves ~16+ GB per step (PAPER.md §4).
+``2·p + g``. A dense AdamW over 1M × 1024 fp32 moves ~16+ GB per step (docs/method.md §4).
 
-The PyTorch functions are the references (and the CPU path); the Triton kernels run one
-program per (row, column tile) and do the same fp32 arithmetic in the same order, with
-IEEE square root and division, so touched rows agree with the reference to fp32 rounding.
+The PyTorch functions here are the references (and the CPU path), beside the argument
+checks and the dispatchers; the Triton kernels and their launchers live in
+:mod:`memlayers.ops.row_adam_triton` and do the same fp32 arithmetic in the same order,
+with IEEE square root and division, so touched rows agree with the reference to fp32
+rounding.
 """
 
 from __future__ import annotations
@@ -18,9 +20,6 @@ import math
 import torch
 
 from memlayers.ops.embedding_bag import resolve_impl
-
-ADAM_BLOCK_D = 1024
-ADAM_WARPS = 4
 
 
 def row_adam_step_torch(
@@ -64,7 +63,8 @@ def row_sgd_step_torch(
     param[sel] = (param[sel].float() - lr * grad.float()).to(param.dtype)
 
 
-def _check_rows(param, rows, grad, *state) -> None:
+def check_rows(param, rows, grad, *state) -> None:
+    """Raise ``ValueError`` naming the offending shape, dtype or layout."""
     n, d = param.shape
     u = n if rows is None else rows.shape[0]
     if grad.shape != (u, d):
@@ -81,66 +81,22 @@ def _check_rows(param, rows, grad, *state) -> None:
             raise ValueError("param, grad and optimizer state must be contiguous")
 
 
-def _launch_shape(u: int, d: int, block_d: int) -> tuple[int, int]:
-    import triton
-
-    block_d = min(block_d, triton.next_power_of_2(d))
-    return block_d, triton.cdiv(d, block_d)
-
-
-def row_adam_step_triton(
-    param, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
-    block_d: int = ADAM_BLOCK_D, num_warps: int = ADAM_WARPS,
-) -> None:  # fmt: skip
-    """Triton version of :func:`row_adam_step_torch` (same arguments)."""
-    from memlayers.ops.row_adam_triton import row_adam_kernel
-
-    _check_rows(param, rows, grad, exp_avg, exp_avg_sq)
-    n, d = param.shape
-    u = n if rows is None else rows.shape[0]
-    if u == 0 or d == 0:
-        return
-    block_d, n_dtiles = _launch_shape(u, d, block_d)
-    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-    row_adam_kernel[(u * n_dtiles,)](
-        param, rows if rows is not None else grad, grad, exp_avg, exp_avg_sq, d, n_dtiles,
-        beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, math.sqrt(bc2), eps,
-        -lr / bc1,
-        DENSE=rows is None, DECAY=weight_decay != 0, BLOCK_D=block_d, num_warps=num_warps,
-    )  # fmt: skip
-
-
-def row_sgd_step_triton(
-    param, rows, grad, lr, block_d: int = ADAM_BLOCK_D, num_warps: int = ADAM_WARPS
-) -> None:
-    """Triton version of :func:`row_sgd_step_torch` (same arguments)."""
-    from memlayers.ops.row_adam_triton import row_sgd_kernel
-
-    _check_rows(param, rows, grad)
-    n, d = param.shape
-    u = n if rows is None else rows.shape[0]
-    if u == 0 or d == 0:
-        return
-    block_d, n_dtiles = _launch_shape(u, d, block_d)
-    row_sgd_kernel[(u * n_dtiles,)](
-        param, rows if rows is not None else grad, grad, d, n_dtiles, lr,
-        DENSE=rows is None, BLOCK_D=block_d, num_warps=num_warps,
-    )  # fmt: skip
-
-
 def row_adam_step_(
     param, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
     impl: str = "auto",
 ) -> None:  # fmt: skip
     """Dispatch a row-wise Adam(W) step to Triton (CUDA) or PyTorch (``impl``)."""
-    fn = row_adam_step_triton if resolve_impl(impl, param.device) == "triton" else None
-    fn = fn or row_adam_step_torch
+    fn = row_adam_step_torch
+    if resolve_impl(impl, param.device) == "triton":
+        from memlayers.ops.row_adam_triton import row_adam_step_triton as fn
     fn(param, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
 
 
 def row_sgd_step_(param, rows, grad, lr, impl: str = "auto") -> None:
     """Dispatch a row-wise SGD step to Triton (CUDA) or PyTorch (``impl``)."""
     if resolve_impl(impl, param.device) == "triton":
+        from memlayers.ops.row_adam_triton import row_sgd_step_triton
+
         row_sgd_step_triton(param, rows, grad, lr)
     else:
         row_sgd_step_torch(param, rows, grad, lr)

@@ -1,0 +1,81 @@
+"""Benchmark the row-wise value optimizer steps (lazy Adam, SGD) against a fused dense AdamW.
+
+    python benchmarks/bench_row_adam.py                               # one GPU, paper shape
+    python benchmarks/bench_row_adam.py --dims 1024 2048 --sweep --out results.md
+    TRITON_INTERPRET=1 python benchmarks/bench_row_adam.py --smoke    # CPU: code paths
+
+Paper shape (docs/method.md §4): a 1,048,576-row bf16 table with fp32 moments, the rows
+that 16,384 × 128 uniform lookups touch (~907k). Bytes are the fewest a step moves: Adam
+reads and writes param and both fp32 moments of the touched rows and reads their gradient
+rows; SGD reads and writes param and reads the gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from timing import Table, card_name, copy_bandwidth, report, timed
+
+from memlayers.ops.row_adam_triton import row_adam_step_triton, row_sgd_step_triton
+
+
+def bench_dim(args, table: Table, d: int, device) -> None:
+    n, elt = args.rows, 2
+    g = torch.Generator(device=device).manual_seed(0)
+    values = torch.randn(n, d, device=device, generator=g).bfloat16()
+    rows = torch.randint(0, n, (args.lookups,), device=device, generator=g).unique()
+    u = rows.numel()
+    grad = torch.randn(u, d, device=device, generator=g).bfloat16()
+    m = torch.zeros(n, d, dtype=torch.float32, device=device)
+    v = torch.zeros_like(m)
+    hp = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    adam_bytes = u * d * (2 * elt + 16 + elt) + u * 8
+    note = f"{u} of {n} rows"
+    table.add(f"D={d}: row Adam step (bf16 table, fp32 moments)",
+              timed(lambda: row_adam_step_triton(values, rows, grad, m, v, 1, **hp)),
+              adam_bytes, note)  # fmt: skip
+    table.add(f"D={d}: row SGD step (bf16 table)",
+              timed(lambda: row_sgd_step_triton(values, rows, grad, 1e-3)),
+              u * d * 3 * elt + u * 8, note)  # fmt: skip
+    for bd, wp in [(512, 4), (2048, 8), (1024, 8), (256, 2)] if args.sweep else ():
+        fn = lambda bd=bd, wp=wp: row_adam_step_triton(  # noqa: E731
+            values, rows, grad, m, v, 1, **hp, block_d=bd, num_warps=wp
+        )
+        table.add(f"D={d}: sweep Adam BLOCK_D={bd} warps={wp}", timed(fn), adam_bytes)
+    if args.dense:
+        # The dense alternative the lazy step replaces: fused AdamW over the whole table.
+        p32 = torch.zeros(n, d, dtype=torch.float32, device=device, requires_grad=True)
+        p32.grad = torch.randn_like(p32)
+        opt = torch.optim.AdamW([p32], lr=1e-3, fused=p32.is_cuda)
+        opt.step()
+        table.add(f"D={d}: torch.optim.AdamW(fused), dense fp32 table", timed(opt.step),
+                  n * d * 4 * 7, "whole table")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=1 << 20)
+    p.add_argument("--lookups", type=int, default=16384 * 128, help="tokens × heads × top-k")
+    p.add_argument("--dims", type=int, nargs="+", default=[1024])
+    p.add_argument("--sweep", action="store_true", help="launch sweep")
+    p.add_argument("--dense", action="store_true", help="fused dense AdamW for comparison")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
+    p.add_argument("--out", help="write the markdown table here")
+    args = p.parse_args()
+    if args.smoke:
+        args.rows, args.lookups, args.dims = 64, 40, [16, 13]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    card = card_name(device)
+    nbytes = 4 << 30 if device.type == "cuda" else 1 << 20
+    copy_ms, copy_tbs = copy_bandwidth(device, nbytes)
+    table = Table(copy_tbs)
+    table.add("device-to-device copy (read + write)", copy_ms, 2 * nbytes)
+    for d in args.dims:
+        bench_dim(args, table, d, device)
+    text = f"Card: {card}; torch {torch.__version__}.\n\n" + table.markdown()
+    report(text, args.out)
+
+
+if __name__ == "__main__":
+    main()
