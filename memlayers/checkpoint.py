@@ -53,6 +53,7 @@ FORMATS = ("auto", "safetensors", "dcp")
 
 @dataclass
 class CheckpointArgs:
+    enabled: bool = True  # false: no checkpoints at all (benchmarks, throwaway runs)
     every: int = 100  # steps between checkpoints (and one at the end); 0: only at the end
     keep: int = 2  # newest checkpoints kept; 0 keeps all
     checksum: bool = True  # sha256 of every file in meta.json, verified on load

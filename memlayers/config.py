@@ -53,7 +53,7 @@ class TrainArgs:
     grad_accum: int = 1  # micro-batches per optimizer step
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16
-    compile: bool = False  # torch.compile the model
+    compile: bool | None = None  # torch.compile each block; null: on CUDA only
     eval_every: int = 250  # steps between validation losses; 0: only at the end
     eval_batches: int = 8  # validation micro-batches per evaluation
     final_eval: bool = True  # `memlayers train`: run `memlayers eval` on the last checkpoint

@@ -76,17 +76,22 @@ class RunLogger:
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
 
+    def advance(self, step: int) -> None:
+        """Move the progress bar to ``step`` (a step with no record)."""
+        if self.enabled and self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
     def log_step(self, record: dict) -> None:
+        """A log interval's record (means over its steps): bar, metrics.jsonl, TensorBoard."""
         if not self.enabled:
             return
-        step = record["step"]
         if self.bar is not None:
-            self.bar.set_postfix(
-                loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:,.0f}", refresh=False
-            )
-            self.bar.update(step - self.bar.n)
-        if step % self.args.every == 0 or step == self.total_steps:
-            self._write({**record, "time": time.time()})
+            post = {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tok_per_s']:,.0f}"}
+            if "mfu" in record:
+                post["mfu"] = f"{100 * record['mfu']:.1f}%"
+            self.bar.set_postfix(post, refresh=False)
+        self.advance(record["step"])
+        self._write({**record, "time": time.time()})
 
     def log_eval(self, record: dict) -> None:
         if self.enabled:

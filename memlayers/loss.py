@@ -21,6 +21,42 @@ import torch
 DEFAULT_CHUNK = 2048
 
 
+def _chunk_loss(logits, targets, valid, acc):
+    """Summed cross-entropy of one chunk's ``logits [c, V]``: an fp32 log-sum-exp."""
+    lf = logits.to(acc)
+    lse = torch.logsumexp(lf, dim=-1)  # [c]
+    picked = lf.gather(1, targets.clamp(min=0)[:, None])[:, 0]  # ignored rows: masked below
+    return torch.where(valid, lse - picked, 0.0).sum()
+
+
+def _chunk_grad(logits, targets, valid, acc):
+    """``(loss_sum, d loss_sum / d logits)`` of one chunk: ``softmax − onehot``, zero on
+    ignored rows, at the logits' dtype (the mean's 1/count and the incoming gradient are
+    applied in backward). Written as one expression so that, compiled, it is a pass or two
+    over the bf16 logits instead of eight over an fp32 copy (19% of a 134m step's GPU
+    time eagerly, H100)."""
+    lf = logits.to(acc)
+    lse = torch.logsumexp(lf, dim=-1, keepdim=True)  # [c, 1]
+    safe = targets.clamp(min=0)[:, None]  # [c, 1]
+    picked = lf.gather(1, safe)  # [c, 1]
+    loss = torch.where(valid[:, None], lse - picked, 0.0).sum()
+    cols = torch.arange(lf.shape[1], device=lf.device)[None, :]  # [1, V]
+    p = torch.exp(lf - lse) - (cols == safe).to(acc)
+    return loss, torch.where(valid[:, None], p, 0.0).to(logits.dtype)
+
+
+# On CUDA the chunk's elementwise work runs compiled (fused); elsewhere eagerly.
+_compiled: dict = {}
+
+
+def _maybe_compiled(fn, device: torch.device):
+    if device.type != "cuda":
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=False)
+    return _compiled[fn]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk, ignore_index, dtype):
@@ -34,25 +70,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        chunk_grad = _maybe_compiled(_chunk_grad, h.device)
+        chunk_loss = _maybe_compiled(_chunk_loss, h.device)
         for s in range(0, n, chunk):
             hc, tc, vc = h[s : s + chunk].to(dtype), targets[s : s + chunk], valid[s : s + chunk]
             logits = hc @ w.t()  # [c, V] at the compute dtype
-            lf = logits.to(acc)
-            lse = torch.logsumexp(lf, dim=-1)  # [c]
-            safe = tc.clamp(min=0)[:, None]  # ignored rows pick class 0, masked below
-            picked = lf.gather(1, safe)[:, 0]
-            total = total + torch.where(vc, lse - picked, 0.0).sum()
             if need_h or need_w:
-                # d loss_sum / d logits = softmax - onehot, zero on ignored rows; the mean's
-                # 1/count and the incoming gradient are applied in backward.
-                p = lf.sub_(lse[:, None]).exp_()  # [c, V] softmax, in place of lf
-                p.scatter_add_(1, safe, torch.full_like(picked, -1.0)[:, None])
-                p.mul_(vc[:, None])
-                p = p.to(dtype)
-                if need_h:
-                    grad_h[s : s + chunk] = p @ w  # [c, D]
-                if need_w:
-                    grad_w.add_(p.t() @ hc)  # [V, D], summed over chunks in fp32
+                loss_c, p = chunk_grad(logits, tc, vc, acc)  # p: [c, V] at the compute dtype
+            else:
+                loss_c = chunk_loss(logits, tc, vc, acc)
+            total = total + loss_c
+            if need_h:
+                grad_h[s : s + chunk] = p @ w  # [c, D]
+            if need_w:
+                grad_w.add_(p.t() @ hc)  # [V, D], summed over chunks in fp32
         count = count.clamp(min=1).to(acc)
         ctx.save_for_backward(grad_h, grad_w, count)
         ctx.weight_dtype = weight.dtype

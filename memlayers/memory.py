@@ -125,7 +125,9 @@ class MemoryValues(nn.Module):
         :func:`memlayers.ops.embedding_bag`), through the shard when sharded."""
         if self.shard is not None:
             return self.shard.lookup(self.weight, indices, weights, impl, self.sparse_grad)
-        return embedding_bag(self.weight, indices, weights, impl=impl, sparse_grad=self.sparse_grad)
+        if self.sparse_grad:
+            return _eager_sparse_lookup(self.weight, indices, weights, impl, True)
+        return embedding_bag(self.weight, indices, weights, impl=impl)
 
     def init_weights(self) -> None:
         """Normal with std ``v_dim**-0.5`` (PAPER.md; keeps ``‖y‖`` near 1 at init).
@@ -138,6 +140,13 @@ class MemoryValues(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_rows={self.n_rows}, v_dim={self.v_dim}, dtype={self.weight.dtype}"
+
+
+# The row-sparse lookup runs eagerly, one graph boundary under torch.compile: its value
+# gradient has a data-dependent size (the number of distinct rows read), which AOTAutograd
+# cannot put in a compiled backward. The rest of the layer (query, qk-norm, search,
+# softmax, gating) still compiles, around this one call.
+_eager_sparse_lookup = torch.compiler.disable(embedding_bag)
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memlayers.loss import linear_cross_entropy
 from memlayers.memory import MemoryConfig, MemoryValues, ProductKeyMemory
 from memlayers.moe import MoE, MoEConfig
 from memlayers.peer import PEER, PEERConfig
@@ -359,7 +360,16 @@ class Transformer(nn.Module):
     def memory_layers(self) -> list[ProductKeyMemory]:
         return [b.ffn for b in self.layers if isinstance(b.ffn, ProductKeyMemory)]
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``tokens (B, T)`` -> logits ``(B, T, vocab)``; with ``targets (B, T)`` the mean
+        next-token cross-entropy instead (fp32 scalar), computed chunk by chunk with the
+        head (:func:`memlayers.loss.linear_cross_entropy`): no logits tensor is built."""
         B, T = tokens.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.max_seq_len:
@@ -375,6 +385,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.pos += T
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        if targets is not None:
+            return linear_cross_entropy(h, weight, targets)
         return F.linear(h, weight)  # (B, T, vocab)
 
     @torch.no_grad()

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from memlayers.memory import MemoryValues, ProductKeyMemory
 from memlayers.peer import PEER
-from memlayers.value_optim import SparseValueAdam
+from memlayers.value_optim import SparseValueAdam, coalesce_rows
 
 VALUE_OPTIMIZERS = ("sparse_adam", "adamw")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -183,7 +183,13 @@ def build_optimizer(
     if groups["values"] and not sparse:
         adamw_groups.append(values_group)
     adamw_groups = [g for g in adamw_groups if g["params"]]
-    optimizers["adamw"] = torch.optim.AdamW(adamw_groups, lr=args.lr, betas=betas, eps=args.eps)
+    params = [p for g in adamw_groups for p in g["params"]]
+    # One fused kernel for every parameter on a single CUDA device (no DTensor shards):
+    # the foreach default launches several kernels per group and step.
+    fused = bool(params) and all(p.is_cuda and type(p) is nn.Parameter for p in params)
+    optimizers["adamw"] = torch.optim.AdamW(
+        adamw_groups, lr=args.lr, betas=betas, eps=args.eps, fused=fused or None
+    )
     if groups["values"] and sparse:
         optimizers["values"] = SparseValueAdam([values_group], betas=betas, eps=args.eps, impl=impl)
     return Optimizers(optimizers)
@@ -219,37 +225,43 @@ def set_lr(optimizer: Optimizers, step: int, total_steps: int, args: OptimArgs) 
 @torch.no_grad()
 def clip_grad_norm_(params, max_norm: float, copies=None, all_reduce=None) -> torch.Tensor:
     """Global L2 norm over dense, row-sparse and sharded (DTensor) gradients; rescale them
-    when above ``max_norm`` (``max_norm <= 0`` only measures).
+    when above ``max_norm`` (``max_norm <= 0`` only measures). Returns a device scalar:
+    nothing here waits for the device.
 
     ``torch.nn.utils.clip_grad_norm_`` rejects sparse gradients, and an uncoalesced sparse
     gradient (accumulation appends rows) would count a repeated row twice, so sparse
     gradients are coalesced first. Distributed (:mod:`memlayers.parallel`): each rank sums
     the squares of its local gradients, divided by ``copies(p)`` (how many ranks hold the
-    same numbers), and ``all_reduce`` sums that over the ranks.
+    same numbers), and ``all_reduce`` sums that over the ranks. Norms and the rescale run
+    as foreach kernels (a few launches, not a few per parameter).
     """
-    grads, device = [], None
-    total = None
+    grads, divs = [], []
     for p in params:
         if p.grad is None:
             continue
         if p.grad.is_sparse:
-            p.grad = p.grad.coalesce()
+            p.grad = coalesce_rows(p.grad)
             local = p.grad._values()
         else:
             local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
         grads.append(local)
-        acc = torch.promote_types(local.dtype, torch.float32)  # no fp64 copy of fp32 grads
-        sq = torch.linalg.vector_norm(local, dtype=acc).double().square()
-        sq = sq / copies(p) if copies is not None else sq
-        total = sq if total is None else total + sq
-        device = local.device
-    if total is None:
-        total = torch.zeros((), dtype=torch.float64, device=device)
+        divs.append(float(copies(p)) if copies is not None else 1.0)
+    device = grads[0].device if grads else None
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    # Grouped by (dtype, copies): one foreach norm per group, and the divisor a Python
+    # number (a tensor of divisors would be a host-to-device copy, which waits).
+    groups: dict[tuple[torch.dtype, float], list[torch.Tensor]] = {}
+    for g, div in zip(grads, divs, strict=True):
+        groups.setdefault((g.dtype, div), []).append(g)
+    for (dtype, div), group in groups.items():
+        acc = torch.promote_types(dtype, torch.float32)  # fp32 at least, fp64 stays fp64
+        norms = torch._foreach_norm(group, 2, dtype=acc)
+        total = total + torch.stack(norms).double().square().sum() / div
     if all_reduce is not None:
         all_reduce(total)
     norm = total.sqrt().float()
-    if max_norm > 0:
+    if max_norm > 0 and grads:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.dtype))
+        for (dtype, _), group in groups.items():
+            torch._foreach_mul_(group, coef.to(dtype))
     return norm

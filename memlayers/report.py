@@ -87,6 +87,20 @@ def parameter_report(model: Transformer | ModelConfig, seq_len: int | None = Non
     }
 
 
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from the vendors' datasheets: the MFU
+# denominator. An unknown card gets no MFU rather than a guess.
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12}
+
+
+def peak_flops(device: torch.device | str) -> float | None:
+    """The bf16 dense peak of ``device`` (CUDA) in FLOP/s, or None (CPU, unknown card)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
 def _human(n: float) -> str:
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:

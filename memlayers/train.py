@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import sys
 import time
@@ -70,7 +69,7 @@ from memlayers.logger import RunLogger
 from memlayers.model import Transformer, build_model
 from memlayers.optim import build_optimizer, clip_grad_norm_, set_lr
 from memlayers.parallel import ParallelPlan, apply_fsdp, build_mesh, shard_tables
-from memlayers.report import format_report, parameter_report
+from memlayers.report import format_report, parameter_report, peak_flops
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -109,16 +108,34 @@ def init_distributed(device: str) -> Env:
 
 
 def compute_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32; ``logits (B, T, V)``, ``targets (B, T)``."""
+    """Mean next-token cross-entropy in fp32; ``logits (B, T, V)``, ``targets (B, T)``.
+    (The trainer asks the model for the loss instead, which never builds the logits.)"""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def _mean_over_ranks(x: float, env: Env) -> float:
+def use_compile(setting: bool | None, device: torch.device) -> bool:
+    """``compile``: None (auto) compiles on CUDA only: on a CPU the compile time is more
+    than a short run saves."""
+    return device.type == "cuda" if setting is None else setting
+
+
+def compile_blocks(model: Transformer) -> None:
+    """``torch.compile`` each transformer block in place (state_dict keys unchanged).
+
+    Per block rather than the whole model: blocks of one kind share their compiled code,
+    a memory block's sparse lookup stays one eager call (memory.py says why) without
+    breaking up the others, and compile time stays that of one block per kind."""
+    for block in model.layers:
+        block.compile()
+
+
+def _mean_over_ranks(x: torch.Tensor, env: Env) -> torch.Tensor:
+    """The mean of a device scalar over ranks (no host sync)."""
     if env.world_size == 1:
         return x
-    t = torch.tensor([x], dtype=torch.float64, device=env.device)
-    dist.all_reduce(t)
-    return t.item() / env.world_size
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / env.world_size
 
 
 @torch.no_grad()
@@ -127,14 +144,14 @@ def evaluate(model, loader: PackedLoader, n_batches: int, env: Env, autocast) ->
     loader.rewind()
     was_training = model.training
     model.eval()
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=env.device)
     n = min(n_batches, len(loader))
     for _ in range(n):
         x, y = (t.to(env.device) for t in next(loader))
         with autocast:
-            total += compute_loss(model(x), y).item()
+            total += model(x, targets=y).double()
     model.train(was_training)
-    return _mean_over_ranks(total / n, env)
+    return _mean_over_ranks(total / n, env).item()
 
 
 def _rng_state(env: Env) -> dict:
@@ -174,7 +191,10 @@ def build_parallel_model(model_cfg, args: TrainArgs, env: Env):
             raise ValueError(
                 f"parallel.mp={args.parallel.mp} needs that many ranks (torchrun), but world_size=1"
             )
-        return build_model(model_cfg, env.device, seed=args.seed), None
+        model = build_model(model_cfg, env.device, seed=args.seed)
+        if use_compile(args.compile, env.device):
+            compile_blocks(model)
+        return model, None
     mesh = build_mesh(env.world_size, args.parallel.mp, env.device.type)
     with torch.device("meta"):
         model = Transformer(model_cfg)
@@ -185,6 +205,8 @@ def build_parallel_model(model_cfg, args: TrainArgs, env: Env):
     model.to_empty(device=env.device)
     torch.manual_seed(args.seed)
     model.init_weights()
+    if use_compile(args.compile, env.device):
+        compile_blocks(model)  # before FSDP, whose hooks then stay outside the graphs
     apply_fsdp(model, plan)
     return model, plan
 
@@ -247,8 +269,10 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
             f"tokens, vocab {data.vocab_size}; run_dir {run_dir}"
             + (f"; resumed at step {start} from {state['path']}" if resume else "")
         )
-    fwd = torch.compile(model) if args.compile else model
     tokens_per_step = B * T * args.grad_accum * env.world_size
+    train_flops = parameter_report(model_cfg, seq_len=T)["train_flops_per_token"]
+    flops_per_step = train_flops * tokens_per_step
+    peak = (peak_flops(env.device) or 0.0) * env.world_size  # 0: no MFU (CPU, unknown card)
     history: list[dict] = []
     last_ckpt = state["path"] if resume else None
 
@@ -277,57 +301,95 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
             dist.barrier()
         return str(path or ckpt_root / "latest")
 
+    def stop_if_non_finite(step: int) -> None:
+        """Read the on-device flags (a host sync: only at log and checkpoint steps)."""
+        if int(first_bad) < 0:
+            return
+        loss_bad = bool(bad_loss)
+        raise NonFiniteLossError(
+            f"non-finite {'loss' if loss_bad else 'gradient norm'} at step {int(first_bad)} "
+            f"(checked at step {step}; every logging.every={args.logging.every} steps and "
+            f"before each checkpoint). Last good checkpoint: {last_ckpt or 'none'}. Try a "
+            f"lower optim.lr, more optim.warmup_steps or dtype=fp32, then --resume."
+        )
+
+    # Nothing in the step reads a value back to the host: losses and gradient norms are
+    # summed on the device and read once per log interval, with the step of the first
+    # non-finite one (so a NaN is still caught, and never checkpointed).
+    first_bad = torch.full((), -1, dtype=torch.int64, device=env.device)
+    bad_loss = torch.zeros((), dtype=torch.bool, device=env.device)
+    loss_acc = torch.zeros((), dtype=torch.float64, device=env.device)
+    norm_acc = torch.zeros((), dtype=torch.float64, device=env.device)
+    interval_steps, t_last = 0, time.perf_counter()
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)
     try:
         model.train()
         for step in range(start + 1, args.steps + 1):
-            t0 = time.perf_counter()
             mult = set_lr(optimizer, step, args.steps, args.optim)
             loss_sum = torch.zeros((), device=env.device)
             for _ in range(args.grad_accum):
                 x, y = (t.to(env.device, non_blocking=True) for t in next(loader))
                 with autocast:
-                    loss = compute_loss(fwd(x), y)
+                    loss = model(x, targets=y)
                 (loss / args.grad_accum).backward()
                 loss_sum += loss.detach()
-            loss_val = _mean_over_ranks(loss_sum.item() / args.grad_accum, env)
+            step_loss = _mean_over_ranks(loss_sum / args.grad_accum, env)
             if plan is not None:
                 plan.sync_grads(model)
-                grad_norm = plan.clip_grad_norm_(model, args.optim.grad_clip).item()
+                grad_norm = plan.clip_grad_norm_(model, args.optim.grad_clip)
             else:
-                grad_norm = clip_grad_norm_(model.parameters(), args.optim.grad_clip).item()
-            if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
-                raise NonFiniteLossError(
-                    f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient norm'} "
-                    f"at step {step} (loss={loss_val}, grad_norm={grad_norm}); stopped before "
-                    f"updating the weights. Last good checkpoint: {last_ckpt or 'none'}. "
-                    f"Try a lower optim.lr, more optim.warmup_steps or dtype=fp32, then "
-                    f"--resume."
-                )
+                grad_norm = clip_grad_norm_(model.parameters(), args.optim.grad_clip)
+            finite_loss, finite_norm = torch.isfinite(step_loss), torch.isfinite(grad_norm)
+            now_bad = ~(finite_loss & finite_norm) & (first_bad < 0)
+            first_bad = torch.where(now_bad, step, first_bad)
+            bad_loss = torch.where(now_bad, ~finite_loss, bad_loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            record = {
-                "step": step, "loss": loss_val, "lr": args.optim.lr * mult,
-                "grad_norm": grad_norm, "tokens": step * tokens_per_step,
-                "tok_per_s": tokens_per_step / dt,
-            }  # fmt: skip
-            history.append(record)
-            log.log_step(record)
+            loss_acc += step_loss.double()
+            norm_acc += grad_norm.double()
+            interval_steps += 1
             last = step == args.steps
-            if val_loader is not None and (
+            ckpt_due = args.checkpoint.enabled and (
+                last or (args.checkpoint.every and step % args.checkpoint.every == 0)
+            )
+            eval_due = val_loader is not None and (
                 last or (args.eval_every and step % args.eval_every == 0)
-            ):
+            )
+            if last or step % args.logging.every == 0 or ckpt_due or eval_due:
+                stop_if_non_finite(step)  # syncs: the interval's work is done
+                dt = time.perf_counter() - t_last
+                tok_s = tokens_per_step * interval_steps / dt
+                record = {
+                    "step": step, "loss": loss_acc.item() / interval_steps,
+                    "lr": args.optim.lr * mult, "grad_norm": norm_acc.item() / interval_steps,
+                    "tokens": step * tokens_per_step, "tok_per_s": tok_s,
+                }  # fmt: skip
+                if peak:
+                    record["mfu"] = flops_per_step * interval_steps / dt / peak
+                if env.device.type == "cuda":
+                    record["peak_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+                history.append(record)
+                log.log_step(record)
+                loss_acc.zero_()
+                norm_acc.zero_()
+                interval_steps = 0
+            else:
+                log.advance(step)
+            if eval_due:
                 val = evaluate(model, val_loader, args.eval_batches, env, autocast)
                 log.log_eval({"step": step, "val_loss": val})
-                record["val_loss"] = val
-            if last or (args.checkpoint.every and step % args.checkpoint.every == 0):
+                history[-1]["val_loss"] = val
+            if ckpt_due:
                 last_ckpt = checkpoint(step)
+            if interval_steps == 0:
+                t_last = time.perf_counter()  # evaluation and checkpoints are not timed
     finally:
         log.close()
     if env.is_main:
         log.message(
             f"done: {args.steps} steps, final loss {history[-1]['loss']:.4f}; "
-            f"checkpoint {last_ckpt}"
+            f"checkpoint {last_ckpt or 'none'}"
         )
     return history
 

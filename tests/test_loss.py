@@ -91,3 +91,20 @@ def test_bad_input_names_the_value(h_shape, w_shape, t_shape, dtype, chunk, matc
             torch.zeros(t_shape, dtype=dtype),
             chunk=chunk,
         )
+
+
+def test_chunk_grad_compiles_whole_and_matches_eager():
+    # On CUDA the chunk's elementwise work runs through torch.compile: it must trace as
+    # one graph (fullgraph) and give the eager numbers.
+    from memlayers.loss import _chunk_grad
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 40, generator=g).to(torch.bfloat16)
+    t = torch.randint(0, 40, (6,), generator=g)
+    valid = torch.tensor([True, True, False, True, True, True])
+    compiled = torch.compile(_chunk_grad, dynamic=False, fullgraph=True)
+    loss, p = compiled(logits, t, valid, torch.float32)
+    ref_loss, ref_p = _chunk_grad(logits, t, valid, torch.float32)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(p.float(), ref_p.float(), rtol=0, atol=1e-2)  # bf16 rounding
+    assert p.dtype == torch.bfloat16 and (p[2] == 0).all()

@@ -170,19 +170,23 @@ def test_checkpoint_of_another_model_is_rejected(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real, calls = train_mod.compute_loss, []
+    import memlayers.model as model_mod
 
-    def poisoned(logits, targets):
+    real, calls = model_mod.linear_cross_entropy, []
+
+    def poisoned(h, weight, targets):
         calls.append(1)
-        loss = real(logits, targets)
+        loss = real(h, weight, targets)
         return loss * float("nan") if len(calls) == 5 else loss
 
-    monkeypatch.setattr(train_mod, "compute_loss", poisoned)
+    monkeypatch.setattr(model_mod, "linear_cross_entropy", poisoned)
     run = tmp_path / "run"
-    with pytest.raises(NonFiniteLossError, match=r"step 5 .*step_000004"):
-        train(tiny_args(run, "steps=8", "checkpoint.every=2"))
+    # Flags are read at log and checkpoint steps: the NaN of step 5 is caught at step 6,
+    # before step 6 is checkpointed.
+    with pytest.raises(NonFiniteLossError, match=r"step 5 \(checked at step 6.*step_000004"):
+        train(tiny_args(run, "steps=8", "checkpoint.every=2", "logging.every=4"))
     assert resolve_checkpoint(run).name == "step_000004"
-    assert not (run / "checkpoints" / "step_000005").exists()
+    assert not (run / "checkpoints" / "step_000006").exists()
 
 
 # ---- config and CLI ------------------------------------------------------------------------
