@@ -1,0 +1,183 @@
+"""Training throughput of the presets, through the real trainer, on one card: tokens/s,
+MFU, ratio to the dense twin, peak memory — and a guard against regressions.
+
+    python benchmarks/bench_train.py                                   # 134m, 373m x 4
+    python benchmarks/bench_train.py --presets 134m-dense 134m-memory+ --steps 30
+    python benchmarks/bench_train.py --out benchmarks/results/train_h100_20261128.md
+    python benchmarks/bench_train.py --presets tiny-dense --device cpu --steps 6  # smoke
+
+Each preset runs ``python -m memlayers train`` in its own process (synthetic tokens, no
+evaluation, no checkpoint) so that what is timed is exactly what a user runs, and GPU
+memory and compile caches don't leak between presets. Throughput is the median of the
+trainer's logged tokens/s over the log intervals after ``--warmup`` steps (compilation
+happens in the first steps); MFU and peak memory come from the same records.
+
+The guard: the newest committed ``benchmarks/results/train_<card>_*.md`` for the same card
+is read, and every preset measured in both prints its ratio to that result; a fall of more
+than 10% is printed as a REGRESSION banner (and ``--strict`` makes it the exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PRESETS = [f"{s}-{v}" for s in ("134m", "373m") for v in ("dense", "memory+", "moe", "peer")]
+TOLERANCE = 0.9  # a preset slower than 90% of its last committed result is a regression
+
+
+def card_name(device: str) -> str:
+    """``h100`` / ``h200`` / ... from the CUDA device name; ``cpu`` on the CPU."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    name = torch.cuda.get_device_name().lower()
+    found = re.search(r"\b([a-z]\d{2,3})\b", name)
+    return found.group(1) if found else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def run_preset(preset: str, ns: argparse.Namespace, tmp: Path) -> dict:
+    run_dir = tmp / re.sub(r"[^a-z0-9]+", "-", preset)
+    cmd = [
+        sys.executable, "-m", "memlayers", "train",
+        f"model.preset={preset}", "data.dataset=synthetic",
+        f"data.batch_size={ns.batch}", f"data.seq_len={ns.seq_len}", f"steps={ns.steps}",
+        f"logging.every={ns.every}", f"device={ns.device}", f"compile={ns.compile}",
+        "eval_every=0", "eval_batches=0", "final_eval=false", "checkpoint.enabled=false",
+        f"data.options.vocab_size={ns.vocab}",
+        "logging.progress=false", "logging.tensorboard=false", "logging.plot=false",
+        f"run_dir={run_dir}", *ns.override,
+    ]  # fmt: skip
+    print(f"[{preset}] {' '.join(cmd[2:])}", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=ns.timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"preset": preset, "error": " | ".join(tail)}
+    records = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    steady = [r for r in records if "tok_per_s" in r and r["step"] > ns.warmup]
+    if not steady:
+        return {"preset": preset, "error": f"no log records after step {ns.warmup}"}
+    return {
+        "preset": preset,
+        "tokens_per_s": statistics.median(r["tok_per_s"] for r in steady),
+        "mfu": statistics.median(r.get("mfu", 0.0) for r in steady),
+        "peak_gib": max(r.get("peak_mem_gib", 0.0) for r in steady),
+        "batch": f"{ns.batch}x{ns.seq_len}",
+    }
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``vs_dense``: tokens/s over the dense twin's (same size) measured in this run."""
+    speed = {r["preset"]: r.get("tokens_per_s") for r in rows}
+    for r in rows:
+        twin = speed.get(r["preset"].rsplit("-", 1)[0] + "-dense")
+        if r.get("tokens_per_s") and twin:
+            r["vs_dense"] = r["tokens_per_s"] / twin
+
+
+def previous_result(card: str, exclude: Path | None) -> tuple[Path, dict] | None:
+    """The newest committed results file for ``card``: ``(path, {preset: row})``."""
+    files = sorted(RESULTS.glob(f"train_{card}_*.md"))
+    files = [f for f in files if exclude is None or f.resolve() != exclude.resolve()]
+    for path in reversed(files):
+        found = re.search(r"<!-- bench_train (.*) -->", path.read_text())
+        if found:
+            return path, {r["preset"]: r for r in json.loads(found.group(1))["rows"]}
+    return None
+
+
+def guard(rows: list[dict], previous: tuple[Path, dict] | None) -> list[str]:
+    """Lines comparing this run with ``previous``; regressions are shouted."""
+    if previous is None:
+        return ["guard: no earlier result for this card to compare with"]
+    path, old = previous
+    lines, bad = [f"guard: against {path.name}"], []
+    for r in rows:
+        then = old.get(r["preset"], {}).get("tokens_per_s")
+        if r.get("tokens_per_s") and then:
+            ratio = r["tokens_per_s"] / then
+            lines.append(
+                f"  {r['preset']:<14} {ratio:6.2f}x  ({then:,.0f} -> {r['tokens_per_s']:,.0f})"
+            )
+            if ratio < TOLERANCE:
+                bad.append(f"{r['preset']} at {ratio:.2f}x")
+    if bad:
+        banner = "!" * 78
+        lines += [
+            banner,
+            f"REGRESSION: slower than {path.name} by more than 10%: {', '.join(bad)}",
+            banner,
+        ]
+    return lines
+
+
+def table(rows: list[dict]) -> str:
+    out = [
+        "| preset | micro-batch | tokens/s | MFU | vs dense twin | peak GiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['preset']} | | failed: {r['error'][:120]} | | | |")
+            continue
+        ratio = f"{r['vs_dense']:.2f}" if "vs_dense" in r else ""
+        out.append(
+            f"| {r['preset']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% "
+            f"| {ratio} | {r['peak_gib']:.1f} |"
+        )
+    return "\n".join(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=PRESETS)
+    p.add_argument("--batch", type=int, default=8, help="micro-batch (sequences)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=32000, help="synthetic tokens' vocabulary")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=15, help="steps left out (compilation)")
+    p.add_argument("--every", type=int, default=5, help="trainer log interval (steps)")
+    p.add_argument("--compile", default="true", help="the trainer's compile setting")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per preset")
+    p.add_argument("--override", nargs="*", default=[], help="extra key=value for every run")
+    p.add_argument("--out", type=Path, help="write the markdown results here")
+    p.add_argument("--strict", action="store_true", help="exit 1 on a regression")
+    ns = p.parse_args()
+
+    card = card_name(ns.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [run_preset(preset, ns, Path(tmp)) for preset in ns.presets]
+    add_ratios(rows)
+    checks = guard(rows, previous_result(card, ns.out))
+    date = datetime.date.today().isoformat()
+    text = (
+        f"# Training throughput, {card.upper()}, {date}\n\n"
+        f"`python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`: synthetic tokens, "
+        f"bf16 autocast, compile={ns.compile}, {ns.steps} steps, median of the logged "
+        f"tokens/s after step {ns.warmup}; MFU = tokens/s x train FLOPs per token "
+        f"(memlayers.report) / the card's bf16 dense peak.\n\n{table(rows)}\n\n"
+        + "\n".join(checks)
+        + f"\n\n<!-- bench_train {json.dumps({'card': card, 'date': date, 'rows': rows})} -->\n"
+    )
+    if ns.out:
+        ns.out.write_text(text)
+    print(text)
+    return 1 if ns.strict and any("REGRESSION" in line for line in checks) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Where a training step's time goes: torch.profiler over a few steps of a preset,
+summarized by op (CUDA time), plus the median step time and tokens/s.
+
+    python benchmarks/profile_step.py --preset 134m-memory+ --out $OUT/prof_mem.txt
+    python benchmarks/profile_step.py --preset 134m-dense --batch 8 --seq-len 1024
+
+Uses only the library's stable entry points (build_model, build_optimizer, compute_loss,
+clip_grad_norm_), so the same script profiles an older checkout for a bisect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import statistics
+import time
+
+import torch
+
+from memlayers import build_model, get_preset
+from memlayers.optim import OptimArgs, build_optimizer, clip_grad_norm_
+from memlayers.train import compute_loss
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default="134m-memory+")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=12, help="timed steps (after 3 warm-ups)")
+    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--rows", type=int, default=40, help="ops in the summary table")
+    p.add_argument("--out", help="write the full summary table here")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (trainer)")
+    ns = p.parse_args()
+
+    dev = torch.device("cuda")
+    cfg = get_preset(ns.preset)
+    cfg.vocab_size = 32000
+    model = build_model(cfg, dev, seed=0)
+    opt = build_optimizer(model, OptimArgs())
+    if ns.compile:
+        from memlayers.train import compile_blocks
+
+        compile_blocks(model)
+    fused_loss = "targets" in inspect.signature(model.forward).parameters
+    g = torch.Generator(device=dev).manual_seed(0)
+    B, T = ns.batch, ns.seq_len
+
+    def step():
+        tokens = torch.randint(0, cfg.vocab_size, (B, T + 1), device=dev, generator=g)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if fused_loss:  # the model's own chunked loss (no logits tensor)
+                loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+            else:
+                loss = compute_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        loss.backward()
+        clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(5 if ns.compile else 3):
+        step()
+    times = []
+    for _ in range(ns.steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    head = f"{ns.preset}: step {1e3 * med:.1f} ms, {B * T / med:,.0f} tokens/s (median, {ns.steps})"
+    print(head, flush=True)
+
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(ns.profile_steps):
+            step()
+        torch.cuda.synchronize()
+    avg = prof.key_averages()
+    try:  # torch >= 2.4 names it device time
+        table = avg.table(sort_by="device_time_total", row_limit=ns.rows)
+        short = avg.table(sort_by="self_device_time_total", row_limit=ns.rows)
+    except (AttributeError, KeyError):
+        table = avg.table(sort_by="cuda_time_total", row_limit=ns.rows)
+        short = avg.table(sort_by="self_cuda_time_total", row_limit=ns.rows)
+    if ns.out:
+        with open(ns.out, "w") as f:
+            f.write(head + "\n\n## by total CUDA time\n" + table + "\n\n## by self CUDA time\n")
+            f.write(short + "\n")
+    print(short)
+
+
+if __name__ == "__main__":
+    main()
