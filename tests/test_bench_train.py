@@ -1,0 +1,53 @@
+"""The throughput benchmark's regression guard (benchmarks/bench_train.py)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_train", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    return module
+
+
+def _write(path, rows, card="h100"):
+    blob = json.dumps({"card": card, "date": "2026-01-01", "rows": rows})
+    path.write_text(f"# old\n\n<!-- bench_train {blob} -->\n")
+
+
+def test_a_fall_of_more_than_ten_percent_is_shouted(bench, tmp_path):
+    _write(tmp_path / "train_h100_20260101.md", [{"preset": "a", "tokens_per_s": 100.0}])
+    _write(tmp_path / "train_h100_20260301.md", [{"preset": "a", "tokens_per_s": 200.0}])
+    _write(tmp_path / "train_h200_20260401.md", [{"preset": "a", "tokens_per_s": 1e9}])
+    prev = bench.previous_result("h100", exclude=None)
+    assert prev[0].name == "train_h100_20260301.md"  # the newest for this card only
+    lines = bench.guard([{"preset": "a", "tokens_per_s": 170.0}], prev)
+    assert any("REGRESSION" in x and "a at 0.85x" in x for x in lines)
+    lines = bench.guard([{"preset": "a", "tokens_per_s": 190.0}], prev)
+    assert not any("REGRESSION" in x for x in lines) and any("0.95x" in x for x in lines)
+
+
+def test_no_earlier_result_and_the_output_file_itself_are_not_compared(bench, tmp_path):
+    out = tmp_path / "train_h100_20261128.md"
+    _write(out, [{"preset": "a", "tokens_per_s": 1e9}])
+    assert bench.previous_result("h100", exclude=out) is None
+    assert "no earlier result" in bench.guard([{"preset": "a", "tokens_per_s": 1.0}], None)[0]
+
+
+def test_ratio_to_the_dense_twin(bench):
+    rows = [
+        {"preset": "134m-dense", "tokens_per_s": 200.0},
+        {"preset": "134m-memory+", "tokens_per_s": 150.0},
+        {"preset": "373m-moe", "tokens_per_s": 10.0},  # no twin measured: no ratio
+    ]
+    bench.add_ratios(rows)
+    assert rows[1]["vs_dense"] == 0.75 and rows[0]["vs_dense"] == 1.0
+    assert "vs_dense" not in rows[2]
