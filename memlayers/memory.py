@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memlayers.merged_grad import MergedValueGrad
 from memlayers.ops.embedding_bag import IMPLS, embedding_bag
 from memlayers.ops.product_keys import product_key_topk
 from memlayers.usage import MemoryUsage
@@ -107,6 +108,7 @@ class MemoryValues(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         sparse_grad: bool = False,
+        merge_grads: bool = False,
     ) -> None:
         super().__init__()
         _positive_int("n_rows", n_rows)
@@ -114,6 +116,9 @@ class MemoryValues(nn.Module):
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be floating point, got dtype={dtype}")
         self.n_rows, self.v_dim, self.sparse_grad = n_rows, v_dim, sparse_grad
+        # Several layers reading this table (Memory+): with sparse_grad, one backward over
+        # all their lookups at the end of the pass (memlayers/merged_grad.py).
+        self.merged = MergedValueGrad() if merge_grads else None
         self.weight = nn.Parameter(torch.empty(n_rows, v_dim, dtype=dtype, device=device))
         # Set from outside by memlayers.parallel: then ``weight`` holds only this rank's
         # columns and lookups go through the shard's gather → lookup → redistribute.
@@ -126,7 +131,7 @@ class MemoryValues(nn.Module):
         if self.shard is not None:
             return self.shard.lookup(self.weight, indices, weights, impl, self.sparse_grad)
         if self.sparse_grad:
-            return _eager_sparse_lookup(self.weight, indices, weights, impl, True)
+            return _sparse_lookup(self, indices, weights, impl)
         return embedding_bag(self.weight, indices, weights, impl=impl)
 
     def init_weights(self) -> None:
@@ -142,11 +147,15 @@ class MemoryValues(nn.Module):
         return f"n_rows={self.n_rows}, v_dim={self.v_dim}, dtype={self.weight.dtype}"
 
 
-# The row-sparse lookup runs eagerly, one graph boundary under torch.compile: its value
-# gradient has a data-dependent size (the number of distinct rows read), which AOTAutograd
-# cannot put in a compiled backward. The rest of the layer (query, qk-norm, search,
-# softmax, gating) still compiles, around this one call.
-_eager_sparse_lookup = torch.compiler.disable(embedding_bag)
+@torch.compiler.disable
+def _sparse_lookup(values: MemoryValues, indices, weights, impl: str) -> torch.Tensor:
+    """A row-sparse lookup, run eagerly: one graph boundary under torch.compile, since its
+    value gradient has a data-dependent size (the number of distinct rows read), which
+    AOTAutograd cannot put in a compiled backward. The rest of the layer (query, qk-norm,
+    search, softmax, gating) still compiles, around this one call."""
+    if values.merged is not None:
+        return values.merged.lookup(values.weight, indices, weights, impl)
+    return embedding_bag(values.weight, indices, weights, impl=impl, sparse_grad=True)
 
 
 @torch.no_grad()

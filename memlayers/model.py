@@ -322,7 +322,8 @@ class Transformer(nn.Module):
         self.memory_values = None
         if "memory" in kinds and cfg.memory.share_values:
             _, v_dim = cfg.memory.resolved_dims(cfg.dim)
-            self.memory_values = MemoryValues(cfg.memory.n_rows, v_dim)
+            shared_by = kinds.count("memory")
+            self.memory_values = MemoryValues(cfg.memory.n_rows, v_dim, merge_grads=shared_by > 1)
         self.layers = nn.ModuleList(
             Block(cfg, i, kind, self.memory_values) for i, kind in enumerate(kinds)
         )

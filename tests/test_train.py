@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 
-import memlayers.train as train_mod
 from memlayers.checkpoint import (
     CheckpointError,
     load_checkpoint,

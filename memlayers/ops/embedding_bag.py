@@ -96,44 +96,85 @@ class _TorchEmbeddingBag(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         values, indices, weights = ctx.saved_tensors
-        n, d = values.shape
-        b, k = indices.shape
-        acc = torch.promote_types(values.dtype, torch.float32)
         need_v, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        grad_values = grad_weights = None
-        if need_v:
-            if ctx.sparse_grad:
-                # Row-sparse: accumulate into the U unique rows only.
-                rows, target = torch.unique(indices, sorted=True, return_inverse=True)
-            else:
-                rows, target = None, indices
-            grad_rows = values.new_zeros(n if rows is None else rows.numel(), d, dtype=acc)
-        if need_w:
-            grad_weights = torch.empty(b, k, dtype=acc, device=weights.device)
-        step = _row_chunk(k, d)
-        for s in range(0, b, step):
-            g = grad_out[s : s + step].to(acc)  # [b', D]
-            if need_w:
-                vals = values[indices[s : s + step]].to(acc)  # [b', K, D]
-                grad_weights[s : s + step] = torch.einsum("bkd,bd->bk", vals, g)
-            if need_v:
-                contrib = weights[s : s + step].to(acc).unsqueeze(-1) * g.unsqueeze(1)
-                grad_rows.index_add_(0, target[s : s + step].reshape(-1), contrib.reshape(-1, d))
-        if need_v:
-            grad_values = (
-                grad_rows.to(values.dtype)
-                if rows is None
-                else torch.sparse_coo_tensor(
-                    rows.unsqueeze(0),
-                    grad_rows.to(values.dtype),
-                    (n, d),
-                    is_coalesced=True,
-                    check_invariants=False,
-                )
-            )
-        if need_w:
-            grad_weights = grad_weights.to(weights.dtype)
+        grad_values, grad_weights = _torch_grads(
+            values, indices, weights, grad_out, need_v, need_w, ctx.sparse_grad
+        )
         return grad_values, None, grad_weights, None
+
+
+def _torch_grads(values, indices, weights, grad_out, need_v, need_w, sparse):
+    """The PyTorch backward: ``(value grad or None, score grad or None)``; the value grad
+    is row-sparse (coalesced COO) when ``sparse``."""
+    n, d = values.shape
+    b, k = indices.shape
+    acc = torch.promote_types(values.dtype, torch.float32)
+    grad_values = grad_weights = None
+    if need_v:
+        if sparse:
+            # Row-sparse: accumulate into the U unique rows only.
+            rows, target = torch.unique(indices, sorted=True, return_inverse=True)
+        else:
+            rows, target = None, indices
+        grad_rows = values.new_zeros(n if rows is None else rows.numel(), d, dtype=acc)
+    if need_w:
+        grad_weights = torch.empty(b, k, dtype=acc, device=weights.device)
+    step = _row_chunk(k, d)
+    for s in range(0, b, step):
+        g = grad_out[s : s + step].to(acc)  # [b', D]
+        if need_w:
+            vals = values[indices[s : s + step]].to(acc)  # [b', K, D]
+            grad_weights[s : s + step] = torch.einsum("bkd,bd->bk", vals, g)
+        if need_v:
+            contrib = weights[s : s + step].to(acc).unsqueeze(-1) * g.unsqueeze(1)
+            grad_rows.index_add_(0, target[s : s + step].reshape(-1), contrib.reshape(-1, d))
+    if need_v:
+        grad_values = (
+            grad_rows.to(values.dtype)
+            if rows is None
+            else torch.sparse_coo_tensor(
+                rows.unsqueeze(0),
+                grad_rows.to(values.dtype),
+                (n, d),
+                is_coalesced=True,
+                check_invariants=False,
+            )
+        )
+    if need_w:
+        grad_weights = grad_weights.to(weights.dtype)
+    return grad_values, grad_weights
+
+
+def embedding_bag_grads(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    grad_out: torch.Tensor,
+    need_values: bool = True,
+    need_weights: bool = True,
+    impl: str = "auto",
+    sparse_grad: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The lookup's backward as a plain function, for callers that run it themselves (one
+    backward over several lookups of a shared table: :mod:`memlayers.merged_grad`).
+
+    Returns ``(value gradient or None, score gradient [B, K] or None)``: the value gradient
+    row-sparse (coalesced COO) when ``sparse_grad``, else dense ``[N, D]``; the score
+    gradient in ``weights.dtype``. Inputs as for :func:`embedding_bag`, plus ``grad_out
+    [B, D]``.
+    """
+    check_embedding_bag_inputs(values, indices, weights)
+    if grad_out.shape != (indices.shape[0], values.shape[1]):
+        raise ValueError(
+            f"grad_out must be [B={indices.shape[0]}, D={values.shape[1]}], "
+            f"got {tuple(grad_out.shape)}"
+        )
+    if resolve_impl(impl, values.device) == "torch":
+        return _torch_grads(values, indices, weights, grad_out, need_values, need_weights,
+                            sparse_grad)  # fmt: skip
+    from memlayers.ops.embedding_bag_triton import triton_grads
+
+    return triton_grads(values, indices, weights, grad_out, need_values, need_weights, sparse_grad)
 
 
 def embedding_bag_torch(

@@ -141,6 +141,28 @@ def _simple_fwd_kernel(
 
 
 @triton.jit
+def _score_grad_kernel(
+    values_ptr,  # [N, D]
+    indices_ptr,  # [B, K] int64
+    grad_out_ptr,  # [B, D]
+    dw_ptr,  # [B, K] fp32 out: grad_out[b] · values[indices[b, k]]
+    K,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of two of D: the whole row per load
+):
+    """The score gradient alone: the forward's access pattern (one program per bag, its
+    rows streamed once), a dot product per row instead of a weighted sum; no sort."""
+    bag = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    dmask = cols < D
+    g = tl.load(grad_out_ptr + bag * D + cols, mask=dmask, other=0.0).to(tl.float32)
+    for k in tl.range(0, K, num_stages=2):
+        idx = tl.load(indices_ptr + bag * K + k)
+        row = tl.load(values_ptr + idx * D + cols, mask=dmask, other=0.0).to(tl.float32)
+        tl.store(dw_ptr + bag * K + k, tl.sum(row * g))
+
+
+@triton.jit
 def _prep_kernel(
     srows_ptr,  # [E] table row of each lookup, ascending
     perm_ptr,  # [E] int64: flat (bag, slot) position of each sorted lookup
@@ -639,6 +661,36 @@ def sum_rows(
     out = grads.new_empty(segments.rows.numel(), d)
     _bwd_launch(grads.contiguous(), None, segments, out, False, False)
     return _sparse_rows(segments, out)
+
+
+def score_grad(values: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor):
+    """``[B, K]`` fp32 score gradient ``grad_out[b] · values[indices[b, k]]`` (contiguous
+    inputs, indices in range: the forward checked them)."""
+    b, k = indices.shape
+    d = values.shape[1]
+    dw = torch.empty(b, k, dtype=torch.float32, device=values.device)
+    if b and k:
+        _score_grad_kernel[(b,)](values, indices, grad_out, dw, k, D=d,
+                                 BLOCK_D=triton.next_power_of_2(d), num_warps=4)  # fmt: skip
+    return dw
+
+
+def triton_grads(values, indices, weights, grad_out, need_values, need_weights, sparse_grad):
+    """:func:`memlayers.ops.embedding_bag.embedding_bag_grads` on the Triton path."""
+    args = (grad_out.contiguous(), values.contiguous(), indices.contiguous(),
+            weights.contiguous())  # fmt: skip
+    if need_values and sparse_grad:
+        rows, grad_rows, dw = embedding_bag_bwd_sparse(*args, need_weights)
+        gv = torch.sparse_coo_tensor(
+            rows.unsqueeze(0), grad_rows, values.shape, is_coalesced=True, check_invariants=False
+        )
+        return gv, (dw if need_weights else None)
+    if need_values:
+        gv, dw = embedding_bag_bwd(*args, True, need_weights)
+        return gv, (dw if need_weights else None)
+    if need_weights:
+        return None, score_grad(args[1], args[2], args[0]).to(weights.dtype)
+    return None, None
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""One backward for all the lookups into a shared value table (Memory+: 3 layers, 1 table).
+
+Each lookup's own backward would give a row-sparse gradient, and autograd adds the three by
+concatenating them (copies of a growing ``[ΣU, D]``), after which the optimizer must sum
+the repeated rows: on an H100 at the 134m trainer's shape (fp32 1,048,576 × 768, 8192
+tokens) three lookups cost 13.9 ms forward + backward and the row sum 3.7 ms more, where
+one lookup over all three layers' bags costs 6.5 ms (benchmarks/results/
+shared_table_h100_20261128.md).
+
+So a :class:`MergedValueGrad` holds back the table's gradient: each lookup's backward
+computes only its score gradient (which the layer below needs at once) and hands over
+its ``(indices, weights, grad_out)``; when the backward pass ends (an autograd engine
+callback, queued by the first of them) one walk over all of them gives the table's
+row-sparse gradient — coalesced, each row once — added to ``weight.grad`` as
+AccumulateGrad would. A lookup whose output takes no part in the loss is never called
+back and adds nothing, as it should.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memlayers.ops.embedding_bag import embedding_bag, embedding_bag_grads
+
+
+class MergedValueGrad:
+    """The pending lookups of one table in the current backward pass."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.weight: torch.Tensor | None = None
+        self.impl = "auto"
+
+    def lookup(
+        self, weight: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, impl: str
+    ) -> torch.Tensor:
+        """``[B, D]`` weighted sums, as :func:`memlayers.ops.embedding_bag` with
+        ``sparse_grad=True``, the table's gradient deferred to the end of the backward."""
+        if not (torch.is_grad_enabled() and weight.requires_grad):
+            return embedding_bag(weight, indices, weights, impl=impl)
+        return _DeferredLookup.apply(weight, indices, weights, self, impl)
+
+    def add(self, weight, indices, weights, grad_out, impl) -> None:
+        if not self.pending:  # the first in this pass: run the merged walk at its end
+            torch.autograd.Variable._execution_engine.queue_callback(self.flush)
+        self.weight, self.impl = weight, impl
+        self.pending.append((indices, weights, grad_out))
+
+    def flush(self) -> None:
+        """The table's gradient over every pending lookup, added to ``weight.grad``."""
+        items, self.pending = self.pending, []
+        if not items:
+            return
+        weight = self.weight
+        idx = torch.cat([i for i, _, _ in items])  # [ΣB, K]: the bags of every lookup
+        w = torch.cat([x for _, x, _ in items])
+        g = torch.cat([x for _, _, x in items])  # [ΣB, D]
+        with torch.no_grad():
+            grad, _ = embedding_bag_grads(
+                weight.detach(), idx, w.detach(), g, need_values=True, need_weights=False,
+                impl=self.impl, sparse_grad=True,
+            )  # fmt: skip
+            weight.grad = grad if weight.grad is None else weight.grad + grad
+
+
+class _DeferredLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, indices, weights, merged, impl):
+        ctx.save_for_backward(weight, indices, weights)
+        ctx.merged, ctx.impl = merged, impl
+        return embedding_bag(weight, indices, weights, impl=impl)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, indices, weights = ctx.saved_tensors
+        _, dw = embedding_bag_grads(
+            weight, indices, weights, grad_out, need_values=False,
+            need_weights=ctx.needs_input_grad[2], impl=ctx.impl,
+        )  # fmt: skip
+        if ctx.needs_input_grad[0]:
+            ctx.merged.add(weight, indices, weights, grad_out.contiguous(), ctx.impl)
+        return None, None, dw, None, None
