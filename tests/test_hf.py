@@ -13,7 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from memlayers import MemoryConfig, MemoryValues  # noqa: E402
+from memlayers import MemoryConfig, SparseValueAdam  # noqa: E402
 from memlayers.hf import (  # noqa: E402
     MemoryMLP,
     add_memory,
@@ -202,9 +202,36 @@ def test_missing_transformers_names_the_extra(monkeypatch, tmp_path):
         load_pretrained_with_memory(tmp_path)
 
 
-def test_value_table_dtype_follows_model():
-    model = tiny_model().to(torch.bfloat16)
-    add_memory(model, [0], small_config())
-    assert isinstance(model.model.memory_values, MemoryValues)
+def test_train_memory_only_with_sparse_values():
+    """A trainer's use of memory_parameters: base frozen, AdamW on the memory layers,
+    SparseValueAdam on the row-sparse table; the loss falls, the base stays put."""
+    model = add_memory(tiny_model(), [0, 2], small_config()).train()
+    groups = memory_parameters(model)
+    for p in groups["base"]:
+        p.requires_grad_(False)
+    base_before = [p.clone() for p in groups["base"]]
+    model.model.memory_values.sparse_grad = True
+    opt = torch.optim.AdamW(groups["memory"], lr=1e-2)
+    value_opt = SparseValueAdam(groups["values"], lr=1e-2)
+    ids = tokens(4, 16)
+    losses = []
+    for _ in range(10):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        value_opt.zero_grad()
+        loss.backward()
+        opt.step()
+        value_opt.step()
+        losses.append(loss.item())
+    assert model.model.memory_values.weight.grad.is_sparse
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert all(torch.equal(a, b) for a, b in zip(base_before, groups["base"], strict=True))
+
+
+def test_bf16_model():
+    """The memory takes the model's dtype when added, and runs in it."""
+    model = add_memory(tiny_model().to(torch.bfloat16), [0], small_config())
     assert model.model.memory_values.weight.dtype == torch.bfloat16
     assert model.model.layers[0].mlp.memory.w1.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(model(tokens()).logits).all()
