@@ -1,0 +1,220 @@
+"""Memory+ retrofitted into a pretrained Hugging Face model (Llama, Qwen2, Mistral, SmolLM).
+
+Any causal LM whose decoder layers are ``model.model.layers[i]`` with an ``.mlp`` works:
+the listed layers' MLP is wrapped in a :class:`MemoryMLP` that either replaces it with a
+:class:`~memlayers.memory.ProductKeyMemory` (``mode="replace"``) or adds the memory as a
+parallel branch on the MLP's input, ``mlp(x) + memory(x)`` (``mode="parallel"``). All the
+memory layers read one :class:`~memlayers.memory.MemoryValues` table (Memory+), registered
+once on the base model as ``model.model.memory_values``.
+
+The memory's output projection starts at zero (:func:`silence_output_`): in parallel mode
+the retrofitted model computes exactly what the pretrained one did until training moves it.
+
+    model = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M")
+    add_memory(model, layers=[8, 16, 24])          # in place; logits unchanged
+    model.save_pretrained("smollm2-memory")        # settings in config.json
+    model = load_pretrained_with_memory("smollm2-memory")
+
+Only this module touches ``transformers``, and only inside the functions that need it:
+``import memlayers`` never imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from memlayers.memory import MemoryConfig, MemoryValues, ProductKeyMemory
+
+MODES = ("parallel", "replace")
+CONFIG_KEY = "memlayers"  # model.config.memlayers: what load_pretrained_with_memory rebuilds
+SETTINGS_VERSION = 1
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(
+            "memlayers.hf needs Hugging Face transformers: pip install 'memlayers[hf]'"
+        ) from e
+    return transformers
+
+
+class MemoryMLP(nn.Module):
+    """A decoder layer's feed-forward with memory: ``memory(x)`` or ``mlp(x) + memory(x)``.
+
+    Sits where the layer's ``.mlp`` was, so the decoder layer's own residual and norm wrap
+    it unchanged; the memory reads the same normed input as the MLP (PAPER.md §1: the
+    memory layer takes an FFN's place in the block).
+    """
+
+    def __init__(self, memory: ProductKeyMemory, mlp: nn.Module | None = None) -> None:
+        super().__init__()
+        self.memory = memory
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, hidden) -> (B, T, hidden)
+        y = self.memory(x)
+        return y if self.mlp is None else self.mlp(x) + y
+
+
+@torch.no_grad()
+def silence_output_(memory: ProductKeyMemory) -> None:
+    """Zero the memory's output projection (``W2``, or ``W_out`` without swilu).
+
+    The layer then outputs exactly zero, so adding it beside a pretrained MLP changes no
+    logit; like LoRA's zero ``B``, the gradient of the projection itself is not zero
+    (it sees ``y ⊙ silu(x W1)``), so training moves it off zero at the first step.
+    """
+    proj = memory.w2 if memory.config.swilu else memory.out_proj
+    proj.weight.zero_()
+
+
+def default_memory_config(hidden_size: int, n_keys: int = 256, **overrides) -> MemoryConfig:
+    """Memory+ for a model of width ``hidden_size``: ``k_dim = hidden/2``, ``v_dim = hidden``,
+    swilu gating and qk-norm; ``n_keys**2`` value rows (default 65,536)."""
+    fields = dict(n_keys=n_keys, k_dim=hidden_size // 2, v_dim=hidden_size)
+    fields.update(overrides)
+    return MemoryConfig(**fields)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not all(hasattr(b, "mlp") for b in layers):
+        raise ValueError(
+            f"add_memory needs a Llama-like causal LM with decoder layers at "
+            f"model.model.layers[i].mlp; {type(model).__name__} has none"
+        )
+    return layers
+
+
+def _check_layers(layers, n_layers: int) -> list[int]:
+    if isinstance(layers, int) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in layers
+    ):
+        raise ValueError(f"layers must be a list of layer indices, got layers={layers!r}")
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers must name at least one decoder layer, got layers=[]")
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(
+            f"layer index out of range: {bad} (the model has {n_layers} decoder layers, "
+            f"0..{n_layers - 1})"
+        )
+    dupes = sorted({i for i in layers if layers.count(i) > 1})
+    if dupes:
+        raise ValueError(f"duplicate layers: {dupes} in layers={layers}")
+    return layers
+
+
+def add_memory(
+    model: nn.Module,
+    layers,
+    config: MemoryConfig | None = None,
+    mode: str = "parallel",
+) -> nn.Module:
+    """Add Memory+ to decoder ``layers`` of a Hugging Face causal LM, in place; returns it.
+
+    ``config``: a :class:`MemoryConfig` (default :func:`default_memory_config` of the
+    model's hidden size). One value table serves every listed layer; each layer gets its
+    own keys, query and gating. The memory is built on the model's device and dtype, and
+    the settings are recorded in ``model.config.memlayers`` so ``save_pretrained`` keeps
+    them (:func:`load_pretrained_with_memory` reads them back).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
+    blocks = _decoder_layers(model)
+    layers = _check_layers(layers, len(blocks))
+    if getattr(model.model, "memory_values", None) is not None:
+        raise ValueError(f"{type(model).__name__} already has memory layers (add_memory once)")
+    hidden = model.config.hidden_size
+    if config is not None and not isinstance(config, MemoryConfig):
+        raise ValueError(f"config must be a MemoryConfig, got {type(config).__name__}")
+    try:
+        config = default_memory_config(hidden) if config is None else config
+        config.validate()
+        _, v_dim = config.resolved_dims(hidden)
+    except ValueError as e:
+        raise ValueError(f"memory config does not fit hidden_size={hidden}: {e}") from e
+
+    ref = next(model.parameters())  # the model's device and dtype (meta while loading)
+    values = MemoryValues(config.n_rows, v_dim, merge_grads=len(layers) > 1, device=ref.device)
+    model.model.memory_values = values.to(ref.dtype)  # registered once, by the model
+    for i in layers:
+        memory = ProductKeyMemory(hidden, config, values, device=ref.device).to(ref.dtype)
+        silence_output_(memory)
+        mlp = blocks[i].mlp if mode == "parallel" else None
+        blocks[i].mlp = MemoryMLP(memory, mlp)
+    settings = dict(version=SETTINGS_VERSION, layers=layers, mode=mode)
+    setattr(model.config, CONFIG_KEY, settings | {"config": dataclasses.asdict(config)})
+    return model
+
+
+def memory_settings(config) -> dict:
+    """``{"layers", "config", "mode"}`` for :func:`add_memory`, from a model config that
+    :func:`add_memory` wrote (``config.memlayers``); ``ValueError`` if there is none."""
+    settings = getattr(config, CONFIG_KEY, None)
+    if not isinstance(settings, dict):
+        raise ValueError(
+            f"the model config has no '{CONFIG_KEY}' entry: it was not saved after add_memory"
+        )
+    if settings.get("version") != SETTINGS_VERSION:
+        raise ValueError(
+            f"{CONFIG_KEY} settings version {settings.get('version')!r}, this memlayers "
+            f"reads version {SETTINGS_VERSION}"
+        )
+    return dict(
+        layers=list(settings["layers"]),
+        config=MemoryConfig(**settings["config"]),
+        mode=settings["mode"],
+    )
+
+
+def load_pretrained_with_memory(path, **kwargs) -> nn.Module:
+    """``from_pretrained`` for a model saved after :func:`add_memory`.
+
+    The memory is added while the model is built (a subclass of the stored architecture
+    whose ``__init__`` ends with ``add_memory``), so Hugging Face's own loader fills every
+    weight, memory and value table included, with its sharding, dtype and device options
+    (``kwargs`` go to ``from_pretrained``). The value table is one tensor in the model's
+    safetensors (``model.memory_values.weight``).
+    """
+    transformers = _transformers()
+    config = transformers.AutoConfig.from_pretrained(path)
+    settings = memory_settings(config)
+    base = transformers.AutoModelForCausalLM._model_mapping[type(config)]
+
+    class WithMemory(base):
+        def __init__(self, config, *args, **kw):
+            super().__init__(config, *args, **kw)
+            add_memory(self, **settings)
+
+    # save_pretrained writes the class name as the architecture: keep the stored one.
+    WithMemory.__name__ = WithMemory.__qualname__ = base.__name__
+    return WithMemory.from_pretrained(path, config=config, **kwargs)
+
+
+def memory_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """``{"values": [...], "memory": [...], "base": [...]}``, each parameter once.
+
+    ``values``: the value tables (their own learning rate, PAPER.md: 1e-3 without decay,
+    or a row-sparse optimizer: set ``table.sparse_grad = True`` on each
+    :class:`MemoryValues` and step them with :class:`memlayers.SparseValueAdam`);
+    ``memory``: the rest of the memory layers (keys, query, qk-norm gain, gating);
+    ``base``: the pretrained model's own parameters (often frozen while retrofitting).
+    """
+    values = {id(m.weight): m.weight for m in model.modules() if isinstance(m, MemoryValues)}
+    memory = {
+        id(p): p
+        for m in model.modules()
+        if isinstance(m, ProductKeyMemory)
+        for p in m.parameters()
+        if id(p) not in values
+    }
+    base = [p for p in model.parameters() if id(p) not in values and id(p) not in memory]
+    return {"values": list(values.values()), "memory": list(memory.values()), "base": base}
