@@ -265,7 +265,7 @@ def test_param_groups_and_value_optimizer_choice():
     # No decay: vectors, and the memory layers' keys and qk-norm gains (matrices that are
     # addresses and norm gains, not weights). Decay: every other matrix.
     mem = model.memory_layers()
-    undecayed = {id(p) for m in mem for p in (m.keys, m.query_norm)}
+    undecayed = {id(p) for m in mem for p in (m.router.keys, m.router.gain)}
     no_decay = {id(p) for p in groups["no_decay"]["params"]}
     assert undecayed <= no_decay
     assert all(p.dim() < 2 or id(p) in undecayed for p in groups["no_decay"]["params"])
