@@ -27,8 +27,8 @@ TINY = [
     "model.n_layers=3", "model.n_heads=2", "model.n_kv_heads=1",
     "model.memory_layers=[0,2]", "model.memory.n_keys=8",
     "model.memory.heads=2", "model.memory.topk=4", "model.max_seq_len=32",
-    "data.seq_len=16", "data.batch_size=4", "data.options.vocab_size=64",
-    "data.options.n_tokens=20000", "optim.warmup_steps=2", "eval_every=0", "eval_batches=2",
+    "data.seq_len=16", "data.batch_size=4", "data.synthetic.vocab_size=64",
+    "data.synthetic.n_tokens=20000", "optim.warmup_steps=2", "eval_every=0", "eval_batches=2",
     "logging.progress=false", "logging.tensorboard=false", "logging.plot=false",
     "logging.every=1", "checkpoint.keep=0",
 ]  # fmt: skip
