@@ -1,6 +1,6 @@
 """The memory layer: MemoryConfig, MemoryValues and ProductKeyMemory (Memory+).
 
-PAPER.md §1. A token's query picks the top-k of ``n_keys**2`` product keys in each of
+docs/method.md §1–§2. A token's query picks the top-k of ``n_keys**2`` product keys in each of
 ``heads`` heads; the softmax of the k scores weights the selected rows of one value
 table; the ``heads · k`` rows form one bag, summed by :func:`memlayers.ops.embedding_bag`.
 Memory+ gates the result with ``silu(x W1)`` and projects it back with ``W2``.
@@ -29,7 +29,7 @@ def _positive_int(name: str, value) -> None:
 class MemoryConfig:
     """Knobs of one memory layer. Defaults are Memory+ at a CPU-friendly size.
 
-    The paper's default (PAPER.md §1 table) is ``n_keys=1024, heads=4, topk=32``,
+    The paper's default (docs/method.md §3) is ``n_keys=1024, heads=4, topk=32``,
     ``k_dim = dim/2``, ``v_dim = dim``: 1,048,576 value rows.
     """
 
@@ -135,7 +135,7 @@ class MemoryValues(nn.Module):
         return embedding_bag(self.weight, indices, weights, impl=impl)
 
     def init_weights(self) -> None:
-        """Normal with std ``v_dim**-0.5`` (PAPER.md; keeps ``‖y‖`` near 1 at init).
+        """Normal with std ``v_dim**-0.5`` (docs/method.md §3; keeps ``‖y‖`` near 1 at init).
 
         Drawn row-chunk by row-chunk over the *full* width, keeping this table's columns,
         so a seed gives the same table whether it is sharded (memlayers.parallel) or not.
