@@ -67,12 +67,12 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> float:
     q.requires_grad_()
 
     def topk_part():
-        s, _ = product_key_topk(q, layer.keys, args.topk, impl="triton")
-        torch.autograd.grad(s, (q, layer.keys), torch.ones_like(s))
+        s, _ = product_key_topk(q, layer.router.keys, args.topk, impl="triton")
+        torch.autograd.grad(s, (q, layer.router.keys), torch.ones_like(s))
 
     add("    of which product_key_topk (fwd+bwd)", timed(topk_part))
     if args.sweep:
-        bench_search(args, q, layer.keys, add)
+        bench_search(args, q, layer.router.keys, add)
     idx, w = (t.detach() for t in layer.lookup(x))
     gyv = torch.randn(args.tokens, values.v_dim, device=device, dtype=dtype)
     w.requires_grad_()

@@ -53,7 +53,7 @@ def run_preset(preset: str, ns: argparse.Namespace, tmp: Path) -> dict:
         f"data.batch_size={ns.batch}", f"data.seq_len={ns.seq_len}", f"steps={ns.steps}",
         f"logging.every={ns.every}", f"device={ns.device}", f"compile={ns.compile}",
         "eval_every=0", "eval_batches=0", "final_eval=false", "checkpoint.enabled=false",
-        f"data.options.vocab_size={ns.vocab}",
+        f"data.synthetic.vocab_size={ns.vocab}",
         "logging.progress=false", "logging.tensorboard=false", "logging.plot=false",
         f"run_dir={run_dir}", *ns.override,
     ]  # fmt: skip

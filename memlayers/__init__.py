@@ -13,6 +13,7 @@ from memlayers.moe import MoE, MoEConfig
 from memlayers.peer import PEER, PEERConfig
 from memlayers.presets import PRESETS, get_preset, memory_plus_layers
 from memlayers.report import format_report, parameter_report
+from memlayers.router import ProductKeyRouter
 from memlayers.usage import MemoryUsage
 from memlayers.value_optim import SparseValueAdam, SparseValueSGD
 
@@ -31,6 +32,7 @@ __all__ = [
     "PEERConfig",
     "PRESETS",
     "ProductKeyMemory",
+    "ProductKeyRouter",
     "SparseValueAdam",
     "SparseValueSGD",
     "TrainArgs",

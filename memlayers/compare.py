@@ -3,7 +3,7 @@
     memlayers compare tiny-dense tiny-memory+                     # the main job's data
     memlayers compare tiny-dense tiny-memory tiny-memory+ tiny-moe tiny-peer --out runs/cmp
     memlayers compare tiny-dense tiny-memory+:optim.value_lr=1e-2 steps=300   # per-variant
-    memlayers compare tiny-dense tiny-memory+ configs/x.yaml data.options.n_people=500
+    memlayers compare tiny-dense tiny-memory+ configs/x.yaml data.bios.n_people=500
     memlayers compare tiny-dense tiny-memory+ --reuse             # keep finished runs
 
 Positional items: ``PRESET[:key=value[:key=value…]]`` is a variant (a model preset and

@@ -11,9 +11,9 @@ Each section is the ``*Args`` dataclass that lives next to the code it configure
       parallel: ParallelArgs  memlayers/parallel.py
 
 ``model.preset`` is merged in under the YAML and the CLI, so either may override single
-fields of it; so are the ``data.options`` of :data:`DATA_OPTION_DEFAULTS` when
-``data.dataset`` names one (the main job's bios size). Unknown keys, wrong types and
-invalid values raise ``ValueError`` naming the key and the value.
+fields of it. A dataset's options are its own typed section, ``data.<dataset>.<option>``
+(memlayers/data/datasets.py). Unknown keys, wrong types and invalid values raise
+``ValueError`` naming the key and the value.
 """
 
 from __future__ import annotations
@@ -25,20 +25,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from memlayers.checkpoint import CheckpointArgs
-from memlayers.data.loader import DataArgs
+from memlayers.data.loader import DataArgs, reject_old_options
 from memlayers.logger import LoggingArgs
 from memlayers.optim import OptimArgs
 from memlayers.parallel import ParallelArgs
 from memlayers.presets import ModelArgs, get_preset
 
 DTYPES = ("auto", "fp32", "bf16")
-
-# ``data.options`` merged under the YAML and the CLI when ``data.dataset`` is a key here
-# (like ``model.preset``), so a run that switches datasets never inherits another's
-# options. bios: the main job's CPU size (docs/main_job.md).
-DATA_OPTION_DEFAULTS: dict[str, dict] = {
-    "bios": {"n_people": 1000, "exposures": 36},
-}
 
 
 @dataclass
@@ -96,12 +89,11 @@ def load_config(yaml_paths=(), overrides=()) -> TrainArgs:
                 raise ValueError(f"config file not found: {p}")
             layers.append(OmegaConf.load(p))
         layers.append(OmegaConf.from_dotlist(list(overrides)))
+        reject_old_options(layers, base.data.dataset)
         merged = OmegaConf.merge(base, *layers)
-        preset, dataset = merged.model.preset, merged.data.dataset
+        preset = merged.model.preset
         if preset:
             base = OmegaConf.merge(base, {"model": get_preset(preset).to_dict()})
-        if dataset in DATA_OPTION_DEFAULTS:
-            base = OmegaConf.merge(base, {"data": {"options": DATA_OPTION_DEFAULTS[dataset]}})
         args = OmegaConf.to_object(OmegaConf.merge(base, *layers))
     except OmegaConfBaseException as e:
         # e.g. "Key 'lrr' not in 'OptimArgs'\n    full_key: optim.lrr" -> one line.

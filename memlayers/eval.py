@@ -337,10 +337,9 @@ def _builtin_qa(args: TrainArgs) -> tuple[str, list[dict], Any] | None:
         bios = bios_from_args(args.data, compact=name == "bios_compact")
         return f"{name}-heldout", bios.qa_eval, bios
     if name == "facts":
-        from memlayers.data.facts import build_facts
+        from memlayers.data.datasets import facts_from_args
 
-        opts = {k: v for k, v in args.data.options.items() if k != "tokenizer"}
-        return "facts-heldout", build_facts(args.data.path, **opts).qa_eval, None
+        return "facts-heldout", facts_from_args(args.data).qa_eval, None
     return None
 
 

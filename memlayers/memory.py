@@ -1,6 +1,6 @@
 """The memory layer: MemoryConfig, MemoryValues and ProductKeyMemory (Memory+).
 
-PAPER.md §1. A token's query picks the top-k of ``n_keys**2`` product keys in each of
+docs/method.md §1–§2. A token's query picks the top-k of ``n_keys**2`` product keys in each of
 ``heads`` heads; the softmax of the k scores weights the selected rows of one value
 table; the ``heads · k`` rows form one bag, summed by :func:`memlayers.ops.embedding_bag`.
 Memory+ gates the result with ``silu(x W1)`` and projects it back with ``W2``.
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from memlayers.merged_grad import MergedValueGrad
 from memlayers.ops.embedding_bag import IMPLS, embedding_bag
-from memlayers.ops.product_keys import product_key_topk
+from memlayers.router import ProductKeyRouter, load_old_router_names
 from memlayers.usage import MemoryUsage
 
 
@@ -29,7 +29,7 @@ def _positive_int(name: str, value) -> None:
 class MemoryConfig:
     """Knobs of one memory layer. Defaults are Memory+ at a CPU-friendly size.
 
-    The paper's default (PAPER.md §1 table) is ``n_keys=1024, heads=4, topk=32``,
+    The paper's default (docs/method.md §3) is ``n_keys=1024, heads=4, topk=32``,
     ``k_dim = dim/2``, ``v_dim = dim``: 1,048,576 value rows.
     """
 
@@ -135,7 +135,7 @@ class MemoryValues(nn.Module):
         return embedding_bag(self.weight, indices, weights, impl=impl)
 
     def init_weights(self) -> None:
-        """Normal with std ``v_dim**-0.5`` (PAPER.md; keeps ``‖y‖`` near 1 at init).
+        """Normal with std ``v_dim**-0.5`` (docs/method.md §3; keeps ``‖y‖`` near 1 at init).
 
         Drawn row-chunk by row-chunk over the *full* width, keeping this table's columns,
         so a seed gives the same table whether it is sharded (memlayers.parallel) or not.
@@ -178,12 +178,6 @@ def _trunc_normal_(w: torch.Tensor, std: float) -> None:
     nn.init.trunc_normal_(w, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
 
-def _rms_halves(t: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMS-normalise each half-key-sized vector along the last dim."""
-    acc = torch.promote_types(t.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
-    return t * torch.rsqrt(t.to(acc).pow(2).mean(-1, keepdim=True) + eps).to(t.dtype)
-
-
 class ProductKeyMemory(nn.Module):
     """``(..., dim) -> (..., dim)``: query → qk-norm → product-key top-k → softmax →
     weighted sum of value rows → ``(y ⊙ silu(x W1)) W2`` (or ``y W_out`` without swilu).
@@ -219,15 +213,20 @@ class ProductKeyMemory(nn.Module):
             self.owned_values = None
             self._shared_values = (values,)  # a tuple: not registered as a submodule
 
-        h, half = config.heads, k_dim // 2
-        self.query = nn.Linear(dim, h * k_dim, bias=config.query_bias, device=device)
-        self.keys = nn.Parameter(torch.empty(h, 2, config.n_keys, half, device=device))
-        # qk-norm: both sides to unit RMS, a learnable query gain, scores scaled by
-        # 1/sqrt(half) as in attention: each half's score has std ~1 at init (the sum
-        # ~1.4, against ~0.6 without the norm at the default init).
-        self.query_norm = (
-            nn.Parameter(torch.empty(h, k_dim, device=device)) if config.qk_norm else None
+        self.router = ProductKeyRouter(
+            dim,
+            k_dim,
+            n_keys=config.n_keys,
+            heads=config.heads,
+            topk=config.topk,
+            qk_norm=config.qk_norm,
+            norm_eps=config.norm_eps,
+            query_bias=config.query_bias,
+            query_dropout=config.query_dropout,
+            impl=config.impl,
+            device=device,
         )
+        self.register_load_state_dict_pre_hook(load_old_router_names)
         if config.swilu:
             self.w1 = nn.Linear(dim, v_dim, bias=False, device=device)
             self.w2 = nn.Linear(v_dim, dim, bias=False, device=device)
@@ -246,13 +245,7 @@ class ProductKeyMemory(nn.Module):
         Keys uniform in ``±1/sqrt(k_dim)``; projections truncated normal with std
         ``fan_in**-0.5``; biases zero; the qk-norm gain one.
         """
-        bound = self.k_dim**-0.5
-        nn.init.uniform_(self.keys, -bound, bound)
-        _trunc_normal_(self.query.weight, self.dim**-0.5)
-        if self.query.bias is not None:
-            nn.init.zeros_(self.query.bias)
-        if self.query_norm is not None:
-            nn.init.ones_(self.query_norm)
+        self.router.init_weights(self.dim**-0.5)
         if self.config.swilu:
             _trunc_normal_(self.w1.weight, self.dim**-0.5)
             _trunc_normal_(self.w2.weight, self.v_dim**-0.5)
@@ -271,20 +264,7 @@ class ProductKeyMemory(nn.Module):
         cfg = self.config
         h = x.reshape(-1, self.dim)  # [N, dim]
         h = F.dropout(h, cfg.input_dropout, self.training)
-        q = self.query(h).view(-1, cfg.heads, self.k_dim)  # [N, H, k_dim]
-        q = F.dropout(q, cfg.query_dropout, self.training)
-        keys = self.keys  # [H, 2, n_keys, half]
-        if self.query_norm is not None:
-            half = self.k_dim // 2
-            q = q.view(-1, cfg.heads, 2, half)
-            q = _rms_halves(q, cfg.norm_eps).view(-1, cfg.heads, self.k_dim)
-            q = q * self.query_norm * half**-0.5
-            keys = _rms_halves(keys, cfg.norm_eps)
-        scores, indices = product_key_topk(q, keys, cfg.topk, impl=cfg.impl)  # [N, H, k] each
-        # Per head, over its k rows (scores are fp32 at least: product_key_topk).
-        weights = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-        n = h.shape[0]
-        return indices.view(n, -1), weights.view(n, -1)
+        return self.router(h)  # [N, H*k] each
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:

@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from memlayers.data.qa import qa_prompt
+
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -76,7 +78,7 @@ def f1(prediction: str, answers: str | Sequence[str]) -> float:
 
 
 def _prompt_ids(tokenizer, question: str, context: str | None, prefix_eos: bool) -> list[int]:
-    text = question if not context else f"{context} {question}"
+    text = qa_prompt(question, context)
     return ([tokenizer.eos_id] if prefix_eos else []) + tokenizer.encode(text)
 
 

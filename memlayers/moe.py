@@ -1,4 +1,4 @@
-"""Mixture of SwiGLU experts: the paper's MoE baseline (PAPER.md §3).
+"""Mixture of SwiGLU experts: the paper's MoE baseline (docs/method.md §4).
 
 Every expert is a full-size SwiGLU FFN. In training, routing is *expert choice* (Zhou et
 al. 2022): the router gives each token a softmax over experts, then every expert takes the

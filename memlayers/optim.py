@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from memlayers.memory import MemoryValues, ProductKeyMemory
-from memlayers.peer import PEER
+from memlayers.memory import MemoryValues
+from memlayers.router import ProductKeyRouter
 from memlayers.value_optim import SparseValueAdam, coalesce_rows
 
 VALUE_OPTIMIZERS = ("sparse_adam", "adamw")
@@ -75,13 +75,12 @@ class OptimArgs:
 def _undecayed(model: nn.Module) -> set[int]:
     """Matrices that are not weights: product keys (lookup addresses; with qk-norm their
     scale means nothing) and the qk-norm gain ``[heads, k_dim]`` (a norm gain, like the
-    RMSNorm vectors). Decay would shrink the gain and flatten the memory's softmax."""
+    RMSNorm vectors), of every router (memory and PEER). Decay would shrink the gain and
+    flatten the router's softmax."""
     out = set()
     for m in model.modules():
-        if isinstance(m, ProductKeyMemory | PEER):
-            out.add(id(m.keys))
-        if isinstance(m, ProductKeyMemory) and m.query_norm is not None:
-            out.add(id(m.query_norm))
+        if isinstance(m, ProductKeyRouter):
+            out.update(id(p) for p in (m.keys, m.gain) if p is not None)
     return out
 
 

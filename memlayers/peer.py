@@ -8,7 +8,7 @@ hidden units are chosen per token. The up half is exactly a weighted embedding b
 (weights ``g_i gelu(u_i · x)``), so it reuses :func:`memlayers.ops.embedding_bag`.
 
 The paper's baseline uses 768 half-keys, so ``2 · 768² · dim`` parameters slightly
-exceed the 1024² · dim of a memory layer (PAPER.md §3).
+exceed the 1024² · dim of a memory layer (docs/method.md §4).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memlayers.ops.embedding_bag import IMPLS, embedding_bag
-from memlayers.ops.product_keys import product_key_topk
+from memlayers.router import ProductKeyRouter, load_old_router_names
 
 
 @dataclass
@@ -29,7 +29,8 @@ class PEERConfig:
     heads: int = 8
     topk: int = 16  # experts per head and token
     k_dim: int | None = None  # query / key dim; None: half the model dim
-    qk_norm: bool = True  # RMS-normalise query and key halves (as the memory layer)
+    qk_norm: bool = True  # RMS-normalise query and key halves, learnable query gain (Memory+)
+    norm_eps: float = 1e-6  # epsilon of the qk normalisation
     impl: str = "auto"  # kernels (product-key top-k, embedding bag): auto | torch | triton
 
     def validate(self) -> None:
@@ -41,6 +42,8 @@ class PEERConfig:
             raise ValueError(f"topk must be <= n_keys, got topk={self.topk} > n_keys={self.n_keys}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got impl={self.impl!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got norm_eps={self.norm_eps!r}")
 
     def resolved_k_dim(self, dim: int) -> int:
         k_dim = self.k_dim if self.k_dim is not None else dim // 2
@@ -53,10 +56,6 @@ class PEERConfig:
         return self.n_keys**2
 
 
-def _rms(t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return t * torch.rsqrt(t.float().pow(2).mean(-1, keepdim=True) + eps).to(t.dtype)
-
-
 class PEER(nn.Module):
     """``(..., dim) -> (..., dim)``, ``heads · topk`` rank-1 experts per token."""
 
@@ -66,35 +65,30 @@ class PEER(nn.Module):
         self.dim, self.config = dim, config
         self.k_dim = k_dim = config.resolved_k_dim(dim)
         h, n = config.heads, config.n_keys
-        self.query = nn.Linear(dim, h * k_dim, bias=False)
-        self.keys = nn.Parameter(torch.empty(h, 2, n, k_dim // 2))
+        self.router = ProductKeyRouter(
+            dim,
+            k_dim,
+            n_keys=n,
+            heads=h,
+            topk=config.topk,
+            qk_norm=config.qk_norm,
+            norm_eps=config.norm_eps,
+            impl=config.impl,
+        )
+        self.register_load_state_dict_pre_hook(load_old_router_names)
         self.down = nn.Embedding(n * n, dim)  # u_i
         self.up = nn.Embedding(n * n, dim)  # v_i
 
     def init_weights(self, init_std: float, out_std: float) -> None:
-        """Keys uniform ``±k_dim**-0.5`` (as memory.py); ``u ~ N(0, 1/dim)`` so that
+        """The router as memory.py's (query std ``init_std``); ``u ~ N(0, 1/dim)`` so that
         ``u · x`` is ~N(0, 1) for a unit-RMS input; ``v`` with the residual-output std."""
-        bound = self.k_dim**-0.5
-        nn.init.uniform_(self.keys, -bound, bound)
-        nn.init.trunc_normal_(self.query.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
+        self.router.init_weights(init_std)
         nn.init.normal_(self.down.weight, std=self.dim**-0.5)
         nn.init.normal_(self.up.weight, std=out_std)
 
-    def lookup(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Experts and router weights of every token: ``[N, heads*topk]`` each."""
-        cfg, half = self.config, self.k_dim // 2
-        q = self.query(h).view(-1, cfg.heads, self.k_dim)  # [N, H, k_dim]
-        keys = self.keys  # [H, 2, n_keys, half]
-        if cfg.qk_norm:
-            q = _rms(q.view(-1, cfg.heads, 2, half)).view(-1, cfg.heads, self.k_dim) * half**-0.5
-            keys = _rms(keys)
-        scores, idx = product_key_topk(q, keys, cfg.topk, impl=cfg.impl)  # [N, H, k] each
-        g = scores.float().softmax(dim=-1)  # softmax per head over its k experts
-        return idx.view(h.shape[0], -1), g.view(h.shape[0], -1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.reshape(-1, self.dim)  # [N, dim]
-        idx, g = self.lookup(h)  # [N, H*k]
+        idx, g = self.router(h)  # [N, H*k] each: experts, softmax per head
         u = F.embedding(idx, self.down.weight)  # [N, H*k, dim]
         a = F.gelu(torch.einsum("nkd,nd->nk", u, h.to(u.dtype)).float())  # [N, H*k]
         out = embedding_bag(self.up.weight, idx, g * a, impl=self.config.impl)  # [N, dim]

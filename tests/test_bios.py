@@ -182,15 +182,14 @@ def test_config_errors():
 
 def test_registered_with_the_packed_loader():
     loader = pytest.importorskip("memlayers.data.loader")
-    from memlayers.data import register_datasets
+    from memlayers.data.datasets import BiosArgs
 
-    register_datasets()
     args = loader.DataArgs(dataset="bios", seq_len=32, batch_size=4,
-                           options={"n_people": 50, "exposures": 2, "seed": 5})  # fmt: skip
+                           bios=BiosArgs(n_people=50, exposures=2, seed=5))  # fmt: skip
     ds = loader.load_dataset(args)
     assert np.array_equal(ds.train, build_bios(50, 2, seed=5).tokens)
     x, y = next(loader.PackedLoader(ds.train, 4, 32))
     assert x.shape == y.shape == (4, 32)
-    bad = loader.DataArgs(dataset="bios_compact", options={"n_peple": 3})
-    with pytest.raises(ValueError, match="n_peple"):
+    bad = loader.DataArgs(dataset="bios_compact", bios_compact=BiosArgs(compact=True))
+    with pytest.raises(ValueError, match="data.bios_compact.compact"):
         loader.load_dataset(bad)

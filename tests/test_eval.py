@@ -25,7 +25,7 @@ from memlayers.train import train
 
 # A ~30k-parameter Memory+ model on 30 bios people: training and eval take seconds.
 TINY_BIOS = [
-    "data.dataset=bios", "data.options.n_people=30", "data.options.exposures=4",
+    "data.dataset=bios", "data.bios.n_people=30", "data.bios.exposures=4",
     "model.preset=tiny-memory+", "model.dim=32", "model.n_layers=3", "model.n_heads=2",
     "model.n_kv_heads=1", "model.memory_layers=[0,2]", "model.memory.n_keys=8",
     "model.memory.heads=2", "model.memory.topk=4", "model.max_seq_len=64",

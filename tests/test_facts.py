@@ -70,3 +70,15 @@ def test_real_facts():
     assert rels == set(RELATIONS)
     assert len(facts) > 2500
     assert len({(f.subject, f.relation) for f in facts}) == len(facts)
+
+
+def test_one_qa_format_for_records_training_text_and_prompts():
+    from memlayers.data.qa import qa_prompt, qa_record, qa_text
+
+    rec = qa_record("What is the capital of France?", "Paris", subject="France")
+    assert rec == {"question": rec["question"], "answers": ["Paris"], "subject": "France"}
+    assert qa_text(rec) == "What is the capital of France? Paris"
+    assert qa_text(rec).startswith(qa_prompt(rec["question"]))
+    assert qa_prompt("Q?", "Ctx.") == "Ctx. Q?" and qa_prompt("Q?", "") == "Q?"
+    d = render_facts(FACTS, exposures=2, seed=0, qa_train_frac=0.5)
+    assert {qa_text(r) for r in d.qa_train} <= set(d.train_docs)

@@ -4,13 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from memlayers.data.loader import (
-    DataArgs,
-    PackedLoader,
-    dataset_options,
-    load_dataset,
-    register_dataset,
-)
+from memlayers.config import load_config
+from memlayers.data.datasets import DATASETS, SyntheticArgs
+from memlayers.data.loader import DataArgs, PackedLoader, load_dataset
 
 
 def test_batches_are_shifted_windows_of_the_stream():
@@ -56,15 +52,15 @@ def test_too_little_data_is_a_clear_error():
 
 
 def test_synthetic_is_deterministic_and_learnable():
-    args = DataArgs(options={"vocab_size": 40, "n_tokens": 4000})
+    args = DataArgs(synthetic=SyntheticArgs(vocab_size=40, n_tokens=4000))
     a, b = load_dataset(args), load_dataset(args)
     assert a.vocab_size == 40 and np.array_equal(a.train, b.train)
     rec = a.train.reshape(-1, 4)  # key v1 v2 v3
     assert (rec[:, 0] < 20).all() and (rec[:, 1:] >= 20).all()
     for key in np.unique(rec[:, 0]):  # the values of a key never change
         assert len({tuple(r) for r in rec[rec[:, 0] == key, 1:]}) == 1
-    with pytest.raises(ValueError, match="unknown data.options"):
-        load_dataset(DataArgs(options={"vocab": 40}))
+    with pytest.raises(ValueError, match=r"Key 'vocab' not in 'SyntheticArgs'"):
+        load_config(overrides=["data.dataset=synthetic", "data.synthetic.vocab=40"])
 
 
 def test_text_dataset(tmp_path):
@@ -79,16 +75,35 @@ def test_text_dataset(tmp_path):
         load_dataset(DataArgs(dataset="text"))
 
 
-def test_registry():
+def test_dataset_table():
     def fn(args):
-        opts = dataset_options(args, {"n": 10})
-        return np.arange(opts["n"]), np.arange(3), 100, None
+        return np.arange(int(args.path)), np.arange(3), 100, None
 
-    register_dataset("test-counting", fn)
-    ds = load_dataset(DataArgs(dataset="test-counting", options={"n": 20}))
+    table = {**DATASETS, "test-counting": fn}
+    ds = load_dataset(DataArgs(dataset="test-counting", path="20"), table)
     assert len(ds.train) == 20 and ds.vocab_size == 100
-    register_dataset("test-bad", lambda a: (np.arange(10), np.arange(3), 5, None))
+    assert "test-counting" not in DATASETS  # the table is passed in, never mutated
+    bad = {"test-bad": lambda a: (np.arange(10), np.arange(3), 5, None)}
     with pytest.raises(ValueError, match="vocab_size=5"):
-        load_dataset(DataArgs(dataset="test-bad"))
+        load_dataset(DataArgs(dataset="test-bad"), bad)
     with pytest.raises(ValueError, match="unknown data.dataset='nope'"):
         load_dataset(DataArgs(dataset="nope"))
+
+
+def test_typed_options_and_the_old_options_error(tmp_path):
+    args = load_config(overrides=["data.bios.n_people=50", "data.synthetic.vocab_size=64"])
+    assert args.data.bios.n_people == 50 and args.data.bios.exposures == 36  # main job's
+    assert args.data.synthetic.vocab_size == 64
+    assert args.data.bios_compact.exposures == 100  # BiosConfig's default, own section
+    with pytest.raises(ValueError, match="data.options is gone.*data.bios.n_people"):
+        load_config(overrides=["data.options.n_people=50"])
+    yaml = tmp_path / "old.yaml"
+    yaml.write_text("data:\n  dataset: synthetic\n  options:\n    vocab_size: 64\n")
+    with pytest.raises(ValueError, match="data.synthetic.vocab_size"):
+        load_config([yaml])
+    with pytest.raises(ValueError, match="data.facts.seed"):
+        load_config(overrides=["data.dataset=facts", "data.options.seed=1"])
+    with pytest.raises(ValueError, match="Key 'n_peple' not in 'BiosArgs'"):
+        load_config(overrides=["data.bios.n_peple=3"])
+    with pytest.raises(ValueError, match="Value 'many' of type 'str' could not be converted"):
+        load_config(overrides=["data.bios.n_people=many"])

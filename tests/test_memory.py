@@ -20,7 +20,7 @@ def test_gradcheck_whole_layer_float64(swilu, qk_norm, query_bias):
     cfg = MemoryConfig(**SMALL, swilu=swilu, qk_norm=qk_norm, query_bias=query_bias, impl="torch")
     layer = ProductKeyMemory(8, cfg).double()
     if query_bias:
-        nn.init.normal_(layer.query.bias)  # non-zero, so its gradient is exercised
+        nn.init.normal_(layer.router.query.bias)  # non-zero, so its gradient is exercised
     names = [n for n, _ in layer.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
     x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
@@ -89,11 +89,11 @@ def test_meta_build_then_init_weights_fills_everything():
     for name, t in [*layer.named_parameters(), *layer.named_buffers()]:
         assert torch.isfinite(t).all(), f"{name} left uninitialised"
     bound = layer.k_dim**-0.5
-    assert layer.keys.abs().max() <= bound and layer.keys.std() > bound / 4
+    assert layer.router.keys.abs().max() <= bound and layer.router.keys.std() > bound / 4
     torch.testing.assert_close(
         layer.values.weight.std().item(), layer.v_dim**-0.5, rtol=0.1, atol=0
     )
-    assert torch.equal(layer.query.bias, torch.zeros_like(layer.query.bias))
+    assert torch.equal(layer.router.query.bias, torch.zeros_like(layer.router.query.bias))
 
 
 def test_sparse_grad_table():

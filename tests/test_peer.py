@@ -13,10 +13,11 @@ def naive_peer(layer: PEER, x: torch.Tensor) -> torch.Tensor:
     rms = lambda t: t / (t.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
-        q = layer.query(x[t]).view(cfg.heads, 2, half)  # [H, 2, half]
-        keys = layer.keys
+        q = layer.router.query(x[t]).view(cfg.heads, 2, half)  # [H, 2, half]
+        keys = layer.router.keys
         if cfg.qk_norm:
-            q, keys = rms(q) * half**-0.5, rms(keys)
+            gain = layer.router.gain.view(cfg.heads, 2, half)
+            q, keys = rms(q) * gain * half**-0.5, rms(keys)
         for h in range(cfg.heads):
             # full key of expert i1 * n + i2 = (K1[i1], K2[i2])
             full = torch.cat(
@@ -35,6 +36,8 @@ def test_matches_naive_reference_output_and_gradients(qk_norm):
     torch.manual_seed(0)
     layer = PEER(12, PEERConfig(n_keys=5, heads=2, topk=3, k_dim=8, qk_norm=qk_norm, impl="torch"))
     layer.init_weights(0.3, 0.3)
+    if qk_norm:  # a gain away from its initial ones, so it is exercised
+        torch.nn.init.uniform_(layer.router.gain, 0.5, 1.5)
     x = torch.randn(6, 12, requires_grad=True)
     out = layer(x)
     ref = naive_peer(layer, x)

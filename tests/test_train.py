@@ -27,8 +27,8 @@ TINY = [
     "model.n_layers=3", "model.n_heads=2", "model.n_kv_heads=1",
     "model.memory_layers=[0,2]", "model.memory.n_keys=8",
     "model.memory.heads=2", "model.memory.topk=4", "model.max_seq_len=32",
-    "data.seq_len=16", "data.batch_size=4", "data.options.vocab_size=64",
-    "data.options.n_tokens=20000", "optim.warmup_steps=2", "eval_every=0", "eval_batches=2",
+    "data.seq_len=16", "data.batch_size=4", "data.synthetic.vocab_size=64",
+    "data.synthetic.n_tokens=20000", "optim.warmup_steps=2", "eval_every=0", "eval_batches=2",
     "logging.progress=false", "logging.tensorboard=false", "logging.plot=false",
     "logging.every=1", "checkpoint.keep=0",
 ]  # fmt: skip
@@ -265,7 +265,7 @@ def test_param_groups_and_value_optimizer_choice():
     # No decay: vectors, and the memory layers' keys and qk-norm gains (matrices that are
     # addresses and norm gains, not weights). Decay: every other matrix.
     mem = model.memory_layers()
-    undecayed = {id(p) for m in mem for p in (m.keys, m.query_norm)}
+    undecayed = {id(p) for m in mem for p in (m.router.keys, m.router.gain)}
     no_decay = {id(p) for p in groups["no_decay"]["params"]}
     assert undecayed <= no_decay
     assert all(p.dim() < 2 or id(p) in undecayed for p in groups["no_decay"]["params"])

@@ -1,7 +1,7 @@
 """Data: tokenizers, the pretraining corpus, the bios benchmark, real facts, QA files.
 
-Importing this package loads numpy only; the corpus, facts and dataset registry modules
-are imported on use.
+Importing this package loads numpy only; the corpus, facts and dataset table
+(memlayers/data/datasets.py) modules are imported on use.
 """
 
 from memlayers.data.bios import BiosConfig, BiosData, build_bios
@@ -14,14 +14,6 @@ from memlayers.data.tokenizer import (
     load_tokenizer,
 )
 
-
-def register_datasets() -> None:
-    """Register bios, bios_compact, corpus and facts with the packed loader's registry."""
-    from memlayers.data.datasets import register_datasets as _register
-
-    _register()
-
-
 __all__ = [
     "BPETokenizer",
     "BiosConfig",
@@ -33,6 +25,5 @@ __all__ = [
     "build_bios",
     "load_tokenizer",
     "read_qa_jsonl",
-    "register_datasets",
     "write_qa_jsonl",
 ]

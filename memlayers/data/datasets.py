@@ -1,29 +1,36 @@
-"""The datasets a run can name (``data.dataset`` in the config), for the packed loader.
+"""The datasets a run can name (``data.dataset``): one table, and each one's typed options.
 
-Each builder is ``fn(data_args) -> (train_tokens, val_tokens, vocab_size, tokenizer)``:
-1-D integer arrays with documents separated by ``tokenizer.eos_id``. ``data_args`` is the
-loader's ``DataArgs`` (``dataset``, ``path``: a cache folder or None for the default, a
-free-form ``options`` dict); unknown options are errors. The content seed is
-``options["seed"]`` (default 0), not ``data_args.seed``, which orders the loader's
-sequences: reshuffling batches must not change who the bios people are.
+:data:`DATASETS` maps a name to ``fn(data_args) -> (train_tokens, val_tokens, vocab_size,
+tokenizer_or_None)``: 1-D integer arrays with documents separated by the tokenizer's EOS.
+``data_args`` is the loader's ``DataArgs``; a dataset's knobs are its own section of it,
+``data.<dataset>.<option>`` (e.g. ``data.bios.n_people=200``), a dataclass below, so
+unknown options and wrong types are config errors. The content seed is the section's
+``seed``, not ``data.seed``, which orders the loader's sequences: reshuffling batches must
+not change who the bios people are. Nothing adds to the table at run time; a new dataset
+is a row here and a section in ``DataArgs``.
 
 ================  =======================================================================
-name              options (defaults)
+name              options: ``data.<name>.*``
 ================  =======================================================================
-``bios``          any :class:`~memlayers.data.bios.BiosConfig` field (n_people=1000,
-                  exposures=100, seed=0, ...), ``tokenizer`` (None: the closed word
-                  vocabulary, or the path of a saved tokenizer)
-``bios_compact``  the same, with ``compact=True``
-``corpus``        ``sources`` ("default" = all), ``tokenizer`` ("bpe-8192" or a path),
-                  ``val_frac`` (0.01)
-``facts``         ``seed`` (0), ``exposures`` (20), ``qa_train_frac`` (0.5),
-                  ``qa_exposures``, ``tokenizer`` ("bpe-4096", trained on the facts text,
-                  or a path)
+``synthetic``     :class:`SyntheticArgs`: records ``key v1 … vC``, each key with fixed
+                  random values (a tiny fact store: C of C+1 tokens are predictable only
+                  by memorising the key; the loss floor is ``ln(n_keys) / (C + 1)``)
+``text``          none: a UTF-8 file, or every ``*.txt`` under a directory (``data.path``),
+                  as bytes: token = byte value, 256 = end of document, vocabulary 257; the
+                  last ``data.val_fraction`` of the stream is the validation split
+``bios``          :class:`BiosArgs`: any :class:`~memlayers.data.bios.BiosConfig` field but
+                  ``compact``, and ``tokenizer``; defaults are the main job's CPU size
+``bios_compact``  the same, its own section (``BiosConfig`` defaults), ``compact=True``
+``corpus``        :class:`CorpusArgs` (``memlayers data build``'s shards)
+``facts``         :class:`FactsArgs`
 ================  =======================================================================
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,15 +41,100 @@ from memlayers.data.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
 Built = tuple[np.ndarray, np.ndarray, int, Tokenizer | None]
 
 
-def _options(data_args: Any, allowed: set[str]) -> dict:
-    opts = dict(getattr(data_args, "options", None) or {})
-    unknown = sorted(set(opts) - allowed)
-    if unknown:
-        name = getattr(data_args, "dataset", None) or getattr(data_args, "name", "?")
+@dataclass
+class SyntheticArgs:
+    """``data.synthetic``."""
+
+    vocab_size: int = 512  # keys in [0, V/2), values in [V/2, V)
+    values_per_key: int = 3  # C
+    n_tokens: int = 1_000_000
+    seed: int = 1234
+
+
+@dataclass
+class BiosArgs(BiosConfig):
+    """``data.bios`` / ``data.bios_compact``: the :class:`BiosConfig` of the run (its
+    ``compact`` comes from the dataset's name) and the tokenizer."""
+
+    tokenizer: str | None = None  # None or "word": the closed word vocabulary; or a path
+
+
+@dataclass
+class CorpusArgs:
+    """``data.corpus``: shards of ``memlayers data build`` (cache folder: ``data.path``)."""
+
+    sources: str | None = None  # comma-separated source names; None or "default": all
+    tokenizer: str = "bpe-8192"  # "bpe-<vocab>" (trained on the corpus) or a path
+    val_frac: float = 0.01
+
+
+@dataclass
+class FactsArgs:
+    """``data.facts`` (package cache folder: ``data.path``)."""
+
+    seed: int = 0
+    exposures: int = 20
+    qa_train_frac: float = 0.5
+    qa_exposures: int | None = None
+    tokenizer: str = "bpe-4096"  # "bpe-<vocab>" (trained on the facts text) or a path
+
+
+# ---- synthetic and text ------------------------------------------------------------------
+
+
+def synthetic_dataset(data_args: Any) -> Built:
+    """Records ``key v1 … vC``; see the module docstring."""
+    opt: SyntheticArgs = data_args.synthetic
+    V, C = opt.vocab_size, opt.values_per_key
+    if V < 4 or C < 1:
         raise ValueError(
-            f"unknown options {unknown} for dataset {name!r}; known: {sorted(allowed)}"
+            f"synthetic needs vocab_size >= 4 and values_per_key >= 1, got data.synthetic={opt}"
         )
-    return opts
+    n_keys = V // 2  # keys in [0, V/2), values in [V/2, V)
+    rng = np.random.default_rng(opt.seed)
+    facts = rng.integers(n_keys, V, size=(n_keys, C))  # [n_keys, C]
+
+    def stream(n_records: int) -> np.ndarray:
+        keys = rng.integers(0, n_keys, size=n_records)  # [R]
+        return np.concatenate([keys[:, None], facts[keys]], axis=1).reshape(-1)  # [R*(C+1)]
+
+    n_records = max(2, opt.n_tokens // (C + 1))
+    n_val = int(n_records * data_args.val_fraction)
+    train = stream(n_records - n_val).astype(np.uint16 if V <= 65536 else np.uint32)
+    val = stream(n_val).astype(train.dtype)
+    return train, val, V, None
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, ``eos_id = 256``."""
+
+    vocab_size, eos_id = 257, 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+
+def text_dataset(data_args: Any) -> Built:
+    """A UTF-8 file or a directory of ``*.txt`` files as byte tokens; see the module docs."""
+    if not data_args.path:
+        raise ValueError("data.dataset=text needs data.path (a text file or a directory)")
+    path = Path(data_args.path).expanduser()
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    if not path.exists() or not files:
+        raise ValueError(f"data.path={data_args.path!r}: no such file, or no *.txt under it")
+    eos = np.array([ByteTokenizer.eos_id], dtype=np.uint16)
+    parts = []
+    for f in files:
+        parts += [np.frombuffer(f.read_bytes(), dtype=np.uint8).astype(np.uint16), eos]
+    tokens = np.concatenate(parts)
+    n_val = int(len(tokens) * data_args.val_fraction)
+    return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :], 257, ByteTokenizer()
+
+
+# ---- bios, corpus, facts -----------------------------------------------------------------
 
 
 def _tokenizer_option(spec: str | None) -> Tokenizer | None:
@@ -51,10 +143,15 @@ def _tokenizer_option(spec: str | None) -> Tokenizer | None:
 
 def bios_from_args(data_args: Any, compact: bool = False) -> BiosData:
     """The :class:`BiosData` of a run's data config (eval rebuilds it: it is deterministic)."""
-    allowed = set(BiosConfig.__dataclass_fields__) - {"compact"} | {"tokenizer"}
-    opts = _options(data_args, allowed)
-    tok = _tokenizer_option(opts.pop("tokenizer", None))
-    return build_bios(compact=compact, tokenizer=tok, **opts)
+    name = "bios_compact" if compact else "bios"
+    opt: BiosArgs = getattr(data_args, name)
+    if opt.compact:
+        raise ValueError(
+            f"data.{name}.compact is set by the dataset's name: use data.dataset=bios_compact"
+        )
+    config = {f.name: getattr(opt, f.name) for f in dataclasses.fields(BiosConfig)}
+    config["compact"] = compact
+    return build_bios(tokenizer=_tokenizer_option(opt.tokenizer), **config)
 
 
 def bios_dataset(data_args: Any) -> Built:
@@ -70,13 +167,8 @@ def bios_compact_dataset(data_args: Any) -> Built:
 def corpus_dataset(data_args: Any) -> Built:
     from memlayers.data.corpus import build
 
-    opts = _options(data_args, {"sources", "tokenizer", "val_frac"})
-    shards = build(
-        opts.get("sources"),
-        opts.get("tokenizer", "bpe-8192"),
-        getattr(data_args, "path", None),
-        opts.get("val_frac", 0.01),
-    )
+    opt: CorpusArgs = data_args.corpus
+    shards = build(opt.sources, opt.tokenizer, data_args.path, opt.val_frac)
     return shards.train, shards.val, shards.tokenizer.vocab_size, shards.tokenizer
 
 
@@ -87,12 +179,18 @@ def encode_documents(tok: Tokenizer, docs: list[str]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def facts_dataset(data_args: Any) -> Built:
+def facts_from_args(data_args: Any):
+    """The :class:`~memlayers.data.facts.FactsData` of a run's data config (its held-out
+    QA for evaluation; deterministic)."""
     from memlayers.data.facts import build_facts
 
-    opts = _options(data_args, {"exposures", "qa_train_frac", "qa_exposures", "tokenizer", "seed"})
-    spec = opts.pop("tokenizer", "bpe-4096")
-    d = build_facts(getattr(data_args, "path", None), **opts)
+    opt: FactsArgs = data_args.facts
+    return build_facts(data_args.path, opt.exposures, opt.seed, opt.qa_train_frac, opt.qa_exposures)
+
+
+def facts_dataset(data_args: Any) -> Built:
+    d = facts_from_args(data_args)
+    spec = data_args.facts.tokenizer
     if str(spec).startswith("bpe-"):
         tok: Tokenizer = BPETokenizer.train(d.train_docs, vocab_size=int(spec[4:]))
     else:
@@ -106,16 +204,10 @@ def facts_dataset(data_args: Any) -> Built:
 
 
 DATASETS = {
+    "synthetic": synthetic_dataset,
+    "text": text_dataset,
     "bios": bios_dataset,
     "bios_compact": bios_compact_dataset,
     "corpus": corpus_dataset,
     "facts": facts_dataset,
 }
-
-
-def register_datasets() -> None:
-    """Register every dataset above with the packed loader's registry."""
-    from memlayers.data.loader import register_dataset
-
-    for name, fn in DATASETS.items():
-        register_dataset(name, fn)

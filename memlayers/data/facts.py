@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from memlayers.data.corpus import PACKAGES, clean_text, fetch_archive, iter_members, read_member
+from memlayers.data.qa import qa_record, qa_text
 
 # relation -> (statement templates, question templates); {s} subject, {o} object
 RELATIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -357,16 +358,11 @@ def render_facts(
     for f in facts:
         qtpls = RELATIONS[f.relation][1]
         u = _stable_unit(str(seed), f.subject, f.relation)
-        rec = {
-            "question": qtpls[int(u * 1e6) % len(qtpls)].format(s=f.subject),
-            "answers": [f.object],
-            "subject": f.subject,
-            "relation": f.relation,
-            "source": f.source,
-        }
+        question = qtpls[int(u * 1e6) % len(qtpls)].format(s=f.subject)
+        rec = qa_record(question, f.object, subject=f.subject, relation=f.relation, source=f.source)
         (qa_train if u < qa_train_frac else qa_eval).append(rec)
     reps = qa_exposures if qa_exposures is not None else max(1, exposures // 4)
-    train_docs += [f"{r['question']} {r['answers'][0]}" for r in qa_train for _ in range(reps)]
+    train_docs += [qa_text(r) for r in qa_train for _ in range(reps)]
     order = rng.permutation(len(train_docs))
     return FactsData(facts, [train_docs[i] for i in order], val_docs, qa_eval, qa_train)
 

@@ -1,21 +1,9 @@
 """Token streams → fixed-length training batches; datasets chosen by name.
 
-**Datasets.** ``DataArgs.dataset`` names a function registered with
-:func:`register_dataset`; ``fn(args: DataArgs)`` returns ``(train_tokens, val_tokens,
-vocab_size, tokenizer_or_None)`` with 1-D integer arrays (``np.ndarray`` or
-``np.memmap``, uint16/uint32/int). Before a name that is not registered yet is looked up,
-``memlayers.data.register_datasets()`` (when the package defines it) registers the
-datasets of the rest of ``memlayers.data``, so ``data.dataset=bios`` works without the
-trainer knowing those modules. Dataset-specific knobs go in ``data.options`` (a free
-dict); read them with :func:`dataset_options`, which rejects unknown keys. Built-ins:
-
-- ``synthetic``: deterministic records ``key v1 … vC``, each key with fixed random
-  values (a tiny fact store: 3 of 4 tokens are predictable only by memorising the key's
-  values; the loss floor is ``ln(n_keys) / (C + 1)``). Options: ``vocab_size`` (512),
-  ``values_per_key`` (3), ``n_tokens`` (1,000,000), ``seed`` (1234).
-- ``text``: a UTF-8 text file, or every ``*.txt`` under a directory (``data.path``), as
-  bytes: token = byte value, 256 = end of document, vocabulary 257. The last
-  ``val_fraction`` of the stream is the validation split.
+**Datasets.** ``DataArgs.dataset`` names a row of the table
+:data:`memlayers.data.datasets.DATASETS` (synthetic, text, bios, bios_compact, corpus,
+facts); :func:`load_dataset` calls it and checks what it returns. A dataset's own knobs
+are its typed section of ``DataArgs``: ``data.<dataset>.<option>``.
 
 **Packing.** :class:`PackedLoader` cuts the stream into ``n = (len - 1) // seq_len``
 sequences of ``seq_len + 1`` tokens (consecutive sequences share one token, so every token
@@ -27,25 +15,39 @@ epoch)``; global batch ``s`` is ``order[s·W·B : (s+1)·W·B]`` and rank ``r`` 
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
+
+from memlayers.data.datasets import (
+    DATASETS,
+    BiosArgs,
+    CorpusArgs,
+    FactsArgs,
+    SyntheticArgs,
+)
 
 
 @dataclass
 class DataArgs:
-    dataset: str = "synthetic"  # a registered name: synthetic | text | (bios, ...)
+    dataset: str = "synthetic"  # a name in DATASETS: synthetic | text | bios | ...
     path: str | None = None  # file or directory, for datasets that read one
     seq_len: int = 128
     batch_size: int = 16  # sequences per micro-batch and rank
     val_fraction: float = 0.05  # share of the stream held out (datasets that split)
     seed: int = 0  # sequence order of every epoch
-    options: dict[str, Any] = field(default_factory=dict)  # dataset-specific knobs
+    # Each dataset's own options (memlayers/data/datasets.py); only the named one is read.
+    synthetic: SyntheticArgs = field(default_factory=SyntheticArgs)
+    # bios: the main job's CPU size (docs/main_job.md), ~36 exposures a person in 1,000
+    # steps; bios_compact keeps BiosConfig's defaults
+    bios: BiosArgs = field(default_factory=lambda: BiosArgs(n_people=1000, exposures=36))
+    bios_compact: BiosArgs = field(default_factory=BiosArgs)
+    corpus: CorpusArgs = field(default_factory=CorpusArgs)
+    facts: FactsArgs = field(default_factory=FactsArgs)
 
     def validate(self) -> None:
         for name in ("seq_len", "batch_size"):
@@ -66,29 +68,22 @@ class Dataset(NamedTuple):
 
 
 DatasetFn = Callable[[DataArgs], tuple]
-_DATASETS: dict[str, DatasetFn] = {}
 
 
-def register_dataset(name: str, fn: DatasetFn) -> None:
-    """Make ``data.dataset=name`` call ``fn(args)`` (re-registering replaces)."""
-    if not name or not callable(fn):
-        raise ValueError(f"register_dataset needs a name and a callable, got {name!r}, {fn!r}")
-    _DATASETS[name] = fn
-
-
-def available_datasets() -> list[str]:
-    return sorted(_DATASETS)
-
-
-def dataset_options(args: DataArgs, defaults: dict[str, Any]) -> dict[str, Any]:
-    """``defaults`` updated by ``args.options``; unknown keys raise ``ValueError``."""
-    unknown = sorted(set(args.options) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"unknown data.options {unknown} for dataset {args.dataset!r}; "
-            f"known: {sorted(defaults)}"
-        )
-    return {**defaults, **args.options}
+def reject_old_options(layers: list, dataset: str) -> None:
+    """Raise for a config layer (YAML or CLI) that still uses the untyped ``data.options``
+    dict, naming the typed key each option moved to: ``data.<dataset>.<option>``."""
+    for layer in layers:  # the dataset named last, else the default
+        dataset = OmegaConf.select(layer, "data.dataset", default=None) or dataset
+    for layer in layers:
+        options = OmegaConf.select(layer, "data.options", default=None)
+        if options is not None:
+            keys = list(options) if hasattr(options, "keys") else ["<option>"]
+            new = ", ".join(f"data.{dataset}.{k}" for k in keys or ["<option>"])
+            raise ValueError(
+                f"data.options is gone: each dataset has its own typed section; write "
+                f"{new} (data.<dataset>.<option>, see memlayers/data/datasets.py)"
+            )
 
 
 def _check_tokens(name: str, t, vocab_size: int) -> np.ndarray:
@@ -108,18 +103,14 @@ def _check_tokens(name: str, t, vocab_size: int) -> np.ndarray:
     return t
 
 
-def load_dataset(args: DataArgs) -> Dataset:
-    """Call the function registered for ``args.dataset`` and check what it returns."""
+def load_dataset(args: DataArgs, datasets: Mapping[str, DatasetFn] = DATASETS) -> Dataset:
+    """Call ``datasets[args.dataset]`` (the built-in table by default) and check what it
+    returns."""
     args.validate()
     name = args.dataset
-    if name not in _DATASETS:
-        # The rest of memlayers.data registers its datasets on request (bios, corpus, ...).
-        register_all = getattr(importlib.import_module("memlayers.data"), "register_datasets", None)
-        if register_all is not None:
-            register_all()
-    if name not in _DATASETS:
-        raise ValueError(f"unknown data.dataset={name!r}; registered: {available_datasets()}")
-    train, val, vocab_size, tokenizer = _DATASETS[name](args)
+    if name not in datasets:
+        raise ValueError(f"unknown data.dataset={name!r}; known: {sorted(datasets)}")
+    train, val, vocab_size, tokenizer = datasets[name](args)
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
         raise ValueError(f"dataset {name}: vocab_size must be a positive int, got {vocab_size!r}")
     train = _check_tokens(name, train, vocab_size)
@@ -198,63 +189,3 @@ class PackedLoader:
                     f"{key}={mine[key]}: the run cannot resume exactly"
                 )
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
-
-
-# ---- built-in datasets -------------------------------------------------------------------
-
-
-def synthetic_dataset(args: DataArgs) -> tuple:
-    """Records ``key v1 … vC``; see the module docstring."""
-    opt = dataset_options(
-        args, {"vocab_size": 512, "values_per_key": 3, "n_tokens": 1_000_000, "seed": 1234}
-    )
-    V, C = int(opt["vocab_size"]), int(opt["values_per_key"])
-    if V < 4 or C < 1:
-        raise ValueError(f"synthetic needs vocab_size >= 4 and values_per_key >= 1, got {opt}")
-    n_keys = V // 2  # keys in [0, V/2), values in [V/2, V)
-    rng = np.random.default_rng(int(opt["seed"]))
-    facts = rng.integers(n_keys, V, size=(n_keys, C))  # [n_keys, C]
-
-    def stream(n_records: int) -> np.ndarray:
-        keys = rng.integers(0, n_keys, size=n_records)  # [R]
-        return np.concatenate([keys[:, None], facts[keys]], axis=1).reshape(-1)  # [R*(C+1)]
-
-    n_records = max(2, int(opt["n_tokens"]) // (C + 1))
-    n_val = int(n_records * args.val_fraction)
-    train = stream(n_records - n_val).astype(np.uint16 if V <= 65536 else np.uint32)
-    val = stream(n_val).astype(train.dtype)
-    return train, val, V, None
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255, ``eos_id = 256``."""
-
-    vocab_size, eos_id = 257, 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
-
-
-def text_dataset(args: DataArgs) -> tuple:
-    """A UTF-8 file or a directory of ``*.txt`` files as byte tokens; see the module docs."""
-    dataset_options(args, {})
-    if not args.path:
-        raise ValueError("data.dataset=text needs data.path (a text file or a directory)")
-    path = Path(args.path).expanduser()
-    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-    if not path.exists() or not files:
-        raise ValueError(f"data.path={args.path!r}: no such file, or no *.txt under it")
-    eos = np.array([ByteTokenizer.eos_id], dtype=np.uint16)
-    parts = []
-    for f in files:
-        parts += [np.frombuffer(f.read_bytes(), dtype=np.uint8).astype(np.uint16), eos]
-    tokens = np.concatenate(parts)
-    n_val = int(len(tokens) * args.val_fraction)
-    return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :], 257, ByteTokenizer()
-
-
-register_dataset("synthetic", synthetic_dataset)
-register_dataset("text", text_dataset)

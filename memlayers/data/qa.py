@@ -1,8 +1,11 @@
-"""Factual-QA records in JSONL: one ``{"question": str, "answers": [str, ...]}`` per line.
+"""Factual-QA records, their text, and their JSONL files.
 
-Optional keys: ``"context"`` (str, prepended to the question at evaluation) and any
-metadata (bios adds ``"person"`` and ``"attribute"``), kept as they are. The reader
-validates every line and names the line number of the first bad one.
+A record is ``{"question": str, "answers": [str, ...]}``; optional keys: ``"context"``
+(str, prepended to the question at evaluation) and any metadata (bios adds ``"person"``
+and ``"attribute"``), kept as they are. Bios and facts build records with
+:func:`qa_record` and train on :func:`qa_text`; evaluation conditions on
+:func:`qa_prompt`, so the model is asked in the format it was trained on. The reader
+validates every line of a JSONL file and names the line number of the first bad one.
 """
 
 from __future__ import annotations
@@ -11,6 +14,21 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+
+
+def qa_record(question: str, answer: str, **meta) -> dict:
+    """``{"question": question, "answers": [answer], **meta}``."""
+    return {"question": question, "answers": [answer], **meta}
+
+
+def qa_prompt(question: str, context: str | None = None) -> str:
+    """What a model is given to answer: the question, after the context if there is one."""
+    return f"{context} {question}" if context else question
+
+
+def qa_text(record: dict) -> str:
+    """A record as training text: the prompt, one space, the first answer."""
+    return f"{qa_prompt(record['question'], record.get('context'))} {record['answers'][0]}"
 
 
 class QAFormatError(ValueError):

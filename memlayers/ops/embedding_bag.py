@@ -1,6 +1,6 @@
 """The weighted sum of value rows: ``out[b] = Σ_k weights[b, k] · values[indices[b, k]]``.
 
-This is EmbeddingBag(mode="sum", per_sample_weights) (docs/method.md §2 "Kernels"). FLOPs are
+This is EmbeddingBag(mode="sum", per_sample_weights) (docs/method.md §5 "Kernels"). FLOPs are
 negligible; the op is bound by memory bandwidth. This module holds the input checks, the
 dispatcher and the PyTorch path, which runs on CPU and GPU, in any floating dtype, and is
 the reference every faster implementation is tested against.

@@ -1,4 +1,4 @@
-"""Triton kernels for the weighted embedding bag, forward and backward (docs/method.md §2).
+"""Triton kernels for the weighted embedding bag, forward and backward (docs/method.md §5).
 
 ``out[b] = Σ_k weights[b, k] · values[indices[b, k]]``. The reference is
 :class:`memlayers.ops.embedding_bag._TorchEmbeddingBag`; tests compare the two.
