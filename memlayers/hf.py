@@ -47,7 +47,7 @@ class MemoryMLP(nn.Module):
     """A decoder layer's feed-forward with memory: ``memory(x)`` or ``mlp(x) + memory(x)``.
 
     Sits where the layer's ``.mlp`` was, so the decoder layer's own residual and norm wrap
-    it unchanged; the memory reads the same normed input as the MLP (PAPER.md §1: the
+    it unchanged; the memory reads the same normed input as the MLP (docs/method.md §1: the
     memory layer takes an FFN's place in the block).
     """
 
@@ -202,7 +202,7 @@ def load_pretrained_with_memory(path, **kwargs) -> nn.Module:
 def memory_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """``{"values": [...], "memory": [...], "base": [...]}``, each parameter once.
 
-    ``values``: the value tables (their own learning rate, PAPER.md: 1e-3 without decay,
+    ``values``: the value tables (their own learning rate, docs/method.md §4: 1e-3 without decay,
     or a row-sparse optimizer: set ``table.sparse_grad = True`` on each
     :class:`MemoryValues` and step them with :class:`memlayers.SparseValueAdam`);
     ``memory``: the rest of the memory layers (keys, query, qk-norm gain, gating);

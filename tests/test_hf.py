@@ -154,7 +154,7 @@ def test_memory_parameters_partition():
     assert len(everything) == len({id(p) for p in everything})
     assert {id(p) for p in everything} == {id(p) for p in model.parameters()}
     mem = model.model.layers[0].mlp.memory
-    assert any(p is mem.keys for p in groups["memory"])
+    assert any(p is mem.router.keys for p in groups["memory"])
     assert any(p is model.model.embed_tokens.weight for p in groups["base"])
 
 
