@@ -33,7 +33,6 @@ checksums) before reading anything and raises :class:`CheckpointError` naming th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -44,6 +43,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_model, save_model
+
+from memlayers.files import fsync_dir, fsync_file, sha256_file, write_atomic
 
 FORMAT_VERSION = 1
 
@@ -71,26 +72,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupted or does not fit the model."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
@@ -115,10 +96,10 @@ def _finalize(
     name = step_dir_name(step)
     files = {}
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        _fsync(f)
+        fsync_file(f)
         info = {"bytes": f.stat().st_size}
         if checksum:
-            info["sha256"] = _sha256(f)
+            info["sha256"] = sha256_file(f)
         files[f.relative_to(tmp).as_posix()] = info
     meta = {
         "format": FORMAT_VERSION,
@@ -127,8 +108,7 @@ def _finalize(
         "model_config": model_config,
         "files": files,
     }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    _fsync(tmp / "meta.json")
+    write_atomic(tmp / "meta.json", json.dumps(meta, indent=2))
     final = root / name
     if final.exists():  # re-saving a step: move the old one aside, then swap
         old = root / f".old-{name}-{os.getpid()}"
@@ -137,7 +117,8 @@ def _finalize(
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    _write_text_atomic(root / "latest", name + "\n")
+    fsync_dir(root)
+    write_atomic(root / "latest", name + "\n")
     if keep > 0:  # by step number: names outgrow their 6 digits past step 999,999
         steps = sorted((p for p in root.glob("step_*") if p.is_dir()), key=_step_of)
         for p in steps[:-keep]:
@@ -326,7 +307,7 @@ def verify_checkpoint(path: str | Path) -> dict:
                 f"{path}: {fname} has {size} bytes, the manifest says "
                 f"{info.get('bytes')} (truncated or overwritten)"
             )
-        if "sha256" in info and _sha256(f) != info["sha256"]:
+        if "sha256" in info and sha256_file(f) != info["sha256"]:
             raise CheckpointError(f"{path}: {fname} fails its sha256 check (corrupted)")
     return meta
 

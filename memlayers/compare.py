@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import os
 import platform
 import re
 import shlex
@@ -36,6 +35,8 @@ from pathlib import Path
 import torch
 
 from memlayers.config import TrainArgs, load_config, to_yaml
+from memlayers.files import write_atomic
+from memlayers.report import si
 
 # Variant overrides may not change what the variants are compared on.
 SHARED_KEYS = ("data.", "steps", "grad_accum", "seed", "run_dir", "device", "dtype")
@@ -125,16 +126,12 @@ def summary_row(label: str, r: dict, train_seconds: float | None) -> dict:
     return row
 
 
-def _m(x: float) -> str:
-    return f"{x / 1e6:.2f}M"
-
-
 def format_table(rows: list[dict]) -> str:
     """A Markdown table of the summary rows ("–" where a metric does not apply)."""
     cols = [
         ("variant", lambda r: r["variant"]),
-        ("params", lambda r: _m(r["total_params"])),
-        ("active/token", lambda r: _m(r["active_params"])),
+        ("params", lambda r: si(r["total_params"], "M")),
+        ("active/token", lambda r: si(r["active_params"], "M")),
         ("train FLOPs", lambda r: f"{r['train_flops']:.3g}"),
         ("val loss", lambda r: f"{r['val_loss']:.4f}"),
         ("QA EM", lambda r: f"{100 * r['exact_match']:.1f}%"),
@@ -249,7 +246,7 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
     doc = {"command": command, "machine": machine(), "date": date, "rows": rows, "eval": full}
-    _write(out / "results.json", json.dumps(doc, indent=2) + "\n")
+    write_atomic(out / "results.json", json.dumps(doc, indent=2) + "\n")
     md = [
         f"# compare: {', '.join(variants)}",
         "",
@@ -260,17 +257,11 @@ def compare(
         format_table(rows),
         "",
     ]
-    _write(out / "results.md", "\n".join(md))
+    write_atomic(out / "results.md", "\n".join(md))
     png = plot(rows, out / "compare.png")
     print(format_table(rows))
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {png}" if png else ""))
     return rows
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---- command line ------------------------------------------------------------------------

@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from collections import defaultdict
@@ -59,6 +58,7 @@ from memlayers.config import TrainArgs, load_config
 from memlayers.data.loader import load_dataset
 from memlayers.data.qa import QAFormatError, read_qa_jsonl
 from memlayers.data.tokenizer import load_tokenizer
+from memlayers.files import write_atomic
 from memlayers.memory import ProductKeyMemory
 from memlayers.metrics import (
     answer_nll_batch,
@@ -68,7 +68,7 @@ from memlayers.metrics import (
     qa_scores,
 )
 from memlayers.model import Transformer
-from memlayers.report import parameter_report
+from memlayers.report import parameter_report, si
 from memlayers.usage import MemoryUsage
 
 LN2 = math.log(2.0)
@@ -459,11 +459,11 @@ def evaluate(
         results["results_path"] = str(out / "results.json")
         out.mkdir(parents=True, exist_ok=True)
         for name, preds in predictions.items():
-            _write_atomic(
+            write_atomic(
                 out / f"{name}.predictions.jsonl",
                 "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds),
             )
-        _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+        write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -475,30 +475,17 @@ def eval_dir(run: Run) -> Path:
     return run.run_dir / "eval" if same else run.run_dir / "eval" / run.checkpoint.name
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---- the printed table ---------------------------------------------------------------------
-
-
-def _si(x: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f}{unit}"
-    return f"{x:.0f}"
 
 
 def format_results(r: dict) -> str:
     """The results as a readable table."""
     p = r["params"]
     lines = [
-        f"eval of {r['run_dir']} at step {r['step']} ({_si(r['tokens_trained'])} tokens, "
+        f"eval of {r['run_dir']} at step {r['step']} ({si(r['tokens_trained'])} tokens, "
         f"{r['train_flops']:.3g} training FLOPs; dataset {r['dataset']})",
-        f"  parameters  total {_si(p['total'])}, non-embedding {_si(p['non_embedding'])}, "
-        f"active/token {_si(p['active_per_token'])}, memory table {_si(p['memory_table'])}",
+        f"  parameters  total {si(p['total'])}, non-embedding {si(p['non_embedding'])}, "
+        f"active/token {si(p['active_per_token'])}, memory table {si(p['memory_table'])}",
     ]
     pp = r["perplexity"]
     bpb = f", {pp['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in pp else ""
