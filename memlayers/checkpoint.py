@@ -23,7 +23,7 @@ with torch.distributed.checkpoint instead, every rank its own shards::
 
 DCP reshards on load, so such a checkpoint loads on any number of ranks and any
 memory-parallel degree (2 → 1, 1 → 4, 4 → 2), or into one process for evaluation;
-:func:`consolidate_checkpoint` turns it into the single-file layout above.
+:func:`consolidate` turns it into the single-file layout above.
 
 A save writes everything into a hidden ``.tmp-*`` directory, then ``os.replace`` renames
 it into place and ``latest`` is replaced the same way, so a crash at any point leaves the
@@ -371,10 +371,17 @@ def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "c
     return model
 
 
-def consolidate_checkpoint(src: str | Path, dst_root: str | Path) -> Path:
-    """Turn a (DCP) checkpoint into the single-file layout under ``dst_root`` (weights and
-    trainer state; no optimizer state), for inference with :func:`load_model_from_checkpoint`.
-    Runs in one process, whatever the number of ranks that wrote ``src``."""
+def consolidate(src: str | Path, dst_root: str | Path) -> Path:
+    """Turn a checkpoint of any layout (e.g. DCP from a multi-GPU run) into one
+    safetensors file, in one process, whatever the number of ranks that wrote it.
+
+    memlayers consolidate runs/big/checkpoints/step_001000 runs/big-single
+    memlayers consolidate runs/big runs/big-single      # the run's latest checkpoint
+
+    The result (``OUT/step_XXXXXX/model.safetensors`` + ``meta.json``, ``OUT/latest``)
+    loads in one process with :func:`load_model_from_checkpoint` for evaluation and
+    generation. It holds weights and the trainer state, not the optimizer state.
+    """
     src = resolve_checkpoint(src)
     meta = verify_checkpoint(src)
     model = load_model_from_checkpoint(src)

@@ -21,13 +21,11 @@ evaluated with :func:`memlayers.eval.evaluate`. Written into ``OUT`` (default
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import json
 import platform
 import re
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -262,61 +260,3 @@ def compare(
     print(format_table(rows))
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {png}" if png else ""))
     return rows
-
-
-# ---- command line ------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "items",
-        nargs="+",
-        metavar="PRESET[:k=v…] | CONFIG.yaml | key=value",
-        help="variants (model presets), then shared YAML files and dotted overrides",
-    )
-    parser.add_argument("--out", default="runs/compare", help="output directory")
-    parser.add_argument(
-        "--reuse", action="store_true", help="keep variants already trained with the same config"
-    )
-    parser.set_defaults(func=run)
-
-
-def split_items(items: list[str]) -> tuple[list[str], list[str], list[str]]:
-    """(variants, yaml files, overrides) from the positional items."""
-    variants, yamls, overrides = [], [], []
-    for it in items:
-        if it.endswith((".yaml", ".yml")):
-            yamls.append(it)
-        elif "=" in it.split(":", 1)[0]:
-            overrides.append(it)
-        else:
-            variants.append(it)
-    return variants, yamls, overrides
-
-
-def run(ns: argparse.Namespace) -> int:
-    """Entry point of ``memlayers compare``."""
-    variants, yamls, overrides = split_items(ns.items)
-    command = shlex.join(
-        ["memlayers", "compare", *ns.items]
-        + (["--out", ns.out] if ns.out != "runs/compare" else [])
-        + (["--reuse"] if ns.reuse else [])
-    )
-    try:
-        for v in variants:
-            parse_variant(v)
-        compare(variants, yamls, overrides, ns.out, ns.reuse, command)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def main(argv: list[str] | None = None) -> None:
-    from memlayers.cli import module_main
-
-    module_main("compare", argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -4,7 +4,7 @@
     memlayers eval runs/tiny-memory-plus/checkpoints/step_000400
     memlayers eval runs/x --qa my_questions.jsonl --qa more.jsonl   # bring your own QA
     memlayers eval runs/x --max-qa 200 --max-val-tokens 20000 --device cpu   # quicker
-    python -m memlayers.eval runs/x --json                   # print the JSON, not the table
+    memlayers eval runs/x --json                            # print the JSON, not the table
 
 What it measures (results in ``RUN_DIR/eval/results.json``, written atomically, plus
 ``RUN_DIR/eval/<qa set>.predictions.jsonl`` and a printed table; an older checkpoint's go
@@ -34,11 +34,9 @@ runs, from rebuilding the dataset.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -56,7 +54,7 @@ from memlayers.checkpoint import (
 )
 from memlayers.config import TrainArgs, load_config
 from memlayers.data.loader import load_dataset
-from memlayers.data.qa import QAFormatError, read_qa_jsonl
+from memlayers.data.qa import read_qa_jsonl
 from memlayers.data.tokenizer import load_tokenizer
 from memlayers.files import write_atomic
 from memlayers.memory import ProductKeyMemory
@@ -545,62 +543,3 @@ def headline(r: dict) -> str:
             f"({100 * k['fraction']:.1f}%), {k['bits_per_active_param']:.4f} bits/active param"
         )
     return "\n".join(out)
-
-
-# ---- command line ------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN_DIR", help="a run directory or one of its checkpoints")
-    parser.add_argument(
-        "--qa",
-        action="append",
-        default=[],
-        metavar="FILE.jsonl",
-        help='extra QA set: one {"question", "answers": [...], "context"?} per line (repeatable)',
-    )
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    parser.add_argument("--max-qa", type=int, default=None, help="first N records of each set")
-    parser.add_argument(
-        "--max-val-tokens", type=int, default=100_000, help="perplexity tokens (0: all)"
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy answer length")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument(
-        "--no-builtin-qa", action="store_true", help="skip the dataset's own held-out QA"
-    )
-    parser.add_argument("--json", action="store_true", help="print the JSON instead of a table")
-    parser.set_defaults(func=run)
-
-
-def run(ns: argparse.Namespace) -> int:
-    """Entry point of ``memlayers eval`` and ``python -m memlayers.eval``."""
-    try:
-        r = evaluate(
-            ns.run,
-            qa=ns.qa,
-            device=ns.device,
-            max_qa=ns.max_qa,
-            max_val_tokens=ns.max_val_tokens or None,
-            max_new_tokens=ns.max_new_tokens,
-            batch_size=ns.batch_size,
-            builtin_qa=not ns.no_builtin_qa,
-            progress=sys.stderr.isatty(),
-        )
-    except (EvalError, QAFormatError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(r, indent=2) if ns.json else format_results(r))
-    if not ns.json:
-        print(f"wrote {r['results_path']}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> None:
-    from memlayers.cli import module_main
-
-    module_main("eval", argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -10,8 +10,8 @@
     memlayers train configs/tiny_memory_plus.yaml --resume          # from run_dir's latest
     memlayers train configs/tiny_memory_plus.yaml --resume-from runs/x/checkpoints/step_000100
     memlayers train configs/tiny_memory_plus.yaml --print-config    # resolved config, no run
-    python -m memlayers.train configs/373m_memory_plus.yaml          # one GPU, bf16 autocast
-    torchrun --standalone --nproc_per_node=8 -m memlayers.train configs/373m_memory_plus.yaml
+    python -m memlayers train configs/373m_memory_plus.yaml          # one GPU, bf16 autocast
+    torchrun --standalone --nproc_per_node=8 -m memlayers train configs/373m_memory_plus.yaml
 
 Config precedence: dataclass defaults < ``model.preset`` < YAML files (in order) <
 ``key=value`` overrides (see :mod:`memlayers.config`). ``model.vocab_size`` is set from
@@ -39,15 +39,13 @@ logs. The model is built on the meta device and parallelised from outside
 ``parallel.mp`` ranks, FSDP2 over all ranks for the rest; checkpoints are DCP (every rank
 writes its shards) and load on any number of ranks. CPU runs use gloo, GPU runs NCCL::
 
-    torchrun --standalone --nproc_per_node=2 -m memlayers.train parallel.mp=2 steps=50
+    torchrun --standalone --nproc_per_node=2 -m memlayers train parallel.mp=2 steps=50
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,13 +55,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from memlayers.checkpoint import (
-    CheckpointError,
     load_checkpoint,
-    resolve_checkpoint,
     save_checkpoint,
     save_distributed_checkpoint,
 )
-from memlayers.config import TrainArgs, load_config, save_config, to_yaml
+from memlayers.config import TrainArgs, save_config
 from memlayers.data.loader import PackedLoader, load_dataset
 from memlayers.logger import RunLogger
 from memlayers.model import Transformer, build_model
@@ -392,80 +388,3 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
             f"checkpoint {last_ckpt or 'none'}"
         )
     return history
-
-
-def final_evaluation(args: TrainArgs) -> dict:
-    """``memlayers eval`` of the finished run (one process): writes
-    ``run_dir/eval/results.json`` and prints the table, then the QA accuracy and the bits
-    stored as the last lines."""
-    from memlayers.eval import evaluate, format_results, headline
-
-    t0 = time.perf_counter()
-    results = evaluate(args.run_dir, device=args.device, progress=args.logging.progress)
-    print(format_results(results))
-    print(f"eval: {time.perf_counter() - t0:.0f}s; {Path(args.run_dir) / 'eval' / 'results.json'}")
-    if headline(results):
-        print(headline(results))
-    return results
-
-
-# ---- command line ------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "items",
-        nargs="*",
-        metavar="CONFIG.yaml | key=value",
-        help="YAML config files (merged in order), then dotted overrides, e.g. optim.lr=1e-3",
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from run_dir's latest checkpoint"
-    )
-    parser.add_argument(
-        "--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory"
-    )
-    parser.add_argument(
-        "--print-config", action="store_true", help="print the resolved config and exit"
-    )
-    parser.set_defaults(func=run)
-
-
-def run(ns: argparse.Namespace) -> int:
-    """Entry point of ``memlayers train`` and ``python -m memlayers.train``."""
-    yamls = [a for a in ns.items if "=" not in a]
-    overrides = [a for a in ns.items if "=" in a]
-    try:
-        args = load_config(yamls, overrides)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if ns.print_config:
-        print(to_yaml(args), end="")
-        return 0
-    resume = ns.resume_from or ("latest" if ns.resume else None)
-    try:
-        if resume is not None:
-            resolve_checkpoint(args.run_dir if resume == "latest" else resume)
-        train(args, resume=resume)
-        if dist.is_initialized():
-            dist.barrier()  # gloo aborts a rank that tears down while another still talks
-        if args.final_eval and int(os.environ.get("RANK", "0")) == 0:
-            final_evaluation(args)
-    except (NonFiniteLossError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-def main(argv: list[str] | None = None) -> None:
-    from memlayers.cli import module_main
-
-    module_main("train", argv)
-
-
-if __name__ == "__main__":
-    main()

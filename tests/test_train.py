@@ -107,6 +107,18 @@ def test_save_load_identical_logits(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))  # nothing left of the atomic write
 
 
+def test_consolidate_from_the_command_line(tmp_path, capsys):
+    model, opt, cfg = _model_and_opt(seed=0)
+    x = torch.randint(0, 64, (2, 16))
+    save_checkpoint(tmp_path / "src", 3, model, opt, {"note": "hi"}, cfg.to_dict())
+    assert cli_main(["consolidate", str(tmp_path / "src"), str(tmp_path / "dst")]) == 0
+    assert "step_000003" in capsys.readouterr().out
+    assert torch.equal(load_model_from_checkpoint(tmp_path / "dst")(x), model(x))
+    assert load_checkpoint(tmp_path / "dst", model)["note"] == "hi"  # trainer state kept
+    assert cli_main(["consolidate", str(tmp_path / "nothing"), str(tmp_path / "d2")]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+
+
 def test_keep_prunes_old_checkpoints(tmp_path):
     model, opt, _ = _model_and_opt()
     for step in (1, 2, 3, 4):
@@ -321,7 +333,8 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
         "--standalone",
         "--nproc_per_node=2",
         "-m",
-        "memlayers.train",
+        "memlayers",
+        "train",
         *common,
         "data.batch_size=4",
         f"run_dir={tmp_path / 'two'}",
