@@ -9,7 +9,8 @@ One checkpoint is a directory; ``latest`` names the newest complete one::
                             as the RoPE tables are rebuilt by init_weights)
         optimizer.pt        optimizer state (moments, step counts), torch.save
         trainer.pt          step, data-loader position, RNG states of every rank
-        meta.json           step, model config, size and sha256 of every file above
+        meta.json           step, model config, progress (tokens trained, training
+                            seconds), size and sha256 of every file above
       latest                text file: "step_000100"
 
 Distributed runs (and ``checkpoint.format=dcp``) write the weights and optimizer state
@@ -89,7 +90,14 @@ def _new_tmp(root: Path, name: str) -> Path:
 
 
 def _finalize(
-    root: Path, tmp: Path, step: int, model_config, keep: int, checksum: bool, layout: str
+    root: Path,
+    tmp: Path,
+    step: int,
+    model_config,
+    keep: int,
+    checksum: bool,
+    layout: str,
+    progress: dict | None,
 ) -> Path:
     """Describe every file of ``tmp`` in meta.json, rename it into place, point
     ``latest`` at it and prune old checkpoints."""
@@ -108,6 +116,8 @@ def _finalize(
         "model_config": model_config,
         "files": files,
     }
+    if progress is not None:  # {"tokens_trained", "train_seconds"}: read by memlayers.run
+        meta["progress"] = progress
     write_atomic(tmp / "meta.json", json.dumps(meta, indent=2))
     final = root / name
     if final.exists():  # re-saving a step: move the old one aside, then swap
@@ -136,6 +146,7 @@ def save_checkpoint(
     model_config: dict | None = None,
     keep: int = 0,
     checksum: bool = True,
+    progress: dict | None = None,
 ) -> Path:
     """Write ``root/step_XXXXXX`` atomically, point ``root/latest`` at it, prune old ones."""
     root = Path(root)
@@ -144,7 +155,7 @@ def save_checkpoint(
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
     torch.save({"step": step, **(trainer_state or {})}, tmp / "trainer.pt")
-    return _finalize(root, tmp, step, model_config, keep, checksum, "safetensors")
+    return _finalize(root, tmp, step, model_config, keep, checksum, "safetensors", progress)
 
 
 def _dcp_state(model: nn.Module, optimizer=None, plan=None) -> tuple[dict, list]:
@@ -208,6 +219,7 @@ def save_distributed_checkpoint(
     model_config: dict | None = None,
     keep: int = 0,
     checksum: bool = True,
+    progress: dict | None = None,
     plan=None,
 ) -> Path:
     """Like :func:`save_checkpoint` in the DCP layout; every rank calls it (or a single
@@ -227,7 +239,7 @@ def save_distributed_checkpoint(
     final = root / step_dir_name(step)
     if rank == 0:
         torch.save({"step": step, **(trainer_state or {})}, tmp / "trainer.pt")
-        final = _finalize(root, tmp, step, model_config, keep, checksum, "dcp")
+        final = _finalize(root, tmp, step, model_config, keep, checksum, "dcp", progress)
     _barrier()
     return final
 
@@ -322,12 +334,17 @@ def _torch_load(f: Path) -> dict:
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, plan=None) -> dict:
     """Load weights (and optimizer state) in place; returns the trainer state + ``meta``.
 
-    ``path`` is anything :func:`resolve_checkpoint` accepts. A DCP checkpoint loads into
-    any layout (``plan`` from :func:`memlayers.parallel.parallelize`, or none); a
-    single-file one into an unsharded model.
+    ``path`` is anything :func:`resolve_checkpoint` accepts; the files are verified once,
+    before anything is read. A DCP checkpoint loads into any layout (``plan`` from
+    :func:`memlayers.parallel.parallelize`, or none); a single-file one into an unsharded
+    model.
     """
     path = resolve_checkpoint(path)
-    meta = verify_checkpoint(path)
+    return _load_verified(path, verify_checkpoint(path), model, optimizer, plan)
+
+
+def _load_verified(path: Path, meta: dict, model: nn.Module, optimizer=None, plan=None) -> dict:
+    """:func:`load_checkpoint` of a checkpoint whose manifest ``meta`` is verified."""
     if meta.get("layout") == "dcp":
         try:
             _load_dcp(path, model, optimizer, plan)
@@ -358,17 +375,21 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, plan=Non
     return state
 
 
-def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild the model from ``meta.json``'s config and load its weights (for eval)."""
+def model_from_checkpoint(path: Path, meta: dict, device: str | torch.device = "cpu"):
+    """Rebuild the model from a verified checkpoint's ``meta`` and load its weights."""
     from memlayers.model import ModelConfig, build_model
 
-    path = resolve_checkpoint(path)
-    meta = verify_checkpoint(path)
     if not meta.get("model_config"):
         raise CheckpointError(f"{path}: meta.json has no model_config")
     model = build_model(ModelConfig.from_dict(meta["model_config"]), device)
-    load_checkpoint(path, model)
+    _load_verified(path, meta, model)
     return model
+
+
+def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild the model from ``meta.json``'s config and load its weights (for eval)."""
+    path = resolve_checkpoint(path)
+    return model_from_checkpoint(path, verify_checkpoint(path), device)
 
 
 def consolidate(src: str | Path, dst_root: str | Path) -> Path:
@@ -384,8 +405,10 @@ def consolidate(src: str | Path, dst_root: str | Path) -> Path:
     """
     src = resolve_checkpoint(src)
     meta = verify_checkpoint(src)
-    model = load_model_from_checkpoint(src)
+    model = model_from_checkpoint(src, meta)
     trainer = _torch_load(src / "trainer.pt")
     step = int(meta["step"])
     trainer.pop("step", None)
-    return save_checkpoint(dst_root, step, model, None, trainer, meta["model_config"])
+    return save_checkpoint(
+        dst_root, step, model, None, trainer, meta["model_config"], progress=meta.get("progress")
+    )

@@ -27,7 +27,6 @@ import json
 import platform
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -79,15 +78,7 @@ def _finished(args: TrainArgs) -> dict | None:
     return results if results.get("step") == args.steps else None
 
 
-def _train_seconds(run_dir: Path) -> float | None:
-    """Wall time of a finished run: config.yaml is written before the first step and
-    metrics.jsonl's last record after the last one (model build and data load included)."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    times = [json.loads(x)["time"] for x in lines if x.strip()]
-    return max(times) - (run_dir / "config.yaml").stat().st_mtime if times else None
-
-
-def summary_row(label: str, r: dict, train_seconds: float | None) -> dict:
+def summary_row(label: str, r: dict) -> dict:
     """The numbers of one variant that go into the table and the plot."""
     p = r["params"]
     row = {
@@ -100,7 +91,8 @@ def summary_row(label: str, r: dict, train_seconds: float | None) -> dict:
         "train_flops": r["train_flops"],
         "tokens": r["tokens_trained"],
         "val_loss": r["perplexity"]["loss"],
-        "train_seconds": train_seconds,
+        # from the checkpoint's progress; None for runs older than that record
+        "train_seconds": r.get("train_seconds"),
     }
     qa = next(iter(r.get("qa", {}).values()), None)
     if qa is not None:
@@ -231,15 +223,12 @@ def compare(
         results = _finished(args) if reuse else None
         if results is not None:
             print(f"== {label}: reusing {args.run_dir}")
-            secs = _train_seconds(Path(args.run_dir))
         else:
             print(f"== {label}: training into {args.run_dir}")
-            t0 = time.perf_counter()
             train(args)
-            secs = time.perf_counter() - t0
             results = evaluate(args.run_dir, device=args.device, progress=args.logging.progress)
         print(format_results(results))
-        rows.append(summary_row(label, results, secs))
+        rows.append(summary_row(label, results))
         full[label] = results
     out.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()

@@ -17,21 +17,10 @@ Config precedence: dataclass defaults < ``model.preset`` < YAML files (in order)
 ``key=value`` overrides (see :mod:`memlayers.config`). ``model.vocab_size`` is set from
 the dataset.
 
-Run directory (``run_dir``)::
-
-    <run_dir>/
-      config.yaml             the resolved config of the last (re)start
-      tokenizer.json          the dataset's tokenizer (eval and generate decode with it)
-      metrics.jsonl           one JSON object per logged step
-                              {"step", "loss", "lr", "grad_norm", "tokens", "tok_per_s", "time"}
-                              and per evaluation {"step", "val_loss", "time"}
-      tb/                     TensorBoard events (same scalars)
-      checkpoints/
-        step_000100/          model.safetensors, optimizer.pt, trainer.pt, meta.json
-        latest                name of the newest complete checkpoint
-      loss.png                train / validation loss against step, written at the end
-      eval/results.json       `memlayers eval` (run at the end unless final_eval=false)
-      eval/<set>.predictions.jsonl   greedy answers to each QA set
+The run directory (``run_dir``) is laid out by :class:`memlayers.run.Run` (its docstring
+draws it); the logger adds ``metrics.jsonl`` (one JSON object per logged step, and per
+evaluation ``{"step", "val_loss", "time"}``), ``tb/`` and ``loss.png``. Every checkpoint's
+``meta.json`` records the run's ``progress`` (tokens trained, training seconds).
 
 Under torchrun every rank reads its own shard of each global batch and rank 0 alone
 logs. The model is built on the meta device and parallelised from outside
@@ -48,7 +37,6 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -61,11 +49,13 @@ from memlayers.checkpoint import (
 )
 from memlayers.config import TrainArgs, save_config
 from memlayers.data.loader import PackedLoader, load_dataset
+from memlayers.eval.validation import validation_loss
 from memlayers.logger import RunLogger
 from memlayers.model import Transformer, build_model
 from memlayers.optim import build_optimizer, clip_grad_norm_, set_lr
 from memlayers.parallel import ParallelPlan, apply_fsdp, build_mesh, shard_tables
 from memlayers.report import format_report, parameter_report, peak_flops
+from memlayers.run import Run
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -134,20 +124,16 @@ def _mean_over_ranks(x: torch.Tensor, env: Env) -> torch.Tensor:
     return x / env.world_size
 
 
-@torch.no_grad()
-def evaluate(model, loader: PackedLoader, n_batches: int, env: Env, autocast) -> float:
-    """Mean loss over the first ``n_batches`` of ``loader``'s epoch 0 (same every call)."""
+def validation_loss_over_ranks(
+    model, loader: PackedLoader, n_batches: int, env: Env, autocast
+) -> float:
+    """Mean loss over the first ``n_batches`` of ``loader``'s epoch 0 (same every call),
+    averaged over ranks: :func:`memlayers.eval.validation_loss` on this rank's shard."""
     loader.rewind()
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=env.device)
     n = min(n_batches, len(loader))
-    for _ in range(n):
-        x, y = (t.to(env.device) for t in next(loader))
-        with autocast:
-            total += model(x, targets=y).double()
-    model.train(was_training)
-    return _mean_over_ranks(total / n, env).item()
+    batches = (tuple(t.to(env.device) for t in next(loader)) for _ in range(n))
+    loss, _ = validation_loss(model, batches, autocast)
+    return _mean_over_ranks(loss, env).item()
 
 
 def _rng_state(env: Env) -> dict:
@@ -213,10 +199,10 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
     ``resume``: ``"latest"`` for ``run_dir``'s newest checkpoint, or any path
     :func:`memlayers.checkpoint.resolve_checkpoint` accepts.
     """
+    t_start = time.perf_counter()  # the run's training seconds count from here
     args.validate()
     env = init_distributed(args.device)
-    run_dir = Path(args.run_dir)
-    ckpt_root = run_dir / "checkpoints"
+    run = Run(args.run_dir)
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and env.device.type == "cuda")
     autocast = (
         torch.autocast(env.device.type, dtype=torch.bfloat16)
@@ -227,8 +213,8 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
     data = load_dataset(args.data)
     args.model.vocab_size = data.vocab_size
     if env.is_main and hasattr(data.tokenizer, "save"):
-        # eval and generate decode with the run's own tokenizer (memlayers/eval.py)
-        data.tokenizer.save(run_dir / "tokenizer.json")
+        # eval and generate decode with the run's own tokenizer (memlayers/run.py)
+        data.tokenizer.save(run.tokenizer_path)
     model_cfg = args.model.to_config()
     model, plan = build_parallel_model(model_cfg, args, env)
     mem = model_cfg.memory
@@ -242,19 +228,19 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
     start = 0
     if resume is not None:
         state = load_checkpoint(
-            run_dir if resume == "latest" else resume, model, optimizer, plan=plan
+            run.root if resume == "latest" else resume, model, optimizer, plan=plan
         )
         start = int(state["step"])
-        loader.load_state_dict(state["data"])
         _restore_rng(state["rng"], env)
+        loader.load_state_dict(state["data"])
     else:
         torch.manual_seed(args.seed + env.rank)  # dropout streams differ per rank
     if start >= args.steps:
         raise ValueError(f"the checkpoint is at step {start}, nothing to do for steps={args.steps}")
 
-    log = RunLogger(run_dir, args.logging, args.steps, start, enabled=env.is_main)
+    log = RunLogger(run.root, args.logging, args.steps, start, enabled=env.is_main)
     if env.is_main:
-        save_config(args, run_dir / "config.yaml")
+        save_config(args, run.config_path)
         # From the config (a meta-device model) when parallelised: this rank holds only its
         # shards of the tables.
         rep = parameter_report(model_cfg if plan is not None else model, seq_len=T)
@@ -262,7 +248,7 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
         log.message(
             f"device {env.device} x{env.world_size}, {'bf16 autocast' if use_bf16 else 'fp32'}; "
             f"data {args.data.dataset}: {len(data.train):,} train / {len(data.val):,} val "
-            f"tokens, vocab {data.vocab_size}; run_dir {run_dir}"
+            f"tokens, vocab {data.vocab_size}; run_dir {run.root}"
             + (f"; resumed at step {start} from {state['path']}" if resume else "")
         )
     tokens_per_step = B * T * args.grad_accum * env.world_size
@@ -271,6 +257,11 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
     peak = (peak_flops(env.device) or 0.0) * env.world_size  # 0: no MFU (CPU, unknown card)
     history: list[dict] = []
     last_ckpt = state["path"] if resume else None
+    # Training seconds and tokens (checkpoint meta, read by memlayers.run) go on from the
+    # checkpoint's; older checkpoints recorded no seconds, so the total stays unknown.
+    before = state["meta"].get("progress", {"train_seconds": None}) if resume else {}
+    tokens_before = before.get("tokens_trained", start * tokens_per_step)
+    seconds_before = before.get("train_seconds", 0.0)
 
     if args.checkpoint.format == "safetensors" and env.world_size > 1:
         raise ValueError(
@@ -283,10 +274,15 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
 
     def checkpoint(step: int) -> str:
         trainer_state = {"data": loader.state_dict(), "rng": _gather_rng(env)}
+        seconds = time.perf_counter() - t_start
+        progress = {
+            "tokens_trained": tokens_before + (step - start) * tokens_per_step,
+            "train_seconds": None if seconds_before is None else seconds_before + seconds,
+        }
         what = dict(
-            root=ckpt_root, step=step, model=model, optimizer=optimizer,
+            root=run.checkpoints, step=step, model=model, optimizer=optimizer,
             trainer_state=trainer_state, model_config=model_cfg.to_dict(),
-            keep=args.checkpoint.keep, checksum=args.checkpoint.checksum,
+            keep=args.checkpoint.keep, checksum=args.checkpoint.checksum, progress=progress,
         )  # fmt: skip
         path = None
         if dcp:  # every rank writes its shards
@@ -295,7 +291,7 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
             path = save_checkpoint(**what)
         if env.world_size > 1:
             dist.barrier()
-        return str(path or ckpt_root / "latest")
+        return str(path or run.checkpoints / "latest")
 
     def stop_if_non_finite(step: int) -> None:
         """Read the on-device flags (a host sync: only at log and checkpoint steps)."""
@@ -373,7 +369,9 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
             else:
                 log.advance(step)
             if eval_due:
-                val = evaluate(model, val_loader, args.eval_batches, env, autocast)
+                val = validation_loss_over_ranks(
+                    model, val_loader, args.eval_batches, env, autocast
+                )
                 log.log_eval({"step": step, "val_loss": val})
                 history[-1]["val_loss"] = val
             if ckpt_due:
