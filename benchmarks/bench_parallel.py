@@ -32,8 +32,8 @@ import torch.distributed as dist
 from memlayers import get_preset
 from memlayers.config import load_config
 from memlayers.optim import OptimArgs, build_optimizer, clip_grad_norm_
-from memlayers.parallel import ParallelArgs, build_mesh, parallelize
-from memlayers.train import build_parallel_model, compute_loss, init_distributed
+from memlayers.parallel import ParallelArgs, build, build_mesh, parallelize
+from memlayers.train import compute_loss, init_distributed, use_compile
 
 
 def _env(device: str = "cuda"):
@@ -95,7 +95,8 @@ def _train_steps(ns, overrides: list[str]) -> dict:
     model_cfg = args.model.to_config()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    model, plan = build_parallel_model(model_cfg, args, env)
+    compile_ = use_compile(args.compile, env.device)
+    model, plan = build(model_cfg, args.parallel, env.device, args.seed, compile_)
     optimizer = build_optimizer(model, args.optim, impl=model_cfg.memory.impl)
     B, T = args.data.batch_size, args.data.seq_len
     g = torch.Generator(device=env.device).manual_seed(rank)
@@ -109,11 +110,8 @@ def _train_steps(ns, overrides: list[str]) -> dict:
         with autocast:
             loss = compute_loss(model(tokens[:, :-1]), tokens[:, 1:])
         loss.backward()
-        if plan is not None:
-            plan.sync_grads(model)
-            plan.clip_grad_norm_(model, 1.0)
-        else:
-            clip_grad_norm_(model.parameters(), 1.0)
+        plan.sync_grads(model)
+        plan.clip_grad_norm_(model, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()

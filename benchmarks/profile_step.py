@@ -40,7 +40,10 @@ def main() -> None:
     model = build_model(cfg, dev, seed=0)
     opt = build_optimizer(model, OptimArgs())
     if ns.compile:
-        from memlayers.train import compile_blocks
+        try:
+            from memlayers.parallel import compile_blocks
+        except ImportError:  # checkouts before parallel.build
+            from memlayers.train import compile_blocks
 
         compile_blocks(model)
     fused_loss = "targets" in inspect.signature(model.forward).parameters

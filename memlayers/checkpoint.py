@@ -162,10 +162,7 @@ def _dcp_state(model: nn.Module, optimizer=None, plan=None) -> tuple[dict, list]
     """The state DCP saves or loads in place, and the table entries wrapped as DTensors
     (``(container, key, local)`` to unwrap after a load). Value tables and their
     optimizer moments become DTensor views of this rank's column shard (``plan``)."""
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     from memlayers.parallel import value_tables
 
@@ -177,31 +174,12 @@ def _dcp_state(model: nn.Module, optimizer=None, plan=None) -> tuple[dict, list]
             container[key] = plan.table_dtensor(table, local)
             wrapped.append((container, key, local))
 
-    tables = value_tables(model)
     state = {"model": get_model_state_dict(model)}
-    for prefix, table in tables:
+    for prefix, table in value_tables(model):
         state["model"][f"{prefix}.weight"] = table.weight.detach()
         wrap(state["model"], f"{prefix}.weight", table)
-    optimizers = getattr(optimizer, "optimizers", {}) if optimizer is not None else {}
-    if "adamw" in optimizers:
-        state["optim"] = get_optimizer_state_dict(model, optimizers["adamw"])
-        for prefix, table in tables:
-            moments = state["optim"]["state"].get(f"{prefix}.weight")
-            for key in ("exp_avg", "exp_avg_sq") if moments else ():
-                wrap(moments, key, table)
-    if "values" in optimizers:
-        opt = optimizers["values"]
-        state["values_optim"] = {}
-        for prefix, table in tables:
-            st = opt.state[table.weight]
-            if not st:  # moments exist from the first step on; make them now to load into
-                st["step"] = 0
-                st["exp_avg"] = torch.zeros_like(table.weight, dtype=torch.float32)
-                st["exp_avg_sq"] = torch.zeros_like(table.weight, dtype=torch.float32)
-            entry = {"step": st["step"], "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
-            wrap(entry, "exp_avg", table)
-            wrap(entry, "exp_avg_sq", table)
-            state["values_optim"][prefix] = entry
+    if optimizer is not None:
+        state.update(optimizer.distributed_state_dict(wrap))
     return state, wrapped
 
 
@@ -246,10 +224,7 @@ def save_distributed_checkpoint(
 
 def _load_dcp(path: Path, model: nn.Module, optimizer=None, plan=None) -> None:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     state, wrapped = _dcp_state(model, optimizer, plan)
     # Load what the checkpoint holds: one saved without optimizer state (e.g. for
@@ -259,18 +234,12 @@ def _load_dcp(path: Path, model: nn.Module, optimizer=None, plan=None) -> None:
     state = {k: v for k, v in state.items() if k in sections}
     # Without a plan the model is whole: this process reads every shard itself, even
     # inside a process group (e.g. rank 0 evaluating after a distributed run).
-    dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=plan is None)
+    dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=plan is None or plan.world == 1)
     for container, key, local in wrapped:  # loaded in place; hand back the plain shards
         container[key] = local
     set_model_state_dict(model, state["model"])
-    if optimizer is None:
-        return
-    if "optim" in state:
-        set_optimizer_state_dict(model, optimizer.optimizers["adamw"], state["optim"])
-    opt = optimizer.optimizers.get("values")
-    for prefix, entry in state.get("values_optim", {}).items():
-        weight = model.get_submodule(prefix).weight
-        opt.state[weight]["step"] = int(entry["step"])
+    if optimizer is not None:
+        optimizer.load_distributed_state_dict(state)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -100,9 +100,11 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 class Optimizers:
-    """The dense AdamW and the value optimizer, stepped and saved as one."""
+    """The dense AdamW and the value optimizer of ``model``, stepped and saved as one:
+    :meth:`state_dict` for one file, :meth:`distributed_state_dict` for DCP."""
 
-    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    def __init__(self, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        self.model = model
         self.optimizers = optimizers
 
     @property
@@ -132,6 +134,53 @@ class Optimizers:
             opt.load_state_dict(state[name])
             for group, hyper in zip(opt.param_groups, fresh, strict=True):
                 group.update(hyper)
+
+    def distributed_state_dict(self, wrap_table=None) -> dict:
+        """The state DCP saves, or loads in place: ``"optim"``, AdamW's state keyed by
+        parameter name (``get_optimizer_state_dict``: FSDP shards as DTensors), and
+        ``"values_optim"``, each value table's step and Adam moments keyed by its module
+        name. ``wrap_table(container, key, table)`` may replace a table-shaped entry in
+        place (a DTensor view of a column shard, :mod:`memlayers.checkpoint`)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        from memlayers.parallel import value_tables
+
+        wrap = wrap_table or (lambda container, key, table: None)
+        tables = value_tables(self.model)
+        state = {}
+        if "adamw" in self.optimizers:
+            state["optim"] = get_optimizer_state_dict(self.model, self.optimizers["adamw"])
+            for prefix, table in tables:
+                moments = state["optim"]["state"].get(f"{prefix}.weight")
+                for key in ("exp_avg", "exp_avg_sq") if moments else ():
+                    wrap(moments, key, table)
+        if "values" in self.optimizers:
+            opt = self.optimizers["values"]
+            state["values_optim"] = {}
+            for prefix, table in tables:
+                st = opt.state[table.weight]
+                if not st:  # moments exist from the first step on; make them now to load into
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros_like(table.weight, dtype=torch.float32)
+                    st["exp_avg_sq"] = torch.zeros_like(table.weight, dtype=torch.float32)
+                entry = {k: st[k] for k in ("step", "exp_avg", "exp_avg_sq")}
+                wrap(entry, "exp_avg", table)
+                wrap(entry, "exp_avg_sq", table)
+                state["values_optim"][prefix] = entry
+        return state
+
+    def load_distributed_state_dict(self, state: dict) -> None:
+        """Finish a DCP load into :meth:`distributed_state_dict`'s tensors (table moments
+        arrive in place; AdamW's state and the step counts are set here). A section the
+        checkpoint lacks leaves that optimizer fresh."""
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        if "optim" in state:
+            set_optimizer_state_dict(self.model, self.optimizers["adamw"], state["optim"])
+        opt = self.optimizers.get("values")
+        for prefix, entry in state.get("values_optim", {}).items():
+            weight = self.model.get_submodule(prefix).weight
+            opt.state[weight]["step"] = int(entry["step"])
 
 
 def set_value_grad_sparsity(model: nn.Module, sparse: bool) -> None:
@@ -192,7 +241,7 @@ def build_optimizer(
     )
     if groups["values"] and sparse:
         optimizers["values"] = SparseValueAdam([values_group], betas=betas, eps=args.eps, impl=impl)
-    return Optimizers(optimizers)
+    return Optimizers(model, optimizers)
 
 
 def lr_multiplier(step: int, total_steps: int, args: OptimArgs) -> float:

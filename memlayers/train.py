@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from memlayers import parallel
 from memlayers.checkpoint import (
     load_checkpoint,
     save_checkpoint,
@@ -51,9 +52,7 @@ from memlayers.config import TrainArgs, save_config
 from memlayers.data.loader import PackedLoader, load_dataset
 from memlayers.eval.validation import validation_loss
 from memlayers.logger import RunLogger
-from memlayers.model import Transformer, build_model
-from memlayers.optim import build_optimizer, clip_grad_norm_, set_lr
-from memlayers.parallel import ParallelPlan, apply_fsdp, build_mesh, shard_tables
+from memlayers.optim import build_optimizer, set_lr
 from memlayers.report import format_report, parameter_report, peak_flops
 from memlayers.run import Run
 
@@ -105,16 +104,6 @@ def use_compile(setting: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if setting is None else setting
 
 
-def compile_blocks(model: Transformer) -> None:
-    """``torch.compile`` each transformer block in place (state_dict keys unchanged).
-
-    Per block rather than the whole model: blocks of one kind share their compiled code,
-    a memory block's sparse lookup stays one eager call (memory.py says why) without
-    breaking up the others, and compile time stays that of one block per kind."""
-    for block in model.layers:
-        block.compile()
-
-
 def _mean_over_ranks(x: torch.Tensor, env: Env) -> torch.Tensor:
     """The mean of a device scalar over ranks (no host sync)."""
     if env.world_size == 1:
@@ -164,35 +153,6 @@ def _restore_rng(states: list[dict], env: Env) -> None:
         torch.cuda.set_rng_state(mine["cuda"], env.device)
 
 
-def build_parallel_model(model_cfg, args: TrainArgs, env: Env):
-    """One process: ``build_model``. Several: meta build → value tables split over
-    ``parallel.mp`` ranks → allocate → ``init_weights`` → FSDP2 for the rest (as
-    :func:`memlayers.parallel.parallelize`). Returns ``(model, plan or None)``."""
-    if env.world_size == 1:
-        if args.parallel.mp != 1:
-            raise ValueError(
-                f"parallel.mp={args.parallel.mp} needs that many ranks (torchrun), but world_size=1"
-            )
-        model = build_model(model_cfg, env.device, seed=args.seed)
-        if use_compile(args.compile, env.device):
-            compile_blocks(model)
-        return model, None
-    mesh = build_mesh(env.world_size, args.parallel.mp, env.device.type)
-    with torch.device("meta"):
-        model = Transformer(model_cfg)
-    plan: ParallelPlan = shard_tables(model, mesh, args.parallel)
-    # Allocate this rank's table columns and the whole dense part, initialise with the
-    # RNG stream of a single process (a table shard draws the full table's stream), so
-    # any layout of one seed starts from the same weights; then FSDP shards the dense part.
-    model.to_empty(device=env.device)
-    torch.manual_seed(args.seed)
-    model.init_weights()
-    if use_compile(args.compile, env.device):
-        compile_blocks(model)  # before FSDP, whose hooks then stay outside the graphs
-    apply_fsdp(model, plan)
-    return model, plan
-
-
 def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
     """Run (or resume) training; returns the per-step records of this process.
 
@@ -216,7 +176,9 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
         # eval and generate decode with the run's own tokenizer (memlayers/run.py)
         data.tokenizer.save(run.tokenizer_path)
     model_cfg = args.model.to_config()
-    model, plan = build_parallel_model(model_cfg, args, env)
+    model, plan = parallel.build(
+        model_cfg, args.parallel, env.device, args.seed, use_compile(args.compile, env.device)
+    )
     mem = model_cfg.memory
     optimizer = build_optimizer(model, args.optim, value_lr=mem.value_lr, impl=mem.impl)
     B, T = args.data.batch_size, args.data.seq_len
@@ -243,7 +205,7 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
         save_config(args, run.config_path)
         # From the config (a meta-device model) when parallelised: this rank holds only its
         # shards of the tables.
-        rep = parameter_report(model_cfg if plan is not None else model, seq_len=T)
+        rep = parameter_report(model_cfg if plan.world > 1 else model, seq_len=T)
         log.message(format_report(rep, args.model.preset or "model"))
         log.message(
             f"device {env.device} x{env.world_size}, {'bf16 autocast' if use_bf16 else 'fp32'}; "
@@ -327,11 +289,8 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
                 (loss / args.grad_accum).backward()
                 loss_sum += loss.detach()
             step_loss = _mean_over_ranks(loss_sum / args.grad_accum, env)
-            if plan is not None:
-                plan.sync_grads(model)
-                grad_norm = plan.clip_grad_norm_(model, args.optim.grad_clip)
-            else:
-                grad_norm = clip_grad_norm_(model.parameters(), args.optim.grad_clip)
+            plan.sync_grads(model)
+            grad_norm = plan.clip_grad_norm_(model, args.optim.grad_clip)
             finite_loss, finite_norm = torch.isfinite(step_loss), torch.isfinite(grad_norm)
             now_bad = ~(finite_loss & finite_norm) & (first_bad < 0)
             first_bad = torch.where(now_bad, step, first_bad)

@@ -397,10 +397,10 @@ def test_torchrun_two_ranks_resume_is_exact(tmp_path):
 
 def test_single_process_rejects_memory_parallel():
     from memlayers.config import load_config
-    from memlayers.train import Env, build_parallel_model
+    from memlayers.parallel import build
 
     args = load_config([], ["model.preset=tiny-memory+", "parallel.mp=2"])
     with pytest.raises(ValueError, match="parallel.mp=2 .* world_size=1"):
-        build_parallel_model(args.model.to_config(), args, Env(0, 1, torch.device("cpu")))
+        build(args.model.to_config(), args.parallel, torch.device("cpu"), args.seed)
     with pytest.raises(ValueError, match="parallel.mp"):
         load_config([], ["parallel.mp=0"])
