@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from memlayers import get_preset
 from memlayers.config import load_config
-from memlayers.optim import OptimArgs, build_optimizer, clip_grad_norm_
+from memlayers.optim import OptimArgs, build_optimizer, clip_grad_norm_, uses_sparse_values
 from memlayers.parallel import ParallelArgs, build, build_mesh, parallelize
 from memlayers.train import compute_loss, init_distributed, use_compile
 
@@ -50,7 +50,7 @@ def check(ns) -> dict:
     torch.manual_seed(0)
     from memlayers import build_model
 
-    ref = build_model(cfg, env.device, seed=0).double()
+    ref = build_model(cfg, env.device, seed=0, sparse_values=True).double()
     model = copy.deepcopy(ref)
     plan = parallelize(model, build_mesh(world, ns.mp, env.device.type), ParallelArgs(mp=ns.mp))
     g = torch.Generator(device=env.device).manual_seed(1)
@@ -96,7 +96,8 @@ def _train_steps(ns, overrides: list[str]) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     compile_ = use_compile(args.compile, env.device)
-    model, plan = build(model_cfg, args.parallel, env.device, args.seed, compile_)
+    sparse = uses_sparse_values(args.optim)
+    model, plan = build(model_cfg, args.parallel, env.device, args.seed, compile_, sparse)
     optimizer = build_optimizer(model, args.optim, impl=model_cfg.memory.impl)
     B, T = args.data.batch_size, args.data.seq_len
     g = torch.Generator(device=env.device).manual_seed(rank)

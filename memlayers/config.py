@@ -10,10 +10,11 @@ Each section is the ``*Args`` dataclass that lives next to the code it configure
       logging: LoggingArgs    memlayers/logger.py
       parallel: ParallelArgs  memlayers/parallel.py
 
-``model.preset`` is merged in under the YAML and the CLI, so either may override single
-fields of it; so are the ``data.options`` of :data:`DATA_OPTION_DEFAULTS` when
-``data.dataset`` names one (the main job's bios size). Unknown keys, wrong types and
-invalid values raise ``ValueError`` naming the key and the value.
+``model.preset`` (with its optimizer settings, ``presets.PRESET_OPTIM``) is merged in
+under the YAML and the CLI, so either may override single fields of it; so are the
+``data.options`` of :data:`DATA_OPTION_DEFAULTS` when ``data.dataset`` names one (the
+main job's bios size). Unknown keys, wrong types and invalid values raise ``ValueError``
+naming the key and the value.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from memlayers.checkpoint import CheckpointArgs
@@ -29,7 +30,7 @@ from memlayers.data.loader import DataArgs
 from memlayers.logger import LoggingArgs
 from memlayers.optim import OptimArgs
 from memlayers.parallel import ParallelArgs
-from memlayers.presets import ModelArgs, get_preset
+from memlayers.presets import PRESET_OPTIM, ModelArgs, get_preset
 
 DTYPES = ("auto", "fp32", "bf16")
 
@@ -86,6 +87,22 @@ class TrainArgs:
         self.parallel.validate()
 
 
+def upgrade(cfg: DictConfig) -> DictConfig:
+    """A config file from before ``optim.value_lr`` owned the value tables' learning rate
+    (saved runs keep loading): ``model.memory.value_lr`` moves to ``optim.value_lr``
+    unless the file sets that, and the old ``optim.value_lr: null`` (meaning "the model's")
+    goes."""
+    optim = cfg.get("optim")
+    if optim is not None and "value_lr" in optim and optim.value_lr is None:
+        del optim["value_lr"]
+    memory = cfg.get("model", {}).get("memory")
+    if memory is not None and "value_lr" in memory:
+        old = memory.pop("value_lr")
+        if OmegaConf.select(cfg, "optim.value_lr") is None:
+            OmegaConf.update(cfg, "optim.value_lr", old)
+    return cfg
+
+
 def load_config(yaml_paths=(), overrides=()) -> TrainArgs:
     """``TrainArgs`` from YAML files (merged in order) and ``key=value`` overrides."""
     try:
@@ -94,12 +111,20 @@ def load_config(yaml_paths=(), overrides=()) -> TrainArgs:
         for p in yaml_paths:
             if not Path(p).is_file():
                 raise ValueError(f"config file not found: {p}")
-            layers.append(OmegaConf.load(p))
+            layers.append(upgrade(OmegaConf.load(p)))
+        for o in overrides:
+            if o.split("=", 1)[0] == "model.memory.value_lr":
+                raise ValueError(
+                    "model.memory.value_lr is now optim.value_lr (the optimizer owns it): "
+                    f"pass optim.value_lr={o.split('=', 1)[1]}"
+                )
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(base, *layers)
         preset, dataset = merged.model.preset, merged.data.dataset
         if preset:
-            base = OmegaConf.merge(base, {"model": get_preset(preset).to_dict()})
+            preset_layer = {"model": get_preset(preset).to_dict()}
+            preset_layer["optim"] = PRESET_OPTIM.get(preset, {})
+            base = OmegaConf.merge(base, preset_layer)
         if dataset in DATA_OPTION_DEFAULTS:
             base = OmegaConf.merge(base, {"data": {"options": DATA_OPTION_DEFAULTS[dataset]}})
         args = OmegaConf.to_object(OmegaConf.merge(base, *layers))

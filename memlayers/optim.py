@@ -8,8 +8,9 @@ parameters (STYLE.md):
 - ``values``: every :class:`~memlayers.memory.MemoryValues` table, with its own learning
   rate (paper: 1e-3, no weight decay, PAPER.md §1).
 
-``value_optimizer="sparse_adam"`` (the default) switches the tables to row-sparse
-gradients and steps them with :class:`~memlayers.value_optim.SparseValueAdam`, which
+``value_optimizer="sparse_adam"`` (the default) needs a model built with row-sparse
+table gradients (:func:`uses_sparse_values`) and steps them with
+:class:`~memlayers.value_optim.SparseValueAdam`, which
 touches only the rows read this step; ``"adamw"`` keeps dense gradients and puts the
 table in the AdamW as a third group (every row's moments decay every step).
 
@@ -41,7 +42,7 @@ class OptimArgs:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    value_lr: float | None = None  # None: model.memory.value_lr (paper: 1e-3)
+    value_lr: float = 1e-3  # the value tables (paper: 1e-3); presets.PRESET_OPTIM per preset
     value_weight_decay: float = 0.0
     value_optimizer: str = "sparse_adam"  # sparse_adam | adamw
     schedule: str = "cosine"  # cosine | linear | constant
@@ -53,8 +54,8 @@ class OptimArgs:
         for name in ("lr", "eps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"optim.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.value_lr is not None and not self.value_lr > 0:
-            raise ValueError(f"optim.value_lr must be > 0 or null, got {self.value_lr!r}")
+        if not self.value_lr > 0:
+            raise ValueError(f"optim.value_lr must be > 0, got {self.value_lr!r}")
         for name in ("weight_decay", "value_weight_decay", "grad_clip", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -183,25 +184,21 @@ class Optimizers:
             opt.state[weight]["step"] = int(entry["step"])
 
 
-def set_value_grad_sparsity(model: nn.Module, sparse: bool) -> None:
-    """Make every value table return row-sparse (COO) or dense gradients."""
-    for m in model.modules():
-        if isinstance(m, MemoryValues):
-            m.sparse_grad = sparse
+def uses_sparse_values(args: OptimArgs) -> bool:
+    """Whether the value tables need row-sparse gradients: ``sparse_adam`` steps only the
+    rows a step read. The model is built with it (``sparse_values``)."""
+    return args.value_optimizer == "sparse_adam"
 
 
-def build_optimizer(
-    model: nn.Module, args: OptimArgs, value_lr: float = 1e-3, impl: str = "auto"
-) -> Optimizers:
+def build_optimizer(model: nn.Module, args: OptimArgs, impl: str = "auto") -> Optimizers:
     """AdamW over the dense groups; the value tables per ``args.value_optimizer``.
 
-    ``value_lr`` is used when ``args.value_lr`` is None (pass the model's
-    ``memory.value_lr``); ``impl`` picks the sparse step's kernel (pass ``memory.impl``).
-    Also sets the tables' gradient sparsity to match.
+    ``impl`` picks the sparse step's kernel (pass ``memory.impl``). The tables' gradient
+    sparsity is the model's, decided when it was built
+    (``build_model(..., sparse_values=uses_sparse_values(args))``); a mismatch is an error.
     """
-    args.validate()
     groups = param_groups(model)
-    value_lr = args.value_lr if args.value_lr is not None else value_lr
+    value_lr = args.value_lr
     betas = (args.beta1, args.beta2)
     adamw_groups = [
         dict(
@@ -226,8 +223,15 @@ def build_optimizer(
         lr=value_lr,
         base_lr=value_lr,
     )
-    sparse = args.value_optimizer == "sparse_adam"
-    set_value_grad_sparsity(model, sparse)
+    sparse = uses_sparse_values(args)
+    tables = [m for m in model.modules() if isinstance(m, MemoryValues)]
+    if any(t.sparse_grad != sparse for t in tables):
+        raise ValueError(
+            f"optim.value_optimizer={args.value_optimizer!r} needs value tables built with "
+            f"sparse_values={sparse}, but the model's are "
+            f"{sorted({t.sparse_grad for t in tables})}: build the model with "
+            f"sparse_values=uses_sparse_values(optim args)"
+        )
     optimizers = {}
     if groups["values"] and not sparse:
         adamw_groups.append(values_group)

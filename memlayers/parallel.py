@@ -350,6 +350,7 @@ def build(
     device: torch.device,
     seed: int,
     compile: bool = False,
+    sparse_values: bool = False,
 ) -> tuple[nn.Module, ParallelPlan]:
     """The one way to build a model, for every world size: meta device → value tables
     split over ``args.mp`` ranks (no-op on one process) → allocate on ``device`` →
@@ -357,13 +358,14 @@ def build(
 
     Weights are drawn with the RNG stream of a single process (a table shard draws the
     full table's stream), so any layout of one seed starts from the same weights, and one
-    process gets exactly :func:`memlayers.model.build_model`'s."""
+    process gets exactly :func:`memlayers.model.build_model`'s. ``sparse_values``: see
+    :class:`memlayers.model.Transformer`."""
     from memlayers.model import Transformer
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     mesh = build_mesh(world, args.mp, device.type) if world > 1 else None
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(config, sparse_values)
     plan = shard_tables(model, mesh, args)
     model.to_empty(device=device)
     torch.manual_seed(seed)

@@ -52,7 +52,7 @@ from memlayers.config import TrainArgs, save_config
 from memlayers.data.loader import PackedLoader, load_dataset
 from memlayers.eval.validation import validation_loss
 from memlayers.logger import RunLogger
-from memlayers.optim import build_optimizer, set_lr
+from memlayers.optim import build_optimizer, set_lr, uses_sparse_values
 from memlayers.report import format_report, parameter_report, peak_flops
 from memlayers.run import Run
 
@@ -177,10 +177,10 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
         data.tokenizer.save(run.tokenizer_path)
     model_cfg = args.model.to_config()
     model, plan = parallel.build(
-        model_cfg, args.parallel, env.device, args.seed, use_compile(args.compile, env.device)
-    )
-    mem = model_cfg.memory
-    optimizer = build_optimizer(model, args.optim, value_lr=mem.value_lr, impl=mem.impl)
+        model_cfg, args.parallel, env.device, args.seed, use_compile(args.compile, env.device),
+        sparse_values=uses_sparse_values(args.optim),
+    )  # fmt: skip
+    optimizer = build_optimizer(model, args.optim, impl=model_cfg.memory.impl)
     B, T = args.data.batch_size, args.data.seq_len
     loader = PackedLoader(data.train, B, T, env.rank, env.world_size, seed=args.data.seed)
     val_loader = None

@@ -161,7 +161,7 @@ def _tiny_config():
 def _reference_model(seed=0):
     from memlayers import build_model
 
-    return build_model(_tiny_config(), "cpu", seed=seed).double()
+    return build_model(_tiny_config(), "cpu", seed=seed, sparse_values=True).double()
 
 
 def _parallel_model(world, mp, reference):
