@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from memlayers import get_preset
-from memlayers.config import load_config
+from memlayers.config import load_config, with_vocab
 from memlayers.optim import OptimArgs, build_optimizer, clip_grad_norm_, uses_sparse_values
 from memlayers.parallel import ParallelArgs, build, build_mesh, parallelize
 from memlayers.train import compute_loss, init_distributed, use_compile
@@ -90,8 +90,7 @@ def check(ns) -> dict:
 def _train_steps(ns, overrides: list[str]) -> dict:
     env, rank, world = _env(ns.device)
     cuda = env.device.type == "cuda"
-    args = load_config([], overrides)
-    args.model.vocab_size = 32000
+    args = with_vocab(load_config([], overrides), 32000)
     model_cfg = args.model.to_config()
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from memlayers.config import TrainArgs, load_config, to_yaml
+from memlayers.config import TrainArgs, load_config, to_yaml, with_vocab
 from memlayers.files import write_atomic
 from memlayers.report import si
 
@@ -71,8 +71,7 @@ def _finished(args: TrainArgs) -> dict | None:
     if not (run / "eval" / "results.json").is_file() or not (run / "config.yaml").is_file():
         return None
     saved = load_config([run / "config.yaml"])
-    saved.model.vocab_size = args.model.vocab_size  # the trainer fills it from the data
-    if to_yaml(saved) != to_yaml(args):
+    if to_yaml(saved) != to_yaml(with_vocab(args, saved.model.vocab_size)):  # vocab: the data's
         return None
     results = json.loads((run / "eval" / "results.json").read_text())
     return results if results.get("step") == args.steps else None

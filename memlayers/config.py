@@ -19,7 +19,7 @@ naming the key and the value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -79,7 +79,7 @@ class TrainArgs:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got device={self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got dtype={self.dtype!r}")
-        self.model.to_config()  # ModelConfig.validate
+        self.model.validate()  # ModelConfig's checks
         self.optim.validate()
         self.data.validate()
         self.checkpoint.validate()
@@ -122,7 +122,9 @@ def load_config(yaml_paths=(), overrides=()) -> TrainArgs:
         merged = OmegaConf.merge(base, *layers)
         preset, dataset = merged.model.preset, merged.data.dataset
         if preset:
-            preset_layer = {"model": get_preset(preset).to_dict()}
+            # vocab_size: the dataset's, filled by with_vocab
+            model = {k: v for k, v in get_preset(preset).to_dict().items() if k != "vocab_size"}
+            preset_layer = {"model": model}
             preset_layer["optim"] = PRESET_OPTIM.get(preset, {})
             base = OmegaConf.merge(base, preset_layer)
         if dataset in DATA_OPTION_DEFAULTS:
@@ -134,6 +136,12 @@ def load_config(yaml_paths=(), overrides=()) -> TrainArgs:
         raise ValueError(f"bad config: {msg}") from None
     args.validate()
     return args
+
+
+def with_vocab(args: TrainArgs, vocab_size: int) -> TrainArgs:
+    """A copy of ``args`` whose ``model.vocab_size`` is the dataset's (the trainer calls it
+    once the tokenizer is loaded; the resolved config it saves holds the number)."""
+    return replace(args, model=replace(args.model, vocab_size=vocab_size))
 
 
 def to_yaml(args: TrainArgs) -> str:

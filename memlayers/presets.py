@@ -16,8 +16,9 @@ cores); variants:
 
 Paper-size memories: 1024 half-keys (1,048,576 values), 4 heads, top-32, v_dim = dim.
 Names are nominal: ``memlayers.report`` prints the exact counts (720m is dim 1536 × 24
-layers with untied 32k embeddings: 778M parameters). ``vocab_size`` is 32000 here; the
-trainer replaces it with the dataset's vocabulary.
+layers with untied 32k embeddings: 778M parameters). ``vocab_size`` is 32000 here; a
+training config leaves it out (``ModelArgs.vocab_size`` stays None until the trainer
+fills it from the dataset's tokenizer).
 """
 
 from __future__ import annotations
@@ -145,8 +146,22 @@ class ModelArgs(ModelConfig):
     """
 
     preset: str | None = "tiny-memory+"
+    # None: the dataset's, filled by config.with_vocab when the trainer has loaded the data
+    vocab_size: int | None = None
+
+    def validate(self) -> None:
+        """ModelConfig's checks; an unset ``vocab_size`` is checked once it is filled."""
+        self._config(1 if self.vocab_size is None else self.vocab_size)
 
     def to_config(self) -> ModelConfig:
+        if self.vocab_size is None:
+            raise ValueError(
+                "model.vocab_size is unset: the trainer fills it from the dataset's tokenizer "
+                "(memlayers.config.with_vocab)"
+            )
+        return self._config(self.vocab_size)
+
+    def _config(self, vocab_size: int) -> ModelConfig:
         d = self.to_dict()
         d.pop("preset")
-        return ModelConfig.from_dict(d)
+        return ModelConfig.from_dict({**d, "vocab_size": vocab_size})

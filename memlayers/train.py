@@ -14,8 +14,8 @@
     torchrun --standalone --nproc_per_node=8 -m memlayers train configs/373m_memory_plus.yaml
 
 Config precedence: dataclass defaults < ``model.preset`` < YAML files (in order) <
-``key=value`` overrides (see :mod:`memlayers.config`). ``model.vocab_size`` is set from
-the dataset.
+``key=value`` overrides (see :mod:`memlayers.config`). ``model.vocab_size`` comes from
+the dataset (:func:`memlayers.config.with_vocab`).
 
 The run directory (``run_dir``) is laid out by :class:`memlayers.run.Run` (its docstring
 draws it); the logger adds ``metrics.jsonl`` (one JSON object per logged step, and per
@@ -48,7 +48,7 @@ from memlayers.checkpoint import (
     save_checkpoint,
     save_distributed_checkpoint,
 )
-from memlayers.config import TrainArgs, save_config
+from memlayers.config import TrainArgs, save_config, with_vocab
 from memlayers.data.loader import PackedLoader, load_dataset
 from memlayers.eval.validation import validation_loss
 from memlayers.logger import RunLogger
@@ -156,11 +156,11 @@ def _restore_rng(states: list[dict], env: Env) -> None:
 def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
     """Run (or resume) training; returns the per-step records of this process.
 
-    ``resume``: ``"latest"`` for ``run_dir``'s newest checkpoint, or any path
+    ``args`` as :func:`memlayers.config.load_config` returns them (it validates them: the
+    one place). ``resume``: ``"latest"`` for ``run_dir``'s newest checkpoint, or any path
     :func:`memlayers.checkpoint.resolve_checkpoint` accepts.
     """
     t_start = time.perf_counter()  # the run's training seconds count from here
-    args.validate()
     env = init_distributed(args.device)
     run = Run(args.run_dir)
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and env.device.type == "cuda")
@@ -171,7 +171,7 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
     )
 
     data = load_dataset(args.data)
-    args.model.vocab_size = data.vocab_size
+    args = with_vocab(args, data.vocab_size)
     if env.is_main and hasattr(data.tokenizer, "save"):
         # eval and generate decode with the run's own tokenizer (memlayers/run.py)
         data.tokenizer.save(run.tokenizer_path)

@@ -212,6 +212,19 @@ def test_config_precedence_defaults_preset_yaml_cli(tmp_path):
     assert args.model.memory_layers == [] and args.checkpoint.every == 250  # preset, defaults
 
 
+def test_vocab_size_comes_from_the_data_as_a_new_config():
+    from memlayers.config import with_vocab
+
+    args = load_config([], ["model.preset=tiny-memory+"])
+    assert args.model.vocab_size is None  # not the preset's: the dataset's
+    with pytest.raises(ValueError, match="vocab_size is unset"):
+        args.model.to_config()
+    filled = with_vocab(args, 300)
+    assert filled.model.to_config().vocab_size == 300 and args.model.vocab_size is None
+    with pytest.raises(ValueError, match="vocab_size"):
+        load_config([], ["model.vocab_size=0"])
+
+
 def test_presets_bring_their_value_lr_and_the_yaml_and_cli_override_it(tmp_path):
     assert load_config([], ["model.preset=tiny-memory+"]).optim.value_lr == 3e-2
     assert load_config([], ["model.preset=134m-memory+"]).optim.value_lr == 1e-3  # paper
