@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from memlayers.eval import EvalError, load_run
+from memlayers.eval import EvalError
+from memlayers.run import load_run
 
 
 def generate(
