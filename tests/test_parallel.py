@@ -396,10 +396,10 @@ def test_torchrun_two_ranks_resume_is_exact(tmp_path):
 
 
 def test_single_process_rejects_memory_parallel():
-    from memlayers.config import load_config
+    from memlayers.config import load_config, with_vocab
     from memlayers.parallel import build
 
-    args = load_config([], ["model.preset=tiny-memory+", "parallel.mp=2"])
+    args = with_vocab(load_config([], ["model.preset=tiny-memory+", "parallel.mp=2"]), 64)
     with pytest.raises(ValueError, match="parallel.mp=2 .* world_size=1"):
         build(args.model.to_config(), args.parallel, torch.device("cpu"), args.seed)
     with pytest.raises(ValueError, match="parallel.mp"):
