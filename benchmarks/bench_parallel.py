@@ -30,10 +30,10 @@ import torch
 import torch.distributed as dist
 
 from memlayers import get_preset
-from memlayers.config import load_config
-from memlayers.optim import OptimArgs, build_optimizer, clip_grad_norm_
-from memlayers.parallel import ParallelArgs, build_mesh, parallelize
-from memlayers.train import build_parallel_model, compute_loss, init_distributed
+from memlayers.config import load_config, with_vocab
+from memlayers.optim import OptimArgs, build_optimizer, clip_grad_norm_, uses_sparse_values
+from memlayers.parallel import ParallelArgs, build, build_mesh, parallelize
+from memlayers.train import compute_loss, init_distributed, use_compile
 
 
 def _env(device: str = "cuda"):
@@ -50,7 +50,7 @@ def check(ns) -> dict:
     torch.manual_seed(0)
     from memlayers import build_model
 
-    ref = build_model(cfg, env.device, seed=0).double()
+    ref = build_model(cfg, env.device, seed=0, sparse_values=True).double()
     model = copy.deepcopy(ref)
     plan = parallelize(model, build_mesh(world, ns.mp, env.device.type), ParallelArgs(mp=ns.mp))
     g = torch.Generator(device=env.device).manual_seed(1)
@@ -90,12 +90,13 @@ def check(ns) -> dict:
 def _train_steps(ns, overrides: list[str]) -> dict:
     env, rank, world = _env(ns.device)
     cuda = env.device.type == "cuda"
-    args = load_config([], overrides)
-    args.model.vocab_size = 32000
+    args = with_vocab(load_config([], overrides), 32000)
     model_cfg = args.model.to_config()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    model, plan = build_parallel_model(model_cfg, args, env)
+    compile_ = use_compile(args.compile, env.device)
+    sparse = uses_sparse_values(args.optim)
+    model, plan = build(model_cfg, args.parallel, env.device, args.seed, compile_, sparse)
     optimizer = build_optimizer(model, args.optim, impl=model_cfg.memory.impl)
     B, T = args.data.batch_size, args.data.seq_len
     g = torch.Generator(device=env.device).manual_seed(rank)
@@ -109,11 +110,8 @@ def _train_steps(ns, overrides: list[str]) -> dict:
         with autocast:
             loss = compute_loss(model(tokens[:, :-1]), tokens[:, 1:])
         loss.backward()
-        if plan is not None:
-            plan.sync_grads(model)
-            plan.clip_grad_norm_(model, 1.0)
-        else:
-            clip_grad_norm_(model.parameters(), 1.0)
+        plan.sync_grads(model)
+        plan.clip_grad_norm_(model, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()

@@ -37,10 +37,16 @@ def main() -> None:
     dev = torch.device("cuda")
     cfg = get_preset(ns.preset)
     cfg.vocab_size = 32000
-    model = build_model(cfg, dev, seed=0)
+    try:
+        model = build_model(cfg, dev, seed=0, sparse_values=True)
+    except TypeError:  # checkouts where build_optimizer switched the tables to sparse
+        model = build_model(cfg, dev, seed=0)
     opt = build_optimizer(model, OptimArgs())
     if ns.compile:
-        from memlayers.train import compile_blocks
+        try:
+            from memlayers.parallel import compile_blocks
+        except ImportError:  # checkouts before parallel.build
+            from memlayers.train import compile_blocks
 
         compile_blocks(model)
     fused_loss = "targets" in inspect.signature(model.forward).parameters

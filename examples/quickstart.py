@@ -23,7 +23,7 @@ values = MemoryValues(cfg.n_rows, dim, sparse_grad=True)  # row-sparse gradients
 layer = ProductKeyMemory(dim, cfg, values=values)
 dense = [p for n, p in layer.named_parameters()]  # the shared table isn't registered here
 opt = torch.optim.AdamW(dense, lr=3e-3)
-value_opt = SparseValueAdam(values.parameters(), lr=cfg.value_lr * 30)
+value_opt = SparseValueAdam(values.parameters(), lr=3e-2)  # 30x the paper's 1e-3
 print(layer)
 print(
     f"value table: {values.weight.numel():,} parameters; each token reads "

@@ -9,7 +9,8 @@ One checkpoint is a directory; ``latest`` names the newest complete one::
                             as the RoPE tables are rebuilt by init_weights)
         optimizer.pt        optimizer state (moments, step counts), torch.save
         trainer.pt          step, data-loader position, RNG states of every rank
-        meta.json           step, model config, size and sha256 of every file above
+        meta.json           step, model config, progress (tokens trained, training
+                            seconds), size and sha256 of every file above
       latest                text file: "step_000100"
 
 Distributed runs (and ``checkpoint.format=dcp``) write the weights and optimizer state
@@ -23,7 +24,7 @@ with torch.distributed.checkpoint instead, every rank its own shards::
 
 DCP reshards on load, so such a checkpoint loads on any number of ranks and any
 memory-parallel degree (2 → 1, 1 → 4, 4 → 2), or into one process for evaluation;
-:func:`consolidate_checkpoint` turns it into the single-file layout above.
+:func:`consolidate` turns it into the single-file layout above.
 
 A save writes everything into a hidden ``.tmp-*`` directory, then ``os.replace`` renames
 it into place and ``latest`` is replaced the same way, so a crash at any point leaves the
@@ -33,7 +34,6 @@ checksums) before reading anything and raises :class:`CheckpointError` naming th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -44,6 +44,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_model, save_model
+
+from memlayers.files import fsync_dir, fsync_file, sha256_file, write_atomic
 
 FORMAT_VERSION = 1
 
@@ -71,26 +73,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupted or does not fit the model."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
@@ -108,17 +90,24 @@ def _new_tmp(root: Path, name: str) -> Path:
 
 
 def _finalize(
-    root: Path, tmp: Path, step: int, model_config, keep: int, checksum: bool, layout: str
+    root: Path,
+    tmp: Path,
+    step: int,
+    model_config,
+    keep: int,
+    checksum: bool,
+    layout: str,
+    progress: dict | None,
 ) -> Path:
     """Describe every file of ``tmp`` in meta.json, rename it into place, point
     ``latest`` at it and prune old checkpoints."""
     name = step_dir_name(step)
     files = {}
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        _fsync(f)
+        fsync_file(f)
         info = {"bytes": f.stat().st_size}
         if checksum:
-            info["sha256"] = _sha256(f)
+            info["sha256"] = sha256_file(f)
         files[f.relative_to(tmp).as_posix()] = info
     meta = {
         "format": FORMAT_VERSION,
@@ -127,8 +116,9 @@ def _finalize(
         "model_config": model_config,
         "files": files,
     }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    _fsync(tmp / "meta.json")
+    if progress is not None:  # {"tokens_trained", "train_seconds"}: read by memlayers.run
+        meta["progress"] = progress
+    write_atomic(tmp / "meta.json", json.dumps(meta, indent=2))
     final = root / name
     if final.exists():  # re-saving a step: move the old one aside, then swap
         old = root / f".old-{name}-{os.getpid()}"
@@ -137,7 +127,8 @@ def _finalize(
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    _write_text_atomic(root / "latest", name + "\n")
+    fsync_dir(root)
+    write_atomic(root / "latest", name + "\n")
     if keep > 0:  # by step number: names outgrow their 6 digits past step 999,999
         steps = sorted((p for p in root.glob("step_*") if p.is_dir()), key=_step_of)
         for p in steps[:-keep]:
@@ -155,6 +146,7 @@ def save_checkpoint(
     model_config: dict | None = None,
     keep: int = 0,
     checksum: bool = True,
+    progress: dict | None = None,
 ) -> Path:
     """Write ``root/step_XXXXXX`` atomically, point ``root/latest`` at it, prune old ones."""
     root = Path(root)
@@ -163,17 +155,14 @@ def save_checkpoint(
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
     torch.save({"step": step, **(trainer_state or {})}, tmp / "trainer.pt")
-    return _finalize(root, tmp, step, model_config, keep, checksum, "safetensors")
+    return _finalize(root, tmp, step, model_config, keep, checksum, "safetensors", progress)
 
 
 def _dcp_state(model: nn.Module, optimizer=None, plan=None) -> tuple[dict, list]:
     """The state DCP saves or loads in place, and the table entries wrapped as DTensors
     (``(container, key, local)`` to unwrap after a load). Value tables and their
     optimizer moments become DTensor views of this rank's column shard (``plan``)."""
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     from memlayers.parallel import value_tables
 
@@ -185,31 +174,12 @@ def _dcp_state(model: nn.Module, optimizer=None, plan=None) -> tuple[dict, list]
             container[key] = plan.table_dtensor(table, local)
             wrapped.append((container, key, local))
 
-    tables = value_tables(model)
     state = {"model": get_model_state_dict(model)}
-    for prefix, table in tables:
+    for prefix, table in value_tables(model):
         state["model"][f"{prefix}.weight"] = table.weight.detach()
         wrap(state["model"], f"{prefix}.weight", table)
-    optimizers = getattr(optimizer, "optimizers", {}) if optimizer is not None else {}
-    if "adamw" in optimizers:
-        state["optim"] = get_optimizer_state_dict(model, optimizers["adamw"])
-        for prefix, table in tables:
-            moments = state["optim"]["state"].get(f"{prefix}.weight")
-            for key in ("exp_avg", "exp_avg_sq") if moments else ():
-                wrap(moments, key, table)
-    if "values" in optimizers:
-        opt = optimizers["values"]
-        state["values_optim"] = {}
-        for prefix, table in tables:
-            st = opt.state[table.weight]
-            if not st:  # moments exist from the first step on; make them now to load into
-                st["step"] = 0
-                st["exp_avg"] = torch.zeros_like(table.weight, dtype=torch.float32)
-                st["exp_avg_sq"] = torch.zeros_like(table.weight, dtype=torch.float32)
-            entry = {"step": st["step"], "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
-            wrap(entry, "exp_avg", table)
-            wrap(entry, "exp_avg_sq", table)
-            state["values_optim"][prefix] = entry
+    if optimizer is not None:
+        state.update(optimizer.distributed_state_dict(wrap))
     return state, wrapped
 
 
@@ -227,6 +197,7 @@ def save_distributed_checkpoint(
     model_config: dict | None = None,
     keep: int = 0,
     checksum: bool = True,
+    progress: dict | None = None,
     plan=None,
 ) -> Path:
     """Like :func:`save_checkpoint` in the DCP layout; every rank calls it (or a single
@@ -246,17 +217,14 @@ def save_distributed_checkpoint(
     final = root / step_dir_name(step)
     if rank == 0:
         torch.save({"step": step, **(trainer_state or {})}, tmp / "trainer.pt")
-        final = _finalize(root, tmp, step, model_config, keep, checksum, "dcp")
+        final = _finalize(root, tmp, step, model_config, keep, checksum, "dcp", progress)
     _barrier()
     return final
 
 
 def _load_dcp(path: Path, model: nn.Module, optimizer=None, plan=None) -> None:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     state, wrapped = _dcp_state(model, optimizer, plan)
     # Load what the checkpoint holds: one saved without optimizer state (e.g. for
@@ -266,18 +234,12 @@ def _load_dcp(path: Path, model: nn.Module, optimizer=None, plan=None) -> None:
     state = {k: v for k, v in state.items() if k in sections}
     # Without a plan the model is whole: this process reads every shard itself, even
     # inside a process group (e.g. rank 0 evaluating after a distributed run).
-    dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=plan is None)
+    dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=plan is None or plan.world == 1)
     for container, key, local in wrapped:  # loaded in place; hand back the plain shards
         container[key] = local
     set_model_state_dict(model, state["model"])
-    if optimizer is None:
-        return
-    if "optim" in state:
-        set_optimizer_state_dict(model, optimizer.optimizers["adamw"], state["optim"])
-    opt = optimizer.optimizers.get("values")
-    for prefix, entry in state.get("values_optim", {}).items():
-        weight = model.get_submodule(prefix).weight
-        opt.state[weight]["step"] = int(entry["step"])
+    if optimizer is not None:
+        optimizer.load_distributed_state_dict(state)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -326,7 +288,7 @@ def verify_checkpoint(path: str | Path) -> dict:
                 f"{path}: {fname} has {size} bytes, the manifest says "
                 f"{info.get('bytes')} (truncated or overwritten)"
             )
-        if "sha256" in info and _sha256(f) != info["sha256"]:
+        if "sha256" in info and sha256_file(f) != info["sha256"]:
             raise CheckpointError(f"{path}: {fname} fails its sha256 check (corrupted)")
     return meta
 
@@ -341,12 +303,17 @@ def _torch_load(f: Path) -> dict:
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, plan=None) -> dict:
     """Load weights (and optimizer state) in place; returns the trainer state + ``meta``.
 
-    ``path`` is anything :func:`resolve_checkpoint` accepts. A DCP checkpoint loads into
-    any layout (``plan`` from :func:`memlayers.parallel.parallelize`, or none); a
-    single-file one into an unsharded model.
+    ``path`` is anything :func:`resolve_checkpoint` accepts; the files are verified once,
+    before anything is read. A DCP checkpoint loads into any layout (``plan`` from
+    :func:`memlayers.parallel.parallelize`, or none); a single-file one into an unsharded
+    model.
     """
     path = resolve_checkpoint(path)
-    meta = verify_checkpoint(path)
+    return _load_verified(path, verify_checkpoint(path), model, optimizer, plan)
+
+
+def _load_verified(path: Path, meta: dict, model: nn.Module, optimizer=None, plan=None) -> dict:
+    """:func:`load_checkpoint` of a checkpoint whose manifest ``meta`` is verified."""
     if meta.get("layout") == "dcp":
         try:
             _load_dcp(path, model, optimizer, plan)
@@ -377,27 +344,40 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, plan=Non
     return state
 
 
-def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild the model from ``meta.json``'s config and load its weights (for eval)."""
+def model_from_checkpoint(path: Path, meta: dict, device: str | torch.device = "cpu"):
+    """Rebuild the model from a verified checkpoint's ``meta`` and load its weights."""
     from memlayers.model import ModelConfig, build_model
 
-    path = resolve_checkpoint(path)
-    meta = verify_checkpoint(path)
     if not meta.get("model_config"):
         raise CheckpointError(f"{path}: meta.json has no model_config")
     model = build_model(ModelConfig.from_dict(meta["model_config"]), device)
-    load_checkpoint(path, model)
+    _load_verified(path, meta, model)
     return model
 
 
-def consolidate_checkpoint(src: str | Path, dst_root: str | Path) -> Path:
-    """Turn a (DCP) checkpoint into the single-file layout under ``dst_root`` (weights and
-    trainer state; no optimizer state), for inference with :func:`load_model_from_checkpoint`.
-    Runs in one process, whatever the number of ranks that wrote ``src``."""
+def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild the model from ``meta.json``'s config and load its weights (for eval)."""
+    path = resolve_checkpoint(path)
+    return model_from_checkpoint(path, verify_checkpoint(path), device)
+
+
+def consolidate(src: str | Path, dst_root: str | Path) -> Path:
+    """Turn a checkpoint of any layout (e.g. DCP from a multi-GPU run) into one
+    safetensors file, in one process, whatever the number of ranks that wrote it.
+
+    memlayers consolidate runs/big/checkpoints/step_001000 runs/big-single
+    memlayers consolidate runs/big runs/big-single      # the run's latest checkpoint
+
+    The result (``OUT/step_XXXXXX/model.safetensors`` + ``meta.json``, ``OUT/latest``)
+    loads in one process with :func:`load_model_from_checkpoint` for evaluation and
+    generation. It holds weights and the trainer state, not the optimizer state.
+    """
     src = resolve_checkpoint(src)
     meta = verify_checkpoint(src)
-    model = load_model_from_checkpoint(src)
+    model = model_from_checkpoint(src, meta)
     trainer = _torch_load(src / "trainer.pt")
     step = int(meta["step"])
     trainer.pop("step", None)
-    return save_checkpoint(dst_root, step, model, None, trainer, meta["model_config"])
+    return save_checkpoint(
+        dst_root, step, model, None, trainer, meta["model_config"], progress=meta.get("progress")
+    )

@@ -1,32 +1,308 @@
-"""The ``memlayers`` command: one subcommand per entry-point module.
+"""The ``memlayers`` command, the one front door: every argument parser lives here.
 
     memlayers train                                   # the main job: tiny Memory+ on bios
     memlayers train [CONFIG.yaml ...] [key=value ...] [--resume] [--print-config]
     memlayers eval runs/tiny-memory-plus [--qa FILE.jsonl]
     memlayers generate runs/tiny-memory-plus --prompt "Which city was ... born in?"
     memlayers compare tiny-dense tiny-memory+
+    memlayers consolidate runs/big runs/big-single
     memlayers data {list,fetch,build}
     memlayers COMMAND --help
+    python -m memlayers ...                           # the same (and torchrun -m memlayers)
 
-Each subcommand module exposes ``add_arguments(parser)`` (which sets ``func``) and keeps
-its own docstring of examples; adding one is one line in :data:`COMMANDS`. ``data`` comes
-with its own sub-commands (:func:`memlayers.data.corpus.add_subparser`).
+One ``_add_<command>`` function per subcommand declares its arguments and a handler that
+calls plain library functions (:func:`memlayers.train.train`,
+:func:`memlayers.evaluation.evaluate`, ...); the library modules parse nothing and never import
+this one. Each subcommand's ``--help`` shows its library module's docstring of examples.
+``data`` has sub-commands of its own (list, fetch, build: :mod:`memlayers.data.corpus`).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
+import os
+import shlex
 import sys
+import time
+from pathlib import Path
 
-# name -> (module, one-line help)
-COMMANDS = {
-    "train": ("memlayers.train", "train or resume a model (CPU, one GPU or torchrun)"),
-    "consolidate": ("memlayers.consolidate", "a (DCP) checkpoint -> one safetensors file"),
-    "eval": ("memlayers.eval", "perplexity, QA, knowledge bits, memory usage of a run"),
-    "generate": ("memlayers.generate", "continue a prompt with a trained run"),
-    "compare": ("memlayers.compare", "train variants on the same data; table and plot"),
-}
+import torch.distributed as dist
+
+from memlayers import checkpoint, compare, config, generate, train
+from memlayers import eval as evaluation
+from memlayers.data import corpus
+from memlayers.data.qa import QAFormatError
+
+
+def _error(e: Exception, rc: int = 1) -> int:
+    print(f"error: {e}", file=sys.stderr)
+    return rc
+
+
+def _subparser(sub, name: str, help_text: str, module, handler) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name,
+        help=help_text,
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=handler)
+    return p
+
+
+# ---- train -------------------------------------------------------------------------------
+
+
+def _add_train(sub) -> None:
+    p = _subparser(
+        sub, "train", "train or resume a model (CPU, one GPU or torchrun)", train, _train
+    )
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG.yaml | key=value",
+        help="YAML config files (merged in order), then dotted overrides, e.g. optim.lr=1e-3",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from run_dir's latest checkpoint"
+    )
+    p.add_argument(
+        "--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory"
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _final_evaluation(args: config.TrainArgs) -> dict:
+    """``memlayers eval`` of the finished run (one process): writes
+    ``run_dir/eval/results.json`` and prints the table, then the QA accuracy and the bits
+    stored as the last lines."""
+    t0 = time.perf_counter()
+    results = evaluation.evaluate(args.run_dir, device=args.device, progress=args.logging.progress)
+    print(evaluation.format_results(results))
+    print(f"eval: {time.perf_counter() - t0:.0f}s; {Path(args.run_dir) / 'eval' / 'results.json'}")
+    if evaluation.headline(results):
+        print(evaluation.headline(results))
+    return results
+
+
+def _train(ns: argparse.Namespace) -> int:
+    yamls = [a for a in ns.items if "=" not in a]
+    overrides = [a for a in ns.items if "=" in a]
+    try:
+        args = config.load_config(yamls, overrides)
+    except ValueError as e:
+        return _error(e, 2)
+    if ns.print_config:
+        print(config.to_yaml(args), end="")
+        return 0
+    resume = ns.resume_from or ("latest" if ns.resume else None)
+    try:
+        if resume is not None:
+            checkpoint.resolve_checkpoint(args.run_dir if resume == "latest" else resume)
+        train.train(args, resume=resume)
+        if dist.is_initialized():
+            dist.barrier()  # gloo aborts a rank that tears down while another still talks
+        if args.final_eval and int(os.environ.get("RANK", "0")) == 0:
+            _final_evaluation(args)
+    except (train.NonFiniteLossError, checkpoint.CheckpointError, ValueError) as e:
+        return _error(e)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+# ---- consolidate -------------------------------------------------------------------------
+
+
+def _add_consolidate(sub) -> None:
+    p = sub.add_parser(
+        "consolidate",
+        help="a (DCP) checkpoint -> one safetensors file",
+        description=checkpoint.consolidate.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=_consolidate)
+    p.add_argument("checkpoint", help="a step directory, checkpoints/ or a run directory")
+    p.add_argument("out", help="directory to write the single-file checkpoint into")
+
+
+def _consolidate(ns: argparse.Namespace) -> int:
+    try:
+        path = checkpoint.consolidate(ns.checkpoint, ns.out)
+    except checkpoint.CheckpointError as e:
+        return _error(e)
+    print(f"wrote {path}")
+    return 0
+
+
+# ---- eval --------------------------------------------------------------------------------
+
+
+def _add_eval(sub) -> None:
+    p = _subparser(
+        sub, "eval", "perplexity, QA, knowledge bits, memory usage of a run", evaluation, _eval
+    )
+    p.add_argument("run", metavar="RUN_DIR", help="a run directory or one of its checkpoints")
+    p.add_argument(
+        "--qa",
+        action="append",
+        default=[],
+        metavar="FILE.jsonl",
+        help='extra QA set: one {"question", "answers": [...], "context"?} per line (repeatable)',
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--max-qa", type=int, default=None, help="first N records of each set")
+    p.add_argument("--max-val-tokens", type=int, default=100_000, help="perplexity tokens (0: all)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="greedy answer length")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--no-builtin-qa", action="store_true", help="skip the dataset's own held-out QA"
+    )
+    p.add_argument("--json", action="store_true", help="print the JSON instead of a table")
+
+
+def _eval(ns: argparse.Namespace) -> int:
+    try:
+        r = evaluation.evaluate(
+            ns.run,
+            qa=ns.qa,
+            device=ns.device,
+            max_qa=ns.max_qa,
+            max_val_tokens=ns.max_val_tokens or None,
+            max_new_tokens=ns.max_new_tokens,
+            batch_size=ns.batch_size,
+            builtin_qa=not ns.no_builtin_qa,
+            progress=sys.stderr.isatty(),
+        )
+    except (evaluation.EvalError, QAFormatError, checkpoint.CheckpointError, ValueError) as e:
+        return _error(e)
+    print(json.dumps(r, indent=2) if ns.json else evaluation.format_results(r))
+    if not ns.json:
+        print(f"wrote {r['results_path']}")
+    return 0
+
+
+# ---- generate ----------------------------------------------------------------------------
+
+
+def _add_generate(sub) -> None:
+    p = _subparser(sub, "generate", "continue a prompt with a trained run", generate, _generate)
+    p.add_argument("run", metavar="RUN_DIR", help="a run directory or one of its checkpoints")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("-n", type=int, default=1, help="number of samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    try:
+        texts = generate.generate(
+            ns.run, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p, ns.n, ns.seed,
+            ns.device,
+        )  # fmt: skip
+    except (evaluation.EvalError, checkpoint.CheckpointError, ValueError) as e:
+        return _error(e)
+    for t in texts:
+        print(ns.prompt + t)
+    return 0
+
+
+# ---- compare -----------------------------------------------------------------------------
+
+
+def _add_compare(sub) -> None:
+    p = _subparser(
+        sub, "compare", "train variants on the same data; table and plot", compare, _compare
+    )
+    p.add_argument(
+        "items",
+        nargs="+",
+        metavar="PRESET[:k=v…] | CONFIG.yaml | key=value",
+        help="variants (model presets), then shared YAML files and dotted overrides",
+    )
+    p.add_argument("--out", default="runs/compare", help="output directory")
+    p.add_argument(
+        "--reuse", action="store_true", help="keep variants already trained with the same config"
+    )
+
+
+def split_items(items: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(variants, yaml files, overrides) from ``memlayers compare``'s positional items."""
+    variants, yamls, overrides = [], [], []
+    for it in items:
+        if it.endswith((".yaml", ".yml")):
+            yamls.append(it)
+        elif "=" in it.split(":", 1)[0]:
+            overrides.append(it)
+        else:
+            variants.append(it)
+    return variants, yamls, overrides
+
+
+def _compare(ns: argparse.Namespace) -> int:
+    variants, yamls, overrides = split_items(ns.items)
+    command = shlex.join(
+        ["memlayers", "compare", *ns.items]
+        + (["--out", ns.out] if ns.out != "runs/compare" else [])
+        + (["--reuse"] if ns.reuse else [])
+    )
+    try:
+        for v in variants:
+            compare.parse_variant(v)
+        compare.compare(variants, yamls, overrides, ns.out, ns.reuse, command)
+    except ValueError as e:
+        return _error(e)
+    return 0
+
+
+# ---- data --------------------------------------------------------------------------------
+
+
+def _add_data(sub) -> None:
+    p = _subparser(sub, "data", "fetch and build the pretraining corpus", corpus, _data)
+    data_sub = p.add_subparsers(dest="data_cmd", required=True)
+    for cmd, what in (
+        ("list", "the pinned sources and what is cached"),
+        ("fetch", "download, verify and clean sources"),
+        ("build", "deduplicate, train a tokenizer, write token shards"),
+    ):
+        q = data_sub.add_parser(cmd, help=what)
+        q.add_argument("--cache", default=None, help="cache dir ($MEMLAYERS_CACHE)")
+        if cmd != "list":
+            q.add_argument("--sources", default="default", help="comma list (default: all)")
+        if cmd == "build":
+            q.add_argument("--tokenizer", default="bpe-8192", help="bpe-<vocab> or a path")
+            q.add_argument("--val-frac", type=float, default=0.01)
+
+
+def _data(ns: argparse.Namespace) -> int:
+    if ns.data_cmd == "list":
+        for line in corpus.describe_sources(ns.cache):
+            print(line)
+        return 0
+    try:
+        if ns.data_cmd == "fetch":
+            m = corpus.fetch(ns.sources, ns.cache)
+            for name in corpus.parse_sources(ns.sources):
+                e = m["sources"][name]
+                print(f"{name}: {e['documents']} documents, {e['chars'] / 1e6:.1f}M chars")
+        else:
+            shards = corpus.build(ns.sources, ns.tokenizer, ns.cache, ns.val_frac)
+            print(
+                f"{shards.path}: {shards.meta['n_train']:,} train / "
+                f"{shards.meta['n_val']:,} val tokens, vocab {shards.meta['vocab_size']}"
+            )
+    except corpus.FetchError as e:
+        return _error(e)
+    return 0
+
+
+# ---- the parser --------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,30 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Memory-layer language models: train, eval, generate, compare, data.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(
-            name,
-            help=help_text,
-            description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.add_arguments(p)
-    from memlayers.data.corpus import add_subparser
-
-    add_subparser(sub)
+    for add in (_add_train, _add_consolidate, _add_eval, _add_generate, _add_compare, _add_data):
+        add(sub)
     return parser
-
-
-def module_main(command: str, argv: list[str] | None = None) -> None:
-    """``python -m memlayers.<module>``: the subcommand ``command`` without the prefix."""
-    sys.exit(main([command, *(sys.argv[1:] if argv is None else argv)]))
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     return ns.func(ns)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

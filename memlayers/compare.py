@@ -21,21 +21,19 @@ evaluated with :func:`memlayers.eval.evaluate`. Written into ``OUT`` (default
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import json
-import os
 import platform
 import re
-import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from memlayers.config import TrainArgs, load_config, to_yaml
+from memlayers.config import TrainArgs, load_config, to_yaml, with_vocab
+from memlayers.files import write_atomic
+from memlayers.report import si
 
 # Variant overrides may not change what the variants are compared on.
 SHARED_KEYS = ("data.", "steps", "grad_accum", "seed", "run_dir", "device", "dtype")
@@ -73,22 +71,13 @@ def _finished(args: TrainArgs) -> dict | None:
     if not (run / "eval" / "results.json").is_file() or not (run / "config.yaml").is_file():
         return None
     saved = load_config([run / "config.yaml"])
-    saved.model.vocab_size = args.model.vocab_size  # the trainer fills it from the data
-    if to_yaml(saved) != to_yaml(args):
+    if to_yaml(saved) != to_yaml(with_vocab(args, saved.model.vocab_size)):  # vocab: the data's
         return None
     results = json.loads((run / "eval" / "results.json").read_text())
     return results if results.get("step") == args.steps else None
 
 
-def _train_seconds(run_dir: Path) -> float | None:
-    """Wall time of a finished run: config.yaml is written before the first step and
-    metrics.jsonl's last record after the last one (model build and data load included)."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    times = [json.loads(x)["time"] for x in lines if x.strip()]
-    return max(times) - (run_dir / "config.yaml").stat().st_mtime if times else None
-
-
-def summary_row(label: str, r: dict, train_seconds: float | None) -> dict:
+def summary_row(label: str, r: dict) -> dict:
     """The numbers of one variant that go into the table and the plot."""
     p = r["params"]
     row = {
@@ -101,7 +90,8 @@ def summary_row(label: str, r: dict, train_seconds: float | None) -> dict:
         "train_flops": r["train_flops"],
         "tokens": r["tokens_trained"],
         "val_loss": r["perplexity"]["loss"],
-        "train_seconds": train_seconds,
+        # from the checkpoint's progress; None for runs older than that record
+        "train_seconds": r.get("train_seconds"),
     }
     qa = next(iter(r.get("qa", {}).values()), None)
     if qa is not None:
@@ -125,16 +115,12 @@ def summary_row(label: str, r: dict, train_seconds: float | None) -> dict:
     return row
 
 
-def _m(x: float) -> str:
-    return f"{x / 1e6:.2f}M"
-
-
 def format_table(rows: list[dict]) -> str:
     """A Markdown table of the summary rows ("–" where a metric does not apply)."""
     cols = [
         ("variant", lambda r: r["variant"]),
-        ("params", lambda r: _m(r["total_params"])),
-        ("active/token", lambda r: _m(r["active_params"])),
+        ("params", lambda r: si(r["total_params"], "M")),
+        ("active/token", lambda r: si(r["active_params"], "M")),
         ("train FLOPs", lambda r: f"{r['train_flops']:.3g}"),
         ("val loss", lambda r: f"{r['val_loss']:.4f}"),
         ("QA EM", lambda r: f"{100 * r['exact_match']:.1f}%"),
@@ -236,20 +222,17 @@ def compare(
         results = _finished(args) if reuse else None
         if results is not None:
             print(f"== {label}: reusing {args.run_dir}")
-            secs = _train_seconds(Path(args.run_dir))
         else:
             print(f"== {label}: training into {args.run_dir}")
-            t0 = time.perf_counter()
             train(args)
-            secs = time.perf_counter() - t0
             results = evaluate(args.run_dir, device=args.device, progress=args.logging.progress)
         print(format_results(results))
-        rows.append(summary_row(label, results, secs))
+        rows.append(summary_row(label, results))
         full[label] = results
     out.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
     doc = {"command": command, "machine": machine(), "date": date, "rows": rows, "eval": full}
-    _write(out / "results.json", json.dumps(doc, indent=2) + "\n")
+    write_atomic(out / "results.json", json.dumps(doc, indent=2) + "\n")
     md = [
         f"# compare: {', '.join(variants)}",
         "",
@@ -260,72 +243,8 @@ def compare(
         format_table(rows),
         "",
     ]
-    _write(out / "results.md", "\n".join(md))
+    write_atomic(out / "results.md", "\n".join(md))
     png = plot(rows, out / "compare.png")
     print(format_table(rows))
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {png}" if png else ""))
     return rows
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-# ---- command line ------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "items",
-        nargs="+",
-        metavar="PRESET[:k=v…] | CONFIG.yaml | key=value",
-        help="variants (model presets), then shared YAML files and dotted overrides",
-    )
-    parser.add_argument("--out", default="runs/compare", help="output directory")
-    parser.add_argument(
-        "--reuse", action="store_true", help="keep variants already trained with the same config"
-    )
-    parser.set_defaults(func=run)
-
-
-def split_items(items: list[str]) -> tuple[list[str], list[str], list[str]]:
-    """(variants, yaml files, overrides) from the positional items."""
-    variants, yamls, overrides = [], [], []
-    for it in items:
-        if it.endswith((".yaml", ".yml")):
-            yamls.append(it)
-        elif "=" in it.split(":", 1)[0]:
-            overrides.append(it)
-        else:
-            variants.append(it)
-    return variants, yamls, overrides
-
-
-def run(ns: argparse.Namespace) -> int:
-    """Entry point of ``memlayers compare``."""
-    variants, yamls, overrides = split_items(ns.items)
-    command = shlex.join(
-        ["memlayers", "compare", *ns.items]
-        + (["--out", ns.out] if ns.out != "runs/compare" else [])
-        + (["--reuse"] if ns.reuse else [])
-    )
-    try:
-        for v in variants:
-            parse_variant(v)
-        compare(variants, yamls, overrides, ns.out, ns.reuse, command)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def main(argv: list[str] | None = None) -> None:
-    from memlayers.cli import module_main
-
-    module_main("compare", argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -10,18 +10,19 @@ Each section is the ``*Args`` dataclass that lives next to the code it configure
       logging: LoggingArgs    memlayers/logger.py
       parallel: ParallelArgs  memlayers/parallel.py
 
-``model.preset`` is merged in under the YAML and the CLI, so either may override single
-fields of it. A dataset's options are its own typed section, ``data.<dataset>.<option>``
-(memlayers/data/datasets.py). Unknown keys, wrong types and invalid values raise
-``ValueError`` naming the key and the value.
+``model.preset`` (with its optimizer settings, ``presets.PRESET_OPTIM``) is merged in
+under the YAML and the CLI, so either may override single fields of it. A dataset's
+options are its own typed section, ``data.<dataset>.<option>`` (memlayers/data/datasets.py).
+Unknown keys, wrong types and invalid values raise ``ValueError`` naming the key and the
+value.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from memlayers.checkpoint import CheckpointArgs
@@ -29,7 +30,7 @@ from memlayers.data.loader import DataArgs, reject_old_options
 from memlayers.logger import LoggingArgs
 from memlayers.optim import OptimArgs
 from memlayers.parallel import ParallelArgs
-from memlayers.presets import ModelArgs, get_preset
+from memlayers.presets import PRESET_OPTIM, ModelArgs, get_preset
 
 DTYPES = ("auto", "fp32", "bf16")
 
@@ -71,12 +72,28 @@ class TrainArgs:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got device={self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got dtype={self.dtype!r}")
-        self.model.to_config()  # ModelConfig.validate
+        self.model.validate()  # ModelConfig's checks
         self.optim.validate()
         self.data.validate()
         self.checkpoint.validate()
         self.logging.validate()
         self.parallel.validate()
+
+
+def upgrade(cfg: DictConfig) -> DictConfig:
+    """A config file from before ``optim.value_lr`` owned the value tables' learning rate
+    (saved runs keep loading): ``model.memory.value_lr`` moves to ``optim.value_lr``
+    unless the file sets that, and the old ``optim.value_lr: null`` (meaning "the model's")
+    goes."""
+    optim = cfg.get("optim")
+    if optim is not None and "value_lr" in optim and optim.value_lr is None:
+        del optim["value_lr"]
+    memory = cfg.get("model", {}).get("memory")
+    if memory is not None and "value_lr" in memory:
+        old = memory.pop("value_lr")
+        if OmegaConf.select(cfg, "optim.value_lr") is None:
+            OmegaConf.update(cfg, "optim.value_lr", old)
+    return cfg
 
 
 def load_config(yaml_paths=(), overrides=()) -> TrainArgs:
@@ -87,13 +104,21 @@ def load_config(yaml_paths=(), overrides=()) -> TrainArgs:
         for p in yaml_paths:
             if not Path(p).is_file():
                 raise ValueError(f"config file not found: {p}")
-            layers.append(OmegaConf.load(p))
+            layers.append(upgrade(OmegaConf.load(p)))
+        for o in overrides:
+            if o.split("=", 1)[0] == "model.memory.value_lr":
+                raise ValueError(
+                    "model.memory.value_lr is now optim.value_lr (the optimizer owns it): "
+                    f"pass optim.value_lr={o.split('=', 1)[1]}"
+                )
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         reject_old_options(layers, base.data.dataset)
         merged = OmegaConf.merge(base, *layers)
         preset = merged.model.preset
         if preset:
-            base = OmegaConf.merge(base, {"model": get_preset(preset).to_dict()})
+            # vocab_size: the dataset's, filled by with_vocab
+            model = {k: v for k, v in get_preset(preset).to_dict().items() if k != "vocab_size"}
+            base = OmegaConf.merge(base, {"model": model, "optim": PRESET_OPTIM.get(preset, {})})
         args = OmegaConf.to_object(OmegaConf.merge(base, *layers))
     except OmegaConfBaseException as e:
         # e.g. "Key 'lrr' not in 'OptimArgs'\n    full_key: optim.lrr" -> one line.
@@ -101,6 +126,12 @@ def load_config(yaml_paths=(), overrides=()) -> TrainArgs:
         raise ValueError(f"bad config: {msg}") from None
     args.validate()
     return args
+
+
+def with_vocab(args: TrainArgs, vocab_size: int) -> TrainArgs:
+    """A copy of ``args`` whose ``model.vocab_size`` is the dataset's (the trainer calls it
+    once the tokenizer is loaded; the resolved config it saves holds the number)."""
+    return replace(args, model=replace(args.model, vocab_size=vocab_size))
 
 
 def to_yaml(args: TrainArgs) -> str:

@@ -10,13 +10,10 @@ training stream start after one), so it reads like the start of a training docum
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import torch
 
-from memlayers.checkpoint import CheckpointError
-from memlayers.eval import EvalError, load_run
+from memlayers.eval import EvalError
+from memlayers.run import load_run
 
 
 def generate(
@@ -54,36 +51,3 @@ def generate(
         row = row[: row.index(tok.eos_id)] if tok.eos_id in row else row
         texts.append(tok.decode(row))
     return texts
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN_DIR", help="a run directory or one of its checkpoints")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("-n", type=int, default=1, help="number of samples")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.set_defaults(func=run)
-
-
-def run(ns: argparse.Namespace) -> int:
-    """Entry point of ``memlayers generate``."""
-    try:
-        texts = generate(
-            ns.run, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p, ns.n, ns.seed,
-            ns.device,
-        )  # fmt: skip
-    except (EvalError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for t in texts:
-        print(ns.prompt + t)
-    return 0
-
-
-if __name__ == "__main__":
-    from memlayers.cli import module_main
-
-    module_main("generate")

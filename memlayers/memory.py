@@ -41,7 +41,6 @@ class MemoryConfig:
     swilu: bool = True  # Memory+ output gating (y ⊙ silu(x W1)) W2
     qk_norm: bool = True  # normalise queries and keys (Memory+)
     share_values: bool = True  # models: one value pool for all memory layers
-    value_lr: float = 1e-3  # learning rate of the value table (paper: 1e-3, no decay)
     impl: str = "auto"  # embedding-bag implementation: auto | torch | triton
     query_bias: bool = False  # bias in the query projection
     input_dropout: float = 0.0  # on the layer input, before the query projection
@@ -70,8 +69,6 @@ class MemoryConfig:
             )
         if self.topk > self.n_keys:
             raise ValueError(f"topk must be <= n_keys, got topk={self.topk} > n_keys={self.n_keys}")
-        if not self.value_lr > 0:
-            raise ValueError(f"value_lr must be > 0, got value_lr={self.value_lr!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got impl={self.impl!r}")
         for name in ("input_dropout", "query_dropout", "value_dropout"):

@@ -1,6 +1,6 @@
 """Evaluation metrics: factual QA (answer NLL, exact match, F1) and knowledge stored in bits.
 
-- Answer NLL (the paper's metric for small models, PAPER.md §3): the negative
+- Answer NLL (the paper's metric for small models, docs/method.md §4): the negative
   log-likelihood of the gold answer given the question, per answer token and in total,
   in nats. The prompt is ``[EOS] + encode(question)`` (documents in a packed stream start
   after an EOS) and the continuation is ``encode(" " + answer)``, tokenised apart so the

@@ -2,7 +2,7 @@
 
 RMSNorm, rotary position embeddings, grouped-query attention through
 ``scaled_dot_product_attention``, SwiGLU feed-forward, tied or untied embeddings. Each
-block's feed-forward is one of (PAPER.md §3):
+block's feed-forward is one of (docs/method.md §4):
 
 - ``dense``: SwiGLU;
 - ``memory``: a :class:`~memlayers.memory.ProductKeyMemory`; with
@@ -311,7 +311,9 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """``tokens (B, T) int64 -> logits (B, T, vocab_size)``."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, sparse_values: bool = False) -> None:
+        """``sparse_values``: value tables return row-sparse (COO) gradients, for the lazy
+        row-wise value optimizer (:func:`memlayers.optim.uses_sparse_values`)."""
         super().__init__()
         config.validate()
         self.config = cfg = config
@@ -327,6 +329,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(
             Block(cfg, i, kind, self.memory_values) for i, kind in enumerate(kinds)
         )
+        for m in self.modules():
+            if isinstance(m, MemoryValues):
+                m.sparse_grad = sparse_values
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # Tied: the head reuses tok_embeddings.weight in forward (no second module holding
         # the same Parameter, which a meta build's to_empty() would silently untie).
@@ -462,14 +467,18 @@ def sample_next(
 
 
 def build_model(
-    config: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None
+    config: ModelConfig,
+    device: torch.device | str = "cpu",
+    seed: int | None = None,
+    sparse_values: bool = False,
 ) -> Transformer:
     """Build on the meta device, allocate on ``device``, fill with ``init_weights()``.
 
     With ``seed`` the weights depend only on the seed and the device type.
+    ``sparse_values``: see :class:`Transformer`.
     """
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(config, sparse_values)
     model.to_empty(device=device)
     if seed is not None:
         torch.manual_seed(seed)

@@ -6,10 +6,11 @@ parameters (STYLE.md):
 - ``decay``: every matrix (``ndim >= 2``) outside a value table, AdamW with weight decay;
 - ``no_decay``: vectors (norm gains), AdamW without decay;
 - ``values``: every :class:`~memlayers.memory.MemoryValues` table, with its own learning
-  rate (paper: 1e-3, no weight decay, PAPER.md §1).
+  rate (paper: 1e-3, no weight decay, docs/method.md §4).
 
-``value_optimizer="sparse_adam"`` (the default) switches the tables to row-sparse
-gradients and steps them with :class:`~memlayers.value_optim.SparseValueAdam`, which
+``value_optimizer="sparse_adam"`` (the default) needs a model built with row-sparse
+table gradients (:func:`uses_sparse_values`) and steps them with
+:class:`~memlayers.value_optim.SparseValueAdam`, which
 touches only the rows read this step; ``"adamw"`` keeps dense gradients and puts the
 table in the AdamW as a third group (every row's moments decay every step).
 
@@ -41,7 +42,7 @@ class OptimArgs:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    value_lr: float | None = None  # None: model.memory.value_lr (paper: 1e-3)
+    value_lr: float = 1e-3  # the value tables (paper: 1e-3); presets.PRESET_OPTIM per preset
     value_weight_decay: float = 0.0
     value_optimizer: str = "sparse_adam"  # sparse_adam | adamw
     schedule: str = "cosine"  # cosine | linear | constant
@@ -53,8 +54,8 @@ class OptimArgs:
         for name in ("lr", "eps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"optim.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.value_lr is not None and not self.value_lr > 0:
-            raise ValueError(f"optim.value_lr must be > 0 or null, got {self.value_lr!r}")
+        if not self.value_lr > 0:
+            raise ValueError(f"optim.value_lr must be > 0, got {self.value_lr!r}")
         for name in ("weight_decay", "value_weight_decay", "grad_clip", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -99,9 +100,11 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 class Optimizers:
-    """The dense AdamW and the value optimizer, stepped and saved as one."""
+    """The dense AdamW and the value optimizer of ``model``, stepped and saved as one:
+    :meth:`state_dict` for one file, :meth:`distributed_state_dict` for DCP."""
 
-    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    def __init__(self, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        self.model = model
         self.optimizers = optimizers
 
     @property
@@ -132,26 +135,69 @@ class Optimizers:
             for group, hyper in zip(opt.param_groups, fresh, strict=True):
                 group.update(hyper)
 
+    def distributed_state_dict(self, wrap_table=None) -> dict:
+        """The state DCP saves, or loads in place: ``"optim"``, AdamW's state keyed by
+        parameter name (``get_optimizer_state_dict``: FSDP shards as DTensors), and
+        ``"values_optim"``, each value table's step and Adam moments keyed by its module
+        name. ``wrap_table(container, key, table)`` may replace a table-shaped entry in
+        place (a DTensor view of a column shard, :mod:`memlayers.checkpoint`)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-def set_value_grad_sparsity(model: nn.Module, sparse: bool) -> None:
-    """Make every value table return row-sparse (COO) or dense gradients."""
-    for m in model.modules():
-        if isinstance(m, MemoryValues):
-            m.sparse_grad = sparse
+        from memlayers.parallel import value_tables
+
+        wrap = wrap_table or (lambda container, key, table: None)
+        tables = value_tables(self.model)
+        state = {}
+        if "adamw" in self.optimizers:
+            state["optim"] = get_optimizer_state_dict(self.model, self.optimizers["adamw"])
+            for prefix, table in tables:
+                moments = state["optim"]["state"].get(f"{prefix}.weight")
+                for key in ("exp_avg", "exp_avg_sq") if moments else ():
+                    wrap(moments, key, table)
+        if "values" in self.optimizers:
+            opt = self.optimizers["values"]
+            state["values_optim"] = {}
+            for prefix, table in tables:
+                st = opt.state[table.weight]
+                if not st:  # moments exist from the first step on; make them now to load into
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros_like(table.weight, dtype=torch.float32)
+                    st["exp_avg_sq"] = torch.zeros_like(table.weight, dtype=torch.float32)
+                entry = {k: st[k] for k in ("step", "exp_avg", "exp_avg_sq")}
+                wrap(entry, "exp_avg", table)
+                wrap(entry, "exp_avg_sq", table)
+                state["values_optim"][prefix] = entry
+        return state
+
+    def load_distributed_state_dict(self, state: dict) -> None:
+        """Finish a DCP load into :meth:`distributed_state_dict`'s tensors (table moments
+        arrive in place; AdamW's state and the step counts are set here). A section the
+        checkpoint lacks leaves that optimizer fresh."""
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        if "optim" in state:
+            set_optimizer_state_dict(self.model, self.optimizers["adamw"], state["optim"])
+        opt = self.optimizers.get("values")
+        for prefix, entry in state.get("values_optim", {}).items():
+            weight = self.model.get_submodule(prefix).weight
+            opt.state[weight]["step"] = int(entry["step"])
 
 
-def build_optimizer(
-    model: nn.Module, args: OptimArgs, value_lr: float = 1e-3, impl: str = "auto"
-) -> Optimizers:
+def uses_sparse_values(args: OptimArgs) -> bool:
+    """Whether the value tables need row-sparse gradients: ``sparse_adam`` steps only the
+    rows a step read. The model is built with it (``sparse_values``)."""
+    return args.value_optimizer == "sparse_adam"
+
+
+def build_optimizer(model: nn.Module, args: OptimArgs, impl: str = "auto") -> Optimizers:
     """AdamW over the dense groups; the value tables per ``args.value_optimizer``.
 
-    ``value_lr`` is used when ``args.value_lr`` is None (pass the model's
-    ``memory.value_lr``); ``impl`` picks the sparse step's kernel (pass ``memory.impl``).
-    Also sets the tables' gradient sparsity to match.
+    ``impl`` picks the sparse step's kernel (pass ``memory.impl``). The tables' gradient
+    sparsity is the model's, decided when it was built
+    (``build_model(..., sparse_values=uses_sparse_values(args))``); a mismatch is an error.
     """
-    args.validate()
     groups = param_groups(model)
-    value_lr = args.value_lr if args.value_lr is not None else value_lr
+    value_lr = args.value_lr
     betas = (args.beta1, args.beta2)
     adamw_groups = [
         dict(
@@ -176,8 +222,15 @@ def build_optimizer(
         lr=value_lr,
         base_lr=value_lr,
     )
-    sparse = args.value_optimizer == "sparse_adam"
-    set_value_grad_sparsity(model, sparse)
+    sparse = uses_sparse_values(args)
+    tables = [m for m in model.modules() if isinstance(m, MemoryValues)]
+    if any(t.sparse_grad != sparse for t in tables):
+        raise ValueError(
+            f"optim.value_optimizer={args.value_optimizer!r} needs value tables built with "
+            f"sparse_values={sparse}, but the model's are "
+            f"{sorted({t.sparse_grad for t in tables})}: build the model with "
+            f"sparse_values=uses_sparse_values(optim args)"
+        )
     optimizers = {}
     if groups["values"] and not sparse:
         adamw_groups.append(values_group)
@@ -191,7 +244,7 @@ def build_optimizer(
     )
     if groups["values"] and sparse:
         optimizers["values"] = SparseValueAdam([values_group], betas=betas, eps=args.eps, impl=impl)
-    return Optimizers(optimizers)
+    return Optimizers(model, optimizers)
 
 
 def lr_multiplier(step: int, total_steps: int, args: OptimArgs) -> float:

@@ -1,6 +1,6 @@
 """Parallel memory: value tables sharded by columns over a memory-parallel group.
 
-PAPER.md §2 "Parallel memory". A value table ``[N, D]`` too large for one GPU is split
+docs/method.md §5 "Parallel memory". A value table ``[N, D]`` too large for one GPU is split
 along its *embedding* dimension over the ``mp`` ranks of a device mesh ``(dp, mp)``. Each
 rank owns ``D_r`` columns of every row. A lookup
 
@@ -179,23 +179,24 @@ def value_tables(model: nn.Module) -> list[tuple[str, MemoryValues]]:
 
 @dataclass
 class ParallelPlan:
-    """What :func:`parallelize` did; the trainer uses it for gradients and checkpoints."""
+    """What :func:`parallelize` did; the trainer uses it for gradients and checkpoints.
+    ``mesh=None``: one process, nothing sharded (every method a no-op)."""
 
-    mesh: DeviceMesh
+    mesh: DeviceMesh | None
     args: ParallelArgs
     tables: list[tuple[str, MemoryValues]]
 
     @property
     def world(self) -> int:
-        return self.mesh.size()
+        return 1 if self.mesh is None else self.mesh.size()
 
     @property
     def dp(self) -> int:
-        return self.mesh["dp"].size()
+        return 1 if self.mesh is None else self.mesh["dp"].size()
 
     @property
     def sharded(self) -> bool:
-        return self.mesh["mp"].size() > 1
+        return self.mesh is not None and self.mesh["mp"].size() > 1
 
     def is_table(self, p: torch.Tensor) -> bool:
         return any(p is t.weight for _, t in self.tables)
@@ -209,6 +210,8 @@ class ParallelPlan:
         it is summed over the ``dp`` replicas and divided by the world size. Replicated
         dense parameters (``fsdp=False``) are all-reduced here.
         """
+        if self.world == 1:
+            return
         dp_group = self.mesh["dp"].get_group()
         for p in model.parameters():
             if self.is_table(p):
@@ -282,10 +285,17 @@ def _all_reduce_sparse(grad: torch.Tensor, group, size: int) -> torch.Tensor:
     return torch.sparse_coo_tensor(all_rows[None], all_vals, grad.shape).coalesce()
 
 
-def shard_tables(model: nn.Module, mesh: DeviceMesh, args: ParallelArgs) -> ParallelPlan:
+def shard_tables(model: nn.Module, mesh: DeviceMesh | None, args: ParallelArgs) -> ParallelPlan:
     """Split every value table of ``model`` by columns over ``mesh["mp"]`` (in place; on
-    the meta device too). The first half of :func:`parallelize`."""
+    the meta device too). The first half of :func:`parallelize`. ``mesh=None`` (one
+    process) shards nothing."""
     args.validate()
+    if mesh is None:
+        if args.mp != 1:
+            raise ValueError(
+                f"parallel.mp={args.mp} needs that many ranks (torchrun), but world_size=1"
+            )
+        return ParallelPlan(None, args, value_tables(model))
     if mesh.mesh_dim_names != ("dp", "mp"):
         raise ValueError(f"mesh must have dims ('dp', 'mp'), got {mesh.mesh_dim_names}")
     if mesh["mp"].size() != args.mp:
@@ -301,7 +311,7 @@ def apply_fsdp(model: nn.Module, plan: ParallelPlan) -> None:
     """FSDP2 over all ranks for every parameter but the tables: one unit per
     ``model.layers`` block, then the root. The second half of :func:`parallelize`."""
     mesh = plan.mesh
-    if not plan.args.fsdp or mesh.size() == 1:
+    if not plan.args.fsdp or plan.world == 1:
         return
     world_mesh = init_device_mesh(mesh.device_type, (mesh.size(),), mesh_dim_names=("all",))
     ignored = {t.weight for _, t in plan.tables}
@@ -310,11 +320,57 @@ def apply_fsdp(model: nn.Module, plan: ParallelPlan) -> None:
     fully_shard(model, mesh=world_mesh, ignored_params=ignored)
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh, args: ParallelArgs) -> ParallelPlan:
+def parallelize(
+    model: nn.Module, mesh: DeviceMesh | None, args: ParallelArgs, compile: bool = False
+) -> ParallelPlan:
     """Apply parallelism from outside the model: value tables split by columns over
-    ``mesh["mp"]``, FSDP2 over all ranks for the rest. On a materialised model (its
-    tables are sliced); the trainer instead shards the tables on the meta device,
-    initialises, then applies FSDP (:func:`memlayers.train.build_parallel_model`)."""
+    ``mesh["mp"]``, ``torch.compile`` per block (``compile``), FSDP2 over all ranks for the
+    rest. ``mesh=None`` (one process): a no-op plan. On a materialised model its tables
+    are sliced; :func:`build` instead shards them on the meta device, then initialises."""
     plan = shard_tables(model, mesh, args)
+    if compile:
+        compile_blocks(model)  # before FSDP, whose hooks then stay outside the graphs
     apply_fsdp(model, plan)
     return plan
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """``torch.compile`` each transformer block in place (state_dict keys unchanged).
+
+    Per block rather than the whole model: blocks of one kind share their compiled code,
+    a memory block's sparse lookup stays one eager call (memory.py says why) without
+    breaking up the others, and compile time stays that of one block per kind."""
+    for block in model.layers:
+        block.compile()
+
+
+def build(
+    config,
+    args: ParallelArgs,
+    device: torch.device,
+    seed: int,
+    compile: bool = False,
+    sparse_values: bool = False,
+) -> tuple[nn.Module, ParallelPlan]:
+    """The one way to build a model, for every world size: meta device → value tables
+    split over ``args.mp`` ranks (no-op on one process) → allocate on ``device`` →
+    ``init_weights`` → compile → FSDP2 for the rest. Returns ``(model, plan)``.
+
+    Weights are drawn with the RNG stream of a single process (a table shard draws the
+    full table's stream), so any layout of one seed starts from the same weights, and one
+    process gets exactly :func:`memlayers.model.build_model`'s. ``sparse_values``: see
+    :class:`memlayers.model.Transformer`."""
+    from memlayers.model import Transformer
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mesh = build_mesh(world, args.mp, device.type) if world > 1 else None
+    with torch.device("meta"):
+        model = Transformer(config, sparse_values)
+    plan = shard_tables(model, mesh, args)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    model.init_weights()
+    if compile:
+        compile_blocks(model)  # before FSDP, whose hooks then stay outside the graphs
+    apply_fsdp(model, plan)
+    return model, plan

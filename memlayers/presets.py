@@ -1,7 +1,7 @@
 """Named model configurations: the paper's sizes in every variant, and tiny CPU models.
 
 Names are ``<size>-<variant>``: sizes ``134m 373m 720m 1.3b`` (the paper's Llama-style
-base models, PAPER.md §3) and ``tiny`` (about 2M parameters, ~10k tokens/s on 2 CPU
+base models, docs/method.md §3) and ``tiny`` (about 2M parameters, ~10k tokens/s on 2 CPU
 cores); variants:
 
 | variant   | feed-forward blocks                                                       |
@@ -16,8 +16,9 @@ cores); variants:
 
 Paper-size memories: 1024 half-keys (1,048,576 values), 4 heads, top-32, v_dim = dim.
 Names are nominal: ``memlayers.report`` prints the exact counts (720m is dim 1536 × 24
-layers with untied 32k embeddings: 778M parameters). ``vocab_size`` is 32000 here; the
-trainer replaces it with the dataset's vocabulary.
+layers with untied 32k embeddings: 778M parameters). ``vocab_size`` is 32000 here; a
+training config leaves it out (``ModelArgs.vocab_size`` stays None until the trainer
+fills it from the dataset's tokenizer).
 """
 
 from __future__ import annotations
@@ -99,10 +100,8 @@ def _tiny_preset(variant: str) -> ModelConfig:
         tie_embeddings=True,
     )
     # 2 heads × top-16 (a 32-row bag): the PyTorch embedding-bag backward dominates a CPU
-    # step, and 4 × 16 halves the speed. Values learn at 3e-2, 30× the paper's 1e-3: on
-    # the main job (bios, 2M tokens) 1e-3 stored 33.0k bits, 1e-2 40.9k, 3e-2 42.5k
-    # (docs/results.md).
-    mem = dict(n_keys=128, heads=2, topk=16, value_lr=3e-2)
+    # step, and 4 × 16 halves the speed. (Their value lr: PRESET_OPTIM.)
+    mem = dict(n_keys=128, heads=2, topk=16)
     if variant == "dense":
         return ModelConfig(**base)
     if variant == "memory":
@@ -123,6 +122,13 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# Optimizer settings a preset brings (``optim.*``), merged like the preset: under the YAML
+# and the CLI. Tiny values learn at 3e-2, 30× the paper's 1e-3 (the OptimArgs default):
+# on the main job (bios, 2M tokens) 1e-3 stored 33.0k bits, 1e-2 40.9k, 3e-2 42.5k
+# (docs/results.md).
+PRESET_OPTIM: dict[str, dict] = {f"tiny-{variant}": {"value_lr": 3e-2} for variant in VARIANTS}
+
+
 def get_preset(name: str) -> ModelConfig:
     """A fresh copy of the preset ``name`` (see :data:`PRESETS`)."""
     if name not in PRESETS:
@@ -140,8 +146,22 @@ class ModelArgs(ModelConfig):
     """
 
     preset: str | None = "tiny-memory+"
+    # None: the dataset's, filled by config.with_vocab when the trainer has loaded the data
+    vocab_size: int | None = None
+
+    def validate(self) -> None:
+        """ModelConfig's checks; an unset ``vocab_size`` is checked once it is filled."""
+        self._config(1 if self.vocab_size is None else self.vocab_size)
 
     def to_config(self) -> ModelConfig:
+        if self.vocab_size is None:
+            raise ValueError(
+                "model.vocab_size is unset: the trainer fills it from the dataset's tokenizer "
+                "(memlayers.config.with_vocab)"
+            )
+        return self._config(self.vocab_size)
+
+    def _config(self, vocab_size: int) -> ModelConfig:
         d = self.to_dict()
         d.pop("preset")
-        return ModelConfig.from_dict(d)
+        return ModelConfig.from_dict({**d, "vocab_size": vocab_size})

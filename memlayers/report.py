@@ -101,10 +101,17 @@ def peak_flops(device: torch.device | str) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def _human(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+SI_UNITS = {"T": 1e12, "B": 1e9, "M": 1e6, "k": 1e3}
+
+
+def si(n: float, unit: str | None = None) -> str:
+    """``n`` with two decimals in the largest unit of T/B/M/k it reaches (``1.60M``), or
+    in ``unit`` when given (a table column keeps one unit: ``0.95M``)."""
+    if unit is not None:
+        return f"{n / SI_UNITS[unit]:.2f}{unit}"
+    for name, scale in SI_UNITS.items():
         if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
+            return f"{n / scale:.2f}{name}"
     return f"{n:.0f}"
 
 
@@ -113,5 +120,5 @@ def format_report(report: dict, name: str = "model") -> str:
     rows = [(k, report[k]) for k in report if k != "seq_len" and (report[k] or k == "total")]
     width = max(len(k) for k, _ in rows)
     lines = [f"{name} (seq_len {report['seq_len']})"]
-    lines += [f"  {k:<{width}}  {_human(v):>9}  ({v:,})" for k, v in rows]
+    lines += [f"  {k:<{width}}  {si(v):>9}  ({v:,})" for k, v in rows]
     return "\n".join(lines)

@@ -3,35 +3,24 @@
     memlayers train                                   # the main job: tiny Memory+ on bios,
                                                       # then eval (~5 min on 2 CPU cores)
     memlayers train model.preset=tiny-dense run_dir=runs/dense      # its dense baseline
-    memlayers train data.options.n_people=200 steps=200 run_dir=runs/quick   # ~1 min
+    memlayers train data.bios.n_people=200 steps=200 run_dir=runs/quick   # ~1 min
     memlayers train configs/tiny_memory_plus.yaml optim.lr=3e-3
     memlayers train model.preset=tiny-memory+ data.dataset=text data.path=README.md \\
         run_dir=runs/readme                           # byte-level model of any text file
     memlayers train configs/tiny_memory_plus.yaml --resume          # from run_dir's latest
     memlayers train configs/tiny_memory_plus.yaml --resume-from runs/x/checkpoints/step_000100
     memlayers train configs/tiny_memory_plus.yaml --print-config    # resolved config, no run
-    python -m memlayers.train configs/373m_memory_plus.yaml          # one GPU, bf16 autocast
-    torchrun --standalone --nproc_per_node=8 -m memlayers.train configs/373m_memory_plus.yaml
+    python -m memlayers train configs/373m_memory_plus.yaml          # one GPU, bf16 autocast
+    torchrun --standalone --nproc_per_node=8 -m memlayers train configs/373m_memory_plus.yaml
 
 Config precedence: dataclass defaults < ``model.preset`` < YAML files (in order) <
-``key=value`` overrides (see :mod:`memlayers.config`). ``model.vocab_size`` is set from
-the dataset.
+``key=value`` overrides (see :mod:`memlayers.config`). ``model.vocab_size`` comes from
+the dataset (:func:`memlayers.config.with_vocab`).
 
-Run directory (``run_dir``)::
-
-    <run_dir>/
-      config.yaml             the resolved config of the last (re)start
-      tokenizer.json          the dataset's tokenizer (eval and generate decode with it)
-      metrics.jsonl           one JSON object per logged step
-                              {"step", "loss", "lr", "grad_norm", "tokens", "tok_per_s", "time"}
-                              and per evaluation {"step", "val_loss", "time"}
-      tb/                     TensorBoard events (same scalars)
-      checkpoints/
-        step_000100/          model.safetensors, optimizer.pt, trainer.pt, meta.json
-        latest                name of the newest complete checkpoint
-      loss.png                train / validation loss against step, written at the end
-      eval/results.json       `memlayers eval` (run at the end unless final_eval=false)
-      eval/<set>.predictions.jsonl   greedy answers to each QA set
+The run directory (``run_dir``) is laid out by :class:`memlayers.run.Run` (its docstring
+draws it); the logger adds ``metrics.jsonl`` (one JSON object per logged step, and per
+evaluation ``{"step", "val_loss", "time"}``), ``tb/`` and ``loss.png``. Every checkpoint's
+``meta.json`` records the run's ``progress`` (tokens trained, training seconds).
 
 Under torchrun every rank reads its own shard of each global batch and rank 0 alone
 logs. The model is built on the meta device and parallelised from outside
@@ -39,37 +28,33 @@ logs. The model is built on the meta device and parallelised from outside
 ``parallel.mp`` ranks, FSDP2 over all ranks for the rest; checkpoints are DCP (every rank
 writes its shards) and load on any number of ranks. CPU runs use gloo, GPU runs NCCL::
 
-    torchrun --standalone --nproc_per_node=2 -m memlayers.train parallel.mp=2 steps=50
+    torchrun --standalone --nproc_per_node=2 -m memlayers train parallel.mp=2 steps=50
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from memlayers import parallel
 from memlayers.checkpoint import (
-    CheckpointError,
     load_checkpoint,
-    resolve_checkpoint,
     save_checkpoint,
     save_distributed_checkpoint,
 )
-from memlayers.config import TrainArgs, load_config, save_config, to_yaml
+from memlayers.config import TrainArgs, save_config, with_vocab
 from memlayers.data.loader import PackedLoader, load_dataset
+from memlayers.eval.validation import validation_loss
 from memlayers.logger import RunLogger
-from memlayers.model import Transformer, build_model
-from memlayers.optim import build_optimizer, clip_grad_norm_, set_lr
-from memlayers.parallel import ParallelPlan, apply_fsdp, build_mesh, shard_tables
+from memlayers.optim import build_optimizer, set_lr, uses_sparse_values
 from memlayers.report import format_report, parameter_report, peak_flops
+from memlayers.run import Run
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -119,16 +104,6 @@ def use_compile(setting: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if setting is None else setting
 
 
-def compile_blocks(model: Transformer) -> None:
-    """``torch.compile`` each transformer block in place (state_dict keys unchanged).
-
-    Per block rather than the whole model: blocks of one kind share their compiled code,
-    a memory block's sparse lookup stays one eager call (memory.py says why) without
-    breaking up the others, and compile time stays that of one block per kind."""
-    for block in model.layers:
-        block.compile()
-
-
 def _mean_over_ranks(x: torch.Tensor, env: Env) -> torch.Tensor:
     """The mean of a device scalar over ranks (no host sync)."""
     if env.world_size == 1:
@@ -138,20 +113,16 @@ def _mean_over_ranks(x: torch.Tensor, env: Env) -> torch.Tensor:
     return x / env.world_size
 
 
-@torch.no_grad()
-def evaluate(model, loader: PackedLoader, n_batches: int, env: Env, autocast) -> float:
-    """Mean loss over the first ``n_batches`` of ``loader``'s epoch 0 (same every call)."""
+def validation_loss_over_ranks(
+    model, loader: PackedLoader, n_batches: int, env: Env, autocast
+) -> float:
+    """Mean loss over the first ``n_batches`` of ``loader``'s epoch 0 (same every call),
+    averaged over ranks: :func:`memlayers.eval.validation_loss` on this rank's shard."""
     loader.rewind()
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=env.device)
     n = min(n_batches, len(loader))
-    for _ in range(n):
-        x, y = (t.to(env.device) for t in next(loader))
-        with autocast:
-            total += model(x, targets=y).double()
-    model.train(was_training)
-    return _mean_over_ranks(total / n, env).item()
+    batches = (tuple(t.to(env.device) for t in next(loader)) for _ in range(n))
+    loss, _ = validation_loss(model, batches, autocast)
+    return _mean_over_ranks(loss, env).item()
 
 
 def _rng_state(env: Env) -> dict:
@@ -182,45 +153,16 @@ def _restore_rng(states: list[dict], env: Env) -> None:
         torch.cuda.set_rng_state(mine["cuda"], env.device)
 
 
-def build_parallel_model(model_cfg, args: TrainArgs, env: Env):
-    """One process: ``build_model``. Several: meta build → value tables split over
-    ``parallel.mp`` ranks → allocate → ``init_weights`` → FSDP2 for the rest (as
-    :func:`memlayers.parallel.parallelize`). Returns ``(model, plan or None)``."""
-    if env.world_size == 1:
-        if args.parallel.mp != 1:
-            raise ValueError(
-                f"parallel.mp={args.parallel.mp} needs that many ranks (torchrun), but world_size=1"
-            )
-        model = build_model(model_cfg, env.device, seed=args.seed)
-        if use_compile(args.compile, env.device):
-            compile_blocks(model)
-        return model, None
-    mesh = build_mesh(env.world_size, args.parallel.mp, env.device.type)
-    with torch.device("meta"):
-        model = Transformer(model_cfg)
-    plan: ParallelPlan = shard_tables(model, mesh, args.parallel)
-    # Allocate this rank's table columns and the whole dense part, initialise with the
-    # RNG stream of a single process (a table shard draws the full table's stream), so
-    # any layout of one seed starts from the same weights; then FSDP shards the dense part.
-    model.to_empty(device=env.device)
-    torch.manual_seed(args.seed)
-    model.init_weights()
-    if use_compile(args.compile, env.device):
-        compile_blocks(model)  # before FSDP, whose hooks then stay outside the graphs
-    apply_fsdp(model, plan)
-    return model, plan
-
-
 def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
     """Run (or resume) training; returns the per-step records of this process.
 
-    ``resume``: ``"latest"`` for ``run_dir``'s newest checkpoint, or any path
+    ``args`` as :func:`memlayers.config.load_config` returns them (it validates them: the
+    one place). ``resume``: ``"latest"`` for ``run_dir``'s newest checkpoint, or any path
     :func:`memlayers.checkpoint.resolve_checkpoint` accepts.
     """
-    args.validate()
+    t_start = time.perf_counter()  # the run's training seconds count from here
     env = init_distributed(args.device)
-    run_dir = Path(args.run_dir)
-    ckpt_root = run_dir / "checkpoints"
+    run = Run(args.run_dir)
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and env.device.type == "cuda")
     autocast = (
         torch.autocast(env.device.type, dtype=torch.bfloat16)
@@ -229,14 +171,16 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
     )
 
     data = load_dataset(args.data)
-    args.model.vocab_size = data.vocab_size
+    args = with_vocab(args, data.vocab_size)
     if env.is_main and hasattr(data.tokenizer, "save"):
-        # eval and generate decode with the run's own tokenizer (memlayers/eval.py)
-        data.tokenizer.save(run_dir / "tokenizer.json")
+        # eval and generate decode with the run's own tokenizer (memlayers/run.py)
+        data.tokenizer.save(run.tokenizer_path)
     model_cfg = args.model.to_config()
-    model, plan = build_parallel_model(model_cfg, args, env)
-    mem = model_cfg.memory
-    optimizer = build_optimizer(model, args.optim, value_lr=mem.value_lr, impl=mem.impl)
+    model, plan = parallel.build(
+        model_cfg, args.parallel, env.device, args.seed, use_compile(args.compile, env.device),
+        sparse_values=uses_sparse_values(args.optim),
+    )  # fmt: skip
+    optimizer = build_optimizer(model, args.optim, impl=model_cfg.memory.impl)
     B, T = args.data.batch_size, args.data.seq_len
     loader = PackedLoader(data.train, B, T, env.rank, env.world_size, seed=args.data.seed)
     val_loader = None
@@ -246,27 +190,27 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
     start = 0
     if resume is not None:
         state = load_checkpoint(
-            run_dir if resume == "latest" else resume, model, optimizer, plan=plan
+            run.root if resume == "latest" else resume, model, optimizer, plan=plan
         )
         start = int(state["step"])
-        loader.load_state_dict(state["data"])
         _restore_rng(state["rng"], env)
+        loader.load_state_dict(state["data"])
     else:
         torch.manual_seed(args.seed + env.rank)  # dropout streams differ per rank
     if start >= args.steps:
         raise ValueError(f"the checkpoint is at step {start}, nothing to do for steps={args.steps}")
 
-    log = RunLogger(run_dir, args.logging, args.steps, start, enabled=env.is_main)
+    log = RunLogger(run.root, args.logging, args.steps, start, enabled=env.is_main)
     if env.is_main:
-        save_config(args, run_dir / "config.yaml")
+        save_config(args, run.config_path)
         # From the config (a meta-device model) when parallelised: this rank holds only its
         # shards of the tables.
-        rep = parameter_report(model_cfg if plan is not None else model, seq_len=T)
+        rep = parameter_report(model_cfg if plan.world > 1 else model, seq_len=T)
         log.message(format_report(rep, args.model.preset or "model"))
         log.message(
             f"device {env.device} x{env.world_size}, {'bf16 autocast' if use_bf16 else 'fp32'}; "
             f"data {args.data.dataset}: {len(data.train):,} train / {len(data.val):,} val "
-            f"tokens, vocab {data.vocab_size}; run_dir {run_dir}"
+            f"tokens, vocab {data.vocab_size}; run_dir {run.root}"
             + (f"; resumed at step {start} from {state['path']}" if resume else "")
         )
     tokens_per_step = B * T * args.grad_accum * env.world_size
@@ -275,6 +219,11 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
     peak = (peak_flops(env.device) or 0.0) * env.world_size  # 0: no MFU (CPU, unknown card)
     history: list[dict] = []
     last_ckpt = state["path"] if resume else None
+    # Training seconds and tokens (checkpoint meta, read by memlayers.run) go on from the
+    # checkpoint's; older checkpoints recorded no seconds, so the total stays unknown.
+    before = state["meta"].get("progress", {"train_seconds": None}) if resume else {}
+    tokens_before = before.get("tokens_trained", start * tokens_per_step)
+    seconds_before = before.get("train_seconds", 0.0)
 
     if args.checkpoint.format == "safetensors" and env.world_size > 1:
         raise ValueError(
@@ -287,10 +236,15 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
 
     def checkpoint(step: int) -> str:
         trainer_state = {"data": loader.state_dict(), "rng": _gather_rng(env)}
+        seconds = time.perf_counter() - t_start
+        progress = {
+            "tokens_trained": tokens_before + (step - start) * tokens_per_step,
+            "train_seconds": None if seconds_before is None else seconds_before + seconds,
+        }
         what = dict(
-            root=ckpt_root, step=step, model=model, optimizer=optimizer,
+            root=run.checkpoints, step=step, model=model, optimizer=optimizer,
             trainer_state=trainer_state, model_config=model_cfg.to_dict(),
-            keep=args.checkpoint.keep, checksum=args.checkpoint.checksum,
+            keep=args.checkpoint.keep, checksum=args.checkpoint.checksum, progress=progress,
         )  # fmt: skip
         path = None
         if dcp:  # every rank writes its shards
@@ -299,7 +253,7 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
             path = save_checkpoint(**what)
         if env.world_size > 1:
             dist.barrier()
-        return str(path or ckpt_root / "latest")
+        return str(path or run.checkpoints / "latest")
 
     def stop_if_non_finite(step: int) -> None:
         """Read the on-device flags (a host sync: only at log and checkpoint steps)."""
@@ -335,11 +289,8 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
                 (loss / args.grad_accum).backward()
                 loss_sum += loss.detach()
             step_loss = _mean_over_ranks(loss_sum / args.grad_accum, env)
-            if plan is not None:
-                plan.sync_grads(model)
-                grad_norm = plan.clip_grad_norm_(model, args.optim.grad_clip)
-            else:
-                grad_norm = clip_grad_norm_(model.parameters(), args.optim.grad_clip)
+            plan.sync_grads(model)
+            grad_norm = plan.clip_grad_norm_(model, args.optim.grad_clip)
             finite_loss, finite_norm = torch.isfinite(step_loss), torch.isfinite(grad_norm)
             now_bad = ~(finite_loss & finite_norm) & (first_bad < 0)
             first_bad = torch.where(now_bad, step, first_bad)
@@ -377,7 +328,9 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
             else:
                 log.advance(step)
             if eval_due:
-                val = evaluate(model, val_loader, args.eval_batches, env, autocast)
+                val = validation_loss_over_ranks(
+                    model, val_loader, args.eval_batches, env, autocast
+                )
                 log.log_eval({"step": step, "val_loss": val})
                 history[-1]["val_loss"] = val
             if ckpt_due:
@@ -392,80 +345,3 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
             f"checkpoint {last_ckpt or 'none'}"
         )
     return history
-
-
-def final_evaluation(args: TrainArgs) -> dict:
-    """``memlayers eval`` of the finished run (one process): writes
-    ``run_dir/eval/results.json`` and prints the table, then the QA accuracy and the bits
-    stored as the last lines."""
-    from memlayers.eval import evaluate, format_results, headline
-
-    t0 = time.perf_counter()
-    results = evaluate(args.run_dir, device=args.device, progress=args.logging.progress)
-    print(format_results(results))
-    print(f"eval: {time.perf_counter() - t0:.0f}s; {Path(args.run_dir) / 'eval' / 'results.json'}")
-    if headline(results):
-        print(headline(results))
-    return results
-
-
-# ---- command line ------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "items",
-        nargs="*",
-        metavar="CONFIG.yaml | key=value",
-        help="YAML config files (merged in order), then dotted overrides, e.g. optim.lr=1e-3",
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from run_dir's latest checkpoint"
-    )
-    parser.add_argument(
-        "--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory"
-    )
-    parser.add_argument(
-        "--print-config", action="store_true", help="print the resolved config and exit"
-    )
-    parser.set_defaults(func=run)
-
-
-def run(ns: argparse.Namespace) -> int:
-    """Entry point of ``memlayers train`` and ``python -m memlayers.train``."""
-    yamls = [a for a in ns.items if "=" not in a]
-    overrides = [a for a in ns.items if "=" in a]
-    try:
-        args = load_config(yamls, overrides)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if ns.print_config:
-        print(to_yaml(args), end="")
-        return 0
-    resume = ns.resume_from or ("latest" if ns.resume else None)
-    try:
-        if resume is not None:
-            resolve_checkpoint(args.run_dir if resume == "latest" else resume)
-        train(args, resume=resume)
-        if dist.is_initialized():
-            dist.barrier()  # gloo aborts a rank that tears down while another still talks
-        if args.final_eval and int(os.environ.get("RANK", "0")) == 0:
-            final_evaluation(args)
-    except (NonFiniteLossError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-def main(argv: list[str] | None = None) -> None:
-    from memlayers.cli import module_main
-
-    module_main("train", argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -12,6 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from memlayers import cli
 from memlayers.data import corpus
 from memlayers.data.corpus import FetchError, Package, Source, archives, markup, sources
 
@@ -194,7 +195,7 @@ def test_deb_reader(tmp_path):
 
 
 def test_cli_list(tmp_path, capsys):
-    assert corpus.main(["list", "--cache", str(tmp_path)]) == 0
+    assert cli.main(["data", "list", "--cache", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "wiki" in out and "dict-gcide" in out
 

@@ -14,7 +14,7 @@ from memlayers.cli import main as cli_main
 
 def memlayers(*args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "memlayers.cli", *args],
+        [sys.executable, "-m", "memlayers", *args],
         capture_output=True,
         text=True,
         timeout=300,

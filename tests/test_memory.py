@@ -125,7 +125,6 @@ def test_bf16_table():
         (dict(n_keys=4.0), "n_keys=4.0"),
         (dict(v_dim=0), "v_dim=0"),
         (dict(impl="cuda"), "impl='cuda'"),
-        (dict(value_lr=0.0), "value_lr=0.0"),
         (dict(query_dropout=1.0), "query_dropout=1.0"),
         (dict(input_dropout=-0.1), "input_dropout=-0.1"),
         (dict(norm_eps=0.0), "norm_eps=0.0"),

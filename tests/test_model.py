@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from memlayers import MemoryConfig, MemoryValues
 from memlayers.model import ModelConfig, Transformer, build_model
 from memlayers.moe import MoEConfig
-from memlayers.optim import set_value_grad_sparsity
 from memlayers.peer import PEERConfig
 
 V = 32
@@ -47,8 +46,7 @@ def test_shapes_and_every_parameter_gets_a_gradient(kind):
 
 
 def test_sparse_value_gradient():
-    model = build_model(tiny("memory+"), seed=0)
-    set_value_grad_sparsity(model, True)
+    model = build_model(tiny("memory+"), seed=0, sparse_values=True)
     model(torch.randint(0, V, (2, 8))).sum().backward()
     g = model.memory_values.weight.grad
     assert g.is_sparse and 0 < g.coalesce().indices().shape[1] <= model.config.memory.n_rows

@@ -161,7 +161,7 @@ def _tiny_config():
 def _reference_model(seed=0):
     from memlayers import build_model
 
-    return build_model(_tiny_config(), "cpu", seed=seed).double()
+    return build_model(_tiny_config(), "cpu", seed=seed, sparse_values=True).double()
 
 
 def _parallel_model(world, mp, reference):
@@ -318,7 +318,7 @@ def test_dcp_checkpoints_reshard(tmp_path):
     """2 -> 1, 1 -> 4, 2 -> 4, 4 -> 2 ranks (memory-parallel degree = ranks): identical
     outputs, and after a step saved on 2 ranks, identical moments and step counts on 4."""
     from memlayers.checkpoint import (
-        consolidate_checkpoint,
+        consolidate,
         load_model_from_checkpoint,
         save_distributed_checkpoint,
     )
@@ -332,7 +332,7 @@ def test_dcp_checkpoints_reshard(tmp_path):
         expected = torch.load(os.path.join(two, "probe.pt"))
         torch.testing.assert_close(_probe_logits(model), expected, rtol=0, atol=0)
         # ... and consolidated into one safetensors file for inference.
-        single = load_model_from_checkpoint(consolidate_checkpoint(two, tmp_path / "single"))
+        single = load_model_from_checkpoint(consolidate(two, tmp_path / "single"))
         torch.testing.assert_close(_probe_logits(single.double()), expected, rtol=0, atol=0)
         # 1 -> 4: a single process writes DCP (no process group), four ranks read it.
         ref = _reference_model(seed=2)
@@ -354,7 +354,8 @@ def _torchrun(tmp_path, *overrides, resume_from=None):
 
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "memlayers.train", "model.preset=tiny-memory+", "model.n_layers=2",
+        "-m", "memlayers", "train",
+        "model.preset=tiny-memory+", "model.n_layers=2",
         "model.memory_layers=[1]", "data.batch_size=4", "data.seq_len=32", "steps=4",
         "checkpoint.every=2", "logging.every=1", "logging.progress=false",
         "logging.tensorboard=false", "logging.plot=false", "eval_every=0", "parallel.mp=2",
@@ -395,11 +396,11 @@ def test_torchrun_two_ranks_resume_is_exact(tmp_path):
 
 
 def test_single_process_rejects_memory_parallel():
-    from memlayers.config import load_config
-    from memlayers.train import Env, build_parallel_model
+    from memlayers.config import load_config, with_vocab
+    from memlayers.parallel import build
 
-    args = load_config([], ["model.preset=tiny-memory+", "parallel.mp=2"])
+    args = with_vocab(load_config([], ["model.preset=tiny-memory+", "parallel.mp=2"]), 64)
     with pytest.raises(ValueError, match="parallel.mp=2 .* world_size=1"):
-        build_parallel_model(args.model.to_config(), args, Env(0, 1, torch.device("cpu")))
+        build(args.model.to_config(), args.parallel, torch.device("cpu"), args.seed)
     with pytest.raises(ValueError, match="parallel.mp"):
         load_config([], ["parallel.mp=0"])

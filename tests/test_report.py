@@ -15,7 +15,7 @@ def test_every_size_has_every_variant():
 
 
 def test_memory_plus_placement():
-    assert memory_plus_layers(24) == [4, 12, 20]  # the paper's blocks (PAPER.md §1)
+    assert memory_plus_layers(24) == [4, 12, 20]  # the paper's blocks (docs/method.md §2)
     assert memory_plus_layers(12) == [2, 6, 10]  # 134M: interval 4
     assert memory_plus_layers(22) == [3, 11, 19]
     assert memory_plus_layers(6) == [1, 3, 5]  # interval shrunk to fit
@@ -60,7 +60,7 @@ def test_dense_and_moe_reports():
     moe = parameter_report(get_preset("134m-moe"), seq_len=1024)
     assert moe["moe_experts"] == 16 * 12 * 3 * 768 * 2048
     assert moe["active_per_token"] == moe["non_embedding"] - moe["moe_experts"] * 15 // 16
-    # the baselines slightly exceed the memory model's parameters (PAPER.md §3)
+    # the baselines slightly exceed the memory model's parameters (docs/method.md §4)
     memory_plus = parameter_report(get_preset("134m-memory+"))["total"]
     assert moe["total"] > memory_plus
     assert parameter_report(get_preset("134m-peer"))["total"] > memory_plus

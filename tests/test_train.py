@@ -87,7 +87,7 @@ def test_resume_latest_in_the_same_run_dir(tmp_path):
 def _model_and_opt(seed=0):
     args = tiny_args("unused")
     args.model.vocab_size = 64
-    model = build_model(args.model.to_config(), seed=seed)
+    model = build_model(args.model.to_config(), seed=seed, sparse_values=True)
     return model, build_optimizer(model, OptimArgs()), args.model.to_config()
 
 
@@ -105,6 +105,18 @@ def test_save_load_identical_logits(tmp_path):
     assert torch.equal(load_model_from_checkpoint(tmp_path)(x), model(x))
     assert (tmp_path / "latest").read_text().strip() == "step_000007"
     assert not list(tmp_path.glob(".tmp-*"))  # nothing left of the atomic write
+
+
+def test_consolidate_from_the_command_line(tmp_path, capsys):
+    model, opt, cfg = _model_and_opt(seed=0)
+    x = torch.randint(0, 64, (2, 16))
+    save_checkpoint(tmp_path / "src", 3, model, opt, {"note": "hi"}, cfg.to_dict())
+    assert cli_main(["consolidate", str(tmp_path / "src"), str(tmp_path / "dst")]) == 0
+    assert "step_000003" in capsys.readouterr().out
+    assert torch.equal(load_model_from_checkpoint(tmp_path / "dst")(x), model(x))
+    assert load_checkpoint(tmp_path / "dst", model)["note"] == "hi"  # trainer state kept
+    assert cli_main(["consolidate", str(tmp_path / "nothing"), str(tmp_path / "d2")]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
 
 
 def test_keep_prunes_old_checkpoints(tmp_path):
@@ -200,6 +212,52 @@ def test_config_precedence_defaults_preset_yaml_cli(tmp_path):
     assert args.model.memory_layers == [] and args.checkpoint.every == 250  # preset, defaults
 
 
+def test_vocab_size_comes_from_the_data_as_a_new_config():
+    from memlayers.config import with_vocab
+
+    args = load_config([], ["model.preset=tiny-memory+"])
+    assert args.model.vocab_size is None  # not the preset's: the dataset's
+    with pytest.raises(ValueError, match="vocab_size is unset"):
+        args.model.to_config()
+    filled = with_vocab(args, 300)
+    assert filled.model.to_config().vocab_size == 300 and args.model.vocab_size is None
+    with pytest.raises(ValueError, match="vocab_size"):
+        load_config([], ["model.vocab_size=0"])
+
+
+def test_presets_bring_their_value_lr_and_the_yaml_and_cli_override_it(tmp_path):
+    assert load_config([], ["model.preset=tiny-memory+"]).optim.value_lr == 3e-2
+    assert load_config([], ["model.preset=134m-memory+"]).optim.value_lr == 1e-3  # paper
+    yaml = tmp_path / "exp.yaml"
+    yaml.write_text("model:\n  preset: tiny-memory\noptim:\n  value_lr: 0.01\n")
+    assert load_config([yaml]).optim.value_lr == 0.01
+    assert load_config([yaml], ["optim.value_lr=0.02"]).optim.value_lr == 0.02
+
+
+@pytest.mark.parametrize(
+    "old, want",
+    [
+        ("model:\n  memory:\n    value_lr: 0.005\noptim:\n  value_lr: null\n", 0.005),
+        ("model:\n  memory:\n    value_lr: 0.005\noptim:\n  value_lr: 0.007\n", 0.007),
+        ("optim:\n  value_lr: null\n", 3e-2),  # null meant "the model's": the preset's
+    ],
+    ids=["saved-run", "both-set", "null"],
+)
+def test_config_from_before_optim_value_lr_is_upgraded(tmp_path, old, want):
+    """A run's config.yaml from before: value_lr in model.memory, optim.value_lr null."""
+    yaml = tmp_path / "config.yaml"
+    yaml.write_text(old)
+    args = load_config([yaml])
+    assert args.optim.value_lr == want and not hasattr(args.model.memory, "value_lr")
+
+
+def test_old_value_lr_key_on_the_command_line_names_the_new_one():
+    with pytest.raises(ValueError, match=r"optim\.value_lr=0\.01"):
+        load_config([], ["model.memory.value_lr=0.01"])
+    with pytest.raises(ValueError, match=r"optim\.value_lr must be > 0"):
+        load_config([], ["optim.value_lr=0"])
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -256,7 +314,7 @@ def test_cli_run_writes_the_documented_run_directory(tmp_path, capsys):
 def test_param_groups_and_value_optimizer_choice():
     args = tiny_args("unused")
     args.model.vocab_size = 64
-    model = build_model(args.model.to_config(), seed=0)
+    model = build_model(args.model.to_config(), seed=0, sparse_values=True)
     opt = build_optimizer(model, OptimArgs(lr=0.01, value_lr=0.05))
     groups = {g["name"]: g for g in opt.param_groups}
     assert set(opt.optimizers) == {"adamw", "values"}
@@ -273,6 +331,9 @@ def test_param_groups_and_value_optimizer_choice():
     assert model.memory_values.sparse_grad
     n_params = sum(len(g["params"]) for g in opt.param_groups)
     assert n_params == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="sparse_values=False"):  # decided at build time
+        build_optimizer(model, OptimArgs(value_optimizer="adamw"))
+    model = build_model(args.model.to_config(), seed=0, sparse_values=False)
     dense = build_optimizer(model, OptimArgs(value_optimizer="adamw"))
     assert set(dense.optimizers) == {"adamw"} and not model.memory_values.sparse_grad
     assert {g["name"] for g in dense.param_groups} == {"decay", "no_decay", "values"}
@@ -321,7 +382,8 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
         "--standalone",
         "--nproc_per_node=2",
         "-m",
-        "memlayers.train",
+        "memlayers",
+        "train",
         *common,
         "data.batch_size=4",
         f"run_dir={tmp_path / 'two'}",

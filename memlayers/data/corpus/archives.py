@@ -3,7 +3,6 @@ check, and reading members out of wheels, sdists, .deb and npm archives."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -15,6 +14,8 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from memlayers.files import sha256_file, write_atomic
 
 
 class FetchError(RuntimeError):
@@ -225,14 +226,6 @@ PACKAGES: dict[str, Package] = {
 }
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_archive(pkg: Package, cache: str | Path | None = None) -> Path:
     """The verified archive of ``pkg`` in ``<cache>/archives``, downloading it if needed.
 
@@ -356,7 +349,4 @@ def fetch_sentencepiece(cache: str | Path | None = None) -> Path:
     archive = fetch_archive(PACKAGES["mistral-common"], root)
     data = read_member(archive, "mistral_common/data/tokenizer.model.v1")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
-    return dest
+    return write_atomic(dest, data)

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from memlayers.data.corpus.archives import PACKAGES, cache_dir, fetch_archive, sha256_file
+from memlayers.data.corpus.archives import PACKAGES, cache_dir, fetch_archive
 from memlayers.data.corpus.markup import clean_text, paragraph_key
 from memlayers.data.corpus.sources import DEFAULT_SOURCES, SOURCES
 from memlayers.data.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
+from memlayers.files import atomic_open, sha256_file, write_atomic
 
 # --------------------------------------------------------------------------------------
 # fetch / build
@@ -27,9 +27,7 @@ def _load_manifest(root: Path) -> dict:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False))
 
 
 def parse_sources(sources: str | Iterable[str] | None) -> list[str]:
@@ -72,10 +70,9 @@ def fetch(
             continue  # already done from the pinned archive
         archive = fetch_archive(pkg, root)
         text_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = text_path.with_name(text_path.name + ".tmp")
         seen: set[bytes] = set()
         n_docs = n_paras = n_dups = n_chars = 0
-        with tmp.open("w", encoding="utf-8") as f:
+        with atomic_open(text_path, "w") as f:
             for doc in tqdm(src.extract(archive), desc=name, leave=False, disable=not progress):
                 keep, dropped = _unseen_paragraphs(clean_text(doc), seen)
                 n_dups += dropped
@@ -83,7 +80,6 @@ def fetch(
                     text = "\n\n".join(keep)
                     f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
                     n_docs, n_paras, n_chars = n_docs + 1, n_paras + len(keep), n_chars + len(text)
-        os.replace(tmp, text_path)
         manifest["sources"][name] = {
             "package": f"{pkg.registry}:{pkg.name}=={pkg.version}",
             "sha256": pkg.sha256,
@@ -217,8 +213,7 @@ def build(
     # 3. tokenise into temporary files, then rename
     counts: dict[str, dict[str, int]] = {}
     for split, i in (("train", 0), ("val", 1)):
-        tmp = out / f"{split}.bin.tmp"
-        with tmp.open("wb") as f:
+        with atomic_open(out / f"{split}.bin") as f:
             for name in names:
                 n_tok = 0
                 batch = docs[name][i]
@@ -233,7 +228,6 @@ def build(
                         arr.tofile(f)
                         n_tok += arr.size
                 counts.setdefault(name, {})[split] = n_tok
-        os.replace(tmp, out / f"{split}.bin")
     meta = {
         "inputs": inputs,
         "dtype": np.dtype(dtype).name,

@@ -1,0 +1,179 @@
+"""Evaluate a trained run: perplexity, factual QA, knowledge stored in bits, memory usage.
+
+    memlayers eval runs/tiny-memory-plus                     # newest checkpoint of a run
+    memlayers eval runs/tiny-memory-plus/checkpoints/step_000400
+    memlayers eval runs/x --qa my_questions.jsonl --qa more.jsonl   # bring your own QA
+    memlayers eval runs/x --max-qa 200 --max-val-tokens 20000 --device cpu   # quicker
+    memlayers eval runs/x --json                            # print the JSON, not the table
+
+What it measures (results in ``RUN_DIR/eval/results.json``, written atomically, plus
+``RUN_DIR/eval/<qa set>.predictions.jsonl`` and a printed table; an older checkpoint's go
+to ``RUN_DIR/eval/<step_dir>/``):
+
+- ``perplexity``: next-token loss on the run's validation tokens, cut into ``seq_len``
+  sequences like training: nats/token, perplexity, bits/token and **bits per byte**
+  (bytes of the decoded text; each EOS counts as one byte, a document separator).
+- ``qa``: for the held-out QA of a bios / bios_compact / facts run and every ``--qa``
+  file (JSONL, one ``{"question", "answers": [...], "context"?}`` per line): the
+  **answer NLL** (docs/method.md §4: the metric for small models; the lowest over a record's
+  gold answers, per question in nats and per answer token, token-weighted) and **exact
+  match / F1** of greedy answers after open-domain-QA normalisation
+  (:mod:`memlayers.metrics`). bios adds a per-attribute breakdown.
+- ``knowledge`` (bios runs): bits stored = Σ_a max(0, N·log2|V_a| − Σ_i CE_i,a) from the
+  answer NLL of a bio-style probe of every person and attribute, per total,
+  non-embedding and active parameter and per training FLOP (:mod:`memlayers.report`
+  counts; FLOPs = ``train_flops_per_token`` × tokens trained).
+- ``usage``: per memory layer (and over the shared table), the rows read at least once,
+  KL from uniform and Gini of the read weight over the perplexity tokens
+  (:class:`memlayers.usage.MemoryUsage`).
+
+Modules: :mod:`~memlayers.eval.validation` (the validation-loss loop, perplexity,
+usage), :mod:`~memlayers.eval.knowledge` (QA, bits), :mod:`~memlayers.eval.table`
+(printing); :func:`evaluate` here puts them together.
+
+The run directory must hold ``config.yaml`` (the data config) and a checkpoint; the
+tokenizer comes from ``RUN_DIR/tokenizer.json`` (the trainer writes it) or, for older
+runs, from rebuilding the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from memlayers.data.loader import load_dataset
+from memlayers.data.qa import read_qa_jsonl
+from memlayers.eval.knowledge import (
+    BIOS_DATASETS,
+    dataset_qa,
+    greedy_answers,
+    knowledge_stored,
+    qa_eval,
+)
+from memlayers.eval.table import format_results, headline
+from memlayers.eval.validation import (
+    LN2,
+    EvalError,
+    _bytes_of,
+    perplexity,
+    track_memory_usage,
+    usage_report,
+    validation_loss,
+)
+from memlayers.files import write_atomic
+from memlayers.report import parameter_report
+from memlayers.run import TrainedRun, load_run
+
+Run = TrainedRun  # the name of a loaded run here before memlayers.run
+
+__all__ = [
+    "BIOS_DATASETS",
+    "LN2",
+    "EvalError",
+    "Run",
+    "TrainedRun",
+    "_bytes_of",
+    "dataset_qa",
+    "evaluate",
+    "format_results",
+    "greedy_answers",
+    "headline",
+    "knowledge_stored",
+    "load_run",
+    "perplexity",
+    "qa_eval",
+    "track_memory_usage",
+    "usage_report",
+    "validation_loss",
+]
+
+
+def evaluate(
+    run: str | Path | Run,
+    qa: list[str | Path] | tuple = (),
+    device: str = "auto",
+    max_qa: int | None = None,
+    max_val_tokens: int | None = 100_000,
+    max_new_tokens: int = 16,
+    batch_size: int = 64,
+    builtin_qa: bool = True,
+    knowledge: bool = True,
+    progress: bool = True,
+    write: bool = True,
+) -> dict:
+    """Evaluate a run directory or checkpoint (see the module docstring); returns the
+    results dict and, with ``write``, saves it to ``RUN_DIR/eval/results.json`` (an
+    older checkpoint's to ``RUN_DIR/eval/<step_dir>/results.json``).
+
+    ``max_qa`` keeps the first records of each QA set; ``max_val_tokens`` caps the
+    perplexity tokens (None: all)."""
+    t0 = time.perf_counter()
+    qa_files = [Path(q) for q in qa]
+    qa_sets: dict[str, list[dict]] = {}
+    for f in qa_files:  # fail on a bad file before loading anything big
+        if not f.is_file():
+            raise EvalError(f"--qa {f}: no such file")
+        qa_sets[f.stem] = read_qa_jsonl(f)
+    run = run if isinstance(run, Run) else load_run(run, device)
+    model, tok, args = run.model, run.tokenizer, run.args
+    rep = parameter_report(model, seq_len=args.data.seq_len)
+    train_flops = float(rep["train_flops_per_token"]) * run.tokens_trained
+    results: dict[str, Any] = {
+        "run_dir": str(run.run_dir),
+        "checkpoint": str(run.checkpoint),
+        "step": run.step,
+        "tokens_trained": run.tokens_trained,
+        "train_seconds": run.progress.train_seconds,
+        "dataset": args.data.dataset,
+        "preset": args.model.preset,
+        "params": {k: v for k, v in rep.items() if k != "seq_len"},
+        "train_flops": train_flops,
+    }
+    wants = builtin_qa or (knowledge and args.data.dataset in BIOS_DATASETS)
+    builtin = dataset_qa(args) if wants and tok is not None else None
+    bios = builtin[2] if builtin is not None else None
+    if bios is not None:  # the dataset is built already: its validation stream is here
+        val, split = bios.val_tokens, "val"
+    else:
+        data = load_dataset(args.data)
+        split = "val" if len(data.val) > args.data.seq_len else "train-tail"
+        val = data.val if split == "val" else data.train[-(200_000 + 1) :]
+    results["perplexity_split"] = split
+    with track_memory_usage(model) as trackers:
+        results["perplexity"] = perplexity(
+            model, val, args.data.seq_len, args.data.batch_size, tok, max_val_tokens, progress
+        )
+    if trackers:
+        results["usage"] = usage_report(model, trackers)
+
+    if builtin is not None and builtin_qa:
+        qa_sets = {builtin[0]: builtin[1], **qa_sets}
+    if qa_sets and tok is None:
+        raise EvalError(f"dataset {args.data.dataset!r} has no tokenizer: it cannot answer QA")
+    results["qa"] = {}
+    predictions = {}
+    for name, records in qa_sets.items():
+        records = records[:max_qa] if max_qa else records
+        try:
+            summary, preds = qa_eval(model, tok, records, max_new_tokens, batch_size, progress)
+        except KeyError as e:  # a closed vocabulary meets an unknown word
+            raise EvalError(f"QA set {name!r}: {e.args[0]}") from None
+        results["qa"][name] = summary
+        predictions[name] = preds
+
+    if knowledge and bios is not None:
+        results["knowledge"] = knowledge_stored(model, tok, bios, rep, train_flops, batch_size)
+    results["eval_seconds"] = time.perf_counter() - t0
+    if write:
+        out = run.run.eval_dir(run.checkpoint)
+        results["results_path"] = str(out / "results.json")
+        out.mkdir(parents=True, exist_ok=True)
+        for name, preds in predictions.items():
+            write_atomic(
+                out / f"{name}.predictions.jsonl",
+                "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds),
+            )
+        write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    return results
