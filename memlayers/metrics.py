@@ -82,6 +82,18 @@ def _prompt_ids(tokenizer, question: str, context: str | None, prefix_eos: bool)
     return ([tokenizer.eos_id] if prefix_eos else []) + tokenizer.encode(text)
 
 
+def input_device(model_fn: ModelFn, device: torch.device | str | None) -> torch.device:
+    """Where ``model_fn`` takes its token ids: ``device`` when given, else the device of a
+    module's first parameter (a CUDA model gets CUDA ids), else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    if isinstance(model_fn, torch.nn.Module):
+        param = next(model_fn.parameters(), None)
+        if param is not None:
+            return param.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def answer_nll_batch(
     model_fn: ModelFn,
@@ -91,7 +103,7 @@ def answer_nll_batch(
     contexts: Sequence[str | None] | None = None,
     prefix_eos: bool = True,
     batch_size: int = 32,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
 ) -> list[dict[str, float]]:
     """Answer NLL for many (question, answer) pairs; returns one dict per pair with
     ``nll`` (total, nats), ``nll_per_token`` (nats), ``n_tokens`` and ``bits`` (total).
@@ -100,6 +112,7 @@ def answer_nll_batch(
     log-softmax taken in fp32 whatever the model's dtype."""
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
+    device = input_device(model_fn, device)
     contexts = contexts if contexts is not None else [None] * len(questions)
     out: list[dict[str, float]] = []
     for lo in range(0, len(questions), batch_size):
@@ -144,10 +157,10 @@ def answer_nll(
     answer: str,
     context: str | None = None,
     prefix_eos: bool = True,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
 ) -> dict[str, float]:
     """NLL of ``answer`` given ``question`` (see :func:`answer_nll_batch`; ``device``: where
-    ``model_fn`` takes its token ids)."""
+    ``model_fn`` takes its token ids, by default the model's, :func:`input_device`)."""
     return answer_nll_batch(
         model_fn, tokenizer, [question], [answer], [context], prefix_eos, device=device
     )[0]
@@ -158,7 +171,7 @@ def min_answer_nll(
     tokenizer,
     record: Mapping,
     prefix_eos: bool = True,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
 ) -> dict:
     """The lowest-NLL gold answer of a QA record (several answers may be acceptable)."""
     answers = record["answers"]
@@ -182,11 +195,12 @@ def greedy_answer(
     context: str | None = None,
     max_new_tokens: int = 16,
     prefix_eos: bool = True,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
 ) -> str:
     """Greedy continuation of the question up to EOS, a newline or ``max_new_tokens``;
     recomputes the full prefix each step (no KV cache: answers are a few tokens)."""
     ids = _prompt_ids(tokenizer, question, context, prefix_eos)
+    device = input_device(model_fn, device)
     new: list[int] = []
     for _ in range(max_new_tokens):
         logits = model_fn(torch.tensor([ids + new], device=device))  # [1, T, V]

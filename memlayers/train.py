@@ -82,7 +82,14 @@ def init_distributed(device: str) -> Env:
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but CUDA is not available")
         if device == "cuda" or world_size > 1:  # torchrun: one GPU per local rank
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if local >= torch.cuda.device_count():
+                raise ValueError(
+                    f"local rank {local} needs cuda:{local} but this machine has "
+                    f"{torch.cuda.device_count()} GPU(s): start at most that many processes "
+                    "per node (torchrun --nproc-per-node), or train on the CPU with device=cpu"
+                )
+            device = f"cuda:{local}"
         torch.cuda.set_device(torch.device(device))
     if world_size > 1 and not dist.is_initialized():
         if device.startswith("cuda"):

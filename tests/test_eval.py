@@ -94,7 +94,8 @@ def test_perplexity_matches_a_direct_computation(run_dir):
     got = perplexity(run.model, tokens, seq_len=16, batch_size=3, progress=False)
     seqs = torch.from_numpy(tokens[: 12 * 16 + 1]).long()
     x, y = seqs[:-1].view(12, 16), seqs[1:].view(12, 16)
-    want = F.cross_entropy(run.model(x).flatten(0, 1), y.flatten()).item()
+    dev = next(run.model.parameters()).device  # the run's device: CUDA on a GPU machine
+    want = F.cross_entropy(run.model(x.to(dev)).flatten(0, 1).cpu(), y.flatten()).item()
     assert got["tokens"] == 12 * 16
     assert got["loss"] == pytest.approx(want, rel=1e-5)
     assert got["ppl"] == pytest.approx(math.exp(want), rel=1e-5)

@@ -98,10 +98,11 @@ def test_chunk_grad_compiles_whole_and_matches_eager():
     # one graph (fullgraph) and give the eager numbers.
     from memlayers.loss import _chunk_grad
 
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # where the trainer compiles it
     g = torch.Generator().manual_seed(3)
-    logits = torch.randn(6, 40, generator=g).to(torch.bfloat16)
-    t = torch.randint(0, 40, (6,), generator=g)
-    valid = torch.tensor([True, True, False, True, True, True])
+    logits = torch.randn(6, 40, generator=g).to(torch.bfloat16).to(dev)
+    t = torch.randint(0, 40, (6,), generator=g).to(dev)
+    valid = torch.tensor([True, True, False, True, True, True], device=dev)
     compiled = torch.compile(_chunk_grad, dynamic=False, fullgraph=True)
     loss, p = compiled(logits, t, valid, torch.float32)
     ref_loss, ref_p = _chunk_grad(logits, t, valid, torch.float32)

@@ -25,8 +25,14 @@ def _lookups(n_layers, n=50, d=12, b=9, k=5, seed=0, dtype=torch.float64):
     return table, bags
 
 
+# Triton runs on CUDA tensors on a GPU machine (the interpreter takes CPU tensors in CI).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _run(table, bags, impl, merged, use=None):
-    weight = table.clone().requires_grad_()
+    dev = TRITON_DEVICE if impl == "triton" else "cpu"
+    bags = [(i.to(dev), w.to(dev), gy.to(dev)) for i, w, gy in bags]
+    weight = table.to(dev).clone().requires_grad_()
     ws = [w.clone().requires_grad_() for _, w, _ in bags]
     total = 0
     for i, ((idx, _, gy), w) in enumerate(zip(bags, ws, strict=True)):
@@ -37,7 +43,7 @@ def _run(table, bags, impl, merged, use=None):
         if use is None or i in use:
             total = total + (out * gy).sum()
     total.backward()
-    return weight.grad, [w.grad for w in ws]
+    return weight.grad.cpu(), [None if w.grad is None else w.grad.cpu() for w in ws]
 
 
 @pytest.mark.parametrize("impl, dtype", IMPLS)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 
 from memlayers.data.qa import QAFormatError, read_qa_jsonl, write_qa_jsonl
 from memlayers.data.tokenizer import WordTokenizer
@@ -15,6 +16,7 @@ from memlayers.metrics import (
     exact_match,
     f1,
     greedy_answer,
+    input_device,
     knowledge_bits,
     min_answer_nll,
     normalize_answer,
@@ -164,3 +166,11 @@ def test_qa_jsonl_round_trip_and_errors(tmp_path):
     with pytest.raises(QAFormatError, match="record 0"):
         write_qa_jsonl(tmp_path / "w.jsonl", [{"question": "q", "answers": "a"}])
     assert list(tmp_path.glob("w.jsonl*")) == []  # nothing half-written
+
+
+def test_token_ids_go_where_the_model_is():
+    meta = nn.Linear(2, 2, device="meta")
+    assert input_device(meta, None) == torch.device("meta")  # a module: its parameters'
+    assert input_device(meta, "cpu") == torch.device("cpu")  # an explicit device wins
+    assert input_device(lambda ids: ids, None) == torch.device("cpu")  # a plain function
+    assert input_device(nn.Identity(), None) == torch.device("cpu")  # no parameters

@@ -360,6 +360,7 @@ def _torchrun(tmp_path, *overrides, resume_from=None):
         "checkpoint.every=2", "logging.every=1", "logging.progress=false",
         "logging.tensorboard=false", "logging.plot=false", "eval_every=0", "parallel.mp=2",
         "data.dataset=synthetic", "final_eval=false",
+        "device=cpu",  # gloo ranks on the CPU, also on a machine with fewer than 2 GPUs
         *overrides,
     ]  # fmt: skip
     if resume_from:

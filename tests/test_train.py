@@ -398,3 +398,15 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     for a, b in zip(one, two, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_more_local_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    from memlayers.train import init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match=r"local rank 1 needs cuda:1 but this machine has 1 GPU"):
+        init_distributed("auto")
