@@ -1,7 +1,7 @@
 """The ``memlayers`` command, the one front door: every argument parser lives here.
 
     memlayers train                                   # the main job: tiny Memory+ on bios
-    memlayers train [CONFIG.yaml ...] [key=value ...] [--resume] [--print-config]
+    memlayers train [CONFIG.yaml ...] [key=value ...] [--resume | --overwrite] [--print-config]
     memlayers eval runs/tiny-memory-plus [--qa FILE.jsonl]
     memlayers generate runs/tiny-memory-plus --prompt "Which city was ... born in?"
     memlayers compare tiny-dense tiny-memory+
@@ -64,11 +64,17 @@ def _add_train(sub) -> None:
         metavar="CONFIG.yaml | key=value",
         help="YAML config files (merged in order), then dotted overrides, e.g. optim.lr=1e-3",
     )
-    p.add_argument(
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
         "--resume", action="store_true", help="continue from run_dir's latest checkpoint"
     )
-    p.add_argument(
+    how.add_argument(
         "--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory"
+    )
+    how.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run already in run_dir and start afresh (without it: an error)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
@@ -100,7 +106,7 @@ def _train(ns: argparse.Namespace) -> int:
     try:
         if resume is not None:
             checkpoint.resolve_checkpoint(args.run_dir if resume == "latest" else resume)
-        train.train(args, resume=resume)
+        train.train(args, resume=resume, overwrite=ns.overwrite)
         if dist.is_initialized():
             dist.barrier()  # gloo aborts a rank that tears down while another still talks
         if args.final_eval and int(os.environ.get("RANK", "0")) == 0:

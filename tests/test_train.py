@@ -19,6 +19,7 @@ from memlayers.cli import main as cli_main
 from memlayers.config import TrainArgs, load_config
 from memlayers.model import build_model
 from memlayers.optim import OptimArgs, build_optimizer, clip_grad_norm_, lr_multiplier
+from memlayers.run import RunError
 from memlayers.train import NonFiniteLossError, train
 
 # A ~20k-parameter Memory+ model on a small synthetic stream: a step takes milliseconds.
@@ -79,6 +80,26 @@ def test_resume_latest_in_the_same_run_dir(tmp_path):
         3,
         4,
     ]  # records after the checkpoint were rewritten, not doubled
+
+
+def test_a_fresh_run_into_a_finished_one_is_refused_unless_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_args(run, "steps=2"))
+    before = {p: (run / p).read_bytes() for p in ("metrics.jsonl", "config.yaml")}
+    with pytest.raises(RunError, match=rf"{run} already holds a run.*--resume.*--overwrite"):
+        train(tiny_args(run, "steps=3"))
+    assert {p: (run / p).read_bytes() for p in before} == before  # nothing touched
+    assert resolve_checkpoint(run).name == "step_000002"
+    argv = ["train", *TINY, f"run_dir={run}", "steps=3", "final_eval=false"]
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--overwrite" in err and "Traceback" not in err
+    assert cli_main([*argv, "--overwrite"]) == 0  # the old run's files are gone
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000003"]
+    with pytest.raises(SystemExit):  # one way at a time
+        cli_main([*argv, "--overwrite", "--resume"])
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
