@@ -229,6 +229,8 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
             f"tokens, vocab {data.vocab_size}; run_dir {run.root}"
             + (f"; resumed at step {start} from {state['path']}" if resume else "")
         )
+        for why in state["skipped"] if resume else ():
+            log.message(f"skipped a newer checkpoint that fails verification: {why}")
     tokens_per_step = B * T * args.grad_accum * env.world_size
     train_flops = parameter_report(model_cfg, seq_len=T)["train_flops_per_token"]
     flops_per_step = train_flops * tokens_per_step

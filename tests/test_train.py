@@ -102,6 +102,26 @@ def test_a_fresh_run_into_a_finished_one_is_refused_unless_overwrite(tmp_path, c
         cli_main([*argv, "--overwrite", "--resume"])
 
 
+def test_resume_finds_the_newest_verified_checkpoint(tmp_path):
+    """A crash between renaming step_000004 into place and pointing ``latest`` at it
+    leaves ``latest`` stale (or, for a first checkpoint, missing); a corrupted newest
+    checkpoint gives way to the newest one that verifies."""
+    full = train(tiny_args(tmp_path / "a", "steps=4", "checkpoint.every=2"))
+    run = tmp_path / "b"
+    train(tiny_args(run, "steps=4", "checkpoint.every=2"))
+    ck = run / "checkpoints"
+    (ck / "latest").write_text("step_000002\n")
+    assert resolve_checkpoint(run).name == "step_000004"
+    (ck / "latest").unlink()
+    assert resolve_checkpoint(run).name == "step_000004"
+    weights = ck / "step_000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    (ck / ".tmp-step_000006-999").mkdir()  # a crashed save's leftovers
+    resumed = train(tiny_args(run, "steps=4", "checkpoint.every=2"), resume="latest")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full[2:]]  # from step 2
+    assert not list(ck.glob(".tmp-*"))  # swept by the next save
+
+
 # ---- checkpoints ---------------------------------------------------------------------------
 
 
@@ -155,6 +175,7 @@ def test_keep_prunes_old_checkpoints(tmp_path):
         ("delete", "missing"),
         ("meta", "meta.json"),
         ("latest", "points to"),
+        ("latest-elsewhere", "not followed"),
         ("nothing", "no checkpoint"),
     ],
 )
@@ -173,7 +194,10 @@ def test_corrupted_or_missing_checkpoint_is_a_clear_error(tmp_path, damage, mess
     elif damage == "meta":
         (path / "meta.json").write_text("{not json")
     elif damage == "latest":
+        shutil.rmtree(path)
         (tmp_path / "ck" / "latest").write_text("step_000009\n")
+    elif damage == "latest-elsewhere":  # a copied run whose pointer leads back to the old one
+        (tmp_path / "ck" / "latest").write_text(f"{path}\n")
     target = tmp_path / ("empty" if damage == "nothing" else "ck")
     target.mkdir(exist_ok=True)
     with pytest.raises(CheckpointError, match=message):
