@@ -320,6 +320,24 @@ def test_bad_config_is_a_value_error_naming_the_key(override, message):
         load_config([], [override])
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("steps: 4\nmodel: {preset: tiny-dense\n", "not valid YAML"),
+        ("- steps: 4\n", "a config's top level must map keys"),
+    ],
+    ids=["malformed", "list"],
+)
+def test_bad_yaml_is_one_error_line_naming_the_file(tmp_path, capsys, text, message):
+    yaml = tmp_path / "exp.yaml"
+    yaml.write_text(text)
+    with pytest.raises(ValueError, match=rf"{yaml}: {message}"):
+        load_config([yaml])
+    assert cli_main(["train", str(yaml)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {yaml}: ") and err.count("\n") == 1
+
+
 def test_cli_run_writes_the_documented_run_directory(tmp_path, capsys):
     run = tmp_path / "cli"
     overrides = [o for o in TINY if not o.startswith(("logging.", "eval_every"))]
