@@ -3,6 +3,7 @@ run-directory layout, the optimizer groups and schedule."""
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -158,6 +159,32 @@ def test_consolidate_from_the_command_line(tmp_path, capsys):
     assert load_checkpoint(tmp_path / "dst", model)["note"] == "hi"  # trainer state kept
     assert cli_main(["consolidate", str(tmp_path / "nothing"), str(tmp_path / "d2")]) == 1
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_filesystem_errors_are_one_error_line(tmp_path, capsys):
+    model, opt, cfg = _model_and_opt()
+    save_checkpoint(tmp_path / "src", 3, model, opt, None, cfg.to_dict())
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory\n")
+    train_into_file = ["train", *TINY, f"run_dir={a_file}", "steps=1", "final_eval=false"]
+    for argv in (train_into_file, ["consolidate", str(tmp_path / "src"), str(a_file)]):
+        assert cli_main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(a_file) in err and err.count("\n") == 1
+    with pytest.raises(OSError):  # --debug shows the traceback
+        cli_main(["--debug", *train_into_file])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_run_dir_is_one_error_line(tmp_path, capsys):
+    run = tmp_path / "ro"
+    run.mkdir()
+    run.chmod(0o500)
+    try:
+        assert cli_main(["train", *TINY, f"run_dir={run}", "steps=1", "final_eval=false"]) == 1
+    finally:
+        run.chmod(0o700)
+    assert capsys.readouterr().err.startswith("error: Permission denied")
 
 
 def test_keep_prunes_old_checkpoints(tmp_path):
