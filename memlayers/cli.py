@@ -167,8 +167,18 @@ def _add_eval(sub) -> None:
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--max-qa", type=int, default=None, help="first N records of each set")
-    p.add_argument("--max-val-tokens", type=int, default=100_000, help="perplexity tokens (0: all)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="greedy answer length")
+    p.add_argument(
+        "--max-val-tokens",
+        type=int,
+        default=evaluation.MAX_VAL_TOKENS,
+        help="perplexity tokens (0: all)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=evaluation.MAX_NEW_TOKENS,
+        help="greedy answer length",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument(
         "--no-builtin-qa", action="store_true", help="skip the dataset's own held-out QA"

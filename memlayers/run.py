@@ -10,6 +10,7 @@
                                      meta.json (manifest, model config, progress)
       checkpoints/latest      name of the newest complete checkpoint
       eval/results.json       `memlayers eval` of the newest checkpoint
+      eval/results-<what>.json   a partial or different one (memlayers/eval/__init__.py)
       eval/<step_dir>/        of an older one
 
 :class:`Run` names those files, finds the checkpoint a path means, verifies it once and
