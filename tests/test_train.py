@@ -103,6 +103,20 @@ def test_a_fresh_run_into_a_finished_one_is_refused_unless_overwrite(tmp_path, c
         cli_main([*argv, "--overwrite", "--resume"])
 
 
+def test_resume_drops_a_partial_last_metrics_line(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_args(run, "steps=4", "checkpoint.every=2"))
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines) + '\n{"step": 5, "lo')  # a crash mid-write
+    train(tiny_args(run, "steps=6", "checkpoint.every=2"), resume="latest")
+    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    metrics.write_text("\n".join(["{oops", *lines]) + "\n")  # damage is not a crash
+    with pytest.raises(ValueError, match=rf"{metrics}:1: not a JSON record"):
+        train(tiny_args(run, "steps=8", "checkpoint.every=2"), resume="latest")
+
+
 def test_resume_finds_the_newest_verified_checkpoint(tmp_path):
     """A crash between renaming step_000004 into place and pointing ``latest`` at it
     leaves ``latest`` stale (or, for a first checkpoint, missing); a corrupted newest
