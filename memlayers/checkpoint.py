@@ -28,7 +28,12 @@ memory-parallel degree (2 → 1, 1 → 4, 4 → 2), or into one process for eval
 
 A save writes everything into a hidden ``.tmp-*`` directory, then ``os.replace`` renames
 it into place and ``latest`` is replaced the same way, so a crash at any point leaves the
-previous checkpoint and pointer intact. A load checks the manifest (missing files, sizes,
+previous checkpoint and pointer intact. A crash between the rename and the new ``latest``
+leaves a complete step directory that ``latest`` does not name yet: the newest checkpoint
+of a run is therefore the newest complete step directory (``latest`` must name one of
+this directory's steps: a path into another run is an error), and a resume takes the
+newest one whose manifest verifies. The next save sweeps the ``.tmp-step_*`` directories
+of crashed writes. A load checks the manifest (missing files, sizes,
 checksums) before reading anything and raises :class:`CheckpointError` naming the path.
 """
 
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +83,22 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+_STEP_NAME = re.compile(r"step_(\d+)")
+
+
 def _step_of(path: Path) -> int:
     return int(path.name.split("_", 1)[1])
+
+
+def _sweep(root: Path) -> None:
+    """Remove what crashed saves left: ``.tmp-step_*`` directories, and ``.old-<step>-*``
+    copies whose step directory is complete again (:func:`_finalize`)."""
+    for p in root.glob(".tmp-step_*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".old-step_*"):
+        if (root / p.name[len(".old-") :].rsplit("-", 1)[0] / "meta.json").is_file():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _new_tmp(root: Path, name: str) -> Path:
@@ -151,6 +171,7 @@ def save_checkpoint(
     """Write ``root/step_XXXXXX`` atomically, point ``root/latest`` at it, prune old ones."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    _sweep(root)
     tmp = _new_tmp(root, f"{step_dir_name(step)}-{os.getpid()}")
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
@@ -209,6 +230,7 @@ def save_distributed_checkpoint(
     tmp = root / f".tmp-{step_dir_name(step)}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
+        _sweep(root)
         _new_tmp(root, tmp.name[len(".tmp-") :])
     _barrier()
     state, _ = _dcp_state(model, optimizer, plan)
@@ -242,31 +264,75 @@ def _load_dcp(path: Path, model: nn.Module, optimizer=None, plan=None) -> None:
         optimizer.load_distributed_state_dict(state)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a step directory, a ``checkpoints/`` directory (its
-    ``latest``) or a run directory (its ``checkpoints/latest``)."""
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """The complete checkpoints (with ``meta.json``) of a ``checkpoints/`` directory,
+    newest first; unverified. ``latest`` only has to be valid: the newest complete step
+    wins over a stale one (see the module docstring)."""
+    root = Path(root)
+    latest = root / "latest"
+    if latest.is_file():
+        name = latest.read_text().strip()
+        if not _STEP_NAME.fullmatch(name):
+            raise CheckpointError(
+                f"{latest} names {name!r}, not a step_XXXXXX directory of {root}: a "
+                f"pointer out of this run is not followed (to start from another run's "
+                f"checkpoint, pass it as --resume-from)"
+            )
+    found = {}
+    for p in root.glob("step_*"):
+        if _STEP_NAME.fullmatch(p.name) and (p / "meta.json").is_file():
+            found[p.name] = p
+    # A re-save of the same step swaps directories: between its two renames the previous
+    # copy sits at .old-<name>-<pid>, complete.
+    for p in sorted(root.glob(".old-step_*-*")):
+        name = p.name[len(".old-") :].rsplit("-", 1)[0]
+        if name not in found and _STEP_NAME.fullmatch(name) and (p / "meta.json").is_file():
+            found[name] = p
+    return [found[n] for n in sorted(found, key=lambda n: int(n.split("_", 1)[1]), reverse=True)]
+
+
+def _checkpoints_of(path: str | Path) -> tuple[Path, list[Path]]:
+    """``path`` itself when it is a step directory, else the complete checkpoints of a
+    ``checkpoints/`` directory or of a run directory's, newest first."""
     p = Path(path)
     if (p / "meta.json").is_file():
-        return p
+        return p, [p]
     for root in (p, p / "checkpoints"):
         latest = root / "latest"
-        if latest.is_file():
-            name = latest.read_text().strip()
-            # A re-save of the same step swaps directories: between its two renames the
-            # previous copy sits at .old-<name>-<pid>, complete.
-            aside = sorted(root.glob(f".old-{name}-*"))
-            if not (root / name / "meta.json").is_file() and aside:
-                return aside[-1]
-            if not (root / name / "meta.json").is_file():
+        if latest.is_file() or any(root.glob("step_*")):
+            found = complete_checkpoints(root)
+            if found:
+                return root, found
+            if latest.is_file():
+                name = latest.read_text().strip()
                 raise CheckpointError(
-                    f"{latest} points to {name!r}, which is missing or "
-                    f"incomplete (no meta.json in {root / name})"
+                    f"{latest} points to {name!r}, which is missing or incomplete (no "
+                    f"meta.json in {root / name}), and no other step directory is complete"
                 )
-            return root / name
     raise CheckpointError(
         f"no checkpoint at {p}: expected a step_XXXXXX directory with meta.json, a "
         f"checkpoints/ directory with a 'latest' file, or a run directory holding one"
     )
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a step directory, a ``checkpoints/`` directory or a run
+    directory (their newest complete checkpoint, normally what ``latest`` names)."""
+    return _checkpoints_of(path)[1][0]
+
+
+def newest_verified(path: str | Path) -> tuple[Path, dict, list[str]]:
+    """``(checkpoint, meta, skipped)``: the checkpoint ``path`` names (a step directory:
+    itself) or else the newest one whose manifest verifies, with why each newer one was
+    skipped. Raises the newest one's :class:`CheckpointError` when none verifies."""
+    _, found = _checkpoints_of(path)
+    errors = []
+    for ckpt in found:
+        try:
+            return ckpt, verify_checkpoint(ckpt), [str(e) for e in errors]
+        except CheckpointError as e:
+            errors.append(e)
+    raise errors[0]
 
 
 def verify_checkpoint(path: str | Path) -> dict:
@@ -304,12 +370,16 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, plan=Non
     """Load weights (and optimizer state) in place; returns the trainer state + ``meta``.
 
     ``path`` is anything :func:`resolve_checkpoint` accepts; the files are verified once,
-    before anything is read. A DCP checkpoint loads into any layout (``plan`` from
+    before anything is read, and a run's newest checkpoint that fails verification gives
+    way to the newest one that passes (:func:`newest_verified`; ``state["skipped"]`` says
+    why). A DCP checkpoint loads into any layout (``plan`` from
     :func:`memlayers.parallel.parallelize`, or none); a single-file one into an unsharded
     model.
     """
-    path = resolve_checkpoint(path)
-    return _load_verified(path, verify_checkpoint(path), model, optimizer, plan)
+    path, meta, skipped = newest_verified(path)
+    state = _load_verified(path, meta, model, optimizer, plan)
+    state["skipped"] = skipped
+    return state
 
 
 def _load_verified(path: Path, meta: dict, model: nn.Module, optimizer=None, plan=None) -> dict:

@@ -1,13 +1,14 @@
 """The ``memlayers`` command, the one front door: every argument parser lives here.
 
     memlayers train                                   # the main job: tiny Memory+ on bios
-    memlayers train [CONFIG.yaml ...] [key=value ...] [--resume] [--print-config]
+    memlayers train [CONFIG.yaml ...] [key=value ...] [--resume | --overwrite] [--print-config]
     memlayers eval runs/tiny-memory-plus [--qa FILE.jsonl]
     memlayers generate runs/tiny-memory-plus --prompt "Which city was ... born in?"
     memlayers compare tiny-dense tiny-memory+
     memlayers consolidate runs/big runs/big-single
     memlayers data {list,fetch,build}
     memlayers COMMAND --help
+    memlayers --debug COMMAND ...                     # an error's traceback, not one line
     python -m memlayers ...                           # the same (and torchrun -m memlayers)
 
 One ``_add_<command>`` function per subcommand declares its arguments and a handler that
@@ -32,11 +33,20 @@ import torch.distributed as dist
 from memlayers import checkpoint, compare, config, generate, train
 from memlayers import eval as evaluation
 from memlayers.data import corpus
-from memlayers.data.qa import QAFormatError
+
+# What a user's input can cause (a bad config or path, a missing or corrupted checkpoint, a
+# diverged run, a failed download): one `error:` line and a non-zero exit, no traceback;
+# `memlayers --debug ...` re-raises to show it.
+USER_ERRORS = (
+    ValueError, OSError, checkpoint.CheckpointError, train.NonFiniteLossError, corpus.FetchError
+)  # fmt: skip
 
 
 def _error(e: Exception, rc: int = 1) -> int:
-    print(f"error: {e}", file=sys.stderr)
+    msg = str(e)
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:  # not "[Errno 17] ..."
+        msg = f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    print(f"error: {msg}", file=sys.stderr)
     return rc
 
 
@@ -64,11 +74,17 @@ def _add_train(sub) -> None:
         metavar="CONFIG.yaml | key=value",
         help="YAML config files (merged in order), then dotted overrides, e.g. optim.lr=1e-3",
     )
-    p.add_argument(
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
         "--resume", action="store_true", help="continue from run_dir's latest checkpoint"
     )
-    p.add_argument(
+    how.add_argument(
         "--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory"
+    )
+    how.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run already in run_dir and start afresh (without it: an error)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
@@ -92,6 +108,8 @@ def _train(ns: argparse.Namespace) -> int:
     try:
         args = config.load_config(yamls, overrides)
     except ValueError as e:
+        if ns.debug:
+            raise
         return _error(e, 2)
     if ns.print_config:
         print(config.to_yaml(args), end="")
@@ -100,13 +118,11 @@ def _train(ns: argparse.Namespace) -> int:
     try:
         if resume is not None:
             checkpoint.resolve_checkpoint(args.run_dir if resume == "latest" else resume)
-        train.train(args, resume=resume)
+        train.train(args, resume=resume, overwrite=ns.overwrite)
         if dist.is_initialized():
             dist.barrier()  # gloo aborts a rank that tears down while another still talks
         if args.final_eval and int(os.environ.get("RANK", "0")) == 0:
             _final_evaluation(args)
-    except (train.NonFiniteLossError, checkpoint.CheckpointError, ValueError) as e:
-        return _error(e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -129,10 +145,7 @@ def _add_consolidate(sub) -> None:
 
 
 def _consolidate(ns: argparse.Namespace) -> int:
-    try:
-        path = checkpoint.consolidate(ns.checkpoint, ns.out)
-    except checkpoint.CheckpointError as e:
-        return _error(e)
+    path = checkpoint.consolidate(ns.checkpoint, ns.out)
     print(f"wrote {path}")
     return 0
 
@@ -154,8 +167,18 @@ def _add_eval(sub) -> None:
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--max-qa", type=int, default=None, help="first N records of each set")
-    p.add_argument("--max-val-tokens", type=int, default=100_000, help="perplexity tokens (0: all)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="greedy answer length")
+    p.add_argument(
+        "--max-val-tokens",
+        type=int,
+        default=evaluation.MAX_VAL_TOKENS,
+        help="perplexity tokens (0: all)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=evaluation.MAX_NEW_TOKENS,
+        help="greedy answer length",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument(
         "--no-builtin-qa", action="store_true", help="skip the dataset's own held-out QA"
@@ -164,20 +187,17 @@ def _add_eval(sub) -> None:
 
 
 def _eval(ns: argparse.Namespace) -> int:
-    try:
-        r = evaluation.evaluate(
-            ns.run,
-            qa=ns.qa,
-            device=ns.device,
-            max_qa=ns.max_qa,
-            max_val_tokens=ns.max_val_tokens or None,
-            max_new_tokens=ns.max_new_tokens,
-            batch_size=ns.batch_size,
-            builtin_qa=not ns.no_builtin_qa,
-            progress=sys.stderr.isatty(),
-        )
-    except (evaluation.EvalError, QAFormatError, checkpoint.CheckpointError, ValueError) as e:
-        return _error(e)
+    r = evaluation.evaluate(
+        ns.run,
+        qa=ns.qa,
+        device=ns.device,
+        max_qa=ns.max_qa,
+        max_val_tokens=ns.max_val_tokens or None,
+        max_new_tokens=ns.max_new_tokens,
+        batch_size=ns.batch_size,
+        builtin_qa=not ns.no_builtin_qa,
+        progress=sys.stderr.isatty(),
+    )
     print(json.dumps(r, indent=2) if ns.json else evaluation.format_results(r))
     if not ns.json:
         print(f"wrote {r['results_path']}")
@@ -200,13 +220,9 @@ def _add_generate(sub) -> None:
 
 
 def _generate(ns: argparse.Namespace) -> int:
-    try:
-        texts = generate.generate(
-            ns.run, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p, ns.n, ns.seed,
-            ns.device,
-        )  # fmt: skip
-    except (evaluation.EvalError, checkpoint.CheckpointError, ValueError) as e:
-        return _error(e)
+    texts = generate.generate(
+        ns.run, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p, ns.n, ns.seed, ns.device
+    )
     for t in texts:
         print(ns.prompt + t)
     return 0
@@ -251,12 +267,9 @@ def _compare(ns: argparse.Namespace) -> int:
         + (["--out", ns.out] if ns.out != "runs/compare" else [])
         + (["--reuse"] if ns.reuse else [])
     )
-    try:
-        for v in variants:
-            compare.parse_variant(v)
-        compare.compare(variants, yamls, overrides, ns.out, ns.reuse, command)
-    except ValueError as e:
-        return _error(e)
+    for v in variants:
+        compare.parse_variant(v)
+    compare.compare(variants, yamls, overrides, ns.out, ns.reuse, command)
     return 0
 
 
@@ -285,20 +298,17 @@ def _data(ns: argparse.Namespace) -> int:
         for line in corpus.describe_sources(ns.cache):
             print(line)
         return 0
-    try:
-        if ns.data_cmd == "fetch":
-            m = corpus.fetch(ns.sources, ns.cache)
-            for name in corpus.parse_sources(ns.sources):
-                e = m["sources"][name]
-                print(f"{name}: {e['documents']} documents, {e['chars'] / 1e6:.1f}M chars")
-        else:
-            shards = corpus.build(ns.sources, ns.tokenizer, ns.cache, ns.val_frac)
-            print(
-                f"{shards.path}: {shards.meta['n_train']:,} train / "
-                f"{shards.meta['n_val']:,} val tokens, vocab {shards.meta['vocab_size']}"
-            )
-    except corpus.FetchError as e:
-        return _error(e)
+    if ns.data_cmd == "fetch":
+        m = corpus.fetch(ns.sources, ns.cache)
+        for name in corpus.parse_sources(ns.sources):
+            e = m["sources"][name]
+            print(f"{name}: {e['documents']} documents, {e['chars'] / 1e6:.1f}M chars")
+    else:
+        shards = corpus.build(ns.sources, ns.tokenizer, ns.cache, ns.val_frac)
+        print(
+            f"{shards.path}: {shards.meta['n_train']:,} train / "
+            f"{shards.meta['n_val']:,} val tokens, vocab {shards.meta['vocab_size']}"
+        )
     return 0
 
 
@@ -310,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="memlayers",
         description="Memory-layer language models: train, eval, generate, compare, data.",
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (before COMMAND)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_train, _add_consolidate, _add_eval, _add_generate, _add_compare, _add_data):
         add(sub)
@@ -318,4 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    return ns.func(ns)
+    try:
+        return ns.func(ns)
+    except USER_ERRORS as e:
+        if ns.debug:
+            raise
+        return _error(e)

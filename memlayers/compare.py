@@ -9,7 +9,8 @@
 Positional items: ``PRESET[:key=value[:key=value…]]`` is a variant (a model preset and
 overrides for it alone: model or optimizer keys, never data, steps, batch or seed, so
 every variant sees the same tokens); ``*.yaml`` files and ``key=value`` overrides apply to
-every variant. Each variant trains into ``OUT/<variant>/`` (a normal run directory) and is
+every variant. Each variant trains into ``OUT/<variant>/`` (a normal run directory; a run
+already there is replaced, unless ``--reuse`` finds it finished with the same config) and is
 evaluated with :func:`memlayers.eval.evaluate`. Written into ``OUT`` (default
 ``runs/compare``)::
 
@@ -224,7 +225,7 @@ def compare(
             print(f"== {label}: reusing {args.run_dir}")
         else:
             print(f"== {label}: training into {args.run_dir}")
-            train(args)
+            train(args, overwrite=True)  # out/<variant> is compare's own: retrain over it
             results = evaluate(args.run_dir, device=args.device, progress=args.logging.progress)
         print(format_results(results))
         rows.append(summary_row(label, results))

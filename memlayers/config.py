@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -96,15 +97,32 @@ def upgrade(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
+def _read_yaml(path) -> DictConfig:
+    """One config file, or a ValueError naming it (missing, not YAML, not a mapping)."""
+    if not Path(path).is_file():
+        raise ValueError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {_one_line(e)}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(
+            f"{path}: a config's top level must map keys to values (steps: 100), "
+            f"not a {type(cfg).__name__.removesuffix('Config').lower()}"
+        )
+    return cfg
+
+
 def load_config(yaml_paths=(), overrides=()) -> TrainArgs:
     """``TrainArgs`` from YAML files (merged in order) and ``key=value`` overrides."""
     try:
         base = OmegaConf.structured(TrainArgs)
         layers = []
-        for p in yaml_paths:
-            if not Path(p).is_file():
-                raise ValueError(f"config file not found: {p}")
-            layers.append(upgrade(OmegaConf.load(p)))
+        layers = [upgrade(_read_yaml(p)) for p in yaml_paths]
         for o in overrides:
             if o.split("=", 1)[0] == "model.memory.value_lr":
                 raise ValueError(
@@ -122,8 +140,7 @@ def load_config(yaml_paths=(), overrides=()) -> TrainArgs:
         args = OmegaConf.to_object(OmegaConf.merge(base, *layers))
     except OmegaConfBaseException as e:
         # e.g. "Key 'lrr' not in 'OptimArgs'\n    full_key: optim.lrr" -> one line.
-        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        raise ValueError(f"bad config: {msg}") from None
+        raise ValueError(f"bad config: {_one_line(e)}") from None
     args.validate()
     return args
 

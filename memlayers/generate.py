@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from memlayers.eval import EvalError
+from memlayers.model import check_sampling
 from memlayers.run import load_run
 
 
@@ -27,6 +28,9 @@ def generate(
     device: str = "auto",
 ) -> list[str]:
     """``n`` continuations of ``prompt`` (text after the prompt, up to EOS)."""
+    check_sampling(max_new_tokens, temperature, top_p)  # before loading anything
+    if n < 1:
+        raise ValueError(f"n (the number of samples) must be >= 1, got {n}")
     run = load_run(run_dir, device)
     tok, model = run.tokenizer, run.model
     if tok is None:

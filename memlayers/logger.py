@@ -14,6 +14,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from memlayers.files import write_atomic
+
 
 @dataclass
 class LoggingArgs:
@@ -54,15 +56,23 @@ class RunLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
-        """Keep only records up to ``step`` (a resumed run rewrites what follows)."""
+        """Keep only records up to ``step`` (a resumed run rewrites what follows). A
+        partial last line (a crash mid-write) is dropped; a bad line before it is an error
+        naming the file and line."""
         if not self.metrics_path.exists():
             return
-        keep = [
-            line
-            for line in self.metrics_path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        keep = []
+        for i, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if i == len(lines):
+                    break
+                raise ValueError(f"{self.metrics_path}:{i}: not a JSON record ({e})") from None
+            if record.get("step", 0) <= step:
+                keep.append(line)
+        write_atomic(self.metrics_path, "".join(line + "\n" for line in keep))
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -266,6 +266,8 @@ class ProductKeyMemory(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected input [..., dim={self.dim}], got {tuple(x.shape)}")
+        if x.numel() == 0:  # no tokens: the router's reshapes to [N, -1] need N > 0
+            return x.new_zeros(x.shape)
         cfg = self.config
         indices, weights = self.lookup(x)  # [N, H*k]
         if self.usage is not None:

@@ -382,10 +382,18 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} positions exceeds max_seq_len={self.config.max_seq_len}"
             )
+        # The id check reads two numbers back to the host. Training on CUDA skips it: a
+        # sync per micro-batch would stall the step's queued kernels, and the trainer's ids
+        # come from the dataset whose tokenizer set vocab_size (a bad one still stops the
+        # run, through the embedding's device-side assert).
+        if tokens.numel() and not (self.training and tokens.is_cuda):
+            check_token_ids(tokens, self.config.vocab_size)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         cos = self.rope_cos[start : start + T]  # (T, hd/2)
         sin = self.rope_sin[start : start + T]
-        for layer in self.layers:
+        # No tokens: empty logits (or a zero loss) without the blocks, whose routing
+        # (top-k, reshapes to [N, -1]) has nothing to work on.
+        for layer in self.layers if tokens.numel() else ():
             h = layer(h, cos, sin, cache)
         h = self.norm(h)
         if cache is not None:
@@ -415,6 +423,7 @@ class Transformer(nn.Module):
         """
         if prompt.dim() != 2 or prompt.shape[1] == 0:
             raise ValueError(f"prompt must be (B, T0) with T0 >= 1, got {tuple(prompt.shape)}")
+        check_sampling(max_new_tokens, temperature, top_p)
         total = prompt.shape[1] + max_new_tokens
         if total > self.config.max_seq_len:
             raise ValueError(
@@ -441,6 +450,28 @@ class Transformer(nn.Module):
         return tokens
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """``max_new_tokens >= 0``, ``temperature`` finite and >= 0 (0: greedy), ``0 < top_p <=
+    1``; a ValueError naming the value otherwise. Each test is written to fail on NaN."""
+    if not max_new_tokens >= 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be finite and >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
+    """Every id in ``[0, vocab_size)``, or a ValueError naming an offending id (instead of
+    the embedding's "index out of range in self", or a device-side assert on CUDA)."""
+    lo, hi = torch.stack(torch.aminmax(tokens)).tolist()  # one host sync
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(
+            f"token id {lo if lo < 0 else hi} is outside the vocabulary: ids must be in "
+            f"[0, {vocab_size}) (vocab_size={vocab_size})"
+        )
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -448,11 +479,7 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """One token per row of ``logits (B, V)``: greedy, or sampled from the top-p nucleus."""
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(
-            f"need temperature >= 0 and 0 < top_p <= 1, got temperature="
-            f"{temperature}, top_p={top_p}"
-        )
+    check_sampling(0, temperature, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = (logits.float() / temperature).softmax(dim=-1)  # (B, V)

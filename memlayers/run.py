@@ -10,6 +10,7 @@
                                      meta.json (manifest, model config, progress)
       checkpoints/latest      name of the newest complete checkpoint
       eval/results.json       `memlayers eval` of the newest checkpoint
+      eval/results-<what>.json   a partial or different one (memlayers/eval/__init__.py)
       eval/<step_dir>/        of an older one
 
 :class:`Run` names those files, finds the checkpoint a path means, verifies it once and
@@ -20,6 +21,7 @@ ready to evaluate or sample.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -54,8 +56,37 @@ class Run:
         self.root = Path(root)
         self.config_path = self.root / "config.yaml"
         self.tokenizer_path = self.root / "tokenizer.json"
+        self.metrics_path = self.root / "metrics.jsonl"
         self.checkpoints = self.root / "checkpoints"
         self.eval_root = self.root / "eval"
+        # everything a run writes here, removed by start_fresh(overwrite=True)
+        self.files = (
+            self.config_path, self.tokenizer_path, self.metrics_path, self.checkpoints,
+            self.eval_root, self.root / "tb", self.root / "loss.png",
+        )  # fmt: skip
+
+    def start_fresh(self, overwrite: bool = False, clear: bool = True) -> None:
+        """Make way for a new run (not a resume). A directory that already holds a run
+        (config.yaml, metrics.jsonl or checkpoints) is refused: a fresh start would
+        truncate its metrics, replace its config and overwrite its checkpoints. With
+        ``overwrite`` that run's files are deleted instead (when ``clear``: the logging
+        rank does it, the others only check); files the trainer did not write stay."""
+        found = [p.name for p in (self.config_path, self.metrics_path) if p.is_file()]
+        if self.checkpoints.is_dir() and any(self.checkpoints.iterdir()):
+            found.append("checkpoints/")
+        if not found:
+            return
+        if not overwrite:
+            raise RunError(
+                f"{self.root} already holds a run ({', '.join(found)}): pass --resume to "
+                f"continue it, another run_dir=... for a new run, or --overwrite to replace "
+                f"it (library: train(args, resume='latest') or train(args, overwrite=True))"
+            )
+        for p in self.files if clear else ():
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
 
     @classmethod
     def of(cls, path: str | Path) -> Run:

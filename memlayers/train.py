@@ -8,6 +8,7 @@
     memlayers train model.preset=tiny-memory+ data.dataset=text data.path=README.md \\
         run_dir=runs/readme                           # byte-level model of any text file
     memlayers train configs/tiny_memory_plus.yaml --resume          # from run_dir's latest
+    memlayers train configs/tiny_memory_plus.yaml --overwrite       # replace the run there
     memlayers train configs/tiny_memory_plus.yaml --resume-from runs/x/checkpoints/step_000100
     memlayers train configs/tiny_memory_plus.yaml --print-config    # resolved config, no run
     python -m memlayers train configs/373m_memory_plus.yaml          # one GPU, bf16 autocast
@@ -160,16 +161,24 @@ def _restore_rng(states: list[dict], env: Env) -> None:
         torch.cuda.set_rng_state(mine["cuda"], env.device)
 
 
-def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
+def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -> list[dict]:
     """Run (or resume) training; returns the per-step records of this process.
 
     ``args`` as :func:`memlayers.config.load_config` returns them (it validates them: the
     one place). ``resume``: ``"latest"`` for ``run_dir``'s newest checkpoint, or any path
-    :func:`memlayers.checkpoint.resolve_checkpoint` accepts.
+    :func:`memlayers.checkpoint.resolve_checkpoint` accepts. Without it, a ``run_dir``
+    that already holds a run is an error unless ``overwrite`` (which deletes that run's
+    files first): :meth:`memlayers.run.Run.start_fresh`.
     """
     t_start = time.perf_counter()  # the run's training seconds count from here
     env = init_distributed(args.device)
     run = Run(args.run_dir)
+    if resume is None:
+        # Every rank checks (the same answer, so no rank waits on one that raised); the
+        # barrier keeps rank 0's first writes after every rank's check.
+        run.start_fresh(overwrite, clear=env.is_main)
+        if env.world_size > 1:
+            dist.barrier()
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and env.device.type == "cuda")
     autocast = (
         torch.autocast(env.device.type, dtype=torch.bfloat16)
@@ -220,6 +229,8 @@ def train(args: TrainArgs, resume: str | None = None) -> list[dict]:
             f"tokens, vocab {data.vocab_size}; run_dir {run.root}"
             + (f"; resumed at step {start} from {state['path']}" if resume else "")
         )
+        for why in state["skipped"] if resume else ():
+            log.message(f"skipped a newer checkpoint that fails verification: {why}")
     tokens_per_step = B * T * args.grad_accum * env.world_size
     train_flops = parameter_report(model_cfg, seq_len=T)["train_flops_per_token"]
     flops_per_step = train_flops * tokens_per_step

@@ -64,5 +64,12 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     assert (out / "compare.png").stat().st_size > 0
     assert (out / "tiny-dense" / "eval" / "results.json").is_file()
 
+    # --reuse keeps both finished runs; without it a variant retrains over its old run
+    capsys.readouterr()
+    assert cli_main(["compare", *variants, *shared, "--out", str(out), "--reuse"]) == 0
+    assert capsys.readouterr().out.count(": reusing ") == 2
+    assert cli_main(["compare", "tiny-dense", *shared, "--out", str(out)]) == 0
+    assert "tiny-dense: training into" in capsys.readouterr().out
+
     assert cli_main(["compare", "tiny-dense:steps=3"]) == 1  # would change the budget
     assert "same for every variant" in capsys.readouterr().err

@@ -66,8 +66,26 @@ def test_results_file_and_sections(run_dir, results):
 def test_an_older_checkpoint_keeps_the_runs_results(run_dir, results):
     older = evaluate(run_dir / "checkpoints" / "step_000004", max_qa=6, progress=False)
     assert older["step"] == 4
-    assert older["results_path"] == str(run_dir / "eval" / "step_000004" / "results.json")
+    assert older["results_path"] == str(run_dir / "eval" / "step_000004" / "results-max-qa-6.json")
     assert json.loads((run_dir / "eval" / "results.json").read_text())["step"] == 8
+
+
+def test_a_partial_evaluation_keeps_the_runs_results(run_dir, results, tmp_path, capsys):
+    main = (run_dir / "eval" / "results.json").read_bytes()
+    preds = (run_dir / "eval" / "bios-heldout.predictions.jsonl").read_bytes()
+    qa = tmp_path / "my qa.jsonl"
+    qa.write_text(json.dumps({"question": "What did study?", "answers": ["Law"]}) + "\n")
+    argv = ["eval", str(run_dir), "--qa", str(qa), "--no-builtin-qa", "--max-val-tokens", "64"]
+    assert cli_main(argv) == 0
+    what = "qa-my-qa_no-builtin-qa_val-tokens-64"
+    assert f"eval/results-{what}.json" in capsys.readouterr().out
+    partial = json.loads((run_dir / "eval" / f"results-{what}.json").read_text())
+    assert set(partial["qa"]) == {"my qa"}
+    assert (run_dir / "eval" / f"my qa.predictions-{what}.jsonl").is_file()
+    evaluate(run_dir, max_qa=3, knowledge=False, progress=False)
+    assert (run_dir / "eval" / "results-no-knowledge_max-qa-3.json").is_file()
+    assert (run_dir / "eval" / "results.json").read_bytes() == main  # the run's own, kept
+    assert (run_dir / "eval" / "bios-heldout.predictions.jsonl").read_bytes() == preds
 
 
 def test_knowledge_and_flops(results):

@@ -1,5 +1,7 @@
 """Generation with a KV cache gives the tokens of rerunning the full sequence."""
 
+import re
+
 import pytest
 import torch
 
@@ -92,6 +94,33 @@ def test_sample_next_top_p_and_errors():
     assert int(sample_next(logits)) == 1
     with pytest.raises(ValueError, match="top_p"):
         sample_next(logits, 1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature must be finite and >= 0.*got nan"):
+        sample_next(logits, float("nan"))
     model = model_of("dense")
     with pytest.raises(ValueError, match="max_seq_len"):
         model.generate(torch.zeros(1, 30, dtype=torch.long), 20)
+
+
+@pytest.mark.parametrize(
+    "flag, value, kwarg, message",
+    [
+        ("--max-new-tokens", "-1", "max_new_tokens", "max_new_tokens must be >= 0, got -1"),
+        ("-n", "0", None, "n .* must be >= 1, got 0"),
+        ("--temperature", "nan", "temperature", "temperature .* got nan"),
+        ("--temperature", "-0.5", "temperature", "temperature .* got -0.5"),
+        ("--top-p", "1.5", "top_p", "top_p .* got 1.5"),
+    ],
+)
+def test_bad_generate_settings_are_errors_naming_the_value(
+    tmp_path, capsys, flag, value, kwarg, message
+):
+    from memlayers.cli import main as cli_main
+
+    # checked before the run is loaded: no run is needed to see the error
+    assert cli_main(["generate", str(tmp_path), "--prompt", "x", flag, value]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(message, err), err
+    if kwarg is not None:  # the library's generate checks the same
+        kw = {"max_new_tokens": 2, kwarg: int(value) if kwarg == "max_new_tokens" else float(value)}
+        with pytest.raises(ValueError, match=message):
+            model_of("dense").generate(torch.zeros(1, 3, dtype=torch.long), **kw)

@@ -150,3 +150,25 @@ def test_config_dict_round_trip():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown ModelConfig keys"):
         ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_tokens_give_empty_outputs(kind):
+    model = build_model(tiny(kind), seed=0)
+    for shape in ((0, 5), (2, 0)):
+        tokens = torch.zeros(shape, dtype=torch.long)
+        assert model(tokens).shape == (*shape, V)
+        assert model(tokens, targets=tokens).item() == 0.0
+    layer = model.memory_layers()[0] if kind.startswith("memory") else None
+    if layer is not None:  # the memory layer alone
+        assert layer(torch.randn(0, 5, 32)).shape == (0, 5, 32)
+
+
+@pytest.mark.parametrize("bad", [V, V + 7, -1])
+def test_token_ids_outside_the_vocabulary_name_the_id(bad):
+    model = build_model(tiny("memory+"), seed=0)
+    tokens = torch.tensor([[1, 2, bad]])
+    with pytest.raises(ValueError, match=rf"token id {bad} .*\[0, {V}\)"):
+        model(tokens)
+    with pytest.raises(ValueError, match=rf"token id {bad}"):
+        model(tokens, targets=torch.zeros_like(tokens))

@@ -3,6 +3,7 @@ run-directory layout, the optimizer groups and schedule."""
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -19,6 +20,7 @@ from memlayers.cli import main as cli_main
 from memlayers.config import TrainArgs, load_config
 from memlayers.model import build_model
 from memlayers.optim import OptimArgs, build_optimizer, clip_grad_norm_, lr_multiplier
+from memlayers.run import RunError
 from memlayers.train import NonFiniteLossError, train
 
 # A ~20k-parameter Memory+ model on a small synthetic stream: a step takes milliseconds.
@@ -81,6 +83,60 @@ def test_resume_latest_in_the_same_run_dir(tmp_path):
     ]  # records after the checkpoint were rewritten, not doubled
 
 
+def test_a_fresh_run_into_a_finished_one_is_refused_unless_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_args(run, "steps=2"))
+    before = {p: (run / p).read_bytes() for p in ("metrics.jsonl", "config.yaml")}
+    with pytest.raises(RunError, match=rf"{run} already holds a run.*--resume.*--overwrite"):
+        train(tiny_args(run, "steps=3"))
+    assert {p: (run / p).read_bytes() for p in before} == before  # nothing touched
+    assert resolve_checkpoint(run).name == "step_000002"
+    argv = ["train", *TINY, f"run_dir={run}", "steps=3", "final_eval=false"]
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--overwrite" in err and "Traceback" not in err
+    assert cli_main([*argv, "--overwrite"]) == 0  # the old run's files are gone
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000003"]
+    with pytest.raises(SystemExit):  # one way at a time
+        cli_main([*argv, "--overwrite", "--resume"])
+
+
+def test_resume_drops_a_partial_last_metrics_line(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_args(run, "steps=4", "checkpoint.every=2"))
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines) + '\n{"step": 5, "lo')  # a crash mid-write
+    train(tiny_args(run, "steps=6", "checkpoint.every=2"), resume="latest")
+    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    metrics.write_text("\n".join(["{oops", *lines]) + "\n")  # damage is not a crash
+    with pytest.raises(ValueError, match=rf"{metrics}:1: not a JSON record"):
+        train(tiny_args(run, "steps=8", "checkpoint.every=2"), resume="latest")
+
+
+def test_resume_finds_the_newest_verified_checkpoint(tmp_path):
+    """A crash between renaming step_000004 into place and pointing ``latest`` at it
+    leaves ``latest`` stale (or, for a first checkpoint, missing); a corrupted newest
+    checkpoint gives way to the newest one that verifies."""
+    full = train(tiny_args(tmp_path / "a", "steps=4", "checkpoint.every=2"))
+    run = tmp_path / "b"
+    train(tiny_args(run, "steps=4", "checkpoint.every=2"))
+    ck = run / "checkpoints"
+    (ck / "latest").write_text("step_000002\n")
+    assert resolve_checkpoint(run).name == "step_000004"
+    (ck / "latest").unlink()
+    assert resolve_checkpoint(run).name == "step_000004"
+    weights = ck / "step_000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    (ck / ".tmp-step_000006-999").mkdir()  # a crashed save's leftovers
+    resumed = train(tiny_args(run, "steps=4", "checkpoint.every=2"), resume="latest")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full[2:]]  # from step 2
+    assert not list(ck.glob(".tmp-*"))  # swept by the next save
+
+
 # ---- checkpoints ---------------------------------------------------------------------------
 
 
@@ -119,6 +175,32 @@ def test_consolidate_from_the_command_line(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_filesystem_errors_are_one_error_line(tmp_path, capsys):
+    model, opt, cfg = _model_and_opt()
+    save_checkpoint(tmp_path / "src", 3, model, opt, None, cfg.to_dict())
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory\n")
+    train_into_file = ["train", *TINY, f"run_dir={a_file}", "steps=1", "final_eval=false"]
+    for argv in (train_into_file, ["consolidate", str(tmp_path / "src"), str(a_file)]):
+        assert cli_main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(a_file) in err and err.count("\n") == 1
+    with pytest.raises(OSError):  # --debug shows the traceback
+        cli_main(["--debug", *train_into_file])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_run_dir_is_one_error_line(tmp_path, capsys):
+    run = tmp_path / "ro"
+    run.mkdir()
+    run.chmod(0o500)
+    try:
+        assert cli_main(["train", *TINY, f"run_dir={run}", "steps=1", "final_eval=false"]) == 1
+    finally:
+        run.chmod(0o700)
+    assert capsys.readouterr().err.startswith("error: Permission denied")
+
+
 def test_keep_prunes_old_checkpoints(tmp_path):
     model, opt, _ = _model_and_opt()
     for step in (1, 2, 3, 4):
@@ -134,6 +216,7 @@ def test_keep_prunes_old_checkpoints(tmp_path):
         ("delete", "missing"),
         ("meta", "meta.json"),
         ("latest", "points to"),
+        ("latest-elsewhere", "not followed"),
         ("nothing", "no checkpoint"),
     ],
 )
@@ -152,7 +235,10 @@ def test_corrupted_or_missing_checkpoint_is_a_clear_error(tmp_path, damage, mess
     elif damage == "meta":
         (path / "meta.json").write_text("{not json")
     elif damage == "latest":
+        shutil.rmtree(path)
         (tmp_path / "ck" / "latest").write_text("step_000009\n")
+    elif damage == "latest-elsewhere":  # a copied run whose pointer leads back to the old one
+        (tmp_path / "ck" / "latest").write_text(f"{path}\n")
     target = tmp_path / ("empty" if damage == "nothing" else "ck")
     target.mkdir(exist_ok=True)
     with pytest.raises(CheckpointError, match=message):
@@ -273,6 +359,24 @@ def test_old_value_lr_key_on_the_command_line_names_the_new_one():
 def test_bad_config_is_a_value_error_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message):
         load_config([], [override])
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("steps: 4\nmodel: {preset: tiny-dense\n", "not valid YAML"),
+        ("- steps: 4\n", "a config's top level must map keys"),
+    ],
+    ids=["malformed", "list"],
+)
+def test_bad_yaml_is_one_error_line_naming_the_file(tmp_path, capsys, text, message):
+    yaml = tmp_path / "exp.yaml"
+    yaml.write_text(text)
+    with pytest.raises(ValueError, match=rf"{yaml}: {message}"):
+        load_config([yaml])
+    assert cli_main(["train", str(yaml)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {yaml}: ") and err.count("\n") == 1
 
 
 def test_cli_run_writes_the_documented_run_directory(tmp_path, capsys):

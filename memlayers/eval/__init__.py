@@ -8,7 +8,11 @@
 
 What it measures (results in ``RUN_DIR/eval/results.json``, written atomically, plus
 ``RUN_DIR/eval/<qa set>.predictions.jsonl`` and a printed table; an older checkpoint's go
-to ``RUN_DIR/eval/<step_dir>/``):
+to ``RUN_DIR/eval/<step_dir>/``). A partial or different evaluation (``--qa`` files,
+``--no-builtin-qa``, ``--max-qa``, ``--max-val-tokens``, ``--max-new-tokens`` other than
+the defaults) never replaces those: it writes ``results-<what>.json`` and
+``<qa set>.predictions-<what>.jsonl`` beside them, ``<what>`` naming the differences
+(e.g. ``results-qa-my_questions_max-qa-200.json``):
 
 - ``perplexity``: next-token loss on the run's validation tokens, cut into ``seq_len``
   sequences like training: nats/token, perplexity, bits/token and **bits per byte**
@@ -39,6 +43,7 @@ runs, from rebuilding the dataset.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -90,13 +95,38 @@ __all__ = [
 ]
 
 
+MAX_VAL_TOKENS = 100_000  # perplexity tokens of the run's own evaluation
+MAX_NEW_TOKENS = 16  # greedy answer length of the run's own evaluation
+
+
+def partial_name(
+    qa_files: list[Path],
+    builtin_qa: bool,
+    knowledge: bool,
+    max_qa: int | None,
+    max_val_tokens: int | None,
+    max_new_tokens: int,
+) -> str | None:
+    """``<what>`` of ``results-<what>.json``: how an evaluation differs from the run's own
+    (:func:`evaluate` with its defaults, whose ``results.json`` `compare --reuse` and the
+    docs read); None when it does not."""
+    parts = [f"qa-{f.stem}" for f in qa_files]
+    parts += ["no-builtin-qa"] if not builtin_qa else []
+    parts += ["no-knowledge"] if not knowledge else []
+    parts += [f"max-qa-{max_qa}"] if max_qa else []
+    if max_val_tokens != MAX_VAL_TOKENS:
+        parts.append(f"val-tokens-{max_val_tokens or 'all'}")
+    parts += [f"new-tokens-{max_new_tokens}"] if max_new_tokens != MAX_NEW_TOKENS else []
+    return re.sub(r"[^\w.+-]+", "-", "_".join(parts)) if parts else None
+
+
 def evaluate(
     run: str | Path | Run,
     qa: list[str | Path] | tuple = (),
     device: str = "auto",
     max_qa: int | None = None,
-    max_val_tokens: int | None = 100_000,
-    max_new_tokens: int = 16,
+    max_val_tokens: int | None = MAX_VAL_TOKENS,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 64,
     builtin_qa: bool = True,
     knowledge: bool = True,
@@ -105,7 +135,8 @@ def evaluate(
 ) -> dict:
     """Evaluate a run directory or checkpoint (see the module docstring); returns the
     results dict and, with ``write``, saves it to ``RUN_DIR/eval/results.json`` (an
-    older checkpoint's to ``RUN_DIR/eval/<step_dir>/results.json``).
+    older checkpoint's to ``RUN_DIR/eval/<step_dir>/results.json``; a partial one's to
+    ``results-<what>.json`` beside it, :func:`partial_name`).
 
     ``max_qa`` keeps the first records of each QA set; ``max_val_tokens`` caps the
     perplexity tokens (None: all)."""
@@ -168,12 +199,14 @@ def evaluate(
     results["eval_seconds"] = time.perf_counter() - t0
     if write:
         out = run.run.eval_dir(run.checkpoint)
-        results["results_path"] = str(out / "results.json")
+        what = partial_name(qa_files, builtin_qa, knowledge, max_qa, max_val_tokens, max_new_tokens)
+        suffix = f"-{what}" if what else ""
+        results["results_path"] = str(out / f"results{suffix}.json")
         out.mkdir(parents=True, exist_ok=True)
         for name, preds in predictions.items():
             write_atomic(
-                out / f"{name}.predictions.jsonl",
+                out / f"{name}.predictions{suffix}.jsonl",
                 "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds),
             )
-        write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+        write_atomic(Path(results["results_path"]), json.dumps(results, indent=2) + "\n")
     return results
