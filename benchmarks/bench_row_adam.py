@@ -30,14 +30,23 @@ def bench_dim(args, table: Table, d: int, device) -> None:
     m = torch.zeros(n, d, dtype=torch.float32, device=device)
     v = torch.zeros_like(m)
     hp = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
-    adam_bytes = u * d * (2 * elt + 16 + elt) + u * 8
+    v_row = torch.zeros(n, dtype=torch.float32, device=device)
+    # Per touched row: param read + write, gradient read, moments read + write (fp32);
+    # the row index (8) is left out of the per-row figures.
+    per_row = {"adam": d * (2 * elt + elt + 16), "rowwise": d * (2 * elt + elt + 8) + 8,
+               "sgd": d * 3 * elt}  # fmt: skip
+    adam_bytes = u * (per_row["adam"] + 8)
     note = f"{u} of {n} rows"
     table.add(f"D={d}: row Adam step (bf16 table, fp32 moments)",
               timed(lambda: row_adam_step_triton(values, rows, grad, m, v, 1, **hp)),
-              adam_bytes, note)  # fmt: skip
+              adam_bytes, f"{note}; {per_row['adam']} B/row")  # fmt: skip
+    table.add(f"D={d}: row Adam step, row-wise v (bf16 table, fp32 m, [N] v)",
+              timed(lambda: row_adam_step_triton(values, rows, grad, m, v_row, 1, **hp,
+                                                 rowwise_v=True)),
+              u * (per_row["rowwise"] + 8), f"{note}; {per_row['rowwise']} B/row")  # fmt: skip
     table.add(f"D={d}: row SGD step (bf16 table)",
               timed(lambda: row_sgd_step_triton(values, rows, grad, 1e-3)),
-              u * d * 3 * elt + u * 8, note)  # fmt: skip
+              u * (per_row["sgd"] + 8), f"{note}; {per_row['sgd']} B/row")  # fmt: skip
     for bd, wp in [(512, 4), (2048, 8), (1024, 8), (256, 2)] if args.sweep else ():
         fn = lambda bd=bd, wp=wp: row_adam_step_triton(  # noqa: E731
             values, rows, grad, m, v, 1, **hp, block_d=bd, num_warps=wp

@@ -8,6 +8,12 @@ and moments bit-identical, as in ``torch.optim.SparseAdam``). A dense gradient u
 every row (plain Adam / SGD). Moments are fp32 whatever the table's dtype; bias correction
 uses the optimizer's global step count.
 
+``SparseValueAdam(..., rowwise_v=True)`` keeps one fp32 second moment per row (the running
+mean over the row of ``g²``, as embedding-table trainers' row-wise Adagrad/Adam do):
+``[N, D] + [N]`` of state instead of ``2 × [N, D]``, and 30-36% fewer bytes moved per
+touched row (counted: 20·D + 8 vs 28·D for an fp32 table, 14·D + 8 vs 22·D for bf16; GPU
+time not yet measured).
+
 The steps run as Triton kernels on CUDA (``impl="auto"``) and as the PyTorch references
 elsewhere; both live in :mod:`memlayers.ops.row_adam`.
 """
@@ -101,12 +107,15 @@ class _RowOptimizer(torch.optim.Optimizer):
 class SparseValueAdam(_RowOptimizer):
     """Row-wise lazy Adam(W) for value tables; fp32 moments; sparse or dense gradients.
 
-    ``impl``: ``"auto"`` (Triton on CUDA) | ``"torch"`` | ``"triton"``.
+    ``impl``: ``"auto"`` (Triton on CUDA) | ``"torch"`` | ``"triton"``. ``rowwise_v``:
+    ``exp_avg_sq`` is ``[N]``, one second moment per row, updated with the row's mean of
+    ``g²`` (``m`` stays ``[N, D]``).
     """
 
     def __init__(
-        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, impl="auto"
-    ):
+        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, impl="auto",
+        rowwise_v=False,
+    ):  # fmt: skip
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"betas must be in [0, 1), got betas={betas!r}")
         if not eps > 0:
@@ -115,6 +124,17 @@ class SparseValueAdam(_RowOptimizer):
             raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, impl)
+        self.rowwise_v = bool(rowwise_v)
+
+    def init_state(self, p: torch.Tensor) -> dict:
+        """``p``'s state before its first step (zero moments, step 0), made now."""
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            sq_shape = p.shape[:1] if self.rowwise_v else p.shape
+            state["exp_avg_sq"] = p.new_zeros(sq_shape, dtype=torch.float32)
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer``'s, but the moments stay fp32: the base class casts
@@ -127,18 +147,23 @@ class SparseValueAdam(_RowOptimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in saved.get(i, {}):
                     self.state[p][key] = saved[i][key].to(p.device, torch.float32).clone()
+            sq = self.state[p].get("exp_avg_sq")
+            want = tuple(p.shape[:1] if self.rowwise_v else p.shape)
+            if sq is not None and tuple(sq.shape) != want:
+                raise ValueError(
+                    f"saved exp_avg_sq is {tuple(sq.shape)} but this optimizer (rowwise_v="
+                    f"{self.rowwise_v}) keeps {want}: resume with the value optimizer the "
+                    f"state was saved with"
+                )
 
     def _update(self, p, group, rows, grad):
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        state = self.init_state(p)
         state["step"] += 1
         beta1, beta2 = group["betas"]
         row_adam_step_(
             p, rows, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
             beta1, beta2, group["eps"], group["weight_decay"], impl=self.impl,
+            rowwise_v=self.rowwise_v,
         )  # fmt: skip
 
 

@@ -6,6 +6,11 @@ are never read or written, so they stay bit-identical. Bytes per touched element
 Adam ``2·p + 2·4 + 2·4 + g`` (22 for a bf16 table and gradient, 28 for fp32); SGD
 ``2·p + g``. A dense AdamW over 1M × 1024 fp32 moves ~16+ GB per step (docs/method.md §4).
 
+The row-wise variant (``rowwise_v=True``, as in embedding-table trainers' "row-wise
+Adagrad/Adam") keeps one fp32 second moment per *row*, the running mean over the row of
+``g²``: the state is ``[N, D] + [N]`` instead of ``2 × [N, D]``, and a step moves
+``2·p + 2·4 + g`` per element plus 8 bytes per row (14·D + 8 for bf16, 20·D + 8 for fp32).
+
 The PyTorch functions here are the references (and the CPU path), beside the argument
 checks and the dispatchers; the Triton kernels and their launchers live in
 :mod:`memlayers.ops.row_adam_triton` and do the same fp32 arithmetic in the same order,
@@ -34,22 +39,30 @@ def row_adam_step_torch(
     beta2: float,
     eps: float,
     weight_decay: float,
+    rowwise_v: bool = False,
 ) -> None:
     """Adam(W) on ``param[rows]`` (all rows when ``rows`` is None), in place, fp32 math.
 
     The arithmetic follows ``torch.optim.Adam``'s order (denominator ``sqrt(v)/sqrt(bc2)
     + eps``, step ``lr / bc1``) so touched rows match it; decay is decoupled (AdamW).
+    ``rowwise_v``: ``exp_avg_sq`` is ``[N]``, ``v_row = beta2·v_row + (1 - beta2)·
+    mean_d(g²)``, and every element of a row divides by the same denominator.
     """
     sel = slice(None) if rows is None else rows
-    g = grad.float()
-    m = exp_avg[sel].mul_(beta1).add_(g, alpha=1 - beta1)
-    v = exp_avg_sq[sel].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    g = grad.float()  # [U, D]
+    m = exp_avg[sel].mul_(beta1).add_(g, alpha=1 - beta1)  # [U, D]
+    if rowwise_v:
+        # fp32 sum then one division: the order the Triton kernel reduces in.
+        g2 = g.square().sum(dim=1) / g.shape[1]  # [U]
+        v = exp_avg_sq[sel].mul_(beta2).add_(g2, alpha=1 - beta2)  # [U]
+    else:
+        v = exp_avg_sq[sel].mul_(beta2).addcmul_(g, g, value=1 - beta2)  # [U, D]
     p = param[sel].float()
     if weight_decay:
         p.mul_(1 - lr * weight_decay)
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-    denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
-    p.addcdiv_(m, denom, value=-lr / bc1)
+    denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)  # [U, D] or [U]
+    p.addcdiv_(m, denom[:, None] if rowwise_v else denom, value=-lr / bc1)
     exp_avg[sel] = m
     exp_avg_sq[sel] = v
     param[sel] = p.to(param.dtype)
@@ -63,8 +76,9 @@ def row_sgd_step_torch(
     param[sel] = (param[sel].float() - lr * grad.float()).to(param.dtype)
 
 
-def check_rows(param, rows, grad, *state) -> None:
-    """Raise ``ValueError`` naming the offending shape, dtype or layout."""
+def check_rows(param, rows, grad, *state, row_state=()) -> None:
+    """Raise ``ValueError`` naming the offending shape, dtype or layout. ``state``: fp32
+    ``[N, D]`` tensors; ``row_state``: fp32 ``[N]`` tensors (a row-wise second moment)."""
     n, d = param.shape
     u = n if rows is None else rows.shape[0]
     if grad.shape != (u, d):
@@ -76,20 +90,26 @@ def check_rows(param, rows, grad, *state) -> None:
         if s.shape != param.shape or s.dtype != torch.float32:
             raise ValueError(f"optimizer state must be fp32 {tuple(param.shape)}, got "
                              f"{tuple(s.shape)} {s.dtype}")  # fmt: skip
-    for t in (grad, *state, param):
+    for s in row_state:
+        if s.shape != (n,) or s.dtype != torch.float32:
+            raise ValueError(f"row-wise optimizer state must be fp32 ({n},), got "
+                             f"{tuple(s.shape)} {s.dtype}")  # fmt: skip
+    for t in (grad, *state, *row_state, param):
         if not t.is_contiguous():
             raise ValueError("param, grad and optimizer state must be contiguous")
 
 
 def row_adam_step_(
     param, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
-    impl: str = "auto",
+    impl: str = "auto", rowwise_v: bool = False,
 ) -> None:  # fmt: skip
-    """Dispatch a row-wise Adam(W) step to Triton (CUDA) or PyTorch (``impl``)."""
+    """Dispatch a row-wise Adam(W) step to Triton (CUDA) or PyTorch (``impl``);
+    ``rowwise_v``: ``exp_avg_sq`` is one fp32 per row (``[N]``)."""
     fn = row_adam_step_torch
     if resolve_impl(impl, param.device) == "triton":
         from memlayers.ops.row_adam_triton import row_adam_step_triton as fn
-    fn(param, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
+    fn(param, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
+       rowwise_v)  # fmt: skip
 
 
 def row_sgd_step_(param, rows, grad, lr, impl: str = "auto") -> None:

@@ -2,6 +2,11 @@
 checks and dispatchers live in :mod:`memlayers.ops.row_adam`). One program per (touched
 row, column tile): a pure stream over ``param``, ``exp_avg``, ``exp_avg_sq`` and ``grad``
 rows, fp32 arithmetic (95-99% of copy bandwidth on an H100, benchmarks/NOTES.md).
+
+The row-wise second moment needs the mean of ``g²`` over the whole row before any column
+is updated, so its kernel runs one program per touched row, looping over column tiles
+twice: once to reduce ``g²``, once to update ``m`` and ``p`` (the second read of the
+gradient row should come from L2 for rows of a few KB; not yet measured).
 """
 
 from __future__ import annotations
@@ -74,6 +79,59 @@ def row_adam_kernel(
 
 
 @triton.jit
+def row_adam_rowwise_kernel(
+    param_ptr,  # [N, D] any float dtype, updated in place
+    rows_ptr,  # [U] int64 table rows (unused when DENSE: row = program's row)
+    grad_ptr,  # [U, D] gradient rows
+    exp_avg_ptr,  # [N, D] fp32
+    exp_avg_sq_ptr,  # [N] fp32: one second moment per row
+    D,
+    n_dtiles,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    decay,  # 1 - lr * weight_decay
+    sqrt_bc2,
+    eps,
+    neg_step_size,  # -lr / bc1
+    DENSE: tl.constexpr,
+    DECAY: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    u = tl.program_id(0).to(tl.int64)
+    if DENSE:
+        row = u
+    else:
+        row = tl.load(rows_ptr + u)
+    # Pass 1: sum of g² over the row's columns (fp32), then one division: the mean.
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for t in range(0, n_dtiles):
+        cols = t * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+        g = tl.load(grad_ptr + u * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+        acc += g * g
+    g2 = tl.div_rn(tl.sum(acc, axis=0), D.to(tl.float32))
+    v = tl.load(exp_avg_sq_ptr + row)
+    v = v * beta2 + one_minus_beta2 * g2
+    tl.store(exp_avg_sq_ptr + row, v)
+    denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
+    # Pass 2: m and p, in the order of the element-wise kernel.
+    for t in range(0, n_dtiles):
+        cols = t * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+        mask = cols < D
+        g = tl.load(grad_ptr + u * D + cols, mask=mask, other=0.0).to(tl.float32)
+        offs = row * D + cols  # int64: tables past 2**31 elements
+        m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
+        p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = m * beta1 + one_minus_beta1 * g
+        if DECAY:
+            p = p * decay
+        p = p + neg_step_size * tl.div_rn(m, denom)
+        tl.store(exp_avg_ptr + offs, m, mask=mask)
+        tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def row_sgd_kernel(
     param_ptr,  # [N, D] updated in place
     rows_ptr,  # [U] int64 (unused when DENSE)
@@ -97,18 +155,22 @@ def _launch_shape(u: int, d: int, block_d: int) -> tuple[int, int]:
 
 def row_adam_step_triton(
     param, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
-    block_d: int = ADAM_BLOCK_D, num_warps: int = ADAM_WARPS,
+    rowwise_v: bool = False, block_d: int = ADAM_BLOCK_D, num_warps: int = ADAM_WARPS,
 ) -> None:  # fmt: skip
     """Triton version of :func:`memlayers.ops.row_adam.row_adam_step_torch` (same
-    arguments)."""
-    check_rows(param, rows, grad, exp_avg, exp_avg_sq)
+    arguments). ``rowwise_v``: one program per row (:func:`row_adam_rowwise_kernel`)."""
+    if rowwise_v:
+        check_rows(param, rows, grad, exp_avg, row_state=(exp_avg_sq,))
+    else:
+        check_rows(param, rows, grad, exp_avg, exp_avg_sq)
     n, d = param.shape
     u = n if rows is None else rows.shape[0]
     if u == 0 or d == 0:
         return
     block_d, n_dtiles = _launch_shape(u, d, block_d)
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-    row_adam_kernel[(u * n_dtiles,)](
+    kernel, grid = (row_adam_rowwise_kernel, u) if rowwise_v else (row_adam_kernel, u * n_dtiles)
+    kernel[(grid,)](
         param, rows if rows is not None else grad, grad, exp_avg, exp_avg_sq, d, n_dtiles,
         beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, math.sqrt(bc2), eps,
         -lr / bc1,
