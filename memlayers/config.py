@@ -52,6 +52,9 @@ class TrainArgs:
     eval_every: int = 250  # steps between validation losses; 0: only at the end
     eval_batches: int = 8  # validation micro-batches per evaluation
     final_eval: bool = True  # `memlayers train`: run `memlayers eval` on the last checkpoint
+    # Divergence guard beyond NaN: stop when any weight's magnitude passes this (checked with
+    # the NaN flags, at log and checkpoint steps); 0 turns it off.
+    max_weight: float = 1e4
     model: ModelArgs = field(default_factory=ModelArgs)
     # lr 3e-3 beat 1e-3, 6e-3 and 1e-2 for both tiny-dense and tiny-memory+ on the main
     # job (docs/results.md)
@@ -66,6 +69,8 @@ class TrainArgs:
             v = getattr(self, name)
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {name}={v!r}")
+        if not self.max_weight >= 0:
+            raise ValueError(f"max_weight must be >= 0 (0: off), got max_weight={self.max_weight}")
         for name in ("eval_every", "eval_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)!r}")

@@ -41,7 +41,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from memlayers import parallel
 from memlayers.checkpoint import (
@@ -59,7 +61,30 @@ from memlayers.run import Run
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or gradient norm became NaN/inf; the run stopped before updating weights."""
+    """The loss or gradient norm became NaN/inf, or a weight passed ``max_weight``: the
+    run stopped (and checkpointed nothing after it)."""
+
+
+def largest_weight(model: nn.Module) -> tuple[float, str]:
+    """``(max |w|, parameter name)`` over every parameter (this rank's shard of a sharded
+    one; the maximum over ranks when distributed). One foreach pass and one host sync."""
+    names, tensors = [], []
+    for name, p in model.named_parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if local.numel():
+            names.append(name)
+            tensors.append(local.detach())
+    if not tensors:
+        return 0.0, ""
+    per_param = torch.stack([n.float() for n in torch._foreach_norm(tensors, float("inf"))])
+    biggest = per_param.max()
+    if dist.is_initialized():
+        mine = biggest.clone()
+        dist.all_reduce(biggest, op=dist.ReduceOp.MAX)
+        where = names[int(per_param.argmax())] if bool(mine == biggest) else "(another rank)"
+    else:
+        where = names[int(per_param.argmax())]
+    return float(biggest), where
 
 
 @dataclass
@@ -274,8 +299,18 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
         return str(path or run.checkpoints / "latest")
 
     def stop_if_non_finite(step: int) -> None:
-        """Read the on-device flags (a host sync: only at log and checkpoint steps)."""
+        """Read the on-device flags (a host sync: only at log and checkpoint steps), and
+        stop a run whose weights blew up while its loss stayed finite."""
         if int(first_bad) < 0:
+            if args.max_weight:
+                size, name = largest_weight(model)
+                if not size <= args.max_weight:  # NaN weights too
+                    raise NonFiniteLossError(
+                        f"weights diverged: |{name}| reaches {size:.3g} > max_weight="
+                        f"{args.max_weight:g} at step {step}. Last good checkpoint: "
+                        f"{last_ckpt or 'none'}. Try a lower optim.lr (or optim.value_lr), "
+                        f"more optim.warmup_steps, then --resume; max_weight=0 turns this off."
+                    )
             return
         loss_bad = bool(bad_loss)
         raise NonFiniteLossError(

@@ -286,6 +286,28 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert not (run / "checkpoints" / "step_000006").exists()
 
 
+def test_weights_past_max_weight_stop_the_run_with_a_finite_loss(tmp_path):
+    # A finite loss with blown-up weights (e.g. 1e11 at loss = ln V) went on before; here
+    # a threshold below the healthy weights trips at the first check.
+    run = tmp_path / "run"
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"weights diverged: \|.+\| reaches .* > max_weight=0.001 at step 2",
+    ):
+        train(tiny_args(run, "steps=4", "logging.every=2", "max_weight=1e-3"))
+    assert not (run / "checkpoints").exists() or not list((run / "checkpoints").glob("step_*"))
+    train(tiny_args(tmp_path / "off", "steps=2", "max_weight=0"))  # 0: off
+
+
+def test_largest_weight_names_the_parameter():
+    from memlayers.train import largest_weight
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    with torch.no_grad():
+        model[1].bias[1] = -1e11
+    assert largest_weight(model) == (pytest.approx(1e11), "1.bias")
+
+
 # ---- config and CLI ------------------------------------------------------------------------
 
 
