@@ -90,6 +90,11 @@ def _step_of(path: Path) -> int:
     return int(path.name.split("_", 1)[1])
 
 
+def _set_aside(path: Path) -> str:
+    """The step a re-save moved aside (``.old-<step_dir>-<pid>``, :func:`_finalize`)."""
+    return path.name[len(".old-") :].rsplit("-", 1)[0]
+
+
 def _sweep(root: Path) -> None:
     """Remove what crashed saves left: ``.tmp-step_*`` directories, and ``.old-<step>-*``
     copies whose step directory is complete again (:func:`_finalize`)."""
@@ -97,7 +102,7 @@ def _sweep(root: Path) -> None:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
     for p in root.glob(".old-step_*"):
-        if (root / p.name[len(".old-") :].rsplit("-", 1)[0] / "meta.json").is_file():
+        if (root / _set_aside(p) / "meta.json").is_file():
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -285,10 +290,10 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     # A re-save of the same step swaps directories: between its two renames the previous
     # copy sits at .old-<name>-<pid>, complete.
     for p in sorted(root.glob(".old-step_*-*")):
-        name = p.name[len(".old-") :].rsplit("-", 1)[0]
+        name = _set_aside(p)
         if name not in found and _STEP_NAME.fullmatch(name) and (p / "meta.json").is_file():
             found[name] = p
-    return [found[n] for n in sorted(found, key=lambda n: int(n.split("_", 1)[1]), reverse=True)]
+    return [found[n] for n in sorted(found, key=lambda n: _step_of(Path(n)), reverse=True)]
 
 
 def _checkpoints_of(path: str | Path) -> tuple[Path, list[Path]]:
