@@ -75,7 +75,6 @@ def qa_eval(
     progress: bool = True,
 ) -> tuple[dict, list[dict]]:
     """Answer NLL, exact match and F1 over ``records``; returns (summary, predictions)."""
-    device = next(model.parameters()).device
     flat = [(i, a) for i, r in enumerate(records) for a in r["answers"]]
     nll: list[dict] = []
     for lo in tqdm(range(0, len(flat), 1024), desc="answer NLL", disable=not progress, leave=False):
@@ -87,8 +86,7 @@ def qa_eval(
             [a for _, a in part],
             [records[i].get("context") for i, _ in part],
             batch_size=batch_size,
-            device=device,
-        )
+        )  # token ids go to the model's device (metrics.input_device)
     best: list[dict] = [{} for _ in records]
     for (i, _), r in zip(flat, nll, strict=True):
         if not best[i] or r["nll"] < best[i]["nll"]:
@@ -152,7 +150,6 @@ def knowledge_stored(
     model: Transformer, tokenizer, bios, report: dict, train_flops: float, batch_size=64
 ) -> dict:
     """Bits of bios knowledge stored and its per-parameter / per-FLOP normalisations."""
-    device = next(model.parameters()).device
     probes = bios.probe_records()
     nll = answer_nll_batch(
         model,
@@ -160,7 +157,6 @@ def knowledge_stored(
         [r["question"] for r in probes],
         [r["answers"][0] for r in probes],
         batch_size=batch_size,
-        device=device,
     )
     ce = ce_bits_by_attribute(probes, nll)
     kb = knowledge_bits(ce, bios.config.n_people, bios.value_set_sizes)
