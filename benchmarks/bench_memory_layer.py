@@ -129,13 +129,35 @@ def bench_search(args, q, keys, add) -> None:
     with torch.no_grad():
         s1, s2 = pkt._half_scores(q, keys)  # [H, T, n_keys] in the score dtype (fp32)
         add("    half-key score matmuls (cuBLAS)", timed(lambda: pkt._half_scores(q, keys)))
-        for rows, warps in [(1, 4), (2, 4), (1, 8), (4, 8), (1, 2)]:
-            fn = lambda r=rows, w=warps: pkt.topk_launch(s1, s2, args.topk, r, w)
-            add(f"    sweep top-k kernel ROWS={rows} warps={warps} ({s1.dtype})", timed(fn))
+        # Ranking every key of a row (bitonic top-k over n_keys, the kernel before the
+        # filter) against the filter (group bound, compaction, top-k of <= cap keys).
+        for filt, rows, warps in [(False, 1, 8), (True, 1, 8), (True, 1, 4), (True, 1, 2),
+                                  (True, 1, 1), (True, 2, 2)]:  # fmt: skip
+            fn = lambda f=filt, r=rows, w=warps: pkt.topk_launch(
+                s1, s2, args.topk, r, w, filter_keys=f
+            )
+            what = "filter" if filt else "rank all keys"
+            add(f"    top-k kernel, {what}, ROWS={rows} warps={warps} ({s1.dtype})", timed(fn))
         # What bf16 scores would cost: 32-bit keys with the index in the zero low bits.
         b1, b2 = s1.bfloat16(), s2.bfloat16()
         fn = lambda: pkt.topk_launch(b1, b2, args.topk, 1, 4, True)
-        add("    sweep top-k kernel ROWS=1 warps=4 (bf16 scores, narrow keys)", timed(fn))
+        add("    top-k kernel, rank all keys, ROWS=1 warps=4 (bf16 scores, narrow keys)", timed(fn))
+        # The backward's first step: each half key's score gradient, by the kernel against
+        # what it replaced (fp32 zeros, scatter_add, cast, the matmul's transpose copy).
+        _, _, i1, i2 = pkt.topk_launch(s1, s2, args.topk)
+        shape = (q.shape[0], args.heads, args.topk)
+        i1, i2 = i1.view(shape), i2.view(shape)
+        ds = torch.randn(shape, device=q.device)
+        nk = keys.shape[2]
+
+        def scatter():
+            for idx in (i1, i2):
+                d = ds.new_zeros(*shape[:-1], nk).scatter_add_(-1, idx.long(), ds)
+                d.to(q.dtype).transpose(0, 1).contiguous()
+
+        add("    score grad: scatter_add (before)", timed(scatter))
+        fn = lambda: pkt.dense_score_grad(ds, i1, i2, q, nk)
+        add("    score grad: kernel", timed(fn))
 
 
 def bench_torch_layer(args, x, gy, add, device, dtype, sparse_grad: bool) -> float:
@@ -214,6 +236,14 @@ def bench_shared_table(args, add, device) -> dict:
 
     out["whole1"] = add(f"{tag}: 1 lookup fwd+bwd + Adam step", timed(lambda: whole(1)))
     out["whole3"] = add(f"{tag}: 3 lookups fwd+bwd + Adam step", timed(lambda: whole(3)))
+    # The merged backward's per-layer part: the score gradient alone (rows per reduction,
+    # warps); the shipped launch is SCORE_GRAD_CHUNK, SCORE_GRAD_WARPS.
+    from memlayers.ops.embedding_bag_triton import score_grad
+
+    t = table.detach()
+    for chunk, warps in [(1, 4), (8, 4), (8, 8), (4, 4), (16, 8), (2, 2)]:
+        fn = lambda c=chunk, w=warps: score_grad(t, idx[0], gy, c, w)  # noqa: E731
+        add(f"{tag}: score grad alone, {chunk} rows per sum, {warps} warps", timed(fn))
     return out
 
 

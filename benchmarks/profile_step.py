@@ -32,11 +32,17 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=40, help="ops in the summary table")
     p.add_argument("--out", help="write the full summary table here")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (trainer)")
+    p.add_argument(
+        "--no-merge", action="store_true",
+        help="memory.merge_grads=false: one value backward per lookup (A/B of merged_grad.py)",
+    )  # fmt: skip
     ns = p.parse_args()
 
     dev = torch.device("cuda")
     cfg = get_preset(ns.preset)
     cfg.vocab_size = 32000
+    if ns.no_merge:
+        cfg.memory.merge_grads = False
     try:
         model = build_model(cfg, dev, seed=0, sparse_values=True)
     except TypeError:  # checkouts where build_optimizer switched the tables to sparse
@@ -75,7 +81,8 @@ def main() -> None:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    head = f"{ns.preset}: step {1e3 * med:.1f} ms, {B * T / med:,.0f} tokens/s (median, {ns.steps})"
+    what = ns.preset + (" (merge_grads=false)" if ns.no_merge else "")
+    head = f"{what}: step {1e3 * med:.1f} ms, {B * T / med:,.0f} tokens/s (median, {ns.steps})"
     print(head, flush=True)
 
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]

@@ -143,7 +143,8 @@ def add_memory(
         raise ValueError(f"memory config does not fit hidden_size={hidden}: {e}") from e
 
     ref = next(model.parameters())  # the model's device and dtype (meta while loading)
-    values = MemoryValues(config.n_rows, v_dim, merge_grads=len(layers) > 1, device=ref.device)
+    merge = config.merge_grads and len(layers) > 1
+    values = MemoryValues(config.n_rows, v_dim, merge_grads=merge, device=ref.device)
     model.model.memory_values = values.to(ref.dtype)  # registered once, by the model
     for i in layers:
         memory = ProductKeyMemory(hidden, config, values, device=ref.device).to(ref.dtype)

@@ -41,6 +41,9 @@ class MemoryConfig:
     swilu: bool = True  # Memory+ output gating (y ⊙ silu(x W1)) W2
     qk_norm: bool = True  # normalise queries and keys (Memory+)
     share_values: bool = True  # models: one value pool for all memory layers
+    # With share_values and sparse value gradients: one backward over every layer's
+    # lookups at the end of the pass (memlayers/merged_grad.py); off, one per lookup.
+    merge_grads: bool = True
     impl: str = "auto"  # embedding-bag implementation: auto | torch | triton
     query_bias: bool = False  # bias in the query projection
     input_dropout: float = 0.0  # on the layer input, before the query projection

@@ -325,7 +325,9 @@ class Transformer(nn.Module):
         if "memory" in kinds and cfg.memory.share_values:
             _, v_dim = cfg.memory.resolved_dims(cfg.dim)
             shared_by = kinds.count("memory")
-            self.memory_values = MemoryValues(cfg.memory.n_rows, v_dim, merge_grads=shared_by > 1)
+            self.memory_values = MemoryValues(
+                cfg.memory.n_rows, v_dim, merge_grads=cfg.memory.merge_grads and shared_by > 1
+            )
         self.layers = nn.ModuleList(
             Block(cfg, i, kind, self.memory_values) for i, kind in enumerate(kinds)
         )

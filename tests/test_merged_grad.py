@@ -88,9 +88,11 @@ def test_gradients_accumulate_over_backward_passes_and_no_grad_runs_plainly():
 def test_memory_plus_model_gradients_match_the_unmerged_model():
     cfg = get_preset("tiny-memory+")
     cfg.vocab_size, cfg.n_layers, cfg.memory_layers = 64, 6, [1, 3, 5]
-    models = [build_model(cfg, "cpu", seed=0).double() for _ in range(2)]
+    models = [build_model(cfg, "cpu", seed=0).double()]
     assert models[0].memory_values.merged is not None  # three layers share the table
-    models[1].memory_values.merged = None
+    cfg.memory.merge_grads = False  # the switch: one backward per lookup
+    models.append(build_model(cfg, "cpu", seed=0).double())
+    assert models[1].memory_values.merged is None
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     for m in models:
         m.memory_values.sparse_grad = True

@@ -23,6 +23,8 @@ CASES = {
     "non-pow2-keys-and-k": (3, 2, 20, 6, 5),
     "k-equals-n-keys": (4, 1, 32, 4, 32),
     "k-1": (2, 2, 8, 4, 1),
+    # Long enough rows (>= 2 * TOPK_CAP keys) for the op to rank only the filtered keys.
+    "filtered": (3, 2, 256, 4, 16),
 }
 
 
@@ -104,6 +106,57 @@ def test_launch_variants():
     ref = topk_launch(s1, s2, 4, rows=1)
     for kwargs in (dict(rows=4), dict(rows=2, narrow=False)):
         assert torch.equal(topk_launch(s1, s2, 4, **kwargs)[0], ref[0])
+
+
+def _half_scores_with_ties(heads, tokens, nk, seed):
+    g = torch.Generator().manual_seed(seed)
+    s1, s2 = (torch.randn(heads, tokens, nk, generator=g) for _ in range(2))
+    s1[0, 0] = torch.randint(0, 3, (nk,), generator=g).float()  # ties: > cap keys kept
+    s2[-1, -1] = 1.5  # one constant row
+    s1[0, 1, 5] = float("nan")  # a NaN row ranks all its keys (no crash, no garbage)
+    return s1.to(DEVICE), s2.to(DEVICE)
+
+
+@pytest.mark.parametrize("nk,k", [(64, 4), (50, 3), (96, 8), (64, 1)])
+def test_filter_ranks_the_same_keys(nk, k):
+    # The filter (group bound + compaction, then a small top-k) against ranking every key:
+    # the same keys, bit for bit, including rows that fall back (ties, NaN).
+    from memlayers.ops.product_keys_triton import topk_launch
+
+    s1, s2 = _half_scores_with_ties(2, 5, nk, seed=nk + k)
+    for rows in (1, 2):
+        full = topk_launch(s1, s2, k, rows=rows, filter_keys=False)
+        fast = topk_launch(s1, s2, k, rows=rows, cap=16)
+        for a, b in zip(fast, full, strict=True):
+            assert torch.equal(a.nan_to_num(), b.nan_to_num())
+    # And both are the top-k of the k×k sums of each half's top-k (the PyTorch path),
+    # where no NaN is involved.
+    v1, _ = s1.topk(k, -1)
+    v2, _ = s2.topk(k, -1)
+    ref = (v1[..., :, None] + v2[..., None, :]).flatten(-2).topk(k, -1).values
+    ref = ref.transpose(0, 1).reshape(-1, k)
+    finite = ~ref.isnan().any(-1)
+    assert torch.equal(full[0][finite], ref[finite])
+
+
+def test_candidate_pairs_are_the_ones_that_can_win():
+    # Pair (a, b) of two descending lists is beaten or tied by the (a+1)(b+1) - 1 pairs
+    # above and left of it: only (a+1)(b+1) <= k can be among the k best. Check the claim
+    # on lists where every pair's sum is distinct, and the table's count (119 at k = 32).
+    from memlayers.ops.product_keys_triton import candidate_pairs
+
+    for k in (1, 3, 8, 32):
+        kp = 1 << (k - 1).bit_length()
+        pairs = candidate_pairs(k, torch.device("cpu"))
+        assert torch.equal(pairs, pairs.sort().values)
+        g = torch.Generator().manual_seed(k)
+        for _ in range(20):
+            v1 = torch.rand(k, generator=g, dtype=torch.float64).sort(descending=True).values
+            v2 = torch.rand(k, generator=g, dtype=torch.float64).sort(descending=True).values
+            best = (v1[:, None] + v2[None, :]).flatten().topk(k).indices
+            best = (best // k) * kp + best % k
+            assert set(best.tolist()) <= set(pairs.tolist())
+    assert len(candidate_pairs(32, torch.device("cpu"))) == 119
 
 
 def test_empty_and_mixed_dtypes():

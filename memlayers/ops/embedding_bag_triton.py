@@ -114,6 +114,10 @@ def _fwd_kernel(
 # at 100% (issue 16). The other entries are the benchmark's sweep; every one adds the
 # rows in the same order (see _fwd_kernel), so none changes a bit of the output.
 FWD_CONFIG = (1, 4, 1)
+# Score gradient alone (merged shared-table backward): rows per reduction and warps. One
+# row per reduction took 2.67 ms a layer at 134m-memory+ (32 x 1024 tokens, fp32 1M x
+# 768 table, H200, 2026-12-01): a cross-warp sum for every one of 4M rows.
+SCORE_GRAD_CHUNK, SCORE_GRAD_WARPS = 8, 4
 FWD_SWEEP = [(1, 4, 1), (1, 4, 3), (1, 8, 3), (2, 4, 3), (2, 2, 3), (4, 2, 3)]
 
 
@@ -149,17 +153,22 @@ def _score_grad_kernel(
     K,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next power of two of D: the whole row per load
+    CHUNK: tl.constexpr,  # rows loaded (and reduced) together
 ):
     """The score gradient alone: the forward's access pattern (one program per bag, its
-    rows streamed once), a dot product per row instead of a weighted sum; no sort."""
+    rows streamed once), a dot product per row instead of a weighted sum; no sort. Rows go
+    in chunks: one reduction across the program per CHUNK rows, not per row."""
     bag = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     dmask = cols < D
     g = tl.load(grad_out_ptr + bag * D + cols, mask=dmask, other=0.0).to(tl.float32)
-    for k in tl.range(0, K, num_stages=2):
-        idx = tl.load(indices_ptr + bag * K + k)
-        row = tl.load(values_ptr + idx * D + cols, mask=dmask, other=0.0).to(tl.float32)
-        tl.store(dw_ptr + bag * K + k, tl.sum(row * g))
+    for k0 in tl.range(0, K, CHUNK):
+        ks = k0 + tl.arange(0, CHUNK)
+        km = ks < K
+        idx = tl.load(indices_ptr + bag * K + ks, mask=km, other=0)
+        m = km[:, None] & dmask[None, :]
+        rows = tl.load(values_ptr + idx[:, None] * D + cols[None, :], mask=m, other=0.0)
+        tl.store(dw_ptr + bag * K + ks, tl.sum(rows.to(tl.float32) * g[None, :], axis=1), mask=km)
 
 
 @triton.jit
@@ -663,15 +672,24 @@ def sum_rows(
     return _sparse_rows(segments, out)
 
 
-def score_grad(values: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor):
+def score_grad(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    grad_out: torch.Tensor,
+    chunk: int = SCORE_GRAD_CHUNK,
+    num_warps: int = SCORE_GRAD_WARPS,
+):
     """``[B, K]`` fp32 score gradient ``grad_out[b] · values[indices[b, k]]`` (contiguous
-    inputs, indices in range: the forward checked them)."""
+    inputs, indices in range: the forward checked them). ``chunk``: rows per reduction
+    (at most 8192 values in flight)."""
     b, k = indices.shape
     d = values.shape[1]
     dw = torch.empty(b, k, dtype=torch.float32, device=values.device)
     if b and k:
-        _score_grad_kernel[(b,)](values, indices, grad_out, dw, k, D=d,
-                                 BLOCK_D=triton.next_power_of_2(d), num_warps=4)  # fmt: skip
+        block_d = triton.next_power_of_2(d)
+        chunk = max(1, min(chunk, 8192 // block_d))
+        _score_grad_kernel[(b,)](values, indices, grad_out, dw, k, D=d, BLOCK_D=block_d,
+                                 CHUNK=chunk, num_warps=num_warps)  # fmt: skip
     return dw
 
 

@@ -16,10 +16,11 @@ Top-k uses Triton's bitonic ``tl.topk`` on keys that carry each value's index:
 Either way the ranking is exact; only ties may resolve differently from ``torch.topk``.
 Candidate sums are rounded to the score dtype before ranking, as the PyTorch path does.
 
-Backward: the score gradient scatters onto the chosen half keys (dense ``[.., n_keys]`` in
-fp32, as autograd of the PyTorch path does), is rounded to the inputs' dtype and flows
-through two matrix products per half at that dtype (bf16 inputs: bf16 products with fp32
-accumulation, as for any bf16 layer's backward).
+Backward: one kernel sums each half key's score gradient over the picks that used it (in
+fp32, as autograd of the PyTorch path does; in a fixed order, so it is deterministic),
+rounds it to the inputs' dtype and writes it head-major, where two matrix products per half
+at that dtype take it (bf16 inputs: bf16 products with fp32 accumulation, as for any bf16
+layer's backward).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ from memlayers.ops.triton_interpreter import patch_triton_interpreter
 patch_triton_interpreter()
 
 TOPK_ROWS = 1
-TOPK_WARPS = 8  # fp32 scores (int64 keys): 3.41 vs 3.77 ms at 4 warps, H100, paper shape
+# The filter's launch: 1.45 ms at 2 warps, 1.57 at 4, 2.47 at 8, 8.5 at 2 rows x 4 warps
+# (H200, paper shape, fp32 scores, 2026-12-01; ranking all keys took 4.07 at 8 warps).
+TOPK_WARPS = 2
+TOPK_CAP = 128  # keys per row the filter keeps for ranking (57 on average at 1024 / 32)
 # Lowest finite bf16 (its fp32 bits end in 16 zero bits): padding that never wins and
 # stays a number when an index is packed into it.
 _PAD = tl.constexpr(-3.3895313892515355e38)
@@ -66,9 +70,64 @@ def _unpack(key, LOW_BITS: tl.constexpr, NARROW: tl.constexpr):
 
 
 @triton.jit
+def _half_topk(
+    s_ptr, scratch_ptr, rows, rmask, H, T, NK,
+    NKP: tl.constexpr, KP: tl.constexpr, ROWS: tl.constexpr, LOW_BITS: tl.constexpr,
+    NARROW: tl.constexpr, FILTER: tl.constexpr, GROUPS: tl.constexpr, PER: tl.constexpr,
+    CAP: tl.constexpr,
+):  # fmt: skip
+    """``(values, columns)`` ``[ROWS, KP]``, descending, of the top-KP of ``ROWS`` rows of
+    ``[H, T, NK]`` half scores.
+
+    FILTER: each of GROUPS interleaved column groups (column ``j·GROUPS + g``) gives its
+    PER-th largest value; the least of them, ``lo``, has ``GROUPS·PER >= KP`` values at or
+    above it, so every top-KP value is ``>= lo``. Those (about 57 of 1,024 at the paper
+    shape) are compacted through ``scratch`` (``CAP`` keys per row) and only they are
+    ranked. A row with more than CAP of them (ties, NaN) ranks all its keys instead.
+    Either way the ranking is by the same ``(value, column)`` keys: the same result."""
+    # Scores come head-major out of the batched matmul: row (t, h) sits at h·T + t.
+    base = (rows % H) * T + rows // H  # [ROWS]
+    g = tl.arange(0, GROUPS)
+    j = tl.arange(0, NKP // GROUPS)
+    cols = j[None, None, :] * GROUPS + g[None, :, None]  # [1, GROUPS, NKP // GROUPS]
+    m3 = rmask[:, None, None] & (cols < NK)
+    # Padding is set in fp32: in fp16 the pad value would be -inf, and -inf with an index
+    # packed into its low bits is a NaN.
+    s = tl.load(s_ptr + base[:, None, None] * NK + cols, mask=m3, other=0.0).to(tl.float32)
+    s = tl.where(m3, s, _PAD)
+    cols3 = tl.broadcast_to(cols, [ROWS, GROUPS, NKP // GROUPS])
+    keys = tl.reshape(_pack(s, cols3, NARROW), [ROWS, NKP])
+    if FILTER:
+        lo = tl.min(tl.min(tl.topk(s, PER), axis=2), axis=1)  # [ROWS]
+        # A NaN is kept (its key ranks it as the full ranking does) and never a bound.
+        keep = tl.reshape(((s >= lo[:, None, None]) | (s != s)) & m3, [ROWS, NKP])
+        count = tl.sum(keep.to(tl.int32), axis=1)  # [ROWS]; >= KP unless NaN
+        full = tl.max(tl.where(rmask, count, 0)) > CAP
+        full = full | (tl.min(tl.where(rmask, count, KP)) < KP)
+        if full:
+            top = tl.topk(keys, KP)
+        else:
+            pos = tl.cumsum(keep.to(tl.int32), axis=1) - 1  # [ROWS, NKP] slot of each kept key
+            tl.store(scratch_ptr + rows[:, None] * CAP + pos, keys, mask=keep)
+            tl.debug_barrier()  # the slots written by other threads of this program
+            c = tl.arange(0, CAP)
+            cmask = rmask[:, None] & (c[None, :] < count[:, None])
+            few = tl.load(scratch_ptr + rows[:, None] * CAP + c[None, :], mask=cmask, other=0)
+            pad = _pack(tl.full([ROWS, CAP], _PAD, tl.float32), c[None, :] * 0, NARROW)
+            few = tl.where(cmask, few, pad)
+            top = tl.topk(few, KP)
+    else:
+        top = tl.topk(keys, KP)
+    return _unpack(top, LOW_BITS, NARROW)
+
+
+@triton.jit
 def _pk_topk_kernel(
     s1_ptr,  # [H, T, NK] scores of the first half keys (row r = t·H + h; R = T·H)
     s2_ptr,  # [H, T, NK] scores of the second half keys
+    scratch_ptr,  # [2, R, CAP] int64 (FILTER): the compacted keys of each half
+    top_ptr,  # [R, 2, KP] fp32: the top-KP values of each half
+    pair_ptr,  # [NPAIR] int32: a·KP + b of the candidate pairs that can reach the top-k
     scores_ptr,  # [R, k] out, descending
     index_ptr,  # [R, k] int64 out: i1 * NK + i2
     i1_ptr,  # [R, k] int32 out: first half key of each pick (for the backward)
@@ -78,31 +137,45 @@ def _pk_topk_kernel(
     T,
     NK,
     k,
+    n_pairs,
     NKP: tl.constexpr,  # next power of two of NK
     KP: tl.constexpr,  # next power of two of k
+    NPAIR: tl.constexpr,  # next power of two of n_pairs
     ROWS: tl.constexpr,
     LOW_BITS: tl.constexpr,
     NARROW: tl.constexpr,
+    FILTER: tl.constexpr,
+    GROUPS: tl.constexpr,
+    PER: tl.constexpr,
+    CAP: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     rmask = rows < R
-    cols = tl.arange(0, NKP)  # [NKP]
-    m2 = rmask[:, None] & (cols < NK)[None, :]
-    # Scores come head-major out of the batched matmul: row (t, h) sits at h·T + t.
-    offs = ((rows % H) * T + rows // H)[:, None] * NK + cols[None, :]  # [ROWS, NKP]
-    # Padding is set in fp32: in fp16 the pad value would be -inf, and -inf with an index
-    # packed into its low bits is a NaN.
-    s1 = tl.where(m2, tl.load(s1_ptr + offs, mask=m2, other=0.0).to(tl.float32), _PAD)
-    s2 = tl.where(m2, tl.load(s2_ptr + offs, mask=m2, other=0.0).to(tl.float32), _PAD)
-    cols2 = tl.broadcast_to(cols[None, :], [ROWS, NKP])
     # Top-KP of each half, descending (a superset of the top-k when k < KP: still exact).
-    v1, i1 = _unpack(tl.topk(_pack(s1, cols2, NARROW), KP), LOW_BITS, NARROW)  # [ROWS, KP]
-    v2, i2 = _unpack(tl.topk(_pack(s2, cols2, NARROW), KP), LOW_BITS, NARROW)
-    # Candidates: every pair's sum, rounded like the PyTorch path's sum in the score dtype.
-    cand = v1[:, :, None] + v2[:, None, :]  # [ROWS, KP, KP]
+    v1, i1 = _half_topk(s1_ptr, scratch_ptr, rows, rmask, H, T, NK, NKP, KP, ROWS,
+                        LOW_BITS, NARROW, FILTER, GROUPS, PER, CAP)  # fmt: skip
+    v2, i2 = _half_topk(s2_ptr, scratch_ptr + R * CAP, rows, rmask, H, T, NK, NKP, KP, ROWS,
+                        LOW_BITS, NARROW, FILTER, GROUPS, PER, CAP)  # fmt: skip
+    # Candidates: with both halves sorted, pair (a, b) has (a+1)(b+1) - 1 pairs at least
+    # as good, so only pairs with (a+1)(b+1) <= k can be picked (119 of the 1,024 at
+    # k = 32). Listed by a·KP + b ascending, the key's tie order among them is that of all
+    # k×k pairs. Sums are rounded like the PyTorch path's sum in the score dtype.
+    # The picked values go through ``top`` (this program's rows, L1/L2-resident) to be
+    # read back by pair: a register gather of another shape does not compile (Triton 3.6).
+    kc = tl.arange(0, KP)
+    row_top = top_ptr + rows[:, None] * (2 * KP)  # [ROWS, 1]
+    tl.store(row_top + kc[None, :], v1, mask=rmask[:, None])
+    tl.store(row_top + KP + kc[None, :], v2, mask=rmask[:, None])
+    tl.debug_barrier()
+    p = tl.arange(0, NPAIR)
+    pmask = p < n_pairs
+    pair = tl.load(pair_ptr + p, mask=pmask, other=0)
+    cmask = rmask[:, None] & pmask[None, :]
+    cand = tl.load(row_top + (pair // KP)[None, :], mask=cmask, other=0.0)
+    cand += tl.load(row_top + KP + (pair % KP)[None, :], mask=cmask, other=0.0)
     cand = tl.maximum(cand.to(scores_ptr.dtype.element_ty).to(tl.float32), _PAD)
-    cand = tl.reshape(cand, [ROWS, KP * KP])
-    pair = tl.broadcast_to(tl.arange(0, KP * KP)[None, :], [ROWS, KP * KP])  # a * KP + b
+    cand = tl.where(pmask[None, :], cand, _PAD)
+    pair = tl.broadcast_to(pair[None, :], [ROWS, NPAIR])
     best, c = _unpack(tl.topk(_pack(cand, pair, NARROW), KP), LOW_BITS, NARROW)  # [ROWS, KP]
     j1 = tl.gather(i1, c // KP, axis=1)  # [ROWS, KP] first half key of each pick
     j2 = tl.gather(i2, c % KP, axis=1)
@@ -120,6 +193,20 @@ def _low_bits(dtype: torch.dtype) -> int:
     return {torch.bfloat16: 16, torch.float16: 13}.get(dtype, 0)
 
 
+_PAIRS: dict = {}
+
+
+def candidate_pairs(k: int, device: torch.device) -> torch.Tensor:
+    """``a·KP + b`` (int32, ascending) of every pair with ``(a+1)(b+1) <= k``: the only
+    candidates of two descending top-k lists that can be among the k best sums."""
+    key = (k, device)
+    if key not in _PAIRS:
+        kp = triton.next_power_of_2(k)
+        pairs = [a * kp + b for a in range(k) for b in range(k) if (a + 1) * (b + 1) <= k]
+        _PAIRS[key] = torch.tensor(pairs, dtype=torch.int32, device=device)
+    return _PAIRS[key]
+
+
 def topk_launch(
     s1: torch.Tensor,
     s2: torch.Tensor,
@@ -127,9 +214,14 @@ def topk_launch(
     rows: int = TOPK_ROWS,
     num_warps: int = TOPK_WARPS,
     narrow: bool | None = None,
+    filter_keys: bool = True,
+    cap: int = TOPK_CAP,
 ):
     """``(scores, index, i1, i2)``, ``[T·H, k]`` each (row t·H + h), of the exact product
-    top-k of ``[H, T, NK]`` half scores (a 2-D ``[R, NK]`` is one head)."""
+    top-k of ``[H, T, NK]`` half scores (a 2-D ``[R, NK]`` is one head).
+
+    ``filter_keys``: rank only the keys above each row's group bound (:func:`_half_topk`);
+    off, every key of a row is ranked (the result is the same)."""
     if s1.dim() == 2:
         s1, s2 = s1.unsqueeze(0), s2.unsqueeze(0)
     heads, tokens, nk = s1.shape
@@ -140,16 +232,26 @@ def topk_launch(
     low = _low_bits(s1.dtype)
     if narrow is None:
         narrow = low > 0 and max(nkp, kp * kp) <= 1 << low
+    # The filter pays off when a row is much longer than the keys it keeps (cap); its
+    # groups each give their per-th best, groups · per >= kp.
+    cap = max(cap, 2 * kp)
+    filter_keys = filter_keys and not narrow and nkp >= 2 * cap
+    groups = min(8, kp)
+    per = kp // groups
+    pairs = candidate_pairs(k, s1.device)
     scores = s1.new_empty(r, k)
     index = torch.empty(r, k, dtype=torch.int64, device=s1.device)
     i1 = torch.empty(r, k, dtype=torch.int32, device=s1.device)
     i2 = torch.empty_like(i1)
     if r == 0:
         return scores, index, i1, i2
+    scratch = torch.empty(2 * r * cap if filter_keys else 1, dtype=torch.int64, device=s1.device)
+    top = torch.empty(r, 2, kp, dtype=torch.float32, device=s1.device)
     _pk_topk_kernel[(triton.cdiv(r, rows),)](
-        s1, s2, scores, index, i1, i2, r, heads, tokens, nk, k,
-        NKP=nkp, KP=kp, ROWS=rows, LOW_BITS=max(low, 1), NARROW=narrow,
-        num_warps=num_warps,
+        s1, s2, scratch, top, pairs, scores, index, i1, i2, r, heads, tokens, nk, k, len(pairs),
+        NKP=nkp, KP=kp, NPAIR=triton.next_power_of_2(len(pairs)), ROWS=rows,
+        LOW_BITS=max(low, 1), NARROW=narrow, FILTER=filter_keys, GROUPS=groups, PER=per,
+        CAP=cap, num_warps=num_warps,
     )  # fmt: skip
     return scores, index, i1, i2
 
@@ -201,32 +303,77 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, keys, i1, i2)
 
 
+@triton.jit
+def _dense_score_grad_kernel(
+    ds_ptr,  # [R, k] gradient of the returned scores (row r = t·H + h)
+    i1_ptr,  # [R, k] int32 first half key of each pick
+    i2_ptr,  # [R, k] int32
+    out_ptr,  # [2, H, T, NK] out: each half key's gradient, head-major, in q's dtype
+    R,
+    H,
+    T,
+    NK,
+    k,
+    NKP: tl.constexpr,
+    KP: tl.constexpr,
+):
+    """One (token, head) row: the gradient of every half key's score, written once in the
+    layout the backward's matrix products read (no fp32 zeros, scatter, cast and
+    transpose passes). A half key may serve several picks: each pick's slot gets the sum,
+    in fp32 and in pick order, over the picks sharing its key (so all of them store the
+    same number), after the row is zeroed."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, KP)
+    jmask = j < k
+    ds = tl.load(ds_ptr + row * k + j, mask=jmask, other=0.0).to(tl.float32)
+    cols = tl.arange(0, NKP)
+    base = ((row % H) * T + row // H) * NK
+    zero = tl.zeros([NKP], dtype=out_ptr.dtype.element_ty)
+    for half in tl.static_range(2):
+        dst = out_ptr + half * R * NK + base
+        tl.store(dst + cols, zero, mask=cols < NK)
+    i1 = tl.load(i1_ptr + row * k + j, mask=jmask, other=-1)
+    i2 = tl.load(i2_ptr + row * k + j, mask=jmask, other=-2)
+    tot1 = tl.sum(tl.where(i1[:, None] == i1[None, :], ds[None, :], 0.0), axis=1)  # [KP]
+    tot2 = tl.sum(tl.where(i2[:, None] == i2[None, :], ds[None, :], 0.0), axis=1)
+    tl.debug_barrier()  # the zeros of other threads land before the picks' sums
+    tl.store(out_ptr + base + i1, tot1.to(out_ptr.dtype.element_ty), mask=jmask)
+    tl.store(out_ptr + R * NK + base + i2, tot2.to(out_ptr.dtype.element_ty), mask=jmask)
+
+
+@torch.library.custom_op("memlayers::product_key_score_grad", mutates_args=())
+def dense_score_grad(
+    d_scores: torch.Tensor, i1: torch.Tensor, i2: torch.Tensor, like: torch.Tensor, nk: int
+) -> torch.Tensor:
+    """``[2, H, T, nk]`` in ``like``'s dtype (``like``: q ``[T, H, k_dim]``): the gradient
+    of every half key's score from the picks' ``d_scores [T, H, k]``."""
+    tokens, heads = like.shape[0], like.shape[1]
+    r, k = tokens * heads, i1.shape[-1]
+    ds = like.new_empty(2, heads, tokens, nk)
+    if r:
+        _dense_score_grad_kernel[(r,)](
+            d_scores.contiguous(), i1.contiguous(), i2.contiguous(), ds, r, heads, tokens, nk,
+            k, NKP=triton.next_power_of_2(nk), KP=triton.next_power_of_2(k), num_warps=4,
+        )  # fmt: skip
+    return ds
+
+
+@dense_score_grad.register_fake
+def _(d_scores, i1, i2, like, nk):
+    return like.new_empty(2, like.shape[1], like.shape[0], nk)
+
+
 def _backward(ctx, d_scores, _d_index, _d_i1, _d_i2):
     q, keys, i1, i2 = ctx.saved_tensors
-    nk, half = keys.shape[2], keys.shape[3]
-    ds = d_scores.float()
-    # Each pick's gradient lands on its two half keys; one half key may serve many picks.
-    ds1 = ds.new_zeros(*ds.shape[:-1], nk).scatter_add_(-1, i1.long(), ds).to(q.dtype)
-    ds2 = ds.new_zeros(*ds.shape[:-1], nk).scatter_add_(-1, i2.long(), ds).to(q.dtype)
-    dq = torch.cat(
-        [
-            torch.einsum("...hn,hnd->...hd", ds1, keys[:, 0]),
-            torch.einsum("...hn,hnd->...hd", ds2, keys[:, 1]),
-        ],
-        dim=-1,
-    )
-    q1 = q[..., :half].reshape(-1, q.shape[-2], half)  # [T, H, half]
-    dk = torch.stack(
-        [
-            torch.einsum("thn,thd->hnd", ds1.reshape(-1, *ds1.shape[-2:]), q1),
-            torch.einsum(
-                "thn,thd->hnd",
-                ds2.reshape(-1, *ds2.shape[-2:]),
-                q[..., half:].reshape(-1, q.shape[-2], half),
-            ),
-        ],
-        dim=1,
-    )
+    heads, _, nk, half = keys.shape
+    q3 = q.reshape(-1, heads, 2 * half)  # [T, H, k_dim]
+    tokens = q3.shape[0]
+    # Each half key's score gradient, [2, H, T, NK] at q's dtype (summed in fp32).
+    ds = dense_score_grad(d_scores, i1, i2, q3, nk)
+    qh = q3.view(tokens, heads, 2, half).permute(2, 1, 0, 3)  # [2, H, T, half]
+    dq = torch.stack([torch.bmm(ds[i], keys[:, i]) for i in range(2)], dim=2)  # [H, T, 2, half]
+    dq = dq.permute(1, 0, 2, 3).reshape(q.shape)
+    dk = torch.stack([torch.bmm(ds[i].transpose(1, 2), qh[i]) for i in range(2)], dim=1)
     return dq, dk, None
 
 
