@@ -6,8 +6,8 @@
 
 Paper shape (docs/method.md §4): a 1,048,576-row bf16 table with fp32 moments, the rows
 that 16,384 × 128 uniform lookups touch (~907k). Bytes are the fewest a step moves: Adam
-reads and writes param and both fp32 moments of the touched rows and reads their gradient
-rows; SGD reads and writes param and reads the gradient.
+reads and writes param and both moments (fp32; or bf16 with stochastic rounding) of the
+touched rows and reads their gradient rows; SGD reads and writes param and reads the gradient.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def bench_dim(args, table: Table, d: int, device) -> None:
     # Per touched row: param read + write, gradient read, moments read + write (fp32);
     # the row index (8) is left out of the per-row figures.
     per_row = {"adam": d * (2 * elt + elt + 16), "rowwise": d * (2 * elt + elt + 8) + 8,
-               "sgd": d * 3 * elt}  # fmt: skip
+               "bf16": d * (2 * elt + elt + 8), "sgd": d * 3 * elt}  # fmt: skip
+    m16, v16 = m.bfloat16(), v.bfloat16()
     adam_bytes = u * (per_row["adam"] + 8)
     note = f"{u} of {n} rows"
     table.add(f"D={d}: row Adam step (bf16 table, fp32 moments)",
@@ -44,6 +45,9 @@ def bench_dim(args, table: Table, d: int, device) -> None:
               timed(lambda: row_adam_step_triton(values, rows, grad, m, v_row, 1, **hp,
                                                  rowwise_v=True)),
               u * (per_row["rowwise"] + 8), f"{note}; {per_row['rowwise']} B/row")  # fmt: skip
+    table.add(f"D={d}: row Adam step, bf16 moments (stochastic rounding)",
+              timed(lambda: row_adam_step_triton(values, rows, grad, m16, v16, 1, **hp)),
+              u * (per_row["bf16"] + 8), f"{note}; {per_row['bf16']} B/row")  # fmt: skip
     table.add(f"D={d}: row SGD step (bf16 table)",
               timed(lambda: row_sgd_step_triton(values, rows, grad, 1e-3)),
               u * (per_row["sgd"] + 8), f"{note}; {per_row['sgd']} B/row")  # fmt: skip

@@ -340,3 +340,108 @@ def test_trainer_option_sparse_adam_rowwise():
     model.values.shard = SimpleNamespace(world=2)
     with pytest.raises(ValueError, match="parallel.mp=2"):
         build_optimizer(model, args, impl="torch")
+
+
+# bf16 moments (stochastic rounding): the same bits in both paths, unbiased rounding,
+# close to fp32 Adam, exact resume, the trainer option.
+
+
+@pytest.mark.parametrize("rowwise", [False, True], ids=["elementwise-v", "rowwise-v"])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_bf16_moments_match_reference(sparse, rowwise):
+    n, d = 24, 37
+    params = [_table(n, d, torch.float32) for _ in range(2)]
+    sq = (lambda: torch.zeros(n, device=DEVICE)) if rowwise else (
+        lambda: torch.zeros(n, d, device=DEVICE, dtype=torch.bfloat16))  # fmt: skip
+    states = [[torch.zeros(n, d, device=DEVICE, dtype=torch.bfloat16), sq()] for _ in range(2)]
+    for step in (1, 2, 3, 4):
+        rows = _rows(n, 9, seed=step) if sparse else None
+        grad = _table(9 if sparse else n, d, torch.float32, seed=10 + step)
+        for fn, p, (m, v) in zip(
+            (row_adam_step_torch, row_adam_step_triton), params, states, strict=True
+        ):
+            fn(p, rows, grad, m, v, step, weight_decay=0.1, rowwise_v=rowwise, **HP)
+    _assert_param_close(params[1], params[0])
+    assert states[1][0].dtype == torch.bfloat16
+    # The stored moments: the same random bits in both paths. An fp32 rounding difference
+    # before the cut (fused multiply-adds on a GPU) may move a moment by one bf16 step.
+    # A row-wise (fp32) second moment: the reduction order's rounding only.
+    for a, b in zip(states[0], states[1], strict=True):
+        if a.dtype == torch.float32:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-12)
+        elif CUDA:
+            torch.testing.assert_close(b.float(), a.float(), rtol=2**-7, atol=1e-12)
+        else:
+            assert torch.equal(a, b)
+
+
+def test_stochastic_rounding_is_unbiased_and_deterministic():
+    from memlayers.ops.row_adam import stochastic_round_bf16
+
+    n = 1 << 16
+    offsets = torch.arange(n) + (5 << 32)  # offsets past 2**32 use their high bits too
+    for x in (1.0 + 2**-9, -3.0 - 3 * 2**-8, 1e-3 * (1 + 2**-10)):
+        r = stochastic_round_bf16(torch.full((n,), x), offsets, seed=7).float()
+        values = r.unique()
+        assert values.numel() == 2 and values[0] < x < values[1]  # the two neighbours
+        ulp = (r.max() - r.min()).item()
+        # Mean within 4 standard errors of x (a round-to-nearest would be off by >= ulp/8).
+        assert abs(r.mean().item() - x) < 4 * ulp / 2 / n**0.5
+        assert abs(torch.tensor(x).bfloat16().float().item() - x) > 4 * ulp / 2 / n**0.5
+        again = stochastic_round_bf16(torch.full((n,), x), offsets, seed=7)
+        assert torch.equal(again.float(), r)
+        other = stochastic_round_bf16(torch.full((n,), x), offsets, seed=8).float()
+        assert not torch.equal(other, r)  # another step, other bits
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0])
+    out = stochastic_round_bf16(special, torch.arange(5), seed=3).float()
+    assert out[0] == float("inf") and out[1] == -float("inf") and out[2].isnan()
+    assert out[3] == 0 and out[4] == 0
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_bf16_moments_optimizer_close_to_fp32_and_resume_exact(impl):
+    n, d = 20, 16
+    tables = [torch.nn.Parameter(_table(n, d, torch.float32)) for _ in range(3)]
+    fp32 = SparseValueAdam([tables[0]], lr=1e-2, impl=impl)
+    bf16 = [SparseValueAdam([t], lr=1e-2, impl=impl, moments="bf16") for t in tables[1:]]
+
+    def step(table, opt, seed):
+        rows = _rows(n, 8, seed)
+        g = _table(rows.numel(), d, torch.float32, seed=40 + seed)
+        table.grad = torch.sparse_coo_tensor(rows[None], g, (n, d), check_invariants=True)
+        opt.step()
+
+    for seed in range(1, 6):
+        for t, o in zip(tables, [fp32, *bf16], strict=True):
+            step(t, o, seed)
+    st = bf16[1].state[tables[2]]
+    assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.bfloat16
+    # Each step moves a value ~lr; the moments' rounding changes it by ~2^-8 of that.
+    torch.testing.assert_close(tables[1].data, tables[0].data, rtol=0, atol=1e-3)
+    saved = bf16[1].state_dict()
+    resumed = SparseValueAdam([tables[2]], lr=1e-2, impl=impl, moments="bf16")
+    resumed.load_state_dict(saved)
+    assert resumed.state[tables[2]]["exp_avg"].dtype == torch.bfloat16
+    step(tables[1], bf16[0], 6)
+    step(tables[2], resumed, 6)
+    assert torch.equal(tables[2], tables[1])  # same bits: the rounding repeats
+    # Switching the moments' dtype on resume converts them, as a DCP load does.
+    widened = SparseValueAdam([tables[2]], impl=impl)
+    widened.load_state_dict(saved)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert widened.state[tables[2]][key].dtype == torch.float32
+        assert torch.equal(widened.state[tables[2]][key], saved["state"][0][key].float())
+    with pytest.raises(ValueError, match="moments must be one of"):
+        SparseValueAdam([tables[2]], moments="fp16")
+
+
+def test_trainer_option_sparse_adam_bf16():
+    from memlayers.optim import OptimArgs, build_optimizer, uses_sparse_values
+
+    args = OptimArgs(value_optimizer="sparse_adam_bf16")
+    args.validate()
+    assert uses_sparse_values(args)
+    opt = build_optimizer(_memory_model(), args, impl="torch").optimizers["values"]
+    assert opt.moments == "bf16" and not opt.rowwise_v
+    entry = build_optimizer(_memory_model(), args, impl="torch").distributed_state_dict()
+    assert entry["values_optim"]["values"]["exp_avg_sq"].dtype == torch.bfloat16

@@ -1,7 +1,8 @@
 """Triton kernels of the row-wise Adam(W) and SGD steps and their launchers (references,
 checks and dispatchers live in :mod:`memlayers.ops.row_adam`). One program per (touched
 row, column tile): a pure stream over ``param``, ``exp_avg``, ``exp_avg_sq`` and ``grad``
-rows, fp32 arithmetic (95-99% of copy bandwidth on an H100, benchmarks/NOTES.md).
+rows, fp32 arithmetic (95-99% of copy bandwidth on an H100, benchmarks/NOTES.md). bf16
+moments are read as fp32 and stored stochastically rounded (:mod:`memlayers.ops.row_adam`).
 
 The row-wise second moment needs the mean of ``g²`` over the whole row before any column
 is updated, so its kernel runs one program per touched row, looping over column tiles
@@ -13,10 +14,11 @@ from __future__ import annotations
 
 import math
 
+import torch
 import triton
 import triton.language as tl
 
-from memlayers.ops.row_adam import check_rows
+from memlayers.ops.row_adam import check_rows, round_seed
 from memlayers.ops.triton_interpreter import patch_triton_interpreter
 
 patch_triton_interpreter()
@@ -41,6 +43,29 @@ def _row_tile(rows_ptr, grad_ptr, D, n_dtiles, DENSE: tl.constexpr, BLOCK_D: tl.
 
 
 @triton.jit
+def _hash32(x):
+    """:func:`memlayers.ops.row_adam._hash32`: int64 lanes holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _stored(x, offs, seed, BF16: tl.constexpr):
+    """``x`` (fp32) as the moment is stored: itself, or stochastically rounded to bf16
+    (:func:`memlayers.ops.row_adam.stochastic_round_bf16`, the same bits)."""
+    if BF16:
+        hi = _hash32(((offs >> 32) & 0xFFFFFFFF) ^ seed)
+        noise = _hash32((offs & 0xFFFFFFFF) ^ hi) & 0xFFFF
+        bits = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        bits = (bits + noise) & 0xFFFF0000
+        x = bits.to(tl.int32).to(tl.float32, bitcast=True).to(tl.bfloat16)
+    return x
+
+
+@triton.jit
 def row_adam_kernel(
     param_ptr,  # [N, D] any float dtype, updated in place
     rows_ptr,  # [U] int64 table rows (unused when DENSE: row = program's row)
@@ -57,14 +82,18 @@ def row_adam_kernel(
     sqrt_bc2,
     eps,
     neg_step_size,  # -lr / bc1
+    seed_m,  # stochastic rounding seeds (bf16 moments)
+    seed_v,
     DENSE: tl.constexpr,
     DECAY: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BF16_M: tl.constexpr,  # exp_avg is bf16
+    BF16_V: tl.constexpr,  # exp_avg_sq is bf16
 ):
     row, cols, mask, g = _row_tile(rows_ptr, grad_ptr, D, n_dtiles, DENSE, BLOCK_D)
     offs = row * D + cols  # int64: tables past 2**31 elements
-    m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0)
+    m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     # Same order as the reference: m, v, decoupled decay, p += -lr/bc1 · m / (√v/√bc2 + ε).
     m = m * beta1 + one_minus_beta1 * g
@@ -73,8 +102,8 @@ def row_adam_kernel(
         p = p * decay
     denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
     p = p + neg_step_size * tl.div_rn(m, denom)
-    tl.store(exp_avg_ptr + offs, m, mask=mask)
-    tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
+    tl.store(exp_avg_ptr + offs, _stored(m, offs, seed_m, BF16_M), mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, _stored(v, offs, seed_v, BF16_V), mask=mask)
     tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
 
 
@@ -95,10 +124,15 @@ def row_adam_rowwise_kernel(
     sqrt_bc2,
     eps,
     neg_step_size,  # -lr / bc1
+    seed_m,  # stochastic rounding seed (bf16 exp_avg)
+    seed_v,  # unused: the row-wise second moment stays fp32
     DENSE: tl.constexpr,
     DECAY: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BF16_M: tl.constexpr,
+    BF16_V: tl.constexpr,
 ):
+    tl.static_assert(not BF16_V, "the row-wise second moment is fp32")
     u = tl.program_id(0).to(tl.int64)
     if DENSE:
         row = u
@@ -121,13 +155,13 @@ def row_adam_rowwise_kernel(
         mask = cols < D
         g = tl.load(grad_ptr + u * D + cols, mask=mask, other=0.0).to(tl.float32)
         offs = row * D + cols  # int64: tables past 2**31 elements
-        m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
+        m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         m = m * beta1 + one_minus_beta1 * g
         if DECAY:
             p = p * decay
         p = p + neg_step_size * tl.div_rn(m, denom)
-        tl.store(exp_avg_ptr + offs, m, mask=mask)
+        tl.store(exp_avg_ptr + offs, _stored(m, offs, seed_m, BF16_M), mask=mask)
         tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
 
 
@@ -173,8 +207,10 @@ def row_adam_step_triton(
     kernel[(grid,)](
         param, rows if rows is not None else grad, grad, exp_avg, exp_avg_sq, d, n_dtiles,
         beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, math.sqrt(bc2), eps,
-        -lr / bc1,
-        DENSE=rows is None, DECAY=weight_decay != 0, BLOCK_D=block_d, num_warps=num_warps,
+        -lr / bc1, round_seed(step, 1), round_seed(step, 2),
+        DENSE=rows is None, DECAY=weight_decay != 0, BLOCK_D=block_d,
+        BF16_M=exp_avg.dtype == torch.bfloat16, BF16_V=exp_avg_sq.dtype == torch.bfloat16,
+        num_warps=num_warps,
     )  # fmt: skip
 
 
