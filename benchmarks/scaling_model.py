@@ -173,7 +173,7 @@ def table_rows(args) -> str:
     return "\n".join(lines)
 
 
-def check(args) -> str:
+def check() -> str:
     """The model against the 2-GPU run (parallel_h200x2_20261125.md, H200 pair, 134m-
     memory+, 8 × 1024 tokens per GPU, fp32 table): one GPU 74.8 ms a step (109,491
     tokens/s), mp = 2 109.0 ms (150,294 tokens/s, 1.37x). The model takes the measured
@@ -219,7 +219,7 @@ def main() -> None:
     )
     p.add_argument("--check", action="store_true", help="only the 2-GPU check")
     args = p.parse_args()
-    print(check(args))
+    print(check())
     if not args.check:
         print()
         print(table_rows(args))

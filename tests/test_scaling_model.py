@@ -45,5 +45,5 @@ def test_more_dp_adds_only_the_cross_node_all_reduce(sm):
 
 
 def test_check_reports_the_measured_two_gpu_gap(sm):
-    text = sm.check(None)
+    text = sm.check()
     assert "measured 109.0 ms" in text and "unexplained" in text

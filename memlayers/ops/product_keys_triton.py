@@ -2,9 +2,12 @@
 
 The half-key scores ``s1 = q1 K1ᵀ`` and ``s2 = q2 K2ᵀ`` stay cuBLAS matrix products, fp32
 out whatever the inputs (bf16/fp16 inputs accumulate in fp32 on tensor cores); one
-program then takes ``ROWS`` (token, head) rows of both, keeps the top-k of each half,
-forms the ``k × k`` candidate sums and keeps their top-k — all in registers, where the
-PyTorch path runs three ``torch.topk`` launches and writes the candidates out in between.
+program then takes ``ROWS`` (token, head) rows of both, keeps the top-k of each half
+(ranking only the keys above a per-row bound, :func:`_half_topk`), forms the candidate sums
+of the pairs that can win (:func:`candidate_pairs`) and keeps their top-k, in one launch,
+where the PyTorch path runs three ``torch.topk`` launches over every key and every pair
+and writes the candidates out in between. Two small scratch buffers carry a row's kept
+keys and its picked values between the program's own threads.
 The reference is :func:`memlayers.ops.product_keys._product_key_topk_torch`.
 
 Top-k uses Triton's bitonic ``tl.topk`` on keys that carry each value's index:

@@ -70,8 +70,8 @@ def row_adam_kernel(
     param_ptr,  # [N, D] any float dtype, updated in place
     rows_ptr,  # [U] int64 table rows (unused when DENSE: row = program's row)
     grad_ptr,  # [U, D] gradient rows
-    exp_avg_ptr,  # [N, D] fp32
-    exp_avg_sq_ptr,  # [N, D] fp32
+    exp_avg_ptr,  # [N, D] fp32 or bf16
+    exp_avg_sq_ptr,  # [N, D] fp32 or bf16
     D,
     n_dtiles,
     beta1,
@@ -112,7 +112,7 @@ def row_adam_rowwise_kernel(
     param_ptr,  # [N, D] any float dtype, updated in place
     rows_ptr,  # [U] int64 table rows (unused when DENSE: row = program's row)
     grad_ptr,  # [U, D] gradient rows
-    exp_avg_ptr,  # [N, D] fp32
+    exp_avg_ptr,  # [N, D] fp32 or bf16
     exp_avg_sq_ptr,  # [N] fp32: one second moment per row
     D,
     n_dtiles,
