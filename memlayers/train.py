@@ -200,10 +200,13 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
     run = Run(args.run_dir)
     if resume is None:
         # Every rank checks (the same answer, so no rank waits on one that raised); the
-        # barrier keeps rank 0's first writes after every rank's check.
-        run.start_fresh(overwrite, clear=env.is_main)
+        # barrier keeps rank 0's first writes, deleting an old run too, after every rank's
+        # check: a rank still looking at checkpoints/ must not find it gone.
+        run.start_fresh(overwrite, clear=env.world_size == 1)
         if env.world_size > 1:
             dist.barrier()
+            if env.is_main:
+                run.start_fresh(overwrite)
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and env.device.type == "cuda")
     autocast = (
         torch.autocast(env.device.type, dtype=torch.bfloat16)

@@ -1,9 +1,13 @@
 """Trainer: config loading, exact resume, checkpoints (save/load/corruption), NaN stop,
 run-directory layout, the optimizer groups and schedule."""
 
+import builtins
+import errno
+import io
 import json
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -199,6 +203,53 @@ def test_a_read_only_run_dir_is_one_error_line(tmp_path, capsys):
     finally:
         run.chmod(0o700)
     assert capsys.readouterr().err.startswith("error: Permission denied")
+
+
+def _refuse_writes_under(monkeypatch, root, code: int) -> None:
+    """Creating or writing anything under ``root`` (``root`` included) fails with ``code``,
+    as in a read-only directory or file system. chmod can't simulate that for root, who
+    ignores it (CI runs as root); patched: open for writing and mkdir, for those paths only."""
+    root = os.path.abspath(root)
+    real_open, real_mkdir = builtins.open, os.mkdir
+
+    def check(path) -> None:
+        if isinstance(path, (str, bytes, os.PathLike)):
+            p = os.path.abspath(os.fsdecode(path))
+            if p == root or p.startswith(root + os.sep):
+                raise OSError(code, os.strerror(code), p)
+
+    def open_(file, mode="r", *args, **kwargs):
+        if set(mode) & set("wax+"):
+            check(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):
+        check(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)  # pathlib's
+    monkeypatch.setattr(os, "mkdir", mkdir)  # Path.mkdir's and os.makedirs'
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS], ids=["EACCES", "EROFS"])
+@pytest.mark.parametrize("exists", [True, False], ids=["read-only-dir", "in-read-only-parent"])
+def test_an_unwritable_run_dir_is_one_error_line_also_as_root(
+    tmp_path, capsys, monkeypatch, code, exists
+):
+    """The read-only test above, where root can run it too: the first write into the run
+    directory (or its creation) fails, and the CLI says so in one line naming the path."""
+    run = tmp_path / "ro"
+    if exists:
+        run.mkdir()
+    _refuse_writes_under(monkeypatch, run, code)
+    argv = ["train", *TINY, f"run_dir={run}", "steps=1", "final_eval=false"]
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: {re.escape(os.strerror(code))}: {re.escape(str(run))}\S*\n", err)
+    with pytest.raises(OSError) as raised:  # --debug shows the traceback
+        cli_main(["--debug", *argv])
+    assert raised.value.errno == code
 
 
 def test_keep_prunes_old_checkpoints(tmp_path):
@@ -525,6 +576,108 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     for a, b in zip(one, two, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def _fresh_start_worker(rank, store_dir, phases):
+    """One rank: ``memlayers train`` once per phase ``(argv, timing)``, in a new gloo group
+    each time (the CLI destroys it). ``timing`` slows the ranks' run-directory checks:
+    None, "late" or "overlap" (below). Writes ``[(rc or exception, stderr), ...]``: the
+    test sees what every rank did."""
+    import contextlib
+    import time
+    from datetime import timedelta
+    from pathlib import Path
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    from memlayers.run import Run
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")  # what torchrun sets
+    torch.set_num_threads(1)
+    check, results = Run.start_fresh, []
+
+    def late(run, *args, **kwargs):  # rank 1 checks 2 s after rank 0
+        time.sleep(2)
+        return check(run, *args, **kwargs)
+
+    def lists_late(run, *args, **kwargs):  # rank 1 lists checkpoints/ 1 s after finding it
+        is_dir = Path.is_dir
+
+        def found_late(path):
+            found = is_dir(path)
+            time.sleep(1 if found else 0)
+            return found
+
+        with mock.patch.object(Path, "is_dir", found_late):
+            return check(run, *args, **kwargs)
+
+    def deletes_late(run, *args, **kwargs):  # rank 0 deletes 0.5 s after checking
+        rmtree = shutil.rmtree
+
+        def rmtree_late(path):
+            time.sleep(0.5)
+            rmtree(path)
+
+        with mock.patch.object(shutil, "rmtree", rmtree_late):
+            return check(run, *args, **kwargs)
+
+    timings = {None: (check, check), "late": (check, late), "overlap": (deletes_late, lists_late)}
+    for i, (argv, timing) in enumerate(phases):
+        # a rank left waiting (a barrier only the other reaches) fails in 60 s, not 30 min
+        dist.init_process_group(
+            "gloo", init_method=f"file://{store_dir}/store{i}", rank=rank, world_size=2,
+            timeout=timedelta(seconds=60),
+        )  # fmt: skip
+        Run.start_fresh = timings[timing][rank]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                rc = cli_main(argv)
+            except Exception as e:  # e.g. gloo's "Connection closed by peer"
+                rc = f"{type(e).__name__}: {e}"
+        results.append((rc, err.getvalue()))
+    Path(store_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def test_two_ranks_start_fresh_together(tmp_path):
+    """A fresh 2-rank run checks the run directory on every rank before rank 0 writes in
+    it (the barrier after the check): into an old run it is refused on both ranks with
+    nothing touched; with --overwrite it replaces the old run, which rank 0 deletes only
+    once rank 1, still listing checkpoints/, has checked; into a new directory a late rank
+    1 does not mistake rank 0's first files for an old run."""
+    import torch.multiprocessing as mp
+
+    held, replaced, new = tmp_path / "held", tmp_path / "replaced", tmp_path / "new"
+    train(tiny_args(held, "steps=3"))  # one process: safetensors step_000003
+    (held / "notes.txt").write_text("not the trainer's\n")
+    shutil.copytree(held, replaced)
+    before = {p: p.read_bytes() for p in sorted(held.rglob("*")) if p.is_file()}
+    argv = ["train", *TINY, "steps=2", "device=cpu", "final_eval=false"]
+    phases = [
+        ([*argv, f"run_dir={held}"], None),
+        ([*argv, f"run_dir={replaced}", "--overwrite"], "overlap"),
+        ([*argv, f"run_dir={new}"], "late"),
+    ]
+    store = tmp_path / "store"
+    store.mkdir()
+    mp.spawn(_fresh_start_worker, args=(str(store), phases), nprocs=2)
+    ranks = [json.loads((store / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # per phase: (rank 0's, rank 1's) (rc, stderr)
+    refused, overwritten, into_new = zip(*ranks, strict=True)
+
+    one_line = rf"error: {re.escape(str(held))} already holds a run.*\n"
+    assert all(rc == 1 and re.fullmatch(one_line, err) for rc, err in refused), refused
+    assert {p: p.read_bytes() for p in sorted(held.rglob("*")) if p.is_file()} == before
+    assert [rc for rc, _ in overwritten] == [0, 0], overwritten
+    assert [rc for rc, _ in into_new] == [0, 0], into_new
+    for run in (replaced, new):
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "loss" in r] == [1, 2]
+        assert load_config([run / "config.yaml"]).steps == 2
+        assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_000002"]
+        assert (resolve_checkpoint(run) / "dcp" / ".metadata").is_file()  # the 2-rank one
+    assert (replaced / "notes.txt").read_text() == "not the trainer's\n"
 
 
 def test_more_local_ranks_than_gpus_is_a_clear_error(monkeypatch):
