@@ -167,10 +167,13 @@ def bench_forward(table, d, values, indices, weights, sweep: bool):
     t1 = timed(lambda: ebt._fwd_launch(values, indices, weights))
     cfg = "SPLIT={} warps={} stages={}".format(*ebt.FWD_CONFIG)
     table.add(f"fwd D={d} bf16 uniform: shipped", t1, nbytes, cfg)
+    # The index check's cost (issue 14): the same launch without it.
+    t2 = timed(lambda: ebt._fwd_launch(values, indices, weights, check=False))
+    table.add(f"fwd D={d} bf16 uniform: shipped, no index check", t2, nbytes, cfg)
     for c in ebt.FWD_SWEEP if sweep else ():
         fn = lambda c=c: ebt._fwd_launch(values, indices, weights, config=c)  # noqa: E731
         table.add(f"fwd D={d}: sweep SPLIT={c[0]} warps={c[1]} stages={c[2]}", timed(fn), nbytes)
-    return d, t0, t1, nbytes, cfg
+    return d, t0, t1, t2, nbytes, cfg
 
 
 def main() -> None:
@@ -222,10 +225,13 @@ def main() -> None:
         )
     if fwd_rows:
         lines += ["", "| D (paper bags, bf16) | simple of copy BW | shipped of copy BW | "
-                  "shipped ÷ simple time | launch |", "|---|---|---|---|---|"]  # fmt: skip
-        for d, t0, t1, nb, cfg in fwd_rows:
+                  "shipped ÷ simple time | index check's cost | launch |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for d, t0, t1, t2, nb, cfg in fwd_rows:
             bw0, bw1 = nb / t0 / 1e9 / copy_tbs, nb / t1 / 1e9 / copy_tbs
-            lines.append(f"| {d} | {bw0:.0%} | {bw1:.0%} | {t1 / t0:.3f} | {cfg} |")
+            lines.append(
+                f"| {d} | {bw0:.0%} | {bw1:.0%} | {t1 / t0:.3f} | {t1 / t2 - 1:+.1%} | {cfg} |"
+            )
     text = "\n".join(lines)
     report(text, args.out)
 
