@@ -114,6 +114,11 @@ def _half_scores_with_ties(heads, tokens, nk, seed):
     s1[0, 0] = torch.randint(0, 3, (nk,), generator=g).float()  # ties: > cap keys kept
     s2[-1, -1] = 1.5  # one constant row
     s1[0, 1, 5] = float("nan")  # a NaN row ranks all its keys (no crash, no garbage)
+    # More NaNs than k (and fewer than the cap), both signs: NaN is never the bound.
+    s1[1, 0, [0, 7, 13, 21, 30]] = float("nan")
+    s1[1, 0, [33, 40, 45, 49]] = -float("nan")
+    s2[0, 2] = torch.randint(0, 20, (nk,), generator=g).float()  # a few ties in every group
+    s2[1, 3, : nk // 2] = -float("inf")
     return s1.to(DEVICE), s2.to(DEVICE)
 
 

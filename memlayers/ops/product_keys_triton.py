@@ -1,13 +1,14 @@
 """Triton kernel for the two top-k passes of the product-key search (docs/method.md §1).
 
 The half-key scores ``s1 = q1 K1ᵀ`` and ``s2 = q2 K2ᵀ`` stay cuBLAS matrix products, fp32
-out whatever the inputs (bf16/fp16 inputs accumulate in fp32 on tensor cores); one
-program then takes ``ROWS`` (token, head) rows of both, keeps the top-k of each half
-(ranking only the keys above a per-row bound, :func:`_half_topk`), forms the candidate sums
-of the pairs that can win (:func:`candidate_pairs`) and keeps their top-k, in one launch,
-where the PyTorch path runs three ``torch.topk`` launches over every key and every pair
-and writes the candidates out in between. Two small scratch buffers carry a row's kept
-keys and its picked values between the program's own threads.
+out whatever the inputs (bf16/fp16 inputs accumulate in fp32 on tensor cores). A launch
+per half keeps each (token, head) row's top-k of that half (ranking only the keys above a
+per-row bound, :func:`_half_topk`; a small scratch carries a row's kept keys between the
+program's own threads) and writes them to ``[R, 2, KP]``; a third forms the candidate sums
+of the pairs that can win (:func:`candidate_pairs`) and keeps their top-k. The PyTorch
+path runs three ``torch.topk`` launches over every key and every pair instead. (One
+program doing both halves and the candidates was 1.05 ms at the paper shape on an H200,
+these three launches 0.69 ms: benchmarks/NOTES.md session 7.)
 The reference is :func:`memlayers.ops.product_keys._product_key_topk_torch`.
 
 Top-k uses Triton's bitonic ``tl.topk`` on keys that carry each value's index:
@@ -37,10 +38,14 @@ from memlayers.ops.triton_interpreter import patch_triton_interpreter
 patch_triton_interpreter()
 
 TOPK_ROWS = 1
-# The filter's launch: 1.45 ms at 2 warps, 1.57 at 4, 2.47 at 8, 8.5 at 2 rows x 4 warps
-# (H200, paper shape, fp32 scores, 2026-12-01; ranking all keys took 4.07 at 8 warps).
-TOPK_WARPS = 2
+# The per-half launch (paper shape, fp32 scores, H200, 2026-12-01, all three launches):
+# 0.69 ms at 1 warp, 0.78 at 2, 0.90 at 4; one program doing both halves and the
+# candidates was 1.05 ms at its best (2 warps), ranking every key 4.07.
+TOPK_WARPS = 1
 TOPK_CAP = 128  # keys per row the filter keeps for ranking (57 on average at 1024 / 32)
+# The candidate stage alone (paper shape, H200, 2026-12-01): 0.098 ms at 1 warp, 0.115 at
+# 2, 0.137 at 4.
+CANDIDATE_WARPS = 1
 # Lowest finite bf16 (its fp32 bits end in 16 zero bits): padding that never wins and
 # stays a number when an index is packed into it.
 _PAD = tl.constexpr(-3.3895313892515355e38)
@@ -83,10 +88,10 @@ def _half_topk(
     ``[H, T, NK]`` half scores.
 
     FILTER: each of GROUPS interleaved column groups (column ``j·GROUPS + g``) gives its
-    PER-th largest value; the least of them, ``lo``, has ``GROUPS·PER >= KP`` values at or
-    above it, so every top-KP value is ``>= lo``. Those (about 57 of 1,024 at the paper
-    shape) are compacted through ``scratch`` (``CAP`` keys per row) and only they are
-    ranked. A row with more than CAP of them (ties, NaN) ranks all its keys instead.
+    PER-th largest distinct value; the least of them, ``lo``, has ``GROUPS·PER >= KP``
+    values at or above it, so every top-KP value is ``>= lo``. Those (about 57 of 1,024 at
+    the paper shape) are compacted through ``scratch`` (``CAP`` keys per row) and only they
+    are ranked. A row with more than CAP of them (ties, NaN) ranks all its keys instead.
     Either way the ranking is by the same ``(value, column)`` keys: the same result."""
     # Scores come head-major out of the batched matmul: row (t, h) sits at h·T + t.
     base = (rows % H) * T + rows // H  # [ROWS]
@@ -101,8 +106,16 @@ def _half_topk(
     cols3 = tl.broadcast_to(cols, [ROWS, GROUPS, NKP // GROUPS])
     keys = tl.reshape(_pack(s, cols3, NARROW), [ROWS, NKP])
     if FILTER:
-        lo = tl.min(tl.min(tl.topk(s, PER), axis=2), axis=1)  # [ROWS]
-        # A NaN is kept (its key ranks it as the full ranking does) and never a bound.
+        # Each group's PER-th largest distinct value: PER max-reductions, each dropping
+        # the values equal to the last (3x faster than a bitonic tl.topk of PER, H200).
+        # Ties only lower the bound (more keys kept). NaN is never a bound (it is -inf
+        # here) but always kept: its key ranks it as the full ranking does.
+        t = tl.where(s == s, s, float("-inf"))
+        m = tl.max(t, axis=2)  # [ROWS, GROUPS]
+        for _ in tl.static_range(PER - 1):
+            t = tl.where(t >= m[:, :, None], float("-inf"), t)
+            m = tl.max(t, axis=2)
+        lo = tl.min(m, axis=1)  # [ROWS]
         keep = tl.reshape(((s >= lo[:, None, None]) | (s != s)) & m3, [ROWS, NKP])
         count = tl.sum(keep.to(tl.int32), axis=1)  # [ROWS]; >= KP unless NaN
         full = tl.max(tl.where(rmask, count, 0)) > CAP
@@ -125,25 +138,18 @@ def _half_topk(
 
 
 @triton.jit
-def _pk_topk_kernel(
-    s1_ptr,  # [H, T, NK] scores of the first half keys (row r = t·H + h; R = T·H)
-    s2_ptr,  # [H, T, NK] scores of the second half keys
-    scratch_ptr,  # [2, R, CAP] int64 (FILTER): the compacted keys of each half
-    top_ptr,  # [R, 2, KP] fp32: the top-KP values of each half
-    pair_ptr,  # [NPAIR] int32: a·KP + b of the candidate pairs that can reach the top-k
-    scores_ptr,  # [R, k] out, descending
-    index_ptr,  # [R, k] int64 out: i1 * NK + i2
-    i1_ptr,  # [R, k] int32 out: first half key of each pick (for the backward)
-    i2_ptr,  # [R, k] int32 out
+def _half_kernel(
+    s_ptr,  # [H, T, NK] scores of one half's keys (row r = t·H + h; R = T·H)
+    scratch_ptr,  # [R, CAP] int64 (FILTER): the compacted keys of each row
+    top_ptr,  # [R, 2, KP] fp32 out: the top-KP values of each half, descending
+    topi_ptr,  # [R, 2, KP] int32 out: their key indices
+    half,  # 0 or 1: the slot of [R, 2, KP] this launch fills
     R,
     H,
     T,
     NK,
-    k,
-    n_pairs,
     NKP: tl.constexpr,  # next power of two of NK
     KP: tl.constexpr,  # next power of two of k
-    NPAIR: tl.constexpr,  # next power of two of n_pairs
     ROWS: tl.constexpr,
     LOW_BITS: tl.constexpr,
     NARROW: tl.constexpr,
@@ -152,39 +158,59 @@ def _pk_topk_kernel(
     PER: tl.constexpr,
     CAP: tl.constexpr,
 ):
+    """Top-KP of one half's keys for ``ROWS`` rows (a superset of the top-k when k < KP:
+    still exact)."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     rmask = rows < R
-    # Top-KP of each half, descending (a superset of the top-k when k < KP: still exact).
-    v1, i1 = _half_topk(s1_ptr, scratch_ptr, rows, rmask, H, T, NK, NKP, KP, ROWS,
-                        LOW_BITS, NARROW, FILTER, GROUPS, PER, CAP)  # fmt: skip
-    v2, i2 = _half_topk(s2_ptr, scratch_ptr + R * CAP, rows, rmask, H, T, NK, NKP, KP, ROWS,
-                        LOW_BITS, NARROW, FILTER, GROUPS, PER, CAP)  # fmt: skip
-    # Candidates: with both halves sorted, pair (a, b) has (a+1)(b+1) - 1 pairs at least
-    # as good, so only pairs with (a+1)(b+1) <= k can be picked (119 of the 1,024 at
-    # k = 32). Listed by a·KP + b ascending, the key's tie order among them is that of all
-    # k×k pairs. Sums are rounded like the PyTorch path's sum in the score dtype.
-    # The picked values go through ``top`` (this program's rows, L1/L2-resident) to be
-    # read back by pair: a register gather of another shape does not compile (Triton 3.6).
-    kc = tl.arange(0, KP)
-    row_top = top_ptr + rows[:, None] * (2 * KP)  # [ROWS, 1]
-    tl.store(row_top + kc[None, :], v1, mask=rmask[:, None])
-    tl.store(row_top + KP + kc[None, :], v2, mask=rmask[:, None])
-    tl.debug_barrier()
+    v, i = _half_topk(s_ptr, scratch_ptr, rows, rmask, H, T, NK, NKP, KP, ROWS, LOW_BITS,
+                      NARROW, FILTER, GROUPS, PER, CAP)  # fmt: skip
+    out = rows[:, None] * (2 * KP) + half * KP + tl.arange(0, KP)[None, :]
+    tl.store(top_ptr + out, v, mask=rmask[:, None])
+    tl.store(topi_ptr + out, i, mask=rmask[:, None])
+
+
+@triton.jit
+def _candidates_kernel(
+    top_ptr,  # [R, 2, KP] fp32: the top-KP values of each half, descending
+    topi_ptr,  # [R, 2, KP] int32: their key indices
+    pair_ptr,  # [NPAIR] int32: a·KP + b of the candidate pairs that can reach the top-k
+    scores_ptr,  # [R, k] out, descending
+    index_ptr,  # [R, k] int64 out: i1 * NK + i2
+    i1_ptr,  # [R, k] int32 out: first half key of each pick (for the backward)
+    i2_ptr,  # [R, k] int32 out
+    R,
+    NK,
+    k,
+    n_pairs,
+    KP: tl.constexpr,
+    NPAIR: tl.constexpr,  # next power of two of n_pairs
+    ROWS: tl.constexpr,
+    LOW_BITS: tl.constexpr,
+    NARROW: tl.constexpr,
+):
+    """The top-k pair sums of ``ROWS`` rows. With both halves sorted, pair (a, b) has
+    (a+1)(b+1) - 1 pairs at least as good, so only pairs with (a+1)(b+1) <= k can be
+    picked (119 of the 1,024 at k = 32). Listed by a·KP + b ascending, the key's tie order
+    among them is that of all k×k pairs. Sums are rounded like the PyTorch path's sum in
+    the score dtype."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    rmask = rows < R
+    row_top = rows[:, None] * (2 * KP)  # [ROWS, 1]
     p = tl.arange(0, NPAIR)
     pmask = p < n_pairs
     pair = tl.load(pair_ptr + p, mask=pmask, other=0)
     cmask = rmask[:, None] & pmask[None, :]
-    cand = tl.load(row_top + (pair // KP)[None, :], mask=cmask, other=0.0)
-    cand += tl.load(row_top + KP + (pair % KP)[None, :], mask=cmask, other=0.0)
+    cand = tl.load(top_ptr + row_top + (pair // KP)[None, :], mask=cmask, other=0.0)
+    cand += tl.load(top_ptr + row_top + KP + (pair % KP)[None, :], mask=cmask, other=0.0)
     cand = tl.maximum(cand.to(scores_ptr.dtype.element_ty).to(tl.float32), _PAD)
     cand = tl.where(pmask[None, :], cand, _PAD)
     pair = tl.broadcast_to(pair[None, :], [ROWS, NPAIR])
     best, c = _unpack(tl.topk(_pack(cand, pair, NARROW), KP), LOW_BITS, NARROW)  # [ROWS, KP]
-    j1 = tl.gather(i1, c // KP, axis=1)  # [ROWS, KP] first half key of each pick
-    j2 = tl.gather(i2, c % KP, axis=1)
     kcols = tl.arange(0, KP)
-    out = rows[:, None] * k + kcols[None, :]  # [ROWS, KP]
     omask = rmask[:, None] & (kcols < k)[None, :]
+    j1 = tl.load(topi_ptr + row_top + c // KP, mask=omask, other=0)  # [ROWS, KP]
+    j2 = tl.load(topi_ptr + row_top + KP + c % KP, mask=omask, other=0)
+    out = rows[:, None] * k + kcols[None, :]  # [ROWS, KP]
     tl.store(scores_ptr + out, best.to(scores_ptr.dtype.element_ty), mask=omask)
     tl.store(index_ptr + out, j1.to(tl.int64) * NK + j2, mask=omask)
     tl.store(i1_ptr + out, j1, mask=omask)
@@ -248,13 +274,20 @@ def topk_launch(
     i2 = torch.empty_like(i1)
     if r == 0:
         return scores, index, i1, i2
-    scratch = torch.empty(2 * r * cap if filter_keys else 1, dtype=torch.int64, device=s1.device)
+    scratch = torch.empty(r * cap if filter_keys else 1, dtype=torch.int64, device=s1.device)
     top = torch.empty(r, 2, kp, dtype=torch.float32, device=s1.device)
-    _pk_topk_kernel[(triton.cdiv(r, rows),)](
-        s1, s2, scratch, top, pairs, scores, index, i1, i2, r, heads, tokens, nk, k, len(pairs),
-        NKP=nkp, KP=kp, NPAIR=triton.next_power_of_2(len(pairs)), ROWS=rows,
-        LOW_BITS=max(low, 1), NARROW=narrow, FILTER=filter_keys, GROUPS=groups, PER=per,
-        CAP=cap, num_warps=num_warps,
+    topi = torch.empty(r, 2, kp, dtype=torch.int32, device=s1.device)
+    grid = (triton.cdiv(r, rows),)
+    for half, s in enumerate((s1, s2)):  # one after the other: they share the scratch
+        _half_kernel[grid](
+            s, scratch, top, topi, half, r, heads, tokens, nk, NKP=nkp, KP=kp, ROWS=rows,
+            LOW_BITS=max(low, 1), NARROW=narrow, FILTER=filter_keys, GROUPS=groups, PER=per,
+            CAP=cap, num_warps=num_warps,
+        )  # fmt: skip
+    _candidates_kernel[grid](
+        top, topi, pairs, scores, index, i1, i2, r, nk, k, len(pairs), KP=kp,
+        NPAIR=triton.next_power_of_2(len(pairs)), ROWS=rows, LOW_BITS=max(low, 1),
+        NARROW=narrow, num_warps=CANDIDATE_WARPS,
     )  # fmt: skip
     return scores, index, i1, i2
 
