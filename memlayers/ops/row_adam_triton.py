@@ -44,11 +44,13 @@ def _row_tile(rows_ptr, grad_ptr, D, n_dtiles, DENSE: tl.constexpr, BLOCK_D: tl.
 
 @triton.jit
 def _hash32(x):
-    """:func:`memlayers.ops.row_adam._hash32`: int64 lanes holding 32-bit values."""
+    """:func:`memlayers.ops.row_adam._hash32` on uint32 lanes: multiplies wrap mod 2**32
+    as the reference's masks do (int64 lanes cost 64-bit multiplies: 22% slower than the
+    fp32-moment step at D = 768, H200, 2026-12-01)."""
     x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x * tl.full([], 0x7FEB352D, tl.uint32)
     x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    x = x * tl.full([], 0x846CA68B, tl.uint32)
     return x ^ (x >> 16)
 
 
@@ -57,11 +59,11 @@ def _stored(x, offs, seed, BF16: tl.constexpr):
     """``x`` (fp32) as the moment is stored: itself, or stochastically rounded to bf16
     (:func:`memlayers.ops.row_adam.stochastic_round_bf16`, the same bits)."""
     if BF16:
-        hi = _hash32(((offs >> 32) & 0xFFFFFFFF) ^ seed)
-        noise = _hash32((offs & 0xFFFFFFFF) ^ hi) & 0xFFFF
-        bits = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-        bits = (bits + noise) & 0xFFFF0000
-        x = bits.to(tl.int32).to(tl.float32, bitcast=True).to(tl.bfloat16)
+        s = seed.to(tl.uint32)  # a seed of 2**31 or more arrives as int64: its low bits
+        hi = _hash32((offs >> 32).to(tl.uint32) ^ s)
+        noise = _hash32(offs.to(tl.uint32) ^ hi) & 0xFFFF
+        bits = (x.to(tl.uint32, bitcast=True) + noise) & tl.full([], 0xFFFF0000, tl.uint32)
+        x = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
     return x
 
 
