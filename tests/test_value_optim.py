@@ -6,10 +6,13 @@ On a CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py).
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from memlayers import SparseValueAdam, SparseValueSGD
 from memlayers.ops import embedding_bag
-from memlayers.ops.row_adam import row_adam_step_torch, row_sgd_step_torch
+from memlayers.ops.row_adam import rounding_noise, row_adam_step_torch, row_sgd_step_torch
+from memlayers.ops.row_adam_triton import _noise as _tile_noise
 from memlayers.ops.row_adam_triton import row_adam_step_triton, row_sgd_step_triton
 
 CUDA = torch.cuda.is_available()
@@ -380,20 +383,25 @@ def test_stochastic_rounding_is_unbiased_and_deterministic():
 
     n = 1 << 16
     offsets = torch.arange(n) + (5 << 32)  # offsets past 2**32 use their high bits too
+    noise = {s: rounding_noise(offsets, seed=s) for s in (7, 8)}
     for x in (1.0 + 2**-9, -3.0 - 3 * 2**-8, 1e-3 * (1 + 2**-10)):
-        r = stochastic_round_bf16(torch.full((n,), x), offsets, seed=7).float()
+        r = stochastic_round_bf16(torch.full((n,), x), noise[7]).float()
         values = r.unique()
         assert values.numel() == 2 and values[0] < x < values[1]  # the two neighbours
         ulp = (r.max() - r.min()).item()
         # Mean within 4 standard errors of x (a round-to-nearest would be off by >= ulp/8).
         assert abs(r.mean().item() - x) < 4 * ulp / 2 / n**0.5
         assert abs(torch.tensor(x).bfloat16().float().item() - x) > 4 * ulp / 2 / n**0.5
-        again = stochastic_round_bf16(torch.full((n,), x), offsets, seed=7)
+        again = stochastic_round_bf16(torch.full((n,), x), rounding_noise(offsets, seed=7))
         assert torch.equal(again.float(), r)
-        other = stochastic_round_bf16(torch.full((n,), x), offsets, seed=8).float()
+        other = stochastic_round_bf16(torch.full((n,), x), noise[8]).float()
         assert not torch.equal(other, r)  # another step, other bits
+        # The second moment's bits (the high half) are another unbiased stream.
+        high = stochastic_round_bf16(torch.full((n,), x), noise[7] >> 16).float()
+        assert not torch.equal(high, r)
+        assert abs(high.mean().item() - x) < 4 * ulp / 2 / n**0.5
     special = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0])
-    out = stochastic_round_bf16(special, torch.arange(5), seed=3).float()
+    out = stochastic_round_bf16(special, rounding_noise(torch.arange(5), seed=3)).float()
     assert out[0] == float("inf") and out[1] == -float("inf") and out[2].isnan()
     assert out[3] == 0 and out[4] == 0
 
@@ -445,3 +453,21 @@ def test_trainer_option_sparse_adam_bf16():
     assert opt.moments == "bf16" and not opt.rowwise_v
     entry = build_optimizer(_memory_model(), args, impl="torch").distributed_state_dict()
     assert entry["values_optim"]["values"]["exp_avg_sq"].dtype == torch.bfloat16
+
+
+@triton.jit
+def _noise_kernel(out_ptr, first_ptr, seed, BLOCK: tl.constexpr):
+    first = tl.load(first_ptr)  # int64, as the kernels compute it (row · D + column)
+    offs = first + tl.arange(0, BLOCK).to(tl.int64)
+    tl.store(out_ptr + tl.arange(0, BLOCK), _tile_noise(offs, first, seed).to(tl.int64))
+
+
+def test_kernel_noise_across_a_2_32_offset_boundary():
+    # The kernels hash an offset's high 32 bits once per tile, for the (at most two)
+    # 2**32 blocks it spans: a tile straddling offset 2**32 must draw the reference's bits.
+    for first, seed in (((1 << 32) - 5, 7), ((3 << 32) - 60, 0x9E3779B9), (17, 3)):
+        out = torch.empty(64, dtype=torch.int64, device=DEVICE)
+        start = torch.tensor([first], dtype=torch.int64, device=DEVICE)
+        _noise_kernel[(1,)](out, start, seed, BLOCK=64)
+        ref = rounding_noise(first + torch.arange(64), seed)
+        assert torch.equal(out.cpu(), ref)

@@ -55,14 +55,26 @@ def _hash32(x):
 
 
 @triton.jit
-def _stored(x, offs, seed, BF16: tl.constexpr):
-    """``x`` (fp32) as the moment is stored: itself, or stochastically rounded to bf16
-    (:func:`memlayers.ops.row_adam.stochastic_round_bf16`, the same bits)."""
+def _noise(offs, first, seed):
+    """:func:`memlayers.ops.row_adam.rounding_noise` of a tile's element offsets ``offs``
+    (consecutive from ``first``): the high part's hash once per tile, for the (at most
+    two) 2**32 blocks a tile spans, then one hash per element."""
+    s = seed.to(tl.uint32)  # a seed of 2**31 or more arrives as int64: its low bits
+    hi0 = (first >> 32).to(tl.uint32)
+    hi1 = ((first >> 32) + 1).to(tl.uint32)  # (hi0 + 1 would leave uint32 in the interpreter)
+    h = tl.where((offs >> 32).to(tl.uint32) == hi0, _hash32(hi0 ^ s), _hash32(hi1 ^ s))
+    return _hash32(offs.to(tl.uint32) ^ h)
+
+
+@triton.jit
+def _stored(x, noise, BF16: tl.constexpr):
+    """``x`` (fp32) as the moment is stored: itself, or stochastically rounded to bf16 with
+    the low 16 bits of ``noise`` (:func:`memlayers.ops.row_adam.stochastic_round_bf16`,
+    the same bits)."""
     if BF16:
-        s = seed.to(tl.uint32)  # a seed of 2**31 or more arrives as int64: its low bits
-        hi = _hash32((offs >> 32).to(tl.uint32) ^ s)
-        noise = _hash32(offs.to(tl.uint32) ^ hi) & 0xFFFF
-        bits = (x.to(tl.uint32, bitcast=True) + noise) & tl.full([], 0xFFFF0000, tl.uint32)
+        bits = (x.to(tl.uint32, bitcast=True) + (noise & 0xFFFF)) & tl.full(
+            [], 0xFFFF0000, tl.uint32
+        )
         x = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
     return x
 
@@ -84,8 +96,7 @@ def row_adam_kernel(
     sqrt_bc2,
     eps,
     neg_step_size,  # -lr / bc1
-    seed_m,  # stochastic rounding seeds (bf16 moments)
-    seed_v,
+    seed,  # stochastic rounding seed of this step (bf16 moments)
     DENSE: tl.constexpr,
     DECAY: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -104,8 +115,13 @@ def row_adam_kernel(
         p = p * decay
     denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
     p = p + neg_step_size * tl.div_rn(m, denom)
-    tl.store(exp_avg_ptr + offs, _stored(m, offs, seed_m, BF16_M), mask=mask)
-    tl.store(exp_avg_sq_ptr + offs, _stored(v, offs, seed_v, BF16_V), mask=mask)
+    if BF16_M | BF16_V:
+        start = (tl.program_id(0).to(tl.int64) % n_dtiles) * BLOCK_D  # the tile's first column
+        noise = _noise(offs, row * D + start, seed)
+    else:
+        noise = offs  # unused
+    tl.store(exp_avg_ptr + offs, _stored(m, noise, BF16_M), mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, _stored(v, noise >> 16, BF16_V), mask=mask)
     tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
 
 
@@ -126,8 +142,7 @@ def row_adam_rowwise_kernel(
     sqrt_bc2,
     eps,
     neg_step_size,  # -lr / bc1
-    seed_m,  # stochastic rounding seed (bf16 exp_avg)
-    seed_v,  # unused: the row-wise second moment stays fp32
+    seed,  # stochastic rounding seed of this step (bf16 exp_avg)
     DENSE: tl.constexpr,
     DECAY: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -163,7 +178,11 @@ def row_adam_rowwise_kernel(
         if DECAY:
             p = p * decay
         p = p + neg_step_size * tl.div_rn(m, denom)
-        tl.store(exp_avg_ptr + offs, _stored(m, offs, seed_m, BF16_M), mask=mask)
+        if BF16_M:
+            noise = _noise(offs, row * D + t * BLOCK_D, seed)
+        else:
+            noise = offs  # unused
+        tl.store(exp_avg_ptr + offs, _stored(m, noise, BF16_M), mask=mask)
         tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
 
 
@@ -209,7 +228,7 @@ def row_adam_step_triton(
     kernel[(grid,)](
         param, rows if rows is not None else grad, grad, exp_avg, exp_avg_sq, d, n_dtiles,
         beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, math.sqrt(bc2), eps,
-        -lr / bc1, round_seed(step, 1), round_seed(step, 2),
+        -lr / bc1, round_seed(step),
         DENSE=rows is None, DECAY=weight_decay != 0, BLOCK_D=block_d,
         BF16_M=exp_avg.dtype == torch.bfloat16, BF16_V=exp_avg_sq.dtype == torch.bfloat16,
         num_warps=num_warps,
