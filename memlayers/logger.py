@@ -1,4 +1,5 @@
-"""What a training run reports: progress bar, metrics.jsonl, TensorBoard, loss.png.
+"""What a training run reports: progress bar, metrics.jsonl, TensorBoard, loss.png and
+usage.png (memory models: rows used and Gini per memory layer, :mod:`memlayers.usage`).
 
 Only the logging rank (rank 0) writes; on other ranks every method is a no-op.
 TensorBoard and matplotlib are optional extras (``pip install memlayers[all]``): without
@@ -22,11 +23,29 @@ class LoggingArgs:
     every: int = 10  # steps between metrics.jsonl / TensorBoard records (and the last step)
     progress: bool = True  # tqdm progress bar
     tensorboard: bool = True  # events under <run_dir>/tb
-    plot: bool = True  # <run_dir>/loss.png at the end
+    plot: bool = True  # <run_dir>/loss.png (and usage.png) at the end
+    # usage/<layer>/... per log step: rows used, KL from uniform and Gini of each memory
+    # layer's reads (memlayers.usage.TrainingUsage); models without memory layers log none
+    usage: bool = True
 
     def validate(self) -> None:
         if self.every < 1:
             raise ValueError(f"logging.every must be >= 1, got {self.every!r}")
+        for name in ("progress", "tensorboard", "plot", "usage"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"logging.{name} must be true or false, got {getattr(self, name)!r}"
+                )
+
+
+def rows_used_pct(record: dict) -> float | None:
+    """The progress line's ``used=``: the shared table's rows read in the log window (all
+    layers' reads of it: is the table as a whole read?), or without one the least-read
+    layer's; None when the record has no usage statistics."""
+    if "usage/shared_table/rows_used_pct" in record:
+        return record["usage/shared_table/rows_used_pct"]
+    used = [v for k, v in record.items() if k.startswith("usage/") and k.endswith("/rows_used_pct")]
+    return min(used) if used else None
 
 
 class RunLogger:
@@ -99,6 +118,9 @@ class RunLogger:
             post = {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tok_per_s']:,.0f}"}
             if "mfu" in record:
                 post["mfu"] = f"{100 * record['mfu']:.1f}%"
+            used = rows_used_pct(record)
+            if used is not None:
+                post["used"] = f"{used:.0f}%"
             self.bar.set_postfix(post, refresh=False)
         self.advance(record["step"])
         self._write({**record, "time": time.time()})
@@ -120,18 +142,28 @@ class RunLogger:
             self.tb.close()
         if self.args.plot and self.metrics_path.exists():
             self.plot()
+            self.plot_usage()
 
-    def plot(self) -> Path | None:
-        """Train (and validation) loss against step, into ``loss.png``."""
+    def _pyplot(self, what: str):
         try:
             import matplotlib
 
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            self.message("matplotlib is not installed: no loss.png (pip install matplotlib)")
+            self.message(f"matplotlib is not installed: no {what} (pip install matplotlib)")
             return None
-        records = [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x]
+        return plt
+
+    def _records(self) -> list[dict]:
+        return [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x]
+
+    def plot(self) -> Path | None:
+        """Train (and validation) loss against step, into ``loss.png``."""
+        plt = self._pyplot("loss.png")
+        if plt is None:
+            return None
+        records = self._records()
         fig, ax = plt.subplots(figsize=(7, 4))
         for key in ("loss", "val_loss"):
             pts = [(r["step"], r[key]) for r in records if key in r]
@@ -144,6 +176,46 @@ class RunLogger:
         ax.legend()
         fig.tight_layout()
         out = self.run_dir / "loss.png"
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out
+
+    def plot_usage(self) -> Path | None:
+        """Rows used (in the log window, and ever: dashed) and Gini of the read counts
+        against step, one line per memory layer and the shared table, into ``usage.png``
+        (loss.png's companion); nothing for a run that logged no usage statistics."""
+        records = [r for r in self._records() if any(k.startswith("usage/") for k in r)]
+        if not records:
+            return None
+        plt = self._pyplot("usage.png")
+        if plt is None:
+            return None
+        names = [k.split("/")[1] for r in records for k in r if k.startswith("usage/")]
+        names = list(dict.fromkeys(names))  # block_<i>..., shared_table, in logged order
+        fig, (used_ax, gini_ax) = plt.subplots(1, 2, figsize=(11, 4))
+        for i, name in enumerate(names):
+            color, wide = f"C{i}", 2.0 if name == "shared_table" else 1.2
+            for ax, stat, style in (
+                (used_ax, "rows_used_pct", "-"),
+                (used_ax, "rows_ever_used_pct", "--"),
+                (gini_ax, "gini_count", "-"),
+            ):
+                key = f"usage/{name}/{stat}"
+                pts = [(r["step"], r[key]) for r in records if key in r]
+                if pts:
+                    label = name if style == "-" else None
+                    ax.plot(*zip(*pts, strict=True), style, color=color, lw=wide, label=label)
+        used_ax.set_ylabel("rows read (% of table; dashed: since step 1)")
+        used_ax.set_ylim(0, 105)
+        gini_ax.set_ylabel("Gini of read counts (0 = even)")
+        gini_ax.set_ylim(0, 1)
+        for ax in (used_ax, gini_ax):
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        used_ax.legend()
+        fig.suptitle(f"{self.run_dir.name}: memory usage per log window")
+        fig.tight_layout()
+        out = self.run_dir / "usage.png"
         fig.savefig(out, dpi=100)
         plt.close(fig)
         return out

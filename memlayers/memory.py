@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from memlayers.merged_grad import MergedValueGrad
 from memlayers.ops.embedding_bag import IMPLS, embedding_bag
 from memlayers.router import ProductKeyRouter, load_old_router_names
-from memlayers.usage import MemoryUsage
+from memlayers.usage import MemoryUsage, RowCounts
 
 
 def _positive_int(name: str, value) -> None:
@@ -232,7 +232,7 @@ class ProductKeyMemory(nn.Module):
             self.w2 = nn.Linear(v_dim, dim, bias=False, device=device)
         else:
             self.out_proj = nn.Linear(v_dim, dim, bias=False, device=device)
-        self.usage: MemoryUsage | None = None
+        self.usage: MemoryUsage | RowCounts | None = None
         self.init_weights()
 
     @property
@@ -254,9 +254,19 @@ class ProductKeyMemory(nn.Module):
         if self.owned_values is not None:
             self.owned_values.init_weights()
 
-    def track_usage(self, enabled: bool = True) -> MemoryUsage | None:
-        """Start (or stop) collecting which rows are read; returns the collector."""
-        self.usage = MemoryUsage(self.config.n_rows) if enabled else None
+    def track_usage(
+        self, enabled: bool = True, *, training: bool = False
+    ) -> MemoryUsage | RowCounts | None:
+        """Start (or stop) collecting which rows are read; returns the collector: a
+        :class:`MemoryUsage` of every lookup (counts and weights, checked: evaluation), or
+        with ``training`` a :class:`RowCounts` of training-mode lookups only (device counts,
+        no host sync or graph break: the trainer's, :class:`memlayers.usage.TrainingUsage`)."""
+        if not enabled:
+            self.usage = None
+        elif training:
+            self.usage = RowCounts(self.config.n_rows, self.router.keys.device)
+        else:
+            self.usage = MemoryUsage(self.config.n_rows)
         return self.usage
 
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,7 +283,8 @@ class ProductKeyMemory(nn.Module):
             return x.new_zeros(x.shape)
         cfg = self.config
         indices, weights = self.lookup(x)  # [N, H*k]
-        if self.usage is not None:
+        # The trainer's RowCounts count training steps, not its validation passes.
+        if self.usage is not None and (self.training or isinstance(self.usage, MemoryUsage)):
             self.usage.update(indices, weights)
         y = self.values.lookup(indices, weights, impl=cfg.impl)  # [N, v_dim]
         y = F.dropout(y, cfg.value_dropout, self.training)

@@ -20,8 +20,12 @@ the dataset (:func:`memlayers.config.with_vocab`).
 
 The run directory (``run_dir``) is laid out by :class:`memlayers.run.Run` (its docstring
 draws it); the logger adds ``metrics.jsonl`` (one JSON object per logged step, and per
-evaluation ``{"step", "val_loss", "time"}``), ``tb/`` and ``loss.png``. Every checkpoint's
-``meta.json`` records the run's ``progress`` (tokens trained, training seconds).
+evaluation ``{"step", "val_loss", "time"}``), ``tb/``, ``loss.png`` and, for a model with
+memory layers, ``usage.png``: with ``logging.usage`` (on by default) each logged step
+holds ``usage/<block_i | shared_table>/<stat>``, rows used, KL from uniform and Gini of
+the memory layers' reads in the log window (:class:`memlayers.usage.TrainingUsage`;
+counted on the device, read with the loss). Every checkpoint's ``meta.json`` records the
+run's ``progress`` (tokens trained, training seconds).
 
 Under torchrun every rank reads its own shard of each global batch and rank 0 alone
 logs. The model is built on the meta device and parallelised from outside
@@ -55,9 +59,11 @@ from memlayers.config import TrainArgs, save_config, with_vocab
 from memlayers.data.loader import PackedLoader, load_dataset
 from memlayers.eval.validation import validation_loss
 from memlayers.logger import RunLogger
+from memlayers.memory import ProductKeyMemory
 from memlayers.optim import build_optimizer, set_lr, uses_sparse_values
 from memlayers.report import format_report, parameter_report, peak_flops
 from memlayers.run import Run
+from memlayers.usage import TrainingUsage
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -158,6 +164,20 @@ def validation_loss_over_ranks(
     return _mean_over_ranks(loss, env).item()
 
 
+def usage_tracker(model: nn.Module) -> TrainingUsage | None:
+    """Training-time usage statistics of every memory layer, named ``block_<i>`` as
+    ``memlayers eval`` names them, and of the table they share (``shared_table``); None
+    for a model without memory layers (dense, MoE, PEER)."""
+    layers = {
+        f"block_{i}": block.ffn
+        for i, block in enumerate(model.layers)
+        if isinstance(block.ffn, ProductKeyMemory)
+    }
+    if not layers:
+        return None
+    return TrainingUsage(layers, shared=model.memory_values is not None and len(layers) > 1)
+
+
 def _rng_state(env: Env) -> dict:
     state = {"torch": torch.get_rng_state()}
     if env.device.type == "cuda":
@@ -225,6 +245,7 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
         sparse_values=uses_sparse_values(args.optim),
     )  # fmt: skip
     optimizer = build_optimizer(model, args.optim, impl=model_cfg.memory.impl)
+    usage = usage_tracker(model) if args.logging.usage else None
     B, T = args.data.batch_size, args.data.seq_len
     loader = PackedLoader(data.train, B, T, env.rank, env.world_size, seed=args.data.seed)
     val_loader = None
@@ -239,6 +260,8 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
         start = int(state["step"])
         _restore_rng(state["rng"], env)
         loader.load_state_dict(state["data"])
+        if usage is not None and "usage" in state:
+            usage.load_state_dict(state["usage"])
     else:
         torch.manual_seed(args.seed + env.rank)  # dropout streams differ per rank
     if start >= args.steps:
@@ -259,6 +282,11 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
         )
         for why in state["skipped"] if resume else ():
             log.message(f"skipped a newer checkpoint that fails verification: {why}")
+        if resume and usage is not None and "usage" not in state:
+            log.message(
+                f"usage: the checkpoint holds no read rows, so rows_ever_used_pct counts "
+                f"from step {start + 1}"
+            )
     tokens_per_step = B * T * args.grad_accum * env.world_size
     train_flops = parameter_report(model_cfg, seq_len=T)["train_flops_per_token"]
     flops_per_step = train_flops * tokens_per_step
@@ -282,6 +310,8 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
 
     def checkpoint(step: int) -> str:
         trainer_state = {"data": loader.state_dict(), "rng": _gather_rng(env)}
+        if usage is not None:  # a checkpoint step is a log step: the window was collected
+            trainer_state["usage"] = usage.state_dict()
         seconds = time.perf_counter() - t_start
         progress = {
             "tokens_trained": tokens_before + (step - start) * tokens_per_step,
@@ -324,8 +354,9 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
         )
 
     # Nothing in the step reads a value back to the host: losses and gradient norms are
-    # summed on the device and read once per log interval, with the step of the first
-    # non-finite one (so a NaN is still caught, and never checkpointed).
+    # summed on the device and read once per log interval (with the usage statistics), and
+    # the step of the first non-finite one (so a NaN is still caught, and never
+    # checkpointed). The memory layers count their reads on the device (usage).
     first_bad = torch.full((), -1, dtype=torch.int64, device=env.device)
     bad_loss = torch.zeros((), dtype=torch.bool, device=env.device)
     loss_acc = torch.zeros((), dtype=torch.float64, device=env.device)
@@ -367,15 +398,22 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
                 stop_if_non_finite(step)  # syncs: the interval's work is done
                 dt = time.perf_counter() - t_last
                 tok_s = tokens_per_step * interval_steps / dt
+                read = torch.stack([loss_acc, norm_acc])
+                if usage is not None:  # [R, 4] statistics of the window, on the device
+                    stats = usage.collect(dist.all_reduce if env.world_size > 1 else None)
+                    read = torch.cat([read, stats.flatten()])
+                loss_sum, norm_sum, *usage_stats = read.tolist()  # one read to the host
                 record = {
-                    "step": step, "loss": loss_acc.item() / interval_steps,
-                    "lr": args.optim.lr * mult, "grad_norm": norm_acc.item() / interval_steps,
+                    "step": step, "loss": loss_sum / interval_steps,
+                    "lr": args.optim.lr * mult, "grad_norm": norm_sum / interval_steps,
                     "tokens": step * tokens_per_step, "tok_per_s": tok_s,
                 }  # fmt: skip
                 if peak:
                     record["mfu"] = flops_per_step * interval_steps / dt / peak
                 if env.device.type == "cuda":
                     record["peak_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+                if usage is not None:
+                    record.update(usage.record(usage_stats))
                 history.append(record)
                 log.log_step(record)
                 loss_acc.zero_()
@@ -395,6 +433,8 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
                 t_last = time.perf_counter()  # evaluation and checkpoints are not timed
     finally:
         log.close()
+        if usage is not None:
+            usage.close()
     if env.is_main:
         log.message(
             f"done: {args.steps} steps, final loss {history[-1]['loss']:.4f}; "

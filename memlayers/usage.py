@@ -10,28 +10,49 @@ how often it was read and with what total softmax weight, and reports:
   even; ``log n_rows`` = all weight on one row);
 - ``gini``: Gini coefficient of the per-row weight (0 = even, → 1 = concentrated);
 - ``kl_uniform_count`` / ``gini_count``: the same over read counts instead of weights.
+
+:class:`TrainingUsage` gives the trainer the count statistics of every memory layer, per
+log window, at almost no cost: :class:`RowCounts` on the device, no host sync per step.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # memory.py imports this module
+    from memlayers.memory import ProductKeyMemory
+
+
+def kl_uniform(mass: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ U) in nats over the last dim of ``mass [..., n]``, ``p = mass / Σ mass``
+    (``0 · log 0 = 0``): a float64 tensor ``[...]`` on ``mass``'s device, no host sync."""
+    m = mass.double()
+    p = m / m.sum(-1, keepdim=True)
+    return torch.xlogy(p, p * m.shape[-1]).sum(-1)
+
+
+def gini_coefficient(mass: torch.Tensor) -> torch.Tensor:
+    """Gini coefficient over the last dim of non-negative ``mass [..., n]``,
+    ``Σ (2i - n - 1) x_(i) / (n Σ x)`` with ``x_(i)`` sorted ascending: float64 ``[...]``
+    on ``mass``'s device, no host sync (one sort: meant for log steps, not every step)."""
+    x = mass.sort(-1).values.double()
+    n = x.shape[-1]
+    i = torch.arange(1, n + 1, dtype=torch.float64, device=x.device)
+    return ((2 * i - n - 1) * x).sum(-1) / (n * x.sum(-1))
 
 
 def kl_from_uniform(mass: torch.Tensor) -> float:
     """KL(p ‖ U) in nats, ``p = mass / mass.sum()``, over ``len(mass)`` outcomes."""
-    p = mass.double() / mass.double().sum()
-    p = p[p > 0]
-    return float((p * (p * mass.numel()).log()).sum())
+    return float(kl_uniform(mass.flatten()))
 
 
 def gini(mass: torch.Tensor) -> float:
     """Gini coefficient of non-negative values: ``Σ (2i - n - 1) x_(i) / (n Σ x)``."""
-    x, _ = mass.double().flatten().sort()
-    n = x.numel()
-    i = torch.arange(1, n + 1, dtype=torch.float64, device=x.device)
-    return float(((2 * i - n - 1) * x).sum() / (n * x.sum()))
+    return float(gini_coefficient(mass.flatten()))
 
 
 class MemoryUsage:
@@ -84,3 +105,121 @@ class MemoryUsage:
             "kl_max": math.log(self.n_rows),
             "lookups": float(self.lookups),
         }
+
+
+class RowCounts:
+    """Read counts of one layer's rows, kept on the device for the trainer.
+
+    Per lookup, one ``index_add_`` of ones into ``counts [n_rows]`` int64: it reads the
+    ``N · heads · topk`` int64 indices (8 B each) and makes as many 8-byte atomic adds
+    into ``8 · n_rows`` bytes (8 MiB for a 1M-row table), with no host sync, no
+    allocation of the size of the indices (the ones are a stride-0 view) and static
+    shapes, so inside a compiled forward it adds no graph break (Inductor accumulates into
+    ``counts`` in place: ``aten.index_put_(accumulate=True)`` on the CPU; its GPU time is
+    not yet measured). Weights are not accumulated: a second scatter (fp32, whose atomics
+    make the sums differ run to run) for a statistic that the counts already give. There
+    is no range check (a host sync): the lookup kernels check the indices.
+    """
+
+    def __init__(self, n_rows: int, device: torch.device | str | None = None) -> None:
+        if n_rows <= 0:
+            raise ValueError(f"n_rows must be positive, got n_rows={n_rows}")
+        self.n_rows = n_rows
+        self.counts = torch.zeros(n_rows, dtype=torch.int64, device=device)  # [n_rows]
+
+    @torch.no_grad()
+    def update(self, indices: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Count the rows ``indices [N, K]`` (``weights`` is ignored: the signature is
+        :meth:`MemoryUsage.update`'s)."""
+        idx = indices.reshape(-1)  # [N*K]
+        self.counts.index_add_(0, idx, idx.new_ones(()).expand_as(idx))
+
+
+# The columns of TrainingUsage.collect, in order.
+TRAINING_STATS = ("rows_used_pct", "rows_ever_used_pct", "kl_uniform_count", "gini_count")
+
+
+class TrainingUsage:
+    """Count statistics of every memory layer's reads over the trainer's log windows.
+
+    ``layers`` maps a name (``block_<i>``, as ``memlayers eval`` names them) to a
+    :class:`~memlayers.memory.ProductKeyMemory`; each gets a :class:`RowCounts` counting
+    its training-mode lookups (validation passes are not counted). ``shared``: the layers
+    read one value table, whose reads (the sum of the layers' counts) are reported too, as
+    ``shared_table``. At a log step :meth:`collect` computes, on the device, per layer and
+    for the shared table:
+
+    - ``rows_used_pct``: rows read at least once in the window;
+    - ``rows_ever_used_pct``: rows read at least once since the run's first step
+      (:meth:`state_dict` carries it across a resume);
+    - ``kl_uniform_count``, ``gini_count``: KL from uniform and Gini of the window's read
+      counts (the statistics of :meth:`MemoryUsage.report` of the same name);
+
+    then zeroes the counts for the next window. Per log step: a copy of the counts
+    (``R × n_rows`` int64, R = layers + shared), an all-reduce of it when the run is
+    distributed (each rank counts its own tokens: the statistics are the global batch's),
+    a sort of it for the Gini, a few reductions, and one ``[R, 4]`` float64 result.
+    """
+
+    def __init__(self, layers: dict[str, ProductKeyMemory], shared: bool) -> None:
+        if not layers:
+            raise ValueError("TrainingUsage needs at least one memory layer")
+        rows = {name: layer.config.n_rows for name, layer in layers.items()}
+        if len(set(rows.values())) > 1:
+            raise ValueError(f"memory layers of different sizes are not supported: {rows}")
+        self.n_rows = next(iter(rows.values()))
+        self.shared = shared
+        self.names = list(layers) + (["shared_table"] if shared else [])
+        self.layers = list(layers.values())
+        self.counters = [layer.track_usage(training=True) for layer in self.layers]
+        device = self.counters[0].counts.device
+        self.seen = torch.zeros(len(self.names), self.n_rows, dtype=torch.bool, device=device)
+
+    @torch.no_grad()
+    def collect(self, all_reduce: Callable[[torch.Tensor], object] | None = None) -> torch.Tensor:
+        """The window's statistics, ``[len(names), len(TRAINING_STATS)]`` float64 on the
+        device (no host sync), and a fresh window. ``all_reduce``: sums a tensor over the
+        ranks in place (``torch.distributed.all_reduce``; every rank must call)."""
+        counts = torch.stack([c.counts for c in self.counters])  # [L, n_rows]
+        for c in self.counters:
+            c.counts.zero_()
+        if all_reduce is not None:
+            all_reduce(counts)
+        if self.shared:
+            counts = torch.cat([counts, counts.sum(0, keepdim=True)])  # [R, n_rows]
+        used = counts > 0
+        self.seen |= used
+        return torch.stack(
+            [
+                100.0 * used.double().mean(-1),
+                100.0 * self.seen.double().mean(-1),
+                kl_uniform(counts),
+                gini_coefficient(counts),
+            ],
+            dim=-1,
+        )  # [R, 4]
+
+    def record(self, stats: list[float]) -> dict[str, float]:
+        """``{"usage/<name>/<stat>": value}`` of :meth:`collect`'s result read to the host
+        and flattened (``collect(...).flatten().tolist()``)."""
+        keys = [f"usage/{name}/{stat}" for name in self.names for stat in TRAINING_STATS]
+        if len(stats) != len(keys):
+            raise ValueError(f"expected {len(keys)} statistics ({self.names}), got {len(stats)}")
+        return dict(zip(keys, stats, strict=True))
+
+    def close(self) -> None:
+        """Stop counting: the layers drop their counters."""
+        for layer in self.layers:
+            layer.track_usage(False)
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs: the rows read so far (a checkpoint is a window's end)."""
+        return {"names": list(self.names), "seen": self.seen.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["names"] != self.names or tuple(state["seen"].shape) != tuple(self.seen.shape):
+            raise ValueError(
+                f"the checkpoint's usage statistics are of {state['names']} "
+                f"{tuple(state['seen'].shape)}, the model's {self.names} {tuple(self.seen.shape)}"
+            )
+        self.seen.copy_(state["seen"])

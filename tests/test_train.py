@@ -22,6 +22,7 @@ from memlayers.checkpoint import (
 )
 from memlayers.cli import main as cli_main
 from memlayers.config import TrainArgs, load_config
+from memlayers.logger import rows_used_pct
 from memlayers.model import build_model
 from memlayers.optim import OptimArgs, build_optimizer, clip_grad_norm_, lr_multiplier
 from memlayers.run import RunError
@@ -427,6 +428,7 @@ def test_old_value_lr_key_on_the_command_line_names_the_new_one():
         ("model.preset=huge", "preset"),
         ("dtype=fp8", "dtype"),
         ("data.batch_size=-1", "batch_size"),
+        ("logging.usage=sometimes", "usage"),
     ],
 )
 def test_bad_config_is_a_value_error_naming_the_key(override, message):
@@ -472,6 +474,7 @@ def test_cli_run_writes_the_documented_run_directory(tmp_path, capsys):
         "metrics.jsonl",
         "tb",
         "loss.png",
+        "usage.png",
         "checkpoints/latest",
         "checkpoints/step_000004/model.safetensors",
     ):
@@ -483,6 +486,69 @@ def test_cli_run_writes_the_documented_run_directory(tmp_path, capsys):
     assert any("val_loss" in r for r in records)
     assert cli_main(["train", "optim.bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+# ---- memory usage as a training signal -----------------------------------------------------
+
+
+def _records(run) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_usage_statistics_are_logged_per_memory_layer_and_table(tmp_path):
+    run = tmp_path / "run"
+    # 1,024 rows read by 64 tokens × 2 layers × 2 rows a step: the table is partly used
+    small = ["model.memory.n_keys=32", "model.memory.heads=1", "model.memory.topk=2"]
+    train(tiny_args(run, "steps=4", "logging.every=2", "logging.plot=true", *small))
+    steps = [r for r in _records(run) if "loss" in r]
+    assert [r["step"] for r in steps] == [2, 4]
+    for r in steps:
+        for name in ("block_0", "block_2", "shared_table"):
+            used = r[f"usage/{name}/rows_used_pct"]
+            ever = r[f"usage/{name}/rows_ever_used_pct"]
+            assert 0 < used <= ever < 100, (name, used, ever)
+            assert 0 < r[f"usage/{name}/kl_uniform_count"] < math.log(32**2)
+            assert 0 < r[f"usage/{name}/gini_count"] < 1
+        assert rows_used_pct(r) == r["usage/shared_table/rows_used_pct"]  # the progress line's
+        assert {k.split("/")[1] for k in r if k.startswith("usage/")} == {
+            "block_0", "block_2", "shared_table",
+        }  # fmt: skip
+    # more rows over four steps than over the last two
+    assert (
+        steps[1]["usage/shared_table/rows_ever_used_pct"]
+        > steps[1]["usage/shared_table/rows_used_pct"]
+    )
+    assert (run / "loss.png").is_file() and (run / "usage.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["logging.usage=false"], ["model.preset=tiny-dense", "model.memory_layers=[]"]],
+    ids=["usage-off", "dense"],
+)
+def test_no_usage_statistics_without_usage_or_memory(tmp_path, overrides):
+    run = tmp_path / "run"
+    history = train(tiny_args(run, "steps=2", "logging.plot=true", *overrides))
+    assert len(history) == 2 and all(math.isfinite(r["loss"]) for r in history)
+    assert not [k for r in _records(run) for k in r if k.startswith("usage/")]
+    assert (run / "loss.png").is_file() and not (run / "usage.png").exists()
+
+
+def test_resume_continues_the_usage_statistics(tmp_path):
+    """rows_ever_used_pct goes on from the checkpoint's rows (the trainer state holds
+    them), so the resumed run logs what the uninterrupted one does."""
+    small = ["model.memory.n_keys=32", "model.memory.heads=1", "model.memory.topk=2"]
+    small += ["steps=5", "checkpoint.every=3"]
+    full = train(tiny_args(tmp_path / "a", *small))
+    resumed = train(
+        tiny_args(tmp_path / "b", *small),
+        resume=str(tmp_path / "a" / "checkpoints" / "step_000003"),
+    )
+    usage = [k for k in full[0] if k.startswith("usage/")]
+    assert len(usage) == 12
+    assert [[r[k] for k in usage] for r in resumed] == [[r[k] for k in usage] for r in full[3:]]
+    ever = "usage/shared_table/rows_ever_used_pct"
+    assert resumed[0][ever] > resumed[0]["usage/shared_table/rows_used_pct"]
 
 
 # ---- optimizer -----------------------------------------------------------------------------
@@ -552,6 +618,8 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
 
     # gloo ranks on the CPU (and the 1-rank run too), also on a machine with one GPU
     common = [o for o in TINY if not o.startswith("data.batch_size")] + ["steps=3", "device=cpu"]
+    # 1,024 rows, 2 a token: each rank alone reads a far smaller share than both together
+    common += ["model.memory.n_keys=32", "model.memory.heads=1", "model.memory.topk=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -573,9 +641,15 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     two = [r for r in two if "loss" in r]
     assert [r["step"] for r in two] == [1, 2, 3]
+    usage = [k for k in one[0] if k.startswith("usage/")]
+    assert len(usage) == 12
     for a, b in zip(one, two, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        # the ranks' read counts are summed at log steps: the global batch's statistics
+        # (up to a near-tie in the top-k flipping a read or two)
+        for k in usage:
+            assert a[k] == pytest.approx(b[k], abs=0.5 if k.endswith("_pct") else 0.01), k
 
 
 def _fresh_start_worker(rank, store_dir, phases):
