@@ -123,6 +123,7 @@ def _finalize(
     checksum: bool,
     layout: str,
     progress: dict | None,
+    quantization: dict | None = None,
 ) -> Path:
     """Describe every file of ``tmp`` in meta.json, rename it into place, point
     ``latest`` at it and prune old checkpoints."""
@@ -143,6 +144,8 @@ def _finalize(
     }
     if progress is not None:  # {"tokens_trained", "train_seconds"}: read by memlayers.run
         meta["progress"] = progress
+    if quantization is not None:  # {"bits", "group", ...}: memlayers.quantize
+        meta["quantization"] = quantization
     write_atomic(tmp / "meta.json", json.dumps(meta, indent=2))
     final = root / name
     if final.exists():  # re-saving a step: move the old one aside, then swap
@@ -172,8 +175,11 @@ def save_checkpoint(
     keep: int = 0,
     checksum: bool = True,
     progress: dict | None = None,
+    quantization: dict | None = None,
 ) -> Path:
-    """Write ``root/step_XXXXXX`` atomically, point ``root/latest`` at it, prune old ones."""
+    """Write ``root/step_XXXXXX`` atomically, point ``root/latest`` at it, prune old ones.
+    ``quantization``: the model's value tables are quantized (:mod:`memlayers.quantize`);
+    recorded in ``meta.json`` so a load rebuilds them packed."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _sweep(root)
@@ -181,7 +187,9 @@ def save_checkpoint(
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
     torch.save({"step": step, **(trainer_state or {})}, tmp / "trainer.pt")
-    return _finalize(root, tmp, step, model_config, keep, checksum, "safetensors", progress)
+    return _finalize(
+        root, tmp, step, model_config, keep, checksum, "safetensors", progress, quantization
+    )
 
 
 def _dcp_state(model: nn.Module, optimizer=None, plan=None) -> tuple[dict, list]:
@@ -389,6 +397,13 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, plan=Non
 
 def _load_verified(path: Path, meta: dict, model: nn.Module, optimizer=None, plan=None) -> dict:
     """:func:`load_checkpoint` of a checkpoint whose manifest ``meta`` is verified."""
+    q = meta.get("quantization")
+    if q and not _has_quantized_tables(model):
+        raise CheckpointError(
+            f"{path} holds {q['bits']}-bit quantized value tables, for serving (memlayers "
+            f"eval and generate read it); training cannot resume from it: resume the float "
+            f"run it came from ({q.get('source', 'unknown')})"
+        )
     if meta.get("layout") == "dcp":
         try:
             _load_dcp(path, model, optimizer, plan)
@@ -419,13 +434,32 @@ def _load_verified(path: Path, meta: dict, model: nn.Module, optimizer=None, pla
     return state
 
 
+def _has_quantized_tables(model: nn.Module) -> bool:
+    from memlayers.memory import MemoryValues
+
+    return any(isinstance(m, MemoryValues) and m.bits is not None for m in model.modules())
+
+
 def model_from_checkpoint(path: Path, meta: dict, device: str | torch.device = "cpu"):
-    """Rebuild the model from a verified checkpoint's ``meta`` and load its weights."""
-    from memlayers.model import ModelConfig, build_model
+    """Rebuild the model from a verified checkpoint's ``meta`` and load its weights. A
+    quantized checkpoint's value tables are laid out packed on the meta device (never
+    allocated as float) before the load fills them."""
+    from memlayers.model import ModelConfig, Transformer, build_model
 
     if not meta.get("model_config"):
         raise CheckpointError(f"{path}: meta.json has no model_config")
-    model = build_model(ModelConfig.from_dict(meta["model_config"]), device)
+    config = ModelConfig.from_dict(meta["model_config"])
+    q = meta.get("quantization")
+    if q:
+        from memlayers.quantize import quantize_tables_
+
+        with torch.device("meta"):
+            model = Transformer(config)
+        quantize_tables_(model, q["bits"], q["group"])  # meta: the packed buffers' shapes
+        model.to_empty(device=device)
+        model.init_weights()  # every buffer set (RoPE tables); the load fills the rest
+    else:
+        model = build_model(config, device)
     _load_verified(path, meta, model)
     return model
 
@@ -454,5 +488,6 @@ def consolidate(src: str | Path, dst_root: str | Path) -> Path:
     step = int(meta["step"])
     trainer.pop("step", None)
     return save_checkpoint(
-        dst_root, step, model, None, trainer, meta["model_config"], progress=meta.get("progress")
-    )
+        dst_root, step, model, None, trainer, meta["model_config"],
+        progress=meta.get("progress"), quantization=meta.get("quantization"),
+    )  # fmt: skip

@@ -6,6 +6,7 @@
     memlayers generate runs/tiny-memory-plus --prompt "Which city was ... born in?"
     memlayers compare tiny-dense tiny-memory+
     memlayers consolidate runs/big runs/big-single
+    memlayers quantize runs/tiny-memory-plus --bits 8|4 [--group G] [--out DIR]
     memlayers data {list,fetch,build}
     memlayers COMMAND --help
     memlayers --debug COMMAND ...                     # an error's traceback, not one line
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from memlayers import checkpoint, compare, config, generate, train
+from memlayers import checkpoint, compare, config, generate, quantize, train
 from memlayers import eval as evaluation
 from memlayers.data import corpus
 
@@ -150,6 +151,46 @@ def _consolidate(ns: argparse.Namespace) -> int:
     return 0
 
 
+# ---- quantize ----------------------------------------------------------------------------
+
+
+def _add_quantize(sub) -> None:
+    p = _subparser(
+        sub, "quantize", "int8 / 4-bit value tables for serving (a new run)", quantize, _quantize
+    )
+    p.add_argument("run", metavar="RUN", help="a run directory or one of its checkpoints")
+    p.add_argument(
+        "--bits",
+        type=int,
+        required=True,
+        choices=(8, 4),
+        help="8: int8, a scale per row; 4: two columns a byte, a scale per group",
+    )
+    p.add_argument(
+        "--group",
+        type=int,
+        default=None,
+        help="columns per scale (default: the whole row for 8 bits, 32 for 4 bits)",
+    )
+    p.add_argument("--out", default=None, help="new run directory (default: RUN-int<bits>)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --out (without: an error)"
+    )
+    p.add_argument("--device", default="cpu", help="where to load and quantize: cpu | cuda[:N]")
+
+
+def _quantize(ns: argparse.Namespace) -> int:
+    r = quantize.quantize_run(
+        ns.run, ns.bits, ns.group, ns.out, ns.overwrite, ns.device, progress=sys.stderr.isatty()
+    )
+    print(
+        f"value table: {r.bytes_before:,} bytes -> {r.bytes_after:,} bytes "
+        f"(int{r.bits}, group {r.group}; {r.bytes_before / r.bytes_after:.2f}x smaller)"
+    )
+    print(f"wrote {r.checkpoint} (from {r.source})")
+    return 0
+
+
 # ---- eval --------------------------------------------------------------------------------
 
 
@@ -217,12 +258,22 @@ def _add_generate(sub) -> None:
     p.add_argument("-n", type=int, default=1, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--quantized",
+        type=int,
+        choices=(8, 4),
+        default=None,
+        metavar="BITS",
+        help="quantize a float run's value tables on the fly (8 | 4; see memlayers quantize)",
+    )
+    p.add_argument("--group", type=int, default=None, help="columns per scale with --quantized")
 
 
 def _generate(ns: argparse.Namespace) -> int:
     texts = generate.generate(
-        ns.run, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p, ns.n, ns.seed, ns.device
-    )
+        ns.run, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p, ns.n, ns.seed, ns.device,
+        quantized=ns.quantized, group=ns.group,
+    )  # fmt: skip
     for t in texts:
         print(ns.prompt + t)
     return 0
@@ -324,7 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="show the traceback of an error (before COMMAND)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_consolidate, _add_eval, _add_generate, _add_compare, _add_data):
+    for add in (
+        _add_train, _add_consolidate, _add_quantize, _add_eval, _add_generate, _add_compare,
+        _add_data,
+    ):  # fmt: skip
         add(sub)
     return parser
 

@@ -3,9 +3,14 @@
     memlayers generate runs/tiny-memory-plus --prompt "Which city was Anya Briar Forger born in?"
     memlayers generate runs/x --prompt "The capital of France is" --max-new-tokens 20
     memlayers generate runs/x --prompt "Once" --temperature 0.8 --top-p 0.9 --seed 1 -n 3
+    memlayers generate runs/tiny-memory-plus-int8 --prompt "..."   # a quantized run
+    memlayers generate runs/tiny-memory-plus --quantized 4 --prompt "..."   # quantized here
 
 The prompt is encoded with the run's tokenizer after an EOS (documents in the packed
 training stream start after one), so it reads like the start of a training document.
+A quantized run (``memlayers quantize``) loads as it was saved; ``--quantized 8|4``
+quantizes a float run's value tables after loading, for this call only
+(:func:`memlayers.quantize.quantize_tables_`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import torch
 
 from memlayers.eval import EvalError
 from memlayers.model import check_sampling
+from memlayers.ops.quantized import resolve_group
+from memlayers.quantize import quantize_tables_, table_format
 from memlayers.run import load_run
 
 
@@ -26,13 +33,28 @@ def generate(
     n: int = 1,
     seed: int = 0,
     device: str = "auto",
+    quantized: int | None = None,
+    group: int | None = None,
 ) -> list[str]:
-    """``n`` continuations of ``prompt`` (text after the prompt, up to EOS)."""
+    """``n`` continuations of ``prompt`` (text after the prompt, up to EOS); with
+    ``quantized`` (8 or 4) the value tables are quantized first (``group``: columns per
+    scale)."""
     check_sampling(max_new_tokens, temperature, top_p)  # before loading anything
     if n < 1:
         raise ValueError(f"n (the number of samples) must be >= 1, got {n}")
+    if quantized is not None:
+        resolve_group(quantized, group, 2)  # bits and group, before loading anything
+    elif group is not None:
+        raise ValueError(f"group={group} needs quantized=8|4 (--quantized)")
     run = load_run(run_dir, device)
     tok, model = run.tokenizer, run.model
+    if quantized is not None:
+        table = table_format(model)
+        if table is not None and table["format"].startswith("int"):
+            raise ValueError(
+                f"{run.checkpoint} is quantized already ({table['format']}): drop --quantized"
+            )
+        quantize_tables_(model, quantized, group)
     if tok is None:
         raise EvalError(f"{run.run_dir}: the dataset has no tokenizer, so no text to generate")
     try:

@@ -16,6 +16,12 @@ import torch.nn.functional as F
 
 from memlayers.merged_grad import MergedValueGrad
 from memlayers.ops.embedding_bag import IMPLS, embedding_bag
+from memlayers.ops.quantized import (
+    QuantizedRows,
+    embedding_bag_quantized,
+    empty_quantized,
+    quantize_rows,
+)
 from memlayers.router import ProductKeyRouter, load_old_router_names
 from memlayers.usage import MemoryUsage, RowCounts
 
@@ -99,6 +105,11 @@ class MemoryValues(nn.Module):
     ``sparse_grad=True`` makes lookups return a row-sparse (COO) gradient holding only the
     rows read, for :class:`memlayers.value_optim.SparseValueAdam`; leave it off for dense
     optimizers and FSDP.
+
+    After training, :meth:`quantize_` packs the table for serving (int8 or 4-bit rows with
+    bf16 scales, :mod:`memlayers.ops.quantized`): the ``weight`` parameter gives way to the
+    buffers ``qdata`` and ``qscales`` (what ``state_dict`` then holds), lookups dequantize
+    the rows they read, forward only, and training is refused.
     """
 
     def __init__(
@@ -123,11 +134,65 @@ class MemoryValues(nn.Module):
         # Set from outside by memlayers.parallel: then ``weight`` holds only this rank's
         # columns and lookups go through the shard's gather → lookup → redistribute.
         self.shard = None
+        self.bits: int | None = None  # set by quantize_
+        self.group: int | None = None
         self.init_weights()
+
+    def __getattr__(self, name: str):
+        if name == "weight" and self.__dict__.get("bits") is not None:
+            raise AttributeError(
+                f"this value table is quantized ({self.bits}-bit, for serving): it has no "
+                f"float weight to train or export; train the float run it came from"
+            )
+        return super().__getattr__(name)
+
+    @property
+    def quantized(self) -> QuantizedRows | None:
+        """The packed table after :meth:`quantize_`, else None."""
+        if self.bits is None:
+            return None
+        return QuantizedRows(self.qdata, self.qscales, self.bits, self.group, self.v_dim)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the table as stored (float weight, or packed data + scales)."""
+        q = self.quantized
+        return q.nbytes if q is not None else self.weight.nbytes
+
+    @torch.no_grad()
+    def quantize_(self, bits: int, group: int | None = None, progress: bool = False) -> None:
+        """Replace the float table by its quantized rows (:func:`memlayers.ops.quantized.
+        quantize_rows`; ``group``: columns per scale, None for the format's default), for
+        serving: irreversible, forward only. On the meta device it only lays out the
+        buffers (a model rebuilt for a quantized checkpoint, which the load then fills)."""
+        if self.bits is not None:
+            raise ValueError(f"the value table is quantized already ({self.bits}-bit)")
+        if self.shard is not None:
+            raise ValueError(
+                "a column-sharded value table cannot be quantized: consolidate the checkpoint "
+                "into one process first (memlayers consolidate)"
+            )
+        w = self.weight.detach()
+        if w.is_meta:
+            q = empty_quantized(self.n_rows, self.v_dim, bits, group, device="meta")
+        else:
+            q = quantize_rows(w, bits, group, progress)
+        del self.weight
+        self.register_buffer("qdata", q.data)
+        self.register_buffer("qscales", q.scales)
+        self.bits, self.group = q.bits, q.group
 
     def lookup(self, indices: torch.Tensor, weights: torch.Tensor, impl: str = "auto"):
         """``[B, v_dim]`` weighted sums of the rows ``indices [B, K]`` (see
-        :func:`memlayers.ops.embedding_bag`), through the shard when sharded."""
+        :func:`memlayers.ops.embedding_bag`), through the shard when sharded, dequantized
+        on the fly when quantized."""
+        if self.bits is not None:
+            if self.training:
+                raise ValueError(
+                    f"the value table is quantized ({self.bits}-bit): it serves lookups in "
+                    f"eval mode only (model.eval()); train the float table, then quantize it"
+                )
+            return embedding_bag_quantized(self.quantized, indices, weights, impl=impl)
         if self.shard is not None:
             return self.shard.lookup(self.weight, indices, weights, impl, self.sparse_grad)
         if self.sparse_grad:
@@ -139,11 +204,19 @@ class MemoryValues(nn.Module):
 
         Drawn row-chunk by row-chunk over the *full* width, keeping this table's columns,
         so a seed gives the same table whether it is sharded (memlayers.parallel) or not.
+        A quantized table comes from a trained one, not from a draw: it is zeroed (zero
+        scales, a zero table) so that a meta-device build leaves no buffer unset.
         """
+        if self.bits is not None:
+            self.qdata.fill_(0 if self.bits == 8 else 0x88)  # 0x88: two zero nibbles
+            self.qscales.zero_()
+            return
         start = self.shard.start if self.shard is not None else 0
         normal_columns_(self.weight, self.v_dim**-0.5, self.v_dim, start)
 
     def extra_repr(self) -> str:
+        if self.bits is not None:
+            return f"n_rows={self.n_rows}, v_dim={self.v_dim}, int{self.bits}, group={self.group}"
         return f"n_rows={self.n_rows}, v_dim={self.v_dim}, dtype={self.weight.dtype}"
 
 

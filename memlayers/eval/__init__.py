@@ -68,6 +68,7 @@ from memlayers.eval.validation import (
     validation_loss,
 )
 from memlayers.files import write_atomic
+from memlayers.quantize import table_format
 from memlayers.report import parameter_report
 from memlayers.run import TrainedRun, load_run
 
@@ -149,7 +150,9 @@ def evaluate(
         qa_sets[f.stem] = read_qa_jsonl(f)
     run = run if isinstance(run, Run) else load_run(run, device)
     model, tok, args = run.model, run.tokenizer, run.args
-    rep = parameter_report(model, seq_len=args.data.seq_len)
+    # From the config: a quantized table (memlayers.quantize) is stored in buffers, not
+    # parameters, but the model has the same parameters as the float one it came from.
+    rep = parameter_report(model.config, seq_len=args.data.seq_len)
     train_flops = float(rep["train_flops_per_token"]) * run.tokens_trained
     results: dict[str, Any] = {
         "run_dir": str(run.run_dir),
@@ -162,6 +165,9 @@ def evaluate(
         "params": {k: v for k, v in rep.items() if k != "seq_len"},
         "train_flops": train_flops,
     }
+    table = table_format(model)
+    if table is not None:  # how the value table is stored: float dtype or int8/int4
+        results["value_table"] = table
     wants = builtin_qa or (knowledge and args.data.dataset in BIOS_DATASETS)
     builtin = dataset_qa(args) if wants and tok is not None else None
     bios = builtin[2] if builtin is not None else None

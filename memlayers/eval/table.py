@@ -14,6 +14,10 @@ def format_results(r: dict) -> str:
         f"  parameters  total {si(p['total'])}, non-embedding {si(p['non_embedding'])}, "
         f"active/token {si(p['active_per_token'])}, memory table {si(p['memory_table'])}",
     ]
+    if "value_table" in r:
+        t = r["value_table"]
+        group = f", group {t['group']}" if t.get("group") else ""
+        lines.append(f"  value table {t['format']}{group}: {t['bytes']:,} bytes")
     pp = r["perplexity"]
     bpb = f", {pp['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in pp else ""
     lines.append(

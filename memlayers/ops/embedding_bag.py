@@ -28,6 +28,17 @@ def check_embedding_bag_inputs(
         raise ValueError(f"values must be [N, D], got shape {tuple(values.shape)}")
     if not values.is_floating_point():
         raise ValueError(f"values must be floating point, got dtype {values.dtype}")
+    check_bags(indices, weights)
+    if not (values.device == indices.device == weights.device):
+        raise ValueError(
+            f"values, indices and weights must be on one device, got {values.device}, "
+            f"{indices.device} and {weights.device}"
+        )
+
+
+def check_bags(indices: torch.Tensor, weights: torch.Tensor) -> None:
+    """The bags' part of the checks: ``indices [B, K]`` int64, ``weights`` floating, of
+    the same shape (any table's lookup: float or quantized)."""
     if indices.dim() != 2:
         raise ValueError(f"indices must be [B, K], got shape {tuple(indices.shape)}")
     if indices.dtype != torch.int64:
@@ -39,11 +50,6 @@ def check_embedding_bag_inputs(
         )
     if not weights.is_floating_point():
         raise ValueError(f"weights must be floating point, got dtype {weights.dtype}")
-    if not (values.device == indices.device == weights.device):
-        raise ValueError(
-            f"values, indices and weights must be on one device, got {values.device}, "
-            f"{indices.device} and {weights.device}"
-        )
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:

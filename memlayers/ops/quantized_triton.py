@@ -1,0 +1,206 @@
+"""Triton forward of the lookup on quantized rows (format: :mod:`memlayers.ops.quantized`).
+
+``out[b] = Σ_k weights[b, k] · q[idx_k] · s[idx_k]``, the packed bytes and the bf16 scales
+read from memory and dequantized in registers: an int8 row moves ``D + 2`` bytes, a
+4-bit one ``ceil(D/2) + 2·ceil(D/group)``, against ``2D`` (bf16) or ``4D`` (fp32) for the
+float kernel. The structure is :func:`memlayers.ops.embedding_bag_triton._fwd_kernel`'s:
+one program per (bag, column tile), the bag's rows walked one at a time in order (k = 0,
+1, …) into an fp32 accumulator, so no launch parameter changes a bit of the output, and
+an index outside ``[0, N)`` reads nothing and raises the flag that
+``torch._assert_async`` turns into an error.
+
+The 4-bit kernel works on bytes: a tile is ``BLOCK`` bytes of the row (``2·BLOCK``
+columns), loaded as one contiguous vector, split into the low-nibble (even) and
+high-nibble (odd) columns, each with its own accumulator, and stored with a stride of 2
+at the end. A byte's two columns share a scale (groups are even), so one scale load
+serves both.
+
+Forward only: the reference is :func:`memlayers.ops.quantized.embedding_bag_quantized_torch`.
+The op is registered with ``torch.library`` (``memlayers::embedding_bag_quantized``) so
+``torch.compile`` traces through it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from memlayers.ops.quantized import QuantizedRows
+from memlayers.ops.triton_interpreter import patch_triton_interpreter
+
+patch_triton_interpreter()
+
+# (SPLIT column tiles per bag, warps, stages): the float forward's measured rule
+# (embedding_bag_triton.FWD_CONFIG: the whole row per program, 4 warps, no pipelining).
+# Not yet swept for packed rows: benchmarks/bench_quantized.py --sweep does.
+QFWD_CONFIG = (1, 4, 1)
+QFWD_SWEEP = [(1, 4, 1), (1, 4, 3), (1, 8, 3), (2, 4, 3), (2, 2, 3)]
+
+
+@triton.jit
+def _int8_fwd_kernel(
+    data_ptr,  # [N, D] int8
+    scales_ptr,  # [N, G] bf16
+    indices_ptr,  # [B, K] int64
+    weights_ptr,  # [B, K]
+    out_ptr,  # [B, D]
+    bad_ptr,  # [1] int32: set to 1 when some index is outside [0, N)
+    N,
+    K,
+    D: tl.constexpr,  # a constant: row offsets idx * D carry its alignment
+    G: tl.constexpr,  # scales per row: cdiv(D, GROUP)
+    GROUP: tl.constexpr,  # columns per scale
+    BLOCK_D: tl.constexpr,  # columns per program: next_power_of_2(D) // SPLIT
+    STAGES: tl.constexpr,
+    CHECK: tl.constexpr,
+):
+    """Program (bag, tile): ``acc += w_k · q[idx_k, tile] · s[idx_k, tile // GROUP]``."""
+    n_dtiles = tl.cdiv(D, BLOCK_D)
+    pid = tl.program_id(0).to(tl.int64)
+    bag = pid // n_dtiles
+    cols = (pid % n_dtiles) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    dmask = cols < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    n_bad = tl.full([], 0, tl.int32)
+    for k in tl.range(0, K, num_stages=STAGES):
+        idx = tl.load(indices_ptr + bag * K + k)  # int64: idx * D passes 2**31 on big tables
+        w = tl.load(weights_ptr + bag * K + k).to(tl.float32)
+        if CHECK:
+            ok = (idx >= 0) & (idx < N)
+            n_bad += (~ok).to(tl.int32)
+            rmask = tl.where(ok, dmask, False)
+            idx = tl.where(ok, idx, 0)  # the scalar scale load below is unmasked
+        else:
+            rmask = dmask
+        q = tl.load(data_ptr + idx * D + cols, mask=rmask, other=0).to(tl.float32)
+        if G == 1:  # one scale per row: a scalar load
+            s = tl.load(scales_ptr + idx).to(tl.float32)
+        else:
+            s = tl.load(scales_ptr + idx * G + cols // GROUP, mask=rmask, other=0.0)
+            s = s.to(tl.float32)
+        acc += (q * s) * w  # q · s is exact in fp32: 7 + 8 significant bits
+    tl.store(out_ptr + bag * D + cols, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+    tl.store(bad_ptr, 1, mask=n_bad > 0)
+
+
+@triton.jit
+def _int4_fwd_kernel(
+    data_ptr,  # [N, P] uint8, P = cdiv(D, 2): column 2j low nibble, 2j+1 high, as q + 8
+    scales_ptr,  # [N, G] bf16
+    indices_ptr,  # [B, K] int64
+    weights_ptr,  # [B, K]
+    out_ptr,  # [B, D]
+    bad_ptr,  # [1] int32
+    N,
+    K,
+    D: tl.constexpr,
+    P: tl.constexpr,  # bytes per row
+    G: tl.constexpr,
+    GROUP: tl.constexpr,  # columns per scale, even
+    BLOCK: tl.constexpr,  # bytes per program: next_power_of_2(P) // SPLIT
+    STAGES: tl.constexpr,
+    CHECK: tl.constexpr,
+):
+    """Program (bag, byte tile): the even and odd columns of ``BLOCK`` bytes, one
+    accumulator each; ``acc += w_k · (nibble − 8) · s`` for k = 0 … K-1, in order."""
+    n_tiles = tl.cdiv(P, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)
+    bag = pid // n_tiles
+    j = (pid % n_tiles) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] byte of the row
+    bmask = j < P
+    gidx = j // (GROUP // 2)  # [BLOCK] the scale of both columns of byte j
+    acc_lo = tl.zeros([BLOCK], dtype=tl.float32)  # columns 2j
+    acc_hi = tl.zeros([BLOCK], dtype=tl.float32)  # columns 2j + 1
+    n_bad = tl.full([], 0, tl.int32)
+    for k in tl.range(0, K, num_stages=STAGES):
+        idx = tl.load(indices_ptr + bag * K + k)
+        w = tl.load(weights_ptr + bag * K + k).to(tl.float32)
+        if CHECK:
+            ok = (idx >= 0) & (idx < N)
+            n_bad += (~ok).to(tl.int32)
+            rmask = tl.where(ok, bmask, False)
+            idx = tl.where(ok, idx, 0)
+        else:
+            rmask = bmask
+        byte = tl.load(data_ptr + idx * P + j, mask=rmask, other=136).to(tl.int32)  # 0x88: 0, 0
+        if G == 1:
+            s = tl.load(scales_ptr + idx).to(tl.float32)
+        else:
+            s = tl.load(scales_ptr + idx * G + gidx, mask=rmask, other=0.0).to(tl.float32)
+        acc_lo += (((byte & 15) - 8).to(tl.float32) * s) * w  # q · s exact, as for int8
+        acc_hi += (((byte >> 4) - 8).to(tl.float32) * s) * w
+    out = out_ptr + bag * D + 2 * j
+    tl.store(out, acc_lo.to(out_ptr.dtype.element_ty), mask=2 * j < D)
+    tl.store(out + 1, acc_hi.to(out_ptr.dtype.element_ty), mask=2 * j + 1 < D)
+    tl.store(bad_ptr, 1, mask=n_bad > 0)
+
+
+def _qfwd_launch(
+    table: QuantizedRows,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+    config: tuple[int, int, int] = QFWD_CONFIG,
+    check: bool = True,
+) -> torch.Tensor:
+    """Forward on contiguous inputs: ``[B, D]`` in ``out_dtype``. ``config``: ``(SPLIT,
+    warps, stages)``; ``check``: raise (asynchronously) on an index outside ``[0, N)``."""
+    data, scales, bits, group, d = table
+    b, k = indices.shape
+    n, p = data.shape
+    if b == 0 or k == 0:
+        return torch.zeros(b, d, dtype=out_dtype, device=indices.device)
+    out = torch.empty(b, d, dtype=out_dtype, device=indices.device)
+    bad = torch.zeros(1, dtype=torch.int32, device=indices.device)
+    split, warps, stages = config
+    g = scales.shape[1]
+    if bits == 8:
+        block = max(triton.next_power_of_2(d) // split, 1)
+        _int8_fwd_kernel[(b * triton.cdiv(d, block),)](
+            data, scales, indices, weights, out, bad, n, k,
+            D=d, G=g, GROUP=group, BLOCK_D=block, STAGES=stages, CHECK=check, num_warps=warps,
+        )  # fmt: skip
+    else:
+        block = max(triton.next_power_of_2(p) // split, 1)
+        _int4_fwd_kernel[(b * triton.cdiv(p, block),)](
+            data, scales, indices, weights, out, bad, n, k,
+            D=d, P=p, G=g, GROUP=group, BLOCK=block, STAGES=stages, CHECK=check,
+            num_warps=warps,
+        )  # fmt: skip
+    if check:
+        torch._assert_async(bad[0] == 0, "embedding_bag_quantized: an index is outside [0, N)")
+    return out
+
+
+@torch.library.custom_op("memlayers::embedding_bag_quantized", mutates_args=())
+def embedding_bag_quantized_op(
+    data: torch.Tensor,
+    scales: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    bits: int,
+    group: int,
+    dim: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``[B, dim]`` weighted sum of dequantized rows (no autograd: forward only)."""
+    table = QuantizedRows(data.contiguous(), scales.contiguous(), bits, group, dim)
+    return _qfwd_launch(table, indices.contiguous(), weights.contiguous(), out_dtype)
+
+
+@embedding_bag_quantized_op.register_fake
+def _(data, scales, indices, weights, bits, group, dim, out_dtype):
+    return indices.new_empty(indices.shape[0], dim, dtype=out_dtype)
+
+
+def embedding_bag_quantized_triton(
+    table: QuantizedRows,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The Triton path (inputs checked by
+    :func:`memlayers.ops.quantized.embedding_bag_quantized`)."""
+    data, scales, bits, group, dim = table
+    return embedding_bag_quantized_op(data, scales, indices, weights, bits, group, dim, out_dtype)

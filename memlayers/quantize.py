@@ -1,0 +1,175 @@
+"""Quantize a trained run's value tables for serving: int8 or 4-bit rows, bf16 scales.
+
+    memlayers quantize runs/tiny-memory-plus --bits 8      # writes runs/tiny-memory-plus-int8
+    memlayers quantize runs/tiny-memory-plus --bits 4 --group 32 --out runs/tiny-int4
+    memlayers eval runs/tiny-memory-plus-int8              # a quantized run loads like any run
+    memlayers generate runs/tiny-memory-plus-int8 --prompt "Which city was ... born in?"
+    memlayers generate runs/tiny-memory-plus --quantized 4 --prompt "..."   # on the fly
+
+Only the value tables are quantized: they hold most of a Memory+ model's parameters (the
+373m preset's table is 1.07B of its 1.44B) while a token reads 128 of their rows, so they
+are what a compact format pays off on; everything else stays as trained. The format and
+its error bound: :mod:`memlayers.ops.quantized` (docs/method.md §5).
+
+The new run directory holds the source run's ``config.yaml`` and ``tokenizer.json`` and
+``checkpoints/step_XXXXXX/`` of the same step: ``model.safetensors`` (``qdata`` and
+``qscales`` in place of each table's ``weight``) and ``meta.json``, whose
+``"quantization"`` records bits, group, the source checkpoint and the table's bytes before
+and after. It is written into a hidden temporary directory and renamed into place, so a
+crash leaves no half-written run; an existing non-empty ``--out`` is refused unless
+``--overwrite``. Training cannot resume from it (the float run is the one to train).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import torch.nn as nn
+
+from memlayers.checkpoint import model_from_checkpoint, save_checkpoint, verify_checkpoint
+from memlayers.files import fsync_dir
+from memlayers.memory import MemoryValues
+from memlayers.ops.quantized import resolve_group
+from memlayers.run import Run
+
+
+def value_tables(model: nn.Module) -> list[MemoryValues]:
+    """Every distinct value table of ``model`` (a shared Memory+ table once)."""
+    return [m for m in model.modules() if isinstance(m, MemoryValues)]
+
+
+def table_nbytes(model: nn.Module) -> int:
+    """Bytes of the model's value tables as stored."""
+    return sum(t.nbytes for t in value_tables(model))
+
+
+def quantize_tables_(
+    model: nn.Module, bits: int, group: int | None = None, progress: bool = False
+) -> list[MemoryValues]:
+    """:meth:`MemoryValues.quantize_` every value table of ``model`` in place (on the meta
+    device: only the layout). Raises ``ValueError`` when there is none."""
+    tables = value_tables(model)
+    if not tables:
+        raise ValueError("the model has no memory value table to quantize")
+    for t in tables:
+        t.quantize_(bits, group, progress)
+    return tables
+
+
+def table_format(model: nn.Module) -> dict | None:
+    """``{"format", "group", "bytes"}`` of the model's value tables, or None without any."""
+    tables = value_tables(model)
+    if not tables:
+        return None
+    t = tables[0]
+    fmt = f"int{t.bits}" if t.bits is not None else str(t.weight.dtype).replace("torch.", "")
+    return {"format": fmt, "group": t.group, "bytes": table_nbytes(model)}
+
+
+class QuantizedRun(NamedTuple):
+    out: Path  # the new run directory
+    checkpoint: Path  # its checkpoint
+    source: Path  # the checkpoint it was quantized from
+    bits: int
+    group: int
+    bytes_before: int
+    bytes_after: int
+
+
+def _check_out(src: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that is the source run (or inside it, or holds it), a file, or a
+    non-empty directory without ``overwrite``: before anything is loaded."""
+    s, o = src.resolve(), out.resolve()
+    if o == s or s in o.parents or o in s.parents:
+        raise ValueError(
+            f"--out {out} overlaps the source run {src}: a quantized run goes to a directory "
+            f"of its own (the float run stays, it is the one to train further)"
+        )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"--out {out} is not empty: pass --overwrite to replace it, or another --out"
+        )
+
+
+def quantize_run(
+    path: str | Path,
+    bits: int,
+    group: int | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+) -> QuantizedRun:
+    """Write a copy of the run at ``path`` (its newest checkpoint, or the checkpoint
+    ``path`` names) with quantized value tables to ``out`` (default
+    ``<run>-int<bits>``, ``-g<group>`` added when ``group`` is given); see the module
+    docstring."""
+    run = Run.of(path)
+    ckpt = run.checkpoint(path)
+    meta = verify_checkpoint(ckpt)
+    if meta.get("quantization"):
+        raise ValueError(
+            f"{ckpt} is quantized already ({meta['quantization']['bits']}-bit); quantize "
+            f"its float run ({meta['quantization'].get('source', 'unknown')})"
+        )
+    if out is None:
+        suffix = f"-int{bits}" + (f"-g{group}" if group is not None else "")
+        out = run.root.parent / f"{run.root.name}{suffix}"
+    out = Path(out)
+    _check_out(run.root, out, overwrite)
+    model = model_from_checkpoint(ckpt, meta, device).eval()
+    tables = value_tables(model)
+    if not tables:
+        raise ValueError(f"{ckpt}: the model has no memory value table to quantize")
+    group = resolve_group(bits, group, tables[0].v_dim)
+    before = table_nbytes(model)
+    quantize_tables_(model, bits, group, progress)
+    after = table_nbytes(model)
+    quantization = {
+        "bits": bits,
+        "group": group,
+        "scale_dtype": "bfloat16",
+        "source": str(ckpt.resolve()),
+        "table_bytes_before": before,
+        "table_bytes_after": after,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        for f in (run.config_path, run.tokenizer_path):
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        saved = save_checkpoint(
+            Run(tmp).checkpoints,
+            int(meta["step"]),
+            model,
+            model_config=meta["model_config"],
+            progress=meta.get("progress"),
+            quantization=quantization,
+        )
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return QuantizedRun(out, out / saved.relative_to(tmp), ckpt, bits, group, before, after)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` (empty, or ``--overwrite``) is moved
+    aside first and deleted after the swap."""
+    if out.exists():
+        old = out.parent / f".old-{out.name}-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    fsync_dir(out.parent)
