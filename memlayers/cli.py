@@ -7,6 +7,7 @@
     memlayers compare tiny-dense tiny-memory+
     memlayers consolidate runs/big runs/big-single
     memlayers quantize runs/tiny-memory-plus --bits 8|4 [--group G] [--out DIR]
+    memlayers finetune runs/tiny-memory-plus --data NEW.txt [--method sparse-memory|full|lora]
     memlayers data {list,fetch,build}
     memlayers COMMAND --help
     memlayers --debug COMMAND ...                     # an error's traceback, not one line
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from memlayers import checkpoint, compare, config, generate, quantize, train
+from memlayers import checkpoint, compare, config, finetune, generate, quantize, train
 from memlayers import eval as evaluation
 from memlayers.data import corpus
 
@@ -186,6 +187,63 @@ def _quantize(ns: argparse.Namespace) -> int:
     print(
         f"value table: {r.bytes_before:,} bytes -> {r.bytes_after:,} bytes "
         f"(int{r.bits}, group {r.group}; {r.bytes_before / r.bytes_after:.2f}x smaller)"
+    )
+    print(f"wrote {r.checkpoint} (from {r.source})")
+    return 0
+
+
+# ---- finetune ----------------------------------------------------------------------------
+
+
+def _add_finetune(sub) -> None:
+    p = _subparser(
+        sub, "finetune", "teach a run new text: sparse-memory, full or LoRA (a new run)",
+        finetune, _finetune,
+    )  # fmt: skip
+    d = finetune.FinetuneArgs()
+    p.add_argument("run", metavar="RUN", help="a run directory or one of its checkpoints")
+    p.add_argument("--data", required=True, help="UTF-8 text, one document per line")
+    p.add_argument("--method", default=d.method, choices=finetune.METHODS)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument(
+        "--lr", type=float, default=None,
+        help="constant learning rate (default: the run's optim.value_lr for sparse-memory, "
+        "optim.lr otherwise)",
+    )  # fmt: skip
+    p.add_argument(
+        "--top-t", type=int, default=d.top_t, help="sparse-memory: rows updated per step"
+    )
+    p.add_argument("--rank", type=int, default=d.rank, help="lora: adapter rank")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="lora: scale alpha/rank")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
+    p.add_argument(
+        "--background", default=None,
+        help="sparse-memory: background text file (default: the run's training split)",
+    )  # fmt: skip
+    p.add_argument("--background-batches", type=int, default=d.background_batches)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=None, help="new run directory (default: RUN-ft-<method>)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --out (without: an error)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
+
+
+def _finetune(ns: argparse.Namespace) -> int:
+    args = finetune.FinetuneArgs(
+        method=ns.method, steps=ns.steps, lr=ns.lr, top_t=ns.top_t, rank=ns.rank,
+        alpha=ns.alpha, batch_size=ns.batch_size, background_batches=ns.background_batches,
+        seed=ns.seed,
+    )  # fmt: skip
+    r = finetune.finetune(ns.run, ns.data, args, ns.background, ns.out, ns.overwrite, ns.device)
+    losses = r.record["losses"]
+    print(
+        f"{args.method}: {args.steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+        + (
+            f", {sum(r.record['rows_updated']) / len(losses):.0f} rows updated per step"
+            if r.record["rows_updated"]
+            else ""
+        )
     )
     print(f"wrote {r.checkpoint} (from {r.source})")
     return 0
@@ -376,8 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
-        _add_train, _add_consolidate, _add_quantize, _add_eval, _add_generate, _add_compare,
-        _add_data,
+        _add_train, _add_consolidate, _add_quantize, _add_finetune, _add_eval, _add_generate,
+        _add_compare, _add_data,
     ):  # fmt: skip
         add(sub)
     return parser

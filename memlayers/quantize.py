@@ -138,28 +138,47 @@ def quantize_run(
         "table_bytes_before": before,
         "table_bytes_after": after,
     }
+    saved = write_derived_run(
+        out, run, int(meta["step"]), model, meta["model_config"], meta.get("progress"),
+        quantization=quantization,
+    )  # fmt: skip
+    return QuantizedRun(out, saved, ckpt, bits, group, before, after)
+
+
+def write_derived_run(
+    out: Path,
+    source: Run,
+    step: int,
+    model: nn.Module,
+    model_config: dict,
+    progress: dict | None,
+    files: dict[str, str] | None = None,
+    **meta,
+) -> Path:
+    """Write a run made from ``source`` (quantized, finetuned) to ``out`` atomically: its
+    config and tokenizer, ``files`` (name → text) and one checkpoint of ``model`` at
+    ``step`` (``meta``: extra ``save_checkpoint`` fields), built in a temporary sibling
+    directory and renamed into place. Returns the checkpoint's path under ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
         tmp.mkdir()
-        for f in (run.config_path, run.tokenizer_path):
+        for f in (source.config_path, source.tokenizer_path):
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         saved = save_checkpoint(
-            Run(tmp).checkpoints,
-            int(meta["step"]),
-            model,
-            model_config=meta["model_config"],
-            progress=meta.get("progress"),
-            quantization=quantization,
-        )
+            Run(tmp).checkpoints, step, model, model_config=model_config, progress=progress,
+            **meta,
+        )  # fmt: skip
         _replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return QuantizedRun(out, out / saved.relative_to(tmp), ckpt, bits, group, before, after)
+    return out / saved.relative_to(tmp)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

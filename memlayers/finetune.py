@@ -1,0 +1,483 @@
+"""Teach a trained run new text: sparse memory finetuning, full finetuning or LoRA.
+
+    memlayers finetune runs/tiny-memory-plus --data new_facts.txt            # sparse-memory
+    memlayers finetune runs/tiny-memory-plus --data new_facts.txt --top-t 500 --steps 100
+    memlayers finetune runs/tiny-memory-plus --data new_facts.txt --method full
+    memlayers finetune runs/tiny-memory-plus --data new_facts.txt --method lora --rank 8
+    memlayers finetune RUN --data new.txt --out runs/ft [--overwrite] [--background old.txt]
+    memlayers eval runs/tiny-memory-plus-ft-sparse-memory     # loads like any run
+
+The methods, on the same data, steps and batch (GitHub issue 11; Lin et al. 2025,
+"Continual learning via sparse memory finetuning"):
+
+- ``sparse-memory``: every parameter frozen but the value tables. Each step counts the
+  rows its batch reads (summed over the layers reading a table) and ranks them by how
+  specific that use is to the new data, TF-IDF-like against the background sequences
+  that read each row, counted once at the start (:func:`specificity_scores`); only the
+  top ``top_t`` rows keep their gradient and the lazy row-wise Adam
+  (:class:`memlayers.value_optim.SparseValueAdam`) updates only them: every other row,
+  and its moments, stays bit-identical. A token of the tiny Memory+ model reads 3 layers
+  × 2 heads × 16 = 96 rows, so a 16 × 128 batch makes ~197k reads of its 16,384 rows; the
+  default ``top_t=500`` (3% of that table) keeps the few rows most specific to the batch;
+  a table of 1M rows may want more (not measured here).
+- ``full``: every parameter trained with the run's own optimizer setup (AdamW, and its
+  value-table optimizer at the run's ratio of value to dense learning rate).
+- ``lora``: rank-``r`` adapters ``W x + (B A x)·α/r`` (A random, B zero: step 0 is the
+  base model) on the attention projections and the feed-forward / Memory+ gating linears,
+  everything else frozen; merged into the weights when saved, so the output is a plain run.
+
+The data file is UTF-8 text, one document per line (blank lines skipped), each encoded
+with the run's tokenizer and ended by EOS; a stream shorter than one batch is repeated to
+fill it. The background is by default ``background_batches`` batches of the run's own
+training split (``--background FILE`` reads a text file instead). The learning rate is
+constant; by default the run's ``optim.value_lr`` for sparse-memory and ``optim.lr`` for
+full and lora.
+
+The new run directory (never the source; an existing non-empty one only with
+``--overwrite``) holds the source's ``config.yaml`` and ``tokenizer.json`` (so ``eval``
+measures the run's own held-out text and QA), ``checkpoints/step_XXXXXX`` at the source's
+step + ``steps`` and ``finetune.json`` (method, settings, source checkpoint, per-step loss
+and rows updated). It is written into a hidden temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from memlayers.data.loader import PackedLoader, load_dataset
+from memlayers.memory import MemoryValues, ProductKeyMemory
+from memlayers.model import Attention, SwiGLU
+from memlayers.optim import build_optimizer, clip_grad_norm_, uses_sparse_values
+from memlayers.quantize import value_tables, write_derived_run
+from memlayers.run import Run, load_run
+from memlayers.value_optim import SparseValueAdam, coalesce_rows
+
+METHODS = ("sparse-memory", "full", "lora")
+
+
+@dataclass
+class FinetuneArgs:
+    method: str = "sparse-memory"  # sparse-memory | full | lora
+    steps: int = 100
+    lr: float | None = None  # None: the run's optim.value_lr (sparse-memory) or optim.lr
+    top_t: int = 500  # sparse-memory: rows updated per step (per value table)
+    rank: int = 8  # lora
+    alpha: float = 16.0  # lora: the adapter's output is scaled by alpha / rank
+    batch_size: int | None = None  # None: the run's data.batch_size (seq_len is the run's)
+    background_batches: int = 8  # sparse-memory: batches of background text counted
+    grad_clip: float = 1.0  # max gradient norm of the trained parameters; 0: off
+    seed: int = 0  # batch order, LoRA's A
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got method={self.method!r}")
+        for name in ("steps", "top_t", "rank", "background_batches"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {name}={v!r}")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got batch_size={self.batch_size!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got lr={self.lr!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got alpha={self.alpha!r}")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"grad_clip must be >= 0, got grad_clip={self.grad_clip!r}")
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+
+def read_documents(path: str | Path, tokenizer) -> np.ndarray:
+    """The token stream of a text file: each non-blank line encoded, followed by EOS."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--data {path}: no such file")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    docs = [ln for ln in lines if ln]
+    if not docs:
+        raise ValueError(f"--data {path}: no text (every line is blank)")
+    out: list[int] = []
+    for i, doc in enumerate(docs, 1):
+        try:
+            out += tokenizer.encode(doc) + [tokenizer.eos_id]
+        except KeyError as e:  # a closed vocabulary (bios) meets an unknown word
+            raise ValueError(f"--data {path}, document {i}: {e.args[0]}") from None
+    return np.asarray(out, dtype=np.int64)
+
+
+def repeat_to(tokens: np.ndarray, n: int) -> np.ndarray:
+    """``tokens`` repeated whole until at least ``n`` long (documents stay whole: each ends
+    with EOS)."""
+    return np.tile(tokens, max(1, math.ceil(n / len(tokens))))
+
+
+# ---- sparse-memory: which rows -------------------------------------------------------------
+
+
+@contextmanager
+def counting_reads(model: nn.Module):
+    """Count the rows every value table is read at while the block runs (train or eval
+    mode). Yields ``take()``: the counts since the last call, ``[n_rows]`` int64 per table
+    of :func:`memlayers.quantize.value_tables` (summed over the layers reading it)."""
+    tables = value_tables(model)
+    layers = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
+    where = [next(i for i, t in enumerate(tables) if t is m.values) for m in layers]
+    for m in layers:
+        m.track_usage()
+
+    def take() -> list[torch.Tensor]:
+        counts = [torch.zeros(t.n_rows, dtype=torch.int64) for t in tables]
+        for m, i in zip(layers, where, strict=True):
+            if m.usage.counts is not None:
+                counts[i] += m.usage.counts.cpu()
+            m.track_usage()  # a fresh window
+        return counts
+
+    try:
+        yield take
+    finally:
+        for m in layers:
+            m.track_usage(False)
+
+
+def specificity_scores(
+    counts: torch.Tensor, background: torch.Tensor, background_docs: int
+) -> torch.Tensor:
+    """TF-IDF of each row's reads ``[n_rows]`` (float64): ``tf = counts / Σ counts`` (the
+    row's share of this batch's reads), ``idf = log((N + 1) / (background + 1))`` with
+    ``background`` the number of the ``N`` background sequences that read the row (its
+    document frequency). A row the new data reads often and the background rarely scores
+    high; a row every background sequence reads scores 0.
+
+    Why document frequency, not read counts: with idf over background *reads*, the log
+    compresses a row read 100x more often than another into a factor of ~2 of idf, tf
+    dominates, and the top rows are the ones every text reads most (template words). On
+    the main job that picked rows that lost 21% of the answers it had right and learned 2%
+    of the new facts, against 1.6% and 3% here (benchmarks/results/finetune_cpu_20261201.md)."""
+    tf = counts.double() / counts.sum().clamp(min=1)
+    idf = torch.log((background_docs + 1) / (background.double() + 1))
+    return tf * idf
+
+
+def top_rows(
+    counts: torch.Tensor, background: torch.Tensor, background_docs: int, t: int
+) -> torch.Tensor:
+    """The (at most) ``t`` rows read in ``counts`` with the highest
+    :func:`specificity_scores`, ascending. Unread rows are never picked."""
+    read = counts.nonzero().squeeze(1)  # [U]
+    score = specificity_scores(counts, background, background_docs)[read]
+    best = score.topk(min(t, read.numel())).indices
+    return read[best].sort().values
+
+
+def keep_rows_(table: MemoryValues, rows: torch.Tensor) -> torch.Tensor:
+    """Drop every row but ``rows`` from the table's row-sparse gradient (the others stay
+    untouched by the lazy optimizer: value and moments). Returns the rows kept ``[<= t]``."""
+    g = table.weight.grad
+    if g is None:
+        return rows[:0]
+    if not g.is_sparse:
+        raise ValueError("keep_rows_ needs a row-sparse gradient (MemoryValues(sparse_grad=True))")
+    g = coalesce_rows(g)
+    idx = g._indices()[0]  # [U] ascending
+    keep = torch.isin(idx, rows.to(idx.device))
+    table.weight.grad = torch.sparse_coo_tensor(
+        idx[keep].unsqueeze(0),
+        g._values()[keep],
+        g.shape,
+        is_coalesced=True,
+        check_invariants=False,
+    )
+    return idx[keep]
+
+
+# ---- lora ----------------------------------------------------------------------------------
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (x Aᵀ Bᵀ)·alpha/rank`` around a frozen ``nn.Linear`` (no bias here: the
+    model's linears have none). ``A [rank, in]`` is uniform in ``±1/sqrt(in)``, ``B [out,
+    rank]`` zero, so the wrapped layer starts equal to the base."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        w = base.weight
+        self.lora_a = nn.Parameter(torch.empty(rank, w.shape[1], device=w.device, dtype=w.dtype))
+        self.lora_b = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=w.dtype))
+        self.scale = alpha / rank
+        bound = w.shape[1] ** -0.5
+        nn.init.uniform_(self.lora_a, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """The base linear with ``W + (B A)·alpha/rank`` as its weight."""
+        self.base.weight += (self.lora_b @ self.lora_a) * self.scale  # [out, in]
+        return self.base
+
+
+# Per module type, the linears that get adapters: attention and the feed-forward (SwiGLU,
+# or Memory+'s gating w1 and output w2; out_proj without swilu).
+LORA_TARGETS = {
+    Attention: ("wq", "wk", "wv", "wo"),
+    SwiGLU: ("w1", "w2", "w3"),
+    ProductKeyMemory: ("w1", "w2", "out_proj"),
+}
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float) -> list[LoRALinear]:
+    """Freeze ``model`` and wrap every :data:`LORA_TARGETS` linear in a
+    :class:`LoRALinear` (draws A from the global RNG); returns the adapters."""
+    model.requires_grad_(False)
+    adapters = []
+    for m in list(model.modules()):
+        for kind, names in LORA_TARGETS.items():
+            if not isinstance(m, kind):
+                continue
+            for name in names:
+                lin = getattr(m, name, None)
+                if isinstance(lin, nn.Linear):
+                    adapter = LoRALinear(lin, rank, alpha)
+                    setattr(m, name, adapter)
+                    adapters.append(adapter)
+    if not adapters:
+        raise ValueError("the model has no attention or feed-forward linear for LoRA")
+    return adapters
+
+
+def merge_lora_(model: nn.Module) -> None:
+    """Fold every :class:`LoRALinear` back into its base linear, in place (the model's
+    parameter names are then the plain model's)."""
+    for m in list(model.modules()):
+        for name, child in list(m.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(m, name, child.merged())
+
+
+# ---- the loop ------------------------------------------------------------------------------
+
+
+@dataclass
+class Finetuned:
+    """What :func:`finetune_model` did: per-step loss and, for sparse-memory, rows updated."""
+
+    losses: list[float] = field(default_factory=list)
+    rows_updated: list[int] = field(default_factory=list)
+    rows_touched: int = 0  # distinct rows updated over all steps (sparse-memory)
+
+
+def _default_lr(method: str, optim) -> float:
+    return optim.value_lr if method == "sparse-memory" else optim.lr
+
+
+def finetune_model(
+    model: nn.Module,
+    tokens: np.ndarray,
+    args: FinetuneArgs,
+    seq_len: int,
+    batch_size: int,
+    optim,
+    background: np.ndarray | None = None,
+) -> Finetuned:
+    """Train ``model`` in place on ``tokens`` by ``args.method`` (module docstring).
+    ``optim``: the run's :class:`~memlayers.optim.OptimArgs` (betas, eps, default learning
+    rates, the full method's optimizer); ``background``: the token stream the sparse-memory
+    scores compare against (how many of its sequences read each row). A lora model comes
+    back merged."""
+    args.validate()
+    device = next(model.parameters()).device
+    lr = args.lr if args.lr is not None else _default_lr(args.method, optim)
+    tables = value_tables(model)
+    torch.manual_seed(args.seed)
+    stream = repeat_to(tokens, batch_size * seq_len + 1)
+    loader = PackedLoader(stream, batch_size, seq_len, seed=args.seed)
+    betas = (optim.beta1, optim.beta2)
+    bg_df: list[torch.Tensor] = []  # per table [n_rows]: background sequences reading a row
+    bg_docs = 0
+    if args.method == "sparse-memory":
+        if not tables:
+            raise ValueError(
+                "method 'sparse-memory' trains value-table rows, but the model has no memory "
+                "layers: use --method full or lora"
+            )
+        if background is None or len(background) <= seq_len:
+            raise ValueError("sparse-memory needs background text of more than seq_len tokens")
+        model.requires_grad_(False)
+        for t in tables:
+            t.weight.requires_grad_(True)
+            t.sparse_grad = True  # row-sparse gradients: the lazy optimizer's input
+        bg_df, bg_docs = _background_counts(model, background, args, seq_len, batch_size)
+        touched = [torch.zeros(t.n_rows, dtype=torch.bool) for t in tables]
+        opt = SparseValueAdam(
+            [t.weight for t in tables], lr=lr, betas=betas, eps=optim.eps,
+            impl=model.config.memory.impl,
+        )  # fmt: skip
+        trained = [t.weight for t in tables]
+    elif args.method == "full":
+        model.requires_grad_(True)
+        for t in tables:
+            t.sparse_grad = uses_sparse_values(optim)
+        # the run's value/dense learning-rate ratio (tiny presets: 3e-2 / 3e-3)
+        scaled = replace(optim, lr=lr, value_lr=lr * optim.value_lr / optim.lr)
+        opt = build_optimizer(model, scaled, impl=model.config.memory.impl)
+        trained = [p for p in model.parameters() if p.requires_grad]
+    else:
+        adapters = add_lora(model, args.rank, args.alpha)
+        trained = [p for a in adapters for p in (a.lora_a, a.lora_b)]
+        opt = torch.optim.AdamW(trained, lr=lr, betas=betas, eps=optim.eps, weight_decay=0.0)
+
+    out = Finetuned()
+    model.train()
+    with counting_reads(model) if args.method == "sparse-memory" else nullcontext() as take:
+        bar = tqdm(range(args.steps), desc=f"finetune {args.method}", disable=None)
+        for _ in bar:
+            x, y = (t.to(device) for t in next(loader))  # [B, T] each
+            loss = model(x, targets=y)
+            loss.backward()
+            if args.method == "sparse-memory":
+                kept = 0
+                for i, (counts, df) in enumerate(zip(take(), bg_df, strict=True)):
+                    rows = keep_rows_(tables[i], top_rows(counts, df, bg_docs, args.top_t))
+                    touched[i][rows.cpu()] = True
+                    kept += len(rows)
+                out.rows_updated.append(kept)
+            clip_grad_norm_(trained, args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            out.losses.append(loss.item())
+            bar.set_postfix(loss=f"{out.losses[-1]:.4f}", refresh=False)
+    if args.method == "sparse-memory":
+        out.rows_touched = int(sum(m.sum() for m in touched))
+    if args.method == "lora":
+        merge_lora_(model)
+    model.requires_grad_(True)
+    model.eval()
+    return out
+
+
+@torch.no_grad()
+def _background_counts(model, background, args, seq_len, batch_size):
+    """Per table, in how many sequences of ``args.background_batches`` batches of
+    ``background`` each row is read (eval mode), and the number of sequences."""
+    device = next(model.parameters()).device
+    n = (len(background) - 1) // seq_len
+    b = min(batch_size, n)
+    loader = PackedLoader(background, b, seq_len, seed=args.seed)
+    n_batches = min(args.background_batches, len(loader))
+    was_training = model.training
+    model.eval()
+    df = [torch.zeros(t.n_rows, dtype=torch.int64) for t in value_tables(model)]
+    with counting_reads(model) as take:
+        for _ in range(n_batches):
+            x, _ = next(loader)
+            for seq in x.to(device):  # one sequence a pass: its rows, not their reads
+                model(seq[None])
+                for d, c in zip(df, take(), strict=True):
+                    d += (c > 0).long()
+    model.train(was_training)
+    return df, n_batches * b
+
+
+# ---- the run directory ---------------------------------------------------------------------
+
+
+def _check_out(src: Path, out: Path, overwrite: bool) -> None:
+    s, o = src.resolve(), out.resolve()
+    if o == s or s in o.parents or o in s.parents:
+        raise ValueError(f"--out {out} overlaps the source run {src}: use a directory of its own")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"--out {out} is not empty: pass --overwrite to replace it, or another --out"
+        )
+
+
+class FinetuneResult(NamedTuple):
+    out: Path  # the new run directory
+    checkpoint: Path  # its checkpoint
+    source: Path  # the checkpoint it was finetuned from
+    record: dict  # what finetune.json holds
+
+
+def finetune(
+    run_dir: str | Path,
+    data_path: str | Path,
+    args: FinetuneArgs | None = None,
+    background: str | Path | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+) -> FinetuneResult:
+    """Finetune the run at ``run_dir`` on the text file ``data_path`` and write a new run
+    directory ``out`` (default ``<run>-ft-<method>``); see the module docstring."""
+    args = args or FinetuneArgs()
+    args.validate()
+    src = Run.of(run_dir)
+    out = Path(out) if out is not None else src.root.parent / f"{src.root.name}-ft-{args.method}"
+    _check_out(src.root, out, overwrite)
+    if not Path(data_path).is_file():
+        raise ValueError(f"--data {data_path}: no such file")
+    trained = load_run(run_dir, device)
+    if trained.tokenizer is None:
+        raise ValueError(f"{src.root}: the run has no tokenizer to encode --data with")
+    tables = value_tables(trained.model)
+    if args.method == "sparse-memory" and not tables:
+        raise ValueError(
+            f"{src.root}: method 'sparse-memory' trains value-table rows, but the model has "
+            f"no memory layers: use --method full or lora"
+        )
+    if any(t.bits is not None for t in tables):
+        raise ValueError(f"{trained.checkpoint} is quantized (for serving): finetune its float run")
+    tokens = read_documents(data_path, trained.tokenizer)
+    bg = None
+    if args.method == "sparse-memory":
+        if background is not None:
+            bg = read_documents(background, trained.tokenizer)
+        else:
+            bg = load_dataset(trained.args.data).train
+    d = trained.args.data
+    batch = args.batch_size or d.batch_size
+    model = trained.model
+    done = finetune_model(model, tokens, args, d.seq_len, batch, trained.args.optim, bg)
+
+    record = {
+        "method": args.method,
+        "args": asdict(args),
+        "lr": args.lr if args.lr is not None else _default_lr(args.method, trained.args.optim),
+        "source": str(trained.checkpoint.resolve()),
+        "data": str(Path(data_path).resolve()),
+        "data_tokens": int(len(tokens)),
+        "background": str(background) if background is not None else "run train split",
+        "batch_size": batch,
+        "seq_len": d.seq_len,
+        "losses": done.losses,
+        "rows_updated": done.rows_updated,
+        "rows_touched": done.rows_touched,
+    }
+    meta = json.loads((trained.checkpoint / "meta.json").read_text())
+    step = trained.step + args.steps
+    progress = {
+        "tokens_trained": trained.tokens_trained + args.steps * batch * d.seq_len,
+        "train_seconds": None,
+    }
+    saved = write_derived_run(
+        out, src, step, model.cpu(), meta["model_config"], progress,
+        files={"finetune.json": json.dumps(record, indent=2) + "\n"},
+    )  # fmt: skip
+    return FinetuneResult(out, saved, trained.checkpoint, record)

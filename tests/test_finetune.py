@@ -1,0 +1,235 @@
+"""`memlayers finetune`: sparse memory finetuning (only the top-t specific rows of the value
+table move), full finetuning, LoRA (unchanged at step 0, merged on save), the new run
+directory, and the refusals."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from memlayers.cli import main as cli_main
+from memlayers.config import load_config
+from memlayers.eval import evaluate
+from memlayers.finetune import (
+    FinetuneArgs,
+    _background_counts,
+    add_lora,
+    finetune,
+    finetune_model,
+    merge_lora_,
+    specificity_scores,
+    top_rows,
+)
+from memlayers.memory import MemoryConfig
+from memlayers.model import ModelConfig, build_model
+from memlayers.optim import OptimArgs
+from memlayers.run import load_run
+from memlayers.train import train
+
+VOCAB, T, B = 40, 16, 4
+OPTIM = OptimArgs(lr=1e-2, value_lr=1e-1)
+
+# tests/test_quantize_run.py's ~30k-parameter Memory+ run on 30 bios people: seconds.
+TINY_BIOS = [
+    "data.dataset=bios", "data.bios.n_people=30", "data.bios.exposures=4",
+    "model.preset=tiny-memory+", "model.dim=32", "model.n_layers=3", "model.n_heads=2",
+    "model.n_kv_heads=1", "model.memory_layers=[0,2]", "model.memory.n_keys=8",
+    "model.memory.heads=2", "model.memory.topk=4", "model.max_seq_len=64",
+    "data.seq_len=32", "data.batch_size=4", "steps=8", "optim.warmup_steps=2",
+    "eval_every=0", "eval_batches=2", "checkpoint.every=4", "logging.progress=false",
+    "logging.tensorboard=false", "logging.plot=false", "final_eval=false",
+]  # fmt: skip
+
+
+def _model(memory: bool = True, seed: int = 0):
+    cfg = ModelConfig(
+        dim=32, n_layers=2, n_heads=2, vocab_size=VOCAB, max_seq_len=64,
+        memory_layers=[0, 1] if memory else [],
+        memory=MemoryConfig(n_keys=16, heads=2, topk=4),
+    )  # fmt: skip
+    return build_model(cfg, seed=seed)
+
+
+def _tokens(n: int, seed: int, lo: int = 0, hi: int = VOCAB) -> np.ndarray:
+    return np.random.default_rng(seed).integers(lo, hi, n)
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_scores_prefer_rows_the_new_data_reads_and_the_background_does_not():
+    counts = torch.tensor([10, 10, 0, 5, 1])  # the new batch's reads
+    background = torch.tensor([0, 100, 0, 0, 3])  # reads over 100 background tokens
+    score = specificity_scores(counts, background, 100)
+    # row 1 is read as often as row 0 by the new data, but by every background token too
+    assert score[0] > score[3] > score[1]
+    assert score[2] == 0  # unread by the new data
+    assert top_rows(counts, background, 100, 1).tolist() == [0]
+    assert top_rows(counts, background, 100, 2).tolist() == [0, 3]
+    # rows the new batch never read are never picked, however large t
+    assert top_rows(counts, background, 100, 10).tolist() == [0, 1, 3, 4]
+
+
+def test_background_counts_sequences_that_read_a_row_not_reads():
+    model = _model()
+    args = FinetuneArgs(background_batches=2)
+    df, n_seq = _background_counts(model, _tokens(4000, 2), args, T, B)
+    assert n_seq == 2 * B
+    (df,) = df
+    # a row can be read by many tokens of a sequence (and by both layers): counted once
+    assert int(df.max()) == n_seq and int(df.min()) >= 0
+    assert int(df.sum()) < n_seq * T * 2 * 2 * 4  # fewer than the reads
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_sparse_memory_changes_only_top_t_rows_of_the_value_table(steps):
+    model, t = _model(), 7
+    before = _snapshot(model)
+    # new data from one half of the vocabulary, background from the other: specific rows
+    new, bg = _tokens(2000, 1, 0, VOCAB // 2), _tokens(4000, 2, VOCAB // 2)
+    args = FinetuneArgs(steps=steps, top_t=t, background_batches=4)
+    done = finetune_model(model, new, args, T, B, OPTIM, bg)
+    after = model.state_dict()
+    assert done.rows_updated == [t] * steps  # the batch reads far more than t rows
+    for name, w in before.items():
+        if name != "memory_values.weight":
+            assert torch.equal(w, after[name]), name  # bit-identical
+    changed = (before["memory_values.weight"] != after["memory_values.weight"]).any(1)
+    assert 0 < int(changed.sum()) <= done.rows_touched <= steps * t
+
+
+def test_sparse_memory_keeps_each_step_to_its_rows():
+    """Per step: the rows that move are exactly the rows kept in that step's gradient (lazy
+    Adam: a row picked at step 1 does not drift at step 2 on its momentum)."""
+    model, t = _model(), 5
+    new, bg = _tokens(2000, 1, 0, VOCAB // 2), _tokens(4000, 2, VOCAB // 2)
+    seen = []
+    for step in range(2):
+        w0 = model.memory_values.weight.detach().clone()
+        finetune_model(model, new, FinetuneArgs(steps=1, top_t=t, seed=step), T, B, OPTIM, bg)
+        seen.append((w0 != model.memory_values.weight).any(1).nonzero().squeeze(1))
+    assert all(0 < len(rows) <= t for rows in seen)
+
+
+def test_full_changes_every_parameter():
+    model = _model()
+    before = _snapshot(model)
+    finetune_model(model, _tokens(2000, 1), FinetuneArgs(method="full", steps=1), T, B, OPTIM)
+    after = model.state_dict()
+    unchanged = [k for k, w in before.items() if torch.equal(w, after[k])]
+    assert not unchanged
+
+
+def test_lora_starts_at_the_base_model_and_merges_into_it():
+    model = _model()
+    x = torch.from_numpy(_tokens(2 * T, 3)).view(2, T)
+    names = set(model.state_dict())
+    with torch.no_grad():
+        base = model(x)
+        adapters = add_lora(model, rank=4, alpha=8.0)
+        lora = {id(p) for a in adapters for p in (a.lora_a, a.lora_b)}
+        assert all(p.requires_grad == (id(p) in lora) for p in model.parameters())
+        assert torch.equal(model(x), base)  # B = 0: the adapted model is the base, exactly
+        for a in adapters:
+            a.lora_b.normal_(0, 0.1)
+        adapted = model(x)
+        assert (adapted - base).abs().max() > 1e-2
+        merge_lora_(model)
+        assert set(model.state_dict()) == names  # a plain model again
+        torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_trains_only_adapters_then_saves_merged():
+    model = _model()
+    frozen = {k: v for k, v in _snapshot(model).items() if "attention" not in k}
+    args = FinetuneArgs(method="lora", steps=2, rank=2)
+    finetune_model(model, _tokens(2000, 1), args, T, B, OPTIM)
+    after = model.state_dict()
+    # the value table, router, norms, embeddings: untouched; only adapted linears move
+    for k, w in frozen.items():
+        if not k.endswith(("ffn.w1.weight", "ffn.w2.weight")):
+            assert torch.equal(w, after[k]), k
+    assert not torch.equal(frozen["layers.0.ffn.w2.weight"], after["layers.0.ffn.w2.weight"])
+
+
+def test_sparse_memory_on_a_dense_model_is_refused():
+    with pytest.raises(ValueError, match="no memory layers"):
+        finetune_model(_model(memory=False), _tokens(2000, 1), FinetuneArgs(), T, B, OPTIM,
+                       _tokens(2000, 2))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(method="adapters"), "method must be one of"),
+        (dict(top_t=0), "top_t must be a positive int"),
+        (dict(steps=0), "steps must be a positive int"),
+        (dict(rank=-1), "rank must be a positive int"),
+    ],
+    ids=["bad-method", "t-zero", "no-steps", "negative-rank"],
+)
+def test_bad_settings_are_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        FinetuneArgs(**bad).validate()
+
+
+# ---- the run directory and the command -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    args = load_config([], [*TINY_BIOS, f"run_dir={root / 'run'}", "device=cpu"])
+    train(args)
+    from memlayers.data.datasets import bios_from_args
+
+    docs = bios_from_args(args.data).documents(6)
+    data = root / "new.txt"
+    data.write_text("\n".join(docs) + "\n\n")
+    return root / "run", data
+
+
+@pytest.mark.parametrize("method", ["sparse-memory", "full", "lora"])
+def test_cli_writes_a_loadable_run_and_refuses_to_overwrite(tiny_run, tmp_path, method, capsys):
+    run, data = tiny_run
+    out = tmp_path / "ft"
+    argv = ["finetune", str(run), "--data", str(data), "--method", method, "--steps", "2",
+            "--top-t", "5", "--out", str(out)]  # fmt: skip
+    assert cli_main(argv) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    loaded = load_run(out, "cpu")
+    assert loaded.step == 8 + 2
+    record = json.loads((out / "finetune.json").read_text())
+    assert record["method"] == method and len(record["losses"]) == 2
+    if method == "sparse-memory":
+        assert all(0 < r <= 5 for r in record["rows_updated"])
+    evaluate(out, max_qa=5, max_val_tokens=500, progress=False, write=False)
+    assert cli_main(argv) == 1
+    assert "is not empty: pass --overwrite" in capsys.readouterr().err
+    assert cli_main([*argv, "--overwrite"]) == 0
+
+
+def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys):
+    run, data = tiny_run
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    cases = [
+        (["--data", str(tmp_path / "missing.txt")], "no such file"),
+        (["--data", str(empty)], "no text"),
+        (["--data", str(data), "--top-t", "0"], "top_t must be a positive int"),
+    ]
+    for extra, match in cases:
+        assert cli_main(["finetune", str(run), "--out", str(tmp_path / "o"), *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and match in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        cli_main(["finetune", str(run), "--data", str(data), "--method", "adapters"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_library_refuses_the_source_as_out(tiny_run):
+    run, data = tiny_run
+    with pytest.raises(ValueError, match="overlaps the source run"):
+        finetune(run, data, out=run / "ft")
