@@ -26,7 +26,7 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
-from timing import Table, card_name, copy_bandwidth, report, timed
+from timing import bandwidth_table, report, timed
 
 from memlayers.ops import embedding_bag_triton as ebt
 
@@ -191,13 +191,8 @@ def main() -> None:
     if args.smoke:
         shapes = {"smoke": dict(rows=64, dim=16, tokens=8, bag=6, dtype=torch.float32)}
         args.fwd_dims = []
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    card = card_name(device)
-    nbytes = 4 << 30 if device.type == "cuda" else 1 << 20
-    copy_ms, copy_tbs = copy_bandwidth(device, nbytes)
-    print(f"{card}: copy {copy_tbs:.2f} TB/s (read + write)", flush=True)
-    table = Table(copy_tbs)
-    table.add("device-to-device copy (read + write)", copy_ms, 2 * nbytes)
+    device, card, table = bandwidth_table()
+    copy_tbs = table.copy_tbs
     compare = load_compare(args.compare_bwd)
     summary = {}
     for name, shp in shapes.items():

@@ -20,7 +20,7 @@ import argparse
 import time
 
 import torch
-from timing import Table, card_name, copy_bandwidth, report, timed
+from timing import Table, bandwidth_table, report, timed
 
 from memlayers.ops import embedding_bag_triton as ebt
 from memlayers.ops import quantized_triton as qt
@@ -77,13 +77,8 @@ def main() -> None:
     args = p.parse_args()
     if args.smoke:
         args.dims, args.rows, args.bags, args.bag = [13, 64], 50, 8, 6
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    card = card_name(device)
-    nbytes = 4 << 30 if device.type == "cuda" else 1 << 20
-    copy_ms, copy_tbs = copy_bandwidth(device, nbytes)
-    print(f"{card}: copy {copy_tbs:.2f} TB/s (read + write)", flush=True)
-    table = Table(copy_tbs)
-    table.add("device-to-device copy (read + write)", copy_ms, 2 * nbytes)
+    device, card, table = bandwidth_table()
+    copy_tbs = table.copy_tbs
     results = []
     for d in args.dims:
         results.append(bench_dim(d, args.rows, args.bags, args.bag, args.group, args.sweep,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from timing import Table, card_name, copy_bandwidth, report, timed
+from timing import Table, bandwidth_table, report, timed
 
 from memlayers.ops.row_adam_triton import row_adam_step_triton, row_sgd_step_triton
 
@@ -78,12 +78,7 @@ def main() -> None:
     args = p.parse_args()
     if args.smoke:
         args.rows, args.lookups, args.dims = 64, 40, [16, 13]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    card = card_name(device)
-    nbytes = 4 << 30 if device.type == "cuda" else 1 << 20
-    copy_ms, copy_tbs = copy_bandwidth(device, nbytes)
-    table = Table(copy_tbs)
-    table.add("device-to-device copy (read + write)", copy_ms, 2 * nbytes)
+    device, card, table = bandwidth_table()
     for d in args.dims:
         bench_dim(args, table, d, device)
     text = f"Card: {card}; torch {torch.__version__}.\n\n" + table.markdown()

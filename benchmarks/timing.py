@@ -59,6 +59,20 @@ class Table:
         return "\n".join(out)
 
 
+def bandwidth_table() -> tuple[torch.device, str, Table]:
+    """``(device, card name, table)`` of a bandwidth benchmark: the table's first row is
+    the device's copy bandwidth (4 GiB on a GPU, 1 MiB in the interpreter), measured in
+    the same run, and its TB/s column is read as a fraction of it."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    card = card_name(device)
+    nbytes = 4 << 30 if device.type == "cuda" else 1 << 20
+    copy_ms, copy_tbs = copy_bandwidth(device, nbytes)
+    print(f"{card}: copy {copy_tbs:.2f} TB/s (read + write)", flush=True)
+    table = Table(copy_tbs)
+    table.add("device-to-device copy (read + write)", copy_ms, 2 * nbytes)
+    return device, card, table
+
+
 def card_name(device: torch.device) -> str:
     return torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)"
 

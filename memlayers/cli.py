@@ -173,11 +173,16 @@ def _add_quantize(sub) -> None:
         default=None,
         help="columns per scale (default: the whole row for 8 bits, 32 for 4 bits)",
     )
-    p.add_argument("--out", default=None, help="new run directory (default: RUN-int<bits>)")
+    _add_derived_run(p, "RUN-int<bits>", "where to load and quantize: cpu | cuda[:N]")
+
+
+def _add_derived_run(p, default_out: str, device_help: str) -> None:
+    """The options of a command that writes a new run made from RUN (quantize, finetune)."""
+    p.add_argument("--out", default=None, help=f"new run directory (default: {default_out})")
     p.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty --out (without: an error)"
     )
-    p.add_argument("--device", default="cpu", help="where to load and quantize: cpu | cuda[:N]")
+    p.add_argument("--device", default="cpu", help=device_help)
 
 
 def _quantize(ns: argparse.Namespace) -> int:
@@ -222,11 +227,7 @@ def _add_finetune(sub) -> None:
     )  # fmt: skip
     p.add_argument("--background-batches", type=int, default=d.background_batches)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=None, help="new run directory (default: RUN-ft-<method>)")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace a non-empty --out (without: an error)"
-    )
-    p.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
+    _add_derived_run(p, "RUN-ft-<method>", "cpu | cuda[:N]")
 
 
 def _finetune(ns: argparse.Namespace) -> int:

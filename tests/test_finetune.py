@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_eval import TINY_BIOS as EVAL_TINY_BIOS
 
 from memlayers.cli import main as cli_main
 from memlayers.config import load_config
@@ -30,16 +31,8 @@ from memlayers.train import train
 VOCAB, T, B = 40, 16, 4
 OPTIM = OptimArgs(lr=1e-2, value_lr=1e-1)
 
-# tests/test_quantize_run.py's ~30k-parameter Memory+ run on 30 bios people: seconds.
-TINY_BIOS = [
-    "data.dataset=bios", "data.bios.n_people=30", "data.bios.exposures=4",
-    "model.preset=tiny-memory+", "model.dim=32", "model.n_layers=3", "model.n_heads=2",
-    "model.n_kv_heads=1", "model.memory_layers=[0,2]", "model.memory.n_keys=8",
-    "model.memory.heads=2", "model.memory.topk=4", "model.max_seq_len=64",
-    "data.seq_len=32", "data.batch_size=4", "steps=8", "optim.warmup_steps=2",
-    "eval_every=0", "eval_batches=2", "checkpoint.every=4", "logging.progress=false",
-    "logging.tensorboard=false", "logging.plot=false", "final_eval=false",
-]  # fmt: skip
+# tests/test_eval.py's ~30k-parameter Memory+ run on 30 bios people, no final eval: seconds.
+TINY_BIOS = [*EVAL_TINY_BIOS, "final_eval=false"]
 
 
 def _model(memory: bool = True, seed: int = 0):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from test_eval import TINY_BIOS  # a ~30k-parameter Memory+ run on 30 bios people
 
 from memlayers.checkpoint import CheckpointError, consolidate, load_model_from_checkpoint
 from memlayers.cli import main as cli_main
@@ -17,16 +18,6 @@ from memlayers.ops.quantized import dequantize_rows
 from memlayers.quantize import quantize_run, quantize_tables_, table_nbytes
 from memlayers.train import train
 
-# A ~30k-parameter Memory+ model on 30 bios people (tests/test_eval.py's): seconds.
-TINY_BIOS = [
-    "data.dataset=bios", "data.bios.n_people=30", "data.bios.exposures=4",
-    "model.preset=tiny-memory+", "model.dim=32", "model.n_layers=3", "model.n_heads=2",
-    "model.n_kv_heads=1", "model.memory_layers=[0,2]", "model.memory.n_keys=8",
-    "model.memory.heads=2", "model.memory.topk=4", "model.max_seq_len=64",
-    "data.seq_len=32", "data.batch_size=4", "steps=8", "optim.warmup_steps=2",
-    "eval_every=0", "eval_batches=2", "checkpoint.every=4", "logging.progress=false",
-    "logging.tensorboard=false", "logging.plot=false",
-]  # fmt: skip
 FAST_EVAL = dict(max_qa=20, max_val_tokens=2000, progress=False, write=False)
 
 
