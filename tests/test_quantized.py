@@ -244,7 +244,7 @@ def test_gpu_table_past_2_31_bytes(bits):
         torch.randint(-127, 128, (n, d), dtype=torch.int8, device="cuda")
         if bits == 8
         else torch.randint(0, 256, (n, d // 2), dtype=torch.uint8, device="cuda"),
-        torch.rand(n, -(-d // 32 if bits == 4 else 1), device="cuda").to(torch.bfloat16),
+        torch.rand(n, -(-d // 32) if bits == 4 else 1, device="cuda").to(torch.bfloat16),
         bits,
         32 if bits == 4 else d,
         d,

@@ -258,6 +258,11 @@ def topk_launch(
     nkp, kp = triton.next_power_of_2(nk), triton.next_power_of_2(k)
     if kp == 1:
         rows = max(rows, 2)  # tl.topk cannot reshape a [1, 1] result (seen on an H100)
+    if rows > 1:
+        # Several rows per program at 1 warp hang the filtered half kernel on an H200
+        # (Triton 3.6: the GPU suite's test_filter_ranks_the_same_keys, any k); 2 and 4
+        # warps finish every case (benchmarks/NOTES.md, session 8).
+        num_warps = max(num_warps, 2)
     low = _low_bits(s1.dtype)
     if narrow is None:
         narrow = low > 0 and max(nkp, kp * kp) <= 1 << low
