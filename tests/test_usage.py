@@ -8,6 +8,7 @@ import torch
 from memlayers import MemoryConfig, MemoryUsage, MemoryValues, ProductKeyMemory
 from memlayers.usage import (
     TRAINING_STATS,
+    RowCounts,
     TrainingUsage,
     gini,
     gini_coefficient,
@@ -157,11 +158,14 @@ def test_training_usage_state_carries_rows_ever_used():
         TrainingUsage({"block_0": layers["block_0"]}, shared=False).load_state_dict(state)
 
 
-def test_training_counts_compile_into_one_graph():
+@pytest.mark.parametrize("sort", [False, True], ids=["index_add", "sort"])
+def test_training_counts_compile_into_one_graph(sort):
     """A host sync or a data-dependent shape in the count update would break the graph,
-    and ``fullgraph=True`` makes a break an error."""
+    and ``fullgraph=True`` makes a break an error. Both ways of counting (the GPU's sort,
+    the CPU's index_add_) give bincount's counts."""
     layer = ProductKeyMemory(16, MemoryConfig(n_keys=8, heads=2, topk=4))
-    counter = layer.track_usage(training=True)
+    layer.track_usage(training=True)
+    counter = layer.usage = RowCounts(layer.config.n_rows, sort=sort)
     x = torch.randn(3, 5, 16)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     compiled(x).sum().backward()
@@ -186,9 +190,27 @@ def test_training_counts_and_statistics_never_read_back_to_the_host():
         values = MemoryValues(cfg.n_rows, 16)
         layers = {f"block_{i}": ProductKeyMemory(16, cfg, values) for i in (0, 2)}
     tracker = TrainingUsage(layers, shared=True)
-    for counter in tracker.counters:
+    for counter in [*tracker.counters, RowCounts(cfg.n_rows, "meta", sort=True)]:
         counter.update(torch.zeros(6, 4, dtype=torch.int64, device="meta"))
     reduced = []
     stats = tracker.collect(all_reduce=reduced.append)  # a stand-in for dist.all_reduce
     assert stats.is_meta and stats.shape == (3, len(TRAINING_STATS))
     assert [tuple(t.shape) for t in reduced] == [(2, cfg.n_rows)]  # one reduction, layers only
+
+
+@pytest.mark.parametrize("n_rows", [1, 7, 4096])
+def test_sorted_counts_match_bincount_on_skewed_reads(n_rows):
+    # Runs of one row, rows never read at either end, the last row read: the widths of
+    # the runs between row boundaries are the counts.
+    g = torch.Generator().manual_seed(n_rows)
+    reads = torch.randint(0, min(n_rows, 3), (40, 8), generator=g)
+    reads[0, 0] = n_rows - 1
+    for sort in (True, False):
+        counter = RowCounts(n_rows, sort=sort)
+        counter.update(reads)
+        counter.update(reads[:5])
+        want = torch.bincount(reads.flatten(), minlength=n_rows)
+        want += torch.bincount(reads[:5].flatten(), minlength=n_rows)
+        assert torch.equal(counter.counts, want)
+    with pytest.raises(ValueError, match="n_rows must be positive, got n_rows=0"):
+        RowCounts(0)
