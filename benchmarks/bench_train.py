@@ -88,39 +88,39 @@ def add_ratios(rows: list[dict]) -> None:
             r["vs_dense"] = r["tokens_per_s"] / twin
 
 
-def previous_result(card: str, exclude: Path | None) -> tuple[Path, dict] | None:
-    """The newest committed results file for ``card``: ``(path, {preset: row})``."""
+def previous_result(card: str, exclude: Path | None) -> dict[str, tuple[Path, dict]]:
+    """Per preset, its newest committed result on ``card``: ``{preset: (path, row)}`` (a
+    run of a few presets does not hide the others' older results)."""
     files = sorted(RESULTS.glob(f"train_{card}_*.md"))
     files = [f for f in files if exclude is None or f.resolve() != exclude.resolve()]
+    found: dict[str, tuple[Path, dict]] = {}
     for path in reversed(files):
-        found = re.search(r"<!-- bench_train (.*) -->", path.read_text())
-        if found:
-            return path, {r["preset"]: r for r in json.loads(found.group(1))["rows"]}
-    return None
+        blob = re.search(r"<!-- bench_train (.*) -->", path.read_text())
+        for row in json.loads(blob.group(1))["rows"] if blob else []:
+            found.setdefault(row["preset"], (path, row))
+    return found
 
 
-def guard(rows: list[dict], previous: tuple[Path, dict] | None) -> list[str]:
-    """Lines comparing this run with ``previous``; regressions are shouted."""
-    if previous is None:
-        return ["guard: no earlier result for this card to compare with"]
-    path, old = previous
-    lines, bad = [f"guard: against {path.name}"], []
+def guard(rows: list[dict], previous: dict[str, tuple[Path, dict]]) -> list[str]:
+    """Lines comparing this run with each preset's ``previous`` result; regressions are
+    shouted."""
+    lines, bad = ["guard: against the newest committed result of each preset"], []
     for r in rows:
-        then = old.get(r["preset"], {}).get("tokens_per_s")
-        if r.get("tokens_per_s") and then:
-            ratio = r["tokens_per_s"] / then
-            lines.append(
-                f"  {r['preset']:<14} {ratio:6.2f}x  ({then:,.0f} -> {r['tokens_per_s']:,.0f})"
-            )
-            if ratio < TOLERANCE:
-                bad.append(f"{r['preset']} at {ratio:.2f}x")
+        path, old = previous.get(r["preset"], (None, {}))
+        then = old.get("tokens_per_s")
+        if not (r.get("tokens_per_s") and then):
+            lines.append(f"  {r['preset']:<14} no earlier result on this card")
+            continue
+        ratio = r["tokens_per_s"] / then
+        lines.append(
+            f"  {r['preset']:<14} {ratio:6.2f}x  ({then:,.0f} -> {r['tokens_per_s']:,.0f}, "
+            f"{path.name})"
+        )
+        if ratio < TOLERANCE:
+            bad.append(f"{r['preset']} at {ratio:.2f}x ({path.name})")
     if bad:
         banner = "!" * 78
-        lines += [
-            banner,
-            f"REGRESSION: slower than {path.name} by more than 10%: {', '.join(bad)}",
-            banner,
-        ]
+        lines += [banner, f"REGRESSION: slower by more than 10%: {', '.join(bad)}", banner]
     return lines
 
 

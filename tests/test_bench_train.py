@@ -28,18 +28,37 @@ def test_a_fall_of_more_than_ten_percent_is_shouted(bench, tmp_path):
     _write(tmp_path / "train_h100_20260301.md", [{"preset": "a", "tokens_per_s": 200.0}])
     _write(tmp_path / "train_h200_20260401.md", [{"preset": "a", "tokens_per_s": 1e9}])
     prev = bench.previous_result("h100", exclude=None)
-    assert prev[0].name == "train_h100_20260301.md"  # the newest for this card only
+    assert prev["a"][0].name == "train_h100_20260301.md"  # the newest for this card only
     lines = bench.guard([{"preset": "a", "tokens_per_s": 170.0}], prev)
     assert any("REGRESSION" in x and "a at 0.85x" in x for x in lines)
     lines = bench.guard([{"preset": "a", "tokens_per_s": 190.0}], prev)
     assert not any("REGRESSION" in x for x in lines) and any("0.95x" in x for x in lines)
 
 
+def test_each_preset_is_compared_with_its_own_newest_result(bench, tmp_path):
+    # A later run of one preset does not hide the other's older result.
+    _write(
+        tmp_path / "train_h100_20260101.md",
+        [{"preset": "a", "tokens_per_s": 100.0}, {"preset": "b", "tokens_per_s": 100.0}],
+    )
+    _write(tmp_path / "train_h100_20260301.md", [{"preset": "b", "tokens_per_s": 200.0}])
+    prev = bench.previous_result("h100", exclude=None)
+    assert {p: path.name for p, (path, _) in prev.items()} == {
+        "a": "train_h100_20260101.md",
+        "b": "train_h100_20260301.md",
+    }
+    lines = bench.guard(
+        [{"preset": "a", "tokens_per_s": 80.0}, {"preset": "b", "tokens_per_s": 190.0}], prev
+    )
+    assert any("REGRESSION" in x and "a at 0.80x" in x and "b at" not in x for x in lines)
+
+
 def test_no_earlier_result_and_the_output_file_itself_are_not_compared(bench, tmp_path):
     out = tmp_path / "train_h100_20261128.md"
     _write(out, [{"preset": "a", "tokens_per_s": 1e9}])
-    assert bench.previous_result("h100", exclude=out) is None
-    assert "no earlier result" in bench.guard([{"preset": "a", "tokens_per_s": 1.0}], None)[0]
+    assert bench.previous_result("h100", exclude=out) == {}
+    lines = bench.guard([{"preset": "a", "tokens_per_s": 1.0}], {})
+    assert "no earlier result" in lines[1] and not any("REGRESSION" in x for x in lines)
 
 
 def test_ratio_to_the_dense_twin(bench):
