@@ -374,10 +374,13 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         *,
         targets: torch.Tensor | None = None,
+        check_ids: bool = True,
     ) -> torch.Tensor:
         """``tokens (B, T)`` -> logits ``(B, T, vocab)``; with ``targets (B, T)`` the mean
         next-token cross-entropy instead (fp32 scalar), computed chunk by chunk with the
-        head (:func:`memlayers.loss.linear_cross_entropy`): no logits tensor is built."""
+        head (:func:`memlayers.loss.linear_cross_entropy`): no logits tensor is built.
+        ``check_ids=False`` skips the id range check (a host sync) for ids known to be in
+        range: :meth:`generate`'s sampled tokens."""
         B, T = tokens.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.max_seq_len:
@@ -388,7 +391,7 @@ class Transformer(nn.Module):
         # sync per micro-batch would stall the step's queued kernels, and the trainer's ids
         # come from the dataset whose tokenizer set vocab_size (a bad one still stops the
         # run, through the embedding's device-side assert).
-        if tokens.numel() and not (self.training and tokens.is_cuda):
+        if check_ids and tokens.numel() and not (self.training and tokens.is_cuda):
             check_token_ids(tokens, self.config.vocab_size)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         cos = self.rope_cos[start : start + T]  # (T, hd/2)
@@ -446,7 +449,11 @@ class Transformer(nn.Module):
                 tokens = torch.cat([tokens, nxt[:, None]], dim=1)
                 if i + 1 == max_new_tokens or bool(done.all()):
                     break
-                logits = self(nxt[:, None], cache)[:, -1] if use_cache else self(tokens)[:, -1]
+                # Sampled ids are in range: no id check (a host sync per token on a GPU).
+                if use_cache:
+                    logits = self(nxt[:, None], cache, check_ids=False)[:, -1]
+                else:
+                    logits = self(tokens, check_ids=False)[:, -1]
         finally:
             self.train(was_training)
         return tokens

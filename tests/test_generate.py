@@ -46,6 +46,26 @@ def test_greedy_cache_equals_no_cache(kind):
     assert model.training  # mode restored
 
 
+def test_only_the_prompt_ids_are_checked(monkeypatch):
+    # The id check reads back to the host; sampled ids are in range by construction, so
+    # decoding checks the prompt once, not every new token.
+    import memlayers.model as model_module
+
+    seen = []
+    check = model_module.check_token_ids
+    monkeypatch.setattr(
+        model_module, "check_token_ids", lambda t, v: (seen.append(t.shape), check(t, v))
+    )
+    model = model_of("memory+")
+    prompt = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(0))
+    for use_cache in (True, False):
+        seen.clear()
+        model.generate(prompt, 6, use_cache=use_cache)
+        assert seen == [(2, 5)]
+    with pytest.raises(ValueError, match="48"):
+        model.generate(torch.full((1, 3), V), 2)  # a bad prompt id is still caught
+
+
 @pytest.mark.parametrize("kind", ["dense", "memory+"])
 def test_sampling_cache_equals_no_cache(kind):
     model = model_of(kind)
