@@ -1,5 +1,6 @@
 """Benchmark generation: prefill and decode speed of dense and Memory+ models, with the
-value table as trained (float), quantized (int8, 4-bit), in one run.
+value table as trained (float), quantized (int8, 4-bit), offloaded to host memory, in
+one run.
 
     python benchmarks/bench_generate.py                      # one GPU: 134m and 373m pairs
     python benchmarks/bench_generate.py --presets 134m-dense 134m-memory+ --batches 1 32
@@ -24,10 +25,13 @@ import torch
 from timing import card_name, report
 
 from memlayers.model import KVCache, build_model
+from memlayers.offload import offload_tables_
 from memlayers.presets import get_preset
 from memlayers.quantize import quantize_tables_
 
-TABLES = ("float", "int8", "int4")
+# "offload": the float table in host RAM, the rows read gathered per lookup
+# (memlayers.offload); "int4-offload": the same for the 4-bit table.
+TABLES = ("float", "int8", "int4", "offload", "int4-offload")
 PRESETS = ["134m-dense", "134m-memory+", "373m-dense", "373m-memory+"]
 
 
@@ -95,8 +99,10 @@ def main() -> None:
         has_memory = bool(cfg.memory_layers)
         for table in args.tables if has_memory else ["float"]:
             model = build_model(cfg, device, seed=0).eval()
-            if table != "float":
-                quantize_tables_(model, int(table[3:]))
+            if table.startswith("int"):
+                quantize_tables_(model, int(table[3:4]))
+            if table.endswith("offload"):
+                offload_tables_(model)
             with torch.no_grad():
                 for b in args.batches:
                     pre, dec = measure(model, b, args.prompt_len, args.new_tokens, args.reps,

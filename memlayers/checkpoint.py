@@ -180,6 +180,7 @@ def save_checkpoint(
     """Write ``root/step_XXXXXX`` atomically, point ``root/latest`` at it, prune old ones.
     ``quantization``: the model's value tables are quantized (:mod:`memlayers.quantize`);
     recorded in ``meta.json`` so a load rebuilds them packed."""
+    _check_not_offloaded(model)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _sweep(root)
@@ -222,6 +223,18 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _check_not_offloaded(model: nn.Module) -> None:
+    """An offloaded value table is not in the model's ``state_dict``: a checkpoint of it
+    would be missing the table. Refused before anything is written."""
+    from memlayers.memory import MemoryValues
+
+    if any(isinstance(m, MemoryValues) and m.offloaded is not None for m in model.modules()):
+        raise CheckpointError(
+            "the model's value tables are offloaded to host memory (for serving) and are not "
+            "in its state_dict: save the run it was loaded from, not this model"
+        )
+
+
 def save_distributed_checkpoint(
     root: str | Path,
     step: int,
@@ -238,6 +251,7 @@ def save_distributed_checkpoint(
     process). ``trainer_state`` is written by rank 0 (gather per-rank parts first)."""
     import torch.distributed.checkpoint as dcp
 
+    _check_not_offloaded(model)
     root = Path(root)
     rank = dist.get_rank() if dist.is_initialized() else 0
     tmp = root / f".tmp-{step_dir_name(step)}"
@@ -440,14 +454,21 @@ def _has_quantized_tables(model: nn.Module) -> bool:
     return any(isinstance(m, MemoryValues) and m.bits is not None for m in model.modules())
 
 
-def model_from_checkpoint(path: Path, meta: dict, device: str | torch.device = "cpu"):
+def model_from_checkpoint(
+    path: Path, meta: dict, device: str | torch.device = "cpu", offload: bool = False
+):
     """Rebuild the model from a verified checkpoint's ``meta`` and load its weights. A
     quantized checkpoint's value tables are laid out packed on the meta device (never
-    allocated as float) before the load fills them."""
+    allocated as float) before the load fills them. ``offload``: the value tables stay
+    memory-mapped on the host (:func:`memlayers.offload.model_offloaded_from_checkpoint`)."""
     from memlayers.model import ModelConfig, Transformer, build_model
 
     if not meta.get("model_config"):
         raise CheckpointError(f"{path}: meta.json has no model_config")
+    if offload:
+        from memlayers.offload import model_offloaded_from_checkpoint
+
+        return model_offloaded_from_checkpoint(path, meta, device)
     config = ModelConfig.from_dict(meta["model_config"])
     q = meta.get("quantization")
     if q:

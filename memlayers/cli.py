@@ -326,12 +326,18 @@ def _add_generate(sub) -> None:
         help="quantize a float run's value tables on the fly (8 | 4; see memlayers quantize)",
     )
     p.add_argument("--group", type=int, default=None, help="columns per scale with --quantized")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep the value tables memory-mapped in host memory, gather the rows read to "
+        "the device (for a table that does not fit there; see memlayers.offload)",
+    )
 
 
 def _generate(ns: argparse.Namespace) -> int:
     texts = generate.generate(
         ns.run, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p, ns.n, ns.seed, ns.device,
-        quantized=ns.quantized, group=ns.group,
+        quantized=ns.quantized, group=ns.group, offload=ns.offload,
     )  # fmt: skip
     for t in texts:
         print(ns.prompt + t)

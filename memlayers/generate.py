@@ -5,12 +5,15 @@
     memlayers generate runs/x --prompt "Once" --temperature 0.8 --top-p 0.9 --seed 1 -n 3
     memlayers generate runs/tiny-memory-plus-int8 --prompt "..."   # a quantized run
     memlayers generate runs/tiny-memory-plus --quantized 4 --prompt "..."   # quantized here
+    memlayers generate runs/tiny-memory-plus --offload --prompt "..."   # tables on the host
 
 The prompt is encoded with the run's tokenizer after an EOS (documents in the packed
 training stream start after one), so it reads like the start of a training document.
 A quantized run (``memlayers quantize``) loads as it was saved; ``--quantized 8|4``
 quantizes a float run's value tables after loading, for this call only
-(:func:`memlayers.quantize.quantize_tables_`).
+(:func:`memlayers.quantize.quantize_tables_`). ``--offload`` keeps the value tables
+memory-mapped in host memory and gathers the rows each token reads to the device, for a
+table that does not fit there (:mod:`memlayers.offload`); it composes with both.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ def generate(
     device: str = "auto",
     quantized: int | None = None,
     group: int | None = None,
+    offload: bool = False,
 ) -> list[str]:
     """``n`` continuations of ``prompt`` (text after the prompt, up to EOS); with
     ``quantized`` (8 or 4) the value tables are quantized first (``group``: columns per
-    scale)."""
+    scale); with ``offload`` they stay in host memory (:mod:`memlayers.offload`)."""
     check_sampling(max_new_tokens, temperature, top_p)  # before loading anything
     if n < 1:
         raise ValueError(f"n (the number of samples) must be >= 1, got {n}")
@@ -46,7 +50,7 @@ def generate(
         resolve_group(quantized, group, 2)  # bits and group, before loading anything
     elif group is not None:
         raise ValueError(f"group={group} needs quantized=8|4 (--quantized)")
-    run = load_run(run_dir, device)
+    run = load_run(run_dir, device, offload=offload)
     tok, model = run.tokenizer, run.model
     if quantized is not None:
         table = table_format(model)

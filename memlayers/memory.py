@@ -9,6 +9,7 @@ Memory+ gates the result with ``silu(x W1)`` and projects it back with ``W2``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from memlayers.merged_grad import MergedValueGrad
 from memlayers.ops.embedding_bag import IMPLS, embedding_bag
+from memlayers.ops.offloaded import HostTable, open_table, table_tensor_names
 from memlayers.ops.quantized import (
     QuantizedRows,
     embedding_bag_quantized,
@@ -110,6 +112,12 @@ class MemoryValues(nn.Module):
     bf16 scales, :mod:`memlayers.ops.quantized`): the ``weight`` parameter gives way to the
     buffers ``qdata`` and ``qscales`` (what ``state_dict`` then holds), lookups dequantize
     the rows they read, forward only, and training is refused.
+
+    For serving a table too large for the device, :meth:`offload_` keeps it (float or
+    quantized) in host memory or memory-mapped from a file (:mod:`memlayers.ops.offloaded`):
+    it stops being a parameter or buffer (``model.to(device)`` leaves it on the host,
+    ``state_dict`` no longer holds it) and each lookup gathers the rows it reads to the
+    device of its indices; forward only, training is refused.
     """
 
     def __init__(
@@ -136,9 +144,15 @@ class MemoryValues(nn.Module):
         self.shard = None
         self.bits: int | None = None  # set by quantize_
         self.group: int | None = None
+        self.offloaded: HostTable | None = None  # set by offload_
         self.init_weights()
 
     def __getattr__(self, name: str):
+        if name in ("weight", "qdata", "qscales") and self.__dict__.get("offloaded") is not None:
+            raise AttributeError(
+                f"this value table is offloaded to host memory (for serving): it has no "
+                f"{name} on the device to train or export; load the run without offloading"
+            )
         if name == "weight" and self.__dict__.get("bits") is not None:
             raise AttributeError(
                 f"this value table is quantized ({self.bits}-bit, for serving): it has no "
@@ -151,11 +165,22 @@ class MemoryValues(nn.Module):
         """The packed table after :meth:`quantize_`, else None."""
         if self.bits is None:
             return None
+        if self.offloaded is not None:
+            return QuantizedRows(*self.offloaded.tensors, self.bits, self.group, self.v_dim)
         return QuantizedRows(self.qdata, self.qscales, self.bits, self.group, self.v_dim)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The float table's dtype; None when quantized."""
+        if self.bits is not None:
+            return None
+        return self.offloaded.dtype if self.offloaded is not None else self.weight.dtype
 
     @property
     def nbytes(self) -> int:
         """Bytes of the table as stored (float weight, or packed data + scales)."""
+        if self.offloaded is not None:
+            return self.offloaded.nbytes
         q = self.quantized
         return q.nbytes if q is not None else self.weight.nbytes
 
@@ -172,6 +197,11 @@ class MemoryValues(nn.Module):
                 "a column-sharded value table cannot be quantized: consolidate the checkpoint "
                 "into one process first (memlayers consolidate)"
             )
+        if self.offloaded is not None:  # quantized where it lives, on the host
+            q = quantize_rows(self.offloaded.tensors[0], bits, group, progress)
+            self.offloaded = HostTable((q.data, q.scales), q.bits, q.group, self.v_dim)
+            self.bits, self.group = q.bits, q.group
+            return
         w = self.weight.detach()
         if w.is_meta:
             q = empty_quantized(self.n_rows, self.v_dim, bits, group, device="meta")
@@ -182,10 +212,52 @@ class MemoryValues(nn.Module):
         self.register_buffer("qscales", q.scales)
         self.bits, self.group = q.bits, q.group
 
+    @torch.no_grad()
+    def offload_(self, file: str | Path | None = None, prefix: str = "") -> None:
+        """Keep the table in host memory for serving (:mod:`memlayers.ops.offloaded`).
+
+        Without ``file`` the table in the module (float, or quantized by :meth:`quantize_`)
+        moves to host RAM. With ``file``, the safetensors file holding it as ``prefix +
+        "weight"`` (``"qdata"`` and ``"qscales"`` when quantized: :meth:`quantize_` first,
+        on the meta device that only lays out the buffers) is memory-mapped instead, and
+        the module's own table is dropped unread (a meta-device build never allocates it);
+        its shape and dtype must match. Irreversible; lookups are then forward only."""
+        if self.offloaded is not None:
+            raise ValueError(f"the value table is offloaded already ({self.offloaded.file})")
+        if self.shard is not None:
+            raise ValueError(
+                "a column-sharded value table cannot be offloaded: consolidate the checkpoint "
+                "into one process first (memlayers consolidate)"
+            )
+        names = table_tensor_names(self.bits)
+        if file is None:
+            mine = tuple(getattr(self, n).detach() for n in names)
+            if mine[0].is_meta:
+                raise ValueError(
+                    "a meta-device value table has no values to offload: pass the file "
+                    "holding them (offload_(file, prefix))"
+                )
+            # In RAM, not pinned: lookups copy through a pinned staging buffer of the rows
+            # read, so the whole table need not be page-locked.
+            host = HostTable(tuple(t.cpu() for t in mine), self.bits, self.group, self.v_dim)
+        else:
+            dtype = self.weight.dtype if self.bits is None else None
+            host = open_table(file, prefix, self.n_rows, self.v_dim, dtype, self.bits, self.group)
+        for n in names:
+            delattr(self, n)
+        self.offloaded = host
+
     def lookup(self, indices: torch.Tensor, weights: torch.Tensor, impl: str = "auto"):
         """``[B, v_dim]`` weighted sums of the rows ``indices [B, K]`` (see
         :func:`memlayers.ops.embedding_bag`), through the shard when sharded, dequantized
-        on the fly when quantized."""
+        on the fly when quantized, gathered from the host when offloaded."""
+        if self.offloaded is not None:
+            if self.training:
+                raise ValueError(
+                    "the value table is offloaded to host memory: it serves lookups in eval "
+                    "mode only (model.eval()); train a table that lives on the device"
+                )
+            return _offloaded_lookup(self.offloaded, indices, weights, impl)
         if self.bits is not None:
             if self.training:
                 raise ValueError(
@@ -207,6 +279,8 @@ class MemoryValues(nn.Module):
         A quantized table comes from a trained one, not from a draw: it is zeroed (zero
         scales, a zero table) so that a meta-device build leaves no buffer unset.
         """
+        if self.offloaded is not None:  # a trained table (maybe a read-only file): kept
+            return
         if self.bits is not None:
             self.qdata.fill_(0 if self.bits == 8 else 0x88)  # 0x88: two zero nibbles
             self.qscales.zero_()
@@ -215,9 +289,18 @@ class MemoryValues(nn.Module):
         normal_columns_(self.weight, self.v_dim**-0.5, self.v_dim, start)
 
     def extra_repr(self) -> str:
-        if self.bits is not None:
-            return f"n_rows={self.n_rows}, v_dim={self.v_dim}, int{self.bits}, group={self.group}"
-        return f"n_rows={self.n_rows}, v_dim={self.v_dim}, dtype={self.weight.dtype}"
+        fmt = f"int{self.bits}, group={self.group}" if self.bits is not None else None
+        s = f"n_rows={self.n_rows}, v_dim={self.v_dim}, {fmt or f'dtype={self.dtype}'}"
+        if self.offloaded is not None:
+            s += f", offloaded={self.offloaded.file or 'host'}"
+        return s
+
+
+@torch.compiler.disable
+def _offloaded_lookup(table: HostTable, indices, weights, impl: str) -> torch.Tensor:
+    """An offloaded table's lookup, run eagerly: the rows gathered have a data-dependent
+    count and cross to the host and back, which no compiled graph can hold."""
+    return table.lookup(indices, weights, impl)
 
 
 @torch.compiler.disable

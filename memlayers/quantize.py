@@ -65,7 +65,7 @@ def table_format(model: nn.Module) -> dict | None:
     if not tables:
         return None
     t = tables[0]
-    fmt = f"int{t.bits}" if t.bits is not None else str(t.weight.dtype).replace("torch.", "")
+    fmt = f"int{t.bits}" if t.bits is not None else str(t.dtype).replace("torch.", "")
     return {"format": fmt, "group": t.group, "bytes": table_nbytes(model)}
 
 

@@ -163,9 +163,12 @@ def _device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_run(path: str | Path, device: str = "auto", need_tokenizer: bool = True) -> TrainedRun:
+def load_run(
+    path: str | Path, device: str = "auto", need_tokenizer: bool = True, offload: bool = False
+) -> TrainedRun:
     """Load a run directory's newest checkpoint (or the checkpoint ``path`` names),
-    verified once, with the run's tokenizer."""
+    verified once, with the run's tokenizer; ``offload``: value tables memory-mapped on the
+    host (:mod:`memlayers.offload`)."""
     from memlayers.data.loader import load_dataset
     from memlayers.data.tokenizer import load_tokenizer
 
@@ -173,7 +176,7 @@ def load_run(path: str | Path, device: str = "auto", need_tokenizer: bool = True
     ckpt = run.checkpoint(path)
     args = run.config()
     meta = verify_checkpoint(ckpt)
-    model = model_from_checkpoint(ckpt, meta, _device(device)).eval()
+    model = model_from_checkpoint(ckpt, meta, _device(device), offload).eval()
     tok = None
     if run.tokenizer_path.is_file():
         tok = load_tokenizer(run.tokenizer_path)

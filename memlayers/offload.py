@@ -1,0 +1,89 @@
+"""Serve a run with its value tables in host memory and the rest of the model on the device.
+
+    memlayers generate runs/tiny-memory-plus --offload --prompt "Which city was ... born in?"
+    memlayers generate runs/tiny-memory-plus-int8 --offload --prompt "..."   # packed rows
+    memlayers generate runs/tiny-memory-plus --offload --quantized 4 --prompt "..."
+
+With ``--offload`` the checkpoint's value tables are memory-mapped from its
+``model.safetensors`` (:func:`model_offloaded_from_checkpoint`): never read whole, never
+copied to the device; the rest of the model is loaded onto the device as usual. Each
+lookup gathers the rows it reads to the device and sums them there
+(:mod:`memlayers.ops.offloaded`), giving the tokens of the on-device model
+(tests/test_offload.py). A table larger than the device's memory, or than host RAM (the
+OS pages in the rows lookups touch), serves this way; each lookup costs one host sync and
+a copy of the rows it reads. With ``--quantized`` the float table is quantized on the host
+(a pass over the file) and the packed rows stay there.
+
+In Python: :func:`offload_tables_` for a model in memory (its tables move to host RAM),
+or :meth:`memlayers.memory.MemoryValues.offload_` for one table, from memory or a file.
+Offloaded tables are for serving: training, or a backward through a lookup, is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from memlayers.checkpoint import CheckpointError
+from memlayers.memory import MemoryValues
+from memlayers.ops.offloaded import map_tensors, table_tensor_names
+from memlayers.quantize import quantize_tables_, value_tables
+
+
+def _table_prefixes(model: nn.Module) -> dict[int, str]:
+    """``id(table) -> "its.module.name."``: where its tensors are in the state dict."""
+    mods = model.named_modules()
+    return {id(m): f"{n}." if n else "" for n, m in mods if isinstance(m, MemoryValues)}
+
+
+def offload_tables_(model: nn.Module, file: str | Path | None = None) -> list[MemoryValues]:
+    """:meth:`MemoryValues.offload_` every value table of ``model``: to host RAM, or
+    memory-mapped from ``file`` (a safetensors file of the model's state dict, where each
+    table is found under its module's name). Raises ``ValueError`` when there is none."""
+    tables = value_tables(model)
+    if not tables:
+        raise ValueError("the model has no memory value table to offload")
+    prefixes = _table_prefixes(model)
+    for t in tables:
+        t.offload_(file, prefixes[id(t)])
+    return tables
+
+
+def model_offloaded_from_checkpoint(path: Path, meta: dict, device: str | torch.device):
+    """The model of a verified single-file checkpoint with its value tables memory-mapped
+    from ``model.safetensors`` and everything else loaded onto ``device``, in eval mode."""
+    from memlayers.model import ModelConfig, Transformer
+
+    if meta.get("layout") == "dcp":
+        raise CheckpointError(
+            f"{path} is a DCP checkpoint: offloading memory-maps a single-file one; "
+            f"write one with memlayers consolidate first"
+        )
+    with torch.device("meta"):  # nothing allocated: the table may not fit anywhere
+        model = Transformer(ModelConfig.from_dict(meta["model_config"]))
+    q = meta.get("quantization")
+    if q:
+        quantize_tables_(model, q["bits"], q["group"])  # meta: the packed buffers' layout
+    file = path / "model.safetensors"
+    prefixes = _table_prefixes(model)
+    tables = offload_tables_(model, file)
+    skip = {prefixes[id(t)] + n for t in tables for n in table_tensor_names(t.bits)}
+    model.to_empty(device=device)
+    model.init_weights()  # every buffer set (RoPE tables); the load fills the rest
+    tensors, _ = map_tensors(file)
+    state = {k: v for k, v in tensors.items() if k not in skip}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"cannot load {file} into the model: {e}") from e
+    # safetensors stores a tensor shared by several modules once, under one of its names.
+    sd = model.state_dict()
+    loaded = {sd[k].data_ptr() for k in state if k in sd}
+    missing = [k for k in missing if sd[k].data_ptr() not in loaded]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"cannot load {file} into the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model.eval()

@@ -1,0 +1,260 @@
+"""Offloaded value tables: the table in host memory, the rows a lookup reads on the device.
+
+A Memory+ value table is most of the model (1.07B of the 373m preset's 1.44B parameters)
+while a token reads ``heads · topk`` (128) of its rows, so for serving it need not sit on
+the accelerator. A :class:`HostTable` keeps the table on the CPU, in RAM or memory-mapped
+from a file (then it may be larger than RAM: the OS pages in the rows lookups touch), and
+a lookup (:meth:`HostTable.lookup`, forward only) runs:
+
+1. ``rows, inverse = unique(indices)`` on the device: the U distinct rows read, sorted,
+   and every index's position among them;
+2. ``rows`` to the host (the one sync: U depends on the data), ``index_select`` of those
+   rows from the host table into a pinned staging buffer, one non-blocking copy of the
+   compact ``[U, D]`` table to the device;
+3. the usual lookup on it with ``inverse`` as indices (:func:`memlayers.ops.
+   embedding_bag`, or :func:`memlayers.ops.embedding_bag_quantized` for packed rows).
+
+Step 3 sums the same rows in the same order as a lookup of the whole table on the device,
+so the result is the same bit for bit (tests/test_offload.py). A quantized table
+(:mod:`memlayers.ops.quantized`) is offloaded as its packed rows and scales, gathered the
+same way. With the device the CPU, step 2 is one ``index_select`` and no copy.
+
+**The file** is a safetensors file (the checkpoint's own ``model.safetensors``, or one
+written by :func:`save_table`): an 8-byte little-endian header length ``n``, ``n`` bytes of
+JSON ``{name: {"dtype": "F32" | "BF16" | "I8" | "U8" | ..., "shape": [...],
+"data_offsets": [begin, end]}, "__metadata__": {...}}``, then the tensors' bytes
+(row-major, little-endian; offsets count from the end of the header). :func:`map_tensors`
+reads the header and maps the file read-only and shared (``mmap.ACCESS_READ``): the
+tensors are views of the page cache, never copies, and a mapping larger than RAM is not
+charged against memory (a private writable mapping would be, and could be refused). They
+must therefore never be written, which a host table never does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from memlayers.ops.embedding_bag import check_bags, embedding_bag
+from memlayers.ops.quantized import QuantizedRows, check_quantized, embedding_bag_quantized
+
+# safetensors' dtype names (those a value table can have, and the rest of a checkpoint).
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class HostTable:
+    """A value table ``[N, D]`` in host memory: ``(weight,)`` of a float table, or
+    ``(data, scales)`` of a quantized one (``bits``, ``group``, ``dim`` as in
+    :class:`memlayers.ops.quantized.QuantizedRows`), CPU tensors, possibly views of a
+    memory-mapped ``file``. Lookups gather the rows they read to the indices' device."""
+
+    def __init__(
+        self,
+        tensors: tuple[torch.Tensor, ...],
+        bits: int | None = None,
+        group: int | None = None,
+        dim: int | None = None,
+        file: str | Path | None = None,
+    ) -> None:
+        self.tensors, self.bits, self.group, self.file = tuple(tensors), bits, group, file
+        if bits is None:
+            (w,) = self.tensors
+            if w.dim() != 2 or not w.is_floating_point():
+                raise ValueError(
+                    f"a float host table must be [N, D] floating point, got "
+                    f"{tuple(w.shape)} {w.dtype}"
+                )
+            self.dim = w.shape[1]
+        else:
+            self.dim = dim
+            check_quantized(QuantizedRows(*self.tensors, bits, group, dim))
+        for t in self.tensors:
+            if t.device.type != "cpu":
+                raise ValueError(f"a host table lives on the CPU, got a tensor on {t.device}")
+        self._staging: tuple[torch.Tensor, ...] | None = None  # pinned, reused across lookups
+        self._copied = None  # CUDA event: the last copy out of the staging buffers
+
+    @property
+    def n_rows(self) -> int:
+        return self.tensors[0].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The float table's dtype (a quantized table's data dtype)."""
+        return self.tensors[0].dtype
+
+    def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The host tensors' ``rows [U]`` (int64, on the lookup's device), on that device."""
+        device = rows.device
+        if device.type == "cpu":
+            self._check_rows(rows)
+            return tuple(t.index_select(0, rows) for t in self.tensors)
+        host_rows = rows.cpu()  # the one sync: U is known only now
+        self._check_rows(host_rows)
+        pin = device.type == "cuda"
+        out = []
+        for t, buf in zip(self.tensors, self._buffers(host_rows.numel(), pin), strict=True):
+            torch.index_select(t, 0, host_rows, out=buf)  # [U, ...]
+            out.append(buf.to(device, non_blocking=pin))
+        if pin:
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(device))
+        return tuple(out)
+
+    def _check_rows(self, rows: torch.Tensor) -> None:
+        if rows.numel() and (rows[0] < 0 or rows[-1] >= self.n_rows):  # sorted by unique
+            bad = rows[0] if rows[0] < 0 else rows[-1]
+            raise ValueError(f"index {int(bad)} is out of range for a table of {self.n_rows} rows")
+
+    def _buffers(self, u: int, pin: bool) -> tuple[torch.Tensor, ...]:
+        """Views ``[u, ...]`` of the staging buffers (pinned for CUDA: the copy is then
+        asynchronous), grown by doubling; waits for the previous copy out of them."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        if self._staging is None or self._staging[0].shape[0] < u:
+            cap = max(u, 2 * self._staging[0].shape[0] if self._staging is not None else 0)
+            self._staging = tuple(
+                torch.empty((cap, *t.shape[1:]), dtype=t.dtype, pin_memory=pin)
+                for t in self.tensors
+            )
+        return tuple(b[:u] for b in self._staging)
+
+    def lookup(
+        self, indices: torch.Tensor, weights: torch.Tensor, impl: str = "auto"
+    ) -> torch.Tensor:
+        """``[B, D]`` weighted sums of the rows ``indices [B, K]`` (on any device), as the
+        on-device lookup of the whole table would give them; forward only."""
+        check_bags(indices, weights)
+        if indices.device != weights.device:
+            raise ValueError(
+                f"indices and weights must be on one device, got {indices.device} and "
+                f"{weights.device}"
+            )
+        if torch.is_grad_enabled() and weights.requires_grad:
+            raise ValueError(
+                "an offloaded value table serves lookups only (no backward through it): the "
+                "weights require a gradient. Run it under torch.no_grad(), or train the "
+                "table on the device"
+            )
+        rows, inverse = torch.unique(indices, sorted=True, return_inverse=True)  # [U], [B, K]
+        tensors = self.gather(rows)
+        if self.bits is None:
+            return embedding_bag(tensors[0], inverse, weights, impl=impl)
+        table = QuantizedRows(*tensors, self.bits, self.group, self.dim)
+        return embedding_bag_quantized(table, inverse, weights, impl=impl)
+
+
+def map_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of the safetensors file ``path``: every tensor a read-only
+    view of the file's memory mapping (module docstring), nothing read until used."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"value table file not found: {path}")
+    if sys.byteorder != "little":
+        raise ValueError("memory-mapped tables need a little-endian host (the file's order)")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if not 0 < n <= size - 8:
+            raise ValueError(f"{path} is not a safetensors file ({size} bytes, header {n})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a safetensors file: bad header ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path} is not a safetensors file: its header is not an object")
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype = DTYPES.get(info["dtype"])
+            shape, (begin, end) = [int(s) for s in info["shape"]], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r} has a malformed entry {info!r}") from None
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name!r} has unknown dtype {info['dtype']!r}")
+        count = math.prod(shape)
+        if not 0 <= begin <= end or end - begin != count * dtype.itemsize or 8 + n + end > size:
+            raise ValueError(
+                f"{path}: tensor {name!r} ({shape} {info['dtype']}) has data_offsets "
+                f"{[begin, end]} that do not fit it or the file ({size} bytes)"
+            )
+        if count == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        with warnings.catch_warnings():
+            # "The given buffer is not writable": read-only by design (module docstring).
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=8 + n + begin)
+        tensors[name] = flat.view(shape)
+    return tensors, metadata
+
+
+def table_tensor_names(bits: int | None) -> tuple[str, ...]:
+    """The names a table's tensors have in a file (after a prefix)."""
+    return ("weight",) if bits is None else ("qdata", "qscales")
+
+
+def open_table(
+    path: str | Path,
+    prefix: str,
+    n_rows: int,
+    dim: int,
+    dtype: torch.dtype | None = None,
+    bits: int | None = None,
+    group: int | None = None,
+) -> HostTable:
+    """The table ``prefix + "weight"`` (or ``"qdata"``, ``"qscales"`` when ``bits``) of the
+    safetensors file ``path``, memory-mapped, checked against the table it stands for:
+    ``[n_rows, dim]`` of ``dtype`` (or that table quantized). Raises naming the value."""
+    tensors, _ = map_tensors(path)
+    names = [prefix + n for n in table_tensor_names(bits)]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        have = sorted(k for k in tensors if k.endswith(("weight", "qdata", "qscales")))[:8]
+        raise ValueError(f"{path} has no tensor {missing[0]!r} (value-table tensors: {have})")
+    got = tuple(tensors[n] for n in names)
+    if bits is None:
+        (w,) = got
+        if tuple(w.shape) != (n_rows, dim) or (dtype is not None and w.dtype != dtype):
+            raise ValueError(
+                f"{path}: {names[0]} is {list(w.shape)} {w.dtype}, the table needs "
+                f"[{n_rows}, {dim}] {dtype}"
+            )
+        return HostTable(got, file=path)
+    if got[0].shape[0] != n_rows:
+        raise ValueError(f"{path}: {names[0]} has {got[0].shape[0]} rows, the table {n_rows}")
+    try:
+        return HostTable(got, bits, group, dim, file=path)
+    except ValueError as e:
+        raise ValueError(f"{path}: {prefix}qdata/qscales: {e}") from None
+
+
+def save_table(
+    path: str | Path, tensors: tuple[torch.Tensor, ...], bits: int | None = None, group=None
+) -> None:
+    """Write a table's tensors (``(weight,)``, or ``(data, scales)`` with ``bits``) to the
+    safetensors file ``path``, named as :func:`open_table` reads them (no prefix)."""
+    names = table_tensor_names(bits)
+    if len(tensors) != len(names):
+        raise ValueError(f"a {'float' if bits is None else 'quantized'} table is {names}")
+    meta = {} if bits is None else {"bits": str(bits), "group": str(group)}
+    named = {n: t.detach().cpu().contiguous() for n, t in zip(names, tensors, strict=True)}
+    save_file(named, path, meta)
