@@ -9,6 +9,8 @@
     memlayers quantize runs/tiny-memory-plus --bits 8|4 [--group G] [--out DIR]
     memlayers finetune runs/tiny-memory-plus --data NEW.txt [--method sparse-memory|full|lora]
     memlayers data {list,fetch,build}
+    memlayers lm-eval runs/tiny-memory-plus --tasks arc_easy   # lm-evaluation-harness
+    memlayers export runs/tiny-memory-plus hf/tiny-memory-plus   # transformers format
     memlayers COMMAND --help
     memlayers --debug COMMAND ...                     # an error's traceback, not one line
     python -m memlayers ...                           # the same (and torchrun -m memlayers)
@@ -389,6 +391,93 @@ def _compare(ns: argparse.Namespace) -> int:
     return 0
 
 
+# ---- export ------------------------------------------------------------------------------
+
+EXPORT_DOC = """A run as a Hugging Face transformers model directory (memlayers.export, hf extra).
+
+    memlayers export runs/tiny-memory-plus hf/tiny-memory-plus [--overwrite]
+
+Dense and Memory+ runs; load with memlayers.hf.load_pretrained_with_memory (memory
+blocks) or transformers.AutoModelForCausalLM (dense only), and AutoTokenizer.
+"""
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a run as a transformers model directory (Llama + Memory+)",
+        description=EXPORT_DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=_export)
+    p.add_argument("run", metavar="RUN", help="a run directory or one of its checkpoints")
+    p.add_argument("out", metavar="OUT", help="the model directory to write")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+
+
+def _export(ns: argparse.Namespace) -> int:
+    from memlayers import export
+
+    out = export.export_run(ns.run, ns.out, ns.overwrite)
+    print(f"wrote {out} (load: memlayers.hf.load_pretrained_with_memory or AutoModelForCausalLM)")
+    return 0
+
+
+# ---- lm-eval -----------------------------------------------------------------------------
+
+LM_EVAL_DOC = """Standard benchmarks with lm-evaluation-harness (pip install 'memlayers[eval]').
+
+    memlayers lm-eval runs/x --tasks arc_easy,hellaswag --batch-size 16
+    memlayers lm-eval runs/x --tasks my_task --include-path my_tasks/ --limit 100
+    memlayers lm-eval smollm2-memory --hf --tasks arc_easy --output arc.json
+
+RUN is a run directory or checkpoint; with --hf, a Hugging Face model directory saved
+after memlayers.hf.add_memory. Library: memlayers.lm_eval_adapter (model types
+"memlayers" and "memlayers-hf" for lm_eval.simple_evaluate).
+"""
+
+
+def _add_lm_eval(sub) -> None:
+    p = sub.add_parser(
+        "lm-eval",
+        help="standard benchmarks through lm-evaluation-harness (the eval extra)",
+        description=LM_EVAL_DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=_lm_eval)
+    p.add_argument("run", metavar="RUN", help="a run directory or checkpoint (--hf: a model dir)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--hf", action="store_true", help="RUN is a retrofitted HF model directory")
+    p.add_argument("--include-path", default=None, help="a folder of task YAML files of yours")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--limit", type=float, default=None, help="examples per task (<1: fraction)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per forward")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--output", default=None, help="write the results dict here (JSON)")
+
+
+def _lm_eval(ns: argparse.Namespace) -> int:
+    try:  # the eval extra (and hf, for --hf) may be missing: one line that names it
+        from memlayers import lm_eval_adapter
+
+        results = lm_eval_adapter.evaluate_tasks(
+            ns.run, [t for t in ns.tasks.split(",") if t], ns.hf, ns.include_path,
+            ns.num_fewshot, ns.limit, ns.batch_size, ns.device,
+        )  # fmt: skip
+    except ImportError as e:
+        if ns.debug:
+            raise
+        return _error(e)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if ns.output:
+        Path(ns.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.output).write_text(json.dumps(results, indent=2, default=str))
+        print(f"wrote {ns.output}")
+    return 0
+
+
 # ---- data --------------------------------------------------------------------------------
 
 
@@ -442,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
         _add_train, _add_consolidate, _add_quantize, _add_finetune, _add_eval, _add_generate,
-        _add_compare, _add_data,
+        _add_compare, _add_export, _add_lm_eval, _add_data,
     ):  # fmt: skip
         add(sub)
     return parser

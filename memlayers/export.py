@@ -1,0 +1,164 @@
+"""A memlayers run as a Hugging Face transformers model directory (Llama + Memory+).
+
+    memlayers export runs/tiny-memory-plus hf/tiny-memory-plus
+
+    model = memlayers.hf.load_pretrained_with_memory("hf/tiny-memory-plus")  # memory blocks
+    model = transformers.AutoModelForCausalLM.from_pretrained("hf/tiny-dense")  # dense only
+    tok = transformers.AutoTokenizer.from_pretrained("hf/tiny-memory-plus")
+
+memlayers' decoder is Llama's (RMSNorm, half-split rotary embeddings, grouped-query
+attention, SwiGLU), so a dense block maps onto ``LlamaDecoderLayer`` weight for weight
+(``wq/wk/wv/wo`` -> ``q/k/v/o_proj``, ``w1/w3/w2`` -> ``gate/up/down_proj``), and a memory
+block onto :func:`memlayers.hf.add_memory` in ``replace`` mode: the same
+:class:`~memlayers.memory.ProductKeyMemory` class and state, the one value table as
+``model.memory_values``. The exported model computes the run's logits (fp32 rounding:
+transformers builds its rotary table in fp32, memlayers in fp64). MoE and PEER blocks,
+per-layer value tables (``memory.share_values=false``) and quantized tables have no such
+counterpart and are refused.
+
+The tokenizer is written as a ``PreTrainedTokenizerFast`` that puts an EOS before every
+text (``tokenizer(text)``), as memlayers does: documents start after one in the packed
+training stream. Byte-level BPE and the closed word vocabulary (bios) convert exactly;
+a SentencePiece run's ``.model`` is copied as ``tokenizer.model`` for ``LlamaTokenizer``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from memlayers.hf import _transformers, add_memory
+from memlayers.memory import MemoryValues
+from memlayers.model import Transformer
+from memlayers.run import load_run
+
+_ATTENTION = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
+_SWIGLU = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _check_exportable(model: Transformer) -> None:
+    cfg = model.config
+    other = sorted(set(cfg.block_kinds()) - {"dense", "memory"})
+    if other:
+        raise ValueError(f"{other} blocks have no transformers counterpart: dense and memory only")
+    if cfg.memory_layers and not cfg.memory.share_values:
+        raise ValueError("per-layer value tables (memory.share_values=false) are not exportable")
+    for m in model.modules():
+        if isinstance(m, MemoryValues) and (
+            m.bits is not None or getattr(m, "offloaded", None) is not None
+        ):
+            raise ValueError("quantized or offloaded value tables: export the float run")
+
+
+def _hf_name(name: str, kinds: list[str]) -> str:
+    """The transformers name of the memlayers parameter ``name``."""
+    parts = name.split(".")
+    if name == "tok_embeddings.weight":
+        return "model.embed_tokens.weight"
+    if name == "norm.weight":
+        return "model.norm.weight"
+    if name == "output.weight":
+        return "lm_head.weight"
+    if name == "memory_values.weight":
+        return "model.memory_values.weight"
+    i, module, rest = parts[1], parts[2], parts[3:]
+    layer = f"model.layers.{i}"
+    if module == "attention_norm":
+        return f"{layer}.input_layernorm.weight"
+    if module == "ffn_norm":
+        return f"{layer}.post_attention_layernorm.weight"
+    if module == "attention":
+        return f"{layer}.self_attn.{_ATTENTION[rest[0]]}.weight"
+    if kinds[int(i)] == "memory":
+        return f"{layer}.mlp.memory." + ".".join(rest)
+    return f"{layer}.mlp.{_SWIGLU[rest[0]]}.weight"
+
+
+@torch.no_grad()
+def to_transformers(model: Transformer) -> nn.Module:
+    """A ``LlamaForCausalLM`` (with Memory+ where ``model`` has memory blocks) holding
+    copies of ``model``'s weights, on its device and dtype, in eval mode."""
+    transformers = _transformers()
+    _check_exportable(model)
+    cfg = model.config
+    kinds = cfg.block_kinds()
+    ref = next(model.parameters())
+    config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    with torch.device(ref.device):
+        hf = transformers.LlamaForCausalLM(config).to(ref.dtype)
+    if cfg.memory_layers:
+        add_memory(hf, sorted(cfg.memory_layers), cfg.memory, mode="replace")
+    state = {_hf_name(k, kinds): v for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    target = hf.state_dict()
+    missing, extra = sorted(set(target) - set(state)), sorted(set(state) - set(target))
+    if missing or extra:  # a layout this function does not know: never a partial copy
+        raise ValueError(f"export does not fit: missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, v in state.items():
+        if target[k].shape != v.shape:
+            raise ValueError(f"{k}: transformers {tuple(target[k].shape)}, run {tuple(v.shape)}")
+        target[k].copy_(v)
+    return hf.eval()
+
+
+def tokenizer_to_transformers(tok):
+    """A ``PreTrainedTokenizerFast`` encoding like ``tok`` (BPE or word vocabulary), with
+    an EOS before every text when special tokens are added."""
+    transformers = _transformers()
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as FastTokenizer
+
+    from memlayers.data.tokenizer import _WORD_PIECE, EOS, BPETokenizer, WordTokenizer
+
+    if isinstance(tok, BPETokenizer):
+        fast = FastTokenizer.from_str(tok.tok.to_str())  # a copy
+    elif isinstance(tok, WordTokenizer):
+        fast = FastTokenizer(models.WordLevel({t: i for i, t in enumerate(tok.tokens)}))
+        fast.pre_tokenizer = pre_tokenizers.Split(Regex(_WORD_PIECE.pattern), "isolated")
+        fast.decoder = decoders.Fuse()  # pieces carry their own spaces
+    else:
+        raise ValueError(f"no transformers tokenizer for {type(tok).__name__}")
+    eos = tok.eos_id
+    fast.post_processor = processors.TemplateProcessing(
+        single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B", special_tokens=[(EOS, eos)]
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=fast, eos_token=EOS, bos_token=EOS, pad_token=EOS
+    )
+
+
+def export_run(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the run's model (``run``: a run directory or checkpoint) and tokenizer to
+    ``out`` with ``save_pretrained``; returns ``out``."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"{out} is not empty (pass overwrite=True / --overwrite)")
+    trained = load_run(run, "cpu")
+    hf = to_transformers(trained.model)
+    tok = trained.tokenizer
+    hf.config.eos_token_id = hf.config.bos_token_id = tok.eos_id if tok is not None else None
+    hf.save_pretrained(out)
+    if tok is not None and tok.kind == "sentencepiece":
+        shutil.copyfile(tok.path, out / "tokenizer.model")
+    elif tok is not None:
+        tokenizer_to_transformers(tok).save_pretrained(out)
+    return out

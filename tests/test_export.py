@@ -1,0 +1,119 @@
+"""memlayers.export: a run as a transformers model directory, checked against the run.
+
+The exported model's logits equal the memlayers model's (fp32 rounding), loaded with
+plain transformers (dense) or memlayers.hf (Memory+); greedy generation agrees; the
+exported tokenizer encodes like the run's (EOS first); unsupported models are refused.
+"""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_eval import TINY_BIOS  # noqa: E402
+
+from memlayers import MemoryConfig  # noqa: E402
+from memlayers.cli import main as cli_main  # noqa: E402
+from memlayers.config import load_config  # noqa: E402
+from memlayers.data.tokenizer import BPETokenizer  # noqa: E402
+from memlayers.export import export_run, to_transformers, tokenizer_to_transformers  # noqa: E402
+from memlayers.hf import load_pretrained_with_memory  # noqa: E402
+from memlayers.model import ModelConfig, build_model  # noqa: E402
+from memlayers.moe import MoEConfig  # noqa: E402
+from memlayers.run import load_run  # noqa: E402
+from memlayers.train import train  # noqa: E402
+
+# fp32 logits of the same weights; transformers' rotary table is computed in fp32,
+# memlayers' in fp64 then rounded: differences of a few ulps (6e-7 measured).
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("export") / "run"
+    train(load_config([], [*TINY_BIOS, f"run_dir={run}"]))
+    return run
+
+
+def tokens(vocab: int, batch: int = 2, length: int = 40) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+
+
+def test_exported_run_matches_logits_and_tokenizer(run_dir, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert cli_main(["export", str(run_dir), str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    run = load_run(run_dir, "cpu")
+    hf = load_pretrained_with_memory(out).eval()
+    x = tokens(run.model.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, run.model(x), **TOL)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "Which city was born in? On October 12, 1950."
+    assert tok(text)["input_ids"] == [run.tokenizer.eos_id, *run.tokenizer.encode(text)]
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert cli_main(["export", str(run_dir), str(out)]) == 1  # not empty: refused
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_dense_model_loads_with_plain_transformers(tmp_path):
+    cfg = ModelConfig(
+        dim=48, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=97, multiple_of=16,
+        max_seq_len=64, rope_theta=5e5, norm_eps=1e-6, tie_embeddings=True, init_std=0.2,
+    )  # fmt: skip
+    model = build_model(cfg, seed=0).eval()
+    to_transformers(model).save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    x = tokens(97)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), **TOL)
+        prompt = x[:, :5]
+        ours = model.generate(prompt, 20)
+        theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    assert torch.equal(ours, theirs)
+
+
+def test_untied_memory_plus_model(tmp_path):
+    cfg = ModelConfig(
+        dim=32, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=50, multiple_of=16,
+        max_seq_len=32, init_std=0.2, memory_layers=[1, 3],
+        memory=MemoryConfig(n_keys=8, heads=2, topk=4),
+    )  # fmt: skip
+    model = build_model(cfg, seed=1).eval()
+    with torch.no_grad():  # wake the memory: its output projection starts at zero
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf = to_transformers(model)
+    x = tokens(50, length=20)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), **TOL)
+        hf.save_pretrained(tmp_path)
+        back = load_pretrained_with_memory(tmp_path).eval()
+        torch.testing.assert_close(back(x).logits, model(x), **TOL)
+
+
+def test_bpe_tokenizer_encodes_like_the_run():
+    texts = ["The capital of France is Paris.", "Ünïcode  spaces\tand\nnewlines 123"] * 5
+    tok = BPETokenizer.train(texts, vocab_size=300, min_frequency=1)
+    fast = tokenizer_to_transformers(tok)
+    for t in [*texts[:2], "unseen words: zebra!"]:
+        assert fast(t)["input_ids"] == [tok.eos_id, *tok.encode(t)]
+        assert fast.decode(fast(t, add_special_tokens=False)["input_ids"]) == t
+
+
+def test_unsupported_models_are_refused():
+    moe = ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=40, ffn="moe",
+                      moe=MoEConfig(n_experts=2), multiple_of=16)  # fmt: skip
+    with pytest.raises(ValueError, match="moe"):
+        to_transformers(build_model(moe, seed=0))
+    memory = MemoryConfig(n_keys=8, heads=2, topk=4, share_values=False)
+    own = ModelConfig(
+        dim=32, n_layers=2, n_heads=4, vocab_size=40, memory_layers=[0], memory=memory
+    )
+    with pytest.raises(ValueError, match="share_values"):
+        to_transformers(build_model(own, seed=0))
+
+
+def test_missing_run_names_the_path(tmp_path):
+    with pytest.raises(ValueError, match="no-such-run"):
+        export_run(tmp_path / "no-such-run", tmp_path / "out")
