@@ -55,10 +55,12 @@ def _error(e: Exception, rc: int = 1) -> int:
 
 
 def _subparser(sub, name: str, help_text: str, module, handler) -> argparse.ArgumentParser:
+    """A subcommand described by ``module``'s docstring (or by ``module`` itself, a string,
+    for commands whose module needs an optional extra to import)."""
     p = sub.add_parser(
         name,
         help=help_text,
-        description=module.__doc__,
+        description=module if isinstance(module, str) else module.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.set_defaults(func=handler)
@@ -403,13 +405,8 @@ blocks) or transformers.AutoModelForCausalLM (dense only), and AutoTokenizer.
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser(
-        "export",
-        help="write a run as a transformers model directory (Llama + Memory+)",
-        description=EXPORT_DOC,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.set_defaults(func=_export)
+    help_text = "write a run as a transformers model directory (Llama + Memory+)"
+    p = _subparser(sub, "export", help_text, EXPORT_DOC, _export)
     p.add_argument("run", metavar="RUN", help="a run directory or one of its checkpoints")
     p.add_argument("out", metavar="OUT", help="the model directory to write")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
@@ -438,13 +435,8 @@ after memlayers.hf.add_memory. Library: memlayers.lm_eval_adapter (model types
 
 
 def _add_lm_eval(sub) -> None:
-    p = sub.add_parser(
-        "lm-eval",
-        help="standard benchmarks through lm-evaluation-harness (the eval extra)",
-        description=LM_EVAL_DOC,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.set_defaults(func=_lm_eval)
+    help_text = "standard benchmarks through lm-evaluation-harness (the eval extra)"
+    p = _subparser(sub, "lm-eval", help_text, LM_EVAL_DOC, _lm_eval)
     p.add_argument("run", metavar="RUN", help="a run directory or checkpoint (--hf: a model dir)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--hf", action="store_true", help="RUN is a retrofitted HF model directory")
