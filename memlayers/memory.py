@@ -184,6 +184,14 @@ class MemoryValues(nn.Module):
         q = self.quantized
         return q.nbytes if q is not None else self.weight.nbytes
 
+    def _check_whole(self, becoming: str) -> None:
+        """Serving formats hold the whole table: a column shard cannot become one."""
+        if self.shard is not None:
+            raise ValueError(
+                f"a column-sharded value table cannot be {becoming}: consolidate the "
+                f"checkpoint into one process first (memlayers consolidate)"
+            )
+
     @torch.no_grad()
     def quantize_(self, bits: int, group: int | None = None, progress: bool = False) -> None:
         """Replace the float table by its quantized rows (:func:`memlayers.ops.quantized.
@@ -192,11 +200,7 @@ class MemoryValues(nn.Module):
         buffers (a model rebuilt for a quantized checkpoint, which the load then fills)."""
         if self.bits is not None:
             raise ValueError(f"the value table is quantized already ({self.bits}-bit)")
-        if self.shard is not None:
-            raise ValueError(
-                "a column-sharded value table cannot be quantized: consolidate the checkpoint "
-                "into one process first (memlayers consolidate)"
-            )
+        self._check_whole("quantized")
         if self.offloaded is not None:  # quantized where it lives, on the host
             q = quantize_rows(self.offloaded.tensors[0], bits, group, progress)
             self.offloaded = HostTable((q.data, q.scales), q.bits, q.group, self.v_dim)
@@ -224,11 +228,7 @@ class MemoryValues(nn.Module):
         its shape and dtype must match. Irreversible; lookups are then forward only."""
         if self.offloaded is not None:
             raise ValueError(f"the value table is offloaded already ({self.offloaded.file})")
-        if self.shard is not None:
-            raise ValueError(
-                "a column-sharded value table cannot be offloaded: consolidate the checkpoint "
-                "into one process first (memlayers consolidate)"
-            )
+        self._check_whole("offloaded")
         names = table_tensor_names(self.bits)
         if file is None:
             mine = tuple(getattr(self, n).detach() for n in names)
