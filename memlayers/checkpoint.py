@@ -461,7 +461,7 @@ def model_from_checkpoint(
     quantized checkpoint's value tables are laid out packed on the meta device (never
     allocated as float) before the load fills them. ``offload``: the value tables stay
     memory-mapped on the host (:func:`memlayers.offload.model_offloaded_from_checkpoint`)."""
-    from memlayers.model import ModelConfig, Transformer, build_model
+    from memlayers.model import ModelConfig, build_model
 
     if not meta.get("model_config"):
         raise CheckpointError(f"{path}: meta.json has no model_config")
@@ -469,19 +469,27 @@ def model_from_checkpoint(
         from memlayers.offload import model_offloaded_from_checkpoint
 
         return model_offloaded_from_checkpoint(path, meta, device)
-    config = ModelConfig.from_dict(meta["model_config"])
-    q = meta.get("quantization")
-    if q:
-        from memlayers.quantize import quantize_tables_
-
-        with torch.device("meta"):
-            model = Transformer(config)
-        quantize_tables_(model, q["bits"], q["group"])  # meta: the packed buffers' shapes
+    if meta.get("quantization"):
+        model = meta_model(meta)
         model.to_empty(device=device)
         model.init_weights()  # every buffer set (RoPE tables); the load fills the rest
     else:
-        model = build_model(config, device)
+        model = build_model(ModelConfig.from_dict(meta["model_config"]), device)
     _load_verified(path, meta, model)
+    return model
+
+
+def meta_model(meta: dict) -> nn.Module:
+    """The model of a checkpoint's ``meta`` on the meta device (nothing allocated), its
+    value tables laid out packed when the checkpoint's are quantized."""
+    from memlayers.model import ModelConfig, Transformer
+    from memlayers.quantize import quantize_tables_
+
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_dict(meta["model_config"]))
+    q = meta.get("quantization")
+    if q:
+        quantize_tables_(model, q["bits"], q["group"])  # meta: the packed buffers' shapes
     return model
 
 

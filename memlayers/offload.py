@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from memlayers.checkpoint import CheckpointError
+from memlayers.checkpoint import CheckpointError, meta_model
 from memlayers.memory import MemoryValues
 from memlayers.ops.offloaded import map_tensors, table_tensor_names
-from memlayers.quantize import quantize_tables_, value_tables
+from memlayers.quantize import value_tables
 
 
 def _table_prefixes(model: nn.Module) -> dict[int, str]:
@@ -54,18 +54,12 @@ def offload_tables_(model: nn.Module, file: str | Path | None = None) -> list[Me
 def model_offloaded_from_checkpoint(path: Path, meta: dict, device: str | torch.device):
     """The model of a verified single-file checkpoint with its value tables memory-mapped
     from ``model.safetensors`` and everything else loaded onto ``device``, in eval mode."""
-    from memlayers.model import ModelConfig, Transformer
-
     if meta.get("layout") == "dcp":
         raise CheckpointError(
             f"{path} is a DCP checkpoint: offloading memory-maps a single-file one; "
             f"write one with memlayers consolidate first"
         )
-    with torch.device("meta"):  # nothing allocated: the table may not fit anywhere
-        model = Transformer(ModelConfig.from_dict(meta["model_config"]))
-    q = meta.get("quantization")
-    if q:
-        quantize_tables_(model, q["bits"], q["group"])  # meta: the packed buffers' layout
+    model = meta_model(meta)  # nothing allocated: the table may not fit anywhere
     file = path / "model.safetensors"
     prefixes = _table_prefixes(model)
     tables = offload_tables_(model, file)
