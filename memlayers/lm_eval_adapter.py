@@ -213,7 +213,9 @@ class MemlayersLM(TemplateLM):
             text = self.tok_decode(new)
             if any(s in text for s in until):
                 break
-            logits = model(torch.tensor([[nxt]], device=self._device), cache)[0, -1]
+            # a generated id: in range (the prompt's ids were checked)
+            logits = model(torch.tensor([[nxt]], device=self._device), cache, check_ids=False)
+            logits = logits[0, -1]
         for s in until:
             text = text.split(s, 1)[0]
         return text
