@@ -76,10 +76,12 @@ def test_layer_output_equals_on_device(dtype, bits):
 @pytest.mark.parametrize("bits", list(FORMATS.values()), ids=list(FORMATS))
 def test_host_table_lookup_many_duplicates(bits, impl):
     # Bags that read few distinct rows many times: U << B*K, inverse indices repeat.
-    _, values = _layer(bits=bits)
+    # Triton runs on the GPU where there is one (the interpreter's CPU tensors otherwise).
+    dev = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
+    _, values = _layer(bits=bits, device=dev)
     g = torch.Generator().manual_seed(1)
-    idx = torch.randint(0, 6, (9, 8), generator=g) * 7  # 6 distinct rows of 64
-    w = torch.randn(9, 8, generator=g)
+    idx = (torch.randint(0, 6, (9, 8), generator=g) * 7).to(dev)  # 6 distinct rows of 64
+    w = torch.randn(9, 8, generator=g).to(dev)
     ref = values.lookup(idx, w, impl=impl)
     values.offload_()
     assert torch.equal(values.lookup(idx, w, impl=impl), ref)
