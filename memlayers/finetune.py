@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -127,22 +128,32 @@ def repeat_to(tokens: np.ndarray, n: int) -> np.ndarray:
 
 
 @contextmanager
-def counting_reads(model: nn.Module):
-    """Count the rows every value table is read at while the block runs (train or eval
-    mode). Yields ``take()``: the counts since the last call, ``[n_rows]`` int64 per table
-    of :func:`memlayers.quantize.value_tables` (summed over the layers reading it)."""
+def counting_reads(model: nn.Module, training: bool = False):
+    """Count the rows every value table is read at while the block runs. Yields
+    ``take()``: the counts since the last call, ``[n_rows]`` int64 per table of
+    :func:`memlayers.quantize.value_tables` (summed over the layers reading it), on the
+    tables' device.
+
+    ``training``: the finetuning steps' reads, counted on the device by
+    :class:`memlayers.usage.RowCounts` (training-mode forwards only; no host sync, no
+    range check: the lookup checks the rows). Otherwise every forward's reads, by the
+    evaluation's :class:`memlayers.usage.MemoryUsage` (checked, a host sync a lookup: the
+    background pass, once)."""
     tables = value_tables(model)
     layers = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
     where = [next(i for i, t in enumerate(tables) if t is m.values) for m in layers]
     for m in layers:
-        m.track_usage()
+        m.track_usage(training=training)
 
     def take() -> list[torch.Tensor]:
-        counts = [torch.zeros(t.n_rows, dtype=torch.int64) for t in tables]
+        counts = [torch.zeros(t.n_rows, dtype=torch.int64, device=t.weight.device) for t in tables]
         for m, i in zip(layers, where, strict=True):
             if m.usage.counts is not None:
-                counts[i] += m.usage.counts.cpu()
-            m.track_usage()  # a fresh window
+                counts[i] += m.usage.counts
+            if training:
+                m.usage.counts.zero_()  # a fresh window, the same buffer
+            else:
+                m.track_usage()
         return counts
 
     try:
@@ -293,12 +304,15 @@ def finetune_model(
     batch_size: int,
     optim,
     background: np.ndarray | None = None,
+    after_step: Callable[[int, nn.Module], object] | None = None,
 ) -> Finetuned:
     """Train ``model`` in place on ``tokens`` by ``args.method`` (module docstring).
     ``optim``: the run's :class:`~memlayers.optim.OptimArgs` (betas, eps, default learning
     rates, the full method's optimizer); ``background``: the token stream the sparse-memory
-    scores compare against (how many of its sequences read each row). A lora model comes
-    back merged."""
+    scores compare against (how many of its sequences read each row). ``after_step(step,
+    model)``: called after each optimizer step (1-based), e.g. to evaluate the model so far
+    (a lora model with its adapters live); the model goes back to training mode after it.
+    A lora model comes back merged."""
     args.validate()
     device = next(model.parameters()).device
     lr = args.lr if args.lr is not None else _default_lr(args.method, optim)
@@ -343,9 +357,10 @@ def finetune_model(
 
     out = Finetuned()
     model.train()
-    with counting_reads(model) if args.method == "sparse-memory" else nullcontext() as take:
+    sparse = args.method == "sparse-memory"
+    with counting_reads(model, training=True) if sparse else nullcontext() as take:
         bar = tqdm(range(args.steps), desc=f"finetune {args.method}", disable=None)
-        for _ in bar:
+        for step in bar:
             x, y = (t.to(device) for t in next(loader))  # [B, T] each
             loss = model(x, targets=y)
             loss.backward()
@@ -361,6 +376,9 @@ def finetune_model(
             opt.zero_grad(set_to_none=True)
             out.losses.append(loss.item())
             bar.set_postfix(loss=f"{out.losses[-1]:.4f}", refresh=False)
+            if after_step is not None:
+                after_step(step + 1, model)
+                model.train()
     if args.method == "sparse-memory":
         out.rows_touched = int(sum(m.sum() for m in touched))
     if args.method == "lora":
@@ -381,7 +399,8 @@ def _background_counts(model, background, args, seq_len, batch_size):
     n_batches = min(args.background_batches, len(loader))
     was_training = model.training
     model.eval()
-    df = [torch.zeros(t.n_rows, dtype=torch.int64) for t in value_tables(model)]
+    tables = value_tables(model)
+    df = [torch.zeros(t.n_rows, dtype=torch.int64, device=t.weight.device) for t in tables]
     with counting_reads(model) as take:
         for _ in range(n_batches):
             x, _ = next(loader)
