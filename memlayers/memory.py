@@ -4,10 +4,16 @@ docs/method.md §1–§2. A token's query picks the top-k of ``n_keys**2`` produ
 ``heads`` heads; the softmax of the k scores weights the selected rows of one value
 table; the ``heads · k`` rows form one bag, summed by :func:`memlayers.ops.embedding_bag`.
 Memory+ gates the result with ``silu(x W1)`` and projects it back with ``W2``.
+
+Against a memory that reads few of its rows (docs/usage.md) two options, off by default:
+``query_batch_norm`` standardises the queries over the batch, ``balance_loss`` adds a
+load-balancing loss on the half-key choices to the training loss (:func:`with_aux_losses`).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +30,7 @@ from memlayers.ops.quantized import (
     empty_quantized,
     quantize_rows,
 )
-from memlayers.router import ProductKeyRouter, load_old_router_names
+from memlayers.router import ProductKeyRouter, balance_loss, load_old_router_names
 from memlayers.usage import MemoryUsage, RowCounts
 
 
@@ -57,7 +63,15 @@ class MemoryConfig:
     input_dropout: float = 0.0  # on the layer input, before the query projection
     query_dropout: float = 0.0  # on the queries, before the key search
     value_dropout: float = 0.0  # on the looked-up values, before the output gating
-    norm_eps: float = 1e-6  # epsilon of the qk normalisation
+    norm_eps: float = 1e-6  # epsilon of the qk normalisation (and of query_batch_norm)
+    # Standardise the queries over the batch per head and feature (running statistics in
+    # eval mode; ProductKeyRouter says how): keeps the reads spread through the unigram
+    # phase of training (docs/usage.md, studies 1b and 2).
+    query_batch_norm: bool = False
+    query_batch_norm_momentum: float = 0.1  # BatchNorm's: running = (1 - m) running + m batch
+    # Weight of the load-balancing loss on the half-key choices (router.balance_loss),
+    # added to the training loss's gradient by the model; 0: off (docs/usage.md, study 2).
+    balance_loss: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,6 +102,16 @@ class MemoryConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {name}={p!r}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got norm_eps={self.norm_eps!r}")
+        if not isinstance(self.query_batch_norm, bool):
+            raise ValueError(
+                f"query_batch_norm must be true or false, got {self.query_batch_norm!r}"
+            )
+        m = self.query_batch_norm_momentum
+        if isinstance(m, bool) or not isinstance(m, int | float) or not 0.0 < m <= 1.0:
+            raise ValueError(f"query_batch_norm_momentum must be in (0, 1], got {m!r}")
+        w = self.balance_loss
+        if isinstance(w, bool) or not isinstance(w, int | float) or not (0.0 <= w < math.inf):
+            raise ValueError(f"balance_loss must be a finite weight >= 0, got balance_loss={w!r}")
 
     def resolved_dims(self, dim: int) -> tuple[int, int]:
         """``(k_dim, v_dim)`` for a model of width ``dim``, validated."""
@@ -379,6 +403,8 @@ class ProductKeyMemory(nn.Module):
             norm_eps=config.norm_eps,
             query_bias=config.query_bias,
             query_dropout=config.query_dropout,
+            query_batch_norm=config.query_batch_norm,
+            momentum=config.query_batch_norm_momentum,
             impl=config.impl,
             device=device,
         )
@@ -389,6 +415,9 @@ class ProductKeyMemory(nn.Module):
         else:
             self.out_proj = nn.Linear(v_dim, dim, bias=False, device=device)
         self.usage: MemoryUsage | RowCounts | None = None
+        # The weighted balance loss of the last training forward (balance_loss > 0), which
+        # the model adds to its loss (with_aux_losses); None otherwise.
+        self.aux_loss: torch.Tensor | None = None
         self.init_weights()
 
     @property
@@ -399,7 +428,8 @@ class ProductKeyMemory(nn.Module):
         """Fill every parameter (the paper's rules); an owned value table too.
 
         Keys uniform in ``±1/sqrt(k_dim)``; projections truncated normal with std
-        ``fan_in**-0.5``; biases zero; the qk-norm gain one.
+        ``fan_in**-0.5``; biases zero; the qk-norm gain one; running query statistics
+        (query_batch_norm) 0 and 1.
         """
         self.router.init_weights(self.dim**-0.5)
         if self.config.swilu:
@@ -430,7 +460,11 @@ class ProductKeyMemory(nn.Module):
         cfg = self.config
         h = x.reshape(-1, self.dim)  # [N, dim]
         h = F.dropout(h, cfg.input_dropout, self.training)
-        return self.router(h)  # [N, H*k] each
+        q, keys = self.router.normed_query(h), self.router.normed_keys()  # [N, H, k_dim]
+        self.aux_loss = None
+        if self.training and cfg.balance_loss > 0:
+            self.aux_loss = cfg.balance_loss * balance_loss(q, keys, cfg.topk)
+        return self.router.search(q, keys)  # [N, H*k] each
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
@@ -457,4 +491,24 @@ class ProductKeyMemory(nn.Module):
             f"dim={self.dim}, n_keys={c.n_keys}, heads={c.heads}, topk={c.topk}, "
             f"k_dim={self.k_dim}, v_dim={self.v_dim}, swilu={c.swilu}, qk_norm={c.qk_norm}, "
             f"shared_values={self.owned_values is None}"
+            + (", query_batch_norm=True" if c.query_batch_norm else "")
+            + (f", balance_loss={c.balance_loss}" if c.balance_loss else "")
         )
+
+
+def with_aux_losses(loss: torch.Tensor, layers: Iterable[ProductKeyMemory]) -> torch.Tensor:
+    """``loss`` plus the layers' auxiliary losses of their last training forward
+    (``aux_loss``, the weighted :func:`memlayers.router.balance_loss`) *in its gradient
+    only*: the value returned is ``loss``'s, bit for bit (``a - a.detach()`` is 0), so the
+    logged training loss stays the language-model loss, comparable across runs, while a
+    backward through it (scaled by gradient accumulation or a loss scaler like the rest)
+    also lowers the auxiliary losses. The layers' ``aux_loss`` are reset to None. A no-op
+    when no layer has one (eval mode, weight 0)."""
+    layers = list(layers)
+    aux = [layer.aux_loss for layer in layers if layer.aux_loss is not None]
+    for layer in layers:  # taken: a later forward that skips the layers can't reuse them
+        layer.aux_loss = None
+    if not aux:
+        return loss
+    total = torch.stack(aux).sum()
+    return loss + (total - total.detach()).to(loss.dtype)

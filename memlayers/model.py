@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memlayers.loss import linear_cross_entropy
-from memlayers.memory import MemoryConfig, MemoryValues, ProductKeyMemory
+from memlayers.memory import MemoryConfig, MemoryValues, ProductKeyMemory, with_aux_losses
 from memlayers.moe import MoE, MoEConfig
 from memlayers.peer import PEER, PEERConfig
 
@@ -378,7 +378,9 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """``tokens (B, T)`` -> logits ``(B, T, vocab)``; with ``targets (B, T)`` the mean
         next-token cross-entropy instead (fp32 scalar), computed chunk by chunk with the
-        head (:func:`memlayers.loss.linear_cross_entropy`): no logits tensor is built.
+        head (:func:`memlayers.loss.linear_cross_entropy`): no logits tensor is built; its
+        gradient also carries the memory layers' auxiliary losses, if any
+        (:func:`memlayers.memory.with_aux_losses`; the value is the cross-entropy alone).
         ``check_ids=False`` skips the id range check (a host sync) for ids known to be in
         range: :meth:`generate`'s sampled tokens."""
         B, T = tokens.shape
@@ -405,7 +407,7 @@ class Transformer(nn.Module):
             cache.pos += T
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         if targets is not None:
-            return linear_cross_entropy(h, weight, targets)
+            return with_aux_losses(linear_cross_entropy(h, weight, targets), self.memory_layers())
         return F.linear(h, weight)  # (B, T, vocab)
 
     @torch.no_grad()

@@ -5,9 +5,15 @@ two sets of ``n_keys`` half keys; the exact top-k of the ``n_keys**2`` sums is f
 :func:`memlayers.ops.product_key_topk` and the softmax of the k scores weights the chosen
 rows (memory) or experts (PEER). With qk-norm (Memory+) the query halves and the keys are
 RMS-normalised, the query gets a learnable gain, and scores are scaled by 1/sqrt(half).
+
+Two options against a memory that reads few of its rows (docs/usage.md): the queries can
+be standardised over the batch before the key search (``query_batch_norm``), and
+:func:`balance_loss` measures how unevenly the half keys are chosen, for an auxiliary loss.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -24,7 +30,25 @@ def rms_halves(t: torch.Tensor, eps: float) -> torch.Tensor:
 
 class ProductKeyRouter(nn.Module):
     """``h [N, dim] -> (indices, weights)``, each ``[N, heads*topk]``: query projection →
-    qk-norm → product-key top-k → softmax per head (fp32 at least)."""
+    (batch norm) → qk-norm → product-key top-k → softmax per head (fp32 at least).
+
+    ``query_batch_norm``: every query feature of every head is centred and scaled to unit
+    variance over the batch's tokens, as the original product-key memory did with a
+    BatchNorm on its queries (no affine: the qk-norm gain follows). In training the batch's
+    own mean and variance are used (gradients flow through them) and ``query_mean`` /
+    ``query_var`` (buffers ``[heads, k_dim]``, saved in the state dict) follow them with
+    BatchNorm's ``momentum`` rule; in eval mode (validation, generation) those running
+    statistics are used, so a token's query then depends on that token alone. In training
+    a query depends on the rest of the batch, later positions included, as with any
+    BatchNorm. Nothing is synchronised across processes: under data parallelism each rank
+    normalises by its own micro-batch and keeps its own running statistics (a distributed
+    checkpoint saves one rank's; training does not read them, so a resumed run trains on
+    exactly), and memory parallelism (memlayers/parallel.py) gathers the rows and weights
+    the search chose, after the queries were normalised on their own rank. Why: in the
+    unigram phase of training the queries of all tokens turn towards one shared direction
+    and the search reads a few rows for every token; removing the batch mean keeps them
+    apart (docs/usage.md, studies 1 and 1b).
+    """
 
     def __init__(
         self,
@@ -38,12 +62,22 @@ class ProductKeyRouter(nn.Module):
         norm_eps: float = 1e-6,
         query_bias: bool = False,
         query_dropout: float = 0.0,
+        query_batch_norm: bool = False,
+        momentum: float = 0.1,
         impl: str = "auto",
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.k_dim, self.heads, self.topk, self.impl = k_dim, heads, topk, impl
-        self.norm_eps, self.query_dropout = norm_eps, query_dropout
+        self.norm_eps, self.query_dropout, self.momentum = norm_eps, query_dropout, momentum
+        self.query_batch_norm = query_batch_norm
+        # Running statistics of the queries for eval mode ([H, k_dim] each), or None.
+        mean = var = None
+        if query_batch_norm:
+            mean = torch.empty(heads, k_dim, device=device)
+            var = torch.empty(heads, k_dim, device=device)
+        self.register_buffer("query_mean", mean)
+        self.register_buffer("query_var", var)
         self.query = nn.Linear(dim, heads * k_dim, bias=query_bias, device=device)
         self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, k_dim // 2, device=device))
         # qk-norm: both sides to unit RMS, a learnable query gain, scores scaled by
@@ -53,7 +87,7 @@ class ProductKeyRouter(nn.Module):
 
     def init_weights(self, query_std: float) -> None:
         """Keys uniform in ``±1/sqrt(k_dim)``; the query truncated normal (±3 std) with
-        ``query_std``; its bias zero; the gain one."""
+        ``query_std``; its bias zero; the gain one; running query statistics 0 and 1."""
         bound = self.k_dim**-0.5
         nn.init.uniform_(self.keys, -bound, bound)
         nn.init.trunc_normal_(self.query.weight, std=query_std, a=-3 * query_std, b=3 * query_std)
@@ -61,23 +95,104 @@ class ProductKeyRouter(nn.Module):
             nn.init.zeros_(self.query.bias)
         if self.gain is not None:
             nn.init.ones_(self.gain)
+        if self.query_batch_norm:
+            with torch.no_grad():
+                self.query_mean.zero_()
+                self.query_var.fill_(1.0)
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, half = h.shape[0], self.k_dim // 2
+    def normed_query(self, h: torch.Tensor) -> torch.Tensor:
+        """``h [N, dim]`` -> the queries the search scores, ``[N, H, k_dim]``: projection →
+        batch norm (when on) → dropout → qk-norm (when on)."""
+        half = self.k_dim // 2
         q = self.query(h).view(-1, self.heads, self.k_dim)  # [N, H, k_dim]
+        if self.query_batch_norm:
+            q = self.batch_norm(q)
         q = F.dropout(q, self.query_dropout, self.training)
-        keys = self.keys  # [H, 2, n_keys, half]
         if self.gain is not None:
             q = rms_halves(q.view(-1, self.heads, 2, half), self.norm_eps)  # [N, H, 2, half]
             q = q.view(-1, self.heads, self.k_dim) * self.gain * half**-0.5
-            keys = rms_halves(keys, self.norm_eps)
+        return q
+
+    def normed_keys(self) -> torch.Tensor:
+        """The half keys the search scores, ``[H, 2, n_keys, half]`` (RMS-normed with qk-norm)."""
+        return rms_halves(self.keys, self.norm_eps) if self.gain is not None else self.keys
+
+    def batch_norm(self, q: torch.Tensor) -> torch.Tensor:
+        """``q [N, H, k_dim]`` standardised per head and feature (see the class docstring):
+        batch statistics in training (fp32 at least), which also update the running ones."""
+        acc = torch.promote_types(q.dtype, torch.float32)
+        qf = q.to(acc)
+        if self.training:
+            n = q.shape[0]
+            if n < 2:
+                raise ValueError(
+                    f"query_batch_norm needs at least 2 tokens per training batch to "
+                    f"estimate a variance, got {n}"
+                )
+            mean = qf.mean(0)  # [H, k_dim]
+            var = qf.var(0, unbiased=False)  # [H, k_dim]
+            with torch.no_grad():  # BatchNorm's rule: the running variance is unbiased
+                m = self.momentum
+                self.query_mean.lerp_(mean.detach().to(self.query_mean.dtype), m)
+                unbiased = var.detach() * (n / (n - 1))
+                self.query_var.lerp_(unbiased.to(self.query_var.dtype), m)
+        else:
+            mean, var = self.query_mean.to(acc), self.query_var.to(acc)
+        return ((qf - mean) * torch.rsqrt(var + self.norm_eps)).to(q.dtype)
+
+    def search(self, q: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k rows and their softmax weights, ``[N, H*k]`` each, for ``q [N, H, k_dim]``
+        scored against ``keys [H, 2, n_keys, half]``."""
+        n = q.shape[0]
         scores, indices = product_key_topk(q, keys, self.topk, impl=self.impl)  # [N, H, k]
         # Per head, over its k rows (scores are fp32 at least: product_key_topk).
         weights = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
         return indices.view(n, -1), weights.view(n, -1)
 
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.search(self.normed_query(h), self.normed_keys())
+
     def extra_repr(self) -> str:
-        return f"heads={self.heads}, topk={self.topk}, k_dim={self.k_dim}"
+        s = f"heads={self.heads}, topk={self.topk}, k_dim={self.k_dim}"
+        if self.query_batch_norm:
+            s += f", query_batch_norm=True, momentum={self.momentum}"
+        return s
+
+
+# Tokens the balance loss looks at: its half-key scores are [tokens, H, 2, n_keys] fp32,
+# 134 MB at 4 heads of 1,024 half keys, where a 134m step's 32,768 tokens would take 1 GB
+# a layer (and as much again for the softmax's backward). 4,096 tokens at top-k 32 make
+# 128 choices per half key on average, enough to tell the popular keys.
+BALANCE_TOKENS = 4096
+
+
+def balance_loss(q: torch.Tensor, keys: torch.Tensor, topk: int) -> torch.Tensor:
+    """How unevenly the half keys are chosen: a Switch-Transformer-style load-balancing
+    loss (Fedus et al. 2021, eq. 4) on each head's two sets of half keys.
+
+    ``q [N, H, k_dim]`` and ``keys [H, 2, n_keys, half]`` are the normed queries and keys
+    the search scores (:meth:`ProductKeyRouter.normed_query`, :meth:`~ProductKeyRouter.
+    normed_keys`). For every head and half, ``f_i`` is the share of the tokens' top-k
+    half-key candidates that are key ``i`` (what the search reads rows from; counted, no
+    gradient) and ``P_i`` the mean over tokens of the softmax of the half scores (the
+    differentiable stand-in); the loss is ``n_keys · Σ_i f_i P_i``, averaged over heads and
+    halves: 1 when choices and probabilities are uniform, up to ``n_keys`` when every token
+    picks the same keys. Its gradient lowers the scores of the keys chosen most often, in
+    proportion to how often: against the rich-get-richer concentration of reads
+    (docs/usage.md). At most :data:`BALANCE_TOKENS` tokens (every ``ceil(N /
+    BALANCE_TOKENS)``-th) are scored. fp32, autocast or not."""
+    n_tok = q.shape[0]
+    heads, _, n_keys, half = keys.shape
+    q = q[:: max(1, math.ceil(n_tok / BALANCE_TOKENS))]  # [M, H, k_dim]
+    device = q.device.type
+    with torch.autocast(device, enabled=False):
+        qh = q.float().view(-1, heads, 2, half)  # [M, H, 2, half]
+        s = torch.einsum("thsd,hsnd->thsn", qh, keys.float())  # [M, H, 2, n_keys]
+        p = s.softmax(-1).mean(0)  # [H, 2, n_keys]
+        with torch.no_grad():
+            kth = s.topk(topk, dim=-1).values[..., -1:]  # [M, H, 2, 1]
+            f = (s >= kth).float().mean(0) / topk  # [H, 2, n_keys], Σ_i f_i = 1 (ties aside)
+        return n_keys * (f * p).sum(-1).mean()
 
 
 # Names the router's parameters had when they lived on the layer itself (before

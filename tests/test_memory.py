@@ -3,21 +3,33 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from memlayers import MemoryConfig, MemoryValues, ProductKeyMemory
+from memlayers.model import ModelConfig, build_model
+from memlayers.router import BALANCE_TOKENS, balance_loss
 
 SMALL = dict(n_keys=6, heads=2, topk=3, k_dim=4, v_dim=6)
 
 
 @pytest.mark.parametrize(
-    "swilu,qk_norm,query_bias",
-    [(True, True, False), (False, False, True), (True, False, True), (False, True, False)],
-    ids=["memory+", "plain", "swilu-only", "qknorm-only"],
+    "swilu,qk_norm,query_bias,batch_norm",
+    [
+        (True, True, False, False),
+        (False, False, True, False),
+        (True, False, True, False),
+        (False, True, False, False),
+        (True, True, False, True),  # gradients through the batch mean and variance too
+    ],
+    ids=["memory+", "plain", "swilu-only", "qknorm-only", "memory+-query-batch-norm"],
 )
-def test_gradcheck_whole_layer_float64(swilu, qk_norm, query_bias):
+def test_gradcheck_whole_layer_float64(swilu, qk_norm, query_bias, batch_norm):
     torch.manual_seed(0)
-    cfg = MemoryConfig(**SMALL, swilu=swilu, qk_norm=qk_norm, query_bias=query_bias, impl="torch")
+    cfg = MemoryConfig(
+        **SMALL, swilu=swilu, qk_norm=qk_norm, query_bias=query_bias, impl="torch",
+        query_batch_norm=batch_norm,
+    )  # fmt: skip
     layer = ProductKeyMemory(8, cfg).double()
     if query_bias:
         nn.init.normal_(layer.router.query.bias)  # non-zero, so its gradient is exercised
@@ -128,6 +140,12 @@ def test_bf16_table():
         (dict(query_dropout=1.0), "query_dropout=1.0"),
         (dict(input_dropout=-0.1), "input_dropout=-0.1"),
         (dict(norm_eps=0.0), "norm_eps=0.0"),
+        (dict(query_batch_norm="yes"), "query_batch_norm must be true or false, got 'yes'"),
+        (dict(query_batch_norm_momentum=0.0), r"momentum must be in \(0, 1\], got 0.0"),
+        (dict(query_batch_norm_momentum=1.5), "got 1.5"),
+        (dict(balance_loss=-0.1), "balance_loss=-0.1"),
+        (dict(balance_loss=float("inf")), "balance_loss=inf"),
+        (dict(balance_loss=True), "balance_loss=True"),
     ],
 )
 def test_config_errors(kwargs, match):
@@ -183,3 +201,167 @@ def test_bf16_autocast_forward_backward(impl):
     torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=5e-2)
     y.float().square().mean().backward()
     assert all(p.grad is not None for p in layer.parameters())
+
+
+# ---- against a collapsing memory: query_batch_norm, balance_loss (docs/usage.md) ----------
+
+BN = dict(SMALL, impl="torch", query_batch_norm=True)
+
+
+def _reference_lookup(layer, x, mean, var):
+    """The memory's rows and weights written out: projection → standardise with ``mean``,
+    ``var`` ``[H, k_dim]`` → qk-norm → every product key scored → top-k → softmax."""
+    r, H, d, half = layer.router, layer.config.heads, layer.k_dim, layer.k_dim // 2
+    q = (x.reshape(-1, layer.dim) @ r.query.weight.T).view(-1, H, d)  # [N, H, d]
+    q = (q - mean) / torch.sqrt(var + layer.config.norm_eps)
+    q = q.view(-1, H, 2, half)
+    q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + layer.config.norm_eps)
+    q = q.view(-1, H, d) * r.gain * half**-0.5
+    k = r.keys / torch.sqrt(r.keys.pow(2).mean(-1, keepdim=True) + layer.config.norm_eps)
+    s1 = torch.einsum("nhd,hkd->nhk", q[..., :half], k[:, 0])  # [N, H, n_keys]
+    s2 = torch.einsum("nhd,hkd->nhk", q[..., half:], k[:, 1])
+    full = (s1[..., :, None] + s2[..., None, :]).flatten(-2)  # [N, H, n_keys**2]
+    scores, idx = full.topk(layer.config.topk, dim=-1)
+    n = idx.shape[0]
+    return idx.view(n, -1), scores.softmax(-1).view(n, -1)
+
+
+def test_query_batch_norm_matches_a_written_out_reference_in_train_and_eval():
+    torch.manual_seed(0)
+    layer = ProductKeyMemory(8, MemoryConfig(**BN)).double()
+    x = torch.randn(5, 7, 8, dtype=torch.float64) + 0.5  # a shared offset, as early queries
+    q = (x.reshape(-1, 8) @ layer.router.query.weight.T).view(-1, 2, 4)  # [N, H, k_dim]
+    idx, w = layer.lookup(x)  # training: the batch's statistics
+    ref_idx, ref_w = _reference_lookup(layer, x, q.mean(0), q.var(0, unbiased=False))
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(w, ref_w)
+    # BatchNorm's rule from (0, 1): running = 0.9 · init + 0.1 · batch, unbiased variance.
+    mean, var = 0.1 * q.mean(0), 0.9 + 0.1 * q.var(0, unbiased=True)
+    torch.testing.assert_close(layer.router.query_mean, mean.detach())
+    torch.testing.assert_close(layer.router.query_var, var.detach())
+    layer.eval()  # eval: the running statistics, which stay put
+    for _ in range(2):
+        idx, w = layer.lookup(x[:1, :1])  # one token: its query depends on it alone
+        ref_idx, ref_w = _reference_lookup(layer, x[:1, :1], mean, var)
+        assert torch.equal(idx, ref_idx)
+        torch.testing.assert_close(w, ref_w)
+    torch.testing.assert_close(layer.router.query_mean, mean.detach())
+
+
+def test_query_batch_norm_running_statistics_follow_the_batches():
+    torch.manual_seed(1)
+    layer = ProductKeyMemory(8, MemoryConfig(**BN, query_batch_norm_momentum=0.5))
+    mean, var = torch.zeros(2, 4), torch.ones(2, 4)
+    for step in range(3):
+        x = torch.randn(6, 8) * (step + 1) + step
+        q = layer.router.query(x).detach().view(-1, 2, 4)
+        layer(x)
+        mean, var = 0.5 * mean + 0.5 * q.mean(0), 0.5 * var + 0.5 * q.var(0)
+    torch.testing.assert_close(layer.router.query_mean, mean)
+    torch.testing.assert_close(layer.router.query_var, var)
+    with pytest.raises(ValueError, match="at least 2 tokens.*got 1"):
+        layer(torch.randn(1, 8))
+    layer.eval()
+    layer(torch.randn(1, 8))  # eval needs no batch
+
+
+def test_query_batch_norm_state_dict_round_trip_and_meta_init():
+    torch.manual_seed(3)
+    cfg = MemoryConfig(**BN)
+    src = ProductKeyMemory(8, cfg)
+    for _ in range(2):
+        src(torch.randn(4, 8) + 1)
+    state = src.state_dict()
+    assert {"router.query_mean", "router.query_var"} <= set(state)
+    dst = ProductKeyMemory(8, cfg)
+    dst.load_state_dict(state, strict=True)
+    src.eval(), dst.eval()
+    x = torch.randn(3, 8)
+    assert torch.equal(src(x), dst(x))
+    with pytest.raises(RuntimeError, match="query_mean"):  # a layer without it: strict load
+        ProductKeyMemory(8, MemoryConfig(**SMALL, impl="torch")).load_state_dict(state)
+    with torch.device("meta"):
+        layer = ProductKeyMemory(8, cfg)
+    layer.to_empty(device="cpu")
+    layer.init_weights()
+    assert torch.equal(layer.router.query_mean, torch.zeros(2, 4))
+    assert torch.equal(layer.router.query_var, torch.ones(2, 4))
+
+
+def test_query_batch_norm_per_layer_statistics_on_a_shared_table():
+    torch.manual_seed(4)
+    cfg = MemoryConfig(**BN)
+    values = MemoryValues(cfg.n_rows, 6)
+    a, b = (ProductKeyMemory(8, cfg, values=values) for _ in range(2))
+    x = torch.randn(5, 8)
+    b(a(x)).sum().backward()
+    assert not torch.equal(a.router.query_mean, b.router.query_mean)  # each its own queries
+    assert values.weight.grad.abs().sum() > 0
+
+
+def _balance_reference(q, keys, topk):
+    """n_keys · Σ_i f_i P_i per head and half, by loops over them."""
+    heads, _, n_keys, half = keys.shape
+    total = 0.0
+    for h in range(heads):
+        for s in range(2):
+            scores = q[:, h, s * half : (s + 1) * half] @ keys[h, s].T  # [N, n_keys]
+            chosen = torch.zeros(n_keys)
+            for row in scores.topk(topk, dim=-1).indices:
+                chosen[row] += 1
+            f = chosen / chosen.sum()
+            total = total + n_keys * (f * scores.softmax(-1).mean(0)).sum()
+    return total / (2 * heads)
+
+
+def test_balance_loss_matches_a_reference_and_punishes_concentration():
+    torch.manual_seed(5)
+    q, keys = torch.randn(64, 2, 8), torch.randn(2, 2, 16, 4)  # 16 half keys, top-3
+    torch.testing.assert_close(balance_loss(q, keys, 3), _balance_reference(q, keys, 3))
+    same = q[:1].expand(64, -1, -1)  # every token the same query: the same keys every time
+    assert balance_loss(same, keys, 3) > 2 * balance_loss(q, keys, 3)
+    big = torch.randn(3 * BALANCE_TOKENS // 2, 2, 8)  # above the cap: every 2nd token
+    torch.testing.assert_close(balance_loss(big, keys, 3), _balance_reference(big[::2], keys, 3))
+
+
+def test_balance_loss_reaches_the_gradient_but_not_the_value_of_the_model_loss():
+    torch.manual_seed(6)
+    mem = dict(n_keys=8, heads=2, topk=4, impl="torch")
+    cfg = ModelConfig(dim=16, n_layers=2, n_heads=2, vocab_size=32, memory_layers=[0, 1],
+                      multiple_of=16, memory=MemoryConfig(**mem, balance_loss=0.5))  # fmt: skip
+    model = build_model(cfg, seed=0)
+    tokens = torch.randint(0, 32, (2, 8))
+    loss = model(tokens, targets=tokens)
+    layers = model.memory_layers()
+    assert all(layer.aux_loss is None for layer in layers)  # taken by the loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    # The same pass by hand: the value is the cross-entropy alone, the gradient the sum's.
+    ce = F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+    aux = sum(layer.aux_loss for layer in layers)
+    torch.testing.assert_close(loss, ce, rtol=1e-6, atol=0)
+    (ce + aux).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
+    assert layers[0].router.keys.grad.abs().sum() > 0
+    model.eval()  # no balance loss outside training
+    model(tokens, targets=tokens)
+    assert all(layer.aux_loss is None for layer in layers)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_and_balance_loss_compile_into_one_graph(training):
+    cfg = MemoryConfig(n_keys=8, heads=2, topk=4, query_batch_norm=True, balance_loss=0.1)
+    layer = ProductKeyMemory(16, cfg).train(training)
+    x = torch.randn(3, 5, 16)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    want = layer(x)
+    want_aux = layer.aux_loss
+    torch.testing.assert_close(compiled(x), want)
+    if training:
+        torch.testing.assert_close(layer.aux_loss, want_aux)
+        (compiled(x).sum() + layer.aux_loss).backward()
+        assert layer.router.query.weight.grad is not None
+    else:
+        assert layer.aux_loss is None

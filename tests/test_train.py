@@ -53,8 +53,10 @@ def tiny_args(run_dir, *overrides) -> TrainArgs:
     [
         [],  # sparse value Adam
         ["optim.value_optimizer=adamw", "grad_accum=2", "model.memory.value_dropout=0.2"],
+        # running query statistics are buffers: saved, restored, compared below
+        ["model.memory.query_batch_norm=true", "model.memory.balance_loss=0.5"],
     ],
-    ids=["sparse-adam", "adamw-accum-dropout"],
+    ids=["sparse-adam", "adamw-accum-dropout", "query-batch-norm-balance-loss"],
 )
 def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, extra):
     full = train(tiny_args(tmp_path / "a", "steps=6", "checkpoint.every=3", *extra))
