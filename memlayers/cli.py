@@ -336,12 +336,18 @@ def _add_generate(sub) -> None:
         help="keep the value tables memory-mapped in host memory, gather the rows read to "
         "the device (for a table that does not fit there; see memlayers.offload)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="static KV cache, decode step through torch.compile and, on a GPU, a CUDA graph "
+        "(same tokens; see memlayers.decoding)",
+    )
 
 
 def _generate(ns: argparse.Namespace) -> int:
     texts = generate.generate(
         ns.run, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p, ns.n, ns.seed, ns.device,
-        quantized=ns.quantized, group=ns.group, offload=ns.offload,
+        quantized=ns.quantized, group=ns.group, offload=ns.offload, compile=ns.compile,
     )  # fmt: skip
     for t in texts:
         print(ns.prompt + t)

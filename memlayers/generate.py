@@ -6,6 +6,7 @@
     memlayers generate runs/tiny-memory-plus-int8 --prompt "..."   # a quantized run
     memlayers generate runs/tiny-memory-plus --quantized 4 --prompt "..."   # quantized here
     memlayers generate runs/tiny-memory-plus --offload --prompt "..."   # tables on the host
+    memlayers generate runs/x --compile --prompt "..."   # compiled decode step (CUDA graph)
 
 The prompt is encoded with the run's tokenizer after an EOS (documents in the packed
 training stream start after one), so it reads like the start of a training document.
@@ -14,12 +15,17 @@ quantizes a float run's value tables after loading, for this call only
 (:func:`memlayers.quantize.quantize_tables_`). ``--offload`` keeps the value tables
 memory-mapped in host memory and gathers the rows each token reads to the device, for a
 table that does not fit there (:mod:`memlayers.offload`); it composes with both.
+``--compile`` decodes with a static KV cache and the decode step through
+``torch.compile``, replayed from a CUDA graph on a GPU (:mod:`memlayers.decoding`): the
+same tokens, faster once compiled (the first call pays the compilation). Offloaded
+tables (and MoE blocks) are compiled but not graph-captured: their lookups need the host.
 """
 
 from __future__ import annotations
 
 import torch
 
+from memlayers.decoding import graph_blockers, static_generate
 from memlayers.eval import EvalError
 from memlayers.model import check_sampling
 from memlayers.ops.quantized import resolve_group
@@ -39,10 +45,13 @@ def generate(
     quantized: int | None = None,
     group: int | None = None,
     offload: bool = False,
+    compile: bool = False,
 ) -> list[str]:
     """``n`` continuations of ``prompt`` (text after the prompt, up to EOS); with
     ``quantized`` (8 or 4) the value tables are quantized first (``group``: columns per
-    scale); with ``offload`` they stay in host memory (:mod:`memlayers.offload`)."""
+    scale); with ``offload`` they stay in host memory (:mod:`memlayers.offload`); with
+    ``compile`` the decode step is compiled, and captured in a CUDA graph on a GPU when
+    it can be (:func:`memlayers.decoding.static_generate`)."""
     check_sampling(max_new_tokens, temperature, top_p)  # before loading anything
     if n < 1:
         raise ValueError(f"n (the number of samples) must be >= 1, got {n}")
@@ -73,9 +82,13 @@ def generate(
         )
     x = torch.tensor([ids] * n, device=device_)  # [n, T0]
     gen = torch.Generator(device=device_).manual_seed(seed)
-    out = model.generate(
-        x, min(max_new_tokens, room), temperature, top_p, eos_id=tok.eos_id, generator=gen
-    )
+    new = min(max_new_tokens, room)
+    if compile:
+        graph = device_.type == "cuda" and not graph_blockers(model)
+        out = static_generate(model, x, new, temperature, top_p, tok.eos_id, gen,
+                              compile=True, cuda_graph=graph)  # fmt: skip
+    else:
+        out = model.generate(x, new, temperature, top_p, eos_id=tok.eos_id, generator=gen)
     texts = []
     for row in out[:, len(ids) :].tolist():
         row = row[: row.index(tok.eos_id)] if tok.eos_id in row else row
