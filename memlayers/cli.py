@@ -288,6 +288,12 @@ def _add_eval(sub) -> None:
         "--no-builtin-qa", action="store_true", help="skip the dataset's own held-out QA"
     )
     p.add_argument("--json", action="store_true", help="print the JSON instead of a table")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep the value tables memory-mapped in host memory, gather the rows read to "
+        "the device (the same numbers; see memlayers.offload)",
+    )
 
 
 def _eval(ns: argparse.Namespace) -> int:
@@ -301,6 +307,7 @@ def _eval(ns: argparse.Namespace) -> int:
         batch_size=ns.batch_size,
         builtin_qa=not ns.no_builtin_qa,
         progress=sys.stderr.isatty(),
+        offload=ns.offload,
     )
     print(json.dumps(r, indent=2) if ns.json else evaluation.format_results(r))
     if not ns.json:

@@ -181,6 +181,20 @@ def test_generate_offloaded_equals_on_device(run_dir, capsys):
     assert capsys.readouterr().out == prompt + ref[0] + "\n"
 
 
+def test_eval_offloaded_equals_on_device(run_dir, capsys):
+    from memlayers.eval import evaluate
+
+    kw = dict(device="cpu", max_qa=20, progress=False, write=False)
+    ref = evaluate(run_dir, **kw)
+    got = evaluate(run_dir, offload=True, **kw)
+    assert got["value_table"] == {**ref["value_table"], "offloaded": True}
+    for section in ("perplexity", "qa", "knowledge", "usage"):
+        assert got[section] == ref[section], section
+    argv = ["eval", str(run_dir), "--device", "cpu", "--max-qa", "5", "--offload"]
+    assert cli_main(argv) == 0
+    assert "float32: 8,192 bytes, offloaded to host memory" in capsys.readouterr().out
+
+
 def test_training_and_backward_are_refused():
     layer, values = _layer()
     values.offload_()

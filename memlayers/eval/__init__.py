@@ -5,6 +5,7 @@
     memlayers eval runs/x --qa my_questions.jsonl --qa more.jsonl   # bring your own QA
     memlayers eval runs/x --max-qa 200 --max-val-tokens 20000 --device cpu   # quicker
     memlayers eval runs/x --json                            # print the JSON, not the table
+    memlayers eval runs/x --offload     # value tables memory-mapped on the host (serving)
 
 What it measures (results in ``RUN_DIR/eval/results.json``, written atomically, plus
 ``RUN_DIR/eval/<qa set>.predictions.jsonl`` and a printed table; an older checkpoint's go
@@ -34,6 +35,11 @@ the defaults) never replaces those: it writes ``results-<what>.json`` and
 Modules: :mod:`~memlayers.eval.validation` (the validation-loss loop, perplexity,
 usage), :mod:`~memlayers.eval.knowledge` (QA, bits), :mod:`~memlayers.eval.table`
 (printing); :func:`evaluate` here puts them together.
+
+``--offload`` evaluates with the value tables memory-mapped from the checkpoint and the
+rows each lookup reads gathered to the device (:mod:`memlayers.offload`), for a table that
+does not fit there: the same numbers as on the device (tests/test_offload.py), so the
+same results file; ``value_table`` records ``"offloaded": true``.
 
 The run directory must hold ``config.yaml`` (the data config) and a checkpoint; the
 tokenizer comes from ``RUN_DIR/tokenizer.json`` (the trainer writes it) or, for older
@@ -68,7 +74,7 @@ from memlayers.eval.validation import (
     validation_loss,
 )
 from memlayers.files import write_atomic
-from memlayers.quantize import table_format
+from memlayers.quantize import table_format, value_tables
 from memlayers.report import parameter_report
 from memlayers.run import TrainedRun, load_run
 
@@ -133,6 +139,7 @@ def evaluate(
     knowledge: bool = True,
     progress: bool = True,
     write: bool = True,
+    offload: bool = False,
 ) -> dict:
     """Evaluate a run directory or checkpoint (see the module docstring); returns the
     results dict and, with ``write``, saves it to ``RUN_DIR/eval/results.json`` (an
@@ -140,7 +147,8 @@ def evaluate(
     ``results-<what>.json`` beside it, :func:`partial_name`).
 
     ``max_qa`` keeps the first records of each QA set; ``max_val_tokens`` caps the
-    perplexity tokens (None: all)."""
+    perplexity tokens (None: all); ``offload`` keeps the value tables in host memory
+    (:func:`memlayers.run.load_run`; a loaded ``run`` is used as it is)."""
     t0 = time.perf_counter()
     qa_files = [Path(q) for q in qa]
     qa_sets: dict[str, list[dict]] = {}
@@ -148,7 +156,7 @@ def evaluate(
         if not f.is_file():
             raise EvalError(f"--qa {f}: no such file")
         qa_sets[f.stem] = read_qa_jsonl(f)
-    run = run if isinstance(run, Run) else load_run(run, device)
+    run = run if isinstance(run, Run) else load_run(run, device, offload=offload)
     model, tok, args = run.model, run.tokenizer, run.args
     # From the config: a quantized table (memlayers.quantize) is stored in buffers, not
     # parameters, but the model has the same parameters as the float one it came from.
@@ -167,7 +175,8 @@ def evaluate(
     }
     table = table_format(model)
     if table is not None:  # how the value table is stored: float dtype or int8/int4
-        results["value_table"] = table
+        offloaded = any(t.offloaded is not None for t in value_tables(model))
+        results["value_table"] = {**table, "offloaded": True} if offloaded else table
     wants = builtin_qa or (knowledge and args.data.dataset in BIOS_DATASETS)
     builtin = dataset_qa(args) if wants and tok is not None else None
     bios = builtin[2] if builtin is not None else None

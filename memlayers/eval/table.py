@@ -17,7 +17,8 @@ def format_results(r: dict) -> str:
     if "value_table" in r:
         t = r["value_table"]
         group = f", group {t['group']}" if t.get("group") else ""
-        lines.append(f"  value table {t['format']}{group}: {t['bytes']:,} bytes")
+        where = ", offloaded to host memory" if t.get("offloaded") else ""
+        lines.append(f"  value table {t['format']}{group}: {t['bytes']:,} bytes{where}")
     pp = r["perplexity"]
     bpb = f", {pp['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in pp else ""
     lines.append(
