@@ -543,9 +543,17 @@ def row_segments(
 
 
 def bwd_launch(d: int, block_d: int | None = None) -> tuple[int, int]:
-    """The backward's ``(BLOCK_D, num_warps)`` for rows of ``d`` columns: ``block_d`` (or
-    the default) capped at the next power of two of ``d``."""
-    return min(block_d or BWD_BLOCK_D, triton.next_power_of_2(max(d, 1))), BWD_WARPS
+    """The backward's ``(BLOCK_D, num_warps)`` for rows of ``d`` columns: ``block_d``, or
+    by default the widest tile of at most BWD_BLOCK_D columns that divides ``d`` (no tile
+    walked half masked: 768 columns go as 3 × 256, not 512 + 256 of which half is
+    masked), capped at the next power of two of ``d``."""
+    if block_d is None:
+        block_d = BWD_BLOCK_D
+        while block_d > 128 and d % block_d:
+            block_d //= 2
+        if d % block_d:  # no power-of-two tile of 128 or more divides d: as before
+            block_d = BWD_BLOCK_D
+    return min(block_d, triton.next_power_of_2(max(d, 1))), BWD_WARPS
 
 
 def _bwd_launch(
