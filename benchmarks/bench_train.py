@@ -76,7 +76,21 @@ def run_preset(preset: str, ns: argparse.Namespace, tmp: Path) -> dict:
         "mfu": statistics.median(r.get("mfu", 0.0) for r in steady),
         "peak_gib": max(r.get("peak_mem_gib", 0.0) for r in steady),
         "batch": f"{ns.batch}x{ns.seq_len}",
+        "rows_read_pct": rows_read_pct(records),
     }
+
+
+def rows_read_pct(records: list[dict]) -> float | None:
+    """The share of a memory table's rows read in the run's last usage window (the shared
+    table's, else the mean over the layers' own tables); None for a model with no memory
+    table. Synthetic tokens leave a table in issue 10's collapsed state (few hot rows,
+    which the lookup kernels then read from L2): this says which state a row measured."""
+    last = next((r for r in reversed(records) if any("usage/" in k for k in r)), {})
+    shared = last.get("usage/shared_table/rows_used_pct")
+    if shared is not None:
+        return shared
+    own = [v for k, v in last.items() if k.startswith("usage/") and k.endswith("/rows_used_pct")]
+    return sum(own) / len(own) if own else None
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -126,17 +140,19 @@ def guard(rows: list[dict], previous: dict[str, tuple[Path, dict]]) -> list[str]
 
 def table(rows: list[dict]) -> str:
     out = [
-        "| preset | micro-batch | tokens/s | MFU | vs dense twin | peak GiB |",
-        "|---|---|---|---|---|---|",
+        "| preset | micro-batch | tokens/s | MFU | vs dense twin | peak GiB | table rows read |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['preset']} | | failed: {r['error'][:120]} | | | |")
+            out.append(f"| {r['preset']} | | failed: {r['error'][:120]} | | | | |")
             continue
         ratio = f"{r['vs_dense']:.2f}" if "vs_dense" in r else ""
+        read = r.get("rows_read_pct")
+        read = "–" if read is None else f"{read:.1f}%"
         out.append(
             f"| {r['preset']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% "
-            f"| {ratio} | {r['peak_gib']:.1f} |"
+            f"| {ratio} | {r['peak_gib']:.1f} | {read} |"
         )
     return "\n".join(out)
 
@@ -169,7 +185,10 @@ def main() -> int:
         f"`python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`: synthetic tokens, "
         f"bf16 autocast, compile={ns.compile}, {ns.steps} steps, median of the logged "
         f"tokens/s after step {ns.warmup}; MFU = tokens/s x train FLOPs per token "
-        f"(memlayers.report) / the card's bf16 dense peak.\n\n{table(rows)}\n\n"
+        f"(memlayers.report) / the card's bf16 dense peak. Table rows read: the share of a "
+        f"memory table's rows read in the last usage window (on synthetic tokens the reads "
+        f"collapse onto few rows, issue 10: kernels then read hot rows from L2).\n\n"
+        f"{table(rows)}\n\n"
         + "\n".join(checks)
         + f"\n\n<!-- bench_train {json.dumps({'card': card, 'date': date, 'rows': rows})} -->\n"
     )

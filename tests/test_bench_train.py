@@ -70,3 +70,18 @@ def test_ratio_to_the_dense_twin(bench):
     bench.add_ratios(rows)
     assert rows[1]["vs_dense"] == 0.75 and rows[0]["vs_dense"] == 1.0
     assert "vs_dense" not in rows[2]
+
+
+def test_rows_read_is_the_last_usage_window(bench):
+    records = [
+        {"step": 5, "tok_per_s": 1.0, "usage/shared_table/rows_used_pct": 50.0},
+        {"step": 10, "tok_per_s": 1.0, "usage/shared_table/rows_used_pct": 2.5},
+        {"step": 10, "val_loss": 3.0},  # a later record without usage
+    ]
+    assert bench.rows_read_pct(records) == 2.5
+    own = [{"usage/block_1/rows_used_pct": 10.0, "usage/block_3/rows_used_pct": 30.0}]
+    assert bench.rows_read_pct(own) == 20.0  # per-layer tables: their mean
+    assert bench.rows_read_pct([{"step": 1, "tok_per_s": 1.0}]) is None  # no memory
+    row = {"preset": "m", "batch": "1x8", "tokens_per_s": 1.0, "mfu": 0.1, "peak_gib": 1.0}
+    assert "| 2.5% |" in bench.table([dict(row, rows_read_pct=2.5)])
+    assert bench.table([dict(row, rows_read_pct=None)]).endswith("| – |")
