@@ -50,13 +50,15 @@ from memlayers.decoding import (
     static_forward,
 )
 from memlayers.model import KVCache, build_model
-from memlayers.offload import offload_tables_
+from memlayers.offload import cache_hot_rows_, offload_tables_
 from memlayers.presets import get_preset
 from memlayers.quantize import quantize_tables_, value_tables
 
 # "offload": the float table in host RAM, the rows read gathered per lookup
-# (memlayers.offload); "int4-offload": the same for the 4-bit table.
-TABLES = ("float", "int8", "int4", "offload", "int4-offload")
+# (memlayers.offload); "int4-offload": the same for the 4-bit table; "offload-cache":
+# offloaded with a device cache of the rows the prompt read most (--cache-frac of the
+# table; memlayers.offload.cache_hot_rows_), its decode hit rate reported.
+TABLES = ("float", "int8", "int4", "offload", "int4-offload", "offload-cache")
 PRESETS = ["134m-dense", "134m-memory+", "373m-dense", "373m-memory+"]
 DECODES = ("eager", "static", "compile", "graph", "compile+graph")
 
@@ -93,12 +95,18 @@ def _eager_step(model, cache: KVCache, nxt: torch.Tensor) -> torch.Tensor:
     return model(nxt, cache, check_ids=False)[:, -1]
 
 
-def measure(model, batch, prompt_len, new_tokens, reps, device, amp, decode):
-    """``(prefill ms, decode tokens/s, setup s)`` of greedy decoding with ``decode``."""
+def measure(model, batch, prompt_len, new_tokens, reps, device, amp, decode, cache_frac=None):
+    """``(prefill ms, decode tokens/s, setup s, hit rate)`` of greedy decoding with
+    ``decode``; with ``cache_frac`` the offloaded table first caches that fraction of its
+    rows, those the prompt read most, and the hit rate is the last decode's (else None)."""
     g = torch.Generator(device=device).manual_seed(0)
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (batch, prompt_len), device=device, generator=g)
     total = prompt_len + new_tokens
+    host = model.memory_values.offloaded if cache_frac else None
+    if host is not None:
+        with amp():
+            cache_hot_rows_(model, prompt, int(cache_frac * host.n_rows), device)
     prefill, tokens_s, setup = [], [], []
     for _ in range(reps + 1):  # the first is a warm-up (kernel compilation, allocation)
         with amp():
@@ -120,6 +128,8 @@ def measure(model, batch, prompt_len, new_tokens, reps, device, amp, decode):
             else:
                 step = DecodeStep(model, cache, batch, compile="compile" in decode,
                                   cuda_graph="graph" in decode)  # fmt: skip
+            if host is not None:
+                host.cache_stats(reset=True)  # count the decode's reads only
             _sync(device)
             t2 = time.perf_counter()
             for _ in range(new_tokens):
@@ -130,7 +140,8 @@ def measure(model, batch, prompt_len, new_tokens, reps, device, amp, decode):
         prefill.append((t1 - t0) * 1e3)
         setup.append(t2 - t1)
         tokens_s.append(batch * new_tokens / (t3 - t2))
-    return statistics.median(prefill[1:]), statistics.median(tokens_s[1:]), setup[0]
+    hit = host.cache_stats()["hit_rate"] if host is not None else None
+    return statistics.median(prefill[1:]), statistics.median(tokens_s[1:]), setup[0], hit
 
 
 def main() -> None:
@@ -145,6 +156,8 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--cache-frac", type=float, default=0.1,
+                   help="offload-cache: the fraction of the table's rows cached")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny presets, few tokens (CPU)")
     p.add_argument("--out", help="write the markdown table here")
     args = p.parse_args()
@@ -171,7 +184,7 @@ def main() -> None:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    rows, dense = [], {}
+    rows, dense, notes = [], {}, []
     for preset in args.presets:
         cfg = get_preset(preset)
         if args.prompt_len + args.new_tokens > cfg.max_seq_len:
@@ -184,8 +197,9 @@ def main() -> None:
                 bf16_parameters_(model)
             if table.startswith("int"):
                 quantize_tables_(model, int(table[3:4]))
-            if table.endswith("offload"):
+            if "offload" in table:
                 offload_tables_(model)
+            frac = args.cache_frac if table.endswith("cache") else None
             cached = args.prompt_len + args.new_tokens / 2  # on average over the steps
             for decode in args.decodes:
                 if "graph" in decode and graph_blockers(model):
@@ -194,8 +208,13 @@ def main() -> None:
                     continue
                 for b in args.batches:
                     with torch.no_grad():
-                        pre, dec, setup = measure(model, b, args.prompt_len, args.new_tokens,
-                                                  args.reps, device, amp, decode)  # fmt: skip
+                        pre, dec, setup, hit = measure(model, b, args.prompt_len,
+                                                       args.new_tokens, args.reps, device, amp,
+                                                       decode, frac)  # fmt: skip
+                    if hit is not None:
+                        notes.append(f"{preset} {table} {decode} batch {b}: {frac:.0%} of "
+                                     f"the rows cached, decode hit rate {hit:.1%}")  # fmt: skip
+                        print(notes[-1], flush=True)
                     if not has_memory:
                         dense[(twin, b, decode)] = dec
                     same = dense.get((twin, b, decode))
@@ -220,6 +239,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += ["| " + " | ".join(c.strip() for c in _cells(r)) + " |" for r in rows]
+    lines += ["", *notes] if notes else []
     report("\n".join(lines), args.out)
 
 

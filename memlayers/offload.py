@@ -15,7 +15,9 @@ a copy of the rows it reads. With ``--quantized`` the float table is quantized o
 (a pass over the file) and the packed rows stay there.
 
 In Python: :func:`offload_tables_` for a model in memory (its tables move to host RAM),
-or :meth:`memlayers.memory.MemoryValues.offload_` for one table, from memory or a file.
+or :meth:`memlayers.memory.MemoryValues.offload_` for one table, from memory or a file;
+:func:`cache_hot_rows_` keeps the rows read most (counted on sample text) on the device
+too, so that lookups gather only the others from the host.
 Offloaded tables are for serving: training, or a backward through a lookup, is refused.
 """
 
@@ -28,7 +30,7 @@ import torch.nn as nn
 
 from memlayers.checkpoint import CheckpointError, meta_model
 from memlayers.memory import MemoryValues
-from memlayers.ops.offloaded import map_tensors, table_tensor_names
+from memlayers.ops.offloaded import hottest_rows, map_tensors, table_tensor_names
 from memlayers.quantize import value_tables
 
 
@@ -49,6 +51,37 @@ def offload_tables_(model: nn.Module, file: str | Path | None = None) -> list[Me
     for t in tables:
         t.offload_(file, prefixes[id(t)])
     return tables
+
+
+@torch.no_grad()
+def cache_hot_rows_(
+    model: nn.Module, tokens: torch.Tensor, n_rows: int, device: torch.device | str
+) -> list[dict]:
+    """Count the rows the model's offloaded tables read over ``tokens (B, T)`` (one
+    forward, eval mode) and keep the ``n_rows`` read most of each table on ``device``
+    (:meth:`memlayers.ops.offloaded.HostTable.cache_rows_`); returns each table's
+    ``{"rows", "read"}`` (cached, distinct rows the sample read)."""
+    tables = [t for t in value_tables(model) if t.offloaded is not None]
+    if not tables:
+        raise ValueError("the model has no offloaded value table to cache rows of")
+    layers = model.memory_layers()
+    was_training = model.training
+    model.eval()
+    try:
+        trackers = [layer.track_usage() for layer in layers]
+        model(tokens)
+    finally:
+        for layer in layers:
+            layer.track_usage(False)
+        model.train(was_training)
+    out = []
+    for t in tables:
+        counts = sum(u.counts for u, layer in zip(trackers, layers, strict=True)
+                     if layer.values is t and u.counts is not None)  # fmt: skip
+        rows = hottest_rows(counts, n_rows)
+        t.offloaded.cache_rows_(rows, device)
+        out.append({"rows": rows.numel(), "read": int((counts > 0).sum())})
+    return out
 
 
 def model_offloaded_from_checkpoint(path: Path, meta: dict, device: str | torch.device):

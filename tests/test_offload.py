@@ -15,8 +15,8 @@ from memlayers.cli import main as cli_main
 from memlayers.config import load_config
 from memlayers.generate import generate
 from memlayers.memory import MemoryConfig, MemoryValues, ProductKeyMemory
-from memlayers.offload import offload_tables_
-from memlayers.ops.offloaded import HostTable, map_tensors, save_table
+from memlayers.offload import cache_hot_rows_, offload_tables_
+from memlayers.ops.offloaded import HostTable, hottest_rows, map_tensors, save_table
 from memlayers.quantize import quantize_run, quantize_tables_, table_format
 from memlayers.run import load_run
 from memlayers.train import train
@@ -102,6 +102,57 @@ def test_model_forward_and_greedy_generate_equal_on_device(bits):
     with torch.no_grad():
         assert torch.equal(model(prompt), logits)
     assert torch.equal(model.generate(prompt, 20), tokens)
+
+
+@pytest.mark.parametrize("bits", list(FORMATS.values()), ids=list(FORMATS))
+def test_device_cache_of_hot_rows_gives_the_same_sums(bits):
+    _, values = _layer(bits=bits)
+    idx, w = _bags()
+    ref = values.lookup(idx, w)
+    values.offload_()
+    table = values.offloaded
+    assert table.cache_stats() is None
+    read = torch.unique(idx)
+    table.cache_rows_(read[::2], "cpu")  # half the rows read: hits and misses
+    assert torch.equal(values.lookup(idx, w), ref)
+    stats = table.cache_stats()
+    assert stats["rows"] == len(read[::2]) and stats["reads"] == len(read)
+    assert stats["hits"] == len(read[::2])
+    table.cache_stats(reset=True)
+    table.cache_rows_(torch.arange(64), "cpu")  # all: nothing from the host
+    assert torch.equal(values.lookup(idx, w), ref)
+    assert table.cache_stats()["hit_rate"] == 1.0
+    table.cache_rows_(torch.tensor([3]), "cpu")  # one: nearly all from the host
+    assert torch.equal(values.lookup(idx, w), ref)
+    with pytest.raises(ValueError, match="index 64 is out of range for a table of 64 rows"):
+        values.lookup(torch.tensor([[0, 64]]), torch.ones(1, 2))
+    with pytest.raises(ValueError, match="index 70 is out of range"):
+        table.cache_rows_(torch.tensor([1, 70]), "cpu")
+    table.cache_rows_(torch.tensor([], dtype=torch.long), "cpu")  # drops the cache
+    assert table.cache_stats() is None and torch.equal(values.lookup(idx, w), ref)
+
+
+def test_hottest_rows():
+    counts = torch.tensor([0, 5, 2, 5, 0, 1])
+    assert hottest_rows(counts, 3).tolist() == [1, 3, 2]  # ties by row id
+    assert hottest_rows(counts, 10).tolist() == [1, 3, 2, 5]  # never read: left out
+    assert hottest_rows(counts, 0).tolist() == []
+    with pytest.raises(ValueError, match="must be >= 0"):
+        hottest_rows(counts, -1)
+
+
+def test_cache_hot_rows_of_a_model_keeps_its_tokens():
+    model = model_of("memory+").eval()
+    prompt = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(0))
+    tokens = model.generate(prompt, 20)
+    with pytest.raises(ValueError, match="no offloaded value table"):
+        cache_hot_rows_(model, prompt, 8, "cpu")
+    offload_tables_(model)
+    (info,) = cache_hot_rows_(model, prompt, 8, "cpu")  # counted on the prompt
+    assert info["rows"] == 8 and info["read"] >= 8
+    assert torch.equal(model.generate(prompt, 20), tokens)
+    assert 0 < model.memory_values.offloaded.cache_stats()["hit_rate"] < 1
+    assert all(layer.usage is None for layer in model.memory_layers())  # counting stopped
 
 
 def _bags(n_rows=64, b=9, k=8, device="cpu"):
@@ -296,6 +347,10 @@ def test_gpu_table_stays_on_the_host(bits, tmp_path):
     offload_tables_(model)
     assert model.memory_values.offloaded.tensors[0].device.type == "cpu"
     assert torch.equal(model.generate(prompt, 20), tokens)
+    cache_hot_rows_(model, prompt, 16, "cuda")  # with a device cache of hot rows
+    assert model.memory_values.offloaded._cached[0].device.type == "cuda"
+    assert torch.equal(model.generate(prompt, 20), tokens)
+    assert model.memory_values.offloaded.cache_stats()["hits"] > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (a GPU test)")
