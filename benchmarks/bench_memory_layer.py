@@ -25,13 +25,25 @@ from memlayers.ops import embedding_bag
 from memlayers.ops.product_keys import product_key_topk
 from memlayers.value_optim import coalesce_rows
 
+# --value-optimizers: the lazy row Adam variants of memlayers.optim's value_optimizer.
+VALUE_OPTIMIZERS = {
+    "sparse_adam": {},
+    "sparse_adam_bf16": {"moments": "bf16"},
+    "sparse_adam_rowwise": {"rowwise_v": True},
+}
+
+
+def value_adam(weight, name: str, impl: str) -> SparseValueAdam:
+    """The value table's lazy Adam as ``optim.value_optimizer=name`` builds it."""
+    return SparseValueAdam([weight], lr=1e-3, impl=impl, **VALUE_OPTIMIZERS[name])
+
 
 def build(args, impl: str, sparse_grad: bool, device, dtype):
     cfg = MemoryConfig(n_keys=args.n_keys, heads=args.heads, topk=args.topk, impl=impl)
     values = MemoryValues(cfg.n_rows, args.dim, dtype=dtype, device=device, sparse_grad=sparse_grad)
     layer = ProductKeyMemory(args.dim, cfg, values=values, device=device).to(dtype)
     if sparse_grad:
-        value_opt = SparseValueAdam([values.weight], lr=1e-3, impl=impl)
+        value_opt = value_adam(values.weight, args.value_optimizers[0], impl)
     else:
         value_opt = torch.optim.AdamW(
             [values.weight], lr=1e-3, weight_decay=0.0, fused=device.type == "cuda"
@@ -52,10 +64,17 @@ def train_step(layer, x, gy, opts):
 def bench_triton_layer(args, x, gy, add, device, dtype) -> float:
     """The whole Triton step, then each part alone (forward + backward, or the step)."""
     layer, values, vopt, ropt = build(args, "triton", True, device, dtype)
+    first, *others = args.value_optimizers
     t = add(
-        "Memory+ step, impl=triton (sparse grad, lazy Adam)",
+        f"Memory+ step, impl=triton (sparse grad, lazy Adam: {first})",
         timed(lambda: train_step(layer, x, gy, (vopt, ropt))),
     )
+    for name in others:  # the same step with another value optimizer, same run
+        other = value_adam(values.weight, name, "triton")
+        add(
+            f"Memory+ step, lazy Adam: {name}",
+            timed(lambda o=other: train_step(layer, x, gy, (o, ropt))),
+        )
     params = [p for p in layer.parameters() if p is not values.weight]
 
     def search_part():
@@ -92,15 +111,18 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> float:
     embedding_bag(values.weight, idx, w.detach(), impl="triton", sparse_grad=True).backward(gyv)
     grad = values.weight.grad
 
-    def value_step():
-        values.weight.grad = grad
-        vopt.step()
+    for name in args.value_optimizers:
+        opt = vopt if name == first else value_adam(values.weight, name, "triton")
 
-    add(
-        "  part: value lazy Adam step",
-        timed(value_step),
-        f"{grad._nnz()} of {values.n_rows} rows touched",
-    )
+        def value_step(opt=opt):
+            values.weight.grad = grad
+            opt.step()
+
+        add(
+            f"  part: value lazy Adam step ({name})",
+            timed(value_step),
+            f"{grad._nnz()} of {values.n_rows} rows touched",
+        )
     values.weight.grad = None
     for prm in params:
         prm.grad = torch.zeros_like(prm)
@@ -266,6 +288,11 @@ def main() -> None:
         action="store_true",
         help="skip the impl=torch steps (at D = 4096 their temporaries do not fit on a card)",
     )
+    p.add_argument(
+        "--value-optimizers", nargs="+", default=["sparse_adam"], choices=list(VALUE_OPTIMIZERS),
+        help="the value table's lazy Adam (the first in the whole step and the ratio; the "
+        "others timed beside it: their step and the whole step with them)",
+    )  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
     p.add_argument("--out", help="write the markdown table here")
     args = p.parse_args()
