@@ -120,7 +120,7 @@ def measure(model, batch, prompt_len, new_tokens, reps, device, amp, decode, cac
             if decode == "eager":
                 logits = model(prompt, cache)[:, -1]
             else:
-                logits = static_forward(model, cache, prompt)
+                logits = static_forward(model, cache, prompt, fresh=True)
             _sync(device)
             t1 = time.perf_counter()
             if decode == "eager":
@@ -207,10 +207,17 @@ def main() -> None:
                           f"{graph_blockers(model)[0]}", flush=True)  # fmt: skip
                     continue
                 for b in args.batches:
-                    with torch.no_grad():
-                        pre, dec, setup, hit = measure(model, b, args.prompt_len,
-                                                       args.new_tokens, args.reps, device, amp,
-                                                       decode, frac)  # fmt: skip
+                    try:
+                        with torch.no_grad():
+                            pre, dec, setup, hit = measure(model, b, args.prompt_len,
+                                                           args.new_tokens, args.reps, device,
+                                                           amp, decode, frac)  # fmt: skip
+                    except (RuntimeError, ValueError) as e:  # a new path on a new card: the
+                        # other rows still count; the error is the result of this one
+                        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                        notes.append(f"{preset} {table} {decode} batch {b}: failed: {first}")
+                        print(notes[-1], flush=True)
+                        continue
                     if hit is not None:
                         notes.append(f"{preset} {table} {decode} batch {b}: {frac:.0%} of "
                                      f"the rows cached, decode hit rate {hit:.1%}")  # fmt: skip

@@ -82,8 +82,9 @@ def kv_dtype(model: Transformer, device: torch.device) -> torch.dtype:
 def static_block(block: Block, h, cos, sin, k_buf, v_buf, where, mask) -> torch.Tensor:
     """One pre-norm :class:`memlayers.model.Block` on a static cache: ``h (B, T, dim)``
     at positions ``where [T]``, their keys and values written into ``k_buf, v_buf (B,
-    nkv, max_len, hd)``, attention over all ``max_len`` keys under ``mask (T, max_len)``.
-    The projections, RoPE and grouping of :class:`memlayers.model.Attention`
+    nkv, max_len, hd)``, attention over all ``max_len`` keys under ``mask (T, max_len)``
+    (None: a prefill from position 0, causal over its own T keys, as the model's forward
+    does it). The projections, RoPE and grouping of :class:`memlayers.model.Attention`
     (tests/test_decoding.py checks the logits against the model's own forward). Every
     block of a kind compiles to one graph: no per-layer constant is read here."""
     attn = block.attention
@@ -96,24 +97,33 @@ def static_block(block: Block, h, cos, sin, k_buf, v_buf, where, mask) -> torch.
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_buf.index_copy_(2, where, k)
     v_buf.index_copy_(2, where, v)
-    k, v = k_buf, v_buf  # (B, nkv, max_len, hd)
+    if mask is not None:
+        k, v = k_buf, v_buf  # (B, nkv, S = max_len, hd)
     if nkv != nh:
-        k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, max_len, hd)
+        k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hd)
         v = v.repeat_interleave(nh // nkv, dim=1)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hd)
+    causal = mask is None and T > 1
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hd)
     h = h + attn.wo(y.transpose(1, 2).reshape(B, T, nh * hd))
     return h + block.ffn(block.ffn_norm(h))
 
 
 def static_forward(
-    model: Transformer, cache: StaticKVCache, tokens: torch.Tensor, block_fn=static_block
+    model: Transformer,
+    cache: StaticKVCache,
+    tokens: torch.Tensor,
+    block_fn=static_block,
+    fresh: bool = False,
 ) -> torch.Tensor:
     """Logits ``(B, V)`` of the last of ``tokens (B, T)``, placed at ``cache.pos``, which
     advances by T: :meth:`memlayers.model.Transformer.forward` on a :class:`StaticKVCache`
-    (``block_fn``: :func:`static_block`, or it compiled), no id check, no host sync."""
+    (``block_fn``: :func:`static_block`, or it compiled), no id check, no host sync.
+    ``fresh``: the cache is empty (``pos`` is 0: the prefill), so attention is causal over
+    the T new keys alone (the fused kernels' causal path) instead of masked over max_len."""
     B, T = tokens.shape
     where = cache.pos + torch.arange(T, device=tokens.device)  # [T] positions
-    mask = cache.key_pos[None, :] <= where[:, None]  # (T, max_len): keys up to the query's
+    # (T, max_len): each query sees the keys up to its own position
+    mask = None if fresh else cache.key_pos[None, :] <= where[:, None]
     cos, sin = model.rope_cos[where], model.rope_sin[where]  # (T, hd/2) each
     h = model.tok_embeddings(tokens)  # (B, T, dim)
     for block, k_buf, v_buf in zip(model.layers, cache.k, cache.v, strict=True):
@@ -259,7 +269,7 @@ def static_generate(
         cache = StaticKVCache(model, B, max_len, kv_dtype(model, prompt.device), prompt.device)
         out = prompt.new_empty(B, total)
         out[:, :t0] = prompt
-        logits = static_forward(model, cache, prompt)  # (B, V): the prefill, eager
+        logits = static_forward(model, cache, prompt, fresh=True)  # (B, V): the prefill
         step = DecodeStep(model, cache, B, compile, cuda_graph) if max_new_tokens > 1 else None
         done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
         n = max_new_tokens

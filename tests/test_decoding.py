@@ -48,7 +48,8 @@ def test_static_forward_matches_the_model(kind):
         full = model(x)  # (2, 12, V)
         cache = StaticKVCache(model, 2, 16, torch.float32, "cpu")
         starts, ends = [0, 5, 9, 10, 11], [5, 9, 10, 11, 12]
-        got = [static_forward(model, cache, x[:, a:b]) for a, b in zip(starts, ends, strict=True)]
+        got = [static_forward(model, cache, x[:, a:b], fresh=a == 0)
+               for a, b in zip(starts, ends, strict=True)]  # fmt: skip
     for end, logits in zip(ends, got, strict=True):
         torch.testing.assert_close(logits, full[:, end - 1], rtol=1e-5, atol=1e-5)
     assert int(cache.pos) == 12
@@ -87,6 +88,8 @@ def test_sampling_and_eos_equal_eager(monkeypatch):
     a = model.generate(prompt, 16, **kw, generator=torch.Generator().manual_seed(5))
     b = static_generate(model, prompt, 16, **kw, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
+    one = prompt[:, :1]  # a prefill of one token: attention to itself alone
+    assert torch.equal(static_generate(model, one, 6), model.generate(one, 6))
     # EOS: the result stops where the eager loop stops, whichever token the host checks at.
     eos = int(model.generate(prompt, 10)[0, 6])  # row 0's third new token
     want = model.generate(prompt, 30, eos_id=eos)
@@ -160,7 +163,7 @@ def test_gpu_decode_step_never_syncs():
     prompt = _prompt(device="cuda")
     cache = StaticKVCache(model, 2, 64, torch.float32, "cuda")
     with torch.no_grad():
-        static_forward(model, cache, prompt)
+        static_forward(model, cache, prompt, fresh=True)
         torch.cuda.set_sync_debug_mode("error")
         try:
             for _ in range(3):
