@@ -22,6 +22,9 @@ Only this module touches ``transformers``, and only inside the functions that ne
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -41,6 +44,88 @@ def _transformers():
             "memlayers.hf needs Hugging Face transformers: pip install 'memlayers[hf]'"
         ) from e
     return transformers
+
+
+# ---- a pretrained model by name, file or directory (model.hf) -------------------------------
+
+
+def resolve_pretrained(spec: str, cache=None) -> tuple[Path, str | None]:
+    """``(directory, gguf file name or None)`` of ``model.hf=spec``: a pinned name
+    (:data:`memlayers.data.corpus.PRETRAINED`, fetched into the cache), a ``.gguf`` file,
+    or a transformers model directory (with ``config.json``)."""
+    from memlayers.data.corpus import PRETRAINED, fetch_pretrained
+
+    if spec in PRETRAINED:
+        f = fetch_pretrained(spec, cache)
+        return f.parent, f.name
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf" and p.is_file():
+        return p.parent, p.name
+    if p.is_dir() and (p / "config.json").is_file():
+        return p, None
+    raise ValueError(
+        f"model.hf={spec!r}: not a pinned model ({', '.join(sorted(PRETRAINED))}), an "
+        f"existing .gguf file or a transformers model directory with config.json"
+    )
+
+
+def _gguf_kwargs(gguf: str | None) -> dict:
+    if gguf is None:
+        return {}
+    try:
+        import gguf as _  # noqa: F401  (transformers reads GGUF files with it)
+    except ImportError as e:
+        raise ImportError(
+            f"{gguf}: reading a GGUF file needs the gguf package: pip install 'memlayers[hf]'"
+        ) from e
+    return {"gguf_file": gguf}
+
+
+def transformers_config(spec: str, cache=None):
+    """The transformers config of ``model.hf=spec`` (no weights loaded)."""
+    transformers = _transformers()
+    path, gguf = resolve_pretrained(spec, cache)
+    return transformers.AutoConfig.from_pretrained(path, **_gguf_kwargs(gguf))
+
+
+def load_transformers_model(spec: str, cache=None) -> nn.Module:
+    """The pretrained causal LM of ``model.hf=spec`` in fp32 on the CPU (a GGUF file is
+    dequantised: ~20 s for SmolLM2-135M on 2 CPU cores)."""
+    transformers = _transformers()
+    path, gguf = resolve_pretrained(spec, cache)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, **_gguf_kwargs(gguf)
+    )
+    return model.eval()
+
+
+def tokenizer_file(spec: str, cache=None) -> Path:
+    """A ``tokenizers`` JSON file of the tokenizer of ``model.hf=spec``: the directory's
+    own ``tokenizer.json``, or the GGUF's tokenizer written once into
+    ``<cache>/models/<name>/tokenizer.json`` (memlayers' ``BPETokenizer`` reads it)."""
+    from memlayers.data.corpus import PRETRAINED, cache_dir
+
+    path, gguf = resolve_pretrained(spec, cache)
+    if gguf is None:
+        own = path / "tokenizer.json"
+        if not own.is_file():
+            raise ValueError(
+                f"model.hf={spec!r}: {path} has no tokenizer.json (a fast tokenizer's file)"
+            )
+        return own
+    key = spec if spec in PRETRAINED else f"{Path(gguf).stem}-{_digest(path / gguf)}"
+    out = cache_dir(cache) / "models" / key / "tokenizer.json"
+    if not out.is_file():
+        tok = _transformers().AutoTokenizer.from_pretrained(path, **_gguf_kwargs(gguf))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".tmp-{os.getpid()}")
+        tok.backend_tokenizer.save(str(tmp))
+        os.replace(tmp, out)
+    return out
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
 
 
 class MemoryMLP(nn.Module):

@@ -56,7 +56,8 @@ class BiosArgs(BiosConfig):
     """``data.bios`` / ``data.bios_compact``: the :class:`BiosConfig` of the run (its
     ``compact`` comes from the dataset's name) and the tokenizer."""
 
-    tokenizer: str | None = None  # None or "word": the closed word vocabulary; or a path
+    # None or "word": the closed word vocabulary; a path; or hf:<model> (model.hf's own)
+    tokenizer: str | None = None
 
 
 @dataclass
@@ -64,7 +65,7 @@ class CorpusArgs:
     """``data.corpus``: shards of ``memlayers data build`` (cache folder: ``data.path``)."""
 
     sources: str | None = None  # comma-separated source names; None or "default": all
-    tokenizer: str = "bpe-8192"  # "bpe-<vocab>" (trained on the corpus) or a path
+    tokenizer: str = "bpe-8192"  # "bpe-<vocab>" (trained on the corpus), a path or hf:<model>
     val_frac: float = 0.01
 
 
@@ -76,7 +77,7 @@ class FactsArgs:
     exposures: int = 20
     qa_train_frac: float = 0.5
     qa_exposures: int | None = None
-    tokenizer: str = "bpe-4096"  # "bpe-<vocab>" (trained on the facts text) or a path
+    tokenizer: str = "bpe-4096"  # "bpe-<vocab>" (trained on the facts text), a path or hf:<model>
 
 
 # ---- synthetic and text ------------------------------------------------------------------
@@ -137,8 +138,22 @@ def text_dataset(data_args: Any) -> Built:
 # ---- bios, corpus, facts -----------------------------------------------------------------
 
 
+HF_TOKENIZER = "hf:"  # "hf:<model.hf>": the pretrained model's own tokenizer
+
+
+def tokenizer_path(spec: str) -> str:
+    """A tokenizer option as the path of a file: ``hf:<model>`` names the tokenizer of a
+    pretrained model (:func:`memlayers.hf.tokenizer_file`; the config sets it when
+    ``model.hf`` is given), anything else is a path already."""
+    if str(spec).startswith(HF_TOKENIZER):
+        from memlayers.hf import tokenizer_file
+
+        return str(tokenizer_file(spec[len(HF_TOKENIZER) :]))
+    return spec
+
+
 def _tokenizer_option(spec: str | None) -> Tokenizer | None:
-    return None if spec in (None, "word") else load_tokenizer(spec)
+    return None if spec in (None, "word") else load_tokenizer(tokenizer_path(spec))
 
 
 def bios_from_args(data_args: Any, compact: bool = False) -> BiosData:
@@ -168,7 +183,8 @@ def corpus_dataset(data_args: Any) -> Built:
     from memlayers.data.corpus import build
 
     opt: CorpusArgs = data_args.corpus
-    shards = build(opt.sources, opt.tokenizer, data_args.path, opt.val_frac)
+    tok = opt.tokenizer if opt.tokenizer.startswith("bpe-") else tokenizer_path(opt.tokenizer)
+    shards = build(opt.sources, tok, data_args.path, opt.val_frac)
     return shards.train, shards.val, shards.tokenizer.vocab_size, shards.tokenizer
 
 
@@ -194,7 +210,7 @@ def facts_dataset(data_args: Any) -> Built:
     if str(spec).startswith("bpe-"):
         tok: Tokenizer = BPETokenizer.train(d.train_docs, vocab_size=int(spec[4:]))
     else:
-        tok = load_tokenizer(spec)
+        tok = load_tokenizer(tokenizer_path(spec))
     return (
         encode_documents(tok, d.train_docs),
         encode_documents(tok, d.val_docs),

