@@ -461,7 +461,7 @@ def model_from_checkpoint(
     quantized checkpoint's value tables are laid out packed on the meta device (never
     allocated as float) before the load fills them. ``offload``: the value tables stay
     memory-mapped on the host (:func:`memlayers.offload.model_offloaded_from_checkpoint`)."""
-    from memlayers.model import ModelConfig, build_model
+    from memlayers.retrofit import build_model
 
     if not meta.get("model_config"):
         raise CheckpointError(f"{path}: meta.json has no model_config")
@@ -474,19 +474,34 @@ def model_from_checkpoint(
         model.to_empty(device=device)
         model.init_weights()  # every buffer set (RoPE tables); the load fills the rest
     else:
-        model = build_model(ModelConfig.from_dict(meta["model_config"]), device)
+        config, mode = model_config_of(meta)
+        model = build_model(config, mode, device)
     _load_verified(path, meta, model)
     return model
+
+
+def model_config_of(meta: dict):
+    """``(ModelConfig, memory_mode)`` of a checkpoint's ``meta``: ``model_config`` holds
+    ``memory_mode`` only when it is not the paper's ``replace`` (memlayers/retrofit.py)."""
+    from memlayers.model import ModelConfig
+
+    d = dict(meta["model_config"])
+    mode = d.pop("memory_mode", "replace")
+    return ModelConfig.from_dict(d), mode
 
 
 def meta_model(meta: dict) -> nn.Module:
     """The model of a checkpoint's ``meta`` on the meta device (nothing allocated), its
     value tables laid out packed when the checkpoint's are quantized."""
-    from memlayers.model import ModelConfig, Transformer
+    from memlayers.model import Transformer
     from memlayers.quantize import quantize_tables_
+    from memlayers.retrofit import add_parallel_mlps_
 
+    config, mode = model_config_of(meta)
     with torch.device("meta"):
-        model = Transformer(ModelConfig.from_dict(meta["model_config"]))
+        model = Transformer(config)
+        if mode == "parallel":
+            add_parallel_mlps_(model)
     q = meta.get("quantization")
     if q:
         quantize_tables_(model, q["bits"], q["group"])  # meta: the packed buffers' shapes

@@ -122,6 +122,20 @@ def _read_yaml(path) -> DictConfig:
     return cfg
 
 
+# Datasets with a tokenizer option: with model.hf it defaults to the model's own.
+TOKENIZED_DATASETS = ("bios", "bios_compact", "corpus", "facts")
+
+
+def pretrained_defaults(hf: str, layers: list) -> dict:
+    """What ``model.hf`` brings, merged like a preset (under the YAML and the CLI): no
+    preset (unless a layer names one: then validation says to pick one) and the model's
+    tokenizer for every dataset that takes one (``hf:<model>``). The architecture comes
+    from the model itself when the trainer reads it (:func:`with_architecture`)."""
+    named = any(OmegaConf.select(layer, "model.preset", default=None) for layer in layers)
+    out = {"data": {name: {"tokenizer": f"hf:{hf}"} for name in TOKENIZED_DATASETS}}
+    return out if named else {**out, "model": {"preset": None}}
+
+
 def load_config(yaml_paths=(), overrides=()) -> TrainArgs:
     """``TrainArgs`` from YAML files (merged in order) and ``key=value`` overrides."""
     try:
@@ -138,6 +152,9 @@ def load_config(yaml_paths=(), overrides=()) -> TrainArgs:
         reject_old_options(layers, base.data.dataset)
         merged = OmegaConf.merge(base, *layers)
         preset = merged.model.preset
+        if merged.model.hf:
+            base = OmegaConf.merge(base, pretrained_defaults(merged.model.hf, layers))
+            preset = None
         if preset:
             # vocab_size: the dataset's, filled by with_vocab
             model = {k: v for k, v in get_preset(preset).to_dict().items() if k != "vocab_size"}
@@ -154,6 +171,26 @@ def with_vocab(args: TrainArgs, vocab_size: int) -> TrainArgs:
     """A copy of ``args`` whose ``model.vocab_size`` is the dataset's (the trainer calls it
     once the tokenizer is loaded; the resolved config it saves holds the number)."""
     return replace(args, model=replace(args.model, vocab_size=vocab_size))
+
+
+def with_architecture(args: TrainArgs, fields: dict) -> TrainArgs:
+    """A copy of ``args`` whose model has the pretrained model's architecture ``fields``
+    (:data:`memlayers.retrofit.ARCHITECTURE_FIELDS`, from its config), so the resolved
+    config the trainer saves describes it. A field the config set to another value than
+    the model's (and than the default) is an error: the weights could not fit."""
+    from memlayers.model import ModelConfig
+
+    default = ModelConfig.__dataclass_fields__
+    for name, value in fields.items():
+        mine = getattr(args.model, name)
+        if mine not in (value, None, default[name].default):
+            raise ValueError(
+                f"model.{name}={mine!r}, but the pretrained model model.hf={args.model.hf!r} "
+                f"has {name}={value!r}: leave model.{name} unset"
+            )
+    model = replace(args.model, **fields)
+    model.to_config()  # memory_layers against the model's depth, memory against its width
+    return replace(args, model=model)
 
 
 def to_yaml(args: TrainArgs) -> str:

@@ -9,7 +9,8 @@
 memlayers' decoder is Llama's (RMSNorm, half-split rotary embeddings, grouped-query
 attention, SwiGLU), so a dense block maps onto ``LlamaDecoderLayer`` weight for weight
 (``wq/wk/wv/wo`` -> ``q/k/v/o_proj``, ``w1/w3/w2`` -> ``gate/up/down_proj``), and a memory
-block onto :func:`memlayers.hf.add_memory` in ``replace`` mode: the same
+block onto :func:`memlayers.hf.add_memory` in ``replace`` mode (``parallel`` for a
+retrofit's :class:`~memlayers.retrofit.ParallelMemory`, its SwiGLU beside it): the same
 :class:`~memlayers.memory.ProductKeyMemory` class and state, the one value table as
 ``model.memory_values``. The exported model computes the run's logits (fp32 rounding:
 transformers builds its rotary table in fp32, memlayers in fp64). MoE and PEER blocks,
@@ -33,6 +34,7 @@ import torch.nn as nn
 from memlayers.hf import _transformers, add_memory
 from memlayers.memory import MemoryValues
 from memlayers.model import Transformer
+from memlayers.retrofit import ParallelMemory
 from memlayers.run import load_run
 
 _ATTENTION = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
@@ -72,6 +74,8 @@ def _hf_name(name: str, kinds: list[str]) -> str:
         return f"{layer}.post_attention_layernorm.weight"
     if module == "attention":
         return f"{layer}.self_attn.{_ATTENTION[rest[0]]}.weight"
+    if kinds[int(i)] == "memory" and rest[0] == "mlp":  # a parallel block's SwiGLU
+        return f"{layer}.mlp.mlp.{_SWIGLU[rest[1]]}.weight"
     if kinds[int(i)] == "memory":
         return f"{layer}.mlp.memory." + ".".join(rest)
     return f"{layer}.mlp.{_SWIGLU[rest[0]]}.weight"
@@ -105,7 +109,9 @@ def to_transformers(model: Transformer) -> nn.Module:
     with torch.device(ref.device):
         hf = transformers.LlamaForCausalLM(config).to(ref.dtype)
     if cfg.memory_layers:
-        add_memory(hf, sorted(cfg.memory_layers), cfg.memory, mode="replace")
+        parallel = any(isinstance(m, ParallelMemory) for m in model.modules())
+        mode = "parallel" if parallel else "replace"
+        add_memory(hf, sorted(cfg.memory_layers), cfg.memory, mode=mode)
     state = {_hf_name(k, kinds): v for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]

@@ -148,9 +148,39 @@ class ModelArgs(ModelConfig):
     preset: str | None = "tiny-memory+"
     # None: the dataset's, filled by config.with_vocab when the trainer has loaded the data
     vocab_size: int | None = None
+    # A pretrained Llama-style model to start from (memlayers/retrofit.py): a pinned name
+    # (smollm2), a .gguf file or a transformers model directory. Its architecture fields
+    # (retrofit.ARCHITECTURE_FIELDS), weights and tokenizer are the run's; memory_layers
+    # and memory say where Memory+ goes and how big it is. No preset then.
+    hf: str | None = None
+    # replace: memory blocks lose their feed-forward (the paper); parallel: the memory goes
+    # beside it (retrofit.ParallelMemory). None: parallel with model.hf, else replace.
+    memory_mode: str | None = None
+
+    @property
+    def resolved_memory_mode(self) -> str:
+        if self.memory_mode is not None:
+            return self.memory_mode
+        return "parallel" if self.hf else "replace"
 
     def validate(self) -> None:
-        """ModelConfig's checks; an unset ``vocab_size`` is checked once it is filled."""
+        """ModelConfig's checks; an unset ``vocab_size`` is checked once it is filled. With
+        ``hf`` the architecture is the pretrained model's, known once it is read: only the
+        memory settings are checked here (the layer indices against its depth later)."""
+        from memlayers.retrofit import check_memory_mode
+
+        if self.memory_mode is not None:
+            check_memory_mode(self.memory_mode)
+        if self.hf is not None:
+            if not self.hf:
+                raise ValueError("model.hf must name a model (or be null), got ''")
+            if self.preset is not None:
+                raise ValueError(
+                    f"model.hf={self.hf!r} is the model; model.preset={self.preset!r} names "
+                    f"another: set one of them (model.preset=null)"
+                )
+            self.memory.validate()
+            return
         self._config(1 if self.vocab_size is None else self.vocab_size)
 
     def to_config(self) -> ModelConfig:
@@ -163,5 +193,6 @@ class ModelArgs(ModelConfig):
 
     def _config(self, vocab_size: int) -> ModelConfig:
         d = self.to_dict()
-        d.pop("preset")
+        for key in ("preset", "hf", "memory_mode"):
+            d.pop(key)
         return ModelConfig.from_dict({**d, "vocab_size": vocab_size})

@@ -11,12 +11,22 @@
     memlayers train configs/tiny_memory_plus.yaml --overwrite       # replace the run there
     memlayers train configs/tiny_memory_plus.yaml --resume-from runs/x/checkpoints/step_000100
     memlayers train configs/tiny_memory_plus.yaml --print-config    # resolved config, no run
+    memlayers train configs/smollm2_memory_plus.yaml run_dir=runs/smollm2-memory   # pretrained
+    memlayers train model.hf=DIR_OR.gguf model.memory_layers=[4,12,20] data.dataset=corpus
     python -m memlayers train configs/373m_memory_plus.yaml          # one GPU, bf16 autocast
     torchrun --standalone --nproc_per_node=8 -m memlayers train configs/373m_memory_plus.yaml
 
 Config precedence: dataclass defaults < ``model.preset`` < YAML files (in order) <
 ``key=value`` overrides (see :mod:`memlayers.config`). ``model.vocab_size`` comes from
 the dataset (:func:`memlayers.config.with_vocab`).
+
+``model.hf`` starts from a pretrained Llama-style model instead of a preset (a pinned name,
+``smollm2``; a ``.gguf`` file; a transformers directory): its architecture fills the model
+section when the trainer reads it (``--print-config`` shows the defaults until then), its
+weights go into a memlayers Transformer with Memory+ at ``model.memory_layers``, beside the
+MLP by default (``model.memory_mode``; :mod:`memlayers.retrofit`: logits unchanged at step
+0), and its tokenizer encodes the data (``data.<dataset>.tokenizer=hf:<model>``), so eval,
+generate, QA and finetune use it too. One process (no torchrun).
 
 The run directory (``run_dir``) is laid out by :class:`memlayers.run.Run` (its docstring
 draws it); the logger adds ``metrics.jsonl`` (one JSON object per logged step, and per
@@ -49,13 +59,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from memlayers import parallel
+from memlayers import parallel, retrofit
 from memlayers.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     save_distributed_checkpoint,
 )
-from memlayers.config import TrainArgs, save_config, with_vocab
+from memlayers.config import (
+    TOKENIZED_DATASETS,
+    TrainArgs,
+    save_config,
+    with_architecture,
+    with_vocab,
+)
 from memlayers.data.loader import PackedLoader, load_dataset
 from memlayers.eval.validation import validation_loss
 from memlayers.logger import RunLogger
@@ -178,6 +194,38 @@ def usage_tracker(model: nn.Module) -> TrainingUsage | None:
     return TrainingUsage(layers, shared=model.memory_values is not None and len(layers) > 1)
 
 
+def read_pretrained(
+    args: TrainArgs, data_vocab: int, weights: bool = True
+) -> tuple[TrainArgs, dict | None]:
+    """``model.hf``: the pretrained model's architecture filled into ``args``
+    (:func:`memlayers.config.with_architecture`) and, with ``weights``, its state dict
+    (transformers names, for :func:`memlayers.retrofit.load_pretrained_`). The data must
+    be encoded with its tokenizer (``data.<dataset>.tokenizer=hf:<model>``, the default)."""
+    from memlayers import hf
+
+    name = args.data.dataset
+    want = f"hf:{args.model.hf}"
+    section = getattr(args.data, name, None) if name in TOKENIZED_DATASETS else None
+    if section is None or section.tokenizer != want:
+        raise ValueError(
+            f"model.hf={args.model.hf!r} reads the data with its own tokenizer: use a dataset "
+            f"with a tokenizer option ({', '.join(TOKENIZED_DATASETS)}) and leave "
+            f"data.{name}.tokenizer at {want!r}"
+            + (f" (it is {section.tokenizer!r})" if section is not None else "")
+        )
+    if weights:
+        model = hf.load_transformers_model(args.model.hf)
+        config, state = model.config, model.state_dict()
+    else:
+        config, state = hf.transformers_config(args.model.hf), None
+    args = with_architecture(args, retrofit.architecture_from_transformers(config))
+    if data_vocab > args.model.vocab_size:
+        raise ValueError(
+            f"the data's tokenizer has {data_vocab} tokens, the model {args.model.vocab_size}"
+        )
+    return args, state
+
+
 def _rng_state(env: Env) -> dict:
     state = {"torch": torch.get_rng_state()}
     if env.device.type == "cuda":
@@ -235,15 +283,39 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
     )
 
     data = load_dataset(args.data)
-    args = with_vocab(args, data.vocab_size)
+    pretrained = None
+    if args.model.hf:  # weights only for a fresh start: a resume loads all of them
+        args, pretrained = read_pretrained(args, data.vocab_size, weights=resume is None)
+    else:
+        args = with_vocab(args, data.vocab_size)
     if env.is_main and hasattr(data.tokenizer, "save"):
         # eval and generate decode with the run's own tokenizer (memlayers/run.py)
         data.tokenizer.save(run.tokenizer_path)
     model_cfg = args.model.to_config()
-    model, plan = parallel.build(
-        model_cfg, args.parallel, env.device, args.seed, use_compile(args.compile, env.device),
-        sparse_values=uses_sparse_values(args.optim),
-    )  # fmt: skip
+    mode = args.model.resolved_memory_mode
+    compile_ = use_compile(args.compile, env.device)
+    if args.model.hf or mode == "parallel":
+        if env.world_size > 1:
+            raise ValueError(
+                f"model.hf / memory_mode=parallel train on one process (world_size="
+                f"{env.world_size}): the pretrained weights go into an unsharded model"
+            )
+        model = retrofit.build_model(
+            model_cfg, mode, env.device, args.seed, uses_sparse_values(args.optim)
+        )
+        if pretrained is not None:
+            retrofit.load_pretrained_(model, pretrained, mode)
+            del pretrained
+        if compile_:
+            parallel.compile_blocks(model)
+        plan = parallel.shard_tables(model, None, args.parallel)  # one process: no-op plan
+    else:
+        model, plan = parallel.build(
+            model_cfg, args.parallel, env.device, args.seed, compile_,
+            sparse_values=uses_sparse_values(args.optim),
+        )  # fmt: skip
+    # what a checkpoint rebuilds the model from (checkpoint.model_config_of)
+    saved_config = model_cfg.to_dict() | ({"memory_mode": mode} if mode != "replace" else {})
     optimizer = build_optimizer(model, args.optim, impl=model_cfg.memory.impl)
     usage = usage_tracker(model) if args.logging.usage else None
     B, T = args.data.batch_size, args.data.seq_len
@@ -273,7 +345,7 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
         # From the config (a meta-device model) when parallelised: this rank holds only its
         # shards of the tables.
         rep = parameter_report(model_cfg if plan.world > 1 else model, seq_len=T)
-        log.message(format_report(rep, args.model.preset or "model"))
+        log.message(format_report(rep, args.model.preset or args.model.hf or "model"))
         log.message(
             f"device {env.device} x{env.world_size}, {'bf16 autocast' if use_bf16 else 'fp32'}; "
             f"data {args.data.dataset}: {len(data.train):,} train / {len(data.val):,} val "
@@ -288,7 +360,10 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
                 f"from step {start + 1}"
             )
     tokens_per_step = B * T * args.grad_accum * env.world_size
-    train_flops = parameter_report(model_cfg, seq_len=T)["train_flops_per_token"]
+    # the model itself on one process: a parallel memory block's MLP is not in the config
+    train_flops = parameter_report(model_cfg if plan.world > 1 else model, seq_len=T)[
+        "train_flops_per_token"
+    ]
     flops_per_step = train_flops * tokens_per_step
     peak = (peak_flops(env.device) or 0.0) * env.world_size  # 0: no MFU (CPU, unknown card)
     history: list[dict] = []
@@ -319,7 +394,7 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
         }
         what = dict(
             root=run.checkpoints, step=step, model=model, optimizer=optimizer,
-            trainer_state=trainer_state, model_config=model_cfg.to_dict(),
+            trainer_state=trainer_state, model_config=saved_config,
             keep=args.checkpoint.keep, checksum=args.checkpoint.checksum, progress=progress,
         )  # fmt: skip
         path = None
