@@ -5,14 +5,15 @@ KVCache` that grows a position per token: every step has new shapes, so at batch
 spends its time waiting for the host to launch a few hundred small kernels.
 :func:`static_generate` gives the same tokens (greedy: tests/test_decoding.py) with
 
-- a :class:`StaticKVCache`: buffers of ``max_len`` positions allocated at the prefill,
-  the position a device tensor, attention over all ``max_len`` keys with a mask
-  (:func:`static_forward`, the model's forward for this cache): every decode step has
-  the same shapes and the same addresses, and none reads a number back to the host (the
-  memory layer's lookup neither: its index checks are device-side asserts,
-  :mod:`memlayers.ops.embedding_bag_triton`);
-- ``compile``: the step through ``torch.compile`` (inductor; ``fullgraph`` when nothing
-  in the model needs the host, so a host sync added later fails loudly here);
+- a :class:`StaticKVCache`: buffers of ``max_len`` positions allocated up front, the
+  position a device tensor, decode attention over all ``max_len`` keys with a mask
+  (:func:`static_forward` and :func:`static_block`: the model's forward and blocks for
+  this cache, the same modules and weights; tests/test_decoding.py checks their logits
+  against the model's): every decode step has the same shapes and the same addresses,
+  and none reads a number back to the host (the memory layer's lookup neither: its index
+  checks are device-side asserts, :mod:`memlayers.ops.embedding_bag_triton`);
+- ``compile``: each kind of block through ``torch.compile`` (inductor; ``fullgraph``
+  when nothing in the model needs the host, so a host sync added later fails loudly);
 - ``cuda_graph``: the step captured once in a CUDA graph and replayed per token (one
   launch instead of hundreds), with or without ``compile``.
 
