@@ -100,9 +100,11 @@ def static_block(block: Block, h, cos, sin, k_buf, v_buf, where, mask) -> torch.
     v_buf.index_copy_(2, where, v)
     if mask is not None:
         k, v = k_buf, v_buf  # (B, nkv, S = max_len, hd)
-    if nkv != nh:
-        k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hd)
-        v = v.repeat_interleave(nh // nkv, dim=1)
+    if nkv != nh:  # each kv head serves nh/nkv query heads: the model's repeat_interleave
+        # written as an expand and one copy, plainly nothing to read back to the host
+        S = k.shape[2]
+        k = k[:, :, None].expand(B, nkv, nh // nkv, S, hd).reshape(B, nh, S, hd)
+        v = v[:, :, None].expand(B, nkv, nh // nkv, S, hd).reshape(B, nh, S, hd)
     causal = mask is None and T > 1
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hd)
     h = h + attn.wo(y.transpose(1, 2).reshape(B, T, nh * hd))
