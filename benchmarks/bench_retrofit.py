@@ -1,0 +1,237 @@
+"""Facts learned against forgetting on a retrofitted pretrained model: sparse-memory, full
+and LoRA finetuning of SmolLM2-135M + Memory+ (GitHub issue 11, item 4).
+
+    memlayers train configs/smollm2_memory_plus.yaml run_dir=runs/smollm2-memory
+    python benchmarks/bench_retrofit.py runs/smollm2-memory --steps 24 --eval-every 8 \\
+        --out benchmarks/results/retrofit_cpu_20261201.md --plot docs/retrofit_cpu_20261201.png
+
+The facts are real (:func:`memlayers.data.facts.load_facts`: elements, states, countries,
+cities from pinned packages). Every question is asked in the held-out phrasing (a question
+template; training text holds only statements) after two solved examples of the same
+relation (``Q: ...\\nA: ...\\n`` twice, then ``Q: <question>\\nA:``; the examples' facts
+are used for nothing else), answered greedily, scored by exact match. The run answers a
+pool of ``--pool`` questions balanced over the relations. Of the ones it gets wrong,
+``--teach`` are the new facts: taught through their statements alone (the relation's three
+statement templates, ``--exposures`` times each, one a line). Of the ones it gets right,
+``--keep`` are the forgetting test (the share still answered right), with the loss on
+``--val-tokens`` of the run's held-out corpus text. Every method gets the same data, steps,
+batch and seed, and is evaluated every ``--eval-every`` steps (a lora model with its
+adapters live); learning rates per method with ``--lr full=1e-4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from memlayers.data.facts import RELATIONS, load_facts
+from memlayers.data.loader import load_dataset
+from memlayers.eval import perplexity
+from memlayers.eval.knowledge import greedy_answers
+from memlayers.finetune import METHODS, FinetuneArgs, finetune_model
+from memlayers.metrics import exact_match
+from memlayers.run import load_run
+
+DEFAULT_LR = {"sparse-memory": 3e-2, "full": 1e-4, "lora": 1e-3}
+
+
+def question(fact) -> str:
+    return RELATIONS[fact.relation][1][0].format(s=fact.subject)
+
+
+def records(facts, shots: dict) -> list[dict]:
+    """QA records with two solved examples of the relation as context."""
+    out = []
+    for f in facts:
+        ctx = "".join(f"Q: {question(e)}\nA: {e.object}\n" for e in shots[f.relation])
+        out.append({"question": f"{ctx}Q: {question(f)}\nA:", "answers": [f.object],
+                    "relation": f.relation})  # fmt: skip
+    return out
+
+
+def statements(facts, exposures: int, seed: int) -> list[str]:
+    docs = [
+        t.format(s=f.subject, o=f.object)
+        for f in facts
+        for t in RELATIONS[f.relation][0]
+        for _ in range(exposures)
+    ]
+    random.Random(seed).shuffle(docs)
+    return docs
+
+
+def em(model, tok, recs) -> list[bool]:
+    preds = greedy_answers(model, tok, recs, max_new_tokens=6, batch_size=64, progress=False)
+    return [exact_match(p, r["answers"]) == 1.0 for p, r in zip(preds, recs, strict=True)]
+
+
+def measure(model, tok, taught, kept, val, seq_len) -> dict:
+    ppl = perplexity(model, val, seq_len, 4, None, None, progress=False)
+    learned, still = em(model, tok, taught), em(model, tok, kept)
+    return {"learned": float(np.mean(learned)), "kept": float(np.mean(still)),
+            "val_loss": ppl["loss"]}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--eval-every", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR")
+    p.add_argument("--top-t", type=int, default=2000)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--pool", type=int, default=280, help="questions asked before")
+    p.add_argument("--teach", type=int, default=40)
+    p.add_argument("--keep", type=int, default=60)
+    p.add_argument("--exposures", type=int, default=2, help="per statement template")
+    p.add_argument("--val-tokens", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="markdown results (+ .json beside it)")
+    p.add_argument("--plot", default=None, help="learned vs forgotten over steps (png)")
+    a = p.parse_args()
+    lrs = DEFAULT_LR | {k: float(v) for k, v in (s.split("=") for s in a.lr)}
+    t_start = time.perf_counter()
+
+    base = load_run(a.run, a.device)
+    tok, seq_len = base.tokenizer, a.seq_len
+    data = load_dataset(base.args.data)
+    val = np.asarray(data.val[: a.val_tokens + 1])
+    background = np.asarray(data.train[: 64 * 1024])
+
+    rng = random.Random(a.seed)
+    by_rel = defaultdict(list)
+    for f in load_facts():
+        by_rel[f.relation].append(f)
+    shots, pool = {}, []
+    per_rel = a.pool // len(by_rel)
+    for rel in sorted(by_rel):
+        fs = rng.sample(by_rel[rel], min(len(by_rel[rel]), per_rel + 2))
+        shots[rel], pool = fs[:2], pool + fs[2:]
+    pool_recs = records(pool, shots)
+    t0 = time.perf_counter()
+    right = em(base.model, tok, pool_recs)
+    pool_secs = time.perf_counter() - t0
+    wrong = [f for f, r in zip(pool, right, strict=True) if not r]
+    known = [f for f, r in zip(pool, right, strict=True) if r]
+    teach = rng.sample(wrong, min(a.teach, len(wrong)))
+    keep = rng.sample(known, min(a.keep, len(known)))
+    taught_recs, kept_recs = records(teach, shots), records(keep, shots)
+    docs = statements(teach, a.exposures, a.seed)
+    tokens = np.concatenate([np.asarray([*tok.encode(d), tok.eos_id]) for d in docs])
+    print(f"pool {len(pool)}: {len(known)} right; teach {len(teach)}, keep {len(keep)}; "
+          f"{len(docs)} documents, {len(tokens):,} tokens ({pool_secs:.0f}s)")  # fmt: skip
+
+    # before: no taught fact right, every kept one right (that is how they were chosen)
+    loss0 = perplexity(base.model, val, seq_len, 4, None, None, progress=False)["loss"]
+    m0 = {"learned": 0.0, "kept": 1.0, "val_loss": loss0}
+    print("before", m0, flush=True)
+    curves = {"before": m0}
+    seconds = {}
+    for method in a.methods:
+        run = load_run(a.run, a.device)
+        points = []
+
+        def evaluate(step, model, points=points, method=method):
+            if step % a.eval_every == 0 or step == a.steps:
+                m = measure(model, tok, taught_recs, kept_recs, val, seq_len) | {"step": step}
+                points.append(m)
+                print(method, m, flush=True)
+
+        args = FinetuneArgs(method=method, steps=a.steps, lr=lrs[method], top_t=a.top_t,
+                            rank=a.rank, batch_size=a.batch_size, background_batches=4,
+                            seed=a.seed)  # fmt: skip
+        t0 = time.perf_counter()
+        done = finetune_model(run.model, tokens, args, seq_len, a.batch_size, run.args.optim,
+                              background, after_step=evaluate)  # fmt: skip
+        seconds[method] = time.perf_counter() - t0
+        curves[method] = {"lr": lrs[method], "points": points, "losses": done.losses,
+                          "rows_touched": done.rows_touched}  # fmt: skip
+        del run
+
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if "Model name" in ln),
+               platform.processor())  # fmt: skip
+    if a.device.startswith("cuda"):
+        import torch
+
+        cpu = f"GPU {torch.cuda.get_device_name(a.device)} (host {cpu})"
+    cmd = " ".join(["python benchmarks/bench_retrofit.py", *sys.argv[1:]])
+    lines = [
+        f"`{cmd}`",
+        "",
+        f"Device: {cpu}; {time.strftime('%Y-%m-%d')}; {time.perf_counter() - t_start:.0f} s in "
+        f"all. Run: {base.run_dir} (step {base.step}). Pool: {len(pool)} questions, "
+        f"{len(known)} answered right before. Taught: {len(teach)} facts it got wrong, "
+        f"{len(docs)} statement documents ({len(tokens):,} tokens); {a.steps} steps of "
+        f"{a.batch_size} x {seq_len} tokens. Forgetting: the {len(keep)} kept questions (right "
+        f"before), loss on {a.val_tokens:,} held-out corpus tokens.",
+        "",
+        "| method | lr | seconds | facts learned (EM, held-out phrasing) | kept (EM of those "
+        "right before) | val loss | Δ val loss |",
+        "|---|---|---|---|---|---|---|",
+        f"| before | | | {m0['learned']:.1%} | {m0['kept']:.1%} | {m0['val_loss']:.4f} | |",
+    ]
+    for method in a.methods:
+        c = curves[method]
+        m = c["points"][-1]
+        label = method + (f", t = {a.top_t}" if method == "sparse-memory" else "")
+        label += f", r = {a.rank}" if method == "lora" else ""
+        lines.append(
+            f"| {label} | {c['lr']:g} | {seconds[method]:.0f} | {m['learned']:.1%} | "
+            f"{m['kept']:.1%} | {m['val_loss']:.4f} | {m['val_loss'] - m0['val_loss']:+.4f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
+        Path(a.out).with_suffix(".json").write_text(json.dumps(curves, indent=1) + "\n")
+    if a.plot:
+        plot(curves, a.methods, a.plot)
+
+
+def plot(curves: dict, methods, path: str) -> None:
+    """Facts learned (y) against forgetting (x: right answers lost; Δ val loss), one line
+    per method through its evaluation steps, from the model before finetuning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m0 = curves["before"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method in methods:
+        pts = [m0 | {"step": 0}, *curves[method]["points"]]
+        y = [100 * p["learned"] for p in pts]
+        for ax, x in (
+            (axes[0], [100 * (m0["kept"] - p["kept"]) for p in pts]),
+            (axes[1], [p["val_loss"] - m0["val_loss"] for p in pts]),
+        ):
+            ax.plot(x, y, marker="o", label=method)
+            for xi, yi, p in zip(x, y, pts, strict=True):
+                ax.annotate(str(p["step"]), (xi, yi), fontsize=7, alpha=0.7)
+    axes[0].set_xlabel("right answers lost (points of EM)")
+    axes[1].set_xlabel("Δ held-out loss (nats)")
+    for ax in axes:
+        ax.set_ylabel("new facts learned (EM %)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("SmolLM2-135M + Memory+: facts learned vs forgotten (labels: steps)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
