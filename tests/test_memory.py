@@ -365,3 +365,22 @@ def test_batch_norm_and_balance_loss_compile_into_one_graph(training):
         assert layer.router.query.weight.grad is not None
     else:
         assert layer.aux_loss is None
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients_with_both_options():
+    # The trainer compiles block by block (parallel.compile_blocks): the balance loss set
+    # on the layer inside a compiled block must still reach the model's loss.
+    mem = MemoryConfig(n_keys=8, heads=2, topk=4, impl="torch", query_batch_norm=True,
+                       balance_loss=0.5)  # fmt: skip
+    cfg = ModelConfig(dim=16, n_layers=2, n_heads=2, vocab_size=32, memory_layers=[0, 1],
+                      multiple_of=16, memory=mem)  # fmt: skip
+    eager, compiled = build_model(cfg, seed=0), build_model(cfg, seed=0)
+    for block in compiled.layers:
+        block.compile(fullgraph=True, backend="aot_eager")
+    tokens = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(7))
+    for model in (eager, compiled):
+        model(tokens, targets=tokens).backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    for a, b in zip(eager.memory_layers(), compiled.memory_layers(), strict=True):
+        torch.testing.assert_close(b.router.query_mean, a.router.query_mean)

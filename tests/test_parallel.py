@@ -70,8 +70,8 @@ def test_sharded_lookup_matches_reference(world, sparse):
     _spawn(_lookup_worker, world, sparse)
 
 
-def _train_step_worker(rank, world):
-    cfg = MemoryConfig(n_keys=8, heads=2, topk=3, k_dim=8, v_dim=DIM, impl="torch")
+def _train_step_worker(rank, world, options):
+    cfg = MemoryConfig(n_keys=8, heads=2, topk=3, k_dim=8, v_dim=DIM, impl="torch", **options)
     # float64: Adam's first step is ~lr·sign(g), so fp32 summation-order noise in tiny
     # gradients would show up as O(lr) differences.
     f64 = torch.float64
@@ -84,29 +84,41 @@ def _train_step_worker(rank, world):
     xs = [torch.randn(2 + r, 12, dtype=f64) for r in range(world)]
     target = [torch.randn(2 + r, 12, dtype=f64) for r in range(world)]
 
-    def step(layer, values, x, t, reduce_dense):
+    def step(layer, values, batches, reduce_dense):
         dense = list(layer.parameters())
         opt = torch.optim.Adam(dense, lr=1e-2)
         vopt = SparseValueAdam(values.parameters(), lr=1e-2)
-        (layer(x) - t).square().sum().backward()
+        loss = 0
+        for x, t in batches:
+            loss = loss + (layer(x) - t).square().sum()
+            loss = loss + (layer.aux_loss if layer.aux_loss is not None else 0)
+        loss.backward()
         if reduce_dense:  # data parallel for the dense parameters (FSDP does this)
             for p in dense:
                 dist.all_reduce(p.grad)
         opt.step()
         vopt.step()
 
-    step(ref_layer, ref_values, torch.cat(xs), torch.cat(target), reduce_dense=False)
+    # The batch norm and the balance loss see each rank's own batch: the reference runs
+    # the ranks' batches one by one then.
+    whole = [(torch.cat(xs), torch.cat(target))]
+    ref_batches = list(zip(xs, target, strict=True)) if options else whole
+    step(ref_layer, ref_values, ref_batches, reduce_dense=False)
     shard_values_(values, dist.group.WORLD)
-    step(layer, values, xs[rank], target[rank], reduce_dense=True)
+    step(layer, values, [(xs[rank], target[rank])], reduce_dense=True)
     cols = slice(values.shard.start, values.shard.start + values.shard.width)
     torch.testing.assert_close(values.weight, ref_values.weight[:, cols])
     for (name, p), q in zip(layer.named_parameters(), ref_layer.parameters(), strict=True):
         torch.testing.assert_close(p, q, msg=name)
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_one_training_step_matches_reference(world):
-    _spawn(_train_step_worker, world)
+@pytest.mark.parametrize(
+    "world,options",
+    [(2, {}), (4, {}), (2, dict(query_batch_norm=True, balance_loss=0.5))],
+    ids=["2", "4", "2-query-batch-norm-balance-loss"],
+)
+def test_one_training_step_matches_reference(world, options):
+    _spawn(_train_step_worker, world, options)
 
 
 def _init_worker(rank, world):
