@@ -34,11 +34,10 @@ import torch.nn as nn
 from memlayers.hf import _transformers, add_memory
 from memlayers.memory import MemoryValues
 from memlayers.model import Transformer
+from memlayers.retrofit import LLAMA_ATTENTION as _ATTENTION
+from memlayers.retrofit import LLAMA_SWIGLU as _SWIGLU
 from memlayers.retrofit import ParallelMemory
 from memlayers.run import load_run
-
-_ATTENTION = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
-_SWIGLU = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 def _check_exportable(model: Transformer) -> None:

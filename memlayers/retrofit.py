@@ -160,8 +160,12 @@ def architecture_from_transformers(config) -> dict:
     )
 
 
-_ATTENTION = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo"}
-_SWIGLU = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+# Llama's projection names for memlayers' (memlayers.export maps this way round; the
+# pretrained weights come in through the inverses).
+LLAMA_ATTENTION = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
+LLAMA_SWIGLU = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_ATTENTION = {hf: ours for ours, hf in LLAMA_ATTENTION.items()}
+_SWIGLU = {hf: ours for ours, hf in LLAMA_SWIGLU.items()}
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 
 
