@@ -5,7 +5,8 @@
     TRITON_INTERPRET=1 python benchmarks/bench_row_adam.py --smoke    # CPU: code paths
 
 Paper shape (docs/method.md §4): a 1,048,576-row bf16 table with fp32 moments, the rows
-that 16,384 × 128 uniform lookups touch (~907k). Bytes are the fewest a step moves: Adam
+that 16,384 × 128 uniform lookups touch (~907k); the table is stored stochastically
+rounded, as with ``model.memory.value_dtype=bf16``. Bytes are the fewest a step moves: Adam
 reads and writes param and both moments (fp32; or bf16 with stochastic rounding) of the
 touched rows and reads their gradient rows; SGD reads and writes param and reads the gradient.
 """
@@ -49,7 +50,7 @@ def bench_dim(args, table: Table, d: int, device) -> None:
               timed(lambda: row_adam_step_triton(values, rows, grad, m16, v16, 1, **hp)),
               u * (per_row["bf16"] + 8), f"{note}; {per_row['bf16']} B/row")  # fmt: skip
     table.add(f"D={d}: row SGD step (bf16 table)",
-              timed(lambda: row_sgd_step_triton(values, rows, grad, 1e-3)),
+              timed(lambda: row_sgd_step_triton(values, rows, grad, 1, 1e-3)),
               u * (per_row["sgd"] + 8), f"{note}; {per_row['sgd']} B/row")  # fmt: skip
     for bd, wp in [(512, 4), (2048, 8), (1024, 8), (256, 2)] if args.sweep else ():
         fn = lambda bd=bd, wp=wp: row_adam_step_triton(  # noqa: E731

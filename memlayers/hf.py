@@ -207,7 +207,8 @@ def add_memory(
 
     ``config``: a :class:`MemoryConfig` (default :func:`default_memory_config` of the
     model's hidden size). One value table serves every listed layer; each layer gets its
-    own keys, query and gating. The memory is built on the model's device and dtype, and
+    own keys, query and gating. The memory is built on the model's device and dtype (with
+    ``config.value_dtype="bf16"`` the value table is bf16 whatever the model's), and
     the settings are recorded in ``model.config.memlayers`` so ``save_pretrained`` keeps
     them (:func:`load_pretrained_with_memory` reads them back).
     """
@@ -230,7 +231,10 @@ def add_memory(
     ref = next(model.parameters())  # the model's device and dtype (meta while loading)
     merge = config.merge_grads and len(layers) > 1
     values = MemoryValues(config.n_rows, v_dim, merge_grads=merge, device=ref.device)
-    model.model.memory_values = values.to(ref.dtype)  # registered once, by the model
+    # value_dtype=bf16 keeps a bf16 table in a model of any dtype (an exported run's);
+    # fp32, the default, takes the model's.
+    table_dtype = torch.bfloat16 if config.value_dtype == "bf16" else ref.dtype
+    model.model.memory_values = values.to(table_dtype)  # registered once, by the model
     for i in layers:
         memory = ProductKeyMemory(hidden, config, values, device=ref.device).to(ref.dtype)
         silence_output_(memory)

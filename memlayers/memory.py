@@ -33,6 +33,9 @@ from memlayers.ops.quantized import (
 from memlayers.router import ProductKeyRouter, balance_loss, load_old_router_names
 from memlayers.usage import MemoryUsage, RowCounts
 
+# model.memory.value_dtype: the value table's dtype.
+VALUE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 def _positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -72,6 +75,10 @@ class MemoryConfig:
     # Weight of the load-balancing loss on the half-key choices (router.balance_loss),
     # added to the training loss's gradient by the model; 0: off (docs/usage.md, study 2).
     balance_loss: float = 0.0
+    # The value table's dtype: fp32 | bf16. bf16 halves the bytes of the table and of the
+    # rows its lookups and its optimizer step move; the row-wise optimizers store it
+    # stochastically rounded (memlayers/ops/row_adam.py), so small updates are not lost.
+    value_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -80,6 +87,11 @@ class MemoryConfig:
     def n_rows(self) -> int:
         """Rows of the value table (``n_keys**2``)."""
         return self.n_keys**2
+
+    @property
+    def table_dtype(self) -> torch.dtype:
+        """The value table's torch dtype (``value_dtype``)."""
+        return VALUE_DTYPES[self.value_dtype]
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and its value for invalid settings."""
@@ -112,6 +124,11 @@ class MemoryConfig:
         w = self.balance_loss
         if isinstance(w, bool) or not isinstance(w, int | float) or not (0.0 <= w < math.inf):
             raise ValueError(f"balance_loss must be a finite weight >= 0, got balance_loss={w!r}")
+        if self.value_dtype not in VALUE_DTYPES:
+            raise ValueError(
+                f"value_dtype must be one of {tuple(VALUE_DTYPES)}, got "
+                f"value_dtype={self.value_dtype!r}"
+            )
 
     def resolved_dims(self, dim: int) -> tuple[int, int]:
         """``(k_dim, v_dim)`` for a model of width ``dim``, validated."""
@@ -381,7 +398,9 @@ class ProductKeyMemory(nn.Module):
         k_dim, v_dim = config.resolved_dims(dim)
         self.dim, self.k_dim, self.v_dim, self.config = dim, k_dim, v_dim, config
         if values is None:
-            self.owned_values = MemoryValues(config.n_rows, v_dim, device=device)
+            self.owned_values = MemoryValues(
+                config.n_rows, v_dim, dtype=config.table_dtype, device=device
+            )
         else:
             if not isinstance(values, MemoryValues):
                 raise ValueError(f"values must be a MemoryValues, got {type(values).__name__}")
@@ -477,6 +496,10 @@ class ProductKeyMemory(nn.Module):
         if self.usage is not None and (self.training or isinstance(self.usage, MemoryUsage)):
             self.usage.update(indices, weights)
         y = self.values.lookup(indices, weights, impl=cfg.impl)  # [N, v_dim]
+        if not torch.is_autocast_enabled(y.device.type):
+            # A bf16 table in an fp32 model (value_dtype): the layer goes on in the input's
+            # dtype. Under autocast the bf16 rows go on as they are (so is their gradient).
+            y = y.to(x.dtype)
         y = F.dropout(y, cfg.value_dropout, self.training)
         h = x.reshape(-1, self.dim)
         if cfg.swilu:

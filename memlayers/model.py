@@ -326,8 +326,9 @@ class Transformer(nn.Module):
             _, v_dim = cfg.memory.resolved_dims(cfg.dim)
             shared_by = kinds.count("memory")
             self.memory_values = MemoryValues(
-                cfg.memory.n_rows, v_dim, merge_grads=cfg.memory.merge_grads and shared_by > 1
-            )
+                cfg.memory.n_rows, v_dim, dtype=cfg.memory.table_dtype,
+                merge_grads=cfg.memory.merge_grads and shared_by > 1,
+            )  # fmt: skip
         self.layers = nn.ModuleList(
             Block(cfg, i, kind, self.memory_values) for i, kind in enumerate(kinds)
         )

@@ -236,6 +236,15 @@ def build_optimizer(model: nn.Module, args: OptimArgs, impl: str = "auto") -> Op
             f"{sorted({t.sparse_grad for t in tables})}: build the model with "
             f"sparse_values=uses_sparse_values(optim args)"
         )
+    if not sparse and any(t.dtype == torch.bfloat16 for t in tables):
+        # torch's AdamW would keep bf16 moments and round each update of the table to
+        # nearest: updates below half a bf16 step (2^-9 to 2^-8 of the value) are lost.
+        raise ValueError(
+            f"bf16 value tables (model.memory.value_dtype=bf16) need a row-sparse value "
+            f"optimizer, which stores them stochastically rounded: use "
+            f"optim.value_optimizer=sparse_adam (or _rowwise, _bf16), not "
+            f"{args.value_optimizer!r}"
+        )
     rowwise_v = args.value_optimizer == "sparse_adam_rowwise"
     sharded = [t.shard.world for t in tables if t.shard is not None and t.shard.world > 1]
     if rowwise_v and sharded:

@@ -19,6 +19,13 @@ time not yet measured).
 rounding, deterministic per step: :mod:`memlayers.ops.row_adam`): half the state, 29-36%
 fewer bytes per touched row (20·D vs 28·D for an fp32 table, 14·D vs 22·D for bf16).
 
+A bf16 table (``model.memory.value_dtype=bf16``) is stored stochastically rounded from
+each step's fp32 result by both optimizers (unbiased, so updates far below a bf16 step
+still move it; bits of their own, deterministic per step: :mod:`memlayers.ops.row_adam`).
+Bytes per touched row with a bf16 table (and its bf16 gradient): 22·D with fp32
+moments, 14·D with bf16 moments, 14·D + 8 with a row-wise v, against 28·D for an fp32
+table with fp32 moments; SGD 6·D against 12·D (counted; GPU time not yet measured).
+
 The steps run as Triton kernels on CUDA (``impl="auto"``) and as the PyTorch references
 elsewhere; both live in :mod:`memlayers.ops.row_adam`.
 """
@@ -192,11 +199,15 @@ class SparseValueAdam(_RowOptimizer):
 class SparseValueSGD(_RowOptimizer):
     """Row-wise SGD for value tables: ``p[rows] -= lr * g`` on the touched rows only.
 
-    ``impl``: ``"auto"`` (Triton on CUDA) | ``"torch"`` | ``"triton"``.
+    ``impl``: ``"auto"`` (Triton on CUDA) | ``"torch"`` | ``"triton"``. The state is a
+    step count per parameter (in ``state_dict``): it seeds a bf16 table's stochastic
+    rounding, so a resumed run draws the bits the uninterrupted one would.
     """
 
     def __init__(self, params, lr=1e-2, impl="auto"):
         super().__init__(params, dict(lr=lr), impl)
 
     def _update(self, p, group, rows, grad):
-        row_sgd_step_(p, rows, grad, group["lr"], impl=self.impl)
+        state = self.state[p]
+        state["step"] = state.get("step", 0) + 1
+        row_sgd_step_(p, rows, grad, state["step"], group["lr"], impl=self.impl)

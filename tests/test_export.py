@@ -73,11 +73,12 @@ def test_dense_model_loads_with_plain_transformers(tmp_path):
     assert torch.equal(ours, theirs)
 
 
-def test_untied_memory_plus_model(tmp_path):
+@pytest.mark.parametrize("value_dtype", ["fp32", "bf16"])
+def test_untied_memory_plus_model(tmp_path, value_dtype):
     cfg = ModelConfig(
         dim=32, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=50, multiple_of=16,
         max_seq_len=32, init_std=0.2, memory_layers=[1, 3],
-        memory=MemoryConfig(n_keys=8, heads=2, topk=4),
+        memory=MemoryConfig(n_keys=8, heads=2, topk=4, value_dtype=value_dtype),
     )  # fmt: skip
     model = build_model(cfg, seed=1).eval()
     with torch.no_grad():  # wake the memory: its output projection starts at zero
@@ -90,6 +91,9 @@ def test_untied_memory_plus_model(tmp_path):
         hf.save_pretrained(tmp_path)
         back = load_pretrained_with_memory(tmp_path).eval()
         torch.testing.assert_close(back(x).logits, model(x), **TOL)
+    # A bf16 table stays bf16 (in an fp32 model): the same numbers, the same lookups.
+    for m in (hf, back):
+        assert m.model.memory_values.weight.dtype == model.memory_values.weight.dtype
 
 
 def test_bpe_tokenizer_encodes_like_the_run():

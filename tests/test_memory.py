@@ -126,6 +126,35 @@ def test_bf16_table():
     assert values.weight.grad.dtype == torch.bfloat16
 
 
+def test_value_dtype_bf16_builds_bf16_tables_that_an_fp32_model_reads():
+    # Shared (Memory+) and owned tables follow model.memory.value_dtype, meta build too.
+    mem = dict(n_keys=8, heads=2, topk=4, value_dtype="bf16")
+    base = dict(dim=16, n_layers=3, n_heads=2, vocab_size=32, multiple_of=16)
+    shared = build_model(ModelConfig(**base, memory_layers=[0, 2], memory=MemoryConfig(**mem)))
+    assert shared.memory_values.weight.dtype == torch.bfloat16
+    assert shared.memory_values.weight.std().item() == pytest.approx(16**-0.5, rel=0.2)
+    owned = build_model(
+        ModelConfig(**base, memory_layers=[1], memory=MemoryConfig(**mem, share_values=False))
+    )
+    assert owned.layers[1].ffn.values.weight.dtype == torch.bfloat16
+    assert build_model(ModelConfig(**base, memory_layers=[1])).layers[1].ffn.values.dtype == (
+        torch.float32
+    )
+    # Without swilu the rows meet a Linear: in fp32 they are widened to the input's dtype;
+    # under autocast the bf16 rows go on as they are.
+    layer = ProductKeyMemory(16, MemoryConfig(**mem, swilu=False, impl="torch"))
+    seen = []
+    layer.out_proj.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype))
+    x = torch.randn(3, 16)
+    y = layer(x)
+    y.square().sum().backward()
+    assert y.dtype == torch.float32 and seen == [torch.float32]
+    assert layer.values.weight.grad.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert seen[-1] == torch.bfloat16
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -146,6 +175,7 @@ def test_bf16_table():
         (dict(balance_loss=-0.1), "balance_loss=-0.1"),
         (dict(balance_loss=float("inf")), "balance_loss=inf"),
         (dict(balance_loss=True), "balance_loss=True"),
+        (dict(value_dtype="fp16"), "value_dtype must be one of .*got value_dtype='fp16'"),
     ],
 )
 def test_config_errors(kwargs, match):

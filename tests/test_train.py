@@ -55,8 +55,10 @@ def tiny_args(run_dir, *overrides) -> TrainArgs:
         ["optim.value_optimizer=adamw", "grad_accum=2", "model.memory.value_dropout=0.2"],
         # running query statistics are buffers: saved, restored, compared below
         ["model.memory.query_batch_norm=true", "model.memory.balance_loss=0.5"],
+        # a bf16 table: its stochastic rounding repeats (the bits follow the step)
+        ["model.memory.value_dtype=bf16"],
     ],
-    ids=["sparse-adam", "adamw-accum-dropout", "query-batch-norm-balance-loss"],
+    ids=["sparse-adam", "adamw-accum-dropout", "query-batch-norm-balance-loss", "bf16-values"],
 )
 def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, extra):
     full = train(tiny_args(tmp_path / "a", "steps=6", "checkpoint.every=3", *extra))
@@ -431,6 +433,7 @@ def test_old_value_lr_key_on_the_command_line_names_the_new_one():
         ("dtype=fp8", "dtype"),
         ("data.batch_size=-1", "batch_size"),
         ("logging.usage=sometimes", "usage"),
+        ("model.memory.value_dtype=fp16", "value_dtype"),
     ],
 )
 def test_bad_config_is_a_value_error_naming_the_key(override, message):
@@ -582,6 +585,21 @@ def test_param_groups_and_value_optimizer_choice():
     dense = build_optimizer(model, OptimArgs(value_optimizer="adamw"))
     assert set(dense.optimizers) == {"adamw"} and not model.memory_values.sparse_grad
     assert {g["name"] for g in dense.param_groups} == {"decay", "no_decay", "values"}
+
+
+def test_bf16_value_table_trains_on_cpu(tmp_path):
+    # model.memory.value_dtype=bf16: the shared table (two layers, merged gradient) stays
+    # bf16 through training and the checkpoint, the loss falls, rows move.
+    args = tiny_args(tmp_path, "steps=8", "checkpoint.every=4", "model.memory.value_dtype=bf16")
+    losses = [r["loss"] for r in train(args)]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    tables = [
+        load_model_from_checkpoint(tmp_path / "checkpoints" / f"step_00000{s}").memory_values
+        for s in (4, 8)
+    ]
+    assert all(t.weight.dtype == torch.bfloat16 for t in tables)
+    assert (tables[0].weight != tables[1].weight).any(dim=1).any()
+    assert load_config([], ["model.memory.value_dtype=bf16"]).model.memory.value_dtype == "bf16"
 
 
 def test_lr_schedule():

@@ -11,7 +11,14 @@ import triton.language as tl
 
 from memlayers import SparseValueAdam, SparseValueSGD
 from memlayers.ops import embedding_bag
-from memlayers.ops.row_adam import rounding_noise, row_adam_step_torch, row_sgd_step_torch
+from memlayers.ops.row_adam import (
+    param_round_seed,
+    round_seed,
+    rounding_noise,
+    row_adam_step_torch,
+    row_sgd_step_torch,
+    stochastic_round_bf16,
+)
 from memlayers.ops.row_adam_triton import _noise as _tile_noise
 from memlayers.ops.row_adam_triton import row_adam_step_triton, row_sgd_step_triton
 
@@ -110,8 +117,8 @@ def test_row_sgd_matches_reference(dtype):
     p_ref, p_tri = _table(n, d, dtype), _table(n, d, dtype)
     rows = _rows(n, 7, seed=3)
     grad = _table(rows.numel(), d, dtype, seed=4)
-    row_sgd_step_torch(p_ref, rows, grad, 0.1)
-    row_sgd_step_triton(p_tri, rows, grad, 0.1)
+    row_sgd_step_torch(p_ref, rows, grad, 1, 0.1)
+    row_sgd_step_triton(p_tri, rows, grad, 1, 0.1)
     _assert_param_close(p_tri, p_ref)
     untouched = torch.ones(n, dtype=torch.bool, device=DEVICE)
     untouched[rows] = False
@@ -471,3 +478,143 @@ def test_kernel_noise_across_a_2_32_offset_boundary():
         _noise_kernel[(1,)](out, start, seed, BLOCK=64)
         ref = rounding_noise(first + torch.arange(64), seed)
         assert torch.equal(out.cpu(), ref)
+
+
+# A bf16 table (model.memory.value_dtype=bf16): the parameter stored stochastically rounded,
+# the same bits in both paths, its own stream, unbiased where round-to-nearest loses the
+# update, exact resume (SGD's step count too).
+
+
+@pytest.mark.parametrize("rowwise", [False, True], ids=["elementwise-v", "rowwise-v"])
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_bf16_param_matches_reference(sparse, moments, rowwise):
+    n, d = 24, 37
+    mdt = DTYPES[moments]
+    params = [_table(n, d, torch.bfloat16) for _ in range(2)]
+    sq = (lambda: torch.zeros(n, device=DEVICE)) if rowwise else (
+        lambda: torch.zeros(n, d, device=DEVICE, dtype=mdt))  # fmt: skip
+    states = [[torch.zeros(n, d, device=DEVICE, dtype=mdt), sq()] for _ in range(2)]
+    for step in (1, 2, 3, 4):
+        rows = _rows(n, 9, seed=step) if sparse else None
+        grad = _table(9 if sparse else n, d, torch.bfloat16, seed=10 + step)
+        for fn, p, (m, v) in zip(
+            (row_adam_step_torch, row_adam_step_triton), params, states, strict=True
+        ):
+            fn(p, rows, grad, m, v, step, weight_decay=0.1, rowwise_v=rowwise, **HP)
+    assert params[1].dtype == torch.bfloat16
+    if CUDA:  # fused multiply-adds may move the fp32 result, rarely across a cut
+        _assert_param_close(params[1], params[0], travel=4 * HP["lr"])
+    else:  # the interpreter's fp32 arithmetic is the reference's: the same bits
+        assert torch.equal(params[1], params[0])
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_row_sgd_bf16_param_matches_reference(sparse, dtype):
+    n, d = 25, 19
+    params = [_table(n, d, dtype) for _ in range(2)]
+    for step in (1, 2, 3):
+        rows = _rows(n, 7, seed=step) if sparse else None
+        grad = _table(7 if sparse else n, d, dtype, seed=4 + step)
+        row_sgd_step_torch(params[0], rows, grad, step, 0.01)
+        row_sgd_step_triton(params[1], rows, grad, step, 0.01)
+    if CUDA:  # the kernel fuses p - lr·g into one multiply-add: fp32 rounding apart
+        _assert_param_close(params[1], params[0])
+    else:  # the interpreter's fp32 arithmetic is the reference's: the same bits
+        assert torch.equal(params[1], params[0])
+    if dtype == torch.float32:  # fp32 as before: the exact fp32 result, no rounding
+        want = _table(n, d, dtype)
+        for step in (1, 2, 3):
+            rows = _rows(n, 7, seed=step) if sparse else None
+            grad = _table(7 if sparse else n, d, dtype, seed=4 + step)
+            sel = slice(None) if rows is None else rows
+            want[sel] = want[sel] - 0.01 * grad
+        assert torch.equal(params[0], want)
+
+
+def test_param_rounding_draws_bits_independent_of_the_moments():
+    # The same value rounded with the moments' bits and with the parameter's: each is
+    # unbiased, and they agree about half the time (the same bits would agree always).
+    n, x = 1 << 16, 1.0 + 2**-8  # half a bf16 step above 1
+    offsets = torch.arange(n)
+    for step in (1, 2, 1000):
+        assert param_round_seed(step) != round_seed(step)
+        up_m = stochastic_round_bf16(torch.full((n,), x), rounding_noise(offsets, round_seed(step)))
+        seed = param_round_seed(step)
+        up_p = stochastic_round_bf16(torch.full((n,), x), rounding_noise(offsets, seed))
+        up_v = stochastic_round_bf16(
+            torch.full((n,), x), rounding_noise(offsets, round_seed(step)) >> 16
+        )
+        for up in (up_m, up_p):
+            assert abs(up.float().mean().item() - x) < 4 * 2**-7 / 2 / n**0.5
+        for other in (up_m, up_v):
+            agree = (up_p == other).float().mean().item()
+            assert 0.48 < agree < 0.52, agree
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+def test_bf16_table_keeps_updates_below_its_rounding_step(opt, impl):
+    # Values in [1, 2) have a bf16 step of 2^-7; an update of 2^-12 (1/32 step) a step is
+    # lost by round-to-nearest every time (the value never moves). Stochastic rounding
+    # moves the values by it on average: after 64 steps, 2^-6 (two steps) down.
+    n, d, steps, lr = 4, 1024, 64, 2**-12
+    g = torch.Generator().manual_seed(0)
+    start = (1.25 + 0.5 * torch.rand(n, d, generator=g)).bfloat16().to(DEVICE)
+    table = torch.nn.Parameter(start.clone())
+    # Adam's step with a constant gradient is lr (m̂ / √v̂ = 1); SGD's is lr · g.
+    make = {"adam": lambda: SparseValueAdam([table], lr=lr, eps=1e-12, impl=impl),
+            "sgd": lambda: SparseValueSGD([table], lr=lr, impl=impl)}  # fmt: skip
+    optim = make[opt]()
+    for _ in range(steps):
+        table.grad = torch.ones(n, d, device=DEVICE, dtype=torch.bfloat16)
+        optim.step()
+    moved = (start.float() - table.detach().float()).mean().item()
+    # Per value: 64 roundings of variance <= step² · (1/32)(31/32): sd ~1.4 steps; over
+    # 4096 values the mean's sd is ~2^-7 · 1.4 / 64 = 1.7e-4. A round-to-nearest moves 0.
+    assert abs(moved - steps * lr) < 1e-3, moved
+    rtn = start.float()
+    for _ in range(steps):
+        rtn = (rtn - lr).bfloat16().float()
+    assert torch.equal(rtn, start.float())  # what the round-to-nearest store does
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_sgd_step_count_resumes_the_rounding_exactly(impl):
+    n, d = 20, 8
+    tables = [torch.nn.Parameter(_table(n, d, torch.bfloat16)) for _ in range(3)]
+    opts = [SparseValueSGD([t], lr=1e-3, impl=impl) for t in tables]
+
+    def step(table, opt, seed):
+        rows = _rows(n, 6, seed)
+        g = _table(rows.numel(), d, torch.bfloat16, seed=50 + seed)
+        table.grad = torch.sparse_coo_tensor(rows[None], g, (n, d), check_invariants=True)
+        opt.step()
+
+    for t, o in zip(tables, opts, strict=True):
+        for seed in (1, 2):
+            step(t, o, seed)
+    saved = opts[1].state_dict()
+    assert saved["state"][0]["step"] == 2
+    resumed = SparseValueSGD([tables[1]], lr=1e-3, impl=impl)
+    resumed.load_state_dict(saved)
+    step(tables[0], opts[0], 3)
+    step(tables[1], resumed, 3)
+    assert torch.equal(tables[1], tables[0])
+    # A fresh optimizer would start the count again and draw other bits (step 1's).
+    step(tables[2], SparseValueSGD([tables[2]], lr=1e-3, impl=impl), 3)
+    assert not torch.equal(tables[2], tables[0])
+
+
+def test_bf16_table_needs_a_row_sparse_value_optimizer():
+    from memlayers.memory import MemoryValues
+    from memlayers.optim import OptimArgs, build_optimizer
+
+    model = _memory_model()
+    model.values = MemoryValues(16, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="value_dtype=bf16.*not 'adamw'"):
+        build_optimizer(model, OptimArgs(value_optimizer="adamw"), impl="torch")
+    model.values.sparse_grad = True
+    opt = build_optimizer(model, OptimArgs(), impl="torch").optimizers["values"]
+    assert opt.param_groups[0]["params"][0].dtype == torch.bfloat16

@@ -2,7 +2,8 @@
 checks and dispatchers live in :mod:`memlayers.ops.row_adam`). One program per (touched
 row, column tile): a pure stream over ``param``, ``exp_avg``, ``exp_avg_sq`` and ``grad``
 rows, fp32 arithmetic (95-99% of copy bandwidth on an H100, benchmarks/NOTES.md). bf16
-moments are read as fp32 and stored stochastically rounded (:mod:`memlayers.ops.row_adam`).
+moments are read as fp32 and stored stochastically rounded, and so is a bf16 parameter,
+with bits of its own seed (:mod:`memlayers.ops.row_adam`).
 
 The row-wise second moment needs the mean of ``g²`` over the whole row before any column
 is updated, so its kernel runs one program per touched row, looping over column tiles
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memlayers.ops.row_adam import check_rows, round_seed
+from memlayers.ops.row_adam import check_rows, param_round_seed, round_seed
 from memlayers.ops.triton_interpreter import patch_triton_interpreter
 
 patch_triton_interpreter()
@@ -68,15 +69,24 @@ def _noise(offs, first, seed):
 
 @triton.jit
 def _stored(x, noise, BF16: tl.constexpr):
-    """``x`` (fp32) as the moment is stored: itself, or stochastically rounded to bf16 with
-    the low 16 bits of ``noise`` (:func:`memlayers.ops.row_adam.stochastic_round_bf16`,
-    the same bits)."""
+    """``x`` (fp32) as a moment or parameter is stored: itself, or stochastically rounded
+    to bf16 with the low 16 bits of ``noise``
+    (:func:`memlayers.ops.row_adam.stochastic_round_bf16`, the same bits)."""
     if BF16:
         bits = (x.to(tl.uint32, bitcast=True) + (noise & 0xFFFF)) & tl.full(
             [], 0xFFFF0000, tl.uint32
         )
         x = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
     return x
+
+
+@triton.jit
+def _store_param(param_ptr, offs, mask, p, first, param_seed, BF16_P: tl.constexpr):
+    """Store the new parameter ``p`` (fp32) at ``offs`` (consecutive from ``first``):
+    stochastically rounded with the bits of ``param_seed`` when bf16, else cast."""
+    if BF16_P:
+        p = _stored(p, _noise(offs, first, param_seed), True)
+    tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -97,11 +107,13 @@ def row_adam_kernel(
     eps,
     neg_step_size,  # -lr / bc1
     seed,  # stochastic rounding seed of this step (bf16 moments)
+    param_seed,  # the same for a bf16 param: another stream (row_adam.param_round_seed)
     DENSE: tl.constexpr,
     DECAY: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BF16_M: tl.constexpr,  # exp_avg is bf16
     BF16_V: tl.constexpr,  # exp_avg_sq is bf16
+    BF16_P: tl.constexpr,  # param is bf16: stored stochastically rounded
 ):
     row, cols, mask, g = _row_tile(rows_ptr, grad_ptr, D, n_dtiles, DENSE, BLOCK_D)
     offs = row * D + cols  # int64: tables past 2**31 elements
@@ -115,14 +127,14 @@ def row_adam_kernel(
         p = p * decay
     denom = tl.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
     p = p + neg_step_size * tl.div_rn(m, denom)
+    first = row * D + (tl.program_id(0).to(tl.int64) % n_dtiles) * BLOCK_D  # the tile's first
     if BF16_M | BF16_V:
-        start = (tl.program_id(0).to(tl.int64) % n_dtiles) * BLOCK_D  # the tile's first column
-        noise = _noise(offs, row * D + start, seed)
+        noise = _noise(offs, first, seed)
     else:
         noise = offs  # unused
     tl.store(exp_avg_ptr + offs, _stored(m, noise, BF16_M), mask=mask)
     tl.store(exp_avg_sq_ptr + offs, _stored(v, noise >> 16, BF16_V), mask=mask)
-    tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
+    _store_param(param_ptr, offs, mask, p, first, param_seed, BF16_P)
 
 
 @triton.jit
@@ -143,11 +155,13 @@ def row_adam_rowwise_kernel(
     eps,
     neg_step_size,  # -lr / bc1
     seed,  # stochastic rounding seed of this step (bf16 exp_avg)
+    param_seed,  # the same for a bf16 param: another stream (row_adam.param_round_seed)
     DENSE: tl.constexpr,
     DECAY: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BF16_M: tl.constexpr,
     BF16_V: tl.constexpr,
+    BF16_P: tl.constexpr,
 ):
     tl.static_assert(not BF16_V, "the row-wise second moment is fp32")
     u = tl.program_id(0).to(tl.int64)
@@ -183,7 +197,7 @@ def row_adam_rowwise_kernel(
         else:
             noise = offs  # unused
         tl.store(exp_avg_ptr + offs, _stored(m, noise, BF16_M), mask=mask)
-        tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
+        _store_param(param_ptr, offs, mask, p, row * D + t * BLOCK_D, param_seed, BF16_P)
 
 
 @triton.jit
@@ -194,13 +208,17 @@ def row_sgd_kernel(
     D,
     n_dtiles,
     lr,
+    param_seed,  # stochastic rounding seed of a bf16 param (row_adam.param_round_seed)
     DENSE: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BF16_P: tl.constexpr,
 ):
     row, cols, mask, g = _row_tile(rows_ptr, grad_ptr, D, n_dtiles, DENSE, BLOCK_D)
-    p = tl.load(param_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    offs = row * D + cols  # int64
+    p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p - lr * g
-    tl.store(param_ptr + row * D + cols, p.to(param_ptr.dtype.element_ty), mask=mask)
+    first = row * D + (tl.program_id(0).to(tl.int64) % n_dtiles) * BLOCK_D  # the tile's first
+    _store_param(param_ptr, offs, mask, p, first, param_seed, BF16_P)
 
 
 def _launch_shape(u: int, d: int, block_d: int) -> tuple[int, int]:
@@ -228,15 +246,15 @@ def row_adam_step_triton(
     kernel[(grid,)](
         param, rows if rows is not None else grad, grad, exp_avg, exp_avg_sq, d, n_dtiles,
         beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, math.sqrt(bc2), eps,
-        -lr / bc1, round_seed(step),
+        -lr / bc1, round_seed(step), param_round_seed(step),
         DENSE=rows is None, DECAY=weight_decay != 0, BLOCK_D=block_d,
         BF16_M=exp_avg.dtype == torch.bfloat16, BF16_V=exp_avg_sq.dtype == torch.bfloat16,
-        num_warps=num_warps,
+        BF16_P=param.dtype == torch.bfloat16, num_warps=num_warps,
     )  # fmt: skip
 
 
 def row_sgd_step_triton(
-    param, rows, grad, lr, block_d: int = ADAM_BLOCK_D, num_warps: int = ADAM_WARPS
+    param, rows, grad, step, lr, block_d: int = ADAM_BLOCK_D, num_warps: int = ADAM_WARPS
 ) -> None:
     """Triton version of :func:`memlayers.ops.row_adam.row_sgd_step_torch` (same
     arguments)."""
@@ -247,6 +265,7 @@ def row_sgd_step_triton(
         return
     block_d, n_dtiles = _launch_shape(u, d, block_d)
     row_sgd_kernel[(u * n_dtiles,)](
-        param, rows if rows is not None else grad, grad, d, n_dtiles, lr,
-        DENSE=rows is None, BLOCK_D=block_d, num_warps=num_warps,
+        param, rows if rows is not None else grad, grad, d, n_dtiles, lr, param_round_seed(step),
+        DENSE=rows is None, BLOCK_D=block_d, BF16_P=param.dtype == torch.bfloat16,
+        num_warps=num_warps,
     )  # fmt: skip
