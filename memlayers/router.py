@@ -13,8 +13,6 @@ be standardised over the batch before the key search (``query_batch_norm``), and
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -183,7 +181,10 @@ def balance_loss(q: torch.Tensor, keys: torch.Tensor, topk: int) -> torch.Tensor
     BALANCE_TOKENS)``-th) are scored. fp32, autocast or not."""
     n_tok = q.shape[0]
     heads, _, n_keys, half = keys.shape
-    q = q[:: max(1, math.ceil(n_tok / BALANCE_TOKENS))]  # [M, H, k_dim]
+    # Integer ceil-division: Inductor's dynamic-shape codegen of this slice's backward
+    # failed with math.ceil(n / B) (a float division; torch 2.11, H200: "vr must not be
+    # None for symbol ps0") when a second batch shape made the compiled block dynamic.
+    q = q[:: max(1, -(-n_tok // BALANCE_TOKENS))]  # [M, H, k_dim]
     device = q.device.type
     with torch.autocast(device, enabled=False):
         qh = q.float().view(-1, heads, 2, half)  # [M, H, 2, half]
