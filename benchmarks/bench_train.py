@@ -12,6 +12,12 @@ memory and compile caches don't leak between presets. Throughput is the median o
 trainer's logged tokens/s over the log intervals after ``--warmup`` steps (compilation
 happens in the first steps); MFU and peak memory come from the same records.
 
+A/B of checkouts (a bisect, or a change against main), side by side in one run:
+``--trees DIR...`` runs every preset from each source tree in turn (``git archive REV |
+tar -x -C DIR`` makes one; its ``.rev`` file, if any, names it), ``--rounds N`` times
+alternating A B A B, and prints each tree's median tokens/s and its ratio to the first
+tree's. Rows are named ``preset@tree``, so they never become a guard's baseline.
+
 The guard: the newest committed ``benchmarks/results/train_<card>_*.md`` for the same card
 is read, and every preset measured in both prints its ratio to that result; a fall of more
 than 10% is printed as a REGRESSION banner (and ``--strict`` makes it the exit status).
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -45,8 +52,20 @@ def card_name(device: str) -> str:
     return found.group(1) if found else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
-def run_preset(preset: str, ns: argparse.Namespace, tmp: Path) -> dict:
-    run_dir = tmp / re.sub(r"[^a-z0-9]+", "-", preset)
+def tree_label(tree: Path) -> str:
+    """A source tree's name in the results: its ``.rev`` file (a commit), else its folder."""
+    rev = tree / ".rev"
+    return rev.read_text().strip() if rev.is_file() else tree.name
+
+
+def run_preset(
+    preset: str, ns: argparse.Namespace, tmp: Path, tree: Path | None = None, tag: str = ""
+) -> dict:
+    """One ``memlayers train`` run of ``preset`` (from ``tree``'s memlayers when given:
+    its folder first on the path) and its summary row, named ``preset`` + ``tag``."""
+    name = preset + tag
+    # a fresh folder per run: names that differ only in case or punctuation stay apart
+    run_dir = Path(tempfile.mkdtemp(dir=tmp)) / re.sub(r"[^a-z0-9]+", "-", name.lower())
     cmd = [
         sys.executable, "-m", "memlayers", "train",
         f"model.preset={preset}", "data.dataset=synthetic",
@@ -57,11 +76,17 @@ def run_preset(preset: str, ns: argparse.Namespace, tmp: Path) -> dict:
         "logging.progress=false", "logging.tensorboard=false", "logging.plot=false",
         f"run_dir={run_dir}", *ns.override,
     ]  # fmt: skip
-    print(f"[{preset}] {' '.join(cmd[2:])}", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=ns.timeout)
+    env, cwd = None, None
+    if tree is not None:  # python -m puts the cwd first on the path: the tree's memlayers
+        cwd = tree
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(tree), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ))  # fmt: skip
+    print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=ns.timeout, cwd=cwd, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"preset": preset, "error": " | ".join(tail)}
+        return {"preset": name, "error": " | ".join(tail)}
     records = [
         json.loads(line)
         for line in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -69,9 +94,9 @@ def run_preset(preset: str, ns: argparse.Namespace, tmp: Path) -> dict:
     ]
     steady = [r for r in records if "tok_per_s" in r and r["step"] > ns.warmup]
     if not steady:
-        return {"preset": preset, "error": f"no log records after step {ns.warmup}"}
+        return {"preset": name, "error": f"no log records after step {ns.warmup}"}
     return {
-        "preset": preset,
+        "preset": name,
         "tokens_per_s": statistics.median(r["tok_per_s"] for r in steady),
         "mfu": statistics.median(r.get("mfu", 0.0) for r in steady),
         "peak_gib": max(r.get("peak_mem_gib", 0.0) for r in steady),
@@ -97,7 +122,8 @@ def add_ratios(rows: list[dict]) -> None:
     """``vs_dense``: tokens/s over the dense twin's (same size) measured in this run."""
     speed = {r["preset"]: r.get("tokens_per_s") for r in rows}
     for r in rows:
-        twin = speed.get(r["preset"].rsplit("-", 1)[0] + "-dense")
+        preset, at, tag = r["preset"].partition("@")  # an A/B row: preset@tree#round
+        twin = speed.get(preset.rsplit("-", 1)[0] + "-dense" + at + tag)
         if r.get("tokens_per_s") and twin:
             r["vs_dense"] = r["tokens_per_s"] / twin
 
@@ -157,6 +183,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def ab_summary(rows: list[dict], labels: list[str]) -> str:
+    """Per preset, each tree's median tokens/s over its rounds and its ratio to the first
+    tree's (an A/B's answer); empty without ``--trees``."""
+    if not labels:
+        return ""
+    speeds: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        preset, _, tag = r["preset"].partition("@")
+        runs = speeds.setdefault(preset, {}).setdefault(tag.rsplit("#", 1)[0], [])
+        if r.get("tokens_per_s"):
+            runs.append(r["tokens_per_s"])
+    out = ["| preset | tree | rounds | median tokens/s | vs first tree |", "|---|---|---|---|---|"]
+    for preset, by_tree in speeds.items():
+        first = by_tree.get(labels[0])
+        base = statistics.median(first) if first else None
+        for label in labels:
+            runs = by_tree.get(label)
+            if not runs:
+                out.append(f"| {preset} | {label} | 0 | failed | |")
+                continue
+            med = statistics.median(runs)
+            ratio = f"{med / base:.3f}" if base else ""
+            out.append(f"| {preset} | {label} | {len(runs)} | {med:,.0f} | {ratio} |")
+    return "\n".join(out) + "\n\n"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--presets", nargs="+", default=PRESETS)
@@ -172,11 +224,32 @@ def main() -> int:
     p.add_argument("--override", nargs="*", default=[], help="extra key=value for every run")
     p.add_argument("--out", type=Path, help="write the markdown results here")
     p.add_argument("--strict", action="store_true", help="exit 1 on a regression")
+    p.add_argument(
+        "--trees", nargs="+", type=Path, default=[],
+        help="source trees to A/B (each with memlayers/ inside), run in turn",
+    )  # fmt: skip
+    p.add_argument("--rounds", type=int, default=1, help="alternations of --trees")
     ns = p.parse_args()
+    for tree in ns.trees:
+        if not (tree / "memlayers" / "__init__.py").is_file():
+            raise SystemExit(f"error: --trees {tree} holds no memlayers/ package")
+    if ns.rounds < 1:
+        raise SystemExit(f"error: --rounds must be >= 1, got {ns.rounds}")
+    labels = [tree_label(t) for t in ns.trees]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"error: --trees need distinct names (.rev or folder), got {labels}")
 
     card = card_name(ns.device)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [run_preset(preset, ns, Path(tmp)) for preset in ns.presets]
+        if ns.trees:
+            rows = [
+                run_preset(preset, ns, Path(tmp), tree.resolve(), f"@{label}#{k + 1}")
+                for k in range(ns.rounds)
+                for tree, label in zip(ns.trees, labels, strict=True)
+                for preset in ns.presets
+            ]
+        else:
+            rows = [run_preset(preset, ns, Path(tmp)) for preset in ns.presets]
     add_ratios(rows)
     checks = guard(rows, previous_result(card, ns.out))
     date = datetime.date.today().isoformat()
@@ -189,6 +262,7 @@ def main() -> int:
         f"memory table's rows read in the last usage window (on synthetic tokens the reads "
         f"collapse onto few rows, issue 10: kernels then read hot rows from L2).\n\n"
         f"{table(rows)}\n\n"
+        + ab_summary(rows, labels)
         + "\n".join(checks)
         + f"\n\n<!-- bench_train {json.dumps({'card': card, 'date': date, 'rows': rows})} -->\n"
     )

@@ -85,3 +85,56 @@ def test_rows_read_is_the_last_usage_window(bench):
     row = {"preset": "m", "batch": "1x8", "tokens_per_s": 1.0, "mfu": 0.1, "peak_gib": 1.0}
     assert "| 2.5% |" in bench.table([dict(row, rows_read_pct=2.5)])
     assert bench.table([dict(row, rows_read_pct=None)]).endswith("| – |")
+
+
+def test_ab_rows_pair_with_their_own_trees_dense_twin_and_summarise(bench):
+    rows = [
+        {"preset": "134m-dense@a#1", "tokens_per_s": 200.0},
+        {"preset": "134m-memory+@a#1", "tokens_per_s": 150.0},
+        {"preset": "134m-dense@b#1", "tokens_per_s": 100.0},
+        {"preset": "134m-memory+@b#1", "tokens_per_s": 90.0},
+        {"preset": "134m-memory+@a#2", "tokens_per_s": 170.0},
+        {"preset": "134m-memory+@b#2", "error": "boom"},
+    ]
+    bench.add_ratios(rows)
+    assert rows[1]["vs_dense"] == 0.75 and rows[3]["vs_dense"] == 0.9  # its own tree's twin
+    assert "vs_dense" not in rows[4]  # no dense run in round 2
+    text = bench.ab_summary(rows, ["a", "b"])
+    assert "| 134m-memory+ | a | 2 | 160 | 1.000 |" in text  # median of 150 and 170
+    assert "| 134m-memory+ | b | 1 | 90 | 0.562 |" in text  # the failed round left out
+    assert "| 134m-dense | b | 1 | 100 | 0.500 |" in text
+    assert bench.ab_summary(rows, []) == ""
+    # A/B rows never match a plain preset's committed baseline.
+    assert not any(r["preset"] in {"134m-dense", "134m-memory+"} for r in rows)
+
+
+def test_trees_run_each_preset_from_each_tree_alternating(bench, tmp_path, monkeypatch):
+    trees = []
+    for name in ("old", "new"):
+        tree = tmp_path / name
+        (tree / "memlayers").mkdir(parents=True)
+        (tree / "memlayers" / "__init__.py").write_text("")
+        (tree / ".rev").write_text(f"rev-{name}\n")
+        trees.append(tree)
+    calls = []
+
+    def fake_run(preset, ns, tmp, tree=None, tag=""):
+        calls.append((preset, tree.name, tag))
+        return {"preset": preset + tag, "tokens_per_s": 10.0 if tree.name == "old" else 9.0,
+                "mfu": 0.1, "peak_gib": 1.0, "batch": "1x8"}  # fmt: skip
+
+    monkeypatch.setattr(bench, "run_preset", fake_run)
+    monkeypatch.setattr(bench, "card_name", lambda device: "cpu")
+    argv = ["bench_train.py", "--presets", "p", "--trees", *map(str, trees), "--rounds", "2"]
+    monkeypatch.setattr("sys.argv", argv)
+    assert bench.main() == 0
+    assert calls == [
+        ("p", "old", "@rev-old#1"), ("p", "new", "@rev-new#1"),
+        ("p", "old", "@rev-old#2"), ("p", "new", "@rev-new#2"),
+    ]  # fmt: skip
+
+
+def test_a_tree_without_memlayers_is_refused_naming_it(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["bench_train.py", "--trees", str(tmp_path)])
+    with pytest.raises(SystemExit, match=f"--trees {tmp_path} holds no memlayers"):
+        bench.main()
