@@ -125,16 +125,43 @@ def to_transformers(model: Transformer) -> nn.Module:
     return hf.eval()
 
 
+def byte_level_alphabet() -> list[str]:
+    """The printable character byte-level pre-tokenizers (GPT-2's convention, which the
+    ``tokenizers`` ByteLevel pre-tokenizer follows) stand in for each byte ``0..255``: a
+    printable Latin-1 byte is itself, every other byte the next code point from 256 on,
+    in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    keep, extra, out = set(printable), 0, []
+    for b in range(256):
+        if b in keep:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
 def tokenizer_to_transformers(tok):
-    """A ``PreTrainedTokenizerFast`` encoding like ``tok`` (BPE or word vocabulary), with
+    """A ``PreTrainedTokenizerFast`` encoding like ``tok`` (BPE, word vocabulary or bytes), with
     an EOS before every text when special tokens are added."""
     transformers = _transformers()
     from tokenizers import Regex, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as FastTokenizer
 
+    from memlayers.data.datasets import ByteTokenizer
     from memlayers.data.tokenizer import _WORD_PIECE, EOS, BPETokenizer, WordTokenizer
 
-    if isinstance(tok, BPETokenizer):
+    if isinstance(tok, ByteTokenizer):
+        # Byte ids 0..255: byte-level BPE with no merges (every byte its own token), the
+        # pre-tokenizer's printable stand-in for byte b at id b; EOS the special id 256.
+        alphabet = byte_level_alphabet()
+        fast = FastTokenizer(models.BPE({alphabet[b]: b for b in range(256)}, []))
+        fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        fast.decoder = decoders.ByteLevel()
+        fast.add_special_tokens([EOS])
+        if fast.token_to_id(EOS) != tok.eos_id:
+            raise AssertionError(f"EOS became id {fast.token_to_id(EOS)}, not {tok.eos_id}")
+    elif isinstance(tok, BPETokenizer):
         fast = FastTokenizer.from_str(tok.tok.to_str())  # a copy
     elif isinstance(tok, WordTokenizer):
         fast = FastTokenizer(models.WordLevel({t: i for i, t in enumerate(tok.tokens)}))
@@ -162,7 +189,7 @@ def export_run(run: str | Path, out: str | Path, overwrite: bool = False) -> Pat
     tok = trained.tokenizer
     hf.config.eos_token_id = hf.config.bos_token_id = tok.eos_id if tok is not None else None
     hf.save_pretrained(out)
-    if tok is not None and tok.kind == "sentencepiece":
+    if tok is not None and getattr(tok, "kind", None) == "sentencepiece":
         shutil.copyfile(tok.path, out / "tokenizer.model")
     elif tok is not None:
         tokenizer_to_transformers(tok).save_pretrained(out)

@@ -15,6 +15,7 @@ from test_eval import TINY_BIOS  # noqa: E402
 from memlayers import MemoryConfig  # noqa: E402
 from memlayers.cli import main as cli_main  # noqa: E402
 from memlayers.config import load_config  # noqa: E402
+from memlayers.data.datasets import ByteTokenizer  # noqa: E402
 from memlayers.data.tokenizer import BPETokenizer  # noqa: E402
 from memlayers.export import export_run, to_transformers, tokenizer_to_transformers  # noqa: E402
 from memlayers.hf import load_pretrained_with_memory  # noqa: E402
@@ -103,6 +104,18 @@ def test_bpe_tokenizer_encodes_like_the_run():
     for t in [*texts[:2], "unseen words: zebra!"]:
         assert fast(t)["input_ids"] == [tok.eos_id, *tok.encode(t)]
         assert fast.decode(fast(t, add_special_tokens=False)["input_ids"]) == t
+
+
+def test_byte_tokenizer_encodes_like_the_run():
+    # data.dataset=text runs: UTF-8 bytes as ids, EOS 256 (export failed on them before).
+    tok = ByteTokenizer()
+    fast = tokenizer_to_transformers(tok)
+    every_byte = bytes(range(256)).decode("latin-1")
+    for t in ["The capital of France is Paris.", "Ünïcode  spaces\tand\nnewlines 123 ✓"]:
+        assert fast(t)["input_ids"] == [tok.eos_id, *tok.encode(t)]
+        assert fast.decode(fast(t, add_special_tokens=False)["input_ids"]) == t
+    ids = fast(every_byte, add_special_tokens=False)["input_ids"]
+    assert ids == tok.encode(every_byte)  # each of the 256 bytes at its own id
 
 
 def test_unsupported_models_are_refused():
