@@ -356,21 +356,28 @@ def test_trainer_option_sparse_adam_rowwise():
 # close to fp32 Adam, exact resume, the trainer option.
 
 
-@pytest.mark.parametrize("rowwise", [False, True], ids=["elementwise-v", "rowwise-v"])
-@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
-def test_bf16_moments_match_reference(sparse, rowwise):
+def _adam_both_paths(param_dtype, moment_dtype, sparse, rowwise):
+    """Four Adam steps of the reference and the Triton step from the same table, rows
+    and gradients (the table's dtype): ``(params, states)``, reference first."""
     n, d = 24, 37
-    params = [_table(n, d, torch.float32) for _ in range(2)]
+    params = [_table(n, d, param_dtype) for _ in range(2)]
     sq = (lambda: torch.zeros(n, device=DEVICE)) if rowwise else (
-        lambda: torch.zeros(n, d, device=DEVICE, dtype=torch.bfloat16))  # fmt: skip
-    states = [[torch.zeros(n, d, device=DEVICE, dtype=torch.bfloat16), sq()] for _ in range(2)]
+        lambda: torch.zeros(n, d, device=DEVICE, dtype=moment_dtype))  # fmt: skip
+    states = [[torch.zeros(n, d, device=DEVICE, dtype=moment_dtype), sq()] for _ in range(2)]
     for step in (1, 2, 3, 4):
         rows = _rows(n, 9, seed=step) if sparse else None
-        grad = _table(9 if sparse else n, d, torch.float32, seed=10 + step)
+        grad = _table(9 if sparse else n, d, param_dtype, seed=10 + step)
         for fn, p, (m, v) in zip(
             (row_adam_step_torch, row_adam_step_triton), params, states, strict=True
         ):
             fn(p, rows, grad, m, v, step, weight_decay=0.1, rowwise_v=rowwise, **HP)
+    return params, states
+
+
+@pytest.mark.parametrize("rowwise", [False, True], ids=["elementwise-v", "rowwise-v"])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_bf16_moments_match_reference(sparse, rowwise):
+    params, states = _adam_both_paths(torch.float32, torch.bfloat16, sparse, rowwise)
     _assert_param_close(params[1], params[0])
     assert states[1][0].dtype == torch.bfloat16
     # The stored moments: the same random bits in both paths. An fp32 rounding difference
@@ -489,19 +496,7 @@ def test_kernel_noise_across_a_2_32_offset_boundary():
 @pytest.mark.parametrize("moments", ["fp32", "bf16"])
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
 def test_bf16_param_matches_reference(sparse, moments, rowwise):
-    n, d = 24, 37
-    mdt = DTYPES[moments]
-    params = [_table(n, d, torch.bfloat16) for _ in range(2)]
-    sq = (lambda: torch.zeros(n, device=DEVICE)) if rowwise else (
-        lambda: torch.zeros(n, d, device=DEVICE, dtype=mdt))  # fmt: skip
-    states = [[torch.zeros(n, d, device=DEVICE, dtype=mdt), sq()] for _ in range(2)]
-    for step in (1, 2, 3, 4):
-        rows = _rows(n, 9, seed=step) if sparse else None
-        grad = _table(9 if sparse else n, d, torch.bfloat16, seed=10 + step)
-        for fn, p, (m, v) in zip(
-            (row_adam_step_torch, row_adam_step_triton), params, states, strict=True
-        ):
-            fn(p, rows, grad, m, v, step, weight_decay=0.1, rowwise_v=rowwise, **HP)
+    params, _ = _adam_both_paths(torch.bfloat16, DTYPES[moments], sparse, rowwise)
     assert params[1].dtype == torch.bfloat16
     if CUDA:  # fused multiply-adds may move the fp32 result, rarely across a cut
         _assert_param_close(params[1], params[0], travel=4 * HP["lr"])
