@@ -120,6 +120,38 @@ class Env:
         return self.rank == 0
 
 
+# The CUDA caching allocator's setting for training runs (see expandable_segments()).
+ALLOCATOR_SETTING = "expandable_segments:True"
+
+
+def expandable_segments() -> bool:
+    """Let the CUDA caching allocator grow its segments in place, unless the user set
+    ``PYTORCH_CUDA_ALLOC_CONF`` (or ``PYTORCH_ALLOC_CONF``) themselves, which stands.
+    Returns whether this call set it.
+
+    Measured on an H200 (134m-memory+, batch 32 × 1024, benchmarks/NOTES.md session 11):
+    without it 7 of 40 steps ran at 50-150k tokens/s among steps at 330-400k, at the same
+    steps in every run (the trainer benchmark's 25% run-to-run spread); with it (one run
+    of 30 steps) the slowest step after the second ran at 349k. The likely cause: a
+    Memory+ step allocates buffers whose sizes change every step (the rows its lookups
+    touched), fixed segments fragment, and a request that finds no block makes the
+    allocator free its cache and retry, which waits for the device. Set before CUDA starts
+    (the variable is read when the allocator is made), else at run time where this torch
+    has the call for it."""
+    if any(v in os.environ for v in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
+        return False
+    if not torch.cuda.is_initialized():
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_SETTING
+        return True
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or getattr(
+        torch._C, "_cuda_cudaCachingAllocator_set_allocator_settings", None
+    )
+    if setter is None:
+        return False
+    setter(ALLOCATOR_SETTING)
+    return True
+
+
 def init_distributed(device: str) -> Env:
     """Read RANK / WORLD_SIZE / LOCAL_RANK (torchrun) and pick the device."""
     if device == "auto":
@@ -138,6 +170,7 @@ def init_distributed(device: str) -> Env:
                     "per node (torchrun --nproc-per-node), or train on the CPU with device=cpu"
                 )
             device = f"cuda:{local}"
+        expandable_segments()
         torch.cuda.set_device(torch.device(device))
     if world_size > 1 and not dist.is_initialized():
         if device.startswith("cuda"):

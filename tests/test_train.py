@@ -784,3 +784,30 @@ def test_more_local_ranks_than_gpus_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(ValueError, match=r"local rank 1 needs cuda:1 but this machine has 1 GPU"):
         init_distributed("auto")
+
+
+def test_expandable_segments_set_before_cuda_starts_and_the_users_setting_stands(monkeypatch):
+    """The trainer turns on the allocator's expandable segments (train.py says why), by
+    the variable before CUDA starts, by the runtime call after; a user's own setting of
+    either variable is left alone. CPU-only: CUDA's state is faked."""
+    import memlayers.train as tr
+
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert tr.expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):  # the user's choice
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+        monkeypatch.setenv(var, "expandable_segments:False")
+        assert not tr.expandable_segments()
+        assert os.environ[var] == "expandable_segments:False"
+        monkeypatch.delenv(var)
+
+    calls = []  # CUDA already started: the variable would be read no more
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    assert tr.expandable_segments()
+    assert calls == ["expandable_segments:True"]
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
