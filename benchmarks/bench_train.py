@@ -95,9 +95,11 @@ def run_preset(
     steady = [r for r in records if "tok_per_s" in r and r["step"] > ns.warmup]
     if not steady:
         return {"preset": name, "error": f"no log records after step {ns.warmup}"}
+    speeds = [r["tok_per_s"] for r in steady]
     return {
         "preset": name,
-        "tokens_per_s": statistics.median(r["tok_per_s"] for r in steady),
+        "tokens_per_s": statistics.median(speeds),
+        "intervals": [round(v) for v in speeds],
         "mfu": statistics.median(r.get("mfu", 0.0) for r in steady),
         "peak_gib": max(r.get("peak_mem_gib", 0.0) for r in steady),
         "batch": f"{ns.batch}x{ns.seq_len}",
@@ -116,6 +118,15 @@ def rows_read_pct(records: list[dict]) -> float | None:
         return shared
     own = [v for k, v in last.items() if k.startswith("usage/") and k.endswith("/rows_used_pct")]
     return sum(own) / len(own) if own else None
+
+
+def slowest(row: dict) -> str:
+    """The slowest steady log interval against the median, e.g. ``0.38x``: far under 1, a
+    stall hit some steps (the median then hides it only while most intervals are clean)."""
+    runs = row.get("intervals")
+    if not runs:
+        return ""
+    return f"{min(runs) / row['tokens_per_s']:.2f}x of {len(runs)}"
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -166,19 +177,20 @@ def guard(rows: list[dict], previous: dict[str, tuple[Path, dict]]) -> list[str]
 
 def table(rows: list[dict]) -> str:
     out = [
-        "| preset | micro-batch | tokens/s | MFU | vs dense twin | peak GiB | table rows read |",
-        "|---|---|---|---|---|---|---|",
+        "| preset | micro-batch | tokens/s | MFU | vs dense twin | peak GiB | slowest interval "
+        "| table rows read |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['preset']} | | failed: {r['error'][:120]} | | | | |")
+            out.append(f"| {r['preset']} | | failed: {r['error'][:120]} | | | | | |")
             continue
         ratio = f"{r['vs_dense']:.2f}" if "vs_dense" in r else ""
         read = r.get("rows_read_pct")
         read = "–" if read is None else f"{read:.1f}%"
         out.append(
             f"| {r['preset']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% "
-            f"| {ratio} | {r['peak_gib']:.1f} | {read} |"
+            f"| {ratio} | {r['peak_gib']:.1f} | {slowest(r)} | {read} |"
         )
     return "\n".join(out)
 
@@ -258,7 +270,9 @@ def main() -> int:
         f"`python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`: synthetic tokens, "
         f"bf16 autocast, compile={ns.compile}, {ns.steps} steps, median of the logged "
         f"tokens/s after step {ns.warmup}; MFU = tokens/s x train FLOPs per token "
-        f"(memlayers.report) / the card's bf16 dense peak. Table rows read: the share of a "
+        f"(memlayers.report) / the card's bf16 dense peak. Slowest interval: the slowest "
+        f"logged interval after the warm-up against that median (a stall's mark). Table "
+        f"rows read: the share of a "
         f"memory table's rows read in the last usage window (on synthetic tokens the reads "
         f"collapse onto few rows, issue 10: kernels then read hot rows from L2).\n\n"
         f"{table(rows)}\n\n"

@@ -87,6 +87,13 @@ def test_rows_read_is_the_last_usage_window(bench):
     assert bench.table([dict(row, rows_read_pct=None)]).endswith("| – |")
 
 
+def test_the_slowest_interval_marks_a_stall(bench):
+    row = {"preset": "m", "batch": "1x8", "tokens_per_s": 400.0, "mfu": 0.1, "peak_gib": 1.0}
+    assert "| 0.38x of 4 |" in bench.table([dict(row, intervals=[400, 150, 410, 390])])
+    assert "| 1.00x of 1 |" in bench.table([dict(row, intervals=[400])])
+    assert "| 1.0 |  | –" in bench.table([row])  # rows from before the column: blank
+
+
 def test_ab_rows_pair_with_their_own_trees_dense_twin_and_summarise(bench):
     rows = [
         {"preset": "134m-dense@a#1", "tokens_per_s": 200.0},
