@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=40, help="ops in the summary table")
     p.add_argument("--out", help="write the full summary table here")
+    p.add_argument("--trace", help="write the profiled steps' Chrome trace (JSON) here")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (trainer)")
     p.add_argument(
         "--no-merge", action="store_true",
@@ -90,6 +91,8 @@ def main() -> None:
         for _ in range(ns.profile_steps):
             step()
         torch.cuda.synchronize()
+    if ns.trace:
+        prof.export_chrome_trace(ns.trace)
     avg = prof.key_averages()
     try:  # torch >= 2.4 names it device time
         table = avg.table(sort_by="device_time_total", row_limit=ns.rows)
