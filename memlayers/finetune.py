@@ -346,8 +346,11 @@ def finetune_model(
         model.requires_grad_(True)
         for t in tables:
             t.sparse_grad = uses_sparse_values(optim)
-        # the run's value/dense learning-rate ratio (tiny presets: 3e-2 / 3e-3)
-        scaled = replace(optim, lr=lr, value_lr=lr * optim.value_lr / optim.lr)
+        # the run's value/dense (and memory/dense) learning-rate ratios (tiny presets:
+        # 3e-2 / 3e-3)
+        scale = lr / optim.lr
+        memory_lr = None if optim.memory_lr is None else scale * optim.memory_lr
+        scaled = replace(optim, lr=lr, value_lr=scale * optim.value_lr, memory_lr=memory_lr)
         opt = build_optimizer(model, scaled, impl=model.config.memory.impl)
         trained = [p for p in model.parameters() if p.requires_grad]
     else:

@@ -6,7 +6,12 @@ parameters (STYLE.md):
 - ``decay``: every matrix (``ndim >= 2``) outside a value table, AdamW with weight decay;
 - ``no_decay``: vectors (norm gains), AdamW without decay;
 - ``values``: every :class:`~memlayers.memory.MemoryValues` table, with its own learning
-  rate (paper: 1e-3, no weight decay, docs/method.md §4).
+  rate (paper: 1e-3, no weight decay, docs/method.md §4);
+- ``memory_decay`` / ``memory_no_decay``, only when ``memory_lr`` is set: the memory
+  layers' other parameters (query projections, keys, qk-norm gains, gating and output
+  projections), split as above, at ``memory_lr``. A retrofit adds these layers to a
+  pretrained body (docs/retrofit.md): new, zero-output layers beside weights that should
+  move little want a rate of their own.
 
 ``value_optimizer="sparse_adam"`` (the default) needs a model built with row-sparse
 table gradients (:func:`uses_sparse_values`) and steps them with
@@ -33,7 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from memlayers.memory import MemoryValues
+from memlayers.memory import MemoryValues, ProductKeyMemory
+from memlayers.model import SwiGLU
 from memlayers.router import ProductKeyRouter
 from memlayers.value_optim import SparseValueAdam, coalesce_rows
 
@@ -49,6 +55,9 @@ class OptimArgs:
     beta2: float = 0.95
     eps: float = 1e-8
     value_lr: float = 1e-3  # the value tables (paper: 1e-3); presets.PRESET_OPTIM per preset
+    # The memory layers' dense parameters (query, keys, gating, output projection); None:
+    # optim.lr, as every other dense parameter. For retrofits (docs/retrofit.md).
+    memory_lr: float | None = None
     value_weight_decay: float = 0.0
     value_optimizer: str = "sparse_adam"  # sparse_adam | ..._rowwise | ..._bf16 | adamw
     schedule: str = "cosine"  # cosine | linear | constant
@@ -62,6 +71,10 @@ class OptimArgs:
                 raise ValueError(f"optim.{name} must be > 0, got {getattr(self, name)!r}")
         if not self.value_lr > 0:
             raise ValueError(f"optim.value_lr must be > 0, got {self.value_lr!r}")
+        if self.memory_lr is not None and not self.memory_lr > 0:
+            raise ValueError(
+                f"optim.memory_lr must be > 0 (or null: optim.lr), got {self.memory_lr!r}"
+            )
         for name in ("weight_decay", "value_weight_decay", "grad_clip", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -91,17 +104,30 @@ def _undecayed(model: nn.Module) -> set[int]:
     return out
 
 
-def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """``{"decay": [...], "no_decay": [...], "values": [...]}``, each parameter once."""
+def param_groups(model: nn.Module, memory_apart: bool = False) -> dict[str, list[nn.Parameter]]:
+    """``{"decay": [...], "no_decay": [...], "values": [...]}``, each parameter once; with
+    ``memory_apart`` the memory layers' parameters other than their tables (and other than
+    a retrofit's pretrained MLP beside them) go to ``memory_decay`` / ``memory_no_decay``."""
     values = {id(m.weight): m.weight for m in model.modules() if isinstance(m, MemoryValues)}
     undecayed = _undecayed(model)
+    memory = set()
+    if memory_apart:
+        for m in model.modules():
+            if isinstance(m, ProductKeyMemory):
+                memory.update(id(p) for p in m.parameters())
+                # a retrofit's pretrained MLP beside the memory (ParallelMemory) is the body's
+                for mlp in m.modules():
+                    if isinstance(mlp, SwiGLU):
+                        memory.difference_update(id(p) for p in mlp.parameters())
     groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "values": []}
+    if memory_apart:
+        groups.update(memory_decay=[], memory_no_decay=[])
     groups["values"] = list(values.values())
     for p in model.parameters():  # parameters() already skips duplicates
         if id(p) in values or not p.requires_grad:
             continue
-        decay = p.dim() >= 2 and id(p) not in undecayed
-        groups["decay" if decay else "no_decay"].append(p)
+        name = "decay" if p.dim() >= 2 and id(p) not in undecayed else "no_decay"
+        groups[f"memory_{name}" if id(p) in memory else name].append(p)
     return groups
 
 
@@ -135,6 +161,15 @@ class Optimizers:
             raise ValueError(
                 f"optimizer state holds {sorted(state)}, expected {sorted(self.optimizers)}"
             )
+        for name, opt in self.optimizers.items():
+            saved = [g.get("name") for g in state[name].get("param_groups", [])]
+            now = [g.get("name") for g in opt.param_groups]
+            if saved != now:
+                raise ValueError(
+                    f"the checkpoint's {name} optimizer has parameter groups {saved}, this "
+                    f"config makes {now}: optim.memory_lr set (or unset) since the run "
+                    f"started changes them; resume with the run's own optim.memory_lr"
+                )
         for name, opt in self.optimizers.items():
             fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
             opt.load_state_dict(state[name])
@@ -201,25 +236,19 @@ def build_optimizer(model: nn.Module, args: OptimArgs, impl: str = "auto") -> Op
     sparsity is the model's, decided when it was built
     (``build_model(..., sparse_values=uses_sparse_values(args))``); a mismatch is an error.
     """
-    groups = param_groups(model)
+    groups = param_groups(model, memory_apart=args.memory_lr is not None)
     value_lr = args.value_lr
     betas = (args.beta1, args.beta2)
-    adamw_groups = [
-        dict(
-            name="decay",
-            params=groups["decay"],
-            weight_decay=args.weight_decay,
-            lr=args.lr,
-            base_lr=args.lr,
-        ),
-        dict(
-            name="no_decay",
-            params=groups["no_decay"],
-            weight_decay=0.0,
-            lr=args.lr,
-            base_lr=args.lr,
-        ),
-    ]
+    adamw_groups = []
+    for prefix, lr in (("", args.lr), ("memory_", args.memory_lr)):
+        for name, decay in (("decay", args.weight_decay), ("no_decay", 0.0)):
+            if prefix + name in groups:
+                adamw_groups.append(
+                    dict(
+                        name=prefix + name, params=groups[prefix + name],
+                        weight_decay=decay, lr=lr, base_lr=lr,
+                    )
+                )  # fmt: skip
     values_group = dict(
         name="values",
         params=groups["values"],

@@ -24,7 +24,13 @@ from memlayers.cli import main as cli_main
 from memlayers.config import TrainArgs, load_config
 from memlayers.logger import rows_used_pct
 from memlayers.model import build_model
-from memlayers.optim import OptimArgs, build_optimizer, clip_grad_norm_, lr_multiplier
+from memlayers.optim import (
+    OptimArgs,
+    build_optimizer,
+    clip_grad_norm_,
+    lr_multiplier,
+    set_lr,
+)
 from memlayers.run import RunError
 from memlayers.train import NonFiniteLossError, train
 
@@ -57,8 +63,16 @@ def tiny_args(run_dir, *overrides) -> TrainArgs:
         ["model.memory.query_batch_norm=true", "model.memory.balance_loss=0.5"],
         # a bf16 table: its stochastic rounding repeats (the bits follow the step)
         ["model.memory.value_dtype=bf16"],
+        # the memory layers' own AdamW groups (optim.memory_lr) save and load as the rest
+        ["optim.memory_lr=1e-2"],
     ],
-    ids=["sparse-adam", "adamw-accum-dropout", "query-batch-norm-balance-loss", "bf16-values"],
+    ids=[
+        "sparse-adam",
+        "adamw-accum-dropout",
+        "query-batch-norm-balance-loss",
+        "bf16-values",
+        "memory-lr",
+    ],
 )
 def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, extra):
     full = train(tiny_args(tmp_path / "a", "steps=6", "checkpoint.every=3", *extra))
@@ -585,6 +599,54 @@ def test_param_groups_and_value_optimizer_choice():
     dense = build_optimizer(model, OptimArgs(value_optimizer="adamw"))
     assert set(dense.optimizers) == {"adamw"} and not model.memory_values.sparse_grad
     assert {g["name"] for g in dense.param_groups} == {"decay", "no_decay", "values"}
+
+
+def test_memory_lr_gives_the_memory_layers_groups_of_their_own():
+    args = tiny_args("unused")
+    args.model.vocab_size = 64
+    model = build_model(args.model.to_config(), seed=0, sparse_values=True)
+    opt = build_optimizer(model, OptimArgs(lr=0.01, value_lr=0.05, memory_lr=0.2))
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"decay", "no_decay", "memory_decay", "memory_no_decay", "values"}
+    mem = model.memory_layers()
+    own = {id(p) for m in mem for p in m.parameters()} - {id(model.memory_values.weight)}
+    in_memory = {id(p) for n in ("memory_decay", "memory_no_decay") for p in groups[n]["params"]}
+    assert in_memory == own  # every memory parameter but the table, nothing else
+    assert {id(p) for m in mem for p in (m.router.keys, m.router.gain)} <= {
+        id(p) for p in groups["memory_no_decay"]["params"]
+    }  # keys and gains stay undecayed
+    assert groups["memory_decay"]["weight_decay"] == OptimArgs().weight_decay
+    assert groups["memory_decay"]["lr"] == 0.2 and groups["decay"]["lr"] == 0.01
+    assert groups["values"]["lr"] == 0.05
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    mult = set_lr(opt, 1, 10, OptimArgs(warmup_steps=4))  # the schedule scales every group
+    assert groups["memory_decay"]["lr"] == pytest.approx(0.2 * mult)
+    # unset: the memory layers are in the body's groups, as before
+    plain = {g["name"] for g in build_optimizer(model, OptimArgs()).param_groups}
+    assert plain == {"decay", "no_decay", "values"}
+    with pytest.raises(ValueError, match="optim.memory_lr must be > 0"):
+        OptimArgs(memory_lr=0.0).validate()
+
+
+def test_memory_lr_leaves_a_retrofits_pretrained_mlp_in_the_body():
+    from memlayers.retrofit import ParallelMemory, add_parallel_mlps_
+
+    args = tiny_args("unused")
+    args.model.vocab_size = 64
+    model = add_parallel_mlps_(build_model(args.model.to_config(), seed=0, sparse_values=True))
+    mlps = [m.mlp for m in model.modules() if isinstance(m, ParallelMemory)]
+    assert mlps
+    groups = {g["name"]: g for g in build_optimizer(model, OptimArgs(memory_lr=0.2)).param_groups}
+    body = {id(p) for p in groups["decay"]["params"]}
+    assert {id(p) for mlp in mlps for p in mlp.parameters()} <= body
+    assert all(id(p) not in body for m in model.memory_layers() for p in m.router.parameters())
+
+
+def test_resume_with_another_memory_lr_grouping_is_refused_naming_it(tmp_path):
+    train(tiny_args(tmp_path / "a", "steps=2", "checkpoint.every=2"))
+    ckpt = str(tmp_path / "a" / "checkpoints" / "step_000002")
+    with pytest.raises(CheckpointError, match="does not fit the optimizer.*optim.memory_lr set"):
+        train(tiny_args(tmp_path / "b", "steps=4", "optim.memory_lr=1e-2"), resume=ckpt)
 
 
 def test_bf16_value_table_trains_on_cpu(tmp_path):
