@@ -35,6 +35,8 @@ SHAPES = {
     "paper": dict(rows=1 << 20, dim=1024, tokens=16384, bag=128, dtype=torch.bfloat16),
 }
 DISTS = ("uniform", "zipf", "hot-half", "one-row")
+# The score gradient's launches tried by --sweep: (rows per reduction, warps, stages).
+SCORE_SWEEP = [(c, w, st) for c in (4, 8, 16) for w in (4, 8) for st in (1, 3, 4)]
 
 
 def make_indices(dist: str, n: int, b: int, k: int, device, g) -> torch.Tensor:
@@ -102,6 +104,15 @@ def bench_lookups(tag, values, indices, weights, grad, args, table, compare) -> 
         fwd_bytes,
         "SPLIT={} warps={} stages={}".format(*ebt.FWD_CONFIG),
     )
+    # The score gradient reads the rows the forward reads (a dot product with grad_out
+    # per row instead of a weighted sum): the forward beside it is its yardstick.
+    fn = lambda: ebt.score_grad(values, indices, grad)  # noqa: E731
+    cfg = f"chunk={ebt.SCORE_GRAD_CHUNK} warps={ebt.SCORE_GRAD_WARPS}"
+    s["score"] = table.add(f"{tag}: score gradient (shipped)", timed(fn), fwd_bytes, cfg)
+    for c, w, st in SCORE_SWEEP if args.sweep else ():
+        fn = lambda c=c, w=w, st=st: ebt.score_grad(values, indices, grad, c, w, st)  # noqa: E731
+        table.add(f"{tag}: sweep score gradient chunk={c} warps={w} stages={st}", timed(fn),
+                  fwd_bytes)  # fmt: skip
     s["bwd_simple"] = table.add(
         f"{tag}: backward sparse, simple baseline",
         timed(lambda: ebt.simple_backward(grad, values, indices, weights)),
@@ -181,7 +192,10 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--dists", nargs="+", default=list(DISTS), choices=list(DISTS))
     p.add_argument("--fwd-dims", type=int, nargs="*", default=[512, 1024, 1000, 2048])
-    p.add_argument("--sweep", action="store_true", help="backward chunks, forward launches")
+    p.add_argument(
+        "--sweep", action="store_true",
+        help="backward chunks, score-gradient and forward launches",
+    )  # fmt: skip
     p.add_argument("--torch-ref", action="store_true", help="F.embedding_bag fp32 fwd+bwd")
     p.add_argument("--compare-bwd", help="module file with sparse_backward(...) to time too")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
@@ -206,15 +220,16 @@ def main() -> None:
         "",
         table.markdown(),
         "",
-        "| shape, lookups | fwd simple | fwd | bwd simple | bwd before | bwd | bwd ÷ uniform "
-        "| bwd ÷ simple | fwd+bwd | |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| shape, lookups | fwd simple | fwd | score grad | score ÷ fwd | bwd simple "
+        "| bwd before | bwd | bwd ÷ uniform | bwd ÷ simple | fwd+bwd | |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for tag, s in summary.items():
         uni = summary.get(tag.split()[0] + " uniform", s)
         prev = f"{s['bwd_prev']:.3f}" if "bwd_prev" in s else ""
         lines.append(
-            f"| {tag} | {s['fwd_simple']:.3f} | {s['fwd']:.3f} | {s['bwd_simple']:.3f} | {prev} "
+            f"| {tag} | {s['fwd_simple']:.3f} | {s['fwd']:.3f} | {s['score']:.3f} "
+            f"| {s['score'] / s['fwd']:.2f} | {s['bwd_simple']:.3f} | {prev} "
             f"| {s['bwd']:.3f} | {s['bwd'] / uni['bwd']:.2f} | {s['bwd'] / s['bwd_simple']:.2f} "
             f"| {s['fwd_bwd']:.3f} | {s['note']} |"
         )

@@ -224,6 +224,15 @@ def test_simple_baselines_match_reference():
     _close(gw, ref_gw, 1e-5)
 
 
+@pytest.mark.parametrize("chunk, warps, stages", [(8, 4, None), (1, 1, 1), (4, 8, 3), (16, 2, 4)])
+def test_score_gradient_launches_give_the_same_numbers(chunk, warps, stages):
+    # The merged backward's score gradient alone (benchmark's --sweep launches): equal to
+    # the reference for every launch, a K that no chunk divides, a D under its power of 2.
+    values, indices, weights, grad = _inputs(23, 13, 6, 7, torch.float32, seed=21)
+    _, _, ref_gw = _reference(values, indices, weights, grad)
+    _close(ebt.score_grad(values, indices, grad, chunk, warps, stages), ref_gw, 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_sum_rows(dtype):
     # Three sorted row lists concatenated (how autograd adds three lookups' sparse

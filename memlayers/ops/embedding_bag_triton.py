@@ -692,18 +692,22 @@ def score_grad(
     grad_out: torch.Tensor,
     chunk: int = SCORE_GRAD_CHUNK,
     num_warps: int = SCORE_GRAD_WARPS,
+    num_stages: int | None = None,
 ):
     """``[B, K]`` fp32 score gradient ``grad_out[b] · values[indices[b, k]]`` (contiguous
     inputs, indices in range: the forward checked them). ``chunk``: rows per reduction
-    (at most 8192 values in flight)."""
+    (at most 8192 values in flight); ``num_stages``: the loop's software pipelining
+    (None: Triton's default; the benchmark's sweep sets it). No launch parameter changes
+    the result: each row's dot product is one reduction whatever the chunk."""
     b, k = indices.shape
     d = values.shape[1]
     dw = torch.empty(b, k, dtype=torch.float32, device=values.device)
     if b and k:
         block_d = triton.next_power_of_2(d)
         chunk = max(1, min(chunk, 8192 // block_d))
+        stages = {} if num_stages is None else {"num_stages": num_stages}
         _score_grad_kernel[(b,)](values, indices, grad_out, dw, k, D=d, BLOCK_D=block_d,
-                                 CHUNK=chunk, num_warps=num_warps)  # fmt: skip
+                                 CHUNK=chunk, num_warps=num_warps, **stages)  # fmt: skip
     return dw
 
 
