@@ -104,6 +104,8 @@ def run_preset(
         "peak_gib": max(r.get("peak_mem_gib", 0.0) for r in steady),
         "batch": f"{ns.batch}x{ns.seq_len}",
         "rows_read_pct": rows_read_pct(records),
+        # the CUDA allocator's free-and-retry count by the last log (train.py)
+        "alloc_retries": steady[-1].get("alloc_retries"),
     }
 
 
@@ -122,11 +124,14 @@ def rows_read_pct(records: list[dict]) -> float | None:
 
 def slowest(row: dict) -> str:
     """The slowest steady log interval against the median, e.g. ``0.38x``: far under 1, a
-    stall hit some steps (the median then hides it only while most intervals are clean)."""
+    stall hit some steps (the median then hides it only while most intervals are clean);
+    with the CUDA allocator's free-and-retry count when there were any."""
     runs = row.get("intervals")
     if not runs:
         return ""
-    return f"{min(runs) / row['tokens_per_s']:.2f}x of {len(runs)}"
+    retries = row.get("alloc_retries")
+    more = f", {retries} alloc retries" if retries else ""
+    return f"{min(runs) / row['tokens_per_s']:.2f}x of {len(runs)}{more}"
 
 
 def add_ratios(rows: list[dict]) -> None:

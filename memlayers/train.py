@@ -520,6 +520,10 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
                     record["mfu"] = flops_per_step * interval_steps / dt / peak
                 if env.device.type == "cuda":
                     record["peak_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+                    # times the caching allocator freed its cache to retry a request (each
+                    # waits for the device: see expandable_segments); host-side, no sync
+                    stats = torch.cuda.memory_stats(env.device)
+                    record["alloc_retries"] = int(stats.get("num_alloc_retries", 0))
                 if usage is not None:
                     record.update(usage.record(usage_stats))
                 history.append(record)

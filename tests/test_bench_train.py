@@ -91,6 +91,8 @@ def test_the_slowest_interval_marks_a_stall(bench):
     row = {"preset": "m", "batch": "1x8", "tokens_per_s": 400.0, "mfu": 0.1, "peak_gib": 1.0}
     assert "| 0.38x of 4 |" in bench.table([dict(row, intervals=[400, 150, 410, 390])])
     assert "| 1.00x of 1 |" in bench.table([dict(row, intervals=[400])])
+    retried = dict(row, intervals=[400, 200], alloc_retries=7)
+    assert "| 0.50x of 2, 7 alloc retries |" in bench.table([retried])
     assert "| 1.0 |  | –" in bench.table([row])  # rows from before the column: blank
 
 

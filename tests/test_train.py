@@ -848,6 +848,14 @@ def test_more_local_ranks_than_gpus_is_a_clear_error(monkeypatch):
         init_distributed("auto")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_log_records_count_the_allocators_retries_on_cuda(tmp_path):
+    records = train(tiny_args(tmp_path, "steps=2", "device=cuda", "compile=false"))
+    steps = [r for r in records if "tok_per_s" in r]
+    assert steps and all(isinstance(r["alloc_retries"], int) for r in steps)
+    assert all(r["alloc_retries"] >= 0 for r in steps)
+
+
 def test_expandable_segments_set_before_cuda_starts_and_the_users_setting_stands(monkeypatch):
     """The trainer turns on the allocator's expandable segments (train.py says why), by
     the variable before CUDA starts, by the runtime call after; a user's own setting of
