@@ -863,7 +863,11 @@ def test_expandable_segments_set_before_cuda_starts_and_the_users_setting_stands
     import memlayers.train as tr
 
     for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
-        monkeypatch.delenv(var, raising=False)
+        # set, then removed: monkeypatch records the variable and restores it (or its
+        # absence) afterwards, so what expandable_segments() writes does not leak into
+        # later tests (a delenv of an absent variable records nothing)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     assert tr.expandable_segments()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
