@@ -33,10 +33,33 @@ from memlayers.ops import embedding_bag_triton as ebt
 SHAPES = {
     "trainer": dict(rows=1 << 20, dim=768, tokens=8192, bag=128, dtype=torch.float32),
     "paper": dict(rows=1 << 20, dim=1024, tokens=16384, bag=128, dtype=torch.bfloat16),
+    # One lookup of today's 134m-memory+ trainer (32 x 1024 tokens a micro-batch); its
+    # merged value-gradient walk takes 3 such lookups' bags at once (``merged``).
+    "trainer-b32": dict(rows=1 << 20, dim=768, tokens=32768, bag=128, dtype=torch.float32),
+    "merged": dict(rows=1 << 20, dim=768, tokens=3 * 32768, bag=128, dtype=torch.float32),
 }
-DISTS = ("uniform", "zipf", "hot-half", "one-row")
-# The score gradient's launches tried by --sweep: (rows per reduction, warps, stages).
-SCORE_SWEEP = [(c, w, st) for c in (4, 8, 16) for w in (4, 8) for st in (1, 3, 4)]
+DISTS = ("uniform", "zipf", "narrow", "l2", "hot-half", "one-row")
+# ``narrow``: uniform over 2.5% of the rows (scattered), the share a 134m model read after
+# 500 steps of text (issue 10). ``l2``: uniform over 4,096 rows (12 MB of the fp32
+# trainer table: they stay in L2), as the trainer benchmark's synthetic tokens read
+# (its lookup forward ran at 17 TB/s, profile_134m_h200_20261202.md).
+NARROW_SHARE = 0.025
+L2_ROWS = 4096
+# The score gradient's launches tried by --sweep: (rows per reduction, warps, stages,
+# programs per bag, columns per load (None: the whole row)). chunk is capped at 64
+# values per thread (score_grad).
+SCORE_SWEEP = (
+    [(c, w, st, 1, None) for c, w in ((4, 4), (8, 4), (8, 8), (16, 8)) for st in (1, 3)]
+    + [(c, 1, 3, sp, None) for c in (1, 2) for sp in (1, 4)]
+    + [(c, 2, 3, sp, None) for c in (2, 4) for sp in (1, 4)]
+    + [(c, w, st, 1, 256) for c, w in ((2, 1), (4, 1), (8, 1), (4, 2), (8, 2), (8, 4), (16, 4))
+       for st in (1, 3)]
+    + [(c, w, 3, 1, 128) for c, w in ((4, 1), (8, 1), (8, 2), (16, 2))]
+)  # fmt: skip
+# The value-gradient walk's column tiles tried by --sweep (value gradient only, as the
+# merged shared-table backward runs it): a narrower tile keeps a smaller slice of
+# grad_out live in L2 (module docstring of embedding_bag_triton).
+WALK_TILES = (128, 256, 512)
 
 
 def make_indices(dist: str, n: int, b: int, k: int, device, g) -> torch.Tensor:
@@ -47,6 +70,13 @@ def make_indices(dist: str, n: int, b: int, k: int, device, g) -> torch.Tensor:
         p = 1.0 / torch.arange(1, n + 1, device=device, dtype=torch.float32)
         ranks = torch.multinomial(p, b * k, replacement=True, generator=g)
         return torch.randperm(n, device=device, generator=g)[ranks].view(b, k)
+    if dist == "narrow":
+        live = torch.randperm(n, device=device, generator=g)[: max(1, int(n * NARROW_SHARE))]
+        pick = torch.randint(0, live.numel(), (b, k), device=device, generator=g)
+        return live[pick]
+    if dist == "l2":
+        live = torch.randperm(n, device=device, generator=g)[:L2_ROWS]
+        return live[torch.randint(0, live.numel(), (b, k), device=device, generator=g)]
     indices = torch.randint(0, n, (b, k), device=device, generator=g)
     if dist == "hot-half":
         indices[torch.rand(b, k, device=device, generator=g) < 0.5] = 12345 % n
@@ -109,10 +139,18 @@ def bench_lookups(tag, values, indices, weights, grad, args, table, compare) -> 
     fn = lambda: ebt.score_grad(values, indices, grad)  # noqa: E731
     cfg = f"chunk={ebt.SCORE_GRAD_CHUNK} warps={ebt.SCORE_GRAD_WARPS}"
     s["score"] = table.add(f"{tag}: score gradient (shipped)", timed(fn), fwd_bytes, cfg)
-    for c, w, st in SCORE_SWEEP if args.sweep else ():
-        fn = lambda c=c, w=w, st=st: ebt.score_grad(values, indices, grad, c, w, st)  # noqa: E731
-        table.add(f"{tag}: sweep score gradient chunk={c} warps={w} stages={st}", timed(fn),
-                  fwd_bytes)  # fmt: skip
+    for a in SCORE_SWEEP if args.sweep else ():
+        fn = lambda a=a: ebt.score_grad(values, indices, grad, *a)  # noqa: E731
+        name = "chunk={} warps={} stages={} split={} block_d={}".format(*a)
+        table.add(f"{tag}: sweep score gradient {name}", timed(fn), fwd_bytes)
+    for bd in WALK_TILES if args.sweep else ():
+        fn = lambda bd=bd: ebt._bwd_sparse(grad, values, indices, weights, False, block_d=bd)  # noqa: E731
+        table.add(f"{tag}: sweep value-grad walk BLOCK_D={bd}", timed(fn), bwd_bytes)
+    if args.sweep and grad.dtype == torch.float32:
+        # Half the bytes of grad_out, which the walk reads once per lookup.
+        g16 = grad.bfloat16()
+        fn = lambda: ebt._bwd_sparse(g16, values, indices, weights, False)  # noqa: E731
+        table.add(f"{tag}: sweep value-grad walk, bf16 grad_out", timed(fn), bwd_bytes)
     s["bwd_simple"] = table.add(
         f"{tag}: backward sparse, simple baseline",
         timed(lambda: ebt.simple_backward(grad, values, indices, weights)),
@@ -189,7 +227,7 @@ def bench_forward(table, d, values, indices, weights, sweep: bool):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", default=["trainer", "paper"], choices=list(SHAPES))
     p.add_argument("--dists", nargs="+", default=list(DISTS), choices=list(DISTS))
     p.add_argument("--fwd-dims", type=int, nargs="*", default=[512, 1024, 1000, 2048])
     p.add_argument(

@@ -22,7 +22,7 @@ def pytest_addoption(parser):
         default=None,
         metavar="I/N",
         help="run only every N-th collected test, starting at the I-th (1-based): the GPU "
-        "suite split over calls that each fit a time limit (.ci/gpu --shard 1/2, 2/2)",
+        "suite split over calls that each fit a time limit (.ci/gpu --shard 1/3, 2/3, 3/3)",
     )
 
 

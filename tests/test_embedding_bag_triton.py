@@ -224,13 +224,20 @@ def test_simple_baselines_match_reference():
     _close(gw, ref_gw, 1e-5)
 
 
-@pytest.mark.parametrize("chunk, warps, stages", [(8, 4, None), (1, 1, 1), (4, 8, 3), (16, 2, 4)])
-def test_score_gradient_launches_give_the_same_numbers(chunk, warps, stages):
+@pytest.mark.parametrize(
+    "chunk, warps, stages, split, block_d",
+    [(8, 4, None, 1, None), (1, 1, 1, 1, None), (4, 8, 3, 1, None), (16, 2, 4, 1, None),
+     (2, 1, None, 3, None), (1, 4, 3, 2, 4), (2, 2, 1, 9, 8), (4, 1, 3, 1, 4)],
+)  # fmt: skip
+def test_score_gradient_launches_give_the_same_numbers(chunk, warps, stages, split, block_d):
     # The merged backward's score gradient alone (benchmark's --sweep launches): equal to
-    # the reference for every launch, a K that no chunk divides, a D under its power of 2.
+    # the reference for every launch, a K that no chunk divides, a D under its power of 2,
+    # a bag split over programs that take every split-th chunk (9: more than K has
+    # chunks), rows of 13 columns in tiles of 4 or 8 (the last one part masked).
     values, indices, weights, grad = _inputs(23, 13, 6, 7, torch.float32, seed=21)
     _, _, ref_gw = _reference(values, indices, weights, grad)
-    _close(ebt.score_grad(values, indices, grad, chunk, warps, stages), ref_gw, 1e-5)
+    got = ebt.score_grad(values, indices, grad, chunk, warps, stages, split, block_d)
+    _close(got, ref_gw, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -122,7 +122,7 @@ FWD_CONFIG = (1, 4, 1)
 # Score gradient alone (merged shared-table backward): rows per reduction and warps. One
 # row per reduction took 2.67 ms a layer at 134m-memory+ (32 x 1024 tokens, fp32 1M x
 # 768 table, H200, 2026-12-01): a cross-warp sum for every one of 4M rows.
-SCORE_GRAD_CHUNK, SCORE_GRAD_WARPS = 8, 4
+SCORE_GRAD_CHUNK, SCORE_GRAD_WARPS, SCORE_GRAD_SPLIT, SCORE_GRAD_BLOCK_D = 8, 4, 1, None
 FWD_SWEEP = [(1, 4, 1), (1, 4, 3), (1, 8, 3), (2, 4, 3), (2, 2, 3), (4, 2, 3)]
 
 
@@ -157,23 +157,31 @@ def _score_grad_kernel(
     dw_ptr,  # [B, K] fp32 out: grad_out[b] · values[indices[b, k]]
     K,
     D: tl.constexpr,
-    BLOCK_D: tl.constexpr,  # next power of two of D: the whole row per load
+    BLOCK_D: tl.constexpr,  # columns per load: a power of two, the row in cdiv(D, BLOCK_D)
     CHUNK: tl.constexpr,  # rows loaded (and reduced) together
+    SPLIT: tl.constexpr,  # programs per bag, each taking every SPLIT-th chunk
 ):
-    """The score gradient alone: the forward's access pattern (one program per bag, its
-    rows streamed once), a dot product per row instead of a weighted sum; no sort. Rows go
-    in chunks: one reduction across the program per CHUNK rows, not per row."""
-    bag = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    dmask = cols < D
-    g = tl.load(grad_out_ptr + bag * D + cols, mask=dmask, other=0.0).to(tl.float32)
-    for k0 in tl.range(0, K, CHUNK):
+    """The score gradient alone: the forward's access pattern (one program per bag, or
+    SPLIT per bag, its rows streamed once), a dot product per row instead of a weighted
+    sum; no sort. Rows go in chunks: one reduction across the program per CHUNK rows, not
+    per row; a row wider than BLOCK_D is multiplied tile by tile into the same [CHUNK,
+    BLOCK_D] products first (768 columns as 3 × 256: no lane idles on a padded 1024)."""
+    pid = tl.program_id(0).to(tl.int64)
+    bag = pid // SPLIT
+    part = pid % SPLIT
+    for k0 in tl.range(part * CHUNK, K, SPLIT * CHUNK):
         ks = k0 + tl.arange(0, CHUNK)
         km = ks < K
         idx = tl.load(indices_ptr + bag * K + ks, mask=km, other=0)
-        m = km[:, None] & dmask[None, :]
-        rows = tl.load(values_ptr + idx[:, None] * D + cols[None, :], mask=m, other=0.0)
-        tl.store(dw_ptr + bag * K + ks, tl.sum(rows.to(tl.float32) * g[None, :], axis=1), mask=km)
+        acc = tl.zeros([CHUNK, BLOCK_D], dtype=tl.float32)
+        for d0 in tl.static_range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            dmask = cols < D
+            g = tl.load(grad_out_ptr + bag * D + cols, mask=dmask, other=0.0).to(tl.float32)
+            m = km[:, None] & dmask[None, :]
+            rows = tl.load(values_ptr + idx[:, None] * D + cols[None, :], mask=m, other=0.0)
+            acc += rows.to(tl.float32) * g[None, :]
+        tl.store(dw_ptr + bag * K + ks, tl.sum(acc, axis=1), mask=km)
 
 
 @triton.jit
@@ -693,21 +701,27 @@ def score_grad(
     chunk: int = SCORE_GRAD_CHUNK,
     num_warps: int = SCORE_GRAD_WARPS,
     num_stages: int | None = None,
+    split: int = SCORE_GRAD_SPLIT,
+    block_d: int | None = SCORE_GRAD_BLOCK_D,
 ):
     """``[B, K]`` fp32 score gradient ``grad_out[b] · values[indices[b, k]]`` (contiguous
     inputs, indices in range: the forward checked them). ``chunk``: rows per reduction
-    (at most 8192 values in flight); ``num_stages``: the loop's software pipelining
-    (None: Triton's default; the benchmark's sweep sets it). No launch parameter changes
-    the result: each row's dot product is one reduction whatever the chunk."""
+    (at most 64 values per thread in flight); ``split``: programs per bag (each takes
+    every split-th chunk); ``block_d``: columns per load (None: the whole row, padded to a
+    power of two); ``num_stages``: the loop's software pipelining (None: Triton's default).
+    Every launch is the same sum up to fp32 rounding (the order within a row follows the
+    launch); the benchmark's sweep tries them."""
     b, k = indices.shape
     d = values.shape[1]
     dw = torch.empty(b, k, dtype=torch.float32, device=values.device)
     if b and k:
-        block_d = triton.next_power_of_2(d)
-        chunk = max(1, min(chunk, 8192 // block_d))
+        block_d = min(block_d or triton.next_power_of_2(d), triton.next_power_of_2(d))
+        chunk = max(1, min(chunk, 64 * 32 * num_warps // block_d, triton.next_power_of_2(k)))
+        split = max(1, min(split, triton.cdiv(k, chunk)))
         stages = {} if num_stages is None else {"num_stages": num_stages}
-        _score_grad_kernel[(b,)](values, indices, grad_out, dw, k, D=d, BLOCK_D=block_d,
-                                 CHUNK=chunk, num_warps=num_warps, **stages)  # fmt: skip
+        _score_grad_kernel[(b * split,)](values, indices, grad_out, dw, k, D=d, BLOCK_D=block_d,
+                                         CHUNK=chunk, SPLIT=split, num_warps=num_warps,
+                                         **stages)  # fmt: skip
     return dw
 
 
