@@ -4,6 +4,8 @@ simple baselines measured in the same run.
     python benchmarks/bench_embedding_bag.py                          # trainer + paper shapes
     python benchmarks/bench_embedding_bag.py --shapes paper --sweep --out results.md
     TRITON_INTERPRET=1 python benchmarks/bench_embedding_bag.py --smoke   # CPU: code paths
+    python benchmarks/profile_step.py --batch 32 --compile --dump-lookups L.pt   # then:
+    python benchmarks/bench_embedding_bag.py --shapes --replay L.pt --sweep      # the trainer's
 
 Shapes: ``trainer`` is the 134m Memory+ trainer's lookup (fp32 table 1,048,576 × 768,
 8,192 bags × 128, fp32 weights), ``paper`` the paper's (bf16 table 1,048,576 × 1024,
@@ -105,6 +107,22 @@ def bench_shape(name, shp, args, table, device, summary, compare) -> None:
         indices = make_indices(dist, n, b, k, device, g)
         tag = f"{name} {dist}"
         summary[tag] = bench_lookups(tag, values, indices, weights, grad, args, table, compare)
+
+
+def bench_replay(path, args, table, device, summary, compare) -> None:
+    """The lookups of one trainer step (``profile_step.py --dump-lookups``): their indices,
+    weights and grad_out as the trainer had them, over a random table of its shape."""
+    saved = torch.load(path, weights_only=True)
+    n, d = saved["n_rows"], saved["dim"]
+    dt = getattr(torch, saved["dtype"].removeprefix("torch."))
+    g = torch.Generator(device=device).manual_seed(0)
+    values = torch.empty(n, d, dtype=dt, device=device).normal_(generator=g).mul_(d**-0.5)
+    print(f"replay {path}: {n} × {d} {dt}, {len(saved['lookups'])} lookups", flush=True)
+    for i, lk in enumerate(saved["lookups"]):
+        indices, weights, grad = (lk[k].to(device) for k in ("indices", "weights", "grad_out"))
+        tag = f"replay {i} {grad.dtype}".replace("torch.", "")
+        summary[tag] = bench_lookups(tag, values, indices, weights.float(), grad, args, table,
+                                     compare)  # fmt: skip
 
 
 def bench_lookups(tag, values, indices, weights, grad, args, table, compare) -> dict:
@@ -227,7 +245,7 @@ def bench_forward(table, d, values, indices, weights, sweep: bool):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", nargs="+", default=["trainer", "paper"], choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="*", default=["trainer", "paper"], choices=list(SHAPES))
     p.add_argument("--dists", nargs="+", default=list(DISTS), choices=list(DISTS))
     p.add_argument("--fwd-dims", type=int, nargs="*", default=[512, 1024, 1000, 2048])
     p.add_argument(
@@ -236,6 +254,7 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--torch-ref", action="store_true", help="F.embedding_bag fp32 fwd+bwd")
     p.add_argument("--compare-bwd", help="module file with sparse_backward(...) to time too")
+    p.add_argument("--replay", help="lookups saved by profile_step.py --dump-lookups")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
     p.add_argument("--out", help="write the markdown tables here")
     args = p.parse_args()
@@ -251,6 +270,8 @@ def main() -> None:
         bench_shape(name, shp, args, table, device, summary, compare)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if args.replay:
+        bench_replay(args.replay, args, table, device, summary, compare)
     fwd_rows = bench_forward_dims(args, table, device)
     lines = [
         f"Card: {card}; torch {torch.__version__}, triton {ebt.triton.__version__}; "

@@ -37,6 +37,11 @@ def main() -> None:
         "--no-merge", action="store_true",
         help="memory.merge_grads=false: one value backward per lookup (A/B of merged_grad.py)",
     )  # fmt: skip
+    p.add_argument(
+        "--dump-lookups", metavar="PATH",
+        help="save one step's lookups of the shared table (indices, weights, grad_out of "
+        "each memory layer) for bench_embedding_bag.py --replay, after the warm-up",
+    )  # fmt: skip
     ns = p.parse_args()
 
     dev = torch.device("cuda")
@@ -74,6 +79,8 @@ def main() -> None:
 
     for _ in range(5 if ns.compile else 3):
         step()
+    if ns.dump_lookups:
+        dump_lookups(model, step, ns.dump_lookups)
     times = []
     for _ in range(ns.steps):
         torch.cuda.synchronize()
@@ -105,6 +112,31 @@ def main() -> None:
             f.write(head + "\n\n## by total CUDA time\n" + table + "\n\n## by self CUDA time\n")
             f.write(short + "\n")
     print(short)
+
+
+def dump_lookups(model, step, path: str) -> None:
+    """One step's ``(indices, weights, grad_out)`` of every lookup into the shared table
+    (what its merged backward receives), saved on the host with the table's shape."""
+    merged = getattr(getattr(model, "memory_values", None), "merged", None)
+    if merged is None:
+        raise SystemExit("--dump-lookups needs a Memory+ preset with merged gradients")
+    seen = []
+    add = merged.add
+
+    def spy(weight, indices, weights, grad_out, impl):
+        seen.append({"indices": indices.cpu(), "weights": weights.detach().cpu(),
+                     "grad_out": grad_out.cpu()})  # fmt: skip
+        add(weight, indices, weights, grad_out, impl)
+
+    merged.add = spy
+    try:
+        step()
+    finally:
+        del merged.add  # the bound method again
+    w = model.memory_values.weight
+    torch.save({"n_rows": w.shape[0], "dim": w.shape[1], "dtype": str(w.dtype),
+                "lookups": seen}, path)  # fmt: skip
+    print(f"saved {len(seen)} lookups of the shared table to {path}", flush=True)
 
 
 if __name__ == "__main__":
