@@ -240,6 +240,12 @@ def test_score_gradient_launches_give_the_same_numbers(chunk, warps, stages, spl
     _close(got, ref_gw, 1e-5)
 
 
+def test_score_gradient_refuses_a_tile_that_is_not_a_power_of_two():
+    values, indices, _, grad = _inputs(23, 13, 6, 7, torch.float32, seed=21)
+    with pytest.raises(ValueError, match="block_d=12"):
+        ebt.score_grad(values, indices, grad, block_d=12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_sum_rows(dtype):
     # Three sorted row lists concatenated (how autograd adds three lookups' sparse

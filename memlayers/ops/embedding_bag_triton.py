@@ -706,11 +706,14 @@ def score_grad(
 ):
     """``[B, K]`` fp32 score gradient ``grad_out[b] · values[indices[b, k]]`` (contiguous
     inputs, indices in range: the forward checked them). ``chunk``: rows per reduction
-    (at most 64 values per thread in flight); ``split``: programs per bag (each takes
-    every split-th chunk); ``block_d``: columns per load (None: the whole row, padded to a
-    power of two); ``num_stages``: the loop's software pipelining (None: Triton's default).
+    (at most 64 loaded values per thread per tile, as many again in the products);
+    ``split``: programs per bag (each takes every split-th chunk); ``block_d``: columns
+    per load, a power of two (None: the whole row, padded to one); ``num_stages``: the
+    loop's software pipelining (None: Triton's default).
     Every launch is the same sum up to fp32 rounding (the order within a row follows the
     launch); the benchmark's sweep tries them."""
+    if block_d is not None and (block_d < 1 or block_d & (block_d - 1)):
+        raise ValueError(f"score_grad: block_d must be a power of two, got block_d={block_d}")
     b, k = indices.shape
     d = values.shape[1]
     dw = torch.empty(b, k, dtype=torch.float32, device=values.device)
