@@ -72,12 +72,9 @@ def make_indices(dist: str, n: int, b: int, k: int, device, g) -> torch.Tensor:
         p = 1.0 / torch.arange(1, n + 1, device=device, dtype=torch.float32)
         ranks = torch.multinomial(p, b * k, replacement=True, generator=g)
         return torch.randperm(n, device=device, generator=g)[ranks].view(b, k)
-    if dist == "narrow":
-        live = torch.randperm(n, device=device, generator=g)[: max(1, int(n * NARROW_SHARE))]
-        pick = torch.randint(0, live.numel(), (b, k), device=device, generator=g)
-        return live[pick]
-    if dist == "l2":
-        live = torch.randperm(n, device=device, generator=g)[:L2_ROWS]
+    if dist in ("narrow", "l2"):  # uniform over a scattered subset of the rows
+        size = max(1, int(n * NARROW_SHARE)) if dist == "narrow" else L2_ROWS
+        live = torch.randperm(n, device=device, generator=g)[:size]
         return live[torch.randint(0, live.numel(), (b, k), device=device, generator=g)]
     indices = torch.randint(0, n, (b, k), device=device, generator=g)
     if dist == "hot-half":
@@ -96,10 +93,15 @@ def load_compare(path: str | None):
     return mod.sparse_backward
 
 
+def random_table(n: int, d: int, dtype, device, g) -> torch.Tensor:
+    """``[n, d]`` values drawn as the memory initialises them (std ``d**-0.5``)."""
+    return torch.empty(n, d, dtype=dtype, device=device).normal_(generator=g).mul_(d**-0.5)
+
+
 def bench_shape(name, shp, args, table, device, summary, compare) -> None:
     n, d, b, k, dt = shp["rows"], shp["dim"], shp["tokens"], shp["bag"], shp["dtype"]
     g = torch.Generator(device=device).manual_seed(0)
-    values = torch.empty(n, d, dtype=dt, device=device).normal_(generator=g).mul_(d**-0.5)
+    values = random_table(n, d, dt, device, g)
     weights = torch.rand(b, k, device=device, generator=g).softmax(-1)
     grad = torch.randn(b, d, device=device, generator=g).to(dt)
     print(f"{name}: {n} × {d} {dt}, {b} bags × {k}", flush=True)
@@ -115,8 +117,7 @@ def bench_replay(path, args, table, device, summary, compare) -> None:
     saved = torch.load(path, weights_only=True)
     n, d = saved["n_rows"], saved["dim"]
     dt = getattr(torch, saved["dtype"].removeprefix("torch."))
-    g = torch.Generator(device=device).manual_seed(0)
-    values = torch.empty(n, d, dtype=dt, device=device).normal_(generator=g).mul_(d**-0.5)
+    values = random_table(n, d, dt, device, torch.Generator(device=device).manual_seed(0))
     print(f"replay {path}: {n} × {d} {dt}, {len(saved['lookups'])} lookups", flush=True)
     for i, lk in enumerate(saved["lookups"]):
         indices, weights, grad = (lk[k].to(device) for k in ("indices", "weights", "grad_out"))
