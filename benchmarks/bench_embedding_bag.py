@@ -156,9 +156,11 @@ def bench_lookups(tag, values, indices, weights, grad, args, table, compare) -> 
     # The score gradient reads the rows the forward reads (a dot product with grad_out
     # per row instead of a weighted sum): the forward beside it is its yardstick.
     fn = lambda: ebt.score_grad(values, indices, grad)  # noqa: E731
-    cfg = f"chunk={ebt.SCORE_GRAD_CHUNK} warps={ebt.SCORE_GRAD_WARPS}"
+    launch = (ebt.SCORE_GRAD_CHUNK, ebt.SCORE_GRAD_WARPS, ebt.SCORE_GRAD_SPLIT,
+              ebt.SCORE_GRAD_BLOCK_D)  # fmt: skip
+    cfg = "chunk={} warps={} split={} block_d={}".format(*launch)
     s["score"] = table.add(f"{tag}: score gradient (shipped)", timed(fn), fwd_bytes, cfg)
-    for a in SCORE_SWEEP if args.sweep else ():
+    for a in args.score_launches or (SCORE_SWEEP if args.sweep else ()):
         fn = lambda a=a: ebt.score_grad(values, indices, grad, *a)  # noqa: E731
         name = "chunk={} warps={} stages={} split={} block_d={}".format(*a)
         table.add(f"{tag}: sweep score gradient {name}", timed(fn), fwd_bytes)
@@ -244,6 +246,17 @@ def bench_forward(table, d, values, indices, weights, sweep: bool):
     return d, t0, t1, t2, nbytes, cfg
 
 
+def score_launch(text: str) -> tuple:
+    """``"8,1,3,1,256"`` -> ``(8, 1, 3, 1, 256)``: a SCORE_SWEEP entry (block_d 0: None)."""
+    parts = text.split(",")
+    if len(parts) != 5 or not all(x.strip().isdigit() for x in parts):
+        raise argparse.ArgumentTypeError(
+            f"a score launch is five integers chunk,warps,stages,split,block_d, got {text!r}"
+        )
+    c, w, st, sp, bd = (int(x) for x in parts)
+    return c, w, st, sp, bd or None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="*", default=["trainer", "paper"], choices=list(SHAPES))
@@ -252,6 +265,11 @@ def main() -> None:
     p.add_argument(
         "--sweep", action="store_true",
         help="backward chunks, score-gradient and forward launches",
+    )  # fmt: skip
+    p.add_argument(
+        "--score-launches", nargs="+", type=score_launch, metavar="C,W,ST,SP,BD",
+        help="score-gradient launches to time instead of --sweep's (chunk, warps, stages, "
+        "split, block_d; block_d 0: the whole row), e.g. 8,1,3,1,256",
     )  # fmt: skip
     p.add_argument("--torch-ref", action="store_true", help="F.embedding_bag fp32 fwd+bwd")
     p.add_argument("--compare-bwd", help="module file with sparse_backward(...) to time too")

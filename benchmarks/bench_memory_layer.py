@@ -258,13 +258,14 @@ def bench_shared_table(args, add, device) -> dict:
 
     out["whole1"] = add(f"{tag}: 1 lookup fwd+bwd + Adam step", timed(lambda: whole(1)))
     out["whole3"] = add(f"{tag}: 3 lookups fwd+bwd + Adam step", timed(lambda: whole(3)))
-    # The merged backward's per-layer part: the score gradient alone (rows per reduction,
-    # warps); the shipped launch is SCORE_GRAD_CHUNK, SCORE_GRAD_WARPS.
+    # The merged backward's per-layer part: the score gradient alone, the shipped launch
+    # (embedding_bag_triton.SCORE_GRAD_*) and whole-row launches (rows per sum, warps).
     from memlayers.ops.embedding_bag_triton import score_grad
 
     t = table.detach()
+    add(f"{tag}: score grad alone, shipped launch", timed(lambda: score_grad(t, idx[0], gy)))
     for chunk, warps in [(1, 4), (8, 4), (8, 8), (4, 4), (16, 8), (2, 2)]:
-        fn = lambda c=chunk, w=warps: score_grad(t, idx[0], gy, c, w)  # noqa: E731
+        fn = lambda c=chunk, w=warps: score_grad(t, idx[0], gy, c, w, split=1, block_d=None)  # noqa: E731
         add(f"{tag}: score grad alone, {chunk} rows per sum, {warps} warps", timed(fn))
     return out
 
