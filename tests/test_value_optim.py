@@ -20,7 +20,7 @@ from memlayers.ops.row_adam import (
     stochastic_round_bf16,
 )
 from memlayers.ops.row_adam_triton import _noise as _tile_noise
-from memlayers.ops.row_adam_triton import row_adam_step_triton, row_sgd_step_triton
+from memlayers.ops.row_adam_triton import row_adam_step_triton, row_sgd_kernel, row_sgd_step_triton
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -390,6 +390,32 @@ def test_bf16_moments_match_reference(sparse, rowwise):
             torch.testing.assert_close(b.float(), a.float(), rtol=2**-7, atol=1e-12)
         else:
             assert torch.equal(a, b)
+
+
+def test_seed_arguments_give_one_kernel_variant_for_every_step():
+    """The step's seeds vary every step: as Python ints of 2**31 or more they reached the
+    kernels as int64, and Triton specialized on their divisibility by 16, so new kernel
+    variants were compiled mid-run (a ~0.4 s stall each; benchmarks/NOTES.md session 13).
+    They must reach the kernels as int32 holding the same 32 bits, in do_not_specialize."""
+    from memlayers.ops.row_adam import param_round_seed, round_seed
+    from memlayers.ops.row_adam_triton import _seed_arg, row_adam_kernel, row_adam_rowwise_kernel
+
+    high = 0
+    for step in range(1, 2001):
+        for seed in (round_seed(step), param_round_seed(step)):
+            arg = _seed_arg(seed)
+            assert -(2**31) <= arg < 2**31, (step, seed, arg)
+            assert arg & 0xFFFFFFFF == seed
+            high += seed >= 2**31
+    assert high > 0  # the int64 case occurs in these steps and is covered
+
+    def unspecialized(kernel):  # a JITFunction, or the interpreter's wrapper of one
+        names = getattr(kernel, "do_not_specialize", None)
+        return set(kernel.kwargs["do_not_specialize"] if names is None else names)
+
+    for kernel in (row_adam_kernel, row_adam_rowwise_kernel):
+        assert {"seed", "param_seed"} <= unspecialized(kernel)
+    assert "param_seed" in unspecialized(row_sgd_kernel)
 
 
 def test_stochastic_rounding_is_unbiased_and_deterministic():

@@ -60,7 +60,7 @@ def _noise(offs, first, seed):
     """:func:`memlayers.ops.row_adam.rounding_noise` of a tile's element offsets ``offs``
     (consecutive from ``first``): the high part's hash once per tile, for the (at most
     two) 2**32 blocks a tile spans, then one hash per element."""
-    s = seed.to(tl.uint32)  # a seed of 2**31 or more arrives as int64: its low bits
+    s = seed.to(tl.uint32)  # the 32 bits of the seed (it arrives as int32: _seed_arg)
     hi0 = (first >> 32).to(tl.uint32)
     hi1 = ((first >> 32) + 1).to(tl.uint32)  # (hi0 + 1 would leave uint32 in the interpreter)
     h = tl.where((offs >> 32).to(tl.uint32) == hi0, _hash32(hi0 ^ s), _hash32(hi1 ^ s))
@@ -89,7 +89,7 @@ def _store_param(param_ptr, offs, mask, p, first, param_seed, BF16_P: tl.constex
     tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "param_seed"])
 def row_adam_kernel(
     param_ptr,  # [N, D] any float dtype, updated in place
     rows_ptr,  # [U] int64 table rows (unused when DENSE: row = program's row)
@@ -137,7 +137,7 @@ def row_adam_kernel(
     _store_param(param_ptr, offs, mask, p, first, param_seed, BF16_P)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "param_seed"])
 def row_adam_rowwise_kernel(
     param_ptr,  # [N, D] any float dtype, updated in place
     rows_ptr,  # [U] int64 table rows (unused when DENSE: row = program's row)
@@ -200,7 +200,7 @@ def row_adam_rowwise_kernel(
         _store_param(param_ptr, offs, mask, p, row * D + t * BLOCK_D, param_seed, BF16_P)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["param_seed"])
 def row_sgd_kernel(
     param_ptr,  # [N, D] updated in place
     rows_ptr,  # [U] int64 (unused when DENSE)
@@ -226,6 +226,16 @@ def _launch_shape(u: int, d: int, block_d: int) -> tuple[int, int]:
     return block_d, triton.cdiv(d, block_d)
 
 
+def _seed_arg(seed: int) -> int:
+    """A 32-bit seed as the int32 of the same bits. Triton types an int argument by its
+    value (int32 below 2**31, int64 above) and, unless told not to, specializes on its
+    divisibility by 16: a seed that changes every step then compiled up to 16 variants of
+    each kernel, one at a time as their combinations first occurred, each a ~0.4 s stall
+    of the step (134m-memory+ at steps 2, 6, 11-13, 25, 29 of every run, H200,
+    2026-12-02). As int32 and in ``do_not_specialize``, one variant serves every step."""
+    return seed - (1 << 32) if seed >= 1 << 31 else seed
+
+
 def row_adam_step_triton(
     param, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
     rowwise_v: bool = False, block_d: int = ADAM_BLOCK_D, num_warps: int = ADAM_WARPS,
@@ -246,7 +256,7 @@ def row_adam_step_triton(
     kernel[(grid,)](
         param, rows if rows is not None else grad, grad, exp_avg, exp_avg_sq, d, n_dtiles,
         beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, math.sqrt(bc2), eps,
-        -lr / bc1, round_seed(step), param_round_seed(step),
+        -lr / bc1, _seed_arg(round_seed(step)), _seed_arg(param_round_seed(step)),
         DENSE=rows is None, DECAY=weight_decay != 0, BLOCK_D=block_d,
         BF16_M=exp_avg.dtype == torch.bfloat16, BF16_V=exp_avg_sq.dtype == torch.bfloat16,
         BF16_P=param.dtype == torch.bfloat16, num_warps=num_warps,
@@ -265,7 +275,8 @@ def row_sgd_step_triton(
         return
     block_d, n_dtiles = _launch_shape(u, d, block_d)
     row_sgd_kernel[(u * n_dtiles,)](
-        param, rows if rows is not None else grad, grad, d, n_dtiles, lr, param_round_seed(step),
+        param, rows if rows is not None else grad, grad, d, n_dtiles, lr,
+        _seed_arg(param_round_seed(step)),
         DENSE=rows is None, BLOCK_D=block_d, BF16_P=param.dtype == torch.bfloat16,
         num_warps=num_warps,
     )  # fmt: skip
