@@ -524,6 +524,10 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
                     # waits for the device: see expandable_segments); host-side, no sync
                     stats = torch.cuda.memory_stats(env.device)
                     record["alloc_retries"] = int(stats.get("num_alloc_retries", 0))
+                    # device memory the allocator holds, and how often it asked the driver
+                    # for more (a step that grows the pool waits on the driver)
+                    record["reserved_gib"] = stats.get("reserved_bytes.all.current", 0) / 2**30
+                    record["device_allocs"] = int(stats.get("num_device_alloc", 0))
                 if usage is not None:
                     record.update(usage.record(usage_stats))
                 history.append(record)
