@@ -240,6 +240,15 @@ def test_score_gradient_launches_give_the_same_numbers(chunk, warps, stages, spl
     _close(got, ref_gw, 1e-5)
 
 
+def test_score_gradient_shipped_launch():
+    # The default launch (SCORE_GRAD_*; on 2026-12-02 one warp, two programs per bag,
+    # 256-column tiles of 8 rows) on rows of 300 columns (a full tile and a part-masked one)
+    # and bags of 19 (three chunks, the last part-masked, shared by the bag's programs).
+    values, indices, weights, grad = _inputs(64, 300, 5, 19, torch.float32, seed=22)
+    _, _, ref_gw = _reference(values, indices, weights, grad)
+    _close(ebt.score_grad(values, indices, grad), ref_gw, 1e-5)
+
+
 def test_score_gradient_refuses_a_tile_that_is_not_a_power_of_two():
     values, indices, _, grad = _inputs(23, 13, 6, 7, torch.float32, seed=21)
     with pytest.raises(ValueError, match="block_d=12"):

@@ -20,7 +20,7 @@ from memlayers.ops.row_adam import (
     stochastic_round_bf16,
 )
 from memlayers.ops.row_adam_triton import _noise as _tile_noise
-from memlayers.ops.row_adam_triton import row_adam_step_triton, row_sgd_kernel, row_sgd_step_triton
+from memlayers.ops.row_adam_triton import row_adam_step_triton, row_sgd_step_triton
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -392,30 +392,76 @@ def test_bf16_moments_match_reference(sparse, rowwise):
             assert torch.equal(a, b)
 
 
-def test_seed_arguments_give_one_kernel_variant_for_every_step():
+def test_seed_arguments_reach_the_kernels_as_unspecialized_int32(monkeypatch):
     """The step's seeds vary every step: as Python ints of 2**31 or more they reached the
     kernels as int64, and Triton specialized on their divisibility by 16, so new kernel
-    variants were compiled mid-run (a ~0.4 s stall each; benchmarks/NOTES.md session 13).
-    They must reach the kernels as int32 holding the same 32 bits, in do_not_specialize."""
+    variants were compiled mid-run (a stall each; benchmarks/NOTES.md session 13). Every
+    launch must pass them as int32 holding the same 32 bits, in do_not_specialize."""
+    import memlayers.ops.row_adam_triton as rat
     from memlayers.ops.row_adam import param_round_seed, round_seed
-    from memlayers.ops.row_adam_triton import _seed_arg, row_adam_kernel, row_adam_rowwise_kernel
-
-    high = 0
-    for step in range(1, 2001):
-        for seed in (round_seed(step), param_round_seed(step)):
-            arg = _seed_arg(seed)
-            assert -(2**31) <= arg < 2**31, (step, seed, arg)
-            assert arg & 0xFFFFFFFF == seed
-            high += seed >= 2**31
-    assert high > 0  # the int64 case occurs in these steps and is covered
 
     def unspecialized(kernel):  # a JITFunction, or the interpreter's wrapper of one
         names = getattr(kernel, "do_not_specialize", None)
         return set(kernel.kwargs["do_not_specialize"] if names is None else names)
 
-    for kernel in (row_adam_kernel, row_adam_rowwise_kernel):
+    for kernel in (rat.row_adam_kernel, rat.row_adam_rowwise_kernel):
         assert {"seed", "param_seed"} <= unspecialized(kernel)
-    assert "param_seed" in unspecialized(row_sgd_kernel)
+    assert "param_seed" in unspecialized(rat.row_sgd_kernel)
+
+    seen = []  # (step, what the launch passed, the seed it stands for)
+
+    class Recorder:  # kernel[grid](*args, **kwargs): keep the seed arguments
+        def __init__(self, name, positions):
+            self.name, self.positions = name, positions
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.extend(
+                (step, name, args[i]) for name, i in self.positions
+            )
+
+    adam_seeds = [("seed", 15), ("param_seed", 16)]
+    monkeypatch.setattr(rat, "row_adam_kernel", Recorder("adam", adam_seeds))
+    monkeypatch.setattr(rat, "row_adam_rowwise_kernel", Recorder("rowwise", adam_seeds))
+    monkeypatch.setattr(rat, "row_sgd_kernel", Recorder("sgd", [("param_seed", 6)]))
+    n, d = 8, 5
+    param, grad = torch.zeros(n, d), torch.ones(3, d)
+    rows = torch.tensor([0, 2, 5])
+    for step in range(1, 31):
+        for rowwise in (False, True):
+            v = torch.zeros(n) if rowwise else torch.zeros(n, d)
+            rat.row_adam_step_triton(param, rows, grad, torch.zeros(n, d), v, step, 1e-3,
+                                     0.9, 0.999, 1e-8, 0.0, rowwise_v=rowwise)  # fmt: skip
+        rat.row_sgd_step_triton(param, rows, grad, step, 1e-3)
+    assert len(seen) == 30 * 5
+    want = {"seed": round_seed, "param_seed": param_round_seed}
+    for step, name, arg in seen:
+        assert type(arg) is int and -(2**31) <= arg < 2**31, (step, name, arg)
+        assert arg & 0xFFFFFFFF == want[name](step), (step, name, arg)
+    assert any(arg < 0 for *_, arg in seen)  # seeds of 2**31 or more occur and are covered
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (Triton's compiled-kernel cache)")
+def test_row_adam_compiles_one_variant_over_many_steps():
+    """On the GPU: 30 steps (whose seeds fall in every int type and divisibility class)
+    leave one compiled row_adam_kernel per launch configuration, not one per class."""
+    import memlayers.ops.row_adam_triton as rat
+
+    caches = getattr(rat.row_adam_kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton keeps no device_caches on a JITFunction")
+    n, d = 64, 40
+    param, m, v = (torch.zeros(n, d, device=DEVICE) for _ in range(3))
+    rows = torch.arange(0, n, 3, device=DEVICE)
+    grad = torch.ones(rows.numel(), d, device=DEVICE)
+
+    def compiled() -> int:
+        return sum(len(c[0]) for c in rat.row_adam_kernel.device_caches.values())
+
+    rat.row_adam_step_triton(param, rows, grad, m, v, 1, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+    before = compiled()
+    for step in range(2, 31):
+        rat.row_adam_step_triton(param, rows, grad, m, v, step, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+    assert compiled() == before
 
 
 def test_stochastic_rounding_is_unbiased_and_deterministic():
@@ -505,12 +551,16 @@ def _noise_kernel(out_ptr, first_ptr, seed, BLOCK: tl.constexpr):
 def test_kernel_noise_across_a_2_32_offset_boundary():
     # The kernels hash an offset's high 32 bits once per tile, for the (at most two)
     # 2**32 blocks it spans: a tile straddling offset 2**32 must draw the reference's bits.
+    # A seed of 2**31 or more arrives as the int32 of its bits (_seed_arg): the same noise.
+    from memlayers.ops.row_adam_triton import _seed_arg
+
     for first, seed in (((1 << 32) - 5, 7), ((3 << 32) - 60, 0x9E3779B9), (17, 3)):
-        out = torch.empty(64, dtype=torch.int64, device=DEVICE)
-        start = torch.tensor([first], dtype=torch.int64, device=DEVICE)
-        _noise_kernel[(1,)](out, start, seed, BLOCK=64)
         ref = rounding_noise(first + torch.arange(64), seed)
-        assert torch.equal(out.cpu(), ref)
+        for arg in {seed, _seed_arg(seed)}:
+            out = torch.empty(64, dtype=torch.int64, device=DEVICE)
+            start = torch.tensor([first], dtype=torch.int64, device=DEVICE)
+            _noise_kernel[(1,)](out, start, arg, BLOCK=64)
+            assert torch.equal(out.cpu(), ref), (first, seed, arg)
 
 
 # A bf16 table (model.memory.value_dtype=bf16): the parameter stored stochastically rounded,

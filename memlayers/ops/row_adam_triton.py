@@ -229,10 +229,11 @@ def _launch_shape(u: int, d: int, block_d: int) -> tuple[int, int]:
 def _seed_arg(seed: int) -> int:
     """A 32-bit seed as the int32 of the same bits. Triton types an int argument by its
     value (int32 below 2**31, int64 above) and, unless told not to, specializes on its
-    divisibility by 16: a seed that changes every step then compiled up to 16 variants of
-    each kernel, one at a time as their combinations first occurred, each a ~0.4 s stall
-    of the step (134m-memory+ at steps 2, 6, 11-13, 25, 29 of every run, H200,
-    2026-12-02). As int32 and in ``do_not_specialize``, one variant serves every step."""
+    divisibility by 16: seeds that change every step then built up to 16 variants of the
+    Adam kernels (two seeds; 4 of SGD's), one at a time as their combinations first
+    occurred, each a 0.1-0.5 s stall of the step (134m-memory+ at steps 2, 6, 11-13, 25,
+    29 of every run, H200, 2026-12-02). As int32 and in ``do_not_specialize``, one
+    variant serves every step."""
     return seed - (1 << 32) if seed >= 1 << 31 else seed
 
 
