@@ -98,6 +98,10 @@ def main() -> None:
     p.add_argument("--exposures", type=int, default=2, help="per statement template")
     p.add_argument("--val-tokens", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--background-batches", type=int, default=4,
+        help="sparse-memory: batches of corpus text whose row reads set the rows' specificity",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="markdown results (+ .json beside it)")
     p.add_argument("--plot", default=None, help="learned vs forgotten over steps (png)")
@@ -151,7 +155,8 @@ def main() -> None:
                 print(method, m, flush=True)
 
         args = FinetuneArgs(method=method, steps=a.steps, lr=lrs[method], top_t=a.top_t,
-                            rank=a.rank, batch_size=a.batch_size, background_batches=4,
+                            rank=a.rank, batch_size=a.batch_size,
+                            background_batches=a.background_batches,
                             seed=a.seed)  # fmt: skip
         t0 = time.perf_counter()
         done = finetune_model(run.model, tokens, args, seq_len, a.batch_size, run.args.optim,
@@ -187,7 +192,10 @@ def main() -> None:
     for method in a.methods:
         c = curves[method]
         m = c["points"][-1]
-        label = method + (f", t = {a.top_t}" if method == "sparse-memory" else "")
+        label = method + (
+            f", t = {a.top_t}, {a.background_batches} background batches"
+            if method == "sparse-memory" else ""
+        )  # fmt: skip
         label += f", r = {a.rank}" if method == "lora" else ""
         lines.append(
             f"| {label} | {c['lr']:g} | {seconds[method]:.0f} | {m['learned']:.1%} | "
