@@ -408,11 +408,11 @@ def test_seed_arguments_reach_the_kernels_as_unspecialized_int32(monkeypatch):
         assert {"seed", "param_seed"} <= unspecialized(kernel)
     assert "param_seed" in unspecialized(rat.row_sgd_kernel)
 
-    seen = []  # (step, what the launch passed, the seed it stands for)
+    seen = []  # (step, the seed's parameter name, the value the launch passed)
 
     class Recorder:  # kernel[grid](*args, **kwargs): keep the seed arguments
-        def __init__(self, name, positions):
-            self.name, self.positions = name, positions
+        def __init__(self, positions):
+            self.positions = positions  # [(parameter name, positional index)]
 
         def __getitem__(self, grid):
             return lambda *args, **kwargs: seen.extend(
@@ -420,9 +420,9 @@ def test_seed_arguments_reach_the_kernels_as_unspecialized_int32(monkeypatch):
             )
 
     adam_seeds = [("seed", 15), ("param_seed", 16)]
-    monkeypatch.setattr(rat, "row_adam_kernel", Recorder("adam", adam_seeds))
-    monkeypatch.setattr(rat, "row_adam_rowwise_kernel", Recorder("rowwise", adam_seeds))
-    monkeypatch.setattr(rat, "row_sgd_kernel", Recorder("sgd", [("param_seed", 6)]))
+    monkeypatch.setattr(rat, "row_adam_kernel", Recorder(adam_seeds))
+    monkeypatch.setattr(rat, "row_adam_rowwise_kernel", Recorder(adam_seeds))
+    monkeypatch.setattr(rat, "row_sgd_kernel", Recorder([("param_seed", 6)]))
     n, d = 8, 5
     param, grad = torch.zeros(n, d), torch.ones(3, d)
     rows = torch.tensor([0, 2, 5])
