@@ -288,10 +288,19 @@ class MemoryValues(nn.Module):
             delattr(self, n)
         self.offloaded = host
 
-    def lookup(self, indices: torch.Tensor, weights: torch.Tensor, impl: str = "auto"):
+    def lookup(
+        self,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        impl: str = "auto",
+        check_indices: bool = True,
+    ):
         """``[B, v_dim]`` weighted sums of the rows ``indices [B, K]`` (see
         :func:`memlayers.ops.embedding_bag`), through the shard when sharded, dequantized
-        on the fly when quantized, gathered from the host when offloaded."""
+        on the fly when quantized, gathered from the host when offloaded.
+        ``check_indices=False``: the indices are known to be in range (a layer's own
+        search made them): the device-side range check of the plain and quantized
+        lookups is skipped."""
         if self.offloaded is not None:
             if self.training:
                 raise ValueError(
@@ -305,12 +314,14 @@ class MemoryValues(nn.Module):
                     f"the value table is quantized ({self.bits}-bit): it serves lookups in "
                     f"eval mode only (model.eval()); train the float table, then quantize it"
                 )
-            return embedding_bag_quantized(self.quantized, indices, weights, impl=impl)
+            return embedding_bag_quantized(
+                self.quantized, indices, weights, impl=impl, check_indices=check_indices
+            )
         if self.shard is not None:
             return self.shard.lookup(self.weight, indices, weights, impl, self.sparse_grad)
         if self.sparse_grad:
             return _sparse_lookup(self, indices, weights, impl)
-        return embedding_bag(self.weight, indices, weights, impl=impl)
+        return embedding_bag(self.weight, indices, weights, impl=impl, check_indices=check_indices)
 
     def init_weights(self) -> None:
         """Normal with std ``v_dim**-0.5`` (docs/method.md §3; keeps ``‖y‖`` near 1 at init).
@@ -495,7 +506,8 @@ class ProductKeyMemory(nn.Module):
         # The trainer's RowCounts count training steps, not its validation passes.
         if self.usage is not None and (self.training or isinstance(self.usage, MemoryUsage)):
             self.usage.update(indices, weights)
-        y = self.values.lookup(indices, weights, impl=cfg.impl)  # [N, v_dim]
+        # The search's rows are in [0, n_keys**2) = the table: no range check to pay.
+        y = self.values.lookup(indices, weights, impl=cfg.impl, check_indices=False)  # [N, v_dim]
         if not torch.is_autocast_enabled(y.device.type):
             # A bf16 table in an fp32 model (value_dtype): the layer goes on in the input's
             # dtype. Under autocast the bf16 rows go on as they are (so is their gradient).

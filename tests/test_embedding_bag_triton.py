@@ -127,11 +127,12 @@ def test_empty(b, k, sparse_grad):
 @pytest.mark.parametrize(
     "fwd,bwd",
     [
-        ((1, 1, 1), dict(block_d=8, chunk=1, stages=1)),
-        ((2, 2, 3), dict(block_d=16, chunk=3, stages=2)),
-        ((4, 4, 2), dict(block_d=64, chunk=64, num_warps=2)),
+        ((1, 1, 1, 1), dict(block_d=8, chunk=1, stages=1)),
+        ((2, 2, 3, 1), dict(block_d=16, chunk=3, stages=2)),
+        ((4, 4, 2, 1), dict(block_d=64, chunk=64, num_warps=2)),
+        ((2, 1, 2, 4), dict(block_d=8, chunk=2, stages=1)),
     ],
-    ids=["small-tiles", "odd-steps", "wide-steps"],
+    ids=["small-tiles", "odd-steps", "wide-steps", "gathered-rows"],
 )
 @pytest.mark.parametrize("n", [9, 2], ids=["rows-9", "rows-2-long-runs"])
 def test_tilings(fwd, bwd, n):
@@ -148,11 +149,29 @@ def test_tilings(fwd, bwd, n):
     _close(gw, ref_gw, 1e-5)
 
 
+def test_fwd_config_rule():
+    # Many bags: the whole row per program. Few bags (decoding): tiles halved until the
+    # programs fill the SMs, never below FWD_FEW_BLOCK_D columns, rows gathered.
+    assert ebt.fwd_config(132, 768, 132) == ebt.FWD_CONFIG
+    assert ebt.fwd_config(10_000, 768, 132) == ebt.FWD_CONFIG
+    few = (ebt.FWD_FEW_WARPS, ebt.FWD_FEW_STAGES, ebt.FWD_FEW_ROWS)
+    assert ebt.fwd_config(1, 768, 132) == (1024 // ebt.FWD_FEW_BLOCK_D, *few)
+    # The first split whose programs reach the SMs: 32 bags x 6 tiles of 128 (3 of 256:
+    # 96 programs, short), 64 x 3 of 256 (2 of 512: 128, short), 100 x 2 of 512.
+    assert ebt.fwd_config(32, 768, 132) == (8, *few)
+    assert ebt.fwd_config(64, 768, 132) == (4, *few)
+    assert ebt.fwd_config(100, 768, 132) == (2, *few)
+    assert ebt.fwd_config(1, 32, 132) == (1, *few)  # a row narrower than a tile: whole
+
+
 def test_forward_order_fixed_across_launches():
     # Every launch adds a bag's rows in the same order: bitwise equal outputs, equal to
     # the simple baseline's too (no launch parameter can change a result).
     values, indices, weights, _ = _inputs(64, 40, 9, 17, torch.bfloat16, seed=9)
-    outs = [ebt._fwd_launch(values, indices, weights, config=c) for c in ebt.FWD_SWEEP]
+    # The few-bags launches gather several rows per load (ROWS; 17 rows: a partial last
+    # gather) and add them in the same order.
+    sweep = ebt.FWD_SWEEP + ebt.FWD_FEW_SWEEP + [(8, 1, 2, 4), (1, 2, 1, 32)]
+    outs = [ebt._fwd_launch(values, indices, weights, config=c) for c in sweep]
     outs.append(ebt.simple_forward(values, indices, weights))
     for out in outs[1:]:
         assert torch.equal(out, outs[0])
@@ -453,3 +472,44 @@ def test_backward_tile_rule(d, block_d):
     # power of two of d. An explicit block_d is kept.
     assert ebt.bwd_launch(d)[0] == block_d
     assert ebt.bwd_launch(768, 512)[0] == 512
+
+
+def test_memory_layer_skips_the_range_check_of_its_own_indices(monkeypatch):
+    # The layer's search makes every index (in [0, n_keys**2): the table), so its lookups
+    # launch unchecked (no flag fill, compare and assert kernels: decode-step latency),
+    # float and quantized alike; a direct embedding_bag call still checks. Unchecked
+    # launches give the same output as checked ones.
+    from memlayers import MemoryConfig, ProductKeyMemory
+    from memlayers.ops import quantized_triton as qt
+
+    calls = []
+    fwd, qfwd = ebt._fwd_launch, qt._qfwd_launch
+
+    def rec_fwd(values, indices, weights, config=None, check=True):
+        calls.append(("float", check))
+        return fwd(values, indices, weights, config, check)
+
+    def rec_qfwd(table, indices, weights, out_dtype=torch.float32, config=None, check=True):
+        calls.append(("quantized", check))
+        return qfwd(table, indices, weights, out_dtype, config, check)
+
+    monkeypatch.setattr(ebt, "_fwd_launch", rec_fwd)
+    monkeypatch.setattr(qt, "_qfwd_launch", rec_qfwd)
+    torch.manual_seed(0)
+    cfg = MemoryConfig(n_keys=8, heads=2, topk=3, impl="triton")
+    layer = ProductKeyMemory(16, cfg, device=DEVICE).eval()
+    x = torch.randn(3, 16, device=DEVICE)
+    with torch.no_grad():
+        out = layer(x)
+        idx, w = layer.lookup(x)
+        table = layer.values.weight
+        checked = embedding_bag(table, idx, w, impl="triton")
+        assert calls == [("float", False), ("float", True)]
+        torch.testing.assert_close(
+            ebt._fwd_launch(table, idx, w, check=False), checked, rtol=0, atol=0
+        )
+        layer.values.quantize_(8)
+        calls.clear()
+        layer(x)
+        assert calls == [("quantized", False)]
+    assert out.shape == x.shape

@@ -104,7 +104,7 @@ def test_launch_variants():
     s1 = torch.einsum("thd,hnd->thn", q[..., :4], keys[:, 0]).reshape(-1, 16)
     s2 = torch.einsum("thd,hnd->thn", q[..., 4:], keys[:, 1]).reshape(-1, 16)
     ref = topk_launch(s1, s2, 4, rows=1)
-    for kwargs in (dict(rows=4), dict(rows=2, narrow=False)):
+    for kwargs in (dict(rows=4), dict(rows=2, narrow=False), dict(num_warps=4)):
         assert torch.equal(topk_launch(s1, s2, 4, **kwargs)[0], ref[0])
 
 
@@ -131,9 +131,11 @@ def test_filter_ranks_the_same_keys(nk, k):
     s1, s2 = _half_scores_with_ties(2, 5, nk, seed=nk + k)
     for rows in (1, 2):
         full = topk_launch(s1, s2, k, rows=rows, filter_keys=False)
-        fast = topk_launch(s1, s2, k, rows=rows, cap=16)
-        for a, b in zip(fast, full, strict=True):
-            assert torch.equal(a.nan_to_num(), b.nan_to_num())
+        # Both halves in one launch (two scratches) and one launch per half (one shared).
+        for both in (True, False):
+            fast = topk_launch(s1, s2, k, rows=rows, cap=16, both_halves=both)
+            for a, b in zip(fast, full, strict=True):
+                assert torch.equal(a.nan_to_num(), b.nan_to_num())
     # And both are the top-k of the k×k sums of each half's top-k (the PyTorch path),
     # where no NaN is involved.
     v1, _ = s1.topk(k, -1)

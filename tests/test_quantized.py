@@ -146,9 +146,19 @@ def test_forward_order_fixed_across_launches(bits):
     # Every launch in the sweep adds a bag's rows in the same order: bitwise equal outputs.
     values, indices, weights = _inputs(40, 70, 6, 9, seed=2)
     q = quantize_rows(values, bits, 8 if bits == 4 else None)
-    outs = [qt._qfwd_launch(q, indices, weights, config=c) for c in qt.QFWD_SWEEP]
+    # The few-bags launches too (tiles narrower than the row, rows pipelined), and the
+    # rule's own choice for these 6 bags on a 132-SM card.
+    sweep = qt.QFWD_SWEEP + qt.QFWD_FEW_SWEEP + [(2, 1, 2), None]
+    outs = [qt._qfwd_launch(q, indices, weights, config=c) for c in sweep]
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
+    few = (qt.QFWD_FEW_WARPS, qt.QFWD_FEW_STAGES)
+    assert qt.qfwd_config(132, 70, bits, 132) == qt.QFWD_CONFIG
+    assert qt.qfwd_config(6, 70, bits, 132) == (2, *few)  # 70 columns: 2 tiles of 64
+    # 768 columns: 64-column tiles (int8), 32-byte tiles (int4: 64 columns), whatever the
+    # number of bags below the SMs.
+    for bags in (1, 32, 131):
+        assert qt.qfwd_config(bags, 768, bits, 132) == (1024 // qt.QFWD_FEW_BLOCK, *few)
 
 
 def test_out_dtype():

@@ -199,6 +199,7 @@ def embedding_bag(
     weights: torch.Tensor,
     impl: str = "auto",
     sparse_grad: bool = False,
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """Weighted sum of value rows per bag, differentiable in ``values`` and ``weights``.
 
@@ -209,6 +210,10 @@ def embedding_bag(
         impl: ``"auto"`` | ``"torch"`` | ``"triton"`` (see :func:`resolve_impl`).
         sparse_grad: return the value gradient as a coalesced sparse COO tensor holding
             only the rows read (for :mod:`memlayers.value_optim`), instead of dense.
+        check_indices: the Triton forward fails (a device-side assert: no host wait) on
+            an index outside ``[0, N)``. False when the caller made the indices itself
+            and they cannot be out of range (the memory layer's search): it saves the
+            check's three small kernels a call, which a batch-1 decode step notices.
 
     Returns:
         ``[B, D]`` in ``values.dtype``, accumulated in fp32.
@@ -218,5 +223,5 @@ def embedding_bag(
     if impl == "triton":
         from memlayers.ops.embedding_bag_triton import embedding_bag_triton
 
-        return embedding_bag_triton(values, indices, weights, sparse_grad=sparse_grad)
+        return embedding_bag_triton(values, indices, weights, sparse_grad, check_indices)
     return embedding_bag_torch(values, indices, weights, sparse_grad)

@@ -4,9 +4,12 @@
 :class:`memlayers.ops.embedding_bag._TorchEmbeddingBag`; tests compare the two.
 
 Forward: one program per (bag, column tile) walks the bag's rows one at a time,
-``acc += w · row`` in fp32; by the measured rule (``FWD_CONFIG``) the tile is the whole
-row. Every launch adds the rows in the same order (k = 0, 1, …, per column), so no
-launch parameter changes a bit of the output. The simplest kernel (one program per bag,
+``acc += w · row`` in fp32; by the measured rule (:func:`fwd_config`) the tile is the
+whole row when there are at least as many bags as SMs (training, prefill), and for fewer
+(decoding) tiles of 128+ columns, 16 rows gathered per load and added in order (3.3× the
+training launch's speed at batch 1 on an H200, L2 cold). Every launch adds the rows in
+the same order (k = 0, 1, …, per column), so no launch parameter changes a bit of the
+output (checked bit for bit on an H200). The simplest kernel (one program per bag,
 whole row per load, default warps, no checks) is the benchmark's baseline
 (:func:`simple_forward`).
 
@@ -72,6 +75,22 @@ _PREP_BLOCK = 1024
 
 
 @triton.jit
+def bag_entry(indices_ptr, weights_ptr, bag, K, k, N, mask, CHECK: tl.constexpr):
+    """Entry ``k`` of bag ``bag`` of a forward: ``(row, fp32 weight, the row's load mask,
+    1 if the index is outside [0, N) else 0)``. With CHECK such an index reads nothing:
+    row 0 (for unmasked scalar loads, e.g. a quantized row's scale) and a false mask."""
+    idx = tl.load(indices_ptr + bag * K + k)  # int64: idx * D passes 2**31 on big tables
+    w = tl.load(weights_ptr + bag * K + k).to(tl.float32)
+    bad = tl.full([], 0, tl.int32)
+    if CHECK:
+        ok = (idx >= 0) & (idx < N)
+        bad = (~ok).to(tl.int32)
+        mask = tl.where(ok, mask, False)
+        idx = tl.where(ok, idx, 0)
+    return idx, w, mask, bad
+
+
+@triton.jit
 def _fwd_kernel(
     values_ptr,  # [N, D]
     indices_ptr,  # [B, K] int64
@@ -82,12 +101,18 @@ def _fwd_kernel(
     K,
     D: tl.constexpr,  # a constant: row offsets idx * D then carry its alignment
     BLOCK_D: tl.constexpr,  # columns per program: next_power_of_2(D) // SPLIT
-    STAGES: tl.constexpr,  # rows in flight (software pipelining of the loop over K)
-    CHECK: tl.constexpr,  # flag indices outside [0, N) (off: only to time the check)
+    STAGES: tl.constexpr,  # loads in flight (software pipelining of the loop over K)
+    CHECK: tl.constexpr,  # flag indices outside [0, N) (off: the caller made them in range)
+    ROWS: tl.constexpr,  # rows gathered per load (1: one row per step)
 ):
     """Program (bag, tile): ``acc += w_k · values[idx_k, tile]`` for k = 0 … K-1, in order.
     One row per step and no reduction across lanes: each column's sum has the same order
-    for every launch, so no launch parameter can change a bit of the output."""
+    for every launch, so no launch parameter can change a bit of the output.
+
+    ``ROWS > 1`` (few bags: decoding): ROWS rows are gathered by one load, so ROWS rows
+    are in flight instead of one, then added one at a time in the same order, each picked
+    out of the tile by a sum of it and zeros (exact: the same fp32 number). Only a row
+    that is exactly -0.0 where the sum so far is ±0 could give a zero of the other sign."""
     n_dtiles = tl.cdiv(D, BLOCK_D)
     pid = tl.program_id(0).to(tl.int64)
     bag = pid // n_dtiles
@@ -95,30 +120,58 @@ def _fwd_kernel(
     dmask = cols < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     n_bad = tl.full([], 0, tl.int32)
-    for k in tl.range(0, K, num_stages=STAGES):
-        idx = tl.load(indices_ptr + bag * K + k)  # int64: idx * D passes 2**31 on big tables
-        w = tl.load(weights_ptr + bag * K + k).to(tl.float32)
-        if CHECK:
-            # An index outside the table reads nothing (masked) and raises the flag instead.
-            ok = (idx >= 0) & (idx < N)
-            n_bad += (~ok).to(tl.int32)
-            rmask = tl.where(ok, dmask, False)
-        else:
-            rmask = dmask
-        row = tl.load(values_ptr + idx * D + cols, mask=rmask, other=0.0)
-        acc += row.to(tl.float32) * w
+    if ROWS == 1:
+        for k in tl.range(0, K, num_stages=STAGES):
+            # An index outside the table reads nothing (masked) and raises the flag.
+            idx, w, rmask, bad = bag_entry(indices_ptr, weights_ptr, bag, K, k, N, dmask, CHECK)
+            n_bad += bad
+            row = tl.load(values_ptr + idx * D + cols, mask=rmask, other=0.0)
+            acc += row.to(tl.float32) * w
+    else:
+        r = tl.arange(0, ROWS)
+        for k0 in tl.range(0, K, ROWS, num_stages=STAGES):
+            kk = k0 + r  # [ROWS]
+            kmask = kk < K
+            idx = tl.load(indices_ptr + bag * K + kk, mask=kmask, other=0)
+            ws = tl.load(weights_ptr + bag * K + kk, mask=kmask, other=0.0).to(tl.float32)
+            ok = kmask
+            if CHECK:
+                inside = (idx >= 0) & (idx < N)
+                n_bad += tl.sum((kmask & ~inside).to(tl.int32))
+                ok = ok & inside
+            tile = tl.load(values_ptr + idx[:, None] * D + cols[None, :],
+                           mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            for j in tl.static_range(ROWS):
+                pick = r == j
+                row = tl.sum(tl.where(pick[:, None], tile, 0.0), axis=0)  # [BLOCK_D]
+                w = tl.sum(tl.where(pick, ws, 0.0))
+                acc = tl.where(k0 + j < K, acc + row * w, acc)
     tl.store(out_ptr + bag * D + cols, acc.to(out_ptr.dtype.element_ty), mask=dmask)
     tl.store(bad_ptr, 1, mask=n_bad > 0)
 
 
-# Forward launch (SPLIT column tiles per bag, warps, stages). The rule: the whole row per
+# Forward launch (SPLIT column tiles per bag, warps, stages, ROWS). The rule for many bags
+# (training, prefill: at least a bag per SM): the whole row per
 # program, 4 warps, no pipelining: on an H100 (2026-11-28) a six-launch autotune picked
 # it at D = 512, 1000 and 2048, where it ran at 97-99% of copy bandwidth (93% at 1000,
 # as the simple kernel); 256-column tiles with 2 warps were 1-9% slower on uniform and
 # up to 4.6x slower on skewed lookups. On an H200 the simple kernel (the same launch) ran
 # at 100% (issue 16). The other entries are the benchmark's sweep; every one adds the
 # rows in the same order (see _fwd_kernel), so none changes a bit of the output.
-FWD_CONFIG = (1, 4, 1)
+FWD_CONFIG = (1, 4, 1, 1)
+# Few bags (decoding: one bag per sequence): a whole-row program walks its bag's 128 rows
+# one dependent index-then-row load after another, 41 us a lookup at batch 1 (H200,
+# 134m-memory+ decode step, 2026-12-02) where the rows are 0.2 MB. Then the rows are cut
+# into tiles of FWD_FEW_BLOCK_D columns or more, until there are about as many programs
+# as SMs, and each gathers FWD_FEW_ROWS rows per load (fwd_config). Swept on an H200
+# with L2 flushed before each lookup (benchmarks/bench_decode_layer.py, results/
+# decode_layer_h200_20261202.md; D = 768, 128-row bags of a 1M-row bf16 table): 14.8 us at
+# batch 1 and 16.1 at 32, against 48.4 / 52.2 for the training launch and 32.2 / 34.8 for
+# the simplest kernel; one row per load at best 18.2 (8 stages), 2 warps 45+.
+FWD_FEW_BLOCK_D = 128
+FWD_FEW_WARPS = 1
+FWD_FEW_STAGES = 3
+FWD_FEW_ROWS = 16
 # Score gradient alone (merged shared-table backward): rows per reduction, warps,
 # programs per bag, columns per load. One row per reduction took 2.67 ms a layer at
 # 134m-memory+ (32 x 1024 tokens, fp32 1M x 768 table, H200, 2026-12-01): a cross-warp
@@ -128,7 +181,35 @@ FWD_CONFIG = (1, 4, 1)
 # former launch (8 rows, 4 warps, the whole row padded to 1024), and within +5% / -9% of
 # it on uniform, narrow, L2-resident and Zipf lookups of the same shape, same run.
 SCORE_GRAD_CHUNK, SCORE_GRAD_WARPS, SCORE_GRAD_SPLIT, SCORE_GRAD_BLOCK_D = 8, 1, 2, 256
-FWD_SWEEP = [(1, 4, 1), (1, 4, 3), (1, 8, 3), (2, 4, 3), (2, 2, 3), (4, 2, 3)]
+FWD_SWEEP = [(1, 4, 1, 1), (1, 4, 3, 1), (1, 8, 3, 1), (2, 4, 3, 1), (2, 2, 3, 1), (4, 2, 3, 1)]
+# The benchmark's sweep for few bags (D = 768: SPLIT 16 is 64-column tiles).
+FWD_FEW_SWEEP = [
+    (16, 1, 1, 1), (16, 1, 4, 1), (16, 1, 8, 1), (8, 1, 4, 1), (8, 1, 8, 1), (4, 1, 4, 1),
+    (16, 1, 2, 8), (16, 1, 2, 16), (8, 1, 1, 8), (8, 1, 2, 8), (8, 1, 2, 16), (8, 1, 3, 16),
+    (8, 2, 2, 16), (4, 1, 2, 16), (4, 2, 2, 16), (2, 2, 2, 16), (1, 4, 2, 16), (1, 4, 1, 8),
+]  # fmt: skip
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (8 elsewhere: the interpreter)."""
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def fwd_config(bags: int, d: int, n_sm: int) -> tuple[int, int, int, int]:
+    """The forward's launch ``(SPLIT, warps, stages, ROWS)`` for ``bags`` bags of rows of
+    ``d`` on a device of ``n_sm`` SMs: :data:`FWD_CONFIG` when there are at least as many
+    bags as SMs, else tiles halved (down to :data:`FWD_FEW_BLOCK_D` columns) until the
+    programs fill the SMs, gathering :data:`FWD_FEW_ROWS` rows per load. Neither changes
+    a bit of the output (:func:`_fwd_kernel`)."""
+    if bags >= n_sm:
+        return FWD_CONFIG
+    width = triton.next_power_of_2(max(d, 1))
+    split = 1
+    while width // (2 * split) >= FWD_FEW_BLOCK_D and bags * triton.cdiv(d, width // split) < n_sm:
+        split *= 2
+    return split, FWD_FEW_WARPS, FWD_FEW_STAGES, FWD_FEW_ROWS
 
 
 @triton.jit
@@ -440,24 +521,29 @@ def _fwd_launch(
     values: torch.Tensor,
     indices: torch.Tensor,
     weights: torch.Tensor,
-    config: tuple[int, int, int] = FWD_CONFIG,
+    config: tuple[int, int, int, int] | None = None,
     check: bool = True,
 ) -> torch.Tensor:
     """Forward on contiguous inputs: ``[B, D]`` in ``values.dtype``. ``config``: ``(SPLIT,
-    warps, stages)``, BLOCK_D = next_power_of_2(D) // SPLIT. ``check``: raise
+    warps, stages, ROWS)``, BLOCK_D = next_power_of_2(D) // SPLIT; None: :func:`fwd_config`
+    for these bags on this device. ``check``: raise
     (asynchronously, on the device: nothing waits) when an index is outside ``[0, N)``;
-    off (only the benchmark's A/B of its cost), such an index is read."""
+    off (indices the caller made in range, or the benchmark's A/B of the check's cost),
+    such an index is read."""
     b, k = indices.shape
     n, d = values.shape
     if b == 0 or k == 0 or d == 0:
         return values.new_zeros(b, d)
     out = values.new_empty(b, d)
-    bad = torch.zeros(1, dtype=torch.int32, device=values.device)
-    split, warps, stages = config
+    # The flag; unchecked, a placeholder the kernel never writes (no fill kernel either).
+    bad = (torch.zeros if check else torch.empty)(1, dtype=torch.int32, device=values.device)
+    if config is None:
+        config = fwd_config(b, d, sm_count(values.device))
+    split, warps, stages, rows = config
     block_d = max(triton.next_power_of_2(d) // split, 1)
     _fwd_kernel[(b * triton.cdiv(d, block_d),)](
         values, indices, weights, out, bad, n, k,
-        D=d, BLOCK_D=block_d, STAGES=stages, CHECK=check, num_warps=warps,
+        D=d, BLOCK_D=block_d, STAGES=stages, CHECK=check, ROWS=rows, num_warps=warps,
     )  # fmt: skip
     if check:
         torch._assert_async(bad[0] == 0, "embedding_bag: an index is outside [0, N)")
@@ -757,14 +843,19 @@ def triton_grads(values, indices, weights, grad_out, need_values, need_weights, 
 
 @torch.library.custom_op("memlayers::embedding_bag_fwd", mutates_args=())
 def embedding_bag_fwd(
-    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    sparse_grad: bool,
+    check: bool = True,
 ) -> torch.Tensor:
-    """``[B, D]`` weighted sum; ``sparse_grad`` only selects the backward's value grad."""
-    return _fwd_launch(values.contiguous(), indices.contiguous(), weights.contiguous())
+    """``[B, D]`` weighted sum; ``sparse_grad`` only selects the backward's value grad;
+    ``check``: assert (on the device) that every index is inside the table."""
+    return _fwd_launch(values.contiguous(), indices.contiguous(), weights.contiguous(), None, check)
 
 
 @embedding_bag_fwd.register_fake
-def _(values, indices, weights, sparse_grad):
+def _(values, indices, weights, sparse_grad, check=True):
     return values.new_empty(indices.shape[0], values.shape[1])
 
 
@@ -816,7 +907,7 @@ def _(grad_out, values, indices, weights, need_weights):
 
 
 def _setup_context(ctx, inputs, output):
-    values, indices, weights, sparse_grad = inputs
+    values, indices, weights, sparse_grad = inputs[:4]
     ctx.save_for_backward(values, indices, weights)
     ctx.sparse_grad = sparse_grad
 
@@ -838,7 +929,7 @@ def _backward(ctx, grad_out):
         grad_values = gv if need_values else None
     if need_weights:
         grad_weights = dw
-    return grad_values, None, grad_weights, None
+    return grad_values, None, grad_weights, None, None
 
 
 torch.library.register_autograd(
@@ -851,6 +942,7 @@ def embedding_bag_triton(
     indices: torch.Tensor,
     weights: torch.Tensor,
     sparse_grad: bool = False,
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """The Triton path (inputs checked by :func:`memlayers.ops.embedding_bag`)."""
-    return embedding_bag_fwd(values, indices, weights, sparse_grad)
+    return embedding_bag_fwd(values, indices, weights, sparse_grad, check_indices)

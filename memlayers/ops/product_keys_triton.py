@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memlayers.ops.embedding_bag_triton import sm_count
 from memlayers.ops.triton_interpreter import patch_triton_interpreter
 
 patch_triton_interpreter()
@@ -42,6 +43,13 @@ TOPK_ROWS = 1
 # 0.69 ms at 1 warp, 0.78 at 2, 0.90 at 4; one program doing both halves and the
 # candidates was 1.05 ms at its best (2 warps), ranking every key 4.07.
 TOPK_WARPS = 1
+# Few rows (decoding: heads x batch rows, fewer than the SMs): a program's latency is the
+# step's, and more warps share its work (topk_launch's rule).
+TOPK_FEW_WARPS = 4
+# Both halves in one launch (their programs side by side) while their two scratches take
+# at most this many bytes; above it (training batches: 268 MB at 32k tokens x 4 heads),
+# one launch per half, sharing one scratch.
+TOPK_BOTH_HALVES_BYTES = 64 << 20
 TOPK_CAP = 128  # keys per row the filter keeps for ranking (57 on average at 1024 / 32)
 # The candidate stage alone (paper shape, H200, 2026-12-01): 0.098 ms at 1 warp, 0.115 at
 # 2, 0.137 at 4.
@@ -79,13 +87,14 @@ def _unpack(key, LOW_BITS: tl.constexpr, NARROW: tl.constexpr):
 
 @triton.jit
 def _half_topk(
-    s_ptr, scratch_ptr, rows, rmask, H, T, NK,
+    s1_ptr, s2_ptr, scratch_ptr, rows, rmask, half, H, T, NK,
     NKP: tl.constexpr, KP: tl.constexpr, ROWS: tl.constexpr, LOW_BITS: tl.constexpr,
     NARROW: tl.constexpr, FILTER: tl.constexpr, GROUPS: tl.constexpr, PER: tl.constexpr,
     CAP: tl.constexpr,
 ):  # fmt: skip
     """``(values, columns)`` ``[ROWS, KP]``, descending, of the top-KP of ``ROWS`` rows of
-    ``[H, T, NK]`` half scores.
+    ``[H, T, NK]`` half scores: half ``half``'s, ``s1`` or ``s2`` (both pointers are passed
+    and the other half's loads masked off, so one launch can run both halves).
 
     FILTER: each of GROUPS interleaved column groups (column ``j·GROUPS + g``) gives its
     PER-th largest distinct value; the least of them, ``lo``, has ``GROUPS·PER >= KP``
@@ -101,7 +110,10 @@ def _half_topk(
     m3 = rmask[:, None, None] & (cols < NK)
     # Padding is set in fp32: in fp16 the pad value would be -inf, and -inf with an index
     # packed into its low bits is a NaN.
-    s = tl.load(s_ptr + base[:, None, None] * NK + cols, mask=m3, other=0.0).to(tl.float32)
+    at = base[:, None, None] * NK + cols
+    first = (rows * 0 + half == 0)[:, None, None]  # [ROWS, 1, 1]: a tensor, as masks need
+    s = tl.where(first, tl.load(s1_ptr + at, mask=m3 & first, other=0.0),
+                 tl.load(s2_ptr + at, mask=m3 & ~first, other=0.0)).to(tl.float32)  # fmt: skip
     s = tl.where(m3, s, _PAD)
     cols3 = tl.broadcast_to(cols, [ROWS, GROUPS, NKP // GROUPS])
     keys = tl.reshape(_pack(s, cols3, NARROW), [ROWS, NKP])
@@ -139,11 +151,12 @@ def _half_topk(
 
 @triton.jit
 def _half_kernel(
-    s_ptr,  # [H, T, NK] scores of one half's keys (row r = t·H + h; R = T·H)
-    scratch_ptr,  # [R, CAP] int64 (FILTER): the compacted keys of each row
+    s1_ptr,  # [H, T, NK] scores of the first half's keys (row r = t·H + h; R = T·H)
+    s2_ptr,  # [H, T, NK] the second half's
+    scratch_ptr,  # [R, CAP] int64 per half launched together (FILTER): each row's kept keys
     top_ptr,  # [R, 2, KP] fp32 out: the top-KP values of each half, descending
     topi_ptr,  # [R, 2, KP] int32 out: their key indices
-    half,  # 0 or 1: the slot of [R, 2, KP] this launch fills
+    half0,  # the first half this launch fills: program_id(1) more (a grid of 1 or 2)
     R,
     H,
     T,
@@ -162,8 +175,10 @@ def _half_kernel(
     still exact)."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     rmask = rows < R
-    v, i = _half_topk(s_ptr, scratch_ptr, rows, rmask, H, T, NK, NKP, KP, ROWS, LOW_BITS,
-                      NARROW, FILTER, GROUPS, PER, CAP)  # fmt: skip
+    half = half0 + tl.program_id(1)
+    scratch = scratch_ptr + tl.program_id(1).to(tl.int64) * R * CAP
+    v, i = _half_topk(s1_ptr, s2_ptr, scratch, rows, rmask, half, H, T, NK, NKP, KP, ROWS,
+                      LOW_BITS, NARROW, FILTER, GROUPS, PER, CAP)  # fmt: skip
     out = rows[:, None] * (2 * KP) + half * KP + tl.arange(0, KP)[None, :]
     tl.store(top_ptr + out, v, mask=rmask[:, None])
     tl.store(topi_ptr + out, i, mask=rmask[:, None])
@@ -241,23 +256,33 @@ def topk_launch(
     s2: torch.Tensor,
     k: int,
     rows: int = TOPK_ROWS,
-    num_warps: int = TOPK_WARPS,
+    num_warps: int | None = None,
     narrow: bool | None = None,
     filter_keys: bool = True,
     cap: int = TOPK_CAP,
+    both_halves: bool | None = None,
 ):
     """``(scores, index, i1, i2)``, ``[T·H, k]`` each (row t·H + h), of the exact product
-    top-k of ``[H, T, NK]`` half scores (a 2-D ``[R, NK]`` is one head).
+    top-k of ``[H, T, NK]`` half scores (:func:`_half_scores`; a 2-D ``[R, NK]`` is one
+    head).
 
     ``filter_keys``: rank only the keys above each row's group bound (:func:`_half_topk`);
-    off, every key of a row is ranked (the result is the same)."""
+    off, every key of a row is ranked (the result is the same). ``num_warps`` None: the
+    rule (:data:`TOPK_FEW_WARPS` for fewer rows than SMs, else :data:`TOPK_WARPS`);
+    ``both_halves`` None: one launch for both halves while their scratch is at most
+    :data:`TOPK_BOTH_HALVES_BYTES`. No launch parameter changes the result."""
     if s1.dim() == 2:
         s1, s2 = s1.unsqueeze(0), s2.unsqueeze(0)
+    s1, s2 = s1.contiguous(), s2.contiguous()
     heads, tokens, nk = s1.shape
     r = heads * tokens
     nkp, kp = triton.next_power_of_2(nk), triton.next_power_of_2(k)
     if kp == 1:
         rows = max(rows, 2)  # tl.topk cannot reshape a [1, 1] result (seen on an H100)
+    if num_warps is None:
+        # Few rows: more warps, but at least 256 keys a warp (a short row gains nothing).
+        few = min(TOPK_FEW_WARPS, max(1, triton.next_power_of_2(nk) // 256))
+        num_warps = few if r < sm_count(s1.device) else TOPK_WARPS
     if rows > 1:
         # Several rows per program at 1 warp hang the filtered half kernel on an H200
         # (Triton 3.6: the GPU suite's test_filter_ranks_the_same_keys, any k); 2 and 4
@@ -272,20 +297,25 @@ def topk_launch(
     filter_keys = filter_keys and not narrow and nkp >= 2 * cap
     groups = min(8, kp)
     per = kp // groups
-    pairs = candidate_pairs(k, s1.device)
+    device = s1.device
+    pairs = candidate_pairs(k, device)
     scores = s1.new_empty(r, k)
-    index = torch.empty(r, k, dtype=torch.int64, device=s1.device)
-    i1 = torch.empty(r, k, dtype=torch.int32, device=s1.device)
+    index = torch.empty(r, k, dtype=torch.int64, device=device)
+    i1 = torch.empty(r, k, dtype=torch.int32, device=device)
     i2 = torch.empty_like(i1)
     if r == 0:
         return scores, index, i1, i2
-    scratch = torch.empty(r * cap if filter_keys else 1, dtype=torch.int64, device=s1.device)
-    top = torch.empty(r, 2, kp, dtype=torch.float32, device=s1.device)
-    topi = torch.empty(r, 2, kp, dtype=torch.int32, device=s1.device)
+    if both_halves is None:
+        both_halves = not filter_keys or 2 * r * cap * 8 <= TOPK_BOTH_HALVES_BYTES
+    launches = 1 if both_halves else 2  # one launch per half: they share one scratch
+    scratch = torch.empty((r * cap if filter_keys else 1) * (3 - launches), dtype=torch.int64,
+                          device=device)  # fmt: skip
+    top = torch.empty(r, 2, kp, dtype=torch.float32, device=device)
+    topi = torch.empty(r, 2, kp, dtype=torch.int32, device=device)
     grid = (triton.cdiv(r, rows),)
-    for half, s in enumerate((s1, s2)):  # one after the other: they share the scratch
-        _half_kernel[grid](
-            s, scratch, top, topi, half, r, heads, tokens, nk, NKP=nkp, KP=kp, ROWS=rows,
+    for half in range(launches):
+        _half_kernel[(grid[0], 3 - launches)](
+            s1, s2, scratch, top, topi, half, r, heads, tokens, nk, NKP=nkp, KP=kp, ROWS=rows,
             LOW_BITS=max(low, 1), NARROW=narrow, FILTER=filter_keys, GROUPS=groups, PER=per,
             CAP=cap, num_warps=num_warps,
         )  # fmt: skip
@@ -306,7 +336,10 @@ def _half_scores(q: torch.Tensor, keys: torch.Tensor):
     """``(s1, s2)``: ``[H, T, NK]`` scores of each half (T = all leading dims of q) in
     :func:`score_dtype`. bf16/fp16 inputs on CUDA multiply at their own precision with
     fp32 accumulation and output (``bmm(..., out_dtype)``): the same numbers as fp32
-    inputs up to summation order, at tensor-core speed; elsewhere the inputs are widened."""
+    inputs up to summation order, at tensor-core speed; elsewhere the inputs are widened.
+    (One matmul batched over (head, half) would save a launch, but its other batch count
+    can give cuBLAS another kernel: fp32 scores then differ in their last bits from the
+    PyTorch path's per-half products, and the exact-equality tests fail on an H200.)"""
     heads, _, _, half = keys.shape
     q3 = q.reshape(-1, heads, 2 * half)  # [T, H, k_dim]
     out = score_dtype(q.dtype)

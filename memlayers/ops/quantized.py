@@ -251,6 +251,7 @@ def embedding_bag_quantized(
     weights: torch.Tensor,
     impl: str = "auto",
     out_dtype: torch.dtype = torch.float32,
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """``out[b] = Σ_k weights[b, k] · dequantize(table)[indices[b, k]]``, forward only.
 
@@ -262,6 +263,9 @@ def embedding_bag_quantized(
         impl: ``"auto"`` | ``"torch"`` | ``"triton"``
             (:func:`memlayers.ops.embedding_bag.resolve_impl`).
         out_dtype: of the result; sums are fp32 either way.
+        check_indices: as for :func:`memlayers.ops.embedding_bag.embedding_bag` (False:
+            the caller made the indices and they are in range; the Triton path then skips
+            its device-side range check).
 
     Returns:
         ``[B, D]`` in ``out_dtype``.
@@ -270,5 +274,5 @@ def embedding_bag_quantized(
     if resolve_impl(impl, indices.device) == "triton":
         from memlayers.ops.quantized_triton import embedding_bag_quantized_triton
 
-        return embedding_bag_quantized_triton(table, indices, weights, out_dtype)
+        return embedding_bag_quantized_triton(table, indices, weights, out_dtype, check_indices)
     return embedding_bag_quantized_torch(table, indices, weights, out_dtype)

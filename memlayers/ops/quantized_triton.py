@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memlayers.ops.embedding_bag_triton import bag_entry, sm_count
 from memlayers.ops.quantized import QuantizedRows
 from memlayers.ops.triton_interpreter import patch_triton_interpreter
 
@@ -36,6 +37,31 @@ patch_triton_interpreter()
 # Not yet swept for packed rows: benchmarks/bench_quantized.py --sweep does.
 QFWD_CONFIG = (1, 4, 1)
 QFWD_SWEEP = [(1, 4, 1), (1, 4, 3), (1, 8, 3), (2, 4, 3), (2, 2, 3)]
+# Few bags (decoding: fewer bags than SMs): rows cut into tiles of QFWD_FEW_BLOCK columns
+# (int8: 64 bytes, int4: 32), 1 warp, no pipelining (qfwd_config). Swept on an H200, L2
+# flushed before each lookup (benchmarks/bench_decode_layer.py, results/
+# decode_layer_h200_20261202.md; D = 768, 128-row bags): 30.3 us for int8 and int4 at
+# batch 1 and 34.1 / 34.4 at batch 32, against 64-71 for the training launch; 2 or 4
+# stages were 2x slower, and int4 in 64-byte tiles (what stopping at enough programs
+# gave at batch 32) took 73 us: unlike the float forward, the tile is fixed.
+QFWD_FEW_BLOCK = 64
+QFWD_FEW_WARPS = 1
+QFWD_FEW_STAGES = 1
+QFWD_FEW_SWEEP = [
+    (16, 1, 1), (16, 1, 2), (16, 1, 4), (8, 1, 1), (8, 1, 2), (8, 1, 4), (4, 1, 1), (4, 2, 1),
+    (4, 2, 4), (2, 2, 1), (1, 4, 2),
+]  # fmt: skip
+
+
+def qfwd_config(bags: int, d: int, bits: int, n_sm: int) -> tuple[int, int, int]:
+    """The launch ``(SPLIT, warps, stages)`` for ``bags`` bags of ``bits``-bit rows of
+    ``d`` columns on ``n_sm`` SMs: :data:`QFWD_CONFIG` for at least a bag per SM, else the
+    few-bags launch. No launch changes a bit of the output."""
+    if bags >= n_sm:
+        return QFWD_CONFIG
+    units, block = (d, QFWD_FEW_BLOCK) if bits == 8 else ((d + 1) // 2, QFWD_FEW_BLOCK // 2)
+    split = max(1, triton.next_power_of_2(units) // block)
+    return split, QFWD_FEW_WARPS, QFWD_FEW_STAGES
 
 
 @triton.jit
@@ -64,15 +90,9 @@ def _int8_fwd_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     n_bad = tl.full([], 0, tl.int32)
     for k in tl.range(0, K, num_stages=STAGES):
-        idx = tl.load(indices_ptr + bag * K + k)  # int64: idx * D passes 2**31 on big tables
-        w = tl.load(weights_ptr + bag * K + k).to(tl.float32)
-        if CHECK:
-            ok = (idx >= 0) & (idx < N)
-            n_bad += (~ok).to(tl.int32)
-            rmask = tl.where(ok, dmask, False)
-            idx = tl.where(ok, idx, 0)  # the scalar scale load below is unmasked
-        else:
-            rmask = dmask
+        # (row 0 for an index outside the table: the scalar scale load below is unmasked)
+        idx, w, rmask, bad = bag_entry(indices_ptr, weights_ptr, bag, K, k, N, dmask, CHECK)
+        n_bad += bad
         q = tl.load(data_ptr + idx * D + cols, mask=rmask, other=0).to(tl.float32)
         if G == 1:  # one scale per row: a scalar load
             s = tl.load(scales_ptr + idx).to(tl.float32)
@@ -114,15 +134,8 @@ def _int4_fwd_kernel(
     acc_hi = tl.zeros([BLOCK], dtype=tl.float32)  # columns 2j + 1
     n_bad = tl.full([], 0, tl.int32)
     for k in tl.range(0, K, num_stages=STAGES):
-        idx = tl.load(indices_ptr + bag * K + k)
-        w = tl.load(weights_ptr + bag * K + k).to(tl.float32)
-        if CHECK:
-            ok = (idx >= 0) & (idx < N)
-            n_bad += (~ok).to(tl.int32)
-            rmask = tl.where(ok, bmask, False)
-            idx = tl.where(ok, idx, 0)
-        else:
-            rmask = bmask
+        idx, w, rmask, bad = bag_entry(indices_ptr, weights_ptr, bag, K, k, N, bmask, CHECK)
+        n_bad += bad
         byte = tl.load(data_ptr + idx * P + j, mask=rmask, other=136).to(tl.int32)  # 0x88: 0, 0
         if G == 1:
             s = tl.load(scales_ptr + idx).to(tl.float32)
@@ -141,18 +154,21 @@ def _qfwd_launch(
     indices: torch.Tensor,
     weights: torch.Tensor,
     out_dtype: torch.dtype = torch.float32,
-    config: tuple[int, int, int] = QFWD_CONFIG,
+    config: tuple[int, int, int] | None = None,
     check: bool = True,
 ) -> torch.Tensor:
     """Forward on contiguous inputs: ``[B, D]`` in ``out_dtype``. ``config``: ``(SPLIT,
-    warps, stages)``; ``check``: raise (asynchronously) on an index outside ``[0, N)``."""
+    warps, stages)``, None: :func:`qfwd_config` for these bags on this device; ``check``:
+    raise (asynchronously) on an index outside ``[0, N)``."""
     data, scales, bits, group, d = table
     b, k = indices.shape
     n, p = data.shape
     if b == 0 or k == 0:
         return torch.zeros(b, d, dtype=out_dtype, device=indices.device)
     out = torch.empty(b, d, dtype=out_dtype, device=indices.device)
-    bad = torch.zeros(1, dtype=torch.int32, device=indices.device)
+    bad = (torch.zeros if check else torch.empty)(1, dtype=torch.int32, device=indices.device)
+    if config is None:
+        config = qfwd_config(b, d, bits, sm_count(indices.device))
     split, warps, stages = config
     g = scales.shape[1]
     if bits == 8:
@@ -183,14 +199,15 @@ def embedding_bag_quantized_op(
     group: int,
     dim: int,
     out_dtype: torch.dtype,
+    check: bool = True,
 ) -> torch.Tensor:
     """``[B, dim]`` weighted sum of dequantized rows (no autograd: forward only)."""
     table = QuantizedRows(data.contiguous(), scales.contiguous(), bits, group, dim)
-    return _qfwd_launch(table, indices.contiguous(), weights.contiguous(), out_dtype)
+    return _qfwd_launch(table, indices.contiguous(), weights.contiguous(), out_dtype, None, check)
 
 
 @embedding_bag_quantized_op.register_fake
-def _(data, scales, indices, weights, bits, group, dim, out_dtype):
+def _(data, scales, indices, weights, bits, group, dim, out_dtype, check=True):
     return indices.new_empty(indices.shape[0], dim, dtype=out_dtype)
 
 
@@ -199,8 +216,11 @@ def embedding_bag_quantized_triton(
     indices: torch.Tensor,
     weights: torch.Tensor,
     out_dtype: torch.dtype = torch.float32,
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """The Triton path (inputs checked by
     :func:`memlayers.ops.quantized.embedding_bag_quantized`)."""
     data, scales, bits, group, dim = table
-    return embedding_bag_quantized_op(data, scales, indices, weights, bits, group, dim, out_dtype)
+    return embedding_bag_quantized_op(
+        data, scales, indices, weights, bits, group, dim, out_dtype, check_indices
+    )
