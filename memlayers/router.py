@@ -82,6 +82,10 @@ class ProductKeyRouter(nn.Module):
         # 1/sqrt(half) as in attention: each half's score has std ~1 at init (the sum
         # ~1.4, against ~0.6 without the norm at the default init).
         self.gain = nn.Parameter(torch.empty(heads, k_dim, device=device)) if qk_norm else None
+        # Set only while a decode step runs (memlayers.decoding.DecodeStep): the normed
+        # keys computed once for the whole generation, since nothing changes them there.
+        # A plain attribute: not state, never saved.
+        self.frozen_keys: torch.Tensor | None = None
 
     def init_weights(self, query_std: float) -> None:
         """Keys uniform in ``±1/sqrt(k_dim)``; the query truncated normal (±3 std) with
@@ -112,7 +116,10 @@ class ProductKeyRouter(nn.Module):
         return q
 
     def normed_keys(self) -> torch.Tensor:
-        """The half keys the search scores, ``[H, 2, n_keys, half]`` (RMS-normed with qk-norm)."""
+        """The half keys the search scores, ``[H, 2, n_keys, half]`` (RMS-normed with qk-norm);
+        :attr:`frozen_keys` instead while a decode step runs."""
+        if self.frozen_keys is not None:
+            return self.frozen_keys
         return rms_halves(self.keys, self.norm_eps) if self.gain is not None else self.keys
 
     def batch_norm(self, q: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,42 @@ def test_compiled_greedy_equals_eager(preset, table):
     assert torch.equal(static_generate(model, prompt, 24, compile=True), want)
 
 
+@pytest.mark.parametrize("kind", ["memory+", "peer"])
+def test_decode_step_norms_the_keys_once(kind, monkeypatch):
+    # The routers' qk-normed keys are computed when the step is built, not in every
+    # step, and the model is itself again after each step (training, a plain forward
+    # compute their keys). The step's logits are the model's own (frozen keys are the
+    # same numbers).
+    import memlayers.router as router_mod
+
+    model = model_of(kind).eval()
+    routers = [m for m in model.modules() if isinstance(m, router_mod.ProductKeyRouter)]
+    assert routers
+    normed = []
+    real = router_mod.rms_halves
+
+    def counting(t, eps):
+        normed.append(any(t is r.keys for r in routers))
+        return real(t, eps)
+
+    monkeypatch.setattr(router_mod, "rms_halves", counting)
+    x = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(x)
+        cache = StaticKVCache(model, 2, 16, torch.float32, "cpu")
+        static_forward(model, cache, x[:, :6], fresh=True)
+        assert any(normed)  # a forward norms its keys
+        normed.clear()
+        step = decoding.DecodeStep(model, cache, 2)
+        assert sum(normed) == len(routers)  # once each, when the step was built
+        normed.clear()
+        got = [step(x[:, i : i + 1]) for i in range(6, 9)]
+    assert normed and not any(normed)  # queries only
+    assert all(r.frozen_keys is None for r in routers)
+    for i, logits in zip(range(6, 9), got, strict=True):
+        torch.testing.assert_close(logits, full[:, i], rtol=1e-5, atol=1e-5)
+
+
 def test_sampling_and_eos_equal_eager(monkeypatch):
     model = model_of("memory+")
     prompt = torch.randint(0, V, (3, 4), generator=torch.Generator().manual_seed(0))
