@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import time
 
@@ -77,7 +78,11 @@ def _replay_ms(body, calls: int, reps: int) -> float:
     return statistics.median(times[2:])
 
 
-_FLUSH: list = []
+@functools.cache
+def _flush(calls: int, reps: int) -> tuple[torch.Tensor, float]:
+    """The L2-evicting buffer and the ms of ``calls`` writes of it in one graph."""
+    buf = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    return buf, _replay_ms(lambda: buf.fill_(1), calls, reps)
 
 
 def graph_ms(fn, calls: int, reps: int = 20) -> float:
@@ -92,11 +97,7 @@ def graph_ms(fn, calls: int, reps: int = 20) -> float:
         return (time.perf_counter() - t) * 1e3
     if not COLD:
         return _replay_ms(fn, calls, reps) / calls
-    if not _FLUSH:
-        buf = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-        _FLUSH.append(buf)
-        _FLUSH.append(_replay_ms(lambda: buf.fill_(1), calls, reps))
-    buf, flush_ms = _FLUSH
+    buf, flush_ms = _flush(calls, reps)
 
     def body():
         buf.fill_(1)
@@ -132,18 +133,16 @@ def bench_width(args, dim: int, device, rows: list) -> None:
         rel = f"{ms / base:.2f}" if base else ""
         rows.append((dim, tokens, what, ms, rel))
         print(f"  D={dim} T={tokens:<3} {what:<58} {ms * 1e3:8.1f} us  {rel}", flush=True)
-        add.last = ms
         return ms
 
-    table = values.weight.detach()
-    args.packed = {bits: quantize_rows(table, bits) for bits in args.bits}
-
+    packed = {bits: quantize_rows(values.weight.detach(), bits) for bits in args.bits}
     for tokens in args.tokens:
-        bench_tokens(args, tokens, layer, ffn, n_sm, device, dtype, add)
+        bench_tokens(args, tokens, layer, ffn, packed, n_sm, device, dtype, add)
 
 
-def bench_tokens(args, tokens: int, layer, ffn, n_sm: int, device, dtype, add) -> None:
-    """The rows of one batch size (``add(tokens, what, ms, base)`` records one)."""
+def bench_tokens(args, tokens: int, layer, ffn, packed, n_sm: int, device, dtype, add) -> None:
+    """The rows of one batch size (``add(tokens, what, ms, base)`` records one and returns
+    ``ms``); ``packed``: the table quantized, by bits."""
     dim, topk = layer.dim, layer.config.topk
     x = torch.randn(tokens, dim, device=device, dtype=dtype)
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
@@ -164,17 +163,16 @@ def bench_tokens(args, tokens: int, layer, ffn, n_sm: int, device, dtype, add) -
             graph_ms(lambda c=c: ebt._fwd_launch(table, idx, w, config=c), args.calls),
             base)  # fmt: skip
     # Quantized tables (serving): the packed rows' forward, training launch against the rule.
-    for bits, packed in args.packed.items():
-        add(tokens, f"int{bits} lookup: training launch QFWD_CONFIG {qt.QFWD_CONFIG}",
-            graph_ms(lambda p=packed: qt._qfwd_launch(p, idx, w, config=qt.QFWD_CONFIG),
-                     args.calls))  # fmt: skip
-        qbase = add.last
+    for bits, table_q in packed.items():
+        qbase = add(tokens, f"int{bits} lookup: training launch QFWD_CONFIG {qt.QFWD_CONFIG}",
+                    graph_ms(lambda p=table_q: qt._qfwd_launch(p, idx, w, config=qt.QFWD_CONFIG),
+                             args.calls))  # fmt: skip
         rule = qt.qfwd_config(tokens, dim, bits, n_sm)
         add(tokens, f"int{bits} lookup: shipped rule {rule}",
-            graph_ms(lambda p=packed: qt._qfwd_launch(p, idx, w), args.calls), qbase)  # fmt: skip
+            graph_ms(lambda p=table_q: qt._qfwd_launch(p, idx, w), args.calls), qbase)  # fmt: skip
         for c in qt.QFWD_FEW_SWEEP if args.sweep else ():
             add(tokens, f"int{bits} lookup: sweep {c}",
-                graph_ms(lambda p=packed, c=c: qt._qfwd_launch(p, idx, w, config=c), args.calls),
+                graph_ms(lambda p=table_q, c=c: qt._qfwd_launch(p, idx, w, config=c), args.calls),
                 qbase)  # fmt: skip
     # Search.
     with torch.no_grad():

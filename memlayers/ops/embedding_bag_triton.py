@@ -50,6 +50,7 @@ two backward ops) so ``torch.compile(fullgraph=True)`` traces through them.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -194,7 +195,14 @@ def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (8 elsewhere: the interpreter)."""
     if device.type != "cuda":
         return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_sm_count(index)
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    # Asked by every lookup and top-k launch: once per device, not a property query a call.
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def fwd_config(bags: int, d: int, n_sm: int) -> tuple[int, int, int, int]:

@@ -307,14 +307,14 @@ def topk_launch(
         return scores, index, i1, i2
     if both_halves is None:
         both_halves = not filter_keys or 2 * r * cap * 8 <= TOPK_BOTH_HALVES_BYTES
-    launches = 1 if both_halves else 2  # one launch per half: they share one scratch
-    scratch = torch.empty((r * cap if filter_keys else 1) * (3 - launches), dtype=torch.int64,
+    halves = 2 if both_halves else 1  # per launch, a scratch each (one launch per half: shared)
+    scratch = torch.empty((r * cap if filter_keys else 1) * halves, dtype=torch.int64,
                           device=device)  # fmt: skip
     top = torch.empty(r, 2, kp, dtype=torch.float32, device=device)
     topi = torch.empty(r, 2, kp, dtype=torch.int32, device=device)
     grid = (triton.cdiv(r, rows),)
-    for half in range(launches):
-        _half_kernel[(grid[0], 3 - launches)](
+    for half in range(0, 2, halves):
+        _half_kernel[(grid[0], halves)](
             s1, s2, scratch, top, topi, half, r, heads, tokens, nk, NKP=nkp, KP=kp, ROWS=rows,
             LOW_BITS=max(low, 1), NARROW=narrow, FILTER=filter_keys, GROUPS=groups, PER=per,
             CAP=cap, num_warps=num_warps,
