@@ -18,8 +18,8 @@ on the device). Decodes:
 - ``static``: :func:`memlayers.decoding.static_forward`, the fixed-shape cache, eagerly;
 - ``compile``: the same, each block through ``torch.compile`` (inductor);
 - ``graph`` / ``compile+graph``: the step (eager / compiled blocks) captured in a CUDA
-  graph, one replay per token. Offloaded tables cannot be captured (a host sync per
-  lookup): those rows are skipped, saying so.
+  graph, one replay per token. Tables offloaded with gathers cannot be captured (a host
+  sync per lookup): those rows are skipped, saying so; zero-copy ones are captured.
 
 ``setup s`` is the first repetition's compilation and capture (later ones reuse the
 compiled blocks). The Memory+ rows give their decode speed over the dense twin's at the
@@ -57,8 +57,11 @@ from memlayers.quantize import quantize_tables_, value_tables
 # "offload": the float table in host RAM, the rows read gathered per lookup
 # (memlayers.offload); "int4-offload": the same for the 4-bit table; "offload-cache":
 # offloaded with a device cache of the rows the prompt read most (--cache-frac of the
-# table; memlayers.offload.cache_hot_rows_), its decode hit rate reported.
-TABLES = ("float", "int8", "int4", "offload", "int4-offload", "offload-cache")
+# table; memlayers.offload.cache_hot_rows_), its decode hit rate reported. "zero-copy"
+# (and its int8 / int4 forms): the table page-locked in host RAM, the rows read in place
+# by the GPU over the bus (mode="zero-copy": no sync, so compiled and graph-captured).
+TABLES = ("float", "int8", "int4", "offload", "int4-offload", "offload-cache", "zero-copy",
+          "int8-zero-copy", "int4-zero-copy")  # fmt: skip
 PRESETS = ["134m-dense", "134m-memory+", "373m-dense", "373m-memory+"]
 DECODES = ("eager", "static", "compile", "graph", "compile+graph")
 
@@ -197,7 +200,9 @@ def main() -> None:
                 bf16_parameters_(model)
             if table.startswith("int"):
                 quantize_tables_(model, int(table[3:4]))
-            if "offload" in table:
+            if table.endswith("zero-copy"):
+                offload_tables_(model, mode="zero-copy")
+            elif "offload" in table:
                 offload_tables_(model)
             frac = args.cache_frac if table.endswith("cache") else None
             cached = args.prompt_len + args.new_tokens / 2  # on average over the steps

@@ -455,20 +455,22 @@ def _has_quantized_tables(model: nn.Module) -> bool:
 
 
 def model_from_checkpoint(
-    path: Path, meta: dict, device: str | torch.device = "cpu", offload: bool = False
+    path: Path, meta: dict, device: str | torch.device = "cpu", offload: bool | str = False
 ):
     """Rebuild the model from a verified checkpoint's ``meta`` and load its weights. A
     quantized checkpoint's value tables are laid out packed on the meta device (never
     allocated as float) before the load fills them. ``offload``: the value tables stay
-    memory-mapped on the host (:func:`memlayers.offload.model_offloaded_from_checkpoint`)."""
+    memory-mapped on the host (:func:`memlayers.offload.model_offloaded_from_checkpoint`;
+    ``True`` or ``"gather"``, or ``"zero-copy"``: :mod:`memlayers.ops.offloaded`)."""
     from memlayers.retrofit import build_model
 
     if not meta.get("model_config"):
         raise CheckpointError(f"{path}: meta.json has no model_config")
     if offload:
         from memlayers.offload import model_offloaded_from_checkpoint
+        from memlayers.ops.offloaded import offload_mode
 
-        return model_offloaded_from_checkpoint(path, meta, device)
+        return model_offloaded_from_checkpoint(path, meta, device, offload_mode(offload))
     if meta.get("quantization"):
         model = meta_model(meta)
         model.to_empty(device=device)

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from memlayers import checkpoint, compare, config, finetune, generate, quantize, train
 from memlayers import eval as evaluation
 from memlayers.data import corpus
+from memlayers.ops.offloaded import OFFLOAD_MODES
 
 # What a user's input can cause (a bad config or path, a missing or corrupted checkpoint, a
 # diverged run, a failed download): one `error:` line and a non-zero exit, no traceback;
@@ -288,11 +289,20 @@ def _add_eval(sub) -> None:
         "--no-builtin-qa", action="store_true", help="skip the dataset's own held-out QA"
     )
     p.add_argument("--json", action="store_true", help="print the JSON instead of a table")
+    _offload_arg(p, "the same numbers")
+
+
+def _offload_arg(p: argparse.ArgumentParser, why: str) -> None:
     p.add_argument(
         "--offload",
-        action="store_true",
-        help="keep the value tables memory-mapped in host memory, gather the rows read to "
-        "the device (the same numbers; see memlayers.offload)",
+        nargs="?",
+        const="gather",
+        default=False,
+        choices=OFFLOAD_MODES,
+        help=f"keep the value tables in host memory ({why}; see memlayers.offload): "
+        "'gather' (the default) memory-maps them and gathers the rows each lookup reads to "
+        "the device, a sync a lookup, any size; 'zero-copy' page-locks them in RAM and the "
+        "GPU reads the rows in place, no sync (compiles, CUDA graphs)",
     )
 
 
@@ -337,12 +347,7 @@ def _add_generate(sub) -> None:
         help="quantize a float run's value tables on the fly (8 | 4; see memlayers quantize)",
     )
     p.add_argument("--group", type=int, default=None, help="columns per scale with --quantized")
-    p.add_argument(
-        "--offload",
-        action="store_true",
-        help="keep the value tables memory-mapped in host memory, gather the rows read to "
-        "the device (for a table that does not fit there; see memlayers.offload)",
-    )
+    _offload_arg(p, "for a table that does not fit there")
     p.add_argument(
         "--compile",
         action="store_true",

@@ -20,8 +20,9 @@ spends its time waiting for the host to launch a few hundred small kernels.
   once a token: nothing changes the keys while it decodes (3 MB read and written per
   134m memory layer and token otherwise).
 
-Not captured: offloaded value tables (:mod:`memlayers.offload`) gather the rows read
-through the host, a sync per lookup; MoE blocks route top-1 with a data-dependent
+Not captured: value tables offloaded with ``mode="gather"`` (:mod:`memlayers.offload`)
+gather the rows read through the host, a sync per lookup (zero-copy offloaded tables are
+read in place: captured like on-device ones); MoE blocks route top-1 with a data-dependent
 ``nonzero``. Both still decode with the static cache and ``compile`` (the step breaks
 into graphs around them); ``cuda_graph`` refuses them, naming the reason.
 
@@ -144,7 +145,8 @@ def static_forward(
 def graph_blockers(model: Transformer) -> list[str]:
     """Why the model's decode step cannot be captured in a CUDA graph (empty: it can)."""
     why = []
-    if any(getattr(m, "offloaded", None) is not None for m in model.modules()):
+    offloaded = (getattr(m, "offloaded", None) for m in model.modules())
+    if any(t is not None and t.mode == "gather" for t in offloaded):
         why.append(
             "its value tables are offloaded (memlayers.offload): each lookup gathers the "
             "rows read through the host, a sync per lookup"

@@ -44,12 +44,13 @@ def generate(
     device: str = "auto",
     quantized: int | None = None,
     group: int | None = None,
-    offload: bool = False,
+    offload: bool | str = False,
     compile: bool = False,
 ) -> list[str]:
     """``n`` continuations of ``prompt`` (text after the prompt, up to EOS); with
     ``quantized`` (8 or 4) the value tables are quantized first (``group``: columns per
-    scale); with ``offload`` they stay in host memory (:mod:`memlayers.offload`); with
+    scale); with ``offload`` (``True``/``"gather"`` or ``"zero-copy"``) they stay in host
+    memory (:mod:`memlayers.offload`); with
     ``compile`` the decode step is compiled, and captured in a CUDA graph on a GPU when
     it can be (:func:`memlayers.decoding.static_generate`)."""
     check_sampling(max_new_tokens, temperature, top_p)  # before loading anything

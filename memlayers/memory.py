@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from memlayers.merged_grad import MergedValueGrad
 from memlayers.ops.embedding_bag import IMPLS, embedding_bag
-from memlayers.ops.offloaded import HostTable, open_table, table_tensor_names
+from memlayers.ops.offloaded import HostTable, offload_mode, open_table, table_tensor_names
 from memlayers.ops.quantized import (
     QuantizedRows,
     embedding_bag_quantized,
@@ -243,8 +243,14 @@ class MemoryValues(nn.Module):
             raise ValueError(f"the value table is quantized already ({self.bits}-bit)")
         self._check_whole("quantized")
         if self.offloaded is not None:  # quantized where it lives, on the host
-            q = quantize_rows(self.offloaded.tensors[0], bits, group, progress)
-            self.offloaded = HostTable((q.data, q.scales), q.bits, q.group, self.v_dim)
+            mode, device = self.offloaded.mode, self.offloaded.device
+            host = self.offloaded
+            q = quantize_rows(host.tensors[0], bits, group, progress)
+            self.offloaded = None  # the float table's page-locking (zero-copy) released first
+            del host
+            self.offloaded = HostTable(
+                (q.data, q.scales), q.bits, q.group, self.v_dim, mode=mode, device=device
+            )
             self.bits, self.group = q.bits, q.group
             return
         w = self.weight.detach()
@@ -258,7 +264,13 @@ class MemoryValues(nn.Module):
         self.bits, self.group = q.bits, q.group
 
     @torch.no_grad()
-    def offload_(self, file: str | Path | None = None, prefix: str = "") -> None:
+    def offload_(
+        self,
+        file: str | Path | None = None,
+        prefix: str = "",
+        mode: str = "gather",
+        device: torch.device | str | None = None,
+    ) -> None:
         """Keep the table in host memory for serving (:mod:`memlayers.ops.offloaded`).
 
         Without ``file`` the table in the module (float, or quantized by :meth:`quantize_`)
@@ -266,24 +278,39 @@ class MemoryValues(nn.Module):
         "weight"`` (``"qdata"`` and ``"qscales"`` when quantized: :meth:`quantize_` first,
         on the meta device that only lays out the buffers) is memory-mapped instead, and
         the module's own table is dropped unread (a meta-device build never allocates it);
-        its shape and dtype must match. Irreversible; lookups are then forward only."""
+        its shape and dtype must match. Irreversible; lookups are then forward only.
+
+        ``mode="gather"``: each lookup gathers the rows it reads to its device (a sync a
+        lookup; any table size). ``mode="zero-copy"``: the table is page-locked in host RAM
+        and lookups from ``device`` (default: where the table is now; the CPU for a meta
+        build) read its rows in place over the bus: no sync, compiled and captured in CUDA
+        graphs like an on-device table; the table must fit in host RAM."""
         if self.offloaded is not None:
             raise ValueError(f"the value table is offloaded already ({self.offloaded.file})")
         self._check_whole("offloaded")
+        mode = offload_mode(mode)
         names = table_tensor_names(self.bits)
+        mine = tuple(getattr(self, n) for n in names)
+        if device is None:
+            device = "cpu" if mine[0].is_meta else mine[0].device
         if file is None:
-            mine = tuple(getattr(self, n).detach() for n in names)
             if mine[0].is_meta:
                 raise ValueError(
                     "a meta-device value table has no values to offload: pass the file "
                     "holding them (offload_(file, prefix))"
                 )
-            # In RAM, not pinned: lookups copy through a pinned staging buffer of the rows
-            # read, so the whole table need not be page-locked.
-            host = HostTable(tuple(t.cpu() for t in mine), self.bits, self.group, self.v_dim)
+            # gather: in RAM, not pinned (lookups copy through a pinned staging buffer of
+            # the rows read, so the whole table need not be page-locked).
+            host = HostTable(
+                tuple(t.detach().cpu() for t in mine), self.bits, self.group, self.v_dim,
+                mode=mode, device=device,
+            )  # fmt: skip
         else:
             dtype = self.weight.dtype if self.bits is None else None
-            host = open_table(file, prefix, self.n_rows, self.v_dim, dtype, self.bits, self.group)
+            host = open_table(
+                file, prefix, self.n_rows, self.v_dim, dtype, self.bits, self.group, mode, device
+            )
+        del mine
         for n in names:
             delattr(self, n)
         self.offloaded = host
@@ -307,6 +334,8 @@ class MemoryValues(nn.Module):
                     "the value table is offloaded to host memory: it serves lookups in eval "
                     "mode only (model.eval()); train a table that lives on the device"
                 )
+            if self.offloaded.mode == "zero-copy":  # fixed shapes, no sync: compiles
+                return self.offloaded.lookup(indices, weights, impl, check_indices)
             return _offloaded_lookup(self.offloaded, indices, weights, impl)
         if self.bits is not None:
             if self.training:
@@ -345,6 +374,8 @@ class MemoryValues(nn.Module):
         s = f"n_rows={self.n_rows}, v_dim={self.v_dim}, {fmt or f'dtype={self.dtype}'}"
         if self.offloaded is not None:
             s += f", offloaded={self.offloaded.file or 'host'}"
+            if self.offloaded.mode != "gather":
+                s += f", {self.offloaded.mode} from {self.offloaded.device}"
         return s
 
 

@@ -14,6 +14,11 @@ OS pages in the rows lookups touch), serves this way; each lookup costs one host
 a copy of the rows it reads. With ``--quantized`` the float table is quantized on the host
 (a pass over the file) and the packed rows stay there.
 
+``--offload zero-copy`` reads the file into RAM and page-locks it instead: the GPU then
+reads the rows a lookup needs in place, over the bus, with no sync (the decode step
+compiles and is captured in a CUDA graph like an on-device model's), for a table that
+fits in host RAM but not on the device.
+
 In Python: :func:`offload_tables_` for a model in memory (its tables move to host RAM),
 or :meth:`memlayers.memory.MemoryValues.offload_` for one table, from memory or a file;
 :func:`cache_hot_rows_` keeps the rows read most (counted on sample text) on the device
@@ -30,7 +35,7 @@ import torch.nn as nn
 
 from memlayers.checkpoint import CheckpointError, meta_model
 from memlayers.memory import MemoryValues
-from memlayers.ops.offloaded import hottest_rows, map_tensors, table_tensor_names
+from memlayers.ops.offloaded import hottest_rows, map_tensors, offload_mode, table_tensor_names
 from memlayers.quantize import value_tables
 
 
@@ -40,16 +45,23 @@ def _table_prefixes(model: nn.Module) -> dict[int, str]:
     return {id(m): f"{n}." if n else "" for n, m in mods if isinstance(m, MemoryValues)}
 
 
-def offload_tables_(model: nn.Module, file: str | Path | None = None) -> list[MemoryValues]:
+def offload_tables_(
+    model: nn.Module,
+    file: str | Path | None = None,
+    mode: str = "gather",
+    device: torch.device | str | None = None,
+) -> list[MemoryValues]:
     """:meth:`MemoryValues.offload_` every value table of ``model``: to host RAM, or
     memory-mapped from ``file`` (a safetensors file of the model's state dict, where each
-    table is found under its module's name). Raises ``ValueError`` when there is none."""
+    table is found under its module's name); ``mode`` (``"gather"`` or ``"zero-copy"``)
+    and ``device`` as there. Raises ``ValueError`` when there is none."""
+    mode = offload_mode(mode)
     tables = value_tables(model)
     if not tables:
         raise ValueError("the model has no memory value table to offload")
     prefixes = _table_prefixes(model)
     for t in tables:
-        t.offload_(file, prefixes[id(t)])
+        t.offload_(file, prefixes[id(t)], mode, device)
     return tables
 
 
@@ -84,9 +96,12 @@ def cache_hot_rows_(
     return out
 
 
-def model_offloaded_from_checkpoint(path: Path, meta: dict, device: str | torch.device):
+def model_offloaded_from_checkpoint(
+    path: Path, meta: dict, device: str | torch.device, mode: str = "gather"
+):
     """The model of a verified single-file checkpoint with its value tables memory-mapped
-    from ``model.safetensors`` and everything else loaded onto ``device``, in eval mode."""
+    from ``model.safetensors`` (zero-copy: read into page-locked RAM, read in place from
+    ``device``) and everything else loaded onto ``device``, in eval mode."""
     if meta.get("layout") == "dcp":
         raise CheckpointError(
             f"{path} is a DCP checkpoint: offloading memory-maps a single-file one; "
@@ -95,7 +110,7 @@ def model_offloaded_from_checkpoint(path: Path, meta: dict, device: str | torch.
     model = meta_model(meta)  # nothing allocated: the table may not fit anywhere
     file = path / "model.safetensors"
     prefixes = _table_prefixes(model)
-    tables = offload_tables_(model, file)
+    tables = offload_tables_(model, file, mode, device)
     skip = {prefixes[id(t)] + n for t in tables for n in table_tensor_names(t.bits)}
     model.to_empty(device=device)
     model.init_weights()  # every buffer set (RoPE tables); the load fills the rest

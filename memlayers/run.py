@@ -164,11 +164,14 @@ def _device(device: str) -> torch.device:
 
 
 def load_run(
-    path: str | Path, device: str = "auto", need_tokenizer: bool = True, offload: bool = False
+    path: str | Path,
+    device: str = "auto",
+    need_tokenizer: bool = True,
+    offload: bool | str = False,
 ) -> TrainedRun:
     """Load a run directory's newest checkpoint (or the checkpoint ``path`` names),
     verified once, with the run's tokenizer; ``offload``: value tables memory-mapped on the
-    host (:mod:`memlayers.offload`)."""
+    host (:mod:`memlayers.offload`; ``"zero-copy"``: page-locked, read in place)."""
     from memlayers.data.loader import load_dataset
     from memlayers.data.tokenizer import load_tokenizer
 

@@ -23,14 +23,17 @@ from memlayers.train import train
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (a GPU test)")
 
 
-def _tiny(preset: str, table: str = "float"):
+def _tiny(preset: str, table: str = "float", device="cpu"):
     """A freshly initialised tiny preset (6 layers, 4k vocab), its table as ``table``:
-    float, int8, int4, each optionally ``-offload``."""
-    model = build_model(get_preset(preset), seed=0).eval()
+    float, int8, int4, each optionally ``-offload`` (gathered) or ``-zero-copy``, and on
+    ``device``."""
+    model = build_model(get_preset(preset), seed=0).to(device).eval()
     if table.startswith("int"):
         quantize_tables_(model, int(table[3]))
     if table.endswith("offload"):
         offload_tables_(model)
+    elif table.endswith("zero-copy"):
+        offload_tables_(model, mode="zero-copy")
     return model
 
 
@@ -58,7 +61,8 @@ def test_static_forward_matches_the_model(kind):
 @pytest.mark.parametrize(
     "preset, table",
     [("tiny-dense", "float"), ("tiny-memory+", "float"), ("tiny-memory+", "int8"),
-     ("tiny-memory+", "int4"), ("tiny-memory+", "int4-offload")],
+     ("tiny-memory+", "int4"), ("tiny-memory+", "int4-offload"),
+     ("tiny-memory+", "int8-zero-copy")],
 )  # fmt: skip
 def test_static_greedy_equals_eager(preset, table):
     model = _tiny(preset, table)
@@ -71,10 +75,11 @@ def test_static_greedy_equals_eager(preset, table):
 @pytest.mark.parametrize(
     "preset, table",
     [("tiny-dense", "float"), ("tiny-memory+", "float"), ("tiny-memory+", "int4"),
-     ("tiny-memory+", "int8-offload")],
+     ("tiny-memory+", "int8-offload"), ("tiny-memory+", "zero-copy")],
 )  # fmt: skip
 def test_compiled_greedy_equals_eager(preset, table):
-    # Offloaded: compiled around the host gather (no fullgraph), not graph-captured.
+    # Offloaded: compiled around the host gather (no fullgraph), not graph-captured;
+    # zero-copy: compiled whole (fullgraph), the table read in place.
     model = _tiny(preset, table)
     prompt = _prompt()
     want = model.generate(prompt, 24)
@@ -189,6 +194,37 @@ def test_gpu_cuda_graph_equals_eager(bits, compile):
     with pytest.raises(ValueError, match="offloaded"):
         offload_tables_(model)
         static_generate(model, prompt, 20, cuda_graph=True)
+
+
+@gpu
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("table", ["float", "int4"])
+def test_gpu_zero_copy_table_in_a_cuda_graph(table, compile):
+    # The table page-locked on the host, its rows read in place by the captured step:
+    # the on-device model's tokens, no table on the device, no sync in the step.
+    model = _tiny("tiny-memory+", table, "cuda")
+    prompt = _prompt(device="cuda")
+    want = model.generate(prompt, 20)
+    before = torch.cuda.memory_allocated()
+    offload_tables_(model, mode="zero-copy")
+    host = model.memory_values.offloaded
+    assert host.mode == "zero-copy" and host.device == torch.device("cuda", 0)
+    assert all(t.device.type == "cpu" for t in host.tensors)
+    assert all(r.device.type == "cuda" for r in host.resident)
+    pairs = zip(host.resident, host.tensors, strict=True)
+    assert all(r.data_ptr() == t.data_ptr() for r, t in pairs)
+    assert torch.cuda.memory_allocated() < before - host.nbytes // 2  # the table left
+    assert not decoding.graph_blockers(model)
+    got = static_generate(model, prompt, 20, compile=compile, cuda_graph=True)
+    assert torch.equal(got, want)
+    cache = StaticKVCache(model, 2, 64, torch.float32, "cuda")
+    with torch.no_grad():
+        static_forward(model, cache, prompt, fresh=True)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            static_forward(model, cache, prompt[:, :1])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 @gpu

@@ -181,6 +181,42 @@ def test_memory_mapped_file_round_trip(tmp_path):
             assert all(file_backed(t, path) for t in fresh.offloaded.tensors)
 
 
+@pytest.mark.parametrize("bits", list(FORMATS.values()), ids=list(FORMATS))
+def test_zero_copy_reads_the_rows_in_place(bits, tmp_path, monkeypatch):
+    # mode="zero-copy": lookups read the host table itself (no unique, no gather), the
+    # same sums; from a file the table is copied out of the mapping (it is page-locked on
+    # a GPU); quantizing an offloaded table keeps its mode.
+    layer, values = _layer(torch.bfloat16, bits)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        ref = layer(x)
+    path = tmp_path / "table.safetensors"
+    save_table(path, _table(values), values.bits, values.group)
+    values.offload_(mode="zero-copy")
+    host = values.offloaded
+    assert host.mode == "zero-copy" and host.device == torch.device("cpu")
+    assert all(r is t for r, t in zip(host.resident, host.tensors, strict=True))
+    monkeypatch.setattr(HostTable, "gather", lambda *a: pytest.fail("a zero-copy lookup gathered"))
+    with torch.no_grad():
+        assert torch.equal(layer(x), ref)
+    assert "zero-copy from cpu" in repr(values)
+    with pytest.raises(ValueError, match="nothing to gather"):
+        host.cache_rows_(torch.arange(3), "cpu")
+    _, mapped = _layer(torch.bfloat16, bits)
+    mapped.offload_(path, mode="zero-copy")
+    if Path("/proc/self/maps").is_file():
+        assert not any(file_backed(t, path) for t in mapped.offloaded.tensors)
+    idx, w = _bags()
+    assert torch.equal(mapped.lookup(idx, w), values.lookup(idx, w))
+    if bits is None:
+        _, q = _layer(torch.bfloat16, 8)
+        values.quantize_(8)
+        assert values.offloaded.mode == "zero-copy"
+        assert torch.equal(values.lookup(idx, w), q.lookup(idx, w))
+    with pytest.raises(ValueError, match="offload mode must be one of .*'pinned'"):
+        _layer()[1].offload_(mode="pinned")
+
+
 @needs_proc_maps
 def test_map_tensors_are_views_of_the_file_not_copies(tmp_path):
     path = tmp_path / "big.safetensors"
@@ -230,6 +266,12 @@ def test_generate_offloaded_equals_on_device(run_dir, capsys):
     argv = ["generate", str(run_dir), "--prompt", prompt, "--max-new-tokens", "12"]
     assert cli_main([*argv, "--device", "cpu", "--offload"]) == 0
     assert capsys.readouterr().out == prompt + ref[0] + "\n"
+    # Zero-copy: the file read into RAM, the rows read in place.
+    assert generate(str(run_dir), prompt, 12, device="cpu", offload="zero-copy") == ref
+    assert cli_main([*argv, "--device", "cpu", "--offload", "zero-copy"]) == 0
+    assert capsys.readouterr().out == prompt + ref[0] + "\n"
+    zc = load_run(run_dir, "cpu", offload="zero-copy").model.memory_values.offloaded
+    assert zc.mode == "zero-copy" and zc.file.name == "model.safetensors"
 
 
 def test_eval_offloaded_equals_on_device(run_dir, capsys):
@@ -318,15 +360,21 @@ def test_an_offloaded_model_is_not_saved(tmp_path):
     assert not (tmp_path / "ckpt").exists()  # refused before anything was written
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (a GPU test)")
-@pytest.mark.parametrize("bits", list(FORMATS.values()), ids=list(FORMATS))
-def test_gpu_table_stays_on_the_host(bits, tmp_path):
+def _gpu_layer_saved(bits, tmp_path):
+    """A bf16 layer on the GPU, an input, its output, and its table saved to a file."""
     layer, values = _layer(torch.bfloat16, bits, device="cuda")
     x = torch.randn(64, 16, device="cuda")
     with torch.no_grad():
         ref = layer(x)
     path = tmp_path / "table.safetensors"
     save_table(path, _table(values), values.bits, values.group)
+    return layer, values, x, ref, path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (a GPU test)")
+@pytest.mark.parametrize("bits", list(FORMATS.values()), ids=list(FORMATS))
+def test_gpu_table_stays_on_the_host(bits, tmp_path):
+    layer, values, x, ref, path = _gpu_layer_saved(bits, tmp_path)
     values.offload_()
     assert all(t.device.type == "cpu" for t in values.offloaded.tensors)
     before = torch.cuda.memory_allocated()
@@ -354,10 +402,43 @@ def test_gpu_table_stays_on_the_host(bits, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (a GPU test)")
+@pytest.mark.parametrize("bits", list(FORMATS.values()), ids=list(FORMATS))
+def test_gpu_zero_copy_table_is_read_in_place(bits, tmp_path):
+    # The host table page-locked and aliased on the device: lookups read it over the bus,
+    # the same sums as on the device; no table on the device; indices from elsewhere refused.
+    layer, values, x, ref, path = _gpu_layer_saved(bits, tmp_path)
+    values.offload_(mode="zero-copy")
+    host = values.offloaded
+    assert host.device == torch.device("cuda", torch.cuda.current_device())
+    assert all(t.device.type == "cpu" for t in host.tensors)
+    assert all(r.is_cuda and r.data_ptr() == t.data_ptr()
+               for r, t in zip(host.resident, host.tensors, strict=True))  # fmt: skip
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        assert torch.equal(layer(x), ref)
+    assert torch.cuda.memory_allocated() <= before + (1 << 20)  # no table on the device
+    host.tensors[0][0].zero_()  # the device reads the host's memory: it sees the write
+    torch.cuda.synchronize()
+    assert not host.resident[0][0].any()
+    idx, w = _bags()
+    with pytest.raises(ValueError, match="read from cuda:0, got indices on cpu"):
+        values.lookup(idx, w)
+    _, mapped = _layer(torch.bfloat16, bits, device="cuda")
+    mapped.offload_(path, mode="zero-copy")  # out of the file, then page-locked
+    _, on_device = _layer(torch.bfloat16, bits, device="cuda")
+    idx, w = _bags(device="cuda")
+    assert torch.equal(mapped.lookup(idx, w), on_device.lookup(idx, w))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (a GPU test)")
 def test_gpu_generate_offloaded_run(run_dir):
     prompt = "Which city was"
     ref = generate(str(run_dir), prompt, 12, device="cuda")
     assert generate(str(run_dir), prompt, 12, device="cuda", offload=True) == ref
+    for compile in (False, True):
+        got = generate(str(run_dir), prompt, 12, device="cuda", offload="zero-copy",
+                       compile=compile)  # fmt: skip
+        assert got == ref
     model = load_model_from_checkpoint(run_dir, "cuda")  # for its table
     trained = load_run(run_dir, "cuda", offload=True)
     assert trained.model.memory_values.offloaded.tensors[0].device.type == "cpu"

@@ -139,7 +139,7 @@ def evaluate(
     knowledge: bool = True,
     progress: bool = True,
     write: bool = True,
-    offload: bool = False,
+    offload: bool | str = False,
 ) -> dict:
     """Evaluate a run directory or checkpoint (see the module docstring); returns the
     results dict and, with ``write``, saves it to ``RUN_DIR/eval/results.json`` (an

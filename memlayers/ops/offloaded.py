@@ -17,6 +17,17 @@ a lookup (:meth:`HostTable.lookup`, forward only) runs:
 Step 3 sums the same rows in the same order as a lookup of the whole table on the device,
 so the result is the same bit for bit (tests/test_offload.py).
 
+**Zero-copy** (``mode="zero-copy"``): the table is page-locked in host RAM (registered
+with CUDA in place, or copied out of a memory-mapped file first) and lookups from the GPU
+read its rows *in place*, over the bus: under unified virtual addressing a registered
+host address is valid on the device, so the usual lookup kernels run on a CUDA tensor
+that aliases the host table (:func:`device_alias`). No ``unique``, no sync, no staging:
+the lookup has fixed shapes, compiles with the rest of the model and is captured in a
+CUDA graph (:mod:`memlayers.decoding`), and it reads only the rows' bytes (a token's 128
+rows, ~200 KB at D = 768 in bf16). The cost: the whole table must fit in page-locked host
+RAM (a file larger than RAM needs ``"gather"``). On the CPU the rows are read in place
+too (no gather). The same rows in the same order: the same sums bit for bit.
+
 **A device cache of hot rows** (:meth:`HostTable.cache_rows_`, optional): copies of chosen
 rows (the most read, :func:`hottest_rows`) stay on the device with a ``[N]`` int32 map
 from row to slot (4 bytes a row of the table: 4 MB for the 373m preset's 1M rows); a
@@ -47,6 +58,7 @@ import mmap
 import os
 import sys
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -63,11 +75,76 @@ DTYPES = {
 }  # fmt: skip
 
 
+# How an offloaded table serves lookups (module docstring): gather the rows read through
+# the host (any size, a sync per lookup), or read them in place from page-locked RAM.
+OFFLOAD_MODES = ("gather", "zero-copy")
+
+
+def offload_mode(mode: bool | str) -> str:
+    """``mode`` checked: one of :data:`OFFLOAD_MODES` (``True``: ``"gather"``, the
+    original ``offload=True``)."""
+    if mode is True:
+        return "gather"
+    if mode not in OFFLOAD_MODES:
+        raise ValueError(f"offload mode must be one of {OFFLOAD_MODES}, got {mode!r}")
+    return mode
+
+
+class _Registered:
+    """A host tensor page-locked in place (``cudaHostRegister``) for as long as this object
+    lives, exposing its bytes as ``__cuda_array_interface__``: ``torch.as_tensor(self,
+    device="cuda")`` is then a CUDA tensor over the same memory, and holds this object."""
+
+    def __init__(self, host: torch.Tensor, device: torch.device) -> None:
+        self.host = host  # kept alive by this object; unregistered when it is collected
+        cudart = torch.cuda.cudart()
+        ptr, size = host.data_ptr(), host.nbytes
+        with torch.cuda.device(device):
+            err = cudart.cudaHostRegister(ptr, size, 0)
+        if int(err) != 0:
+            raise RuntimeError(
+                f"cannot page-lock the {size:,}-byte value table in host RAM for zero-copy "
+                f"lookups (cudaHostRegister: {cudart.cudaGetErrorString(err)}); offload it "
+                f"with mode='gather' instead"
+            )
+        weakref.finalize(self, cudart.cudaHostUnregister, ptr)
+        self.__cuda_array_interface__ = {
+            "shape": (size,), "typestr": "|u1", "data": (ptr, False), "version": 3,
+            "strides": None,
+        }  # fmt: skip
+
+
+def device_alias(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CUDA tensor on ``device`` over the memory of the contiguous CPU tensor ``host``
+    (page-locked in place while the alias lives): reads of it cross the bus to host RAM;
+    no copy is made. Unified virtual addressing makes the host address valid on the
+    device; the bytes are aliased as ``uint8`` (``__cuda_array_interface__`` has no
+    bfloat16) and viewed back as ``host``'s dtype and shape."""
+    device = torch.device(device)
+    if host.device.type != "cpu" or not host.is_contiguous():
+        raise ValueError(f"device_alias needs a contiguous CPU tensor, got {host.device}")
+    if device.type != "cuda":
+        raise ValueError(f"device_alias makes a CUDA tensor, got device {device}")
+    if host.numel() == 0:
+        return torch.empty(host.shape, dtype=host.dtype, device=device)
+    alias = torch.as_tensor(_Registered(host, device), device=device)
+    if alias.data_ptr() != host.data_ptr() or alias.device != device:
+        raise RuntimeError(
+            f"the device cannot address the host table at its host address (got "
+            f"{alias.device} at {alias.data_ptr():#x} for {host.data_ptr():#x}): zero-copy "
+            f"lookups need unified virtual addressing; offload with mode='gather'"
+        )
+    return alias.view(host.dtype).view(host.shape)
+
+
 class HostTable:
     """A value table ``[N, D]`` in host memory: ``(weight,)`` of a float table, or
     ``(data, scales)`` of a quantized one (``bits``, ``group``, ``dim`` as in
     :class:`memlayers.ops.quantized.QuantizedRows`), CPU tensors, possibly views of a
-    memory-mapped ``file``. Lookups gather the rows they read to the indices' device."""
+    memory-mapped ``file``. Lookups gather the rows they read to the indices' device
+    (``mode="gather"``), or read them in place from ``device`` (``mode="zero-copy"``:
+    the table copied out of its file, if any, and page-locked; :attr:`resident` are the
+    tensors lookups from ``device`` read)."""
 
     def __init__(
         self,
@@ -76,8 +153,11 @@ class HostTable:
         group: int | None = None,
         dim: int | None = None,
         file: str | Path | None = None,
+        mode: str = "gather",
+        device: torch.device | str | None = None,
     ) -> None:
         self.tensors, self.bits, self.group, self.file = tuple(tensors), bits, group, file
+        self.mode = offload_mode(mode)
         if bits is None:
             (w,) = self.tensors
             if w.dim() != 2 or not w.is_floating_point():
@@ -92,6 +172,22 @@ class HostTable:
         for t in self.tensors:
             if t.device.type != "cpu":
                 raise ValueError(f"a host table lives on the CPU, got a tensor on {t.device}")
+        self.device = torch.device(device if device is not None else "cpu")
+        self.resident: tuple[torch.Tensor, ...] = ()  # zero-copy: what lookups read
+        if self.mode == "zero-copy":
+            if self.device.type not in ("cpu", "cuda"):
+                raise ValueError(
+                    f"zero-copy lookups read the host table from a CUDA device or the CPU, "
+                    f"got device {self.device}"
+                )
+            if file is not None or not all(t.is_contiguous() for t in self.tensors):
+                # Out of the file's shared read-only mapping into anonymous RAM (the whole
+                # table is read once): what is registered must be memory the process owns.
+                self.tensors = tuple(t.contiguous().clone() for t in self.tensors)
+            if self.device.type == "cuda":
+                self.resident = tuple(device_alias(t, self.device) for t in self.tensors)
+            else:
+                self.resident = self.tensors
         self._staging: tuple[torch.Tensor, ...] | None = None  # pinned, reused across lookups
         self._copied = None  # CUDA event: the last copy out of the staging buffers
         # The device cache of hot rows (cache_rows_): slot of every row ([N] int32, -1:
@@ -117,6 +213,11 @@ class HostTable:
         """Keep copies of the table's ``rows [C]`` on ``device`` (replacing any earlier
         cache; an empty ``rows`` drops it): lookups from that device read them there and
         gather only the other rows from the host (module docstring)."""
+        if self.mode == "zero-copy":
+            raise ValueError(
+                "a zero-copy host table reads every row in place: there is nothing to gather "
+                "and no device cache to keep (offload with mode='gather' to cache hot rows)"
+            )
         rows = torch.unique(rows.detach().to("cpu", torch.int64))  # [C] sorted, distinct
         self._check_rows(rows)
         self._slot, self._cached, self._hits, self._reads = None, (), None, None
@@ -214,10 +315,16 @@ class HostTable:
         return tuple(b[:u] for b in self._staging)
 
     def lookup(
-        self, indices: torch.Tensor, weights: torch.Tensor, impl: str = "auto"
+        self,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        impl: str = "auto",
+        check_indices: bool = True,
     ) -> torch.Tensor:
-        """``[B, D]`` weighted sums of the rows ``indices [B, K]`` (on any device), as the
-        on-device lookup of the whole table would give them; forward only."""
+        """``[B, D]`` weighted sums of the rows ``indices [B, K]`` (on any device; zero-copy:
+        on :attr:`device`), as the on-device lookup of the whole table would give them;
+        forward only. ``check_indices``: as in :func:`memlayers.ops.embedding_bag` (a
+        zero-copy lookup only: a gather checks the rows it reads on the host anyway)."""
         check_bags(indices, weights)
         if indices.device != weights.device:
             raise ValueError(
@@ -230,12 +337,26 @@ class HostTable:
                 "weights require a gradient. Run it under torch.no_grad(), or train the "
                 "table on the device"
             )
+        if self.mode == "zero-copy":
+            if indices.device != self.device:
+                raise ValueError(
+                    f"this zero-copy host table is read from {self.device}, got indices on "
+                    f"{indices.device}: offload it for that device"
+                )
+            return self._lookup(self.resident, indices, weights, impl, check_indices)
         rows, inverse = torch.unique(indices, sorted=True, return_inverse=True)  # [U], [B, K]
-        tensors = self.gather(rows)
+        return self._lookup(self.gather(rows), inverse, weights, impl, True)
+
+    def _lookup(self, tensors, indices, weights, impl: str, check_indices: bool):
+        """The usual lookup of ``tensors`` (the whole table, or the rows gathered)."""
         if self.bits is None:
-            return embedding_bag(tensors[0], inverse, weights, impl=impl)
+            return embedding_bag(
+                tensors[0], indices, weights, impl=impl, check_indices=check_indices
+            )
         table = QuantizedRows(*tensors, self.bits, self.group, self.dim)
-        return embedding_bag_quantized(table, inverse, weights, impl=impl)
+        return embedding_bag_quantized(
+            table, indices, weights, impl=impl, check_indices=check_indices
+        )
 
 
 def hottest_rows(counts: torch.Tensor, n: int) -> torch.Tensor:
@@ -310,10 +431,14 @@ def open_table(
     dtype: torch.dtype | None = None,
     bits: int | None = None,
     group: int | None = None,
+    mode: str = "gather",
+    device: torch.device | str | None = None,
 ) -> HostTable:
     """The table ``prefix + "weight"`` (or ``"qdata"``, ``"qscales"`` when ``bits``) of the
     safetensors file ``path``, memory-mapped, checked against the table it stands for:
-    ``[n_rows, dim]`` of ``dtype`` (or that table quantized). Raises naming the value."""
+    ``[n_rows, dim]`` of ``dtype`` (or that table quantized). Raises naming the value.
+    ``mode``, ``device``: as in :class:`HostTable` (zero-copy reads the file whole)."""
+    mode = offload_mode(mode)
     tensors, _ = map_tensors(path)
     names = [prefix + n for n in table_tensor_names(bits)]
     missing = [n for n in names if n not in tensors]
@@ -328,11 +453,11 @@ def open_table(
                 f"{path}: {names[0]} is {list(w.shape)} {w.dtype}, the table needs "
                 f"[{n_rows}, {dim}] {dtype}"
             )
-        return HostTable(got, file=path)
+        return HostTable(got, file=path, mode=mode, device=device)
     if got[0].shape[0] != n_rows:
         raise ValueError(f"{path}: {names[0]} has {got[0].shape[0]} rows, the table {n_rows}")
     try:
-        return HostTable(got, bits, group, dim, file=path)
+        return HostTable(got, bits, group, dim, file=path, mode=mode, device=device)
     except ValueError as e:
         raise ValueError(f"{path}: {prefix}qdata/qscales: {e}") from None
 
