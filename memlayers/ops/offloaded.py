@@ -121,6 +121,8 @@ def device_alias(host: torch.Tensor, device: torch.device | str) -> torch.Tensor
     device; the bytes are aliased as ``uint8`` (``__cuda_array_interface__`` has no
     bfloat16) and viewed back as ``host``'s dtype and shape."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if host.device.type != "cpu" or not host.is_contiguous():
         raise ValueError(f"device_alias needs a contiguous CPU tensor, got {host.device}")
     if device.type != "cuda":
@@ -173,6 +175,8 @@ class HostTable:
             if t.device.type != "cpu":
                 raise ValueError(f"a host table lives on the CPU, got a tensor on {t.device}")
         self.device = torch.device(device if device is not None else "cpu")
+        if self.device.type == "cuda" and self.device.index is None:  # what tensors report
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.resident: tuple[torch.Tensor, ...] = ()  # zero-copy: what lookups read
         if self.mode == "zero-copy":
             if self.device.type not in ("cpu", "cuda"):
