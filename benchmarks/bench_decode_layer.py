@@ -28,6 +28,10 @@ lookup at batch 1). Rows:
   training launch), the shipped rule, and with ``--sweep`` warps × halves per launch;
 - the layer (eval, bf16 weights and autocast, compiled): with the launches as they were
   before the few-bags rules and as shipped, against the FFN of the same width, compiled.
+
+``--zero-copy``: every table (float and packed) page-locked in host RAM and read in place
+over the bus (:mod:`memlayers.ops.offloaded`, ``mode="zero-copy"``), the same rows: where
+the link's round trips, not HBM, set a lookup's time.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ from memlayers.model import ModelConfig, SwiGLU
 from memlayers.ops import embedding_bag_triton as ebt
 from memlayers.ops import product_keys_triton as pkt
 from memlayers.ops import quantized_triton as qt
-from memlayers.ops.quantized import quantize_rows
+from memlayers.ops.offloaded import device_alias
+from memlayers.ops.quantized import QuantizedRows, quantize_rows
 
 # Written before every call in the cold mode: more than an H200's 60 MB of L2, so each
 # call reads its rows, keys and weights from HBM, as a decode step does (the rest of the
@@ -136,6 +141,10 @@ def bench_width(args, dim: int, device, rows: list) -> None:
         return ms
 
     packed = {bits: quantize_rows(values.weight.detach(), bits) for bits in args.bits}
+    if args.zero_copy:  # every table on the host, read in place (the layer's too)
+        packed = {bits: QuantizedRows(*(device_alias(t.cpu(), device) for t in q[:2]), *q[2:])
+                  for bits, q in packed.items()}  # fmt: skip
+        values.offload_(mode="zero-copy", device=device)
     for tokens in args.tokens:
         bench_tokens(args, tokens, layer, ffn, packed, n_sm, device, dtype, add)
 
@@ -148,7 +157,8 @@ def bench_tokens(args, tokens: int, layer, ffn, packed, n_sm: int, device, dtype
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
         idx, w = layer.lookup(x)  # [T, H*k]
         q, keys = layer.router.normed_query(x), layer.router.normed_keys()
-    table = layer.values.weight.detach()
+    host = layer.values.offloaded
+    table = host.resident[0] if host is not None else layer.values.weight.detach()
     # Lookup forward.
     base = add(tokens, "lookup: simplest kernel (baseline)",
                graph_ms(lambda: ebt.simple_forward(table, idx, w), args.calls))  # fmt: skip
@@ -216,6 +226,7 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="every few-bags launch too")
     p.add_argument("--bits", type=int, nargs="*", default=[8, 4], help="quantized tables")
     p.add_argument("--warm", action="store_true", help="no L2 flush between calls")
+    p.add_argument("--zero-copy", action="store_true", help="tables in host RAM, read in place")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
     p.add_argument("--out", help="write the markdown table here")
     args = p.parse_args()
@@ -226,6 +237,8 @@ def main() -> None:
     global COLD
     COLD = not args.warm
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.zero_copy and device.type != "cuda":
+        raise SystemExit("error: --zero-copy reads host tables from a GPU: no CUDA device here")
     rows: list = []
     for dim in args.dims:
         bench_width(args, dim, device, rows)
@@ -235,6 +248,7 @@ def main() -> None:
         f"n_keys {args.n_keys}, {args.heads} heads x top-{args.topk}, bf16 table, weights "
         f"and autocast; time per call: median of CUDA-graph replays of {args.calls} calls, "
         + ("each after an L2 flush (its time subtracted)" if COLD else "back to back (warm L2)")
+        + ("; tables in host RAM read in place (zero-copy)" if args.zero_copy else "")
         + f"; torch {torch.__version__}\n\n"
         "| dim | tokens | what | us per call | vs baseline / before / FFN |\n|---|---|---|---|---|"
     )
