@@ -50,7 +50,7 @@ def bench_dim(d: int, n: int, b: int, k: int, group: int, sweep: bool, table: Ta
         out = qt._qfwd_launch(q, indices[:256], weights[:256])
         assert ((out - ref).norm() / ref.norm()).item() < 1e-5
         nbytes = b * k * (q.nbytes // n) + small
-        cfg = "SPLIT={} warps={} stages={}".format(*qt.QFWD_CONFIG)
+        cfg = "SPLIT={} warps={} stages={} ROWS={}".format(*qt.QFWD_CONFIG)
         ms = timed(lambda q=q: qt._qfwd_launch(q, indices, weights))
         note = f"{cfg}; table {q.nbytes / 1e9:.2f} GB, quantized in {qsec:.1f}s"
         rows[f"int{bits}"] = table.add(f"D={d} int{bits} forward (shipped)", ms, nbytes, note)
@@ -58,7 +58,8 @@ def bench_dim(d: int, n: int, b: int, k: int, group: int, sweep: bool, table: Ta
         table.add(f"D={d} int{bits} forward, no index check", ms, nbytes, cfg)
         for c in qt.QFWD_SWEEP if sweep else ():
             fn = lambda q=q, c=c: qt._qfwd_launch(q, indices, weights, config=c)  # noqa: E731
-            table.add(f"D={d} int{bits} sweep SPLIT={c[0]} warps={c[1]} stages={c[2]}",
+            table.add(f"D={d} int{bits} sweep SPLIT={c[0]} warps={c[1]} stages={c[2]} "
+                      f"ROWS={c[3]}",
                       timed(fn), nbytes)  # fmt: skip
         del q
     return d, rows

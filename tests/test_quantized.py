@@ -141,18 +141,21 @@ def test_empty(b, k, impl):
     assert not out.any()
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_forward_order_fixed_across_launches(bits):
-    # Every launch in the sweep adds a bag's rows in the same order: bitwise equal outputs.
+@pytest.mark.parametrize("bits, group", [(8, None), (8, 14), (4, 8), (4, 70)])
+def test_forward_order_fixed_across_launches(bits, group):
+    # Every launch in the sweep adds a bag's rows in the same order: bitwise equal outputs
+    # (a scale per row, and several a row: scalar and gathered scale loads).
     values, indices, weights = _inputs(40, 70, 6, 9, seed=2)
-    q = quantize_rows(values, bits, 8 if bits == 4 else None)
-    # The few-bags launches too (tiles narrower than the row, rows pipelined), and the
-    # rule's own choice for these 6 bags on a 132-SM card.
-    sweep = qt.QFWD_SWEEP + qt.QFWD_FEW_SWEEP + [(2, 1, 2), None]
+    q = quantize_rows(values, bits, group)
+    # The few-bags launches too (tiles narrower than the row, rows pipelined, several
+    # rows gathered a load: 9 rows a bag leave a part-filled last gather of 8 or 16), and
+    # the rule's own choice for these 6 bags on a 132-SM card.
+    sweep = qt.QFWD_SWEEP + qt.QFWD_FEW_SWEEP + [(2, 1, 2, 1), (2, 1, 1, 4), None]
+    assert any(c[3] > 1 for c in qt.QFWD_FEW_SWEEP)
     outs = [qt._qfwd_launch(q, indices, weights, config=c) for c in sweep]
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
-    few = (qt.QFWD_FEW_WARPS, qt.QFWD_FEW_STAGES)
+    few = (qt.QFWD_FEW_WARPS, qt.QFWD_FEW_STAGES, qt.QFWD_FEW_ROWS)
     assert qt.qfwd_config(132, 70, bits, 132) == qt.QFWD_CONFIG
     assert qt.qfwd_config(6, 70, bits, 132) == (2, *few)  # 70 columns: 2 tiles of 64
     # 768 columns: 64-column tiles (int8), 32-byte tiles (int4: 64 columns), whatever the
@@ -187,8 +190,14 @@ def test_out_of_range_index_raises(bits):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode != 0
     assert "outside [0, N)" in done.stderr or "device-side assert" in done.stderr
-    # The reference: PyTorch's own index check.
+    # In-process on the CPU (the interpreter: the assert raises at once), every kind of
+    # walk: a row a step and rows gathered, with the bad index in a part-filled gather.
     q = quantize_rows(torch.randn(10, 8), bits)
+    if DEVICE == "cpu":
+        for config in [(1, 1, 1, 1), (1, 1, 1, 4), (1, 1, 2, 2)]:
+            with pytest.raises(RuntimeError, match="outside"):
+                qt._qfwd_launch(q, torch.tensor([[1, 2, 10]]), torch.ones(1, 3), config=config)
+    # The reference: PyTorch's own index check.
     with pytest.raises(IndexError):
         embedding_bag_quantized(q, torch.tensor([[1, 10]]), torch.ones(1, 2), impl="torch")
 

@@ -92,6 +92,26 @@ def bag_entry(indices_ptr, weights_ptr, bag, K, k, N, mask, CHECK: tl.constexpr)
 
 
 @triton.jit
+def bag_rows(indices_ptr, weights_ptr, bag, K, k0, N, r, CHECK: tl.constexpr):
+    """Entries ``k0 + r`` (``r = arange(ROWS)``) of bag ``bag``, for a forward that
+    gathers ROWS rows a load: ``(rows [ROWS], fp32 weights [ROWS] (0 past the bag's end),
+    the rows' load mask, how many indices are outside [0, N))``. With CHECK such an index
+    reads nothing (row 0, masked); without, only the bag's end is masked."""
+    kk = k0 + r
+    kmask = kk < K
+    idx = tl.load(indices_ptr + bag * K + kk, mask=kmask, other=0)
+    ws = tl.load(weights_ptr + bag * K + kk, mask=kmask, other=0.0).to(tl.float32)
+    ok = kmask
+    bad = tl.full([], 0, tl.int32)
+    if CHECK:
+        inside = (idx >= 0) & (idx < N)
+        bad = tl.sum((kmask & ~inside).to(tl.int32))
+        ok = ok & inside
+        idx = tl.where(ok, idx, 0)
+    return idx, ws, ok, bad
+
+
+@triton.jit
 def _fwd_kernel(
     values_ptr,  # [N, D]
     indices_ptr,  # [B, K] int64
@@ -131,15 +151,8 @@ def _fwd_kernel(
     else:
         r = tl.arange(0, ROWS)
         for k0 in tl.range(0, K, ROWS, num_stages=STAGES):
-            kk = k0 + r  # [ROWS]
-            kmask = kk < K
-            idx = tl.load(indices_ptr + bag * K + kk, mask=kmask, other=0)
-            ws = tl.load(weights_ptr + bag * K + kk, mask=kmask, other=0.0).to(tl.float32)
-            ok = kmask
-            if CHECK:
-                inside = (idx >= 0) & (idx < N)
-                n_bad += tl.sum((kmask & ~inside).to(tl.int32))
-                ok = ok & inside
+            idx, ws, ok, bad = bag_rows(indices_ptr, weights_ptr, bag, K, k0, N, r, CHECK)
+            n_bad += bad
             tile = tl.load(values_ptr + idx[:, None] * D + cols[None, :],
                            mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
             for j in tl.static_range(ROWS):

@@ -26,42 +26,61 @@ import torch
 import triton
 import triton.language as tl
 
-from memlayers.ops.embedding_bag_triton import bag_entry, sm_count
+from memlayers.ops.embedding_bag_triton import bag_entry, bag_rows, sm_count
 from memlayers.ops.quantized import QuantizedRows
 from memlayers.ops.triton_interpreter import patch_triton_interpreter
 
 patch_triton_interpreter()
 
-# (SPLIT column tiles per bag, warps, stages): the float forward's measured rule
-# (embedding_bag_triton.FWD_CONFIG: the whole row per program, 4 warps, no pipelining).
-# Not yet swept for packed rows: benchmarks/bench_quantized.py --sweep does.
-QFWD_CONFIG = (1, 4, 1)
-QFWD_SWEEP = [(1, 4, 1), (1, 4, 3), (1, 8, 3), (2, 4, 3), (2, 2, 3)]
+# (SPLIT column tiles per bag, warps, stages, ROWS gathered a load): the float forward's
+# measured rule (embedding_bag_triton.FWD_CONFIG: the whole row per program, 4 warps, no
+# pipelining, a row a step). Not yet swept for packed rows: bench_quantized.py --sweep does.
+QFWD_CONFIG = (1, 4, 1, 1)
+QFWD_SWEEP = [(1, 4, 1, 1), (1, 4, 3, 1), (1, 8, 3, 1), (2, 4, 3, 1), (2, 2, 3, 1)]
 # Few bags (decoding: fewer bags than SMs): rows cut into tiles of QFWD_FEW_BLOCK columns
-# (int8: 64 bytes, int4: 32), 1 warp, no pipelining (qfwd_config). Swept on an H200, L2
-# flushed before each lookup (benchmarks/bench_decode_layer.py, results/
+# (int8: 64 bytes, int4: 32), 1 warp, no pipelining, a row a step (qfwd_config). Swept on
+# an H200, L2 flushed before each lookup (benchmarks/bench_decode_layer.py, results/
 # decode_layer_h200_20261202.md; D = 768, 128-row bags): 30.3 us for int8 and int4 at
 # batch 1 and 34.1 / 34.4 at batch 32, against 64-71 for the training launch; 2 or 4
 # stages were 2x slower, and int4 in 64-byte tiles (what stopping at enough programs
-# gave at batch 32) took 73 us: unlike the float forward, the tile is fixed.
+# gave at batch 32) took 73 us: unlike the float forward, the tile is fixed. From a
+# zero-copy host table (decode_layer_zc_h200_20261202.md) the same launch takes 89-95 us:
+# a row a step pays a round trip of the host link per row, where the float forward's 16
+# rows a load take 16.9 us. The ROWS > 1 entries of the sweep (the same gather for packed
+# rows, bit for bit the same output) are not yet timed on a GPU: the rule keeps ROWS 1.
 QFWD_FEW_BLOCK = 64
 QFWD_FEW_WARPS = 1
 QFWD_FEW_STAGES = 1
+QFWD_FEW_ROWS = 1
 QFWD_FEW_SWEEP = [
-    (16, 1, 1), (16, 1, 2), (16, 1, 4), (8, 1, 1), (8, 1, 2), (8, 1, 4), (4, 1, 1), (4, 2, 1),
-    (4, 2, 4), (2, 2, 1), (1, 4, 2),
+    (16, 1, 1, 1), (16, 1, 2, 1), (8, 1, 1, 1), (8, 1, 4, 1), (4, 2, 1, 1), (1, 4, 2, 1),
+    (16, 1, 3, 16), (16, 1, 2, 16), (16, 1, 3, 8), (8, 1, 3, 16), (8, 1, 2, 16),
+    (8, 2, 3, 16), (4, 1, 3, 16), (4, 2, 2, 16),
 ]  # fmt: skip
 
 
-def qfwd_config(bags: int, d: int, bits: int, n_sm: int) -> tuple[int, int, int]:
-    """The launch ``(SPLIT, warps, stages)`` for ``bags`` bags of ``bits``-bit rows of
-    ``d`` columns on ``n_sm`` SMs: :data:`QFWD_CONFIG` for at least a bag per SM, else the
-    few-bags launch. No launch changes a bit of the output."""
+def qfwd_config(bags: int, d: int, bits: int, n_sm: int) -> tuple[int, int, int, int]:
+    """The launch ``(SPLIT, warps, stages, ROWS)`` for ``bags`` bags of ``bits``-bit rows
+    of ``d`` columns on ``n_sm`` SMs: :data:`QFWD_CONFIG` for at least a bag per SM, else
+    the few-bags launch. No launch changes a bit of the output."""
     if bags >= n_sm:
         return QFWD_CONFIG
     units, block = (d, QFWD_FEW_BLOCK) if bits == 8 else ((d + 1) // 2, QFWD_FEW_BLOCK // 2)
     split = max(1, triton.next_power_of_2(units) // block)
-    return split, QFWD_FEW_WARPS, QFWD_FEW_STAGES
+    return split, QFWD_FEW_WARPS, QFWD_FEW_STAGES, QFWD_FEW_ROWS
+
+
+@triton.jit
+def gathered_scales(scales_ptr, idx, ok, gcol, mask, G: tl.constexpr):
+    """fp32 scales of the rows ``idx [ROWS]`` gathered by one load (``ok``: the rows
+    read): ``[ROWS, 1]`` with one scale a row, else ``[ROWS, BLOCK]`` at the scale column
+    ``gcol [BLOCK]`` of each element of the tile (``mask``: the tile's)."""
+    if G == 1:
+        s = tl.load(scales_ptr + idx, mask=ok, other=0.0).to(tl.float32)[:, None]
+    else:
+        s = tl.load(scales_ptr + idx[:, None] * G + gcol[None, :], mask=mask, other=0.0)
+        s = s.to(tl.float32)
+    return s
 
 
 @triton.jit
@@ -80,8 +99,12 @@ def _int8_fwd_kernel(
     BLOCK_D: tl.constexpr,  # columns per program: next_power_of_2(D) // SPLIT
     STAGES: tl.constexpr,
     CHECK: tl.constexpr,
+    ROWS: tl.constexpr,  # rows gathered per load (1: one row per step)
 ):
-    """Program (bag, tile): ``acc += w_k · q[idx_k, tile] · s[idx_k, tile // GROUP]``."""
+    """Program (bag, tile): ``acc += w_k · q[idx_k, tile] · s[idx_k, tile // GROUP]``.
+    ``ROWS > 1``: ROWS rows (bytes and scales) gathered by one load, then added one at a
+    time in the same order, as :func:`memlayers.ops.embedding_bag_triton._fwd_kernel`
+    does (each picked out of the tile by a sum with zeros: the same fp32 numbers)."""
     n_dtiles = tl.cdiv(D, BLOCK_D)
     pid = tl.program_id(0).to(tl.int64)
     bag = pid // n_dtiles
@@ -89,17 +112,32 @@ def _int8_fwd_kernel(
     dmask = cols < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     n_bad = tl.full([], 0, tl.int32)
-    for k in tl.range(0, K, num_stages=STAGES):
-        # (row 0 for an index outside the table: the scalar scale load below is unmasked)
-        idx, w, rmask, bad = bag_entry(indices_ptr, weights_ptr, bag, K, k, N, dmask, CHECK)
-        n_bad += bad
-        q = tl.load(data_ptr + idx * D + cols, mask=rmask, other=0).to(tl.float32)
-        if G == 1:  # one scale per row: a scalar load
-            s = tl.load(scales_ptr + idx).to(tl.float32)
-        else:
-            s = tl.load(scales_ptr + idx * G + cols // GROUP, mask=rmask, other=0.0)
-            s = s.to(tl.float32)
-        acc += (q * s) * w  # q · s is exact in fp32: 7 + 8 significant bits
+    if ROWS == 1:
+        for k in tl.range(0, K, num_stages=STAGES):
+            # (row 0 for an index outside the table: the scalar scale load is unmasked)
+            idx, w, rmask, bad = bag_entry(indices_ptr, weights_ptr, bag, K, k, N, dmask, CHECK)
+            n_bad += bad
+            q = tl.load(data_ptr + idx * D + cols, mask=rmask, other=0).to(tl.float32)
+            if G == 1:  # one scale per row: a scalar load
+                s = tl.load(scales_ptr + idx).to(tl.float32)
+            else:
+                s = tl.load(scales_ptr + idx * G + cols // GROUP, mask=rmask, other=0.0)
+                s = s.to(tl.float32)
+            acc += (q * s) * w  # q · s is exact in fp32: 7 + 8 significant bits
+    else:
+        r = tl.arange(0, ROWS)
+        for k0 in tl.range(0, K, ROWS, num_stages=STAGES):
+            idx, ws, ok, bad = bag_rows(indices_ptr, weights_ptr, bag, K, k0, N, r, CHECK)
+            n_bad += bad
+            m2 = ok[:, None] & dmask[None, :]
+            q = tl.load(data_ptr + idx[:, None] * D + cols[None, :], mask=m2, other=0)
+            s = gathered_scales(scales_ptr, idx, ok, cols // GROUP, m2, G)
+            qs = q.to(tl.float32) * s  # [ROWS, BLOCK_D], exact
+            for j in tl.static_range(ROWS):
+                pick = r == j
+                row = tl.sum(tl.where(pick[:, None], qs, 0.0), axis=0)
+                w = tl.sum(tl.where(pick, ws, 0.0))
+                acc = tl.where(k0 + j < K, acc + row * w, acc)
     tl.store(out_ptr + bag * D + cols, acc.to(out_ptr.dtype.element_ty), mask=dmask)
     tl.store(bad_ptr, 1, mask=n_bad > 0)
 
@@ -121,9 +159,11 @@ def _int4_fwd_kernel(
     BLOCK: tl.constexpr,  # bytes per program: next_power_of_2(P) // SPLIT
     STAGES: tl.constexpr,
     CHECK: tl.constexpr,
+    ROWS: tl.constexpr,  # rows gathered per load (1: one row per step)
 ):
     """Program (bag, byte tile): the even and odd columns of ``BLOCK`` bytes, one
-    accumulator each; ``acc += w_k · (nibble − 8) · s`` for k = 0 … K-1, in order."""
+    accumulator each; ``acc += w_k · (nibble − 8) · s`` for k = 0 … K-1, in order
+    (``ROWS > 1``: gathered ROWS rows a load, added in order, as in the int8 kernel)."""
     n_tiles = tl.cdiv(P, BLOCK)
     pid = tl.program_id(0).to(tl.int64)
     bag = pid // n_tiles
@@ -133,16 +173,36 @@ def _int4_fwd_kernel(
     acc_lo = tl.zeros([BLOCK], dtype=tl.float32)  # columns 2j
     acc_hi = tl.zeros([BLOCK], dtype=tl.float32)  # columns 2j + 1
     n_bad = tl.full([], 0, tl.int32)
-    for k in tl.range(0, K, num_stages=STAGES):
-        idx, w, rmask, bad = bag_entry(indices_ptr, weights_ptr, bag, K, k, N, bmask, CHECK)
-        n_bad += bad
-        byte = tl.load(data_ptr + idx * P + j, mask=rmask, other=136).to(tl.int32)  # 0x88: 0, 0
-        if G == 1:
-            s = tl.load(scales_ptr + idx).to(tl.float32)
-        else:
-            s = tl.load(scales_ptr + idx * G + gidx, mask=rmask, other=0.0).to(tl.float32)
-        acc_lo += (((byte & 15) - 8).to(tl.float32) * s) * w  # q · s exact, as for int8
-        acc_hi += (((byte >> 4) - 8).to(tl.float32) * s) * w
+    if ROWS == 1:
+        for k in tl.range(0, K, num_stages=STAGES):
+            idx, w, rmask, bad = bag_entry(indices_ptr, weights_ptr, bag, K, k, N, bmask, CHECK)
+            n_bad += bad
+            byte = tl.load(data_ptr + idx * P + j, mask=rmask, other=136).to(tl.int32)  # 0x88
+            if G == 1:
+                s = tl.load(scales_ptr + idx).to(tl.float32)
+            else:
+                s = tl.load(scales_ptr + idx * G + gidx, mask=rmask, other=0.0).to(tl.float32)
+            acc_lo += (((byte & 15) - 8).to(tl.float32) * s) * w  # q · s exact, as for int8
+            acc_hi += (((byte >> 4) - 8).to(tl.float32) * s) * w
+    else:
+        r = tl.arange(0, ROWS)
+        for k0 in tl.range(0, K, ROWS, num_stages=STAGES):
+            idx, ws, ok, bad = bag_rows(indices_ptr, weights_ptr, bag, K, k0, N, r, CHECK)
+            n_bad += bad
+            m2 = ok[:, None] & bmask[None, :]
+            byte = tl.load(data_ptr + idx[:, None] * P + j[None, :], mask=m2, other=136)
+            byte = byte.to(tl.int32)  # [ROWS, BLOCK]
+            s = gathered_scales(scales_ptr, idx, ok, gidx, m2, G)
+            lo = ((byte & 15) - 8).to(tl.float32) * s  # exact
+            hi = ((byte >> 4) - 8).to(tl.float32) * s
+            for i in tl.static_range(ROWS):
+                pick = r == i
+                w = tl.sum(tl.where(pick, ws, 0.0))
+                inside = k0 + i < K
+                row_lo = tl.sum(tl.where(pick[:, None], lo, 0.0), axis=0)
+                row_hi = tl.sum(tl.where(pick[:, None], hi, 0.0), axis=0)
+                acc_lo = tl.where(inside, acc_lo + row_lo * w, acc_lo)
+                acc_hi = tl.where(inside, acc_hi + row_hi * w, acc_hi)
     out = out_ptr + bag * D + 2 * j
     tl.store(out, acc_lo.to(out_ptr.dtype.element_ty), mask=2 * j < D)
     tl.store(out + 1, acc_hi.to(out_ptr.dtype.element_ty), mask=2 * j + 1 < D)
@@ -154,11 +214,11 @@ def _qfwd_launch(
     indices: torch.Tensor,
     weights: torch.Tensor,
     out_dtype: torch.dtype = torch.float32,
-    config: tuple[int, int, int] | None = None,
+    config: tuple[int, int, int, int] | None = None,
     check: bool = True,
 ) -> torch.Tensor:
     """Forward on contiguous inputs: ``[B, D]`` in ``out_dtype``. ``config``: ``(SPLIT,
-    warps, stages)``, None: :func:`qfwd_config` for these bags on this device; ``check``:
+    warps, stages, ROWS)``, None: :func:`qfwd_config` for these bags on this device; ``check``:
     raise (asynchronously) on an index outside ``[0, N)``."""
     data, scales, bits, group, d = table
     b, k = indices.shape
@@ -169,19 +229,20 @@ def _qfwd_launch(
     bad = (torch.zeros if check else torch.empty)(1, dtype=torch.int32, device=indices.device)
     if config is None:
         config = qfwd_config(b, d, bits, sm_count(indices.device))
-    split, warps, stages = config
+    split, warps, stages, rows = config
     g = scales.shape[1]
     if bits == 8:
         block = max(triton.next_power_of_2(d) // split, 1)
         _int8_fwd_kernel[(b * triton.cdiv(d, block),)](
             data, scales, indices, weights, out, bad, n, k,
-            D=d, G=g, GROUP=group, BLOCK_D=block, STAGES=stages, CHECK=check, num_warps=warps,
+            D=d, G=g, GROUP=group, BLOCK_D=block, STAGES=stages, CHECK=check, ROWS=rows,
+            num_warps=warps,
         )  # fmt: skip
     else:
         block = max(triton.next_power_of_2(p) // split, 1)
         _int4_fwd_kernel[(b * triton.cdiv(p, block),)](
             data, scales, indices, weights, out, bad, n, k,
-            D=d, P=p, G=g, GROUP=group, BLOCK=block, STAGES=stages, CHECK=check,
+            D=d, P=p, G=g, GROUP=group, BLOCK=block, STAGES=stages, CHECK=check, ROWS=rows,
             num_warps=warps,
         )  # fmt: skip
     if check:
