@@ -37,7 +37,6 @@ import torch.distributed as dist
 from memlayers import checkpoint, compare, config, finetune, generate, quantize, train
 from memlayers import eval as evaluation
 from memlayers.data import corpus
-from memlayers.ops.offloaded import OFFLOAD_MODES
 
 # What a user's input can cause (a bad config or path, a missing or corrupted checkpoint, a
 # diverged run, a failed download): one `error:` line and a non-zero exit, no traceback;
@@ -295,15 +294,23 @@ def _add_eval(sub) -> None:
 def _offload_arg(p: argparse.ArgumentParser, why: str) -> None:
     p.add_argument(
         "--offload",
-        nargs="?",
-        const="gather",
-        default=False,
-        choices=OFFLOAD_MODES,
+        action="store_true",
         help=f"keep the value tables in host memory ({why}; see memlayers.offload): "
-        "'gather' (the default) memory-maps them and gathers the rows each lookup reads to "
-        "the device, a sync a lookup, any size; 'zero-copy' page-locks them in RAM and the "
-        "GPU reads the rows in place, no sync (compiles, CUDA graphs)",
+        "memory-mapped, the rows each lookup reads gathered to the device (a sync a "
+        "lookup; any table size)",
     )
+    p.add_argument(
+        "--zero-copy",
+        action="store_true",
+        help="with --offload (implied): the tables read into RAM and page-locked, the GPU "
+        "reading the rows in place, no sync (compiles and CUDA-graphs; the table must "
+        "fit in RAM)",
+    )
+
+
+def _offload(ns: argparse.Namespace) -> bool | str:
+    """The ``offload`` argument of --offload / --zero-copy."""
+    return "zero-copy" if ns.zero_copy else ns.offload
 
 
 def _eval(ns: argparse.Namespace) -> int:
@@ -317,7 +324,7 @@ def _eval(ns: argparse.Namespace) -> int:
         batch_size=ns.batch_size,
         builtin_qa=not ns.no_builtin_qa,
         progress=sys.stderr.isatty(),
-        offload=ns.offload,
+        offload=_offload(ns),
     )
     print(json.dumps(r, indent=2) if ns.json else evaluation.format_results(r))
     if not ns.json:
@@ -359,7 +366,7 @@ def _add_generate(sub) -> None:
 def _generate(ns: argparse.Namespace) -> int:
     texts = generate.generate(
         ns.run, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p, ns.n, ns.seed, ns.device,
-        quantized=ns.quantized, group=ns.group, offload=ns.offload, compile=ns.compile,
+        quantized=ns.quantized, group=ns.group, offload=_offload(ns), compile=ns.compile,
     )  # fmt: skip
     for t in texts:
         print(ns.prompt + t)

@@ -244,10 +244,9 @@ class MemoryValues(nn.Module):
         self._check_whole("quantized")
         if self.offloaded is not None:  # quantized where it lives, on the host
             mode, device = self.offloaded.mode, self.offloaded.device
-            host = self.offloaded
-            q = quantize_rows(host.tensors[0], bits, group, progress)
-            self.offloaded = None  # the float table's page-locking (zero-copy) released first
-            del host
+            q = quantize_rows(self.offloaded.tensors[0], bits, group, progress)
+            # The float table is replaced only once the packed one is in place (a failed
+            # page-locking leaves the module as it was).
             self.offloaded = HostTable(
                 (q.data, q.scales), q.bits, q.group, self.v_dim, mode=mode, device=device
             )

@@ -14,10 +14,10 @@ OS pages in the rows lookups touch), serves this way; each lookup costs one host
 a copy of the rows it reads. With ``--quantized`` the float table is quantized on the host
 (a pass over the file) and the packed rows stay there.
 
-``--offload zero-copy`` reads the file into RAM and page-locks it instead: the GPU then
-reads the rows a lookup needs in place, over the bus, with no sync (the decode step
-compiles and is captured in a CUDA graph like an on-device model's), for a table that
-fits in host RAM but not on the device.
+``--zero-copy`` (implies ``--offload``) reads the file into RAM and page-locks it instead:
+the GPU then reads the rows a lookup needs in place, over the bus, with no sync (the
+decode step compiles and is captured in a CUDA graph like an on-device model's), for a
+table that fits in host RAM but not on the device.
 
 In Python: :func:`offload_tables_` for a model in memory (its tables move to host RAM),
 or :meth:`memlayers.memory.MemoryValues.offload_` for one table, from memory or a file;

@@ -38,8 +38,9 @@ usage), :mod:`~memlayers.eval.knowledge` (QA, bits), :mod:`~memlayers.eval.table
 
 ``--offload`` evaluates with the value tables memory-mapped from the checkpoint and the
 rows each lookup reads gathered to the device (:mod:`memlayers.offload`), for a table that
-does not fit there: the same numbers as on the device (tests/test_offload.py), so the
-same results file; ``value_table`` records ``"offloaded": true``.
+does not fit there (``--zero-copy``: read into page-locked RAM, the rows read in place by
+the GPU): the same numbers as on the device (tests/test_offload.py), so the same results
+file; ``value_table`` records ``"offloaded": true`` and the ``"offload_mode"``.
 
 The run directory must hold ``config.yaml`` (the data config) and a checkpoint; the
 tokenizer comes from ``RUN_DIR/tokenizer.json`` (the trainer writes it) or, for older
@@ -175,8 +176,10 @@ def evaluate(
     }
     table = table_format(model)
     if table is not None:  # how the value table is stored: float dtype or int8/int4
-        offloaded = any(t.offloaded is not None for t in value_tables(model))
-        results["value_table"] = {**table, "offloaded": True} if offloaded else table
+        modes = {t.offloaded.mode for t in value_tables(model) if t.offloaded is not None}
+        if modes:
+            table = {**table, "offloaded": True, "offload_mode": "/".join(sorted(modes))}
+        results["value_table"] = table
     wants = builtin_qa or (knowledge and args.data.dataset in BIOS_DATASETS)
     builtin = dataset_qa(args) if wants and tok is not None else None
     bios = builtin[2] if builtin is not None else None

@@ -18,6 +18,8 @@ def format_results(r: dict) -> str:
         t = r["value_table"]
         group = f", group {t['group']}" if t.get("group") else ""
         where = ", offloaded to host memory" if t.get("offloaded") else ""
+        if t.get("offload_mode") == "zero-copy":
+            where += " (zero-copy)"
         lines.append(f"  value table {t['format']}{group}: {t['bytes']:,} bytes{where}")
     pp = r["perplexity"]
     bpb = f", {pp['bits_per_byte']:.3f} bits/byte" if "bits_per_byte" in pp else ""

@@ -26,7 +26,8 @@ the lookup has fixed shapes, compiles with the rest of the model and is captured
 CUDA graph (:mod:`memlayers.decoding`), and it reads only the rows' bytes (a token's 128
 rows, ~200 KB at D = 768 in bf16). The cost: the whole table must fit in page-locked host
 RAM (a file larger than RAM needs ``"gather"``). On the CPU the rows are read in place
-too (no gather). The same rows in the same order: the same sums bit for bit.
+too (no gather; a file stays mapped). The same rows in the same order: the same sums bit
+for bit.
 
 **A device cache of hot rows** (:meth:`HostTable.cache_rows_`, optional): copies of chosen
 rows (the most read, :func:`hottest_rows`) stay on the device with a ``[N]`` int32 map
@@ -90,24 +91,26 @@ def offload_mode(mode: bool | str) -> str:
     return mode
 
 
-class _Registered:
-    """A host tensor page-locked in place (``cudaHostRegister``) for as long as this object
-    lives, exposing its bytes as ``__cuda_array_interface__``: ``torch.as_tensor(self,
-    device="cuda")`` is then a CUDA tensor over the same memory, and holds this object."""
+class _HostBytes:
+    """A host tensor's bytes as ``__cuda_array_interface__``, page-locked in place
+    (``cudaHostRegister``) for as long as this object lives unless they were already
+    (pinned memory, or registered by another alias): ``torch.as_tensor(self)`` is then a
+    CUDA tensor over the same memory, which holds this object."""
 
     def __init__(self, host: torch.Tensor, device: torch.device) -> None:
         self.host = host  # kept alive by this object; unregistered when it is collected
-        cudart = torch.cuda.cudart()
         ptr, size = host.data_ptr(), host.nbytes
-        with torch.cuda.device(device):
-            err = cudart.cudaHostRegister(ptr, size, 0)
-        if int(err) != 0:
-            raise RuntimeError(
-                f"cannot page-lock the {size:,}-byte value table in host RAM for zero-copy "
-                f"lookups (cudaHostRegister: {cudart.cudaGetErrorString(err)}); offload it "
-                f"with mode='gather' instead"
-            )
-        weakref.finalize(self, cudart.cudaHostUnregister, ptr)
+        if not host.is_pinned():  # (registering page-locked memory again is an error)
+            cudart = torch.cuda.cudart()
+            with torch.cuda.device(device):
+                err = cudart.cudaHostRegister(ptr, size, 0)
+            if int(err) != 0:
+                raise RuntimeError(
+                    f"cannot page-lock the {size:,}-byte value table in host RAM for "
+                    f"zero-copy lookups (cudaHostRegister: {cudart.cudaGetErrorString(err)}); "
+                    f"offload it with mode='gather' instead"
+                )
+            weakref.finalize(self, cudart.cudaHostUnregister, ptr)
         self.__cuda_array_interface__ = {
             "shape": (size,), "typestr": "|u1", "data": (ptr, False), "version": 3,
             "strides": None,
@@ -116,25 +119,29 @@ class _Registered:
 
 def device_alias(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """A CUDA tensor on ``device`` over the memory of the contiguous CPU tensor ``host``
-    (page-locked in place while the alias lives): reads of it cross the bus to host RAM;
-    no copy is made. Unified virtual addressing makes the host address valid on the
-    device; the bytes are aliased as ``uint8`` (``__cuda_array_interface__`` has no
-    bfloat16) and viewed back as ``host``'s dtype and shape."""
+    (page-locked in place while the alias lives, if it was not already): reads of it
+    cross the bus to host RAM; no copy is made. Unified virtual addressing (64-bit Linux
+    and Windows, every card since Fermi) makes the host address valid on the device; the
+    bytes are aliased as ``uint8`` (``__cuda_array_interface__`` has no bfloat16) and
+    viewed back as ``host``'s dtype and shape."""
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if host.device.type != "cpu" or not host.is_contiguous():
-        raise ValueError(f"device_alias needs a contiguous CPU tensor, got {host.device}")
     if device.type != "cuda":
         raise ValueError(f"device_alias makes a CUDA tensor, got device {device}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device_alias needs a CUDA device ({device}); none is available")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if host.device.type != "cpu":
+        raise ValueError(f"device_alias aliases a CPU tensor, got one on {host.device}")
+    if not host.is_contiguous():
+        raise ValueError(f"device_alias needs a contiguous tensor, got strides {host.stride()}")
     if host.numel() == 0:
         return torch.empty(host.shape, dtype=host.dtype, device=device)
-    alias = torch.as_tensor(_Registered(host, device), device=device)
-    if alias.data_ptr() != host.data_ptr() or alias.device != device:
+    alias = torch.as_tensor(_HostBytes(host, device))  # on the device CUDA reports: no copy
+    if alias.device != device:
         raise RuntimeError(
-            f"the device cannot address the host table at its host address (got "
-            f"{alias.device} at {alias.data_ptr():#x} for {host.data_ptr():#x}): zero-copy "
-            f"lookups need unified virtual addressing; offload with mode='gather'"
+            f"the page-locked table belongs to {alias.device}, not {device}: offload it "
+            f"with that device current, or with mode='gather'"
         )
     return alias.view(host.dtype).view(host.shape)
 
@@ -175,23 +182,30 @@ class HostTable:
             if t.device.type != "cpu":
                 raise ValueError(f"a host table lives on the CPU, got a tensor on {t.device}")
         self.device = torch.device(device if device is not None else "cpu")
-        if self.device.type == "cuda" and self.device.index is None:  # what tensors report
-            self.device = torch.device("cuda", torch.cuda.current_device())
         self.resident: tuple[torch.Tensor, ...] = ()  # zero-copy: what lookups read
         if self.mode == "zero-copy":
-            if self.device.type not in ("cpu", "cuda"):
+            if self.device.type == "cpu":  # read in place, the file's mapping too
+                self.resident = self.tensors
+            elif self.device.type == "cuda":
+                if not torch.cuda.is_available():
+                    raise ValueError(
+                        f"zero-copy lookups from {self.device} need a CUDA device; none is "
+                        f"available"
+                    )
+                if self.device.index is None:  # what tensors report
+                    self.device = torch.device("cuda", torch.cuda.current_device())
+                if file is not None or not all(t.is_contiguous() for t in self.tensors):
+                    # Out of the file's shared read-only mapping into anonymous RAM (the
+                    # table is read once): what is page-locked must be memory the process
+                    # owns. (A tensor memory-mapped some other way, e.g. torch.load(mmap=
+                    # True), is registered as it is: offload such a table from its file.)
+                    self.tensors = tuple(t.contiguous().clone() for t in self.tensors)
+                self.resident = tuple(device_alias(t, self.device) for t in self.tensors)
+            else:
                 raise ValueError(
                     f"zero-copy lookups read the host table from a CUDA device or the CPU, "
                     f"got device {self.device}"
                 )
-            if file is not None or not all(t.is_contiguous() for t in self.tensors):
-                # Out of the file's shared read-only mapping into anonymous RAM (the whole
-                # table is read once): what is registered must be memory the process owns.
-                self.tensors = tuple(t.contiguous().clone() for t in self.tensors)
-            if self.device.type == "cuda":
-                self.resident = tuple(device_alias(t, self.device) for t in self.tensors)
-            else:
-                self.resident = self.tensors
         self._staging: tuple[torch.Tensor, ...] | None = None  # pinned, reused across lookups
         self._copied = None  # CUDA event: the last copy out of the staging buffers
         # The device cache of hot rows (cache_rows_): slot of every row ([N] int32, -1:
