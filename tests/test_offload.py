@@ -3,6 +3,7 @@ host memory or memory-mapped from a file, the rows read gathered to the lookup's
 Every result is compared exactly with the same model's on-device lookup: the compact table
 holds the same rows, summed in the same order."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,11 @@ def test_zero_copy_reads_the_rows_in_place(bits, tmp_path, monkeypatch):
         assert torch.equal(values.lookup(idx, w), q.lookup(idx, w))
     with pytest.raises(ValueError, match="offload mode must be one of .*'pinned'"):
         _layer()[1].offload_(mode="pinned")
+    # A deep copy (of a model, say) shares the read-only table, not a copy of it.
+    twin = copy.deepcopy(mapped)
+    assert all(a is b for a, b in zip(twin.offloaded.resident, mapped.offloaded.resident,
+                                      strict=True))  # fmt: skip
+    assert torch.equal(twin.lookup(idx, w), mapped.lookup(idx, w))
 
 
 @needs_proc_maps
@@ -363,6 +369,19 @@ def test_an_offloaded_model_is_not_saved(tmp_path):
     assert not (tmp_path / "ckpt").exists()  # refused before anything was written
 
 
+def _check_table_leaves_the_device(mode: str) -> None:
+    """A 2 MB table offloaded with ``mode`` frees its device memory, and a lookup from it
+    puts no table back there."""
+    big = MemoryValues(1 << 14, 64, dtype=torch.bfloat16, device="cuda").eval()
+    before = torch.cuda.memory_allocated()
+    big.offload_(mode=mode)
+    idx, w = _bags(1 << 14, b=64, device="cuda")
+    with torch.no_grad():
+        out = big.lookup(idx, w)
+    assert out.shape == (64, 64)
+    assert torch.cuda.memory_allocated() <= before - big.offloaded.nbytes + out.nbytes
+
+
 def _gpu_layer_saved(bits, tmp_path):
     """A bf16 layer on the GPU, an input, its output, and its table saved to a file."""
     layer, values = _layer(torch.bfloat16, bits, device="cuda")
@@ -380,12 +399,11 @@ def test_gpu_table_stays_on_the_host(bits, tmp_path):
     layer, values, x, ref, path = _gpu_layer_saved(bits, tmp_path)
     values.offload_()
     assert all(t.device.type == "cpu" for t in values.offloaded.tensors)
-    before = torch.cuda.memory_allocated()
     with torch.no_grad():
         for _ in range(3):  # the staging buffers are reused: each copy waits for the last
             assert torch.equal(layer(x), ref)
     assert all(b.is_pinned() for b in values.offloaded._staging)
-    assert torch.cuda.memory_allocated() <= before + (1 << 20)  # no table on the device
+    _check_table_leaves_the_device("gather")
     # The same from a memory-mapped file, and a whole model's greedy tokens.
     idx, w = _bags(device="cuda")
     want = values.lookup(idx, w)
@@ -418,10 +436,7 @@ def test_gpu_zero_copy_table_is_read_in_place(bits, tmp_path):
                for r, t in zip(host.resident, host.tensors, strict=True))  # fmt: skip
     with torch.no_grad():
         assert torch.equal(layer(x), ref)
-    big = MemoryValues(1 << 14, 64, dtype=torch.bfloat16, device="cuda").eval()  # 2 MB
-    before = torch.cuda.memory_allocated()
-    big.offload_(mode="zero-copy")
-    assert torch.cuda.memory_allocated() <= before - big.offloaded.nbytes  # the table left
+    _check_table_leaves_the_device("zero-copy")
     host.tensors[0][0].zero_()  # the device reads the host's memory: it sees the write
     torch.cuda.synchronize()
     assert not host.resident[0][0].any()

@@ -53,6 +53,7 @@ must therefore never be written, which a host table never does.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import mmap
@@ -213,6 +214,15 @@ class HostTable:
         self._slot: torch.Tensor | None = None
         self._cached: tuple[torch.Tensor, ...] = ()
         self._hits = self._reads = None
+
+    def __deepcopy__(self, memo) -> HostTable:
+        """A copy that shares the (read-only) table and its device aliases: a deep copy
+        of the aliases would put the whole table on the device. Its staging buffers and
+        device cache are its own (none yet)."""
+        new = copy.copy(self)
+        new._staging, new._copied = None, None
+        new._slot, new._cached, new._hits, new._reads = None, (), None, None
+        return new
 
     @property
     def n_rows(self) -> int:
