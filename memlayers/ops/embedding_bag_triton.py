@@ -112,6 +112,17 @@ def bag_rows(indices_ptr, weights_ptr, bag, K, k0, N, r, CHECK: tl.constexpr):
 
 
 @triton.jit
+def add_in_order(acc, tile, ws, r, j, inside):
+    """``acc + ws[j] · tile[j]`` where ``inside`` (else ``acc``): row ``j`` of a gathered
+    ``[ROWS, BLOCK]`` tile, picked out by a sum of it and zeros (exact), so gathered rows
+    add in the order, and to the fp32 numbers, of a walk that loads a row a step."""
+    pick = r == j
+    row = tl.sum(tl.where(pick[:, None], tile, 0.0), axis=0)  # [BLOCK]
+    w = tl.sum(tl.where(pick, ws, 0.0))
+    return tl.where(inside, acc + row * w, acc)
+
+
+@triton.jit
 def _fwd_kernel(
     values_ptr,  # [N, D]
     indices_ptr,  # [B, K] int64
@@ -156,10 +167,7 @@ def _fwd_kernel(
             tile = tl.load(values_ptr + idx[:, None] * D + cols[None, :],
                            mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
             for j in tl.static_range(ROWS):
-                pick = r == j
-                row = tl.sum(tl.where(pick[:, None], tile, 0.0), axis=0)  # [BLOCK_D]
-                w = tl.sum(tl.where(pick, ws, 0.0))
-                acc = tl.where(k0 + j < K, acc + row * w, acc)
+                acc = add_in_order(acc, tile, ws, r, j, k0 + j < K)
     tl.store(out_ptr + bag * D + cols, acc.to(out_ptr.dtype.element_ty), mask=dmask)
     tl.store(bad_ptr, 1, mask=n_bad > 0)
 

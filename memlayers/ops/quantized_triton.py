@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memlayers.ops.embedding_bag_triton import bag_entry, bag_rows, sm_count
+from memlayers.ops.embedding_bag_triton import add_in_order, bag_entry, bag_rows, sm_count
 from memlayers.ops.quantized import QuantizedRows
 from memlayers.ops.triton_interpreter import patch_triton_interpreter
 
@@ -72,16 +72,22 @@ def qfwd_config(bags: int, d: int, bits: int, n_sm: int) -> tuple[int, int, int,
 
 
 @triton.jit
-def gathered_scales(scales_ptr, idx, ok, gcol, mask, G: tl.constexpr):
-    """fp32 scales of the rows ``idx [ROWS]`` gathered by one load (``ok``: the rows
-    read): ``[ROWS, 1]`` with one scale a row, else ``[ROWS, BLOCK]`` at the scale column
-    ``gcol [BLOCK]`` of each element of the tile (``mask``: the tile's)."""
+def gather_packed(data_ptr, scales_ptr, indices_ptr, weights_ptr, bag, K, k0, N, r, offs,
+                  omask, gcol, ROW_LEN: tl.constexpr, OTHER: tl.constexpr, G: tl.constexpr,
+                  CHECK: tl.constexpr):  # fmt: skip
+    """Entries ``k0 + r`` of bag ``bag`` (:func:`bag_rows`) gathered by one load: ``(the
+    rows' elements [ROWS, BLOCK] at ``offs`` (``OTHER`` where masked), their fp32 scales
+    ([ROWS, 1] with one a row, else [ROWS, BLOCK] at the scale column ``gcol``), fp32
+    weights [ROWS], how many indices are outside [0, N))``."""
+    idx, ws, ok, bad = bag_rows(indices_ptr, weights_ptr, bag, K, k0, N, r, CHECK)
+    mask = ok[:, None] & omask[None, :]
+    q = tl.load(data_ptr + idx[:, None] * ROW_LEN + offs[None, :], mask=mask, other=OTHER)
     if G == 1:
         s = tl.load(scales_ptr + idx, mask=ok, other=0.0).to(tl.float32)[:, None]
     else:
         s = tl.load(scales_ptr + idx[:, None] * G + gcol[None, :], mask=mask, other=0.0)
         s = s.to(tl.float32)
-    return s
+    return q, s, ws, bad
 
 
 @triton.jit
@@ -128,17 +134,13 @@ def _int8_fwd_kernel(
     else:
         r = tl.arange(0, ROWS)
         for k0 in tl.range(0, K, ROWS, num_stages=STAGES):
-            idx, ws, ok, bad = bag_rows(indices_ptr, weights_ptr, bag, K, k0, N, r, CHECK)
+            q, s, ws, bad = gather_packed(data_ptr, scales_ptr, indices_ptr, weights_ptr, bag,
+                                          K, k0, N, r, cols, dmask, cols // GROUP, D, 0, G,
+                                          CHECK)  # fmt: skip
             n_bad += bad
-            m2 = ok[:, None] & dmask[None, :]
-            q = tl.load(data_ptr + idx[:, None] * D + cols[None, :], mask=m2, other=0)
-            s = gathered_scales(scales_ptr, idx, ok, cols // GROUP, m2, G)
             qs = q.to(tl.float32) * s  # [ROWS, BLOCK_D], exact
             for j in tl.static_range(ROWS):
-                pick = r == j
-                row = tl.sum(tl.where(pick[:, None], qs, 0.0), axis=0)
-                w = tl.sum(tl.where(pick, ws, 0.0))
-                acc = tl.where(k0 + j < K, acc + row * w, acc)
+                acc = add_in_order(acc, qs, ws, r, j, k0 + j < K)
     tl.store(out_ptr + bag * D + cols, acc.to(out_ptr.dtype.element_ty), mask=dmask)
     tl.store(bad_ptr, 1, mask=n_bad > 0)
 
@@ -188,22 +190,16 @@ def _int4_fwd_kernel(
     else:
         r = tl.arange(0, ROWS)
         for k0 in tl.range(0, K, ROWS, num_stages=STAGES):
-            idx, ws, ok, bad = bag_rows(indices_ptr, weights_ptr, bag, K, k0, N, r, CHECK)
+            byte, s, ws, bad = gather_packed(data_ptr, scales_ptr, indices_ptr, weights_ptr,
+                                             bag, K, k0, N, r, j, bmask, gidx, P, 136, G,
+                                             CHECK)  # fmt: skip
             n_bad += bad
-            m2 = ok[:, None] & bmask[None, :]
-            byte = tl.load(data_ptr + idx[:, None] * P + j[None, :], mask=m2, other=136)
             byte = byte.to(tl.int32)  # [ROWS, BLOCK]
-            s = gathered_scales(scales_ptr, idx, ok, gidx, m2, G)
             lo = ((byte & 15) - 8).to(tl.float32) * s  # exact
             hi = ((byte >> 4) - 8).to(tl.float32) * s
             for i in tl.static_range(ROWS):
-                pick = r == i
-                w = tl.sum(tl.where(pick, ws, 0.0))
-                inside = k0 + i < K
-                row_lo = tl.sum(tl.where(pick[:, None], lo, 0.0), axis=0)
-                row_hi = tl.sum(tl.where(pick[:, None], hi, 0.0), axis=0)
-                acc_lo = tl.where(inside, acc_lo + row_lo * w, acc_lo)
-                acc_hi = tl.where(inside, acc_hi + row_hi * w, acc_hi)
+                acc_lo = add_in_order(acc_lo, lo, ws, r, i, k0 + i < K)
+                acc_hi = add_in_order(acc_hi, hi, ws, r, i, k0 + i < K)
     out = out_ptr + bag * D + 2 * j
     tl.store(out, acc_lo.to(out_ptr.dtype.element_ty), mask=2 * j < D)
     tl.store(out + 1, acc_hi.to(out_ptr.dtype.element_ty), mask=2 * j + 1 < D)
