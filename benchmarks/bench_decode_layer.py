@@ -4,6 +4,7 @@ replaces, each as a decode step runs them (compiled, replayed from a CUDA graph)
 
     python benchmarks/bench_decode_layer.py                     # one GPU: 134m and 373m widths
     python benchmarks/bench_decode_layer.py --dims 768 --tokens 1 --sweep
+    python benchmarks/bench_decode_layer.py --dims 768 --tokens 32 --sweep quantized search
     TRITON_INTERPRET=1 python benchmarks/bench_decode_layer.py --smoke   # CPU: code paths
 
 Issue 12 (decoding at ≥ 0.9× the dense twin at batch 1): a batch-1 decode step is a chain
@@ -28,6 +29,8 @@ lookup at batch 1). Rows:
   training launch), the shipped rule, and with ``--sweep`` warps × halves per launch;
 - the layer (eval, bf16 weights and autocast, compiled): with the launches as they were
   before the few-bags rules and as shipped, against the FFN of the same width, compiled.
+
+``--sweep`` alone sweeps every part; ``--sweep quantized search`` only those.
 
 ``--zero-copy``: every table (float and packed) page-locked in host RAM and read in place
 over the bus (:mod:`memlayers.ops.offloaded`, ``mode="zero-copy"``), the same rows: where
@@ -57,6 +60,7 @@ from memlayers.ops.quantized import QuantizedRows, quantize_rows
 # call reads its rows, keys and weights from HBM, as a decode step does (the rest of the
 # model's weights pass through L2 between two tokens).
 FLUSH_BYTES = 256 << 20
+SWEEPS = ("lookup", "quantized", "search")  # --sweep's parts
 COLD = True  # --warm: calls back to back, whatever L2 kept from the call before
 
 
@@ -123,11 +127,17 @@ def launches_before():
         ebt.fwd_config, pkt.TOPK_FEW_WARPS, pkt.TOPK_BOTH_HALVES_BYTES = saved
 
 
+def swept(args, part: str) -> bool:
+    """Whether ``--sweep`` asked for ``part``'s launches (a bare ``--sweep``: every part)."""
+    return args.sweep is not None and (not args.sweep or part in args.sweep)
+
+
 def bench_width(args, dim: int, device, rows: list) -> None:
     dtype = torch.bfloat16
     cfg = MemoryConfig(n_keys=args.n_keys, heads=args.heads, topk=args.topk)
     torch.manual_seed(0)
-    values = MemoryValues(cfg.n_rows, dim, dtype=dtype, device=device)
+    # eval(): a shared table is not the layer's submodule, so layer.eval() leaves it be.
+    values = MemoryValues(cfg.n_rows, dim, dtype=dtype, device=device).eval()
     layer = ProductKeyMemory(dim, cfg, values=values, device=device).to(dtype).eval()
     # The FFN of the paper presets at this width (Llama's 8/3 rule, multiples of 256).
     hidden = ModelConfig(dim=dim, n_layers=1, n_heads=1, vocab_size=8).hidden_dim
@@ -168,7 +178,7 @@ def bench_tokens(args, tokens: int, layer, ffn, packed, n_sm: int, device, dtype
     shipped = ebt.fwd_config(tokens, dim, n_sm)
     add(tokens, f"lookup: shipped rule {shipped}",
         graph_ms(lambda: ebt._fwd_launch(table, idx, w), args.calls), base)  # fmt: skip
-    for c in ebt.FWD_FEW_SWEEP if args.sweep else ():
+    for c in ebt.FWD_FEW_SWEEP if swept(args, "lookup") else ():
         add(tokens, f"lookup: sweep {c}",
             graph_ms(lambda c=c: ebt._fwd_launch(table, idx, w, config=c), args.calls),
             base)  # fmt: skip
@@ -180,7 +190,7 @@ def bench_tokens(args, tokens: int, layer, ffn, packed, n_sm: int, device, dtype
         rule = qt.qfwd_config(tokens, dim, bits, n_sm)
         add(tokens, f"int{bits} lookup: shipped rule {rule}",
             graph_ms(lambda p=table_q: qt._qfwd_launch(p, idx, w), args.calls), qbase)  # fmt: skip
-        for c in qt.QFWD_FEW_SWEEP if args.sweep else ():
+        for c in qt.QFWD_FEW_SWEEP if swept(args, "quantized") else ():
             add(tokens, f"int{bits} lookup: sweep {c}",
                 graph_ms(lambda p=table_q, c=c: qt._qfwd_launch(p, idx, w, config=c), args.calls),
                 qbase)  # fmt: skip
@@ -189,12 +199,13 @@ def bench_tokens(args, tokens: int, layer, ffn, packed, n_sm: int, device, dtype
         s1, s2 = pkt._half_scores(q, keys)
         add(tokens, "search: half-key scores (a bmm per half)",
             graph_ms(lambda: pkt._half_scores(q, keys), args.calls))  # fmt: skip
-        before = graph_ms(lambda: pkt.topk_launch(s1, s2, topk, num_warps=pkt.TOPK_WARPS,
-                                                  both_halves=False), args.calls)  # fmt: skip
+        training = functools.partial(pkt.topk_launch, num_warps=pkt.TOPK_WARPS,
+                                     both_halves=False)  # fmt: skip
+        before = graph_ms(lambda: training(s1, s2, topk), args.calls)
         add(tokens, f"search: top-k, training launch ({pkt.TOPK_WARPS} warp, per half)", before)
         add(tokens, "search: top-k, shipped rule",
             graph_ms(lambda: pkt.topk_launch(s1, s2, topk), args.calls), before)  # fmt: skip
-        for warps in (1, 2, 4, 8) if args.sweep else ():
+        for warps in (1, 2, 4, 8) if swept(args, "search") else ():
             for both in (False, True):
                 fn = lambda w_=warps, b=both: pkt.topk_launch(  # noqa: E731
                     s1, s2, topk, num_warps=w_, both_halves=b
@@ -223,7 +234,13 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--topk", type=int, default=32)
     p.add_argument("--calls", type=int, default=20, help="calls per captured graph")
-    p.add_argument("--sweep", action="store_true", help="every few-bags launch too")
+    p.add_argument(
+        "--sweep",
+        nargs="*",
+        choices=SWEEPS,
+        default=None,
+        help="every few-rows launch too, of these parts (none named: all)",
+    )
     p.add_argument("--bits", type=int, nargs="*", default=[8, 4], help="quantized tables")
     p.add_argument("--warm", action="store_true", help="no L2 flush between calls")
     p.add_argument("--zero-copy", action="store_true", help="tables in host RAM, read in place")

@@ -155,13 +155,15 @@ def test_forward_order_fixed_across_launches(bits, group):
     outs = [qt._qfwd_launch(q, indices, weights, config=c) for c in sweep]
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
-    few = (qt.QFWD_FEW_WARPS, qt.QFWD_FEW_STAGES, qt.QFWD_FEW_ROWS)
+    block, *few = qt.QFWD_FEW[bits]
     assert qt.qfwd_config(132, 70, bits, 132) == qt.QFWD_CONFIG
-    assert qt.qfwd_config(6, 70, bits, 132) == (2, *few)  # 70 columns: 2 tiles of 64
-    # 768 columns: 64-column tiles (int8), 32-byte tiles (int4: 64 columns), whatever the
-    # number of bags below the SMs.
+    # 70 columns: 70 bytes (int8: one 256-byte tile), 35 (int4: two 32-byte tiles)
+    assert qt.qfwd_config(6, 70, bits, 132) == ({8: 1, 4: 2}[bits], *few)
+    # 768 columns (int8: 768 bytes, int4: 384): the format's tiles over the row's next
+    # power of two of bytes, whatever the number of bags below the SMs.
     for bags in (1, 32, 131):
-        assert qt.qfwd_config(bags, 768, bits, 132) == (1024 // qt.QFWD_FEW_BLOCK, *few)
+        want = (1024 if bits == 8 else 512) // block
+        assert qt.qfwd_config(bags, 768, bits, 132) == (want, *few)
 
 
 def test_out_dtype():

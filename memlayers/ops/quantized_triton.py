@@ -37,21 +37,18 @@ patch_triton_interpreter()
 # pipelining, a row a step). Not yet swept for packed rows: bench_quantized.py --sweep does.
 QFWD_CONFIG = (1, 4, 1, 1)
 QFWD_SWEEP = [(1, 4, 1, 1), (1, 4, 3, 1), (1, 8, 3, 1), (2, 4, 3, 1), (2, 2, 3, 1)]
-# Few bags (decoding: fewer bags than SMs): rows cut into tiles of QFWD_FEW_BLOCK columns
-# (int8: 64 bytes, int4: 32), 1 warp, no pipelining, a row a step (qfwd_config). Swept on
-# an H200, L2 flushed before each lookup (benchmarks/bench_decode_layer.py, results/
-# decode_layer_h200_20261202.md; D = 768, 128-row bags): 30.3 us for int8 and int4 at
-# batch 1 and 34.1 / 34.4 at batch 32, against 64-71 for the training launch; 2 or 4
-# stages were 2x slower, and int4 in 64-byte tiles (what stopping at enough programs
-# gave at batch 32) took 73 us: unlike the float forward, the tile is fixed. From a
-# zero-copy host table (decode_layer_zc_h200_20261202.md) the same launch takes 89-95 us:
-# a row a step pays a round trip of the host link per row, where the float forward's 16
-# rows a load take 16.9 us. The ROWS > 1 entries of the sweep (the same gather for packed
-# rows, bit for bit the same output) are not yet timed on a GPU: the rule keeps ROWS 1.
-QFWD_FEW_BLOCK = 64
-QFWD_FEW_WARPS = 1
-QFWD_FEW_STAGES = 1
-QFWD_FEW_ROWS = 1
+# Few bags (decoding: fewer bags than SMs): rows cut into tiles, 1 warp (qfwd_config), by
+# format: QFWD_FEW[bits] = (tile bytes, warps, stages, ROWS gathered a load). Swept on an
+# H200, L2 flushed before each lookup (benchmarks/bench_decode_layer.py; D = 768, 128-row
+# bags, batch 1; results/decode_layer_h200_20261202.md, decode_layer_h200_20261202b.md):
+# - int8: 256-byte tiles, 3 stages, 16 rows a load: 30.2 us from HBM (a row a step in
+#   64-byte tiles, the former rule: 31.2) and 39.9 us from a zero-copy host table (87.1:
+#   a row a step pays a round trip of the host link per row);
+# - int4: 32-byte tiles, a row a step, no pipelining: 31.9 us from HBM, 93 from the host.
+#   Gathering 16 int4 rows a load was never faster from HBM (71-669 us: the unpacking of
+#   a gathered tile), and only 10% faster from the host (84.6 us); 2 or 4 stages were 2x
+#   slower. The tile is fixed: int4 in 64-byte tiles took 73 us at batch 32.
+QFWD_FEW = {8: (256, 1, 3, 16), 4: (32, 1, 1, 1)}
 QFWD_FEW_SWEEP = [
     (16, 1, 1, 1), (16, 1, 2, 1), (16, 1, 4, 1), (8, 1, 1, 1), (8, 1, 2, 1), (8, 1, 4, 1),
     (4, 1, 1, 1), (4, 2, 1, 1), (4, 2, 4, 1), (2, 2, 1, 1), (1, 4, 2, 1),  # ROWS 1: as timed
@@ -66,9 +63,10 @@ def qfwd_config(bags: int, d: int, bits: int, n_sm: int) -> tuple[int, int, int,
     the few-bags launch. No launch changes a bit of the output."""
     if bags >= n_sm:
         return QFWD_CONFIG
-    units, block = (d, QFWD_FEW_BLOCK) if bits == 8 else ((d + 1) // 2, QFWD_FEW_BLOCK // 2)
+    block, warps, stages, rows = QFWD_FEW[bits]
+    units = d if bits == 8 else (d + 1) // 2  # bytes of a packed row
     split = max(1, triton.next_power_of_2(units) // block)
-    return split, QFWD_FEW_WARPS, QFWD_FEW_STAGES, QFWD_FEW_ROWS
+    return split, warps, stages, rows
 
 
 @triton.jit
