@@ -25,10 +25,12 @@ lookup at batch 1). Rows:
 - the same lookup from the table quantized (``--bits``: int8, 4-bit rows): the training
   launch (``QFWD_CONFIG``) against the rule (:func:`memlayers.ops.quantized_triton.
   qfwd_config`), with ``--sweep`` every launch of ``QFWD_FEW_SWEEP``;
-- search (``topk_launch`` on the half scores): one warp and a launch per half (the
+- search: the half-key scores (a cuBLAS product per half, and both halves in one Triton
+  launch: ``SCORES_FEW``); ``topk_launch`` on them: one warp and a launch per half (the
   training launch), the shipped rule, and with ``--sweep`` warps × halves per launch;
 - the layer (eval, bf16 weights and autocast, compiled): with the launches as they were
-  before the few-bags rules and as shipped, against the FFN of the same width, compiled.
+  before the few-bags rules, as shipped, and as shipped with ``SCORES_FEW`` flipped,
+  against the FFN of the same width, compiled.
 
 ``--sweep`` alone sweeps every part; ``--sweep quantized search`` only those.
 
@@ -197,8 +199,10 @@ def bench_tokens(args, tokens: int, layer, ffn, packed, n_sm: int, device, dtype
     # Search.
     with torch.no_grad():
         s1, s2 = pkt._half_scores(q, keys)
-        add(tokens, "search: half-key scores (a bmm per half)",
-            graph_ms(lambda: pkt._half_scores(q, keys), args.calls))  # fmt: skip
+        bmm = add(tokens, "search: half-key scores (a bmm per half)",
+                  graph_ms(lambda: pkt._half_scores(q, keys), args.calls))  # fmt: skip
+        add(tokens, "search: half-key scores, one Triton launch (SCORES_FEW)",
+            graph_ms(lambda: pkt.few_scores(q, keys), args.calls), bmm)  # fmt: skip
         training = functools.partial(pkt.topk_launch, num_warps=pkt.TOPK_WARPS,
                                      both_halves=False)  # fmt: skip
         before = graph_ms(lambda: training(s1, s2, topk), args.calls)
@@ -224,6 +228,12 @@ def bench_tokens(args, tokens: int, layer, ffn, packed, n_sm: int, device, dtype
                 graph_ms(lambda: mem(x), args.calls), f_ms)  # fmt: skip
         add(tokens, "memory layer, compiled, shipped launches",
             graph_ms(lambda: mem(x), args.calls), f_ms)  # fmt: skip
+        few, pkt.SCORES_FEW = pkt.SCORES_FEW, not pkt.SCORES_FEW
+        try:
+            add(tokens, f"memory layer, compiled, shipped but SCORES_FEW={not few}",
+                graph_ms(lambda: mem(x), args.calls), f_ms)  # fmt: skip
+        finally:
+            pkt.SCORES_FEW = few
 
 
 def main() -> None:

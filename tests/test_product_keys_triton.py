@@ -215,3 +215,36 @@ def test_autocast_scores_at_the_autocast_dtype():
     assert scores.dtype == torch.float32
     assert torch.equal(scores, ref_scores) and torch.equal(index, ref_index)
     assert not torch.equal(scores, full_scores)  # the inputs were rounded: it shows
+
+
+@pytest.mark.parametrize("t,h,nk,half", [(1, 4, 50, 24), (5, 2, 130, 80), (17, 1, 16, 8)])
+def test_few_rows_scores_match_the_products(t, h, nk, half):
+    # The decode-sized scoring kernel (both halves, one launch) against the per-half
+    # products in fp32: the same numbers up to summation order (bf16 products are exact).
+    from memlayers.ops.product_keys_triton import few_scores
+
+    q, keys = _inputs(t, h, nk, half, torch.bfloat16, seed=t + nk)
+    s1, s2 = few_scores(q, keys)
+    assert s1.dtype == s2.dtype == torch.float32
+    assert s1.shape == s2.shape == (h, t, nk)
+    q32, k32 = q.float(), keys.float()
+    for i, s in enumerate((s1, s2)):
+        ref = torch.einsum("thd,hnd->htn", q32[..., i * half : (i + 1) * half], k32[:, i])
+        torch.testing.assert_close(s, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: the kernel serves bf16 on CUDA")
+def test_few_rows_scores_pick_the_same_keys(monkeypatch):
+    # The search with the decode-sized scoring on (opt-in) against the cuBLAS products:
+    # the same scores to fp32 rounding, and the same keys but where a near-tie lets the
+    # summation order decide.
+    import memlayers.ops.product_keys_triton as pkt
+
+    q, keys = _inputs(8, 4, 1024, 96, torch.bfloat16, seed=3)
+    ref_scores, ref_index = product_key_topk(q, keys, 32, impl="triton")
+    monkeypatch.setattr(pkt, "SCORES_FEW", True)
+    scores, index = product_key_topk(q, keys, 32, impl="triton")
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-4)
+    differ = (index != ref_index).any(-1)
+    gaps = (ref_scores[..., :-1] - ref_scores[..., 1:]).min(-1).values
+    assert (gaps[differ] < 1e-4).all()

@@ -332,6 +332,72 @@ def score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+# Few rows (decoding): both halves' scores in one Triton launch, a program per (head,
+# half, block of SCORES_FEW_BLOCK_N keys), in place of a cuBLAS product per half (7.8 us
+# a layer at batch 1 for 1.5 MB of keys on an H200: two launches' latency). Its fp32 sums
+# run in another order than cuBLAS's, so scores may differ in the last bits from the
+# training-time path (and a near-tie may then pick another key): off until timed
+# (benchmarks/bench_decode_layer.py), bf16/fp16 inputs on CUDA only.
+SCORES_FEW = False
+SCORES_FEW_BLOCK_N = 128
+SCORES_FEW_BLOCK_K = 64
+
+
+@triton.jit
+def _few_scores_kernel(
+    q_ptr,  # [T, H, 2 * HALF] queries
+    k_ptr,  # [H, 2, NK, HALF] keys
+    s1_ptr,  # [H, T, NK] fp32 out: the first half's scores
+    s2_ptr,  # [H, T, NK] fp32 out
+    T,
+    H,
+    NK,
+    HALF,
+    BLOCK_T: tl.constexpr,  # next power of two of T, at least 16 (tl.dot's least M)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Program (head · 2 + half, key block): ``q_half [T, HALF] @ keys_half[block]ᵀ`` in
+    fp32, for every token at once."""
+    hh = tl.program_id(0)
+    h = hh // 2
+    half = hh % 2
+    t = tl.arange(0, BLOCK_T)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tmask, nmask = t < T, n < NK
+    q_row = q_ptr + t[:, None] * (H * 2 * HALF) + h * (2 * HALF) + half * HALF  # [BLOCK_T, 1]
+    k_row = k_ptr + (hh * NK + n[None, :]).to(tl.int64) * HALF  # [1, BLOCK_N]
+    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, HALF, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < HALF
+        a = tl.load(q_row + kk[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(k_row + kk[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+    out = (h * T + t[:, None]).to(tl.int64) * NK + n[None, :]  # [BLOCK_T, BLOCK_N]
+    m = tmask[:, None] & nmask[None, :]
+    # where(flag, m, False), not m & flag: the interpreter rejects a vector & scalar mask
+    tl.store(s1_ptr + out, acc, mask=tl.where(half == 0, m, False))
+    tl.store(s2_ptr + out, acc, mask=tl.where(half == 1, m, False))
+
+
+def few_scores(q: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s1, s2)`` as :func:`_half_scores` gives them, ``[H, T, NK]`` fp32 each, by one
+    launch of :func:`_few_scores_kernel` (q and keys of one half-precision dtype)."""
+    heads, _, nk, half = keys.shape
+    q3 = q.reshape(-1, heads, 2 * half).contiguous()  # [T, H, k_dim]
+    tokens = q3.shape[0]
+    s1, s2 = (q.new_empty(heads, tokens, nk, dtype=torch.float32) for _ in range(2))
+    if tokens and nk:
+        grid = (2 * heads, triton.cdiv(nk, SCORES_FEW_BLOCK_N))
+        _few_scores_kernel[grid](
+            q3, keys.contiguous(), s1, s2, tokens, heads, nk, half,
+            BLOCK_T=max(16, triton.next_power_of_2(tokens)), BLOCK_N=SCORES_FEW_BLOCK_N,
+            BLOCK_K=SCORES_FEW_BLOCK_K, num_warps=4,
+        )  # fmt: skip
+    return s1, s2
+
+
 def _half_scores(q: torch.Tensor, keys: torch.Tensor):
     """``(s1, s2)``: ``[H, T, NK]`` scores of each half (T = all leading dims of q) in
     :func:`score_dtype`. bf16/fp16 inputs on CUDA multiply at their own precision with
@@ -344,6 +410,8 @@ def _half_scores(q: torch.Tensor, keys: torch.Tensor):
     q3 = q.reshape(-1, heads, 2 * half)  # [T, H, k_dim]
     out = score_dtype(q.dtype)
     fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    if fast and SCORES_FEW and q3.shape[0] * heads < sm_count(q.device):
+        return few_scores(q, keys)
     scores = []
     for i in range(2):
         a = q3[..., i * half : (i + 1) * half].transpose(0, 1)  # [H, T, half]
