@@ -405,7 +405,9 @@ def _half_scores(q: torch.Tensor, keys: torch.Tensor):
     inputs up to summation order, at tensor-core speed; elsewhere the inputs are widened.
     (One matmul batched over (head, half) would save a launch, but its other batch count
     can give cuBLAS another kernel: fp32 scores then differ in their last bits from the
-    PyTorch path's per-half products, and the exact-equality tests fail on an H200.)"""
+    PyTorch path's per-half products, and the exact-equality tests fail on an H200.)
+    With :data:`SCORES_FEW` on, searches of fewer (token, head) rows than SMs take
+    :func:`few_scores` instead."""
     heads, _, _, half = keys.shape
     q3 = q.reshape(-1, heads, 2 * half)  # [T, H, k_dim]
     out = score_dtype(q.dtype)
