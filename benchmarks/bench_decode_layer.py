@@ -119,14 +119,16 @@ def graph_ms(fn, calls: int, reps: int = 20) -> float:
 
 @contextlib.contextmanager
 def launches_before():
-    """The launches as they were before the few-bags rules (training's, at any batch)."""
-    saved = ebt.fwd_config, pkt.TOPK_FEW_WARPS, pkt.TOPK_BOTH_HALVES_BYTES
+    """The launches as they were before the few-bags rules (training's, at any batch):
+    one cuBLAS product per half for the scores, too."""
+    saved = ebt.fwd_config, pkt.TOPK_FEW_WARPS, pkt.TOPK_BOTH_HALVES_BYTES, pkt.SCORES_FEW
     ebt.fwd_config = lambda bags, d, n_sm: ebt.FWD_CONFIG
     pkt.TOPK_FEW_WARPS, pkt.TOPK_BOTH_HALVES_BYTES = pkt.TOPK_WARPS, 0
+    pkt.SCORES_FEW = False
     try:
         yield
     finally:
-        ebt.fwd_config, pkt.TOPK_FEW_WARPS, pkt.TOPK_BOTH_HALVES_BYTES = saved
+        ebt.fwd_config, pkt.TOPK_FEW_WARPS, pkt.TOPK_BOTH_HALVES_BYTES, pkt.SCORES_FEW = saved
 
 
 def swept(args, part: str) -> bool:
@@ -199,8 +201,12 @@ def bench_tokens(args, tokens: int, layer, ffn, packed, n_sm: int, device, dtype
     # Search.
     with torch.no_grad():
         s1, s2 = pkt._half_scores(q, keys)
-        bmm = add(tokens, "search: half-key scores (a bmm per half)",
-                  graph_ms(lambda: pkt._half_scores(q, keys), args.calls))  # fmt: skip
+        few, pkt.SCORES_FEW = pkt.SCORES_FEW, False
+        try:
+            bmm = add(tokens, "search: half-key scores (a bmm per half)",
+                      graph_ms(lambda: pkt._half_scores(q, keys), args.calls))  # fmt: skip
+        finally:
+            pkt.SCORES_FEW = few
         add(tokens, "search: half-key scores, one Triton launch (SCORES_FEW)",
             graph_ms(lambda: pkt.few_scores(q, keys), args.calls), bmm)  # fmt: skip
         training = functools.partial(pkt.topk_launch, num_warps=pkt.TOPK_WARPS,

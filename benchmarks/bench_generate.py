@@ -51,6 +51,7 @@ from memlayers.decoding import (
 )
 from memlayers.model import KVCache, build_model
 from memlayers.offload import cache_hot_rows_, offload_tables_
+from memlayers.ops import product_keys_triton
 from memlayers.presets import get_preset
 from memlayers.quantize import quantize_tables_, value_tables
 
@@ -161,10 +162,15 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--cache-frac", type=float, default=0.1,
                    help="offload-cache: the fraction of the table's rows cached")  # fmt: skip
+    p.add_argument("--no-scores-few", action="store_true",
+                   help="product_keys_triton.SCORES_FEW off: the cuBLAS score products at "
+                   "every size (its A/B)")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny presets, few tokens (CPU)")
     p.add_argument("--out", help="write the markdown table here")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.no_scores_few:
+        product_keys_triton.SCORES_FEW = False
     if args.decodes is None:
         gpu = device.type == "cuda"
         args.decodes = (
@@ -244,7 +250,8 @@ def main() -> None:
         "",
         f"prompt {args.prompt_len} tokens, {args.new_tokens} greedy decode steps, "
         f"{'bf16 weights, bf16 autocast' if device.type == 'cuda' else 'fp32'}; median of "
-        f"{args.reps}; torch {torch.__version__}",
+        f"{args.reps}; torch {torch.__version__}"
+        + ("; SCORES_FEW off" if args.no_scores_few else ""),
         "",
         "| preset | table | decode | batch | prefill ms | decode tokens/s | GB/s | setup s "
         "| vs dense, same decode | vs dense's fastest |",

@@ -235,12 +235,14 @@ def test_few_rows_scores_match_the_products(t, h, nk, half):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device: the kernel serves bf16 on CUDA")
 def test_few_rows_scores_pick_the_same_keys(monkeypatch):
-    # The search with the decode-sized scoring on (opt-in) against the cuBLAS products:
-    # the same sorted scores to fp32 rounding, and every pick scoring what is returned, so
-    # a pick that differs from the cuBLAS path's can only be a near-tie.
+    # The search with the decode-sized scoring (the default for fewer rows than SMs)
+    # against the cuBLAS products: the same sorted scores to fp32 rounding, and every pick
+    # scoring what is returned, so a pick that differs from the cuBLAS path's can only be a
+    # near-tie.
     import memlayers.ops.product_keys_triton as pkt
 
     q, keys = _inputs(8, 4, 1024, 96, torch.bfloat16, seed=3)
+    monkeypatch.setattr(pkt, "SCORES_FEW", False)
     ref_scores, _ = product_key_topk(q, keys, 32, impl="triton")
     monkeypatch.setattr(pkt, "SCORES_FEW", True)
     scores, index = product_key_topk(q, keys, 32, impl="triton")

@@ -336,9 +336,11 @@ def score_dtype(dtype: torch.dtype) -> torch.dtype:
 # half, block of SCORES_FEW_BLOCK_N keys), in place of a cuBLAS product per half (7.8 us
 # a layer at batch 1 for 1.5 MB of keys on an H200: two launches' latency). Its fp32 sums
 # run in another order than cuBLAS's, so scores may differ in the last bits from the
-# training-time path (and a near-tie may then pick another key): off until timed
-# (benchmarks/bench_decode_layer.py), bf16/fp16 inputs on CUDA only.
-SCORES_FEW = False
+# training-time path (and a near-tie may then pick another key). On by default since it
+# was timed (benchmarks/results/decode_layer_h200_20261203.md, one H200): 5.0 against
+# 7.7 us for the two products, the compiled layer 42.3 against 44.8 us at batch 1;
+# bf16/fp16 inputs on CUDA only. False gives the cuBLAS products at every size.
+SCORES_FEW = True
 SCORES_FEW_BLOCK_N = 128
 SCORES_FEW_BLOCK_K = 64
 
@@ -406,8 +408,8 @@ def _half_scores(q: torch.Tensor, keys: torch.Tensor):
     (One matmul batched over (head, half) would save a launch, but its other batch count
     can give cuBLAS another kernel: fp32 scores then differ in their last bits from the
     PyTorch path's per-half products, and the exact-equality tests fail on an H200.)
-    With :data:`SCORES_FEW` on, searches of fewer (token, head) rows than SMs take
-    :func:`few_scores` instead."""
+    With :data:`SCORES_FEW` on (the default), searches of fewer (token, head) rows than
+    SMs (decoding) take :func:`few_scores` instead."""
     heads, _, _, half = keys.shape
     q3 = q.reshape(-1, heads, 2 * half)  # [T, H, k_dim]
     out = score_dtype(q.dtype)
