@@ -18,9 +18,17 @@ tar -x -C DIR`` makes one; its ``.rev`` file, if any, names it), ``--rounds N`` 
 alternating A B A B, and prints each tree's median tokens/s and its ratio to the first
 tree's. Rows are named ``preset@tree``, so they never become a guard's baseline.
 
+Reads spread over the table: synthetic tokens (and any data early in training with the
+default layer) read a few hot rows of a memory table (issue 10's collapse), which the
+lookup kernels then find in L2: a flattering state. ``--spread-reads`` trains with the
+usage ablation's setting (``model.memory.query_batch_norm=true
+model.memory.balance_loss=0.01``, docs/usage.md), which spreads the reads over the
+table; the "table rows read" column says which state a row measured.
+
 The guard: the newest committed ``benchmarks/results/train_<card>_*.md`` for the same card
-is read, and every preset measured in both prints its ratio to that result; a fall of more
-than 10% is printed as a REGRESSION banner (and ``--strict`` makes it the exit status).
+is read, and every preset measured in both with the same overrides (``--override``,
+``--spread-reads``) prints its ratio to that result; a fall of more than 10% is printed
+as a REGRESSION banner (and ``--strict`` makes it the exit status).
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESETS = [f"{s}-{v}" for s in ("134m", "373m") for v in ("dense", "memory+", "moe", "peer")]
 TOLERANCE = 0.9  # a preset slower than 90% of its last committed result is a regression
+# --spread-reads: the layer settings that keep the reads spread over the table (docs/usage.md)
+SPREAD = ["model.memory.query_batch_norm=true", "model.memory.balance_loss=0.01"]
 
 
 def card_name(device: str) -> str:
@@ -106,6 +116,7 @@ def run_preset(
         "rows_read_pct": rows_read_pct(records),
         # the CUDA allocator's free-and-retry count by the last log (train.py)
         "alloc_retries": steady[-1].get("alloc_retries"),
+        "overrides": list(ns.override),
     }
 
 
@@ -144,28 +155,33 @@ def add_ratios(rows: list[dict]) -> None:
             r["vs_dense"] = r["tokens_per_s"] / twin
 
 
-def previous_result(card: str, exclude: Path | None) -> dict[str, tuple[Path, dict]]:
-    """Per preset, its newest committed result on ``card``: ``{preset: (path, row)}`` (a
-    run of a few presets does not hide the others' older results)."""
+def setting(row: dict) -> tuple[str, tuple[str, ...]]:
+    """What a result is compared by: its preset and its overrides (none in older files)."""
+    return row["preset"], tuple(row.get("overrides", ()))
+
+
+def previous_result(card: str, exclude: Path | None) -> dict[tuple, tuple[Path, dict]]:
+    """Per :func:`setting`, its newest committed result on ``card``: ``{setting: (path,
+    row)}`` (a run of a few presets does not hide the others' older results)."""
     files = sorted(RESULTS.glob(f"train_{card}_*.md"))
     files = [f for f in files if exclude is None or f.resolve() != exclude.resolve()]
     found: dict[str, tuple[Path, dict]] = {}
     for path in reversed(files):
         blob = re.search(r"<!-- bench_train (.*) -->", path.read_text())
         for row in json.loads(blob.group(1))["rows"] if blob else []:
-            found.setdefault(row["preset"], (path, row))
+            found.setdefault(setting(row), (path, row))
     return found
 
 
-def guard(rows: list[dict], previous: dict[str, tuple[Path, dict]]) -> list[str]:
-    """Lines comparing this run with each preset's ``previous`` result; regressions are
-    shouted."""
-    lines, bad = ["guard: against the newest committed result of each preset"], []
+def guard(rows: list[dict], previous: dict[tuple, tuple[Path, dict]]) -> list[str]:
+    """Lines comparing this run with each preset's ``previous`` result (same overrides);
+    regressions are shouted."""
+    lines, bad = ["guard: against the newest committed result of each preset, same overrides"], []
     for r in rows:
-        path, old = previous.get(r["preset"], (None, {}))
+        path, old = previous.get(setting(r), (None, {}))
         then = old.get("tokens_per_s")
         if not (r.get("tokens_per_s") and then):
-            lines.append(f"  {r['preset']:<14} no earlier result on this card")
+            lines.append(f"  {r['preset']:<14} no earlier result on this card with these overrides")
             continue
         ratio = r["tokens_per_s"] / then
         lines.append(
@@ -226,6 +242,13 @@ def ab_summary(rows: list[dict], labels: list[str]) -> str:
     return "\n".join(out) + "\n\n"
 
 
+def dataset(ns: argparse.Namespace) -> str:
+    """The data the runs trained on, as the results file names it."""
+    chosen = [o.split("=", 1)[1] for o in ns.override if o.startswith("data.dataset=")]
+    name = chosen[-1] if chosen else "synthetic"
+    return f"synthetic tokens (vocabulary {ns.vocab:,})" if name == "synthetic" else f"{name} data"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--presets", nargs="+", default=PRESETS)
@@ -239,6 +262,9 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--timeout", type=int, default=900, help="seconds per preset")
     p.add_argument("--override", nargs="*", default=[], help="extra key=value for every run")
+    p.add_argument(
+        "--spread-reads", action="store_true", help="train with SPREAD: a table's reads spread"
+    )
     p.add_argument("--out", type=Path, help="write the markdown results here")
     p.add_argument("--strict", action="store_true", help="exit 1 on a regression")
     p.add_argument(
@@ -247,6 +273,8 @@ def main() -> int:
     )  # fmt: skip
     p.add_argument("--rounds", type=int, default=1, help="alternations of --trees")
     ns = p.parse_args()
+    if ns.spread_reads:
+        ns.override = [*SPREAD, *ns.override]
     for tree in ns.trees:
         if not (tree / "memlayers" / "__init__.py").is_file():
             raise SystemExit(f"error: --trees {tree} holds no memlayers/ package")
@@ -272,7 +300,7 @@ def main() -> int:
     date = datetime.date.today().isoformat()
     text = (
         f"# Training throughput, {card.upper()}, {date}\n\n"
-        f"`python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`: synthetic tokens, "
+        f"`python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`: {dataset(ns)}, "
         f"bf16 autocast, compile={ns.compile}, {ns.steps} steps, median of the logged "
         f"tokens/s after step {ns.warmup}; MFU = tokens/s x train FLOPs per token "
         f"(memlayers.report) / the card's bf16 dense peak. Slowest interval: the slowest "

@@ -3,6 +3,11 @@ summarized by op (CUDA time), plus the median step time and tokens/s.
 
     python benchmarks/profile_step.py --preset 134m-memory+ --out $OUT/prof_mem.txt
     python benchmarks/profile_step.py --preset 134m-dense --batch 8 --seq-len 1024
+    python benchmarks/profile_step.py --memory query_batch_norm=true balance_loss=0.01
+
+``--memory KEY=VALUE...`` sets fields of the preset's MemoryConfig (parsed as YAML
+scalars), e.g. the settings that spread the reads over the table (bench_train.py
+``--spread-reads``) or ``value_dtype=bf16``.
 
 Uses only the library's stable entry points (build_model, build_optimizer, compute_loss,
 clip_grad_norm_), so the same script profiles an older checkout for a bisect.
@@ -16,6 +21,7 @@ import statistics
 import time
 
 import torch
+import yaml
 
 from memlayers import build_model, get_preset
 from memlayers.optim import OptimArgs, build_optimizer, clip_grad_norm_
@@ -42,6 +48,8 @@ def main() -> None:
         help="save one step's lookups of the shared table (indices, weights, grad_out of "
         "each memory layer) for bench_embedding_bag.py --replay, after the warm-up",
     )  # fmt: skip
+    p.add_argument("--memory", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="MemoryConfig fields of the preset's memory layers")  # fmt: skip
     ns = p.parse_args()
 
     dev = torch.device("cuda")
@@ -49,6 +57,12 @@ def main() -> None:
     cfg.vocab_size = 32000
     if ns.no_merge:
         cfg.memory.merge_grads = False
+    for item in ns.memory:
+        key, sep, value = item.partition("=")
+        if not sep or not hasattr(cfg.memory, key):
+            raise SystemExit(f"error: --memory takes MemoryConfig KEY=VALUE, got {item!r}")
+        setattr(cfg.memory, key, yaml.safe_load(value))
+    cfg.memory.validate()
     try:
         model = build_model(cfg, dev, seed=0, sparse_values=True)
     except TypeError:  # checkouts where build_optimizer switched the tables to sparse
@@ -90,6 +104,7 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     what = ns.preset + (" (merge_grads=false)" if ns.no_merge else "")
+    what += "".join(f" {m}" for m in ns.memory)
     head = f"{what}: step {1e3 * med:.1f} ms, {B * T / med:,.0f} tokens/s (median, {ns.steps})"
     print(head, flush=True)
 

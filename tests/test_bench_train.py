@@ -28,7 +28,7 @@ def test_a_fall_of_more_than_ten_percent_is_shouted(bench, tmp_path):
     _write(tmp_path / "train_h100_20260301.md", [{"preset": "a", "tokens_per_s": 200.0}])
     _write(tmp_path / "train_h200_20260401.md", [{"preset": "a", "tokens_per_s": 1e9}])
     prev = bench.previous_result("h100", exclude=None)
-    assert prev["a"][0].name == "train_h100_20260301.md"  # the newest for this card only
+    assert prev["a", ()][0].name == "train_h100_20260301.md"  # the newest for this card only
     lines = bench.guard([{"preset": "a", "tokens_per_s": 170.0}], prev)
     assert any("REGRESSION" in x and "a at 0.85x" in x for x in lines)
     lines = bench.guard([{"preset": "a", "tokens_per_s": 190.0}], prev)
@@ -43,7 +43,7 @@ def test_each_preset_is_compared_with_its_own_newest_result(bench, tmp_path):
     )
     _write(tmp_path / "train_h100_20260301.md", [{"preset": "b", "tokens_per_s": 200.0}])
     prev = bench.previous_result("h100", exclude=None)
-    assert {p: path.name for p, (path, _) in prev.items()} == {
+    assert {p: path.name for (p, _), (path, _) in prev.items()} == {
         "a": "train_h100_20260101.md",
         "b": "train_h100_20260301.md",
     }
@@ -59,6 +59,32 @@ def test_no_earlier_result_and_the_output_file_itself_are_not_compared(bench, tm
     assert bench.previous_result("h100", exclude=out) == {}
     lines = bench.guard([{"preset": "a", "tokens_per_s": 1.0}], {})
     assert "no earlier result" in lines[1] and not any("REGRESSION" in x for x in lines)
+
+
+def test_a_result_is_compared_only_with_one_of_the_same_overrides(bench, tmp_path):
+    # Spread reads (or another dataset) against a collapsed synthetic run would be a false
+    # alarm, or hide a real fall: each setting has its own baseline.
+    spread = [*bench.SPREAD]
+    _write(
+        tmp_path / "train_h100_20260101.md",
+        [{"preset": "a", "tokens_per_s": 100.0, "overrides": spread}],
+    )
+    _write(tmp_path / "train_h100_20260301.md", [{"preset": "a", "tokens_per_s": 200.0}])
+    prev = bench.previous_result("h100", exclude=None)
+    lines = bench.guard([{"preset": "a", "tokens_per_s": 95.0, "overrides": spread}], prev)
+    assert any("0.95x" in x and "20260101" in x for x in lines)
+    assert not any("REGRESSION" in x for x in lines)
+    lines = bench.guard([{"preset": "a", "tokens_per_s": 95.0}], prev)
+    assert any("REGRESSION" in x and "a at 0.47x" in x for x in lines)
+    lines = bench.guard([{"preset": "a", "tokens_per_s": 95.0, "overrides": ["x=1"]}], prev)
+    assert "no earlier result" in lines[1] and not any("REGRESSION" in x for x in lines)
+
+
+def test_the_results_name_the_data(bench):
+    ns = bench.argparse.Namespace(override=[], vocab=32000)
+    assert bench.dataset(ns) == "synthetic tokens (vocabulary 32,000)"
+    ns.override = [*bench.SPREAD, "data.dataset=bios"]
+    assert bench.dataset(ns) == "bios data"
 
 
 def test_ratio_to_the_dense_twin(bench):
