@@ -523,7 +523,7 @@ class ProductKeyMemory(nn.Module):
         q, keys = self.router.normed_query(h), self.router.normed_keys()  # [N, H, k_dim]
         self.aux_loss = None
         if self.training and cfg.balance_loss > 0:
-            self.aux_loss = cfg.balance_loss * balance_loss(q, keys, cfg.topk)
+            self.aux_loss = cfg.balance_loss * balance_loss(q, keys, cfg.topk, cfg.impl)
         return self.router.search(q, keys)  # [N, H*k] each
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memlayers.ops.embedding_bag import resolve_impl
 from memlayers.ops.product_keys import product_key_topk
 
 
@@ -171,7 +172,9 @@ class ProductKeyRouter(nn.Module):
 BALANCE_TOKENS = 4096
 
 
-def balance_loss(q: torch.Tensor, keys: torch.Tensor, topk: int) -> torch.Tensor:
+def balance_loss(
+    q: torch.Tensor, keys: torch.Tensor, topk: int, impl: str = "auto"
+) -> torch.Tensor:
     """How unevenly the half keys are chosen: a Switch-Transformer-style load-balancing
     loss (Fedus et al. 2021, eq. 4) on each head's two sets of half keys.
 
@@ -185,7 +188,8 @@ def balance_loss(q: torch.Tensor, keys: torch.Tensor, topk: int) -> torch.Tensor
     picks the same keys. Its gradient lowers the scores of the keys chosen most often, in
     proportion to how often: against the rich-get-richer concentration of reads
     (docs/usage.md). At most :data:`BALANCE_TOKENS` tokens (every ``ceil(N /
-    BALANCE_TOKENS)``-th) are scored. fp32, autocast or not."""
+    BALANCE_TOKENS)``-th) are scored. fp32, autocast or not. ``impl``: where each row's
+    k-th score is found (:func:`kth_half_scores`)."""
     n_tok = q.shape[0]
     heads, _, n_keys, half = keys.shape
     # Integer ceil-division: Inductor's dynamic-shape codegen of this slice's backward
@@ -195,12 +199,38 @@ def balance_loss(q: torch.Tensor, keys: torch.Tensor, topk: int) -> torch.Tensor
     device = q.device.type
     with torch.autocast(device, enabled=False):
         qh = q.float().view(-1, heads, 2, half)  # [M, H, 2, half]
-        s = torch.einsum("thsd,hsnd->thsn", qh, keys.float())  # [M, H, 2, n_keys]
-        p = s.softmax(-1).mean(0)  # [H, 2, n_keys]
+        # Head- and half-major: each (head, half) is one [M, n_keys] block, as the search's
+        # top-k kernel reads half scores.
+        s = torch.einsum("thsd,hsnd->hstn", qh, keys.float())  # [H, 2, M, n_keys]
+        p = s.softmax(-1).mean(2)  # [H, 2, n_keys]
         with torch.no_grad():
-            kth = s.topk(topk, dim=-1).values[..., -1:]  # [M, H, 2, 1]
-            f = (s >= kth).float().mean(0) / topk  # [H, 2, n_keys], Σ_i f_i = 1 (ties aside)
+            kth = kth_half_scores(s, topk, impl)  # [H, 2, M, 1]
+            f = (s >= kth).float().mean(2) / topk  # [H, 2, n_keys], Σ_i f_i = 1 (ties aside)
         return n_keys * (f * p).sum(-1).mean()
+
+
+# Whether impl="auto" finds the balance loss's k-th scores with the search's Triton top-k
+# (half_kth) on a GPU. torch.topk took 1.1 ms a layer at 4,096 tokens on an H200 (3 of a
+# 102 ms step: benchmarks/results/profile_134m_h200_20261203.md); half_kth is the same
+# launches as the search's, which take ~0.2 ms at that size, but it was built after the
+# session's last device call: off until timed and run by the GPU suite (NOTES session 17).
+BALANCE_KTH_TRITON = False
+
+
+def kth_half_scores(s: torch.Tensor, k: int, impl: str = "auto") -> torch.Tensor:
+    """``[H, 2, M, 1]``: the k-th largest of each row of half scores ``s [H, 2, M, n]``.
+    ``impl`` as the search's (:func:`memlayers.ops.product_key_topk`): ``"triton"`` runs
+    the search's own per-half top-k (:func:`memlayers.ops.product_keys_triton.half_kth`),
+    ``"torch"`` ``torch.topk``: the same values. ``"auto"`` takes Triton on a GPU when
+    :data:`BALANCE_KTH_TRITON` is on."""
+    triton = resolve_impl(impl, s.device) == "triton"
+    if not (triton and (impl == "triton" or BALANCE_KTH_TRITON)):
+        return s.topk(k, dim=-1).values[..., -1:]
+    from memlayers.ops.product_keys_triton import half_kth
+
+    heads, _, m, _ = s.shape
+    kth = half_kth(s[:, 0], s[:, 1], k)  # [M·H, 2], row t·H + h
+    return kth.view(m, heads, 2).permute(1, 2, 0).unsqueeze(-1)
 
 
 # Names the router's parameters had when they lived on the layer itself (before

@@ -354,6 +354,27 @@ def test_balance_loss_matches_a_reference_and_punishes_concentration():
     torch.testing.assert_close(balance_loss(big, keys, 3), _balance_reference(big[::2], keys, 3))
 
 
+def test_balance_loss_by_the_triton_top_k_is_the_torch_one():
+    # kth_half_scores by the search's Triton launches (interpreter on the CPU) finds the
+    # same k-th scores as torch.topk: the same loss and the same gradient.
+    from memlayers.router import kth_half_scores
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on a CPU
+    torch.manual_seed(8)
+    q = torch.randn(40, 2, 8, device=device, requires_grad=True)
+    keys = torch.randn(2, 2, 16, 4, device=device)
+    s = torch.randn(2, 2, 40, 16, device=device)
+    torch.testing.assert_close(kth_half_scores(s, 3, "triton"), kth_half_scores(s, 3, "torch"),
+                               rtol=0, atol=0)  # fmt: skip
+    losses, grads = [], []
+    for impl in ("triton", "torch"):
+        loss = balance_loss(q, keys, 3, impl)
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, q)[0])
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
 def test_balance_loss_reaches_the_gradient_but_not_the_value_of_the_model_loss():
     torch.manual_seed(6)
     mem = dict(n_keys=8, heads=2, topk=4, impl="torch")

@@ -249,3 +249,28 @@ def test_few_rows_scores_pick_the_same_keys(monkeypatch):
     torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-4)
     exact = _gather_scores(q.float(), keys.float(), index)
     torch.testing.assert_close(exact, scores, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "shape,k",
+    [((2, 5, 16), 4), ((3, 4, 20), 5), ((1, 3, 32), 32), ((2, 2, 8), 1), ((2, 3, 300), 16)],
+    ids=["basic", "non-pow2", "k-equals-n", "k-1", "filtered"],
+)
+def test_half_kth_is_torch_topks_kth_value(shape, k):
+    # The balance loss's k-th score per row by the search's per-half top-k launches: the
+    # same value as torch.topk's, with ties (scores on a coarse grid) and rows long enough
+    # to be filtered.
+    from memlayers.ops.product_keys_triton import half_kth
+
+    g = torch.Generator().manual_seed(k)
+    s1, s2 = (
+        (torch.randint(-6, 7, shape, generator=g) / 4).to(DEVICE) for _ in range(2)
+    )  # fmt: skip
+    heads, tokens, _ = shape
+    got = half_kth(s1, s2, k)
+    assert got.shape == (tokens * heads, 2) and got.dtype == torch.float32
+    for half, s in enumerate((s1, s2)):
+        want = s.topk(k, dim=-1).values[..., -1]  # [H, T]
+        torch.testing.assert_close(got[:, half].view(tokens, heads).T, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="k must be in"):
+        half_kth(s1, s2, shape[-1] + 1)

@@ -276,6 +276,30 @@ def topk_launch(
     s1, s2 = s1.contiguous(), s2.contiguous()
     heads, tokens, nk = s1.shape
     r = heads * tokens
+    device = s1.device
+    scores = s1.new_empty(r, k)
+    index = torch.empty(r, k, dtype=torch.int64, device=device)
+    i1 = torch.empty(r, k, dtype=torch.int32, device=device)
+    i2 = torch.empty_like(i1)
+    if r == 0:
+        return scores, index, i1, i2
+    top, topi, launch = _half_tops(s1, s2, k, rows, num_warps, narrow, filter_keys, cap,
+                                   both_halves)  # fmt: skip
+    pairs = candidate_pairs(k, device)
+    _candidates_kernel[(triton.cdiv(r, launch["ROWS"]),)](
+        top, topi, pairs, scores, index, i1, i2, r, nk, k, len(pairs),
+        NPAIR=triton.next_power_of_2(len(pairs)), num_warps=CANDIDATE_WARPS, **launch,
+    )  # fmt: skip
+    return scores, index, i1, i2
+
+
+def _half_tops(s1, s2, k, rows, num_warps, narrow, filter_keys, cap, both_halves):
+    """``(top, topi, launch)``: each half's top-KP values ``[R, 2, KP]`` fp32, descending,
+    and their key indices (int32) for the ``R = H·T`` rows of contiguous ``[H, T, NK]``
+    half scores (R > 0), by :func:`_half_kernel` (arguments as :func:`topk_launch`'s);
+    ``launch``: the constants the candidate kernel shares (KP, ROWS, LOW_BITS, NARROW)."""
+    heads, tokens, nk = s1.shape
+    r = heads * tokens
     nkp, kp = triton.next_power_of_2(nk), triton.next_power_of_2(k)
     if kp == 1:
         rows = max(rows, 2)  # tl.topk cannot reshape a [1, 1] result (seen on an H100)
@@ -298,13 +322,6 @@ def topk_launch(
     groups = min(8, kp)
     per = kp // groups
     device = s1.device
-    pairs = candidate_pairs(k, device)
-    scores = s1.new_empty(r, k)
-    index = torch.empty(r, k, dtype=torch.int64, device=device)
-    i1 = torch.empty(r, k, dtype=torch.int32, device=device)
-    i2 = torch.empty_like(i1)
-    if r == 0:
-        return scores, index, i1, i2
     if both_halves is None:
         both_halves = not filter_keys or 2 * r * cap * 8 <= TOPK_BOTH_HALVES_BYTES
     halves = 2 if both_halves else 1  # per launch, a scratch each (one launch per half: shared)
@@ -312,19 +329,37 @@ def topk_launch(
                           device=device)  # fmt: skip
     top = torch.empty(r, 2, kp, dtype=torch.float32, device=device)
     topi = torch.empty(r, 2, kp, dtype=torch.int32, device=device)
-    grid = (triton.cdiv(r, rows),)
+    launch = dict(KP=kp, ROWS=rows, LOW_BITS=max(low, 1), NARROW=narrow)
     for half in range(0, 2, halves):
-        _half_kernel[(grid[0], halves)](
-            s1, s2, scratch, top, topi, half, r, heads, tokens, nk, NKP=nkp, KP=kp, ROWS=rows,
-            LOW_BITS=max(low, 1), NARROW=narrow, FILTER=filter_keys, GROUPS=groups, PER=per,
-            CAP=cap, num_warps=num_warps,
+        _half_kernel[(triton.cdiv(r, rows), halves)](
+            s1, s2, scratch, top, topi, half, r, heads, tokens, nk, NKP=nkp,
+            FILTER=filter_keys, GROUPS=groups, PER=per, CAP=cap, num_warps=num_warps,
+            **launch,
         )  # fmt: skip
-    _candidates_kernel[grid](
-        top, topi, pairs, scores, index, i1, i2, r, nk, k, len(pairs), KP=kp,
-        NPAIR=triton.next_power_of_2(len(pairs)), ROWS=rows, LOW_BITS=max(low, 1),
-        NARROW=narrow, num_warps=CANDIDATE_WARPS,
-    )  # fmt: skip
-    return scores, index, i1, i2
+    return top, topi, launch
+
+
+@torch.library.custom_op("memlayers::half_kth", mutates_args=())
+def half_kth(s1: torch.Tensor, s2: torch.Tensor, k: int) -> torch.Tensor:
+    """``[T·H, 2]`` fp32 (row t·H + h): the k-th largest score of each row of each half of
+    ``[H, T, NK]`` half scores, by the search's own per-half top-k launches (the value
+    ``torch.topk(s, k).values[..., -1]`` gives, ties included: a row's top-KP holds the
+    values themselves). For the balance loss (:func:`memlayers.router.balance_loss`),
+    where ``torch.topk`` over every half key took 1.1 ms at 4,096 tokens × 4 heads on an
+    H200 (benchmarks/results/profile_134m_h200_20261203.md)."""
+    heads, tokens, nk = s1.shape
+    if not 1 <= k <= nk:
+        raise ValueError(f"half_kth: k must be in [1, {nk}], got k={k}")
+    if heads * tokens == 0:
+        return s1.new_empty(0, 2, dtype=torch.float32)
+    s1, s2 = s1.contiguous(), s2.contiguous()
+    top, _, _ = _half_tops(s1, s2, k, TOPK_ROWS, None, None, True, TOPK_CAP, None)
+    return top[:, :, k - 1].contiguous()
+
+
+@half_kth.register_fake
+def _(s1, s2, k):
+    return s1.new_empty(s1.shape[0] * s1.shape[1], 2, dtype=torch.float32)
 
 
 def score_dtype(dtype: torch.dtype) -> torch.dtype:
