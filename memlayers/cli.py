@@ -384,9 +384,12 @@ def _add_compare(sub) -> None:
         "items",
         nargs="+",
         metavar="PRESET[:k=v…] | CONFIG.yaml | key=value",
-        help="variants (model presets), then shared YAML files and dotted overrides",
+        help="variants (model presets), then shared YAML files (a study file's compare: "
+        "section adds its variants) and dotted overrides",
     )
-    p.add_argument("--out", default="runs/compare", help="output directory")
+    p.add_argument(
+        "--out", default=None, help="output directory (default: a study's out, or runs/compare)"
+    )
     p.add_argument(
         "--reuse", action="store_true", help="keep variants already trained with the same config"
     )
@@ -409,12 +412,19 @@ def _compare(ns: argparse.Namespace) -> int:
     variants, yamls, overrides = split_items(ns.items)
     command = shlex.join(
         ["memlayers", "compare", *ns.items]
-        + (["--out", ns.out] if ns.out != "runs/compare" else [])
+        + (["--out", ns.out] if ns.out is not None else [])
         + (["--reuse"] if ns.reuse else [])
     )
     for v in variants:
         compare.parse_variant(v)
-    compare.compare(variants, yamls, overrides, ns.out, ns.reuse, command)
+    out, max_qa, named = ns.out, None, bool(variants)
+    for y in yamls:  # a study file brings its variants, unless the command line names some
+        study = compare.read_study(y)
+        if study:
+            variants += [] if named else study["variants"]
+            out = out or study["out"]
+            max_qa = study["max_qa"] or max_qa
+    compare.compare(variants, yamls, overrides, out or "runs/compare", ns.reuse, command, max_qa)
     return 0
 
 

@@ -5,6 +5,7 @@
     memlayers compare tiny-dense tiny-memory+:optim.value_lr=1e-2 steps=300   # per-variant
     memlayers compare tiny-dense tiny-memory+ configs/x.yaml data.bios.n_people=500
     memlayers compare tiny-dense tiny-memory+ --reuse             # keep finished runs
+    memlayers compare configs/study_134m.yaml --reuse             # a study file (below)
 
 Positional items: ``PRESET[:key=value[:key=value…]]`` is a variant (a model preset and
 overrides for it alone: model or optimizer keys, never data, steps, batch or seed, so
@@ -18,6 +19,14 @@ evaluated with :func:`memlayers.eval.evaluate`. Written into ``OUT`` (default
     results.json   one row per variant (the summary) plus each full eval result
     compare.png    exact match / answer NLL / bits stored against active parameters per
                    token and training FLOPs (needs matplotlib: pip install 'memlayers[plot]')
+
+A study file is a config YAML with a ``compare:`` section (:func:`read_study`): its
+``variants`` (a list of the positional variants above), and optionally ``out`` (the output
+directory, unless ``--out`` is given) and ``max_qa`` (the evaluations answer the first N
+questions of each QA set). ``memlayers train`` ignores the section; the rest of the file is
+the variants' shared config. One command then runs a whole study, and ``--reuse`` lets it
+grow over several sessions (configs/study_134m.yaml); variants named on the command line
+run instead of the study's (a few at a time), into the same directory.
 """
 
 from __future__ import annotations
@@ -31,13 +40,43 @@ import sys
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
-from memlayers.config import TrainArgs, load_config, to_yaml, with_vocab
+from memlayers.config import STUDY_SECTION, TrainArgs, load_config, to_yaml, with_vocab
 from memlayers.files import write_atomic
 from memlayers.report import si
 
 # Variant overrides may not change what the variants are compared on.
 SHARED_KEYS = ("data.", "steps", "grad_accum", "seed", "run_dir", "device", "dtype")
+STUDY_KEYS = ("variants", "out", "max_qa")  # a study file's compare: section
+
+
+def read_study(path: str | Path) -> dict:
+    """The ``compare:`` section of a config YAML, checked: ``{"variants": [...], "out":
+    str | None, "max_qa": int | None}``; ``{}`` for a file without one."""
+    from memlayers.config import _read_yaml
+
+    section = _read_yaml(path).get(STUDY_SECTION)
+    if section is None:
+        return {}
+    if not isinstance(section, DictConfig):
+        raise ValueError(f"{path}: compare: must map {', '.join(STUDY_KEYS)} to values")
+    study = OmegaConf.to_container(section)
+    unknown = sorted(set(study) - set(STUDY_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: compare: has no key {unknown[0]!r} (it takes {STUDY_KEYS})")
+    variants = study.get("variants")
+    if not (isinstance(variants, list) and variants and all(isinstance(v, str) for v in variants)):
+        raise ValueError(f"{path}: compare.variants must be a list of variants, got {variants!r}")
+    for v in variants:
+        parse_variant(v)
+    out, max_qa = study.get("out"), study.get("max_qa")
+    if out is not None and not isinstance(out, str):
+        raise ValueError(f"{path}: compare.out must be a directory name, got {out!r}")
+    if max_qa is not None and (isinstance(max_qa, bool) or not isinstance(max_qa, int)
+                               or max_qa < 1):  # fmt: skip
+        raise ValueError(f"{path}: compare.max_qa must be a positive int, got {max_qa!r}")
+    return {"variants": variants, "out": out, "max_qa": max_qa}
 
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:
@@ -66,15 +105,20 @@ def variant_args(spec: str, yamls: list[str], overrides: list[str], out: Path) -
     )
 
 
-def _finished(args: TrainArgs) -> dict | None:
-    """The eval results of an identical finished run in ``args.run_dir``, else None."""
+def _finished(args: TrainArgs, max_qa: int | None = None) -> dict | None:
+    """The eval results (of the same ``max_qa``) of an identical finished run in
+    ``args.run_dir``, else None."""
+    from memlayers.eval import MAX_NEW_TOKENS, MAX_VAL_TOKENS, partial_name
+
     run = Path(args.run_dir)
-    if not (run / "eval" / "results.json").is_file() or not (run / "config.yaml").is_file():
+    what = partial_name([], True, True, max_qa, MAX_VAL_TOKENS, MAX_NEW_TOKENS)
+    path = run / "eval" / (f"results-{what}.json" if what else "results.json")
+    if not path.is_file() or not (run / "config.yaml").is_file():
         return None
     saved = load_config([run / "config.yaml"])
     if to_yaml(saved) != to_yaml(with_vocab(args, saved.model.vocab_size)):  # vocab: the data's
         return None
-    results = json.loads((run / "eval" / "results.json").read_text())
+    results = json.loads(path.read_text())
     return results if results.get("step") == args.steps else None
 
 
@@ -209,24 +253,30 @@ def compare(
     out: str | Path = "runs/compare",
     reuse: bool = False,
     command: str | None = None,
+    max_qa: int | None = None,
 ) -> list[dict]:
-    """Train and evaluate every variant; write ``results.md/json`` and ``compare.png``."""
+    """Train and evaluate every variant; write ``results.md/json`` and ``compare.png``.
+    ``max_qa``: the evaluations answer the first N questions of each QA set."""
     from memlayers.eval import evaluate, format_results
     from memlayers.train import train
 
     if not variants:
         raise ValueError("name at least one variant (a model preset), e.g. tiny-dense")
+    twice = sorted({v for v in variants if variants.count(v) > 1})
+    if twice:
+        raise ValueError(f"variant {twice[0]!r} is named twice (one run directory each)")
     out = Path(out)
     all_args = [variant_args(v, list(yamls), list(overrides), out) for v in variants]
     rows, full = [], {}
     for label, args in zip(variants, all_args, strict=True):
-        results = _finished(args) if reuse else None
+        results = _finished(args, max_qa) if reuse else None
         if results is not None:
             print(f"== {label}: reusing {args.run_dir}")
         else:
             print(f"== {label}: training into {args.run_dir}")
             train(args, overwrite=True)  # out/<variant> is compare's own: retrain over it
-            results = evaluate(args.run_dir, device=args.device, progress=args.logging.progress)
+            results = evaluate(args.run_dir, device=args.device, max_qa=max_qa,
+                               progress=args.logging.progress)  # fmt: skip
         print(format_results(results))
         rows.append(summary_row(label, results))
         full[label] = results
@@ -239,7 +289,8 @@ def compare(
         "",
         f"Command: `{command}`" if command else "",
         f"Machine: {machine()}; date {date}. Every variant: the same data, seed and "
-        f"{rows[0]['tokens']:,} training tokens.",
+        f"{rows[0]['tokens']:,} training tokens"
+        + (f"; QA on the first {max_qa} questions of each set." if max_qa else "."),
         "",
         format_table(rows),
         "",

@@ -136,12 +136,21 @@ def pretrained_defaults(hf: str, layers: list) -> dict:
     return out if named else {**out, "model": {"preset": None}}
 
 
+# A study file's section for `memlayers compare` (memlayers.compare.read_study): not a
+# training option, so the trainer reads the file without it.
+STUDY_SECTION = "compare"
+
+
 def load_config(yaml_paths=(), overrides=()) -> TrainArgs:
-    """``TrainArgs`` from YAML files (merged in order) and ``key=value`` overrides."""
+    """``TrainArgs`` from YAML files (merged in order; a study file's ``compare:`` section
+    left out) and ``key=value`` overrides."""
     try:
         base = OmegaConf.structured(TrainArgs)
         layers = []
-        layers = [upgrade(_read_yaml(p)) for p in yaml_paths]
+        for p in yaml_paths:
+            layer = upgrade(_read_yaml(p))
+            layer.pop(STUDY_SECTION, None)
+            layers.append(layer)
         for o in overrides:
             if o.split("=", 1)[0] == "model.memory.value_lr":
                 raise ValueError(

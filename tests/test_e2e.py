@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from test_eval import TINY_BIOS
 
 from memlayers.cli import main as cli_main
@@ -73,3 +74,75 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
 
     assert cli_main(["compare", "tiny-dense:steps=3"]) == 1  # would change the budget
     assert "same for every variant" in capsys.readouterr().err
+
+
+def _study_file(path, section: str) -> None:
+    """A study YAML: ``section`` (the compare: block) and TINY_BIOS's shared keys."""
+    model_keys = ("model.preset", "model.memory_layers", "model.memory.n_keys")
+    shared = [o for o in TINY_BIOS if not o.startswith(model_keys)]
+    nested: dict = {}
+    for o in shared:
+        key, value = o.split("=", 1)
+        *parents, leaf = key.split(".")
+        at = nested
+        for p in parents:
+            at = at.setdefault(p, {})
+        at[leaf] = value
+    body = "\n".join(_yaml_lines(nested, 0))
+    path.write_text(section + body + "\n")
+
+
+def _yaml_lines(d: dict, indent: int):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield " " * indent + f"{k}:"
+            yield from _yaml_lines(v, indent + 2)
+        else:
+            yield " " * indent + f"{k}: {v}"
+
+
+def test_a_study_file_runs_its_variants_into_its_directory(tmp_path, capsys, monkeypatch):
+    from memlayers.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    study = tmp_path / "study.yaml"
+    _study_file(study, (
+        "compare:\n  variants:\n    - tiny-dense\n"
+        "    - tiny-memory+:model.memory_layers=[0,2]:model.memory.n_keys=8\n"
+        "  out: runs/study\n  max_qa: 3\n"
+    ))  # fmt: skip
+    # training reads the file without the section
+    assert load_config([study], ["model.preset=tiny-dense"]).steps == 8
+    assert cli_main(["compare", str(study)]) == 0
+    doc = json.loads((tmp_path / "runs/study/results.json").read_text())
+    assert [r["variant"] for r in doc["rows"]] == [
+        "tiny-dense", "tiny-memory+:model.memory_layers=[0,2]:model.memory.n_keys=8"
+    ]  # fmt: skip
+    assert all(r["qa_n"] == 3 for r in doc["rows"])  # max_qa
+    assert "first 3 questions" in (tmp_path / "runs/study/results.md").read_text()
+    # --reuse finds both (their max_qa results); a variant named on the command line runs
+    # instead of the study's, into the study's directory
+    capsys.readouterr()
+    assert cli_main(["compare", str(study), "--reuse"]) == 0
+    assert capsys.readouterr().out.count(": reusing ") == 2
+    assert cli_main(["compare", "tiny-dense", str(study), "--reuse"]) == 0
+    doc = json.loads((tmp_path / "runs/study/results.json").read_text())
+    assert [r["variant"] for r in doc["rows"]] == ["tiny-dense"]
+
+
+@pytest.mark.parametrize(
+    "section,match",
+    [
+        ("compare:\n  variants: tiny-dense\n", "compare.variants must be a list"),
+        ("compare:\n  variants: [tiny-dense]\n  outdir: x\n", "has no key 'outdir'"),
+        ("compare:\n  variants: [tiny-dense]\n  max_qa: 0\n", "max_qa must be a positive"),
+        ("compare:\n  variants: ['tiny-dense:steps=3']\n", "same for every variant"),
+        ("compare:\n  variants: [tiny-dense, tiny-dense]\n", "named twice"),
+    ],
+    ids=["not-a-list", "unknown-key", "max-qa", "shared-key", "twice"],
+)
+def test_a_bad_study_file_is_refused_naming_the_key(tmp_path, capsys, section, match):
+    study = tmp_path / "study.yaml"
+    _study_file(study, section)
+    assert cli_main(["compare", str(study), "--out", str(tmp_path / "o")]) == 1
+    assert match in capsys.readouterr().err
