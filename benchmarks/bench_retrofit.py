@@ -91,6 +91,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR")
     p.add_argument("--top-t", type=int, default=2000)
+    p.add_argument("--per-document", action="store_true",
+                   help="sparse-memory: --top-t rows per document, not per batch")  # fmt: skip
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--pool", type=int, default=280, help="questions asked before")
     p.add_argument("--teach", type=int, default=40)
@@ -156,11 +158,11 @@ def main() -> None:
 
         args = FinetuneArgs(method=method, steps=a.steps, lr=lrs[method], top_t=a.top_t,
                             rank=a.rank, batch_size=a.batch_size,
-                            background_batches=a.background_batches,
-                            seed=a.seed)  # fmt: skip
+                            background_batches=a.background_batches, seed=a.seed,
+                            per_document=a.per_document and method == "sparse-memory")  # fmt: skip
         t0 = time.perf_counter()
         done = finetune_model(run.model, tokens, args, seq_len, a.batch_size, run.args.optim,
-                              background, after_step=evaluate)  # fmt: skip
+                              background, after_step=evaluate, eos_id=tok.eos_id)  # fmt: skip
         seconds[method] = time.perf_counter() - t0
         curves[method] = {"lr": lrs[method], "points": points, "losses": done.losses,
                           "rows_touched": done.rows_touched}  # fmt: skip
@@ -193,7 +195,8 @@ def main() -> None:
         c = curves[method]
         m = c["points"][-1]
         label = method + (
-            f", t = {a.top_t}, {a.background_batches} background batches"
+            f", t = {a.top_t}{' per document' if a.per_document else ''}, "
+            f"{a.background_batches} background batches"
             if method == "sparse-memory" else ""
         )  # fmt: skip
         label += f", r = {a.rank}" if method == "lora" else ""

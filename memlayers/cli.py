@@ -222,6 +222,10 @@ def _add_finetune(sub) -> None:
     p.add_argument(
         "--top-t", type=int, default=d.top_t, help="sparse-memory: rows updated per step"
     )
+    p.add_argument(
+        "--per-document", action="store_true",
+        help="sparse-memory: --top-t rows per document of the batch (their union), not per batch",
+    )  # fmt: skip
     p.add_argument("--rank", type=int, default=d.rank, help="lora: adapter rank")
     p.add_argument("--alpha", type=float, default=d.alpha, help="lora: scale alpha/rank")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
@@ -238,7 +242,7 @@ def _finetune(ns: argparse.Namespace) -> int:
     args = finetune.FinetuneArgs(
         method=ns.method, steps=ns.steps, lr=ns.lr, top_t=ns.top_t, rank=ns.rank,
         alpha=ns.alpha, batch_size=ns.batch_size, background_batches=ns.background_batches,
-        seed=ns.seed,
+        seed=ns.seed, per_document=ns.per_document,
     )  # fmt: skip
     r = finetune.finetune(ns.run, ns.data, args, ns.background, ns.out, ns.overwrite, ns.device)
     losses = r.record["losses"]

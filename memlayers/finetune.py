@@ -73,6 +73,9 @@ class FinetuneArgs:
     steps: int = 100
     lr: float | None = None  # None: the run's optim.value_lr (sparse-memory) or optim.lr
     top_t: int = 500  # sparse-memory: rows updated per step (per value table)
+    # sparse-memory: top_t rows per document of the batch (their union is trained), not
+    # per batch; needs the EOS id that ends each document (finetune_model's eos_id)
+    per_document: bool = False
     rank: int = 8  # lora
     alpha: float = 16.0  # lora: the adapter's output is scaled by alpha / rank
     batch_size: int | None = None  # None: the run's data.batch_size (seq_len is the run's)
@@ -95,6 +98,8 @@ class FinetuneArgs:
             raise ValueError(f"alpha must be > 0, got alpha={self.alpha!r}")
         if not self.grad_clip >= 0:
             raise ValueError(f"grad_clip must be >= 0, got grad_clip={self.grad_clip!r}")
+        if not isinstance(self.per_document, bool):
+            raise ValueError(f"per_document must be true or false, got {self.per_document!r}")
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -191,6 +196,81 @@ def top_rows(
     score = specificity_scores(counts, background, background_docs)[read]
     best = score.topk(min(t, read.numel())).indices
     return read[best].sort().values
+
+
+@contextmanager
+def capturing_reads(model: nn.Module):
+    """Yields ``take()``: per value table (:func:`memlayers.quantize.value_tables`), the
+    rows each token read in the forwards since the last call, ``[N, R]`` (the layers that
+    read the table side by side), or None for a table no layer read."""
+    tables = value_tables(model)
+    layers = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
+    seen: list[list[torch.Tensor]] = [[] for _ in tables]
+
+    def capture(m: ProductKeyMemory, i: int):
+        search = type(m).lookup
+
+        def lookup(x):
+            indices, weights = search(m, x)
+            seen[i].append(indices.detach())
+            return indices, weights
+
+        return lookup
+
+    for m in layers:
+        m.lookup = capture(m, next(i for i, t in enumerate(tables) if t is m.values))
+
+    def take() -> list[torch.Tensor | None]:
+        out = [torch.cat(s, dim=1) if s else None for s in seen]
+        for s in seen:
+            s.clear()
+        return out
+
+    try:
+        yield take
+    finally:
+        for m in layers:
+            del m.lookup  # the class's method again
+
+
+def document_ids(x: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """``[B·T]`` int64: the document of each token of a batch ``x [B, T]``, numbered
+    through the batch. A document ends at its EOS (which belongs to it); a batch row starts
+    a new one (a document cut by the row boundary is two)."""
+    b, t = x.shape
+    ends = (x == eos_id).long()
+    within = ends.cumsum(1) - ends  # EOS tokens before each token in its row
+    per_row = ends.sum(1) + 1  # documents a row can hold: one more than its EOS
+    offset = torch.cat([per_row.new_zeros(1), per_row.cumsum(0)[:-1]])
+    return (within + offset[:, None]).reshape(b * t)
+
+
+def top_rows_per_document(
+    indices: torch.Tensor,
+    docs: torch.Tensor,
+    background: torch.Tensor,
+    background_docs: int,
+    t: int,
+) -> torch.Tensor:
+    """The union, ascending, of each document's ``t`` rows with the highest
+    :func:`specificity_scores` of that document's own reads: ``indices [N, R]`` the rows
+    token n read (every layer reading the table), ``docs [N]`` its document
+    (:func:`document_ids`). Every fact then gets rows of its own, where a batch-wide top-t
+    favours the rows several documents of the batch read."""
+    n_rows = background.numel()
+    pair = docs[:, None] * n_rows + indices  # [N, R]: (document, row)
+    keys, counts = pair.reshape(-1).unique(return_counts=True)  # ascending: by document
+    doc, row = keys // n_rows, keys % n_rows
+    totals = torch.zeros(int(doc.max()) + 1, dtype=torch.float64, device=doc.device)
+    totals.index_add_(0, doc, counts.double())
+    idf = torch.log((background_docs + 1) / (background.double() + 1))
+    score = counts.double() / totals[doc] * idf[row]
+    # best first within each document: sort by score, then (stably) by document
+    order = score.argsort(descending=True, stable=True)
+    order = order[doc[order].argsort(stable=True)]
+    first = torch.searchsorted(doc[order], doc[order], right=False)  # each document's start
+    rank = torch.arange(len(order), device=doc.device) - first
+    return row[order[rank < t]].unique()
 
 
 def keep_rows_(table: MemoryValues, rows: torch.Tensor) -> torch.Tensor:
@@ -305,6 +385,7 @@ def finetune_model(
     optim,
     background: np.ndarray | None = None,
     after_step: Callable[[int, nn.Module], object] | None = None,
+    eos_id: int | None = None,
 ) -> Finetuned:
     """Train ``model`` in place on ``tokens`` by ``args.method`` (module docstring).
     ``optim``: the run's :class:`~memlayers.optim.OptimArgs` (betas, eps, default learning
@@ -312,8 +393,13 @@ def finetune_model(
     scores compare against (how many of its sequences read each row). ``after_step(step,
     model)``: called after each optimizer step (1-based), e.g. to evaluate the model so far
     (a lora model with its adapters live); the model goes back to training mode after it.
-    A lora model comes back merged."""
+    A lora model comes back merged. ``eos_id``: the token that ends each document
+    (``args.per_document`` needs it)."""
     args.validate()
+    if args.per_document and (args.method != "sparse-memory" or eos_id is None):
+        raise ValueError("per_document chooses sparse-memory rows per document: it needs "
+                         f"method 'sparse-memory' and an eos_id, got method={args.method!r}, "
+                         f"eos_id={eos_id!r}")  # fmt: skip
     device = next(model.parameters()).device
     lr = args.lr if args.lr is not None else _default_lr(args.method, optim)
     tables = value_tables(model)
@@ -361,16 +447,30 @@ def finetune_model(
     out = Finetuned()
     model.train()
     sparse = args.method == "sparse-memory"
-    with counting_reads(model, training=True) if sparse else nullcontext() as take:
+    per_doc = sparse and args.per_document
+    with (
+        counting_reads(model, training=True) if sparse else nullcontext() as take,
+        capturing_reads(model) if per_doc else nullcontext() as take_reads,
+    ):
         bar = tqdm(range(args.steps), desc=f"finetune {args.method}", disable=None)
         for step in bar:
             x, y = (t.to(device) for t in next(loader))  # [B, T] each
+            if per_doc:
+                take_reads()  # drop what after_step's evaluation read
             loss = model(x, targets=y)
             loss.backward()
             if args.method == "sparse-memory":
                 kept = 0
+                reads = take_reads() if per_doc else [None] * len(tables)
+                docs = document_ids(x, eos_id) if per_doc else None
                 for i, (counts, df) in enumerate(zip(take(), bg_df, strict=True)):
-                    rows = keep_rows_(tables[i], top_rows(counts, df, bg_docs, args.top_t))
+                    if per_doc and reads[i] is None:  # no layer read this table
+                        chosen = torch.empty(0, dtype=torch.int64, device=df.device)
+                    elif per_doc:
+                        chosen = top_rows_per_document(reads[i], docs, df, bg_docs, args.top_t)
+                    else:
+                        chosen = top_rows(counts, df, bg_docs, args.top_t)
+                    rows = keep_rows_(tables[i], chosen)
                     touched[i][rows.cpu()] = True
                     kept += len(rows)
                 out.rows_updated.append(kept)
@@ -476,7 +576,9 @@ def finetune(
     d = trained.args.data
     batch = args.batch_size or d.batch_size
     model = trained.model
-    done = finetune_model(model, tokens, args, d.seq_len, batch, trained.args.optim, bg)
+    eos = trained.tokenizer.eos_id
+    done = finetune_model(model, tokens, args, d.seq_len, batch, trained.args.optim, bg,
+                          eos_id=eos)  # fmt: skip
 
     record = {
         "method": args.method,

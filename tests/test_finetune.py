@@ -16,11 +16,13 @@ from memlayers.finetune import (
     FinetuneArgs,
     _background_counts,
     add_lora,
+    document_ids,
     finetune,
     finetune_model,
     merge_lora_,
     specificity_scores,
     top_rows,
+    top_rows_per_document,
 )
 from memlayers.memory import MemoryConfig
 from memlayers.model import ModelConfig, build_model
@@ -104,6 +106,47 @@ def test_sparse_memory_keeps_each_step_to_its_rows():
         finetune_model(model, new, FinetuneArgs(steps=1, top_t=t, seed=step), T, B, OPTIM, bg)
         seen.append((w0 != model.memory_values.weight).any(1).nonzero().squeeze(1))
     assert all(0 < len(rows) <= t for rows in seen)
+
+
+def test_documents_end_at_eos_and_at_each_batch_row():
+    eos = 9
+    x = torch.tensor([[1, 9, 2, 3, 9, 4], [5, 6, 9, 9, 7, 8]])
+    assert document_ids(x, eos).tolist() == [0, 0, 1, 1, 1, 2, 3, 3, 3, 4, 5, 5]
+
+
+def test_per_document_rows_are_each_documents_own_best():
+    # Two documents of two tokens each, two reads a token. Row 5 is read by both (3 of
+    # document 0's 4 reads, 1 of document 1's): the batch-wide choice of one row takes it
+    # for both; per document, document 1 gets row 7, its own most specific.
+    indices = torch.tensor([[5, 5], [5, 2], [7, 7], [7, 5]])
+    docs = torch.tensor([0, 0, 1, 1])
+    background = torch.zeros(10, dtype=torch.int64)
+    counts = torch.bincount(indices.reshape(-1), minlength=10)
+    assert top_rows(counts, background, 100, 1).tolist() == [5]
+    assert top_rows_per_document(indices, docs, background, 100, 1).tolist() == [5, 7]
+    assert top_rows_per_document(indices, docs, background, 100, 2).tolist() == [2, 5, 7]
+    # a row every background sequence reads scores 0: last in its document
+    background[7] = 100
+    assert top_rows_per_document(indices, docs, background, 100, 1).tolist() == [5]
+    # never more than t a document, never a row a document did not read
+    got = top_rows_per_document(indices, docs, background, 100, 10)
+    assert got.tolist() == [2, 5, 7]
+
+
+def test_sparse_memory_per_document_trains_each_documents_rows():
+    model, t, eos = _model(), 3, VOCAB - 1
+    before = model.memory_values.weight.detach().clone()
+    new = _tokens(2000, 1, 0, VOCAB // 2)
+    new[::8] = eos  # documents of 8 tokens: two a batch row of 16
+    bg = _tokens(4000, 2, VOCAB // 2)
+    args = FinetuneArgs(steps=2, top_t=t, background_batches=4, per_document=True)
+    done = finetune_model(model, new, args, T, B, OPTIM, bg, eos_id=eos)
+    # up to t rows for each of a batch's documents (3 per row of 16 tokens: cut ones too)
+    assert all(t < n <= 3 * B * t for n in done.rows_updated)
+    changed = (before != model.memory_values.weight).any(1)
+    assert 0 < int(changed.sum()) <= done.rows_touched
+    with pytest.raises(ValueError, match="needs method 'sparse-memory' and an eos_id"):
+        finetune_model(_model(), new, args, T, B, OPTIM, bg)
 
 
 def test_full_changes_every_parameter():
