@@ -198,36 +198,47 @@ def top_rows(
     return read[best].sort().values
 
 
+class CapturedReads:
+    """The rows each token read, per value table, since the last :meth:`take` or
+    :meth:`clear` (:func:`capturing_reads`)."""
+
+    def __init__(self, n_tables: int) -> None:
+        self.seen: list[list[torch.Tensor]] = [[] for _ in range(n_tables)]
+
+    def take(self) -> list[torch.Tensor | None]:
+        """Per table ``[N, R]``: the one forward's tokens and the rows they read (the layers
+        reading the table side by side), or None for a table no layer read."""
+        out = [torch.cat(s, dim=1) if s else None for s in self.seen]
+        self.clear()
+        return out
+
+    def clear(self) -> None:
+        for s in self.seen:
+            s.clear()
+
+
 @contextmanager
 def capturing_reads(model: nn.Module):
-    """Yields ``take()``: per value table (:func:`memlayers.quantize.value_tables`), the
-    rows each token read in the forwards since the last call, ``[N, R]`` (the layers that
-    read the table side by side), or None for a table no layer read."""
+    """Yields a :class:`CapturedReads` that every memory layer's search reports to while
+    the block runs (tables as :func:`memlayers.quantize.value_tables` lists them)."""
     tables = value_tables(model)
     layers = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
-    seen: list[list[torch.Tensor]] = [[] for _ in tables]
+    reads = CapturedReads(len(tables))
 
     def capture(m: ProductKeyMemory, i: int):
         search = type(m).lookup
 
         def lookup(x):
             indices, weights = search(m, x)
-            seen[i].append(indices.detach())
+            reads.seen[i].append(indices.detach())
             return indices, weights
 
         return lookup
 
     for m in layers:
         m.lookup = capture(m, next(i for i, t in enumerate(tables) if t is m.values))
-
-    def take() -> list[torch.Tensor | None]:
-        out = [torch.cat(s, dim=1) if s else None for s in seen]
-        for s in seen:
-            s.clear()
-        return out
-
     try:
-        yield take
+        yield reads
     finally:
         for m in layers:
             del m.lookup  # the class's method again
@@ -450,18 +461,18 @@ def finetune_model(
     per_doc = sparse and args.per_document
     with (
         counting_reads(model, training=True) if sparse else nullcontext() as take,
-        capturing_reads(model) if per_doc else nullcontext() as take_reads,
+        capturing_reads(model) if per_doc else nullcontext() as captured,
     ):
         bar = tqdm(range(args.steps), desc=f"finetune {args.method}", disable=None)
         for step in bar:
             x, y = (t.to(device) for t in next(loader))  # [B, T] each
             if per_doc:
-                take_reads()  # drop what after_step's evaluation read
+                captured.clear()  # what after_step's evaluation read
             loss = model(x, targets=y)
             loss.backward()
             if args.method == "sparse-memory":
                 kept = 0
-                reads = take_reads() if per_doc else [None] * len(tables)
+                reads = captured.take() if per_doc else [None] * len(tables)
                 docs = document_ids(x, eos_id) if per_doc else None
                 for i, (counts, df) in enumerate(zip(take(), bg_df, strict=True)):
                     if per_doc and reads[i] is None:  # no layer read this table

@@ -140,7 +140,12 @@ def test_sparse_memory_per_document_trains_each_documents_rows():
     new[::8] = eos  # documents of 8 tokens: two a batch row of 16
     bg = _tokens(4000, 2, VOCAB // 2)
     args = FinetuneArgs(steps=2, top_t=t, background_batches=4, per_document=True)
-    done = finetune_model(model, new, args, T, B, OPTIM, bg, eos_id=eos)
+
+    def evaluate(step, model):  # reads of another shape between steps: not the batch's
+        model.eval()
+        model(torch.zeros(1, 5, dtype=torch.long))
+
+    done = finetune_model(model, new, args, T, B, OPTIM, bg, after_step=evaluate, eos_id=eos)
     # up to t rows for each of a batch's documents (3 per row of 16 tokens: cut ones too)
     assert all(t < n <= 3 * B * t for n in done.rows_updated)
     changed = (before != model.memory_values.weight).any(1)
