@@ -132,6 +132,15 @@ def repeat_to(tokens: np.ndarray, n: int) -> np.ndarray:
 # ---- sparse-memory: which rows -------------------------------------------------------------
 
 
+def _layers_by_table(model: nn.Module):
+    """``(tables, layers, where)``: the value tables (:func:`memlayers.quantize.
+    value_tables`), the memory layers, and the index in ``tables`` of each layer's table."""
+    tables = value_tables(model)
+    layers = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
+    where = [next(i for i, t in enumerate(tables) if t is m.values) for m in layers]
+    return tables, layers, where
+
+
 @contextmanager
 def counting_reads(model: nn.Module, training: bool = False):
     """Count the rows every value table is read at while the block runs. Yields
@@ -144,9 +153,7 @@ def counting_reads(model: nn.Module, training: bool = False):
     range check: the lookup checks the rows). Otherwise every forward's reads, by the
     evaluation's :class:`memlayers.usage.MemoryUsage` (checked, a host sync a lookup: the
     background pass, once)."""
-    tables = value_tables(model)
-    layers = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
-    where = [next(i for i, t in enumerate(tables) if t is m.values) for m in layers]
+    tables, layers, where = _layers_by_table(model)
     for m in layers:
         m.track_usage(training=training)
 
@@ -183,8 +190,12 @@ def specificity_scores(
     the main job that picked rows that lost 21% of the answers it had right and learned 2%
     of the new facts, against 1.6% and 3% here (benchmarks/results/finetune_cpu_20261201.md)."""
     tf = counts.double() / counts.sum().clamp(min=1)
-    idf = torch.log((background_docs + 1) / (background.double() + 1))
-    return tf * idf
+    return tf * _idf(background, background_docs)
+
+
+def _idf(background: torch.Tensor, background_docs: int) -> torch.Tensor:
+    """``log((N + 1) / (df + 1))`` per row (:func:`specificity_scores`), float64."""
+    return torch.log((background_docs + 1) / (background.double() + 1))
 
 
 def top_rows(
@@ -221,8 +232,7 @@ class CapturedReads:
 def capturing_reads(model: nn.Module):
     """Yields a :class:`CapturedReads` that every memory layer's search reports to while
     the block runs (tables as :func:`memlayers.quantize.value_tables` lists them)."""
-    tables = value_tables(model)
-    layers = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
+    tables, layers, where = _layers_by_table(model)
     reads = CapturedReads(len(tables))
 
     def capture(m: ProductKeyMemory, i: int):
@@ -235,8 +245,8 @@ def capturing_reads(model: nn.Module):
 
         return lookup
 
-    for m in layers:
-        m.lookup = capture(m, next(i for i, t in enumerate(tables) if t is m.values))
+    for m, i in zip(layers, where, strict=True):
+        m.lookup = capture(m, i)
     try:
         yield reads
     finally:
@@ -274,8 +284,7 @@ def top_rows_per_document(
     doc, row = keys // n_rows, keys % n_rows
     totals = torch.zeros(int(doc.max()) + 1, dtype=torch.float64, device=doc.device)
     totals.index_add_(0, doc, counts.double())
-    idf = torch.log((background_docs + 1) / (background.double() + 1))
-    score = counts.double() / totals[doc] * idf[row]
+    score = counts.double() / totals[doc] * _idf(background, background_docs)[row]
     # best first within each document: sort by score, then (stably) by document
     order = score.argsort(descending=True, stable=True)
     order = order[doc[order].argsort(stable=True)]
@@ -460,7 +469,7 @@ def finetune_model(
     sparse = args.method == "sparse-memory"
     per_doc = sparse and args.per_document
     with (
-        counting_reads(model, training=True) if sparse else nullcontext() as take,
+        counting_reads(model, training=True) if sparse and not per_doc else nullcontext() as take,
         capturing_reads(model) if per_doc else nullcontext() as captured,
     ):
         bar = tqdm(range(args.steps), desc=f"finetune {args.method}", disable=None)
@@ -472,15 +481,17 @@ def finetune_model(
             loss.backward()
             if args.method == "sparse-memory":
                 kept = 0
-                reads = captured.take() if per_doc else [None] * len(tables)
-                docs = document_ids(x, eos_id) if per_doc else None
-                for i, (counts, df) in enumerate(zip(take(), bg_df, strict=True)):
-                    if per_doc and reads[i] is None:  # no layer read this table
+                if per_doc:
+                    reads, docs = captured.take(), document_ids(x, eos_id)
+                else:
+                    reads = take()  # per table, the batch's read counts
+                for i, (read, df) in enumerate(zip(reads, bg_df, strict=True)):
+                    if not per_doc:
+                        chosen = top_rows(read, df, bg_docs, args.top_t)
+                    elif read is None:  # no layer read this table
                         chosen = torch.empty(0, dtype=torch.int64, device=df.device)
-                    elif per_doc:
-                        chosen = top_rows_per_document(reads[i], docs, df, bg_docs, args.top_t)
                     else:
-                        chosen = top_rows(counts, df, bg_docs, args.top_t)
+                        chosen = top_rows_per_document(read, docs, df, bg_docs, args.top_t)
                     rows = keep_rows_(tables[i], chosen)
                     touched[i][rows.cpu()] = True
                     kept += len(rows)
