@@ -121,14 +121,24 @@ def graph_ms(fn, calls: int, reps: int = 20) -> float:
 def launches_before():
     """The launches as they were before the few-bags rules (training's, at any batch):
     one cuBLAS product per half for the scores, too."""
-    saved = ebt.fwd_config, pkt.TOPK_FEW_WARPS, pkt.TOPK_BOTH_HALVES_BYTES, pkt.SCORES_FEW
+    saved = ebt.fwd_config, pkt.TOPK_FEW_WARPS, pkt.TOPK_BOTH_HALVES_BYTES
     ebt.fwd_config = lambda bags, d, n_sm: ebt.FWD_CONFIG
     pkt.TOPK_FEW_WARPS, pkt.TOPK_BOTH_HALVES_BYTES = pkt.TOPK_WARPS, 0
-    pkt.SCORES_FEW = False
+    try:
+        with scores_few(False):
+            yield
+    finally:
+        ebt.fwd_config, pkt.TOPK_FEW_WARPS, pkt.TOPK_BOTH_HALVES_BYTES = saved
+
+
+@contextlib.contextmanager
+def scores_few(on: bool):
+    """``product_keys_triton.SCORES_FEW`` set to ``on`` for the block."""
+    saved, pkt.SCORES_FEW = pkt.SCORES_FEW, on
     try:
         yield
     finally:
-        ebt.fwd_config, pkt.TOPK_FEW_WARPS, pkt.TOPK_BOTH_HALVES_BYTES, pkt.SCORES_FEW = saved
+        pkt.SCORES_FEW = saved
 
 
 def swept(args, part: str) -> bool:
@@ -201,12 +211,9 @@ def bench_tokens(args, tokens: int, layer, ffn, packed, n_sm: int, device, dtype
     # Search.
     with torch.no_grad():
         s1, s2 = pkt._half_scores(q, keys)
-        few, pkt.SCORES_FEW = pkt.SCORES_FEW, False
-        try:
+        with scores_few(False):
             bmm = add(tokens, "search: half-key scores (a bmm per half)",
                       graph_ms(lambda: pkt._half_scores(q, keys), args.calls))  # fmt: skip
-        finally:
-            pkt.SCORES_FEW = few
         add(tokens, "search: half-key scores, one Triton launch (SCORES_FEW)",
             graph_ms(lambda: pkt.few_scores(q, keys), args.calls), bmm)  # fmt: skip
         training = functools.partial(pkt.topk_launch, num_warps=pkt.TOPK_WARPS,
@@ -234,12 +241,10 @@ def bench_tokens(args, tokens: int, layer, ffn, packed, n_sm: int, device, dtype
                 graph_ms(lambda: mem(x), args.calls), f_ms)  # fmt: skip
         add(tokens, "memory layer, compiled, shipped launches",
             graph_ms(lambda: mem(x), args.calls), f_ms)  # fmt: skip
-        few, pkt.SCORES_FEW = pkt.SCORES_FEW, not pkt.SCORES_FEW
-        try:
-            add(tokens, f"memory layer, compiled, shipped but SCORES_FEW={not few}",
+        flipped = not pkt.SCORES_FEW
+        with scores_few(flipped):
+            add(tokens, f"memory layer, compiled, shipped but SCORES_FEW={flipped}",
                 graph_ms(lambda: mem(x), args.calls), f_ms)  # fmt: skip
-        finally:
-            pkt.SCORES_FEW = few
 
 
 def main() -> None:

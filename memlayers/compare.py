@@ -42,7 +42,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from memlayers.config import STUDY_SECTION, TrainArgs, load_config, to_yaml, with_vocab
+from memlayers.config import (
+    STUDY_SECTION,
+    TrainArgs,
+    _read_yaml,
+    load_config,
+    to_yaml,
+    with_vocab,
+)
 from memlayers.files import write_atomic
 from memlayers.report import si
 
@@ -54,8 +61,6 @@ STUDY_KEYS = ("variants", "out", "max_qa")  # a study file's compare: section
 def read_study(path: str | Path) -> dict:
     """The ``compare:`` section of a config YAML, checked: ``{"variants": [...], "out":
     str | None, "max_qa": int | None}``; ``{}`` for a file without one."""
-    from memlayers.config import _read_yaml
-
     section = _read_yaml(path).get(STUDY_SECTION)
     if section is None:
         return {}
