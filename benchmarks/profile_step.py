@@ -50,9 +50,9 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--memory", nargs="*", default=[], metavar="KEY=VALUE",
                    help="MemoryConfig fields of the preset's memory layers")  # fmt: skip
-    p.add_argument("--balance-kth-triton", action="store_true",
-                   help="router.BALANCE_KTH_TRITON on: the balance loss's k-th scores by the "
-                   "search's Triton top-k, not torch.topk")  # fmt: skip
+    p.add_argument("--balance-kth-torch", action="store_true",
+                   help="router.BALANCE_KTH_TRITON off: the balance loss's k-th scores by "
+                   "torch.topk, not the search's Triton top-k (the default)")  # fmt: skip
     ns = p.parse_args()
 
     dev = torch.device("cuda")
@@ -66,10 +66,10 @@ def main() -> None:
             raise SystemExit(f"error: --memory takes MemoryConfig KEY=VALUE, got {item!r}")
         setattr(cfg.memory, key, yaml.safe_load(value))
     cfg.memory.validate()
-    if ns.balance_kth_triton:
+    if ns.balance_kth_torch:
         import memlayers.router as router
 
-        router.BALANCE_KTH_TRITON = True
+        router.BALANCE_KTH_TRITON = False
     try:
         model = build_model(cfg, dev, seed=0, sparse_values=True)
     except TypeError:  # checkouts where build_optimizer switched the tables to sparse
@@ -112,7 +112,7 @@ def main() -> None:
     med = statistics.median(times)
     what = ns.preset + (" (merge_grads=false)" if ns.no_merge else "")
     what += "".join(f" {m}" for m in ns.memory)
-    what += " (balance k-th by Triton)" if ns.balance_kth_triton else ""
+    what += " (balance k-th by torch.topk)" if ns.balance_kth_torch else ""
     head = f"{what}: step {1e3 * med:.1f} ms, {B * T / med:,.0f} tokens/s (median, {ns.steps})"
     print(head, flush=True)
 

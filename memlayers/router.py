@@ -211,10 +211,10 @@ def balance_loss(
 
 # Whether impl="auto" finds the balance loss's k-th scores with the search's Triton top-k
 # (half_kth) on a GPU. torch.topk took 1.1 ms a layer at 4,096 tokens on an H200 (3 of a
-# 102 ms step: benchmarks/results/profile_134m_h200_20261203.md); half_kth is the same
-# launches as the search's, which take ~0.2 ms at that size, but it was built after the
-# session's last device call: off until timed and run by the GPU suite (NOTES session 17).
-BALANCE_KTH_TRITON = False
+# 102 ms step: benchmarks/results/profile_134m_h200_20261203.md); with half_kth the same
+# step took 98.3 against 101.7 ms in one call (profile_134m_h200_20261203b.md). False:
+# torch.topk, the same values.
+BALANCE_KTH_TRITON = True
 
 
 def kth_half_scores(s: torch.Tensor, k: int, impl: str = "auto") -> torch.Tensor:
