@@ -6,9 +6,11 @@
 
 Paper shape (docs/method.md §4): a 1,048,576-row bf16 table with fp32 moments, the rows
 that 16,384 × 128 uniform lookups touch (~907k); the table is stored stochastically
-rounded, as with ``model.memory.value_dtype=bf16``. Bytes are the fewest a step moves: Adam
-reads and writes param and both moments (fp32; or bf16 with stochastic rounding) of the
-touched rows and reads their gradient rows; SGD reads and writes param and reads the gradient.
+rounded, as with ``model.memory.value_dtype=bf16 optim.value_master=false``, or from an
+fp32 master copy (the default: the master read and written, the table written). Bytes are
+the fewest a step moves: Adam reads and writes param and both moments (fp32; or bf16 with
+stochastic rounding) of the touched rows and reads their gradient rows; SGD reads and
+writes param and reads the gradient.
 """
 
 from __future__ import annotations
@@ -35,13 +37,19 @@ def bench_dim(args, table: Table, d: int, device) -> None:
     # Per touched row: param read + write, gradient read, moments read + write (fp32);
     # the row index (8) is left out of the per-row figures.
     per_row = {"adam": d * (2 * elt + elt + 16), "rowwise": d * (2 * elt + elt + 8) + 8,
-               "bf16": d * (2 * elt + elt + 8), "sgd": d * 3 * elt}  # fmt: skip
+               "bf16": d * (2 * elt + elt + 8), "sgd": d * 3 * elt,
+               "master": d * (8 + elt + 16 + elt)}  # fmt: skip
     m16, v16 = m.bfloat16(), v.bfloat16()
+    master = values.float()
     adam_bytes = u * (per_row["adam"] + 8)
     note = f"{u} of {n} rows"
     table.add(f"D={d}: row Adam step (bf16 table, fp32 moments)",
               timed(lambda: row_adam_step_triton(values, rows, grad, m, v, 1, **hp)),
               adam_bytes, f"{note}; {per_row['adam']} B/row")  # fmt: skip
+    table.add(f"D={d}: row Adam step, fp32 master (bf16 table, fp32 moments)",
+              timed(lambda: row_adam_step_triton(values, rows, grad, m, v, 1, **hp,
+                                                 master=master)),
+              u * (per_row["master"] + 8), f"{note}; {per_row['master']} B/row")  # fmt: skip
     table.add(f"D={d}: row Adam step, row-wise v (bf16 table, fp32 m, [N] v)",
               timed(lambda: row_adam_step_triton(values, rows, grad, m, v_row, 1, **hp,
                                                  rowwise_v=True)),

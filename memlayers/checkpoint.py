@@ -281,11 +281,17 @@ def _load_dcp(path: Path, model: nn.Module, optimizer=None, plan=None) -> None:
     saved = dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
     sections = {key.split(".", 1)[0] for key in saved}
     state = {k: v for k, v in state.items() if k in sections}
+    # A value table's master copy saved without one (a run of optim.value_master=false or
+    # older): not read; the optimizer makes it from the loaded table.
+    for prefix, entry in state.get("values_optim", {}).items():
+        if "master" in entry and f"values_optim.{prefix}.master" not in saved:
+            del entry["master"]
     # Without a plan the model is whole: this process reads every shard itself, even
     # inside a process group (e.g. rank 0 evaluating after a distributed run).
     dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=plan is None or plan.world == 1)
     for container, key, local in wrapped:  # loaded in place; hand back the plain shards
-        container[key] = local
+        if key in container:
+            container[key] = local
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         optimizer.load_distributed_state_dict(state)

@@ -445,7 +445,7 @@ def finetune_model(
         touched = [torch.zeros(t.n_rows, dtype=torch.bool) for t in tables]
         opt = SparseValueAdam(
             [t.weight for t in tables], lr=lr, betas=betas, eps=optim.eps,
-            impl=model.config.memory.impl,
+            impl=model.config.memory.impl, master=optim.value_master,
         )  # fmt: skip
         trained = [t.weight for t in tables]
     elif args.method == "full":

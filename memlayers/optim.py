@@ -23,7 +23,10 @@ table in the AdamW as a third group (every row's moments decay every step).
 per step. Its per-row mean of ``g²`` needs whole rows, so column-sharded tables
 (``parallel.mp > 1``) refuse it. ``"sparse_adam_bf16"`` keeps both moments in bf16 with
 stochastic rounding (``SparseValueAdam(moments="bf16")``): half the state, 29-36% fewer
-bytes per step.
+bytes per step. ``value_master`` (default on) keeps an fp32 master copy of a bf16 table
+(``model.memory.value_dtype=bf16``) in the value optimizer's state, the table stored
+rounded to nearest from it (mixed precision, as autocast treats every other weight);
+off, the bf16 table alone is stored stochastically rounded.
 
 The schedule is a multiplier of each group's ``base_lr``: linear warmup, then cosine or
 linear decay to ``min_lr_ratio``. It is a pure function of the step, so the checkpoint
@@ -60,6 +63,9 @@ class OptimArgs:
     memory_lr: float | None = None
     value_weight_decay: float = 0.0
     value_optimizer: str = "sparse_adam"  # sparse_adam | ..._rowwise | ..._bf16 | adamw
+    # A bf16 value table's fp32 master copy in the sparse optimizer's state (no effect on
+    # an fp32 table); false: the table alone, stochastically rounded.
+    value_master: bool = True
     schedule: str = "cosine"  # cosine | linear | constant
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr
@@ -201,17 +207,20 @@ class Optimizers:
             for prefix, table in tables:
                 # Moments exist from the first step on; make them now to load into.
                 st = opt.init_state(table.weight)
-                entry = {k: st[k] for k in ("step", "exp_avg", "exp_avg_sq")}
+                entry = {k: st[k] for k in ("step", "exp_avg", "exp_avg_sq", "master") if k in st}
                 wrap(entry, "exp_avg", table)
                 if not opt.rowwise_v:  # a row-wise [N] vector is whole on every rank (mp=1)
                     wrap(entry, "exp_avg_sq", table)
+                if "master" in entry:
+                    wrap(entry, "master", table)
                 state["values_optim"][prefix] = entry
         return state
 
     def load_distributed_state_dict(self, state: dict) -> None:
         """Finish a DCP load into :meth:`distributed_state_dict`'s tensors (table moments
         arrive in place; AdamW's state and the step counts are set here). A section the
-        checkpoint lacks leaves that optimizer fresh."""
+        checkpoint lacks leaves that optimizer fresh; a master copy it lacks (the entry
+        without ``"master"``: saved without one) is made from the loaded table."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         if "optim" in state:
@@ -220,6 +229,8 @@ class Optimizers:
         for prefix, entry in state.get("values_optim", {}).items():
             weight = self.model.get_submodule(prefix).weight
             opt.state[weight]["step"] = int(entry["step"])
+            if "master" not in entry:
+                opt.set_master(weight, None)
 
 
 def uses_sparse_values(args: OptimArgs) -> bool:
@@ -299,6 +310,7 @@ def build_optimizer(model: nn.Module, args: OptimArgs, impl: str = "auto") -> Op
         optimizers["values"] = SparseValueAdam(
             [values_group], betas=betas, eps=args.eps, impl=impl, rowwise_v=rowwise_v,
             moments="bf16" if args.value_optimizer == "sparse_adam_bf16" else "fp32",
+            master=args.value_master,
         )  # fmt: skip
     return Optimizers(model, optimizers)
 

@@ -26,6 +26,15 @@ Bytes per touched row with a bf16 table (and its bf16 gradient): 22·D with fp32
 moments, 14·D with bf16 moments, 14·D + 8 with a row-wise v, against 28·D for an fp32
 table with fp32 moments; SGD 6·D against 12·D (counted; GPU time not yet measured).
 
+``SparseValueAdam(..., master=True)`` (the trainer's default, ``optim.value_master``)
+keeps instead an fp32 master copy of each bf16 table in its state (``state["master"]``,
+made from the table at the first step or load): the step reads and writes the master and
+stores the table rounded to nearest. That is mixed precision as autocast does it for
+every other weight (fp32 weights, bf16 copies for the products): no update is lost and
+the lookups still read half the bytes of an fp32 table's rows (the forward, the score
+gradient), for 28·D bytes per touched row in the step, as an fp32 table's. State: 4 + 8
+bytes per element beside the 2 of the table, against 4 + 8 for an fp32 table.
+
 The steps run as Triton kernels on CUDA (``impl="auto"``) and as the PyTorch references
 elsewhere; both live in :mod:`memlayers.ops.row_adam`.
 """
@@ -125,12 +134,14 @@ class SparseValueAdam(_RowOptimizer):
     ``impl``: ``"auto"`` (Triton on CUDA) | ``"torch"`` | ``"triton"``. ``rowwise_v``:
     ``exp_avg_sq`` is ``[N]``, one second moment per row, updated with the row's mean of
     ``g²`` (``m`` stays ``[N, D]``). ``moments``: ``"fp32"`` | ``"bf16"`` (stochastically
-    rounded; a row-wise ``exp_avg_sq`` stays fp32).
+    rounded; a row-wise ``exp_avg_sq`` stays fp32). ``master``: a bf16 (any non-fp32)
+    table gets an fp32 master copy in the state, the table stored rounded to nearest from
+    it; without, the table is stored stochastically rounded.
     """
 
     def __init__(
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, impl="auto",
-        rowwise_v=False, moments="fp32",
+        rowwise_v=False, moments="fp32", master=False,
     ):  # fmt: skip
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"betas must be in [0, 1), got betas={betas!r}")
@@ -144,6 +155,11 @@ class SparseValueAdam(_RowOptimizer):
         super().__init__(params, defaults, impl)
         self.rowwise_v = bool(rowwise_v)
         self.moments = moments
+        self.master = bool(master)
+
+    def has_master(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s state holds an fp32 master copy (``master`` and a non-fp32 ``p``)."""
+        return self.master and p.dtype != torch.float32
 
     def moment_dtype(self, key: str) -> torch.dtype:
         """The dtype ``exp_avg`` / ``exp_avg_sq`` are kept in."""
@@ -159,6 +175,8 @@ class SparseValueAdam(_RowOptimizer):
             state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype("exp_avg"))
             sq_shape = p.shape[:1] if self.rowwise_v else p.shape
             state["exp_avg_sq"] = p.new_zeros(sq_shape, dtype=self.moment_dtype("exp_avg_sq"))
+            if self.has_master(p):
+                state["master"] = p.detach().float()
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -166,7 +184,9 @@ class SparseValueAdam(_RowOptimizer):
         optimizer's moment dtype: the base class casts floating state to the parameter's
         dtype, which for a bf16 table would round fp32 moments. Saved moments of the other
         dtype are converted (fp32 → bf16 rounds once, to nearest), as a DCP load into this
-        optimizer's state does (:meth:`memlayers.optim.Optimizers.distributed_state_dict`)."""
+        optimizer's state does (:meth:`memlayers.optim.Optimizers.distributed_state_dict`).
+        A master copy is kept in fp32 when saved, made from the (loaded) table when not,
+        and dropped when this optimizer keeps none."""
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -176,6 +196,7 @@ class SparseValueAdam(_RowOptimizer):
                     continue
                 want = self.moment_dtype(key)
                 self.state[p][key] = saved[i][key].to(p.device, want).clone()
+            self.set_master(p, saved.get(i, {}).get("master"))
             sq = self.state[p].get("exp_avg_sq")
             want = tuple(p.shape[:1] if self.rowwise_v else p.shape)
             if sq is not None and tuple(sq.shape) != want:
@@ -185,6 +206,16 @@ class SparseValueAdam(_RowOptimizer):
                     f"state was saved with"
                 )
 
+    def set_master(self, p: torch.Tensor, saved: torch.Tensor | None) -> None:
+        """After a load into ``p``'s state: its master copy is ``saved`` (in fp32), or
+        ``p`` itself when nothing was saved; none when this optimizer keeps none."""
+        state = self.state[p]
+        if not self.has_master(p):
+            state.pop("master", None)
+        elif state:
+            src = p.detach() if saved is None else saved
+            state["master"] = src.to(p.device, torch.float32).contiguous().clone()
+
     def _update(self, p, group, rows, grad):
         state = self.init_state(p)
         state["step"] += 1
@@ -192,7 +223,7 @@ class SparseValueAdam(_RowOptimizer):
         row_adam_step_(
             p, rows, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
             beta1, beta2, group["eps"], group["weight_decay"], impl=self.impl,
-            rowwise_v=self.rowwise_v,
+            rowwise_v=self.rowwise_v, master=state.get("master"),
         )  # fmt: skip
 
 

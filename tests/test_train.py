@@ -61,8 +61,11 @@ def tiny_args(run_dir, *overrides) -> TrainArgs:
         ["optim.value_optimizer=adamw", "grad_accum=2", "model.memory.value_dropout=0.2"],
         # running query statistics are buffers: saved, restored, compared below
         ["model.memory.query_batch_norm=true", "model.memory.balance_loss=0.5"],
-        # a bf16 table: its stochastic rounding repeats (the bits follow the step)
+        # a bf16 table with its fp32 master copy (optimizer state), in both checkpoint layouts
         ["model.memory.value_dtype=bf16"],
+        ["model.memory.value_dtype=bf16", "checkpoint.format=dcp"],
+        # a bf16 table alone: its stochastic rounding repeats (the bits follow the step)
+        ["model.memory.value_dtype=bf16", "optim.value_master=false"],
         # the memory layers' own AdamW groups (optim.memory_lr) save and load as the rest
         ["optim.memory_lr=1e-2"],
     ],
@@ -70,7 +73,9 @@ def tiny_args(run_dir, *overrides) -> TrainArgs:
         "sparse-adam",
         "adamw-accum-dropout",
         "query-batch-norm-balance-loss",
-        "bf16-values",
+        "bf16-values-master",
+        "bf16-values-master-dcp",
+        "bf16-values-stochastic",
         "memory-lr",
     ],
 )

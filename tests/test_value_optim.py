@@ -356,21 +356,24 @@ def test_trainer_option_sparse_adam_rowwise():
 # close to fp32 Adam, exact resume, the trainer option.
 
 
-def _adam_both_paths(param_dtype, moment_dtype, sparse, rowwise):
+def _adam_both_paths(param_dtype, moment_dtype, sparse, rowwise, masters=None):
     """Four Adam steps of the reference and the Triton step from the same table, rows
-    and gradients (the table's dtype): ``(params, states)``, reference first."""
+    and gradients (the table's dtype): ``(params, states)``, reference first. ``masters``:
+    a list to fill with the two paths' fp32 master copies (the steps then use them)."""
     n, d = 24, 37
     params = [_table(n, d, param_dtype) for _ in range(2)]
     sq = (lambda: torch.zeros(n, device=DEVICE)) if rowwise else (
         lambda: torch.zeros(n, d, device=DEVICE, dtype=moment_dtype))  # fmt: skip
     states = [[torch.zeros(n, d, device=DEVICE, dtype=moment_dtype), sq()] for _ in range(2)]
+    if masters is not None:
+        masters += [p.float() for p in params]
     for step in (1, 2, 3, 4):
         rows = _rows(n, 9, seed=step) if sparse else None
         grad = _table(9 if sparse else n, d, param_dtype, seed=10 + step)
-        for fn, p, (m, v) in zip(
-            (row_adam_step_torch, row_adam_step_triton), params, states, strict=True
-        ):
-            fn(p, rows, grad, m, v, step, weight_decay=0.1, rowwise_v=rowwise, **HP)
+        for i, fn in enumerate((row_adam_step_torch, row_adam_step_triton)):
+            m, v = states[i]
+            fn(params[i], rows, grad, m, v, step, weight_decay=0.1, rowwise_v=rowwise, **HP,
+               master=None if masters is None else masters[i])  # fmt: skip
     return params, states
 
 
@@ -625,17 +628,20 @@ def test_param_rounding_draws_bits_independent_of_the_moments():
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-@pytest.mark.parametrize("opt", ["adam", "sgd"])
+@pytest.mark.parametrize("opt", ["adam", "adam-master", "sgd"])
 def test_bf16_table_keeps_updates_below_its_rounding_step(opt, impl):
     # Values in [1, 2) have a bf16 step of 2^-7; an update of 2^-12 (1/32 step) a step is
     # lost by round-to-nearest every time (the value never moves). Stochastic rounding
-    # moves the values by it on average: after 64 steps, 2^-6 (two steps) down.
+    # moves the values by it on average: after 64 steps, 2^-6 (two steps) down; an fp32
+    # master copy moves by it exactly, the table following it to nearest.
     n, d, steps, lr = 4, 1024, 64, 2**-12
     g = torch.Generator().manual_seed(0)
     start = (1.25 + 0.5 * torch.rand(n, d, generator=g)).bfloat16().to(DEVICE)
     table = torch.nn.Parameter(start.clone())
     # Adam's step with a constant gradient is lr (m̂ / √v̂ = 1); SGD's is lr · g.
     make = {"adam": lambda: SparseValueAdam([table], lr=lr, eps=1e-12, impl=impl),
+            "adam-master": lambda: SparseValueAdam([table], lr=lr, eps=1e-12, impl=impl,
+                                                   master=True),
             "sgd": lambda: SparseValueSGD([table], lr=lr, impl=impl)}  # fmt: skip
     optim = make[opt]()
     for _ in range(steps):
@@ -689,3 +695,131 @@ def test_bf16_table_needs_a_row_sparse_value_optimizer():
     model.values.sparse_grad = True
     opt = build_optimizer(model, OptimArgs(), impl="torch").optimizers["values"]
     assert opt.param_groups[0]["params"][0].dtype == torch.bfloat16
+
+
+def _assert_equal(actual, expected):
+    assert torch.equal(actual, expected)
+
+
+def _stored_bf16(master: torch.Tensor, kernel: bool) -> torch.Tensor:
+    """The bf16 table a step stores from its fp32 ``master``: rounded to nearest, or by a
+    kernel under the interpreter, whose bf16 cast truncates (towards zero)."""
+    if not kernel or CUDA:
+        return master.bfloat16()
+    return (master.view(torch.int32) & ~0xFFFF).view(torch.float32).bfloat16()
+
+
+# An fp32 master copy of a bf16 table (SparseValueAdam(master=True), optim.value_master):
+# the step of an fp32 table on the master, the table its rounding to nearest; the master
+# through state_dict and DCP, made from the table when a checkpoint has none.
+
+
+@pytest.mark.parametrize("rowwise", [False, True], ids=["elementwise-v", "rowwise-v"])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_master_copy_matches_reference(sparse, rowwise):
+    masters = []
+    params, states = _adam_both_paths(torch.bfloat16, torch.float32, sparse, rowwise, masters)
+    assert params[1].dtype == torch.bfloat16 and masters[1].dtype == torch.float32
+    _assert_param_close(masters[1], masters[0])  # fp32: rounding differences only
+    assert not torch.equal(masters[0], _table(24, 37, torch.bfloat16).float())  # it moved
+    assert torch.equal(params[0], masters[0].bfloat16())  # rounded to nearest
+    assert torch.equal(params[1], _stored_bf16(masters[1], kernel=True))
+
+
+@pytest.mark.parametrize("rowwise", [False, True], ids=["elementwise-v", "rowwise-v"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_master_copy_steps_as_an_fp32_table(impl, rowwise):
+    # The same bf16 start, the same gradients: the master follows an fp32 table's steps
+    # (bit for bit in the reference and the interpreter; a GPU compiles the two kernel
+    # variants' multiply-adds apart: fp32 rounding), and the bf16 table is its rounding.
+    same = _assert_param_close if CUDA and impl == "triton" else _assert_equal
+    n, d = 20, 16
+    start = _table(n, d, torch.bfloat16)
+    fp32 = torch.nn.Parameter(start.float())
+    bf16 = torch.nn.Parameter(start.clone())
+    opts = [SparseValueAdam([t], lr=1e-2, weight_decay=0.1, impl=impl, rowwise_v=rowwise,
+                            master=True) for t in (fp32, bf16)]  # fmt: skip
+    assert "master" not in opts[0].init_state(fp32)  # an fp32 table needs none
+    for seed in range(1, 6):
+        rows = _rows(n, 8, seed)
+        g = _table(rows.numel(), d, torch.bfloat16, seed=40 + seed)
+        for t in (fp32, bf16):
+            t.grad = torch.sparse_coo_tensor(rows[None], g.to(t.dtype), (n, d))
+        for o in opts:
+            o.step()
+        master = opts[1].state[bf16]["master"]
+        same(master, fp32.detach())
+        assert torch.equal(bf16.detach(), _stored_bf16(master, kernel=impl == "triton"))
+    for key in ("exp_avg", "exp_avg_sq"):
+        same(opts[1].state[bf16][key], opts[0].state[fp32][key])
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_master_copy_through_state_dict(impl):
+    n, d = 20, 8
+
+    def step(table, opt, seed):
+        rows = _rows(n, 6, seed)
+        g = _table(rows.numel(), d, torch.bfloat16, seed=seed)
+        table.grad = torch.sparse_coo_tensor(rows[None], g, (n, d))
+        opt.step()
+
+    tables = [torch.nn.Parameter(_table(n, d, torch.bfloat16)) for _ in range(2)]
+    opt = SparseValueAdam([tables[0]], lr=1e-3, impl=impl, master=True)
+    for seed in (1, 2, 3):
+        step(tables[0], opt, seed)
+    master = opt.state[tables[0]]["master"]
+    assert not torch.equal(master, tables[0].detach().float())  # below the table's rounding
+    tables[1].data.copy_(tables[0].data)
+    resumed = SparseValueAdam([tables[1]], lr=1e-3, impl=impl, master=True)
+    resumed.load_state_dict(opt.state_dict())
+    got = resumed.state[tables[1]]["master"]
+    assert got.dtype == torch.float32 and torch.equal(got, master)  # not cast to bf16
+    step(tables[0], opt, 4)
+    step(tables[1], resumed, 4)
+    assert torch.equal(tables[1], tables[0])
+    assert torch.equal(resumed.state[tables[1]]["master"], opt.state[tables[0]]["master"])
+    # Without a master the state drops it; a state saved without one gets the table's.
+    plain = SparseValueAdam([tables[1]], lr=1e-3, impl=impl)
+    plain.load_state_dict(opt.state_dict())
+    assert "master" not in plain.state[tables[1]]
+    fresh = SparseValueAdam([tables[1]], lr=1e-3, impl=impl, master=True)
+    fresh.load_state_dict(plain.state_dict())
+    assert torch.equal(fresh.state[tables[1]]["master"], tables[1].detach().float())
+
+
+def test_master_copy_through_dcp_checkpoints(tmp_path):
+    # A DCP checkpoint holds the master; one written without it (optim.value_master=
+    # false) loads into a run with it, the master then made from the loaded table.
+    from memlayers.checkpoint import load_checkpoint, save_distributed_checkpoint
+    from memlayers.memory import MemoryValues
+    from memlayers.model import build_model
+    from memlayers.optim import OptimArgs, build_optimizer
+    from memlayers.presets import get_preset
+    from memlayers.train import compute_loss
+
+    cfg = get_preset("tiny-memory+")
+    cfg.memory.value_dtype = "bf16"
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+
+    def run(master: bool, seed: int):
+        model = build_model(cfg, seed=seed, sparse_values=True)
+        opt = build_optimizer(model, OptimArgs(value_master=master), impl="torch")
+        compute_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        opt.step()
+        return model, opt
+
+    for saved_master in (True, False):
+        root = tmp_path / f"m{int(saved_master)}"
+        model, opt = run(saved_master, seed=0)
+        save_distributed_checkpoint(root, 1, model, opt, {}, cfg.to_dict())
+        other, other_opt = run(True, seed=1)  # other weights and moments
+        load_checkpoint(root, other, other_opt)
+        (table,) = [t.weight for t in other.modules() if isinstance(t, MemoryValues)]
+        got = other_opt.optimizers["values"].state[table]["master"]
+        assert got.dtype == torch.float32
+        if saved_master:
+            (mine,) = opt.optimizers["values"].state.values()
+            assert torch.equal(got, mine["master"])
+        else:
+            assert torch.equal(got, table.detach().float())

@@ -34,6 +34,13 @@ the result). With a bf16 table and bf16 moments a step moves 14 bytes per elemen
 the 28 of an fp32 table with fp32 moments; with fp32 moments 22. The rounding adds one
 hash per element, no bytes.
 
+A *master copy* (``master``: an fp32 ``[N, D]`` tensor beside a bf16 ``param``, the
+optimizer's state) is the mixed-precision alternative: the step reads the parameter from
+the master, stores the result there exactly and in ``param`` rounded to nearest, so the
+table the lookups read is bf16 (half the bytes of every row read) and no update is lost.
+Bytes per touched element: ``2·4 + 2·4 + 2·4 + g + 2`` (28 with a bf16 gradient: as an
+fp32 table's step, 4 of them the bf16 copy written), no hash.
+
 The PyTorch functions here are the references (and the CPU path), beside the argument
 checks and the dispatchers; the Triton kernels and their launchers live in
 :mod:`memlayers.ops.row_adam_triton` and do the same fp32 arithmetic in the same order,
@@ -113,6 +120,7 @@ def row_adam_step_torch(
     eps: float,
     weight_decay: float,
     rowwise_v: bool = False,
+    master: torch.Tensor | None = None,
 ) -> None:
     """Adam(W) on ``param[rows]`` (all rows when ``rows`` is None), in place, fp32 math.
 
@@ -120,6 +128,8 @@ def row_adam_step_torch(
     + eps``, step ``lr / bc1``) so touched rows match it; decay is decoupled (AdamW).
     ``rowwise_v``: ``exp_avg_sq`` is ``[N]``, ``v_row = beta2·v_row + (1 - beta2)·
     mean_d(g²)``, and every element of a row divides by the same denominator.
+    ``master``: fp32 ``[N, D]``, the parameter's exact values (read and written), ``param``
+    its copy rounded to nearest.
     """
     sel = slice(None) if rows is None else rows
     g = grad.float()  # [U, D]
@@ -130,7 +140,7 @@ def row_adam_step_torch(
         v = exp_avg_sq[sel].float().mul_(beta2).add_(g2, alpha=1 - beta2)  # [U]
     else:
         v = exp_avg_sq[sel].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)  # [U, D]
-    p = param[sel].float()
+    p = (param if master is None else master)[sel].float()
     if weight_decay:
         p.mul_(1 - lr * weight_decay)
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
@@ -141,7 +151,11 @@ def row_adam_step_torch(
     exp_avg[sel] = stochastic_round_bf16(m, noise) if bf16[0] else m
     # A bf16 v is element-wise (a row-wise v is fp32): the noise's high 16 bits.
     exp_avg_sq[sel] = stochastic_round_bf16(v, noise >> 16) if bf16[1] else v
-    param[sel] = _stored_param(p, param, rows, step)
+    if master is not None:
+        master[sel] = p
+        param[sel] = p.to(param.dtype)
+    else:
+        param[sel] = _stored_param(p, param, rows, step)
 
 
 def _noise(table: torch.Tensor, rows, seed: int) -> torch.Tensor:
@@ -173,11 +187,14 @@ def row_sgd_step_torch(
 MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def check_rows(param, rows, grad, *state, row_state=()) -> None:
+def check_rows(param, rows, grad, *state, row_state=(), master=None) -> None:
     """Raise ``ValueError`` naming the offending shape, dtype or layout. ``state``: fp32 or
     bf16 ``[N, D]`` tensors; ``row_state``: fp32 ``[N]`` tensors (a row-wise second
-    moment)."""
+    moment); ``master``: None or the fp32 ``[N, D]`` master copy of ``param``."""
     n, d = param.shape
+    if master is not None and (master.shape != param.shape or master.dtype != torch.float32):
+        raise ValueError(f"master must be fp32 {tuple(param.shape)}, got "
+                         f"{tuple(master.shape)} {master.dtype}")  # fmt: skip
     u = n if rows is None else rows.shape[0]
     if grad.shape != (u, d):
         raise ValueError(f"grad must be [{u}, {d}] for param {tuple(param.shape)}, got "
@@ -192,22 +209,23 @@ def check_rows(param, rows, grad, *state, row_state=()) -> None:
         if s.shape != (n,) or s.dtype != torch.float32:
             raise ValueError(f"row-wise optimizer state must be fp32 ({n},), got "
                              f"{tuple(s.shape)} {s.dtype}")  # fmt: skip
-    for t in (grad, *state, *row_state, param):
+    for t in (grad, *state, *row_state, param, *([] if master is None else [master])):
         if not t.is_contiguous():
             raise ValueError("param, grad and optimizer state must be contiguous")
 
 
 def row_adam_step_(
     param, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
-    impl: str = "auto", rowwise_v: bool = False,
+    impl: str = "auto", rowwise_v: bool = False, master: torch.Tensor | None = None,
 ) -> None:  # fmt: skip
     """Dispatch a row-wise Adam(W) step to Triton (CUDA) or PyTorch (``impl``);
-    ``rowwise_v``: ``exp_avg_sq`` is one fp32 per row (``[N]``)."""
+    ``rowwise_v``: ``exp_avg_sq`` is one fp32 per row (``[N]``); ``master``: the fp32
+    master copy of a bf16 ``param``."""
     fn = row_adam_step_torch
     if resolve_impl(impl, param.device) == "triton":
         from memlayers.ops.row_adam_triton import row_adam_step_triton as fn
     fn(param, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
-       rowwise_v)  # fmt: skip
+       rowwise_v, master)  # fmt: skip
 
 
 def row_sgd_step_(param, rows, grad, step, lr, impl: str = "auto") -> None:

@@ -3,7 +3,9 @@ checks and dispatchers live in :mod:`memlayers.ops.row_adam`). One program per (
 row, column tile): a pure stream over ``param``, ``exp_avg``, ``exp_avg_sq`` and ``grad``
 rows, fp32 arithmetic (95-99% of copy bandwidth on an H100, benchmarks/NOTES.md). bf16
 moments are read as fp32 and stored stochastically rounded, and so is a bf16 parameter,
-with bits of its own seed (:mod:`memlayers.ops.row_adam`).
+with bits of its own seed (:mod:`memlayers.ops.row_adam`), unless the Adam step has an fp32
+master copy: then the parameter is read from and written to the master, and stored
+rounded to nearest.
 
 The row-wise second moment needs the mean of ``g²`` over the whole row before any column
 is updated, so its kernel runs one program per touched row, looping over column tiles
@@ -81,10 +83,26 @@ def _stored(x, noise, BF16: tl.constexpr):
 
 
 @triton.jit
-def _store_param(param_ptr, offs, mask, p, first, param_seed, BF16_P: tl.constexpr):
-    """Store the new parameter ``p`` (fp32) at ``offs`` (consecutive from ``first``):
-    stochastically rounded with the bits of ``param_seed`` when bf16, else cast."""
-    if BF16_P:
+def _load_param(param_ptr, master_ptr, offs, mask, MASTER: tl.constexpr):
+    """The parameter at ``offs`` in fp32: from the fp32 master copy when there is one."""
+    if MASTER:
+        p = tl.load(master_ptr + offs, mask=mask, other=0.0)
+    else:
+        p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return p
+
+
+@triton.jit
+def _store_param(
+    param_ptr, master_ptr, offs, mask, p, first, param_seed, BF16_P: tl.constexpr,
+    MASTER: tl.constexpr,
+):  # fmt: skip
+    """Store the new parameter ``p`` (fp32) at ``offs`` (consecutive from ``first``): in
+    the master copy exactly and the parameter rounded to nearest when there is a master,
+    else stochastically rounded with the bits of ``param_seed`` when bf16, else cast."""
+    if MASTER:
+        tl.store(master_ptr + offs, p, mask=mask)
+    elif BF16_P:
         p = _stored(p, _noise(offs, first, param_seed), True)
     tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
 
@@ -108,18 +126,20 @@ def row_adam_kernel(
     neg_step_size,  # -lr / bc1
     seed,  # stochastic rounding seed of this step (bf16 moments)
     param_seed,  # the same for a bf16 param: another stream (row_adam.param_round_seed)
+    master_ptr,  # [N, D] fp32 master copy of param (unused unless MASTER)
     DENSE: tl.constexpr,
     DECAY: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BF16_M: tl.constexpr,  # exp_avg is bf16
     BF16_V: tl.constexpr,  # exp_avg_sq is bf16
-    BF16_P: tl.constexpr,  # param is bf16: stored stochastically rounded
+    BF16_P: tl.constexpr,  # param is bf16: stored stochastically rounded (without MASTER)
+    MASTER: tl.constexpr,  # p read from and written to master_ptr; param rounded to nearest
 ):
     row, cols, mask, g = _row_tile(rows_ptr, grad_ptr, D, n_dtiles, DENSE, BLOCK_D)
     offs = row * D + cols  # int64: tables past 2**31 elements
     m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = _load_param(param_ptr, master_ptr, offs, mask, MASTER)
     # Same order as the reference: m, v, decoupled decay, p += -lr/bc1 · m / (√v/√bc2 + ε).
     m = m * beta1 + one_minus_beta1 * g
     v = v * beta2 + one_minus_beta2 * g * g
@@ -134,7 +154,7 @@ def row_adam_kernel(
         noise = offs  # unused
     tl.store(exp_avg_ptr + offs, _stored(m, noise, BF16_M), mask=mask)
     tl.store(exp_avg_sq_ptr + offs, _stored(v, noise >> 16, BF16_V), mask=mask)
-    _store_param(param_ptr, offs, mask, p, first, param_seed, BF16_P)
+    _store_param(param_ptr, master_ptr, offs, mask, p, first, param_seed, BF16_P, MASTER)
 
 
 @triton.jit(do_not_specialize=["seed", "param_seed"])
@@ -156,12 +176,14 @@ def row_adam_rowwise_kernel(
     neg_step_size,  # -lr / bc1
     seed,  # stochastic rounding seed of this step (bf16 exp_avg)
     param_seed,  # the same for a bf16 param: another stream (row_adam.param_round_seed)
+    master_ptr,  # [N, D] fp32 master copy of param (unused unless MASTER)
     DENSE: tl.constexpr,
     DECAY: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BF16_M: tl.constexpr,
     BF16_V: tl.constexpr,
     BF16_P: tl.constexpr,
+    MASTER: tl.constexpr,
 ):
     tl.static_assert(not BF16_V, "the row-wise second moment is fp32")
     u = tl.program_id(0).to(tl.int64)
@@ -187,7 +209,7 @@ def row_adam_rowwise_kernel(
         g = tl.load(grad_ptr + u * D + cols, mask=mask, other=0.0).to(tl.float32)
         offs = row * D + cols  # int64: tables past 2**31 elements
         m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        p = _load_param(param_ptr, master_ptr, offs, mask, MASTER)
         m = m * beta1 + one_minus_beta1 * g
         if DECAY:
             p = p * decay
@@ -197,7 +219,10 @@ def row_adam_rowwise_kernel(
         else:
             noise = offs  # unused
         tl.store(exp_avg_ptr + offs, _stored(m, noise, BF16_M), mask=mask)
-        _store_param(param_ptr, offs, mask, p, row * D + t * BLOCK_D, param_seed, BF16_P)
+        _store_param(
+            param_ptr, master_ptr, offs, mask, p, row * D + t * BLOCK_D, param_seed, BF16_P,
+            MASTER,
+        )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["param_seed"])
@@ -218,7 +243,7 @@ def row_sgd_kernel(
     p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p - lr * g
     first = row * D + (tl.program_id(0).to(tl.int64) % n_dtiles) * BLOCK_D  # the tile's first
-    _store_param(param_ptr, offs, mask, p, first, param_seed, BF16_P)
+    _store_param(param_ptr, param_ptr, offs, mask, p, first, param_seed, BF16_P, False)
 
 
 def _launch_shape(u: int, d: int, block_d: int) -> tuple[int, int]:
@@ -239,14 +264,15 @@ def _seed_arg(seed: int) -> int:
 
 def row_adam_step_triton(
     param, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
-    rowwise_v: bool = False, block_d: int = ADAM_BLOCK_D, num_warps: int = ADAM_WARPS,
+    rowwise_v: bool = False, master: torch.Tensor | None = None,
+    block_d: int = ADAM_BLOCK_D, num_warps: int = ADAM_WARPS,
 ) -> None:  # fmt: skip
     """Triton version of :func:`memlayers.ops.row_adam.row_adam_step_torch` (same
     arguments). ``rowwise_v``: one program per row (:func:`row_adam_rowwise_kernel`)."""
     if rowwise_v:
-        check_rows(param, rows, grad, exp_avg, row_state=(exp_avg_sq,))
+        check_rows(param, rows, grad, exp_avg, row_state=(exp_avg_sq,), master=master)
     else:
-        check_rows(param, rows, grad, exp_avg, exp_avg_sq)
+        check_rows(param, rows, grad, exp_avg, exp_avg_sq, master=master)
     n, d = param.shape
     u = n if rows is None else rows.shape[0]
     if u == 0 or d == 0:
@@ -258,9 +284,10 @@ def row_adam_step_triton(
         param, rows if rows is not None else grad, grad, exp_avg, exp_avg_sq, d, n_dtiles,
         beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, math.sqrt(bc2), eps,
         -lr / bc1, _seed_arg(round_seed(step)), _seed_arg(param_round_seed(step)),
+        param if master is None else master,
         DENSE=rows is None, DECAY=weight_decay != 0, BLOCK_D=block_d,
         BF16_M=exp_avg.dtype == torch.bfloat16, BF16_V=exp_avg_sq.dtype == torch.bfloat16,
-        BF16_P=param.dtype == torch.bfloat16, num_warps=num_warps,
+        BF16_P=param.dtype == torch.bfloat16, MASTER=master is not None, num_warps=num_warps,
     )  # fmt: skip
 
 
