@@ -14,7 +14,13 @@ cores); variants:
 | moe       | every FFN becomes 16 / 8 / 6 / 4 experts (134m / 373m / 720m / 1.3b)       |
 | peer      | one PEER layer (768 half-keys) in the middle block                        |
 
-Paper-size memories: 1024 half-keys (1,048,576 values), 4 heads, top-32, v_dim = dim.
+Paper-size memories: 1024 half-keys (1,048,576 values), 4 heads, top-32, v_dim = dim,
+and a bf16 value table (``value_dtype="bf16"``; the value optimizer keeps its fp32 master
+copy, ``optim.value_master``): mixed precision as autocast does it for every other
+weight, and half the bytes of each row the lookups read. 134m-memory+ with the reads
+spread over the table: 90.6 against 98.6 ms a step with an fp32 table (H200,
+benchmarks/results/profile_134m_h200_20261203b.md). Tiny presets keep fp32 tables (a
+CPU gains nothing from bf16 rows).
 Names are nominal: ``memlayers.report`` prints the exact counts (720m is dim 1536 × 24
 layers with untied 32k embeddings: 778M parameters). ``vocab_size`` is 32000 here; a
 training config leaves it out (``ModelArgs.vocab_size`` stays None until the trainer
@@ -70,7 +76,7 @@ def memory_plus_layers(n_layers: int, interval: int | None = None, n_memory: int
 def _paper_preset(size: str, variant: str) -> ModelConfig:
     base = dict(PAPER_SIZES[size], vocab_size=32000, max_seq_len=2048, tie_embeddings=False)
     n_layers = base["n_layers"]
-    mem = dict(n_keys=1024, heads=4, topk=32)
+    mem = dict(n_keys=1024, heads=4, topk=32, value_dtype="bf16")
     if variant == "dense":
         return ModelConfig(**base)
     if variant == "memory":
