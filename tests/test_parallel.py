@@ -391,16 +391,21 @@ def _losses(run_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_torchrun_two_ranks_resume_is_exact(tmp_path):
-    """torchrun with 2 gloo ranks, memory-parallel 2: 4 steps straight vs 2 + resume 2."""
+@pytest.mark.parametrize(
+    "extra", [[], ["model.memory.value_dtype=bf16"]], ids=["fp32-table", "bf16-table-master"]
+)
+def test_torchrun_two_ranks_resume_is_exact(tmp_path, extra):
+    """torchrun with 2 gloo ranks, memory-parallel 2: 4 steps straight vs 2 + resume 2. A
+    bf16 table's fp32 master copy is column-sharded and resumed like the moments."""
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    _torchrun(tmp_path, f"run_dir={full}")
-    _torchrun(tmp_path, f"run_dir={part}", "steps=4", "checkpoint.every=2")
+    _torchrun(tmp_path, f"run_dir={full}", *extra)
+    _torchrun(tmp_path, f"run_dir={part}", "steps=4", "checkpoint.every=2", *extra)
     # Resume the second run from its step-2 DCP checkpoint, overwriting steps 3 and 4.
     os.remove(os.path.join(part, "metrics.jsonl"))
     _torchrun(
-        tmp_path, f"run_dir={part}", resume_from=os.path.join(part, "checkpoints", "step_000002")
-    )
+        tmp_path, f"run_dir={part}", *extra,
+        resume_from=os.path.join(part, "checkpoints", "step_000002"),
+    )  # fmt: skip
     full_losses, resumed = _losses(full), _losses(part)
     assert set(resumed) == {3, 4}
     for step in (3, 4):

@@ -715,10 +715,11 @@ def _stored_bf16(master: torch.Tensor, kernel: bool) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("rowwise", [False, True], ids=["elementwise-v", "rowwise-v"])
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
-def test_master_copy_matches_reference(sparse, rowwise):
+def test_master_copy_matches_reference(sparse, moments, rowwise):
     masters = []
-    params, states = _adam_both_paths(torch.bfloat16, torch.float32, sparse, rowwise, masters)
+    params, _ = _adam_both_paths(torch.bfloat16, DTYPES[moments], sparse, rowwise, masters)
     assert params[1].dtype == torch.bfloat16 and masters[1].dtype == torch.float32
     _assert_param_close(masters[1], masters[0])  # fp32: rounding differences only
     assert not torch.equal(masters[0], _table(24, 37, torch.bfloat16).float())  # it moved
