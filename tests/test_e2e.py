@@ -59,10 +59,16 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     assert set(rows) == set(variants)
     assert len({r["tokens"] for r in rows.values()}) == 1  # the same token budget
     dense, mem = rows["tiny-dense"], rows[variants[1]]
+    # EM over the one-hop questions: every attribute but the two-hop work city, by count
+    attrs = doc["eval"]["tiny-dense"]["qa"]["bios-heldout"]["by_attribute"]
+    one_hop = [s for a, s in attrs.items() if a != "work_city"]
+    assert len(one_hop) == 5 and "work_city" in attrs
+    want = sum(s["exact_match"] * s["n"] for s in one_hop) / sum(s["n"] for s in one_hop)
+    assert dense["exact_match_1hop"] == pytest.approx(want)
     assert mem["total_params"] > dense["total_params"]  # the table adds parameters
     assert mem["flops_per_token"] < dense["flops_per_token"]  # ... and no FLOPs
     md = (out / "results.md").read_text()
-    assert "memlayers compare tiny-dense" in md and "| tiny-dense |" in md
+    assert "memlayers compare tiny-dense" in md and "| tiny-dense |" in md and "EM 1-hop" in md
     assert (out / "compare.png").stat().st_size > 0
     assert (out / "tiny-dense" / "eval" / "results.json").is_file()
 
