@@ -415,8 +415,30 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, plan=Non
     return state
 
 
+def _check_table_dtype(path: Path, meta: dict, model: nn.Module) -> None:
+    """A resume into value tables of another dtype than the checkpoint's would convert
+    them silently and go on with other arithmetic (the paper presets' tables became bf16
+    on 2026-12-03: a run begun in fp32 resumed with a newer config): refused, naming the
+    setting that resumes it as it was."""
+    from memlayers.memory import VALUE_DTYPES, MemoryValues
+
+    saved = (meta.get("model_config") or {}).get("memory") or {}
+    want = saved.get("value_dtype", "fp32")  # checkpoints older than the field: fp32
+    # (a quantized table has no float dtype: None, and is loaded as quantized below)
+    have = {m.dtype for m in model.modules() if isinstance(m, MemoryValues)} - {None}
+    if want in VALUE_DTYPES and have - {VALUE_DTYPES[want]}:
+        names = {v: k for k, v in VALUE_DTYPES.items()}
+        got = ", ".join(sorted(names.get(d, str(d)) for d in have))
+        raise CheckpointError(
+            f"{path} holds {want} value tables, this model's are {got}: resume with "
+            f"model.memory.value_dtype={want} (the paper presets' default became bf16 on "
+            f"2026-12-03)"
+        )
+
+
 def _load_verified(path: Path, meta: dict, model: nn.Module, optimizer=None, plan=None) -> dict:
     """:func:`load_checkpoint` of a checkpoint whose manifest ``meta`` is verified."""
+    _check_table_dtype(path, meta, model)
     q = meta.get("quantization")
     if q and not _has_quantized_tables(model):
         raise CheckpointError(

@@ -654,6 +654,16 @@ def test_resume_with_another_memory_lr_grouping_is_refused_naming_it(tmp_path):
         train(tiny_args(tmp_path / "b", "steps=4", "optim.memory_lr=1e-2"), resume=ckpt)
 
 
+def test_resume_with_another_table_dtype_is_refused_naming_it(tmp_path):
+    # A checkpoint's fp32 tables must not be converted silently: the paper presets' default
+    # became bf16, so a run begun in fp32 and resumed with a newer config would change.
+    train(tiny_args(tmp_path / "a", "steps=2", "checkpoint.every=2"))
+    ckpt = str(tmp_path / "a" / "checkpoints" / "step_000002")
+    args = tiny_args(tmp_path / "b", "steps=4", "model.memory.value_dtype=bf16")
+    with pytest.raises(CheckpointError, match="holds fp32 value tables.*value_dtype=fp32"):
+        train(args, resume=ckpt)
+
+
 def test_bf16_value_table_trains_on_cpu(tmp_path):
     # model.memory.value_dtype=bf16: the shared table (two layers, merged gradient) stays
     # bf16 through training and the checkpoint, the loss falls, rows move.
