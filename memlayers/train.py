@@ -287,6 +287,15 @@ def _restore_rng(states: list[dict], env: Env) -> None:
         torch.cuda.set_rng_state(mine["cuda"], env.device)
 
 
+def _tables_note(model_cfg, optim) -> str:
+    """The start line's word on a bf16 value table (its master copy, or its rounding)."""
+    if not (model_cfg.memory_layers and model_cfg.memory.value_dtype == "bf16"):
+        return ""
+    if optim.value_master and uses_sparse_values(optim):
+        return "; value tables bf16 (fp32 master copy in the value optimizer)"
+    return "; value tables bf16 (stochastically rounded)"
+
+
 def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -> list[dict]:
     """Run (or resume) training; returns the per-step records of this process.
 
@@ -383,6 +392,7 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
             f"device {env.device} x{env.world_size}, {'bf16 autocast' if use_bf16 else 'fp32'}; "
             f"data {args.data.dataset}: {len(data.train):,} train / {len(data.val):,} val "
             f"tokens, vocab {data.vocab_size}; run_dir {run.root}"
+            + _tables_note(model_cfg, args.optim)
             + (f"; resumed at step {start} from {state['path']}" if resume else "")
         )
         for why in state["skipped"] if resume else ():

@@ -664,11 +664,12 @@ def test_resume_with_another_table_dtype_is_refused_naming_it(tmp_path):
         train(args, resume=ckpt)
 
 
-def test_bf16_value_table_trains_on_cpu(tmp_path):
+def test_bf16_value_table_trains_on_cpu(tmp_path, capsys):
     # model.memory.value_dtype=bf16: the shared table (two layers, merged gradient) stays
     # bf16 through training and the checkpoint, the loss falls, rows move.
     args = tiny_args(tmp_path, "steps=8", "checkpoint.every=4", "model.memory.value_dtype=bf16")
     losses = [r["loss"] for r in train(args)]
+    assert "value tables bf16 (fp32 master copy in the value optimizer)" in capsys.readouterr().out
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     tables = [
         load_model_from_checkpoint(tmp_path / "checkpoints" / f"step_00000{s}").memory_values
