@@ -426,7 +426,9 @@ def _check_table_dtype(path: Path, meta: dict, model: nn.Module) -> None:
     want = saved.get("value_dtype", "fp32")  # checkpoints older than the field: fp32
     # (a quantized table has no float dtype: None, and is loaded as quantized below)
     have = {m.dtype for m in model.modules() if isinstance(m, MemoryValues)} - {None}
-    if want in VALUE_DTYPES and have - {VALUE_DTYPES[want]}:
+    # value_dtype=fp32 means "not bf16": such a table follows the model's dtype (fp64 in
+    # a double-precision model), so only bf16 against not-bf16 is a change.
+    if any((d == torch.bfloat16) != (want == "bf16") for d in have):
         names = {v: k for k, v in VALUE_DTYPES.items()}
         got = ", ".join(sorted(names.get(d, str(d)) for d in have))
         raise CheckpointError(
