@@ -291,7 +291,8 @@ def _tables_note(model_cfg, optim) -> str:
     """The start line's word on a bf16 value table (its master copy, or its rounding)."""
     if not (model_cfg.memory_layers and model_cfg.memory.value_dtype == "bf16"):
         return ""
-    if optim.value_master and uses_sparse_values(optim):
+    # (a bf16 table always has a sparse value optimizer: build_optimizer refuses adamw)
+    if optim.value_master:
         return "; value tables bf16 (fp32 master copy in the value optimizer)"
     return "; value tables bf16 (stochastically rounded)"
 

@@ -175,8 +175,7 @@ class SparseValueAdam(_RowOptimizer):
             state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype("exp_avg"))
             sq_shape = p.shape[:1] if self.rowwise_v else p.shape
             state["exp_avg_sq"] = p.new_zeros(sq_shape, dtype=self.moment_dtype("exp_avg_sq"))
-            if self.has_master(p):
-                state["master"] = p.detach().float()
+            self.set_master(p, None)
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -207,8 +206,8 @@ class SparseValueAdam(_RowOptimizer):
                 )
 
     def set_master(self, p: torch.Tensor, saved: torch.Tensor | None) -> None:
-        """After a load into ``p``'s state: its master copy is ``saved`` (in fp32), or
-        ``p`` itself when nothing was saved; none when this optimizer keeps none."""
+        """``p``'s master copy (its state made or loaded): ``saved`` (in fp32), or ``p``
+        itself when nothing was saved; none when this optimizer keeps none."""
         state = self.state[p]
         if not self.has_master(p):
             state.pop("master", None)
