@@ -39,6 +39,9 @@ SHAPES = {
     # merged value-gradient walk takes 3 such lookups' bags at once (``merged``).
     "trainer-b32": dict(rows=1 << 20, dim=768, tokens=32768, bag=128, dtype=torch.float32),
     "merged": dict(rows=1 << 20, dim=768, tokens=3 * 32768, bag=128, dtype=torch.float32),
+    # The same with the bf16 table the paper presets train since 2026-12-03 (grad_out
+    # bf16 too).
+    "merged-bf16": dict(rows=1 << 20, dim=768, tokens=3 * 32768, bag=128, dtype=torch.bfloat16),
 }
 DISTS = ("uniform", "zipf", "narrow", "l2", "hot-half", "one-row")
 # ``narrow``: uniform over 2.5% of the rows (scattered), the share a 134m model read after
@@ -62,6 +65,14 @@ SCORE_SWEEP = (
 # merged shared-table backward runs it): a narrower tile keeps a smaller slice of
 # grad_out live in L2 (module docstring of embedding_bag_triton).
 WALK_TILES = (128, 256, 512)
+# The value-gradient walk alone on precomputed segments (--walk-sweep): (BLOCK_D, warps,
+# stages, lookups gathered per load). ROWS > 1 puts more grad_out loads in flight per
+# warp (_bwd_kernel); more warps or wider tiles do so too but hold more registers.
+WALK_SWEEP = [
+    (bd, w, st, r)
+    for bd, w in ((256, 1), (256, 2), (128, 1), (512, 2))
+    for st, r in ((4, 1), (1, 1), (2, 2), (1, 4), (2, 4), (1, 8), (2, 8), (1, 16))
+]  # fmt: skip
 
 
 def make_indices(dist: str, n: int, b: int, k: int, device, g) -> torch.Tensor:
@@ -164,6 +175,8 @@ def bench_lookups(tag, values, indices, weights, grad, args, table, compare) -> 
         fn = lambda a=a: ebt.score_grad(values, indices, grad, *a)  # noqa: E731
         name = "chunk={} warps={} stages={} split={} block_d={}".format(*a)
         table.add(f"{tag}: sweep score gradient {name}", timed(fn), fwd_bytes)
+    if args.walk_sweep:
+        bench_walk(tag, values, indices, weights, grad, table)
     for bd in WALK_TILES if args.sweep else ():
         fn = lambda bd=bd: ebt._bwd_sparse(grad, values, indices, weights, False, block_d=bd)  # noqa: E731
         table.add(f"{tag}: sweep value-grad walk BLOCK_D={bd}", timed(fn), bwd_bytes)
@@ -213,6 +226,25 @@ def bench_lookups(tag, values, indices, weights, grad, args, table, compare) -> 
         name = f"{tag}: F.embedding_bag fp32 forward+backward"
         s["torch_fp32"] = table.add(name, timed(torch_fp32, rep_ms=300))
     return s
+
+
+def bench_walk(tag, values, indices, weights, grad, table) -> None:
+    """The value-gradient walk alone (sparse rows, no score gradient: the merged
+    shared-table backward's launch) over precomputed segments, per WALK_SWEEP launch. Bytes:
+    a grad_out tile read per lookup, a gradient row written per distinct row."""
+    n, d = values.shape
+    seg = ebt.row_segments(indices, weights, n, need_count=True)
+    out = values.new_empty(seg.rows.numel(), d)
+    u = int(seg.n_distinct.item())
+    nbytes = indices.numel() * d * grad.element_size() + u * d * values.element_size()
+    shipped = (ebt.bwd_launch(d)[0], ebt.BWD_WARPS, ebt.BWD_STAGES, ebt.BWD_ROWS)
+    for bd, w, st, r in [shipped, *WALK_SWEEP]:
+        fn = lambda bd=bd, w=w, st=st, r=r: ebt._bwd_launch(  # noqa: E731
+            grad, None, seg, out, False, False, block_d=bd, num_warps=w, stages=st, rows=r
+        )
+        name = "shipped " if (bd, w, st, r) == shipped else "sweep "
+        table.add(f"{tag}: walk {name}BLOCK_D={bd} warps={w} stages={st} rows={r}",
+                  timed(fn), nbytes)  # fmt: skip
 
 
 def bench_forward_dims(args, table, device) -> list:
@@ -266,6 +298,7 @@ def main() -> None:
         "--sweep", action="store_true",
         help="backward chunks, score-gradient and forward launches",
     )  # fmt: skip
+    p.add_argument("--walk-sweep", action="store_true", help="value-gradient walk launches")
     p.add_argument(
         "--score-launches", nargs="+", type=score_launch, metavar="C,W,ST,SP,BD",
         help="score-gradient launches to time instead of --sweep's (chunk, warps, stages, "

@@ -38,7 +38,8 @@ def bench_dim(args, table: Table, d: int, device) -> None:
     # the row index (8) is left out of the per-row figures.
     per_row = {"adam": d * (2 * elt + elt + 16), "rowwise": d * (2 * elt + elt + 8) + 8,
                "bf16": d * (2 * elt + elt + 8), "sgd": d * 3 * elt,
-               "master": d * (8 + elt + 16 + elt)}  # fmt: skip
+               "master": d * (8 + elt + 16 + elt),
+               "master_bf16": d * (8 + elt + 8 + elt)}  # fmt: skip
     m16, v16 = m.bfloat16(), v.bfloat16()
     master = values.float()
     adam_bytes = u * (per_row["adam"] + 8)
@@ -50,6 +51,11 @@ def bench_dim(args, table: Table, d: int, device) -> None:
               timed(lambda: row_adam_step_triton(values, rows, grad, m, v, 1, **hp,
                                                  master=master)),
               u * (per_row["master"] + 8), f"{note}; {per_row['master']} B/row")  # fmt: skip
+    table.add(f"D={d}: row Adam step, fp32 master, bf16 moments (stochastic rounding)",
+              timed(lambda: row_adam_step_triton(values, rows, grad, m16, v16, 1, **hp,
+                                                 master=master)),
+              u * (per_row["master_bf16"] + 8),
+              f"{note}; {per_row['master_bf16']} B/row")  # fmt: skip
     table.add(f"D={d}: row Adam step, row-wise v (bf16 table, fp32 m, [N] v)",
               timed(lambda: row_adam_step_triton(values, rows, grad, m, v_row, 1, **hp,
                                                  rowwise_v=True)),
