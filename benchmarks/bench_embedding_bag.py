@@ -69,9 +69,9 @@ WALK_TILES = (128, 256, 512)
 # stages, lookups gathered per load). ROWS > 1 puts more grad_out loads in flight per
 # warp (_bwd_kernel); more warps or wider tiles do so too but hold more registers.
 WALK_SWEEP = [
-    (bd, w, st, r)
-    for bd, w in ((256, 1), (256, 2), (128, 1), (512, 2))
-    for st, r in ((4, 1), (1, 1), (2, 2), (1, 4), (2, 4), (1, 8), (2, 8), (1, 16))
+    *((256, 1, st, r) for st, r in ((1, 1), (2, 2), (1, 4), (2, 4), (1, 8), (2, 8), (1, 16))),
+    *((bd, w, st, r) for bd, w in ((256, 2), (128, 1), (512, 1), (512, 2))
+      for st, r in ((4, 1), (2, 4), (1, 8))),
 ]  # fmt: skip
 
 
