@@ -66,13 +66,11 @@ SCORE_SWEEP = (
 # grad_out live in L2 (module docstring of embedding_bag_triton).
 WALK_TILES = (128, 256, 512)
 # The value-gradient walk alone on precomputed segments (--walk-sweep): (BLOCK_D, warps,
-# stages, lookups gathered per load). ROWS > 1 puts more grad_out loads in flight per
-# warp (_bwd_kernel); more warps or wider tiles do so too but hold more registers.
+# stages). Gathering several lookups' grad_out tiles per load was tried and lost on every
+# shape (results/walk_sweep_h200_20261203.md).
 WALK_SWEEP = [
-    *((256, 1, st, r) for st, r in ((1, 1), (2, 2), (1, 4), (2, 4), (1, 8), (2, 8), (1, 16))),
-    *((bd, w, st, r) for bd, w in ((256, 2), (128, 1), (512, 1), (512, 2))
-      for st, r in ((4, 1), (2, 4), (1, 8))),
-]  # fmt: skip
+    (bd, w, st) for bd, w in ((256, 1), (128, 1), (512, 1), (256, 2), (512, 2)) for st in (1, 2, 4)
+]
 
 
 def make_indices(dist: str, n: int, b: int, k: int, device, g) -> torch.Tensor:
@@ -237,14 +235,13 @@ def bench_walk(tag, values, indices, weights, grad, table) -> None:
     out = values.new_empty(seg.rows.numel(), d)
     u = int(seg.n_distinct.item())
     nbytes = indices.numel() * d * grad.element_size() + u * d * values.element_size()
-    shipped = (ebt.bwd_launch(d)[0], ebt.BWD_WARPS, ebt.BWD_STAGES, ebt.BWD_ROWS)
-    for bd, w, st, r in [shipped, *WALK_SWEEP]:
-        fn = lambda bd=bd, w=w, st=st, r=r: ebt._bwd_launch(  # noqa: E731
-            grad, None, seg, out, False, False, block_d=bd, num_warps=w, stages=st, rows=r
+    shipped = (ebt.bwd_launch(d)[0], ebt.BWD_WARPS, ebt.BWD_STAGES)
+    for bd, w, st in [shipped, *WALK_SWEEP]:
+        fn = lambda bd=bd, w=w, st=st: ebt._bwd_launch(  # noqa: E731
+            grad, None, seg, out, False, False, block_d=bd, num_warps=w, stages=st
         )
-        name = "shipped " if (bd, w, st, r) == shipped else "sweep "
-        table.add(f"{tag}: walk {name}BLOCK_D={bd} warps={w} stages={st} rows={r}",
-                  timed(fn), nbytes)  # fmt: skip
+        name = "shipped " if (bd, w, st) == shipped else "sweep "
+        table.add(f"{tag}: walk {name}BLOCK_D={bd} warps={w} stages={st}", timed(fn), nbytes)
 
 
 def bench_forward_dims(args, table, device) -> list:

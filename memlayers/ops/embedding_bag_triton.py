@@ -69,8 +69,6 @@ BWD_BLOCK_D = 512
 BWD_WARPS = 1
 BWD_STAGES = 4
 BWD_CHUNK = 256
-# Lookups whose grad_out tiles one load gathers (1: a lookup a step; _bwd_kernel).
-BWD_ROWS = 1
 # The pass that adds a long row's pieces: [BLOCK_R pieces, BLOCK_D columns] per step.
 _COMBINE_BLOCK_R = 8
 _COMBINE_BLOCK_D = 256
@@ -397,48 +395,6 @@ def _chunk_bounds(ordinal_ptr, seg_ptr, c, E, CHUNK):
 
 
 @triton.jit
-def _walk_step(
-    e, packed, row, w, g, inside, acc, v, u, whole, begin, c, tile, cols, dmask, E,
-    D: tl.constexpr, values_ptr, grad_values_ptr, heads_ptr, parts_ptr,
-    DENSE_OUT: tl.constexpr, WRITE_DV: tl.constexpr, WRITE_DW: tl.constexpr,
-):  # fmt: skip
-    """Sorted lookup ``e`` of a walk (:func:`_bwd_kernel`): its packed bag and flags, table
-    row, weight and grad_out tile ``g`` (fp32). Returns the walk's state ``(acc, v, u,
-    whole)``; where not ``inside`` (past the walk's end) the state is unchanged and
-    nothing is written."""
-    first = ((packed >> 62) & 1) != 0
-    last = ((packed >> 61) & 1) != 0
-    start = (first | (e == begin)) & inside  # a new piece: a row's first lookup, or the walk's
-    if WRITE_DV:
-        acc = tl.where(inside, tl.where(start, 0.0, acc) + w * g, acc)
-        u += start.to(tl.int64)
-        whole = tl.where(start, first.to(tl.int32), whole)
-        if DENSE_OUT:
-            out_row = row
-        else:
-            out_row = u
-        # One writer per row, once: its last lookup. Streamed out of L2 first. Masks
-        # are where(flag, dmask, False), not dmask & flag: Triton 3.9's interpreter
-        # rejects a vector & scalar mask.
-        tl.store(
-            grad_values_ptr + out_row * D + cols,
-            acc.to(grad_values_ptr.dtype.element_ty),
-            mask=tl.where(inside & last & (whole != 0), dmask, False),
-            eviction_policy="evict_first",
-        )  # fmt: skip
-        # A long row's last piece (it began in an earlier chunk).
-        head_end = tl.where(inside & last & (whole == 0), dmask, False)
-        tl.store(heads_ptr + c * D + cols, acc, mask=head_end)
-    if WRITE_DW:
-        # The row's values are read once per piece (a masked load moves nothing).
-        fresh = tl.load(values_ptr + row * D + cols,
-                        mask=tl.where(start, dmask, False), other=0.0)  # fmt: skip
-        v = tl.where(start, fresh.to(tl.float32), v)
-        tl.store(parts_ptr + tile * E + e, tl.sum(g * v), mask=inside)
-    return acc, v, u, whole
-
-
-@triton.jit
 def _bwd_kernel(
     grad_out_ptr,  # [B, D]
     values_ptr,  # [N, D]
@@ -459,16 +415,13 @@ def _bwd_kernel(
     WRITE_DW: tl.constexpr,
     BLOCK_D: tl.constexpr,
     STAGES: tl.constexpr,
-    ROWS: tl.constexpr,  # lookups gathered per load (1: one a step)
 ):
     """Program (c, t) walks the sorted lookups of chunk c (:func:`_chunk_bounds`) over
-    column tile t, one lookup per step, software-pipelined STAGES deep (ROWS > 1: the
-    grad_out tiles of ROWS lookups gathered per load, then walked one at a time). A row
-    whose lookups all lie in the walk is written to grad_values; a piece of a longer row
-    goes to heads or tails (fp32) for :func:`_combine_kernel`. Axis 0 varies fastest in
-    launch order, so the grid runs (mostly) through tile 0 before tile 1, and only a [B,
-    BLOCK_D] slice of grad_out is being read at a time: L2 keeps it far better than all of
-    grad_out."""
+    column tile t, one lookup per step, software-pipelined STAGES deep. A row whose lookups
+    all lie in the walk is written to grad_values; a piece of a longer row goes to heads
+    or tails (fp32) for :func:`_combine_kernel`. Axis 0 varies fastest in launch order, so
+    the grid runs (mostly) through tile 0 before tile 1, and only a [B, BLOCK_D] slice of
+    grad_out is being read at a time: L2 keeps it far better than all of grad_out."""
     c = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1).to(tl.int64)  # tile * E passes 2**31 for large batches
     begin, end = _chunk_bounds(ordinal_ptr, seg_ptr, c, E, CHUNK)
@@ -479,41 +432,38 @@ def _bwd_kernel(
     u = tl.load(ordinal_ptr + begin, mask=begin < E, other=0).to(tl.int64) - 2  # +1 below
     # 1 while the open piece began at its row's first lookup, 0 for a head piece.
     whole = tl.full([], 1, tl.int32)
-    if ROWS == 1:
-        for e in tl.range(begin, end, num_stages=STAGES):
-            packed = tl.load(packed_ptr + e)
-            bag = packed & ((1 << 61) - 1)
-            g = tl.load(grad_out_ptr + bag * D + cols, mask=dmask, other=0.0).to(tl.float32)
-            row = tl.load(srows_ptr + e).to(tl.int64)
-            acc, v, u, whole = _walk_step(
-                e, packed, row, tl.load(ws_ptr + e), g, e < end, acc, v, u, whole, begin, c,
-                tile, cols, dmask, E, D, values_ptr, grad_values_ptr, heads_ptr, parts_ptr,
-                DENSE_OUT, WRITE_DV, WRITE_DW,
+    for e in tl.range(begin, end, num_stages=STAGES):
+        packed = tl.load(packed_ptr + e)
+        first = ((packed >> 62) & 1) != 0
+        last = ((packed >> 61) & 1) != 0
+        start = first | (e == begin)  # a new piece: a row's first lookup, or the walk's
+        bag = packed & ((1 << 61) - 1)
+        g = tl.load(grad_out_ptr + bag * D + cols, mask=dmask, other=0.0).to(tl.float32)
+        row = tl.load(srows_ptr + e).to(tl.int64)
+        if WRITE_DV:
+            acc = tl.where(start, 0.0, acc) + tl.load(ws_ptr + e) * g
+            u += start.to(tl.int64)
+            whole = tl.where(start, first.to(tl.int32), whole)
+            if DENSE_OUT:
+                out_row = row
+            else:
+                out_row = u
+            # One writer per row, once: its last lookup. Streamed out of L2 first. Masks
+            # are where(flag, dmask, False), not dmask & flag: Triton 3.9's interpreter
+            # rejects a vector & scalar mask.
+            tl.store(
+                grad_values_ptr + out_row * D + cols, acc.to(grad_values_ptr.dtype.element_ty),
+                mask=tl.where(last & (whole != 0), dmask, False), eviction_policy="evict_first",
             )  # fmt: skip
-    else:
-        # ROWS lookups' grad_out tiles gathered by one load (ROWS loads in flight, not
-        # one), then walked one lookup at a time in the same order, each picked out of the
-        # tile by a sum of it and zeros (exact, as add_in_order): the same numbers.
-        r = tl.arange(0, ROWS)
-        for e0 in tl.range(begin, end, ROWS, num_stages=STAGES):
-            ee = e0 + r
-            emask = ee < end
-            pk = tl.load(packed_ptr + ee, mask=emask, other=0)
-            bags = pk & ((1 << 61) - 1)
-            rws = tl.load(srows_ptr + ee, mask=emask, other=0).to(tl.int64)
-            wv = tl.load(ws_ptr + ee, mask=emask, other=0.0)
-            gmask = emask[:, None] & dmask[None, :]
-            gs = tl.load(grad_out_ptr + bags[:, None] * D + cols[None, :], mask=gmask, other=0.0)
-            gs = gs.to(tl.float32)
-            for j in tl.static_range(ROWS):
-                pick = r == j
-                g = tl.sum(tl.where(pick[:, None], gs, 0.0), axis=0)
-                acc, v, u, whole = _walk_step(
-                    e0 + j, tl.sum(tl.where(pick, pk, 0)), tl.sum(tl.where(pick, rws, 0)),
-                    tl.sum(tl.where(pick, wv, 0.0)), g, e0 + j < end, acc, v, u, whole,
-                    begin, c, tile, cols, dmask, E, D, values_ptr, grad_values_ptr,
-                    heads_ptr, parts_ptr, DENSE_OUT, WRITE_DV, WRITE_DW,
-                )  # fmt: skip
+            # A long row's last piece (it began in an earlier chunk).
+            head_end = tl.where(last & (whole == 0), dmask, False)
+            tl.store(heads_ptr + c * D + cols, acc, mask=head_end)
+        if WRITE_DW:
+            # The row's values are read once per piece (a masked load moves nothing).
+            fresh = tl.load(values_ptr + row * D + cols, mask=tl.where(start, dmask, False),
+                            other=0.0)  # fmt: skip
+            v = tl.where(start, fresh.to(tl.float32), v)
+            tl.store(parts_ptr + tile * E + e, tl.sum(g * v))
     if WRITE_DV:
         # A long row still open at the walk's end: this chunk's piece of it.
         walked = end > begin
@@ -748,7 +698,6 @@ def _bwd_launch(
     num_warps: int | None = None,
     stages: int | None = None,
     chunk: int | None = None,
-    rows: int | None = None,
 ) -> torch.Tensor:
     """Run the backward walk (and the pass over long rows): fills ``grad_values`` (row u's
     gradient at row u, or at its table row when ``dense_out``) and returns the score
@@ -776,8 +725,7 @@ def _bwd_launch(
         segments.sorted_rows, segments.ordinal, segments.seg,
         dummy if grad_values is None else grad_values, heads, tails, parts, e, chunk,
         D=d, DENSE_OUT=dense_out, WRITE_DV=grad_values is not None, WRITE_DW=write_dw,
-        BLOCK_D=block_d, STAGES=stages or BWD_STAGES, ROWS=rows or BWD_ROWS,
-        num_warps=num_warps or default_warps,
+        BLOCK_D=block_d, STAGES=stages or BWD_STAGES, num_warps=num_warps or default_warps,
     )  # fmt: skip
     if grad_values is not None:
         cblock = min(_COMBINE_BLOCK_D, triton.next_power_of_2(d))
