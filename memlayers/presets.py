@@ -132,7 +132,18 @@ PRESETS: dict[str, ModelConfig] = {
 # and the CLI. Tiny values learn at 3e-2, 30× the paper's 1e-3 (the OptimArgs default):
 # on the main job (bios, 2M tokens) 1e-3 stored 33.0k bits, 1e-2 40.9k, 3e-2 42.5k
 # (docs/results.md).
-PRESET_OPTIM: dict[str, dict] = {f"tiny-{variant}": {"value_lr": 3e-2} for variant in VARIANTS}
+# The paper sizes' memory tables keep their Adam moments in bf16 (stochastic rounding,
+# ``optim.value_optimizer=sparse_adam_bf16``): the row step of a bf16 table with its fp32
+# master moves 20 bytes per touched value against 28, 4.0 against 4.7 ms at 134m's table
+# (H200), and a spread 134m-memory+ trainer step went 368k -> 376k tokens/s, 24.0 -> 21.0
+# GiB (benchmarks/results/train_h200_20261203c.md); bios exact match within the fp32
+# moments' seed spread on the CPU main job, eight seeds
+# (benchmarks/results/value_optimizer_quality_cpu_20261201.md).
+PRESET_OPTIM: dict[str, dict] = {
+    **{f"tiny-{variant}": {"value_lr": 3e-2} for variant in VARIANTS},
+    **{f"{size}-{variant}": {"value_optimizer": "sparse_adam_bf16"}
+       for size in PAPER_SIZES for variant in ("memory", "memory+")},
+}  # fmt: skip
 
 
 def get_preset(name: str) -> ModelConfig:

@@ -392,11 +392,15 @@ def _losses(run_dir):
 
 
 @pytest.mark.parametrize(
-    "extra", [[], ["model.memory.value_dtype=bf16"]], ids=["fp32-table", "bf16-table-master"]
-)
+    "extra",
+    [[], ["model.memory.value_dtype=bf16"],
+     ["model.memory.value_dtype=bf16", "optim.value_optimizer=sparse_adam_bf16"]],
+    ids=["fp32-table", "bf16-table-master", "bf16-table-master-moments"],
+)  # fmt: skip
 def test_torchrun_two_ranks_resume_is_exact(tmp_path, extra):
     """torchrun with 2 gloo ranks, memory-parallel 2: 4 steps straight vs 2 + resume 2. A
-    bf16 table's fp32 master copy is column-sharded and resumed like the moments."""
+    bf16 table's fp32 master copy is column-sharded and resumed like the moments; bf16
+    moments (the paper memory presets' setting) too, their stochastic rounding included."""
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     _torchrun(tmp_path, f"run_dir={full}", *extra)
     _torchrun(tmp_path, f"run_dir={part}", "steps=4", "checkpoint.every=2", *extra)

@@ -417,6 +417,22 @@ def test_presets_bring_their_value_lr_and_the_yaml_and_cli_override_it(tmp_path)
     assert load_config([yaml], ["optim.value_lr=0.02"]).optim.value_lr == 0.02
 
 
+def test_paper_memory_presets_step_their_tables_with_bf16_moments(tmp_path):
+    # The paper sizes' memory tables: bf16 moments (presets.PRESET_OPTIM); the tiny presets
+    # and the tables-free paper presets keep the OptimArgs default; the YAML and CLI win.
+    def opt(*cli, files=()):
+        return load_config(list(files), list(cli)).optim.value_optimizer
+
+    for preset in ("134m-memory+", "134m-memory", "373m-memory+"):
+        assert opt(f"model.preset={preset}") == "sparse_adam_bf16"
+    for preset in ("tiny-memory+", "134m-dense", "134m-peer"):
+        assert opt(f"model.preset={preset}") == "sparse_adam"
+    assert opt("model.preset=134m-memory+", "optim.value_optimizer=sparse_adam") == "sparse_adam"
+    yaml = tmp_path / "exp.yaml"
+    yaml.write_text("model:\n  preset: 134m-memory+\noptim:\n  value_optimizer: sparse_adam\n")
+    assert opt(files=[yaml]) == "sparse_adam"
+
+
 @pytest.mark.parametrize(
     "old, want",
     [
