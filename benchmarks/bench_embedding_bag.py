@@ -61,13 +61,10 @@ SCORE_SWEEP = (
        for st in (1, 3)]
     + [(c, w, 3, 1, 128) for c, w in ((4, 1), (8, 1), (8, 2), (16, 2))]
 )  # fmt: skip
-# The value-gradient walk's column tiles tried by --sweep (value gradient only, as the
-# merged shared-table backward runs it): a narrower tile keeps a smaller slice of
-# grad_out live in L2 (module docstring of embedding_bag_triton).
-WALK_TILES = (128, 256, 512)
-# The value-gradient walk alone on precomputed segments (--walk-sweep): (BLOCK_D, warps,
-# stages). Gathering several lookups' grad_out tiles per load was tried and lost on every
-# shape (results/walk_sweep_h200_20261203.md).
+# The value-gradient walk alone on precomputed segments (--walk-sweep, and --sweep):
+# (BLOCK_D, warps, stages). A narrower tile keeps a smaller slice of grad_out live in L2
+# (module docstring of embedding_bag_triton). Gathering several lookups' grad_out tiles
+# per load was tried and lost on every shape (results/walk_sweep_h200_20261203.md).
 WALK_SWEEP = [
     (bd, w, st) for bd, w in ((256, 1), (128, 1), (512, 1), (256, 2), (512, 2)) for st in (1, 2, 4)
 ]
@@ -173,11 +170,8 @@ def bench_lookups(tag, values, indices, weights, grad, args, table, compare) -> 
         fn = lambda a=a: ebt.score_grad(values, indices, grad, *a)  # noqa: E731
         name = "chunk={} warps={} stages={} split={} block_d={}".format(*a)
         table.add(f"{tag}: sweep score gradient {name}", timed(fn), fwd_bytes)
-    if args.walk_sweep:
+    if args.walk_sweep or args.sweep:
         bench_walk(tag, values, indices, weights, grad, table)
-    for bd in WALK_TILES if args.sweep else ():
-        fn = lambda bd=bd: ebt._bwd_sparse(grad, values, indices, weights, False, block_d=bd)  # noqa: E731
-        table.add(f"{tag}: sweep value-grad walk BLOCK_D={bd}", timed(fn), bwd_bytes)
     if args.sweep and grad.dtype == torch.float32:
         # Half the bytes of grad_out, which the walk reads once per lookup.
         g16 = grad.bfloat16()
@@ -231,7 +225,7 @@ def bench_walk(tag, values, indices, weights, grad, table) -> None:
     shared-table backward's launch) over precomputed segments, per WALK_SWEEP launch. Bytes:
     a grad_out tile read per lookup, a gradient row written per distinct row."""
     n, d = values.shape
-    seg = ebt.row_segments(indices, weights, n, need_count=True)
+    seg = ebt.row_segments(indices, weights, n)
     out = values.new_empty(seg.rows.numel(), d)
     u = int(seg.n_distinct.item())
     nbytes = indices.numel() * d * grad.element_size() + u * d * values.element_size()
@@ -293,7 +287,7 @@ def main() -> None:
     p.add_argument("--fwd-dims", type=int, nargs="*", default=[512, 1024, 1000, 2048])
     p.add_argument(
         "--sweep", action="store_true",
-        help="backward chunks, score-gradient and forward launches",
+        help="backward chunks, score-gradient, walk and forward launches",
     )  # fmt: skip
     p.add_argument("--walk-sweep", action="store_true", help="value-gradient walk launches")
     p.add_argument(
