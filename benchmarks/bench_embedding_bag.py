@@ -88,15 +88,17 @@ def make_indices(dist: str, n: int, b: int, k: int, device, g) -> torch.Tensor:
     return indices
 
 
+def load_module(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def load_compare(path: str | None):
     """A module file defining ``sparse_backward(grad_out, values, indices, weights)``
     (e.g. an earlier version's kernel), timed beside ours."""
-    if not path:
-        return None
-    spec = importlib.util.spec_from_file_location("compare_bwd", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.sparse_backward
+    return load_module(path, "compare_bwd").sparse_backward if path else None
 
 
 def random_table(n: int, d: int, dtype, device, g) -> torch.Tensor:
@@ -170,8 +172,7 @@ def bench_lookups(tag, values, indices, weights, grad, args, table, compare) -> 
         fn = lambda a=a: ebt.score_grad(values, indices, grad, *a)  # noqa: E731
         name = "chunk={} warps={} stages={} split={} block_d={}".format(*a)
         table.add(f"{tag}: sweep score gradient {name}", timed(fn), fwd_bytes)
-    if args.walk_sweep or args.sweep:
-        bench_walk(tag, values, indices, weights, grad, table)
+    bench_walk(tag, values, indices, weights, grad, table, args)
     if args.sweep and grad.dtype == torch.float32:
         # Half the bytes of grad_out, which the walk reads once per lookup.
         g16 = grad.bfloat16()
@@ -198,6 +199,13 @@ def bench_lookups(tag, values, indices, weights, grad, args, table, compare) -> 
         f"{tag}: backward dense (shipped)",
         timed(lambda: ebt._bwd_dense(grad, values, indices, weights, True, True)),
     )
+    s["bwd_other"] = table.add(
+        f"{tag}: backward sparse, nested={not ebt.BWD_NESTED}",
+        timed(lambda: ebt._bwd_sparse(grad, values, indices, weights, True,
+                                      nested=not ebt.BWD_NESTED)),
+        bwd_bytes,
+        "value + score grads",
+    )  # fmt: skip
     for chunk in (32, 64, 256, 512) if args.sweep else ():
         fn = lambda c=chunk: ebt._bwd_sparse(grad, values, indices, weights, True, chunk=c)  # noqa: E731
         table.add(f"{tag}: sweep backward sparse chunk={chunk}", timed(fn), bwd_bytes)
@@ -220,17 +228,30 @@ def bench_lookups(tag, values, indices, weights, grad, args, table, compare) -> 
     return s
 
 
-def bench_walk(tag, values, indices, weights, grad, table) -> None:
+def bench_walk(tag, values, indices, weights, grad, table, args) -> None:
     """The value-gradient walk alone (sparse rows, no score gradient: the merged
-    shared-table backward's launch) over precomputed segments, per WALK_SWEEP launch. Bytes:
-    a grad_out tile read per lookup, a gradient row written per distinct row."""
+    shared-table backward's launch) over precomputed segments: the shipped launch, the
+    other walk (``_bwd_launch(nested=...)``, row by row or lookup by lookup), an
+    earlier version's walk (``--compare-walk``: a copy of an earlier
+    ``memlayers/ops/embedding_bag_triton.py``, its ``_bwd_launch`` on the same segments)
+    and, with ``--walk-sweep``/``--sweep``, every WALK_SWEEP launch. Bytes: a grad_out
+    tile read per lookup, a gradient row written per distinct row."""
     n, d = values.shape
     seg = ebt.row_segments(indices, weights, n)
     out = values.new_empty(seg.rows.numel(), d)
     u = int(seg.n_distinct.item())
     nbytes = indices.numel() * d * grad.element_size() + u * d * values.element_size()
     shipped = (ebt.bwd_launch(d)[0], ebt.BWD_WARPS, ebt.BWD_STAGES)
-    for bd, w, st in [shipped, *WALK_SWEEP]:
+    other = not ebt.BWD_NESTED
+    fn = lambda: ebt._bwd_launch(grad, None, seg, out, False, False, nested=other)  # noqa: E731
+    name = "row by row (nested=True)" if other else "lookup by lookup (nested=False)"
+    table.add(f"{tag}: walk {name}", timed(fn), nbytes)
+    if args.compare_walk:
+        before = load_module(args.compare_walk, "compare_walk")
+        fn = lambda: before._bwd_launch(grad, None, seg, out, False, False)  # noqa: E731
+        table.add(f"{tag}: walk, --compare-walk", timed(fn), nbytes)
+    sweep = WALK_SWEEP if args.walk_sweep or args.sweep else []
+    for bd, w, st in [shipped, *sweep]:
         fn = lambda bd=bd, w=w, st=st: ebt._bwd_launch(  # noqa: E731
             grad, None, seg, out, False, False, block_d=bd, num_warps=w, stages=st
         )
@@ -297,6 +318,9 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--torch-ref", action="store_true", help="F.embedding_bag fp32 fwd+bwd")
     p.add_argument("--compare-bwd", help="module file with sparse_backward(...) to time too")
+    p.add_argument(
+        "--compare-walk", help="an earlier embedding_bag_triton.py whose walk to time too"
+    )
     p.add_argument("--replay", help="lookups saved by profile_step.py --dump-lookups")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
     p.add_argument("--out", help="write the markdown tables here")

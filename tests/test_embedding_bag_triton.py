@@ -131,8 +131,10 @@ def test_empty(b, k, sparse_grad):
         ((2, 2, 3, 1), dict(block_d=16, chunk=3, stages=2)),
         ((4, 4, 2, 1), dict(block_d=64, chunk=64, num_warps=2)),
         ((2, 1, 2, 4), dict(block_d=8, chunk=2, stages=1)),
+        ((1, 1, 1, 1), dict(block_d=8, chunk=3, stages=2, nested=True)),
+        ((2, 2, 3, 1), dict(block_d=64, chunk=64, num_warps=2, nested=True)),
     ],
-    ids=["small-tiles", "odd-steps", "wide-steps", "gathered-rows"],
+    ids=["small-tiles", "odd-steps", "wide-steps", "gathered-rows", "nested-cut", "nested-whole"],
 )
 @pytest.mark.parametrize("n", [9, 2], ids=["rows-9", "rows-2-long-runs"])
 def test_tilings(fwd, bwd, n):
@@ -215,20 +217,51 @@ def test_skewed_distributions(skew, dtype, sparse_grad):
     _close(gw, ref_gw, 1e-5)
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["per-lookup", "nested"])
 @pytest.mark.parametrize("chunk", [16, 5])
 @pytest.mark.parametrize("skew", SKEWS)
-def test_skewed_pieces(skew, chunk):
+def test_skewed_pieces(skew, chunk, nested):
     # Small chunks cut every hot row into many pieces (and the Zipf law's middle rows
-    # too): the second pass adds them in chunk order.
+    # too): the second pass adds them in chunk order. Both walks: lookup by lookup, and
+    # row by row (nested loops).
     values, _, weights, grad = _inputs(40, 33, 48, 12, torch.float32, seed=11)
     indices = _skewed_indices(skew, 40, 48, 12, seed=12)
     _, ref_gv, ref_gw = _reference(values, indices, weights, grad)
-    dense, dw = ebt._bwd_dense(grad, values, indices, weights, True, True, chunk=chunk)
+    launch = dict(chunk=chunk, nested=nested)
+    dense, dw = ebt._bwd_dense(grad, values, indices, weights, True, True, **launch)
     _close(dense, ref_gv, 1e-5)
     _close(dw, ref_gw, 1e-5)
-    rows, grad_rows, dw = ebt._bwd_sparse(grad, values, indices, weights, True, chunk=chunk)
+    rows, grad_rows, dw = ebt._bwd_sparse(grad, values, indices, weights, True, **launch)
     _close(grad_rows, ref_gv[rows], 1e-5)
     _close(dw, ref_gw, 1e-5)
+
+
+@pytest.mark.parametrize("chunk", [256, 16, 5], ids=["chunk-256", "chunk-16", "chunk-5"])
+@pytest.mark.parametrize("skew", ["uniform", *SKEWS])
+def test_nested_walk_gives_the_same_numbers(skew, chunk):
+    # The row-by-row walk adds the same terms in the same order as the lookup-by-lookup
+    # walk: bit for bit in the interpreter (a GPU may contract them differently), value
+    # gradient alone (the merged shared-table walk, sum_rows) and with the score parts,
+    # sparse and dense, rows whole or cut into pieces.
+    values, indices, weights, grad = _inputs(40, 37, 48, 12, torch.float32, seed=21)
+    if skew != "uniform":
+        indices = _skewed_indices(skew, 40, 48, 12, seed=22)
+    _, ref_gv, ref_gw = _reference(values, indices, weights, grad)
+    got = {}
+    for nested in (False, True):
+        seg = ebt.row_segments(indices, weights, 40, need_count=True)
+        out = values.new_empty(seg.rows.numel(), 37)
+        ebt._bwd_launch(grad, None, seg, out, False, False, chunk=chunk, nested=nested)
+        rows, grad_rows = ebt._sparse_rows(seg, out)
+        _close(grad_rows, ref_gv[rows], 1e-5)
+        dense, dw = ebt._bwd_dense(grad, values, indices, weights, True, True, chunk=chunk,
+                                   nested=nested)  # fmt: skip
+        _close(dense, ref_gv, 1e-5)
+        _close(dw, ref_gw, 1e-5)
+        got[nested] = (grad_rows, dense, dw)
+    if not CUDA:
+        for a, b in zip(got[False], got[True], strict=True):
+            assert torch.equal(a, b)
 
 
 def test_simple_baselines_match_reference():

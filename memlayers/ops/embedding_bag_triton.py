@@ -24,7 +24,11 @@ at the chunk bounds: each program writes its piece's fp32 partial sum (``heads``
 and a second small pass adds a row's pieces in chunk order. So no program walks more than
 2·CHUNK lookups whatever the distribution (the walk before this gave each program 16
 whole rows: a hot row was one serial chain, 4× slower in the 134m trainer, 12-160×
-slower than this walk on skewed lookups in benchmarks/bench_embedding_bag.py).
+slower than this walk on skewed lookups in benchmarks/bench_embedding_bag.py). A
+candidate walks each chunk row by row (``nested=True``, :func:`_bwd_rows_kernel`: the
+same sums, a leaner inner loop), tested but not yet timed on a GPU; a hybrid that gave
+short rows programs of their own won only on uniform lookups and was dropped
+(benchmarks/results/walk_hybrid_h200_20261203.md).
 
 Per lookup the walk accumulates the open row's value gradient ``Σ w · grad_out[bag]``
 (written once, at the row's last lookup, or as a piece) and the score-gradient part
@@ -69,6 +73,9 @@ BWD_BLOCK_D = 512
 BWD_WARPS = 1
 BWD_STAGES = 4
 BWD_CHUNK = 256
+# The walk row by row (_bwd_rows_kernel) instead of lookup by lookup: a candidate, tested,
+# not yet timed on a GPU (benchmarks/NOTES.md, session 20).
+BWD_NESTED = False
 # The pass that adds a long row's pieces: [BLOCK_R pieces, BLOCK_D columns] per step.
 _COMBINE_BLOCK_R = 8
 _COMBINE_BLOCK_D = 256
@@ -475,6 +482,79 @@ def _bwd_kernel(
 
 
 @triton.jit
+def _bwd_rows_kernel(
+    grad_out_ptr,  # the arguments are _bwd_kernel's
+    values_ptr,
+    ws_ptr,
+    packed_ptr,
+    srows_ptr,
+    ordinal_ptr,
+    seg_ptr,
+    grad_values_ptr,
+    heads_ptr,
+    tails_ptr,
+    parts_ptr,
+    E,
+    CHUNK,
+    D: tl.constexpr,
+    DENSE_OUT: tl.constexpr,
+    WRITE_DV: tl.constexpr,
+    WRITE_DW: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """:func:`_bwd_kernel`'s walk, the same sums in the same order, row by row: an outer
+    loop over the rows that meet chunk c (their bounds and stores once per row), an inner
+    loop over one row's lookups there (a grad_out tile loaded and added per lookup,
+    software-pipelined STAGES deep, nothing else). A candidate (``nested=True``, not the
+    default, not yet timed on a GPU): a program per row with that lean loop streamed the
+    merged 134m walk's uniform lookups in 3.3 ms where _bwd_kernel, the same tiles and
+    warps but flags and predicated stores per lookup, takes 6.0
+    (results/walk_hybrid_h200_20261203.md): is the loop body the cost?"""
+    c = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1).to(tl.int64)  # tile * E passes 2**31 for large batches
+    begin, end = _chunk_bounds(ordinal_ptr, seg_ptr, c, E, CHUNK)
+    cols = tile * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    dmask = cols < D
+    walked = end > begin
+    u_first = tl.load(ordinal_ptr + begin, mask=walked, other=1).to(tl.int64) - 1
+    u_last = tl.load(ordinal_ptr + end - 1, mask=walked, other=0).to(tl.int64) - 1
+    for u in range(u_first, u_last + 1):
+        s = tl.load(seg_ptr + u)
+        t = tl.load(seg_ptr + u + 1)
+        lo = tl.maximum(s, begin)
+        hi = tl.minimum(t, end)
+        row = tl.load(srows_ptr + lo).to(tl.int64)
+        if WRITE_DW:
+            # The row's values, read once per piece.
+            v = tl.load(values_ptr + row * D + cols, mask=dmask, other=0.0).to(tl.float32)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)  # the piece's value gradient
+        for e in tl.range(lo, hi, num_stages=STAGES):
+            bag = tl.load(packed_ptr + e) & ((1 << 61) - 1)
+            g = tl.load(grad_out_ptr + bag * D + cols, mask=dmask, other=0.0).to(tl.float32)
+            if WRITE_DV:
+                acc += tl.load(ws_ptr + e) * g
+            if WRITE_DW:
+                tl.store(parts_ptr + tile * E + e, tl.sum(g * v))
+        if WRITE_DV:
+            whole = s >= begin  # the piece begins at the row's first lookup
+            closed = t <= end  # ... and ends at its last
+            if whole & closed:
+                if DENSE_OUT:
+                    out_row = row
+                else:
+                    out_row = u
+                # One writer per row, once. Streamed out of L2 first.
+                tl.store(grad_values_ptr + out_row * D + cols,
+                         acc.to(grad_values_ptr.dtype.element_ty), mask=dmask,
+                         eviction_policy="evict_first")  # fmt: skip
+            elif whole:  # a long row's first piece, ending past the chunk
+                tl.store(tails_ptr + c * D + cols, acc, mask=dmask)
+            else:  # a long row's later piece (begun in an earlier chunk)
+                tl.store(heads_ptr + c * D + cols, acc, mask=dmask)
+
+
+@triton.jit
 def _combine_kernel(
     packed_ptr,  # [E] int64
     srows_ptr,  # [E]
@@ -698,11 +778,13 @@ def _bwd_launch(
     num_warps: int | None = None,
     stages: int | None = None,
     chunk: int | None = None,
+    nested: bool | None = None,
 ) -> torch.Tensor:
     """Run the backward walk (and the pass over long rows): fills ``grad_values`` (row u's
     gradient at row u, or at its table row when ``dense_out``) and returns the score
     gradient of each flat (bag, slot) ``[E]`` fp32 (empty when not asked for). ``values``
-    is read only for the score gradient. Launch parameters default to the BWD_* constants.
+    is read only for the score gradient. Launch parameters default to the BWD_* constants;
+    ``nested`` walks row by row (:func:`_bwd_rows_kernel`), the same numbers.
     """
     d = grad_out.shape[1]
     bound, e = segments.rows.numel(), segments.perm.numel()
@@ -720,7 +802,8 @@ def _bwd_launch(
     heads = torch.empty(n_pieces, d, dtype=torch.float32, device=dev)
     tails = torch.empty(n_pieces, d, dtype=torch.float32, device=dev)
     dummy = grad_out
-    _bwd_kernel[(n_chunks, n_tiles)](
+    kernel = _bwd_rows_kernel if (BWD_NESTED if nested is None else nested) else _bwd_kernel
+    kernel[(n_chunks, n_tiles)](
         grad_out, dummy if values is None else values, segments.ws, segments.packed,
         segments.sorted_rows, segments.ordinal, segments.seg,
         dummy if grad_values is None else grad_values, heads, tails, parts, e, chunk,
