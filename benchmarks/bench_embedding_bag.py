@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -233,9 +234,10 @@ def bench_walk(tag, values, indices, weights, grad, table, args) -> None:
     shared-table backward's launch) over precomputed segments: the shipped launch, the
     other walk (``_bwd_launch(nested=...)``, row by row or lookup by lookup), an
     earlier version's walk (``--compare-walk``: a copy of an earlier
-    ``memlayers/ops/embedding_bag_triton.py``, its ``_bwd_launch`` on the same segments)
-    and, with ``--walk-sweep``/``--sweep``, every WALK_SWEEP launch. Bytes: a grad_out
-    tile read per lookup, a gradient row written per distinct row."""
+    ``memlayers/ops/embedding_bag_triton.py``, loaded once by main; its own sort and its
+    ``_bwd_launch``) and, with ``--walk-sweep``/``--sweep``, every WALK_SWEEP launch of
+    both walks. Bytes: a grad_out tile read per lookup, a gradient row written per
+    distinct row."""
     n, d = values.shape
     seg = ebt.row_segments(indices, weights, n)
     out = values.new_empty(seg.rows.numel(), d)
@@ -246,16 +248,23 @@ def bench_walk(tag, values, indices, weights, grad, table, args) -> None:
     fn = lambda: ebt._bwd_launch(grad, None, seg, out, False, False, nested=other)  # noqa: E731
     name = "row by row (nested=True)" if other else "lookup by lookup (nested=False)"
     table.add(f"{tag}: walk {name}", timed(fn), nbytes)
-    if args.compare_walk:
-        before = load_module(args.compare_walk, "compare_walk")
-        fn = lambda: before._bwd_launch(grad, None, seg, out, False, False)  # noqa: E731
+    before = args.walk_before
+    if before is not None:
+        seg_b = before.row_segments(indices, weights, n)
+        fn = lambda: before._bwd_launch(grad, None, seg_b, out, False, False)  # noqa: E731
         table.add(f"{tag}: walk, --compare-walk", timed(fn), nbytes)
-    sweep = WALK_SWEEP if args.walk_sweep or args.sweep else []
-    for bd, w, st in [shipped, *sweep]:
-        fn = lambda bd=bd, w=w, st=st: ebt._bwd_launch(  # noqa: E731
-            grad, None, seg, out, False, False, block_d=bd, num_warps=w, stages=st
-        )
-        name = "shipped " if (bd, w, st) == shipped else "sweep "
+    table.add(
+        f"{tag}: walk shipped BLOCK_D={shipped[0]} warps={shipped[1]} stages={shipped[2]}",
+        timed(lambda: ebt._bwd_launch(grad, None, seg, out, False, False)), nbytes,
+    )  # fmt: skip
+    for (bd, w, st), nested in itertools.product(
+        WALK_SWEEP if args.walk_sweep or args.sweep else (), (False, True)
+    ):
+        fn = lambda bd=bd, w=w, st=st, nested=nested: ebt._bwd_launch(  # noqa: E731
+            grad, None, seg, out, False, False, block_d=bd, num_warps=w, stages=st,
+            nested=nested,
+        )  # fmt: skip
+        name = f"sweep {'row by row' if nested else 'lookup by lookup'} "
         table.add(f"{tag}: walk {name}BLOCK_D={bd} warps={w} stages={st}", timed(fn), nbytes)
 
 
@@ -332,6 +341,7 @@ def main() -> None:
     device, card, table = bandwidth_table()
     copy_tbs = table.copy_tbs
     compare = load_compare(args.compare_bwd)
+    args.walk_before = load_module(args.compare_walk, "compare_walk") if args.compare_walk else None
     summary = {}
     for name, shp in shapes.items():
         bench_shape(name, shp, args, table, device, summary, compare)

@@ -236,29 +236,42 @@ def test_skewed_pieces(skew, chunk, nested):
     _close(dw, ref_gw, 1e-5)
 
 
-@pytest.mark.parametrize("chunk", [256, 16, 5], ids=["chunk-256", "chunk-16", "chunk-5"])
-@pytest.mark.parametrize("skew", ["uniform", *SKEWS])
-def test_nested_walk_gives_the_same_numbers(skew, chunk):
+NESTED_CASES = [
+    *[(skew, chunk, torch.float32) for skew in ["uniform", *SKEWS] for chunk in (256, 16, 5)],
+    ("uniform", 256, torch.bfloat16),
+    ("zipf", 5, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize(
+    "skew, chunk, dtype", NESTED_CASES,
+    ids=[f"{s}-chunk-{c}-{str(d).removeprefix('torch.')}" for s, c, d in NESTED_CASES],
+)  # fmt: skip
+def test_nested_walk_gives_the_same_numbers(skew, chunk, dtype):
     # The row-by-row walk adds the same terms in the same order as the lookup-by-lookup
     # walk: bit for bit in the interpreter (a GPU may contract them differently), value
-    # gradient alone (the merged shared-table walk, sum_rows) and with the score parts,
-    # sparse and dense, rows whole or cut into pieces.
-    values, indices, weights, grad = _inputs(40, 37, 48, 12, torch.float32, seed=21)
+    # gradient alone (the merged shared-table walk, sum_rows; sparse and dense), score
+    # gradient alone, and both (dense), rows whole or cut into pieces.
+    values, indices, weights, grad = _inputs(40, 37, 48, 12, dtype, seed=21)
     if skew != "uniform":
         indices = _skewed_indices(skew, 40, 48, 12, seed=22)
     _, ref_gv, ref_gw = _reference(values, indices, weights, grad)
     got = {}
     for nested in (False, True):
+        launch = dict(chunk=chunk, nested=nested)
         seg = ebt.row_segments(indices, weights, 40, need_count=True)
         out = values.new_empty(seg.rows.numel(), 37)
-        ebt._bwd_launch(grad, None, seg, out, False, False, chunk=chunk, nested=nested)
+        ebt._bwd_launch(grad, None, seg, out, False, False, **launch)
         rows, grad_rows = ebt._sparse_rows(seg, out)
-        _close(grad_rows, ref_gv[rows], 1e-5)
-        dense, dw = ebt._bwd_dense(grad, values, indices, weights, True, True, chunk=chunk,
-                                   nested=nested)  # fmt: skip
-        _close(dense, ref_gv, 1e-5)
-        _close(dw, ref_gw, 1e-5)
-        got[nested] = (grad_rows, dense, dw)
+        _close(grad_rows, ref_gv[rows], RTOL[dtype])
+        value_only, _ = ebt._bwd_dense(grad, values, indices, weights, True, False, **launch)
+        _close(value_only, ref_gv, RTOL[dtype])
+        _, score_only = ebt._bwd_dense(grad, values, indices, weights, False, True, **launch)
+        _close(score_only, ref_gw, 1e-5 if dtype == torch.float32 else 1e-2)
+        dense, dw = ebt._bwd_dense(grad, values, indices, weights, True, True, **launch)
+        _close(dense, ref_gv, RTOL[dtype])
+        _close(dw, ref_gw, 1e-5 if dtype == torch.float32 else 1e-2)
+        got[nested] = (grad_rows, value_only, score_only, dense, dw)
     if not CUDA:
         for a, b in zip(got[False], got[True], strict=True):
             assert torch.equal(a, b)
