@@ -217,17 +217,16 @@ def test_skewed_distributions(skew, dtype, sparse_grad):
     _close(gw, ref_gw, 1e-5)
 
 
-@pytest.mark.parametrize("nested", [False, True], ids=["per-lookup", "nested"])
 @pytest.mark.parametrize("chunk", [16, 5])
 @pytest.mark.parametrize("skew", SKEWS)
-def test_skewed_pieces(skew, chunk, nested):
+def test_skewed_pieces(skew, chunk):
     # Small chunks cut every hot row into many pieces (and the Zipf law's middle rows
-    # too): the second pass adds them in chunk order. Both walks: lookup by lookup, and
-    # row by row (nested loops).
+    # too): the second pass adds them in chunk order. (The row-by-row walk on the same
+    # cases: test_nested_walk_gives_the_same_numbers.)
     values, _, weights, grad = _inputs(40, 33, 48, 12, torch.float32, seed=11)
     indices = _skewed_indices(skew, 40, 48, 12, seed=12)
     _, ref_gv, ref_gw = _reference(values, indices, weights, grad)
-    launch = dict(chunk=chunk, nested=nested)
+    launch = dict(chunk=chunk)
     dense, dw = ebt._bwd_dense(grad, values, indices, weights, True, True, **launch)
     _close(dense, ref_gv, 1e-5)
     _close(dw, ref_gw, 1e-5)
