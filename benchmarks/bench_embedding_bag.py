@@ -200,7 +200,7 @@ def bench_lookups(tag, values, indices, weights, grad, args, table, compare) -> 
         f"{tag}: backward dense (shipped)",
         timed(lambda: ebt._bwd_dense(grad, values, indices, weights, True, True)),
     )
-    s["bwd_other"] = table.add(
+    table.add(
         f"{tag}: backward sparse, nested={not ebt.BWD_NESTED}",
         timed(lambda: ebt._bwd_sparse(grad, values, indices, weights, True,
                                       nested=not ebt.BWD_NESTED)),
