@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import itertools
 
 import torch
 import torch.nn.functional as F
@@ -200,13 +199,6 @@ def bench_lookups(tag, values, indices, weights, grad, args, table, compare) -> 
         f"{tag}: backward dense (shipped)",
         timed(lambda: ebt._bwd_dense(grad, values, indices, weights, True, True)),
     )
-    table.add(
-        f"{tag}: backward sparse, nested={not ebt.BWD_NESTED}",
-        timed(lambda: ebt._bwd_sparse(grad, values, indices, weights, True,
-                                      nested=not ebt.BWD_NESTED)),
-        bwd_bytes,
-        "value + score grads",
-    )  # fmt: skip
     for chunk in (32, 64, 256, 512) if args.sweep else ():
         fn = lambda c=chunk: ebt._bwd_sparse(grad, values, indices, weights, True, chunk=c)  # noqa: E731
         table.add(f"{tag}: sweep backward sparse chunk={chunk}", timed(fn), bwd_bytes)
@@ -231,23 +223,19 @@ def bench_lookups(tag, values, indices, weights, grad, args, table, compare) -> 
 
 def bench_walk(tag, values, indices, weights, grad, table, args) -> None:
     """The value-gradient walk alone (sparse rows, no score gradient: the merged
-    shared-table backward's launch) over precomputed segments: the shipped launch, the
-    other walk (``_bwd_launch(nested=...)``, row by row or lookup by lookup), an
+    shared-table backward's launch) over precomputed segments: the shipped launch, an
     earlier version's walk (``--compare-walk``: a copy of an earlier
     ``memlayers/ops/embedding_bag_triton.py``, loaded once by main; its own sort and its
-    ``_bwd_launch``) and, with ``--walk-sweep``/``--sweep``, every WALK_SWEEP launch of
-    both walks. Bytes: a grad_out tile read per lookup, a gradient row written per
-    distinct row."""
+    ``_bwd_launch``; e.g. the lookup-by-lookup walk of ``git show
+    2c7195c:memlayers/ops/embedding_bag_triton.py``) and, with ``--walk-sweep``/``--sweep``,
+    every WALK_SWEEP launch. Bytes: a grad_out tile read per lookup, a gradient row
+    written per distinct row."""
     n, d = values.shape
     seg = ebt.row_segments(indices, weights, n)
     out = values.new_empty(seg.rows.numel(), d)
     u = int(seg.n_distinct.item())
     nbytes = indices.numel() * d * grad.element_size() + u * d * values.element_size()
     shipped = (ebt.bwd_launch(d)[0], ebt.BWD_WARPS, ebt.BWD_STAGES)
-    other = not ebt.BWD_NESTED
-    fn = lambda: ebt._bwd_launch(grad, None, seg, out, False, False, nested=other)  # noqa: E731
-    name = "row by row (nested=True)" if other else "lookup by lookup (nested=False)"
-    table.add(f"{tag}: walk {name}", timed(fn), nbytes)
     before = args.walk_before
     if before is not None:
         seg_b = before.row_segments(indices, weights, n)
@@ -257,15 +245,11 @@ def bench_walk(tag, values, indices, weights, grad, table, args) -> None:
         f"{tag}: walk shipped BLOCK_D={shipped[0]} warps={shipped[1]} stages={shipped[2]}",
         timed(lambda: ebt._bwd_launch(grad, None, seg, out, False, False)), nbytes,
     )  # fmt: skip
-    for (bd, w, st), nested in itertools.product(
-        WALK_SWEEP if args.walk_sweep or args.sweep else (), (False, True)
-    ):
-        fn = lambda bd=bd, w=w, st=st, nested=nested: ebt._bwd_launch(  # noqa: E731
-            grad, None, seg, out, False, False, block_d=bd, num_warps=w, stages=st,
-            nested=nested,
-        )  # fmt: skip
-        name = f"sweep {'row by row' if nested else 'lookup by lookup'} "
-        table.add(f"{tag}: walk {name}BLOCK_D={bd} warps={w} stages={st}", timed(fn), nbytes)
+    for bd, w, st in WALK_SWEEP if args.walk_sweep or args.sweep else ():
+        fn = lambda bd=bd, w=w, st=st: ebt._bwd_launch(  # noqa: E731
+            grad, None, seg, out, False, False, block_d=bd, num_warps=w, stages=st
+        )
+        table.add(f"{tag}: walk sweep BLOCK_D={bd} warps={w} stages={st}", timed(fn), nbytes)
 
 
 def bench_forward_dims(args, table, device) -> list:

@@ -15,8 +15,8 @@ whole row per load, default warps, no checks) is the benchmark's baseline
 
 Backward (benchmarks/NOTES.md, sessions 3 and 4): the flattened lookups are sorted by row
 (stable, so every sum below has a fixed order and the result is bitwise deterministic); a
-prep pass lays out, per sorted lookup, its bag with first/last-of-row flags and its
-weight, and a scan gives each lookup its row's ordinal. The walk then splits the work by
+prep pass lays out, per sorted lookup, its bag and its weight, and a scan gives each
+lookup its row's ordinal. The walk then splits the work by
 *lookups*, not rows: program c owns the sorted lookups ``[c·CHUNK, (c+1)·CHUNK)``, moved to
 whole-row bounds for rows of at most CHUNK lookups (such a row belongs to the program
 where it starts). A longer row — skewed lookups put tens of thousands on one row — is cut
@@ -24,14 +24,17 @@ at the chunk bounds: each program writes its piece's fp32 partial sum (``heads``
 and a second small pass adds a row's pieces in chunk order. So no program walks more than
 2·CHUNK lookups whatever the distribution (the walk before this gave each program 16
 whole rows: a hot row was one serial chain, 4× slower in the 134m trainer, 12-160×
-slower than this walk on skewed lookups in benchmarks/bench_embedding_bag.py). A
-candidate walks each chunk row by row (``nested=True``, :func:`_bwd_rows_kernel`: the
-same sums, a leaner inner loop), tested but not yet timed on a GPU; a hybrid that gave
-short rows programs of their own won only on uniform lookups and was dropped
-(benchmarks/results/walk_hybrid_h200_20261203.md).
+slower than this walk on skewed lookups in benchmarks/bench_embedding_bag.py). Each
+program walks its chunk row by row (:func:`_bwd_kernel`): an outer loop over the rows
+meeting the chunk, their bounds and stores once per row, an inner loop over one row's
+lookups that only loads and adds. Walked lookup by lookup (flags, a piece test and two
+predicated stores per lookup: the walk to session 20) the same sums took 1.9× as long at
+the merged 134m shape (results/walk_rows_h200_20261203.md); a hybrid that gave short rows
+programs of their own won only on uniform lookups and was dropped
+(results/walk_hybrid_h200_20261203.md).
 
-Per lookup the walk accumulates the open row's value gradient ``Σ w · grad_out[bag]``
-(written once, at the row's last lookup, or as a piece) and the score-gradient part
+Per lookup the walk accumulates its row's value gradient ``Σ w · grad_out[bag]``
+(written once, after the row's last lookup, or as a piece) and the score-gradient part
 ``grad_out[bag] · values[row]`` (the row read once per piece). Programs take one
 512-column tile each and are launched tile-major, so only a ``[B, 512]`` slice of
 grad_out is live at a time, which L2 keeps (ncu: 3.3 GB read where a per-row kernel read
@@ -65,17 +68,16 @@ from memlayers.ops.triton_interpreter import patch_triton_interpreter
 
 patch_triton_interpreter()
 
-# Backward (benchmarks/NOTES.md, H100, 2026-11-26): 512-column tiles walked by one warp,
-# four lookups in flight. CHUNK, lookups per program (H100 sweep, 2026-11-28): 256 keeps
-# every skewed case within 1.22x of uniform (128: 1.57x, the pieces' second pass grows)
-# at +0-5% on uniform against 128.
+# Backward: 512-column tiles walked by one warp (H100, 2026-11-26); one stage, i.e. no
+# software pipelining of the row-by-row walk's inner loop (H200, 2026-12-03: 3.16 ms at
+# the merged 134m shape against 5.00 at four stages, 0.82 against 1.54 at the paper's:
+# results/walk_rows_h200_20261203.md). CHUNK, lookups per program (H100 sweep,
+# 2026-11-28): 256 keeps every skewed case within 1.22x of uniform (128: 1.57x, the
+# pieces' second pass grows) at +0-5% on uniform against 128.
 BWD_BLOCK_D = 512
 BWD_WARPS = 1
-BWD_STAGES = 4
+BWD_STAGES = 1
 BWD_CHUNK = 256
-# The walk row by row (_bwd_rows_kernel) instead of lookup by lookup: a candidate, tested,
-# not yet timed on a GPU (benchmarks/NOTES.md, session 20).
-BWD_NESTED = False
 # The pass that adds a long row's pieces: [BLOCK_R pieces, BLOCK_D columns] per step.
 _COMBINE_BLOCK_R = 8
 _COMBINE_BLOCK_D = 256
@@ -314,7 +316,7 @@ def _prep_kernel(
     srows_ptr,  # [E] table row of each lookup, ascending
     perm_ptr,  # [E] int64: flat (bag, slot) position of each sorted lookup
     weights_ptr,  # [B * K]
-    packed_ptr,  # out [E] int64: bag | first-of-row << 62 | last-of-row << 61
+    bags_ptr,  # out [E] int64: the bag of each sorted lookup
     ws_ptr,  # out [E] fp32: the lookup's weight, in sorted order
     firsts_ptr,  # out [E] int32: 1 where a row's lookups start
     E,
@@ -326,11 +328,9 @@ def _prep_kernel(
     m = e < E
     r = tl.load(srows_ptr + e, mask=m, other=0)
     r_prev = tl.load(srows_ptr + e - 1, mask=m & (e > 0), other=-1)
-    r_next = tl.load(srows_ptr + e + 1, mask=e + 1 < E, other=-1)
     j = tl.load(perm_ptr + e, mask=m, other=0)
-    first = (r != r_prev).to(tl.int64)
-    last = (r != r_next).to(tl.int64)
-    tl.store(packed_ptr + e, (j // K) | (first << 62) | (last << 61), mask=m)
+    first = r != r_prev
+    tl.store(bags_ptr + e, j // K, mask=m)
     tl.store(ws_ptr + e, tl.load(weights_ptr + j, mask=m, other=0.0).to(tl.float32), mask=m)
     tl.store(firsts_ptr + e, first.to(tl.int32), mask=m)
 
@@ -406,7 +406,7 @@ def _bwd_kernel(
     grad_out_ptr,  # [B, D]
     values_ptr,  # [N, D]
     ws_ptr,  # [E] fp32: weights in sorted order
-    packed_ptr,  # [E] int64: bag | first << 62 | last << 61 (see _prep_kernel)
+    bags_ptr,  # [E] int64: the bag of each sorted lookup
     srows_ptr,  # [E] sorted table rows
     ordinal_ptr,  # [E] int32: 1 + the ordinal of each lookup's row
     seg_ptr,  # [bound + 1] int64: distinct row u owns sorted lookups seg[u] : seg[u + 1]
@@ -424,93 +424,14 @@ def _bwd_kernel(
     STAGES: tl.constexpr,
 ):
     """Program (c, t) walks the sorted lookups of chunk c (:func:`_chunk_bounds`) over
-    column tile t, one lookup per step, software-pipelined STAGES deep. A row whose lookups
-    all lie in the walk is written to grad_values; a piece of a longer row goes to heads
-    or tails (fp32) for :func:`_combine_kernel`. Axis 0 varies fastest in launch order, so
-    the grid runs (mostly) through tile 0 before tile 1, and only a [B, BLOCK_D] slice of
-    grad_out is being read at a time: L2 keeps it far better than all of grad_out."""
-    c = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1).to(tl.int64)  # tile * E passes 2**31 for large batches
-    begin, end = _chunk_bounds(ordinal_ptr, seg_ptr, c, E, CHUNK)
-    cols = tile * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    dmask = cols < D
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)  # the open piece's value gradient
-    v = tl.zeros([BLOCK_D], dtype=tl.float32)  # the open row's values
-    u = tl.load(ordinal_ptr + begin, mask=begin < E, other=0).to(tl.int64) - 2  # +1 below
-    # 1 while the open piece began at its row's first lookup, 0 for a head piece.
-    whole = tl.full([], 1, tl.int32)
-    for e in tl.range(begin, end, num_stages=STAGES):
-        packed = tl.load(packed_ptr + e)
-        first = ((packed >> 62) & 1) != 0
-        last = ((packed >> 61) & 1) != 0
-        start = first | (e == begin)  # a new piece: a row's first lookup, or the walk's
-        bag = packed & ((1 << 61) - 1)
-        g = tl.load(grad_out_ptr + bag * D + cols, mask=dmask, other=0.0).to(tl.float32)
-        row = tl.load(srows_ptr + e).to(tl.int64)
-        if WRITE_DV:
-            acc = tl.where(start, 0.0, acc) + tl.load(ws_ptr + e) * g
-            u += start.to(tl.int64)
-            whole = tl.where(start, first.to(tl.int32), whole)
-            if DENSE_OUT:
-                out_row = row
-            else:
-                out_row = u
-            # One writer per row, once: its last lookup. Streamed out of L2 first. Masks
-            # are where(flag, dmask, False), not dmask & flag: Triton 3.9's interpreter
-            # rejects a vector & scalar mask.
-            tl.store(
-                grad_values_ptr + out_row * D + cols, acc.to(grad_values_ptr.dtype.element_ty),
-                mask=tl.where(last & (whole != 0), dmask, False), eviction_policy="evict_first",
-            )  # fmt: skip
-            # A long row's last piece (it began in an earlier chunk).
-            head_end = tl.where(last & (whole == 0), dmask, False)
-            tl.store(heads_ptr + c * D + cols, acc, mask=head_end)
-        if WRITE_DW:
-            # The row's values are read once per piece (a masked load moves nothing).
-            fresh = tl.load(values_ptr + row * D + cols, mask=tl.where(start, dmask, False),
-                            other=0.0)  # fmt: skip
-            v = tl.where(start, fresh.to(tl.float32), v)
-            tl.store(parts_ptr + tile * E + e, tl.sum(g * v))
-    if WRITE_DV:
-        # A long row still open at the walk's end: this chunk's piece of it.
-        walked = end > begin
-        final = tl.load(packed_ptr + end - 1, mask=walked, other=1 << 61)
-        open_end = ((final >> 61) & 1) == 0
-        piece = c * D + cols
-        tl.store(tails_ptr + piece, acc, mask=tl.where(open_end & (whole != 0), dmask, False))
-        tl.store(heads_ptr + piece, acc, mask=tl.where(open_end & (whole == 0), dmask, False))
-
-
-@triton.jit
-def _bwd_rows_kernel(
-    grad_out_ptr,  # the arguments are _bwd_kernel's
-    values_ptr,
-    ws_ptr,
-    packed_ptr,
-    srows_ptr,
-    ordinal_ptr,
-    seg_ptr,
-    grad_values_ptr,
-    heads_ptr,
-    tails_ptr,
-    parts_ptr,
-    E,
-    CHUNK,
-    D: tl.constexpr,
-    DENSE_OUT: tl.constexpr,
-    WRITE_DV: tl.constexpr,
-    WRITE_DW: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    STAGES: tl.constexpr,
-):
-    """:func:`_bwd_kernel`'s walk, the same sums in the same order, row by row: an outer
-    loop over the rows that meet chunk c (their bounds and stores once per row), an inner
-    loop over one row's lookups there (a grad_out tile loaded and added per lookup,
-    software-pipelined STAGES deep, nothing else). A candidate (``nested=True``, not the
-    default, not yet timed on a GPU): a program per row with that lean loop streamed the
-    merged 134m walk's uniform lookups in 3.3 ms where _bwd_kernel, the same tiles and
-    warps but flags and predicated stores per lookup, takes 6.0
-    (results/walk_hybrid_h200_20261203.md): is the loop body the cost?"""
+    column tile t, row by row: an outer loop over the rows that meet the chunk (their
+    bounds, values and stores once per row), an inner loop over one row's lookups there
+    (a grad_out tile loaded and added per lookup, software-pipelined STAGES deep, nothing
+    else). A row whose lookups all lie in the chunk is written to grad_values; a piece of
+    a longer row goes to heads or tails (fp32) for :func:`_combine_kernel`. Axis 0 varies
+    fastest in launch order, so the grid runs (mostly) through tile 0 before tile 1, and
+    only a [B, BLOCK_D] slice of grad_out is being read at a time: L2 keeps it far better
+    than all of grad_out."""
     c = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1).to(tl.int64)  # tile * E passes 2**31 for large batches
     begin, end = _chunk_bounds(ordinal_ptr, seg_ptr, c, E, CHUNK)
@@ -530,7 +451,7 @@ def _bwd_rows_kernel(
             v = tl.load(values_ptr + row * D + cols, mask=dmask, other=0.0).to(tl.float32)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)  # the piece's value gradient
         for e in tl.range(lo, hi, num_stages=STAGES):
-            bag = tl.load(packed_ptr + e) & ((1 << 61) - 1)
+            bag = tl.load(bags_ptr + e)
             g = tl.load(grad_out_ptr + bag * D + cols, mask=dmask, other=0.0).to(tl.float32)
             if WRITE_DV:
                 acc += tl.load(ws_ptr + e) * g
@@ -556,7 +477,6 @@ def _bwd_rows_kernel(
 
 @triton.jit
 def _combine_kernel(
-    packed_ptr,  # [E] int64
     srows_ptr,  # [E]
     ordinal_ptr,  # [E] int32
     seg_ptr,  # [bound + 1] int64
@@ -602,7 +522,7 @@ def _simple_bwd_kernel(
     grad_out_ptr,  # [B, D]
     values_ptr,  # [N, D]
     ws_ptr,  # [E] fp32, sorted order
-    packed_ptr,  # [E] int64
+    bags_ptr,  # [E] int64
     rows_ptr,  # [bound] int64
     seg_ptr,  # [bound + 1] int64
     grad_rows_ptr,  # [bound, D]
@@ -621,7 +541,7 @@ def _simple_bwd_kernel(
         v = tl.load(values_ptr + row * D + cols, mask=dmask, other=0.0).to(tl.float32)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for e in range(tl.load(seg_ptr + u), tl.load(seg_ptr + u + 1)):
-            bag = tl.load(packed_ptr + e) & ((1 << 61) - 1)
+            bag = tl.load(bags_ptr + e)
             g = tl.load(grad_out_ptr + bag * D + cols, mask=dmask, other=0.0).to(tl.float32)
             acc += tl.load(ws_ptr + e) * g
             tl.store(dw_ptr + e, tl.sum(g * v))
@@ -691,7 +611,7 @@ class Segments(NamedTuple):
     nothing waits for it before the walk; ``rows``/``seg`` are sized by the bound:
     ``rows[:U]`` int64 ascending, ``seg[:U + 1]`` (row u owns sorted lookups
     ``seg[u] : seg[u + 1]``; the tail holds E). Per lookup, in sorted order: ``perm`` (flat
-    (bag, slot)), ``sorted_rows``, ``packed`` (bag and first/last-of-row flags), ``ws``
+    (bag, slot)), ``sorted_rows``, ``bags`` (the bag of each), ``ws``
     (fp32 weight), ``ordinal`` (int32, 1 + its row's ordinal). ``touched [N]`` int8 marks
     rows read (dense only, else empty)."""
 
@@ -699,7 +619,7 @@ class Segments(NamedTuple):
     seg: torch.Tensor
     perm: torch.Tensor
     sorted_rows: torch.Tensor
-    packed: torch.Tensor
+    bags: torch.Tensor
     ws: torch.Tensor
     ordinal: torch.Tensor
     touched: torch.Tensor
@@ -724,12 +644,12 @@ def row_segments(
     sorted_rows, perm = sort_by_row(indices, n_rows)
     e = perm.numel()
     dev = indices.device
-    packed = torch.empty(e, dtype=torch.int64, device=dev)
+    bags = torch.empty(e, dtype=torch.int64, device=dev)
     ws = torch.empty(e, dtype=torch.float32, device=dev)
     firsts = torch.empty(e, dtype=torch.int32, device=dev)
     grid = (triton.cdiv(e, _PREP_BLOCK),)
     if e:
-        _prep_kernel[grid](sorted_rows, perm, weights, packed, ws, firsts, e, indices.shape[1],
+        _prep_kernel[grid](sorted_rows, perm, weights, bags, ws, firsts, e, indices.shape[1],
                            BLOCK=_PREP_BLOCK)  # fmt: skip
     ordinal = torch.cumsum(firsts, 0, dtype=torch.int32)
     n_distinct = ordinal[-1:] if e else torch.zeros(1, dtype=torch.int32, device=dev)
@@ -749,7 +669,7 @@ def row_segments(
         _starts_kernel[grid](sorted_rows, firsts, ordinal, seg, rows, touched, e, n_rows, bound,
                              DENSE=dense, BLOCK=_PREP_BLOCK)  # fmt: skip
     return Segments(
-        rows, seg, perm, sorted_rows, packed, ws, ordinal, touched, n_distinct, host, ready
+        rows, seg, perm, sorted_rows, bags, ws, ordinal, touched, n_distinct, host, ready
     )
 
 
@@ -778,13 +698,11 @@ def _bwd_launch(
     num_warps: int | None = None,
     stages: int | None = None,
     chunk: int | None = None,
-    nested: bool | None = None,
 ) -> torch.Tensor:
     """Run the backward walk (and the pass over long rows): fills ``grad_values`` (row u's
     gradient at row u, or at its table row when ``dense_out``) and returns the score
     gradient of each flat (bag, slot) ``[E]`` fp32 (empty when not asked for). ``values``
-    is read only for the score gradient. Launch parameters default to the BWD_* constants;
-    ``nested`` walks row by row (:func:`_bwd_rows_kernel`), the same numbers.
+    is read only for the score gradient. Launch parameters default to the BWD_* constants.
     """
     d = grad_out.shape[1]
     bound, e = segments.rows.numel(), segments.perm.numel()
@@ -802,9 +720,8 @@ def _bwd_launch(
     heads = torch.empty(n_pieces, d, dtype=torch.float32, device=dev)
     tails = torch.empty(n_pieces, d, dtype=torch.float32, device=dev)
     dummy = grad_out
-    kernel = _bwd_rows_kernel if (BWD_NESTED if nested is None else nested) else _bwd_kernel
-    kernel[(n_chunks, n_tiles)](
-        grad_out, dummy if values is None else values, segments.ws, segments.packed,
+    _bwd_kernel[(n_chunks, n_tiles)](
+        grad_out, dummy if values is None else values, segments.ws, segments.bags,
         segments.sorted_rows, segments.ordinal, segments.seg,
         dummy if grad_values is None else grad_values, heads, tails, parts, e, chunk,
         D=d, DENSE_OUT=dense_out, WRITE_DV=grad_values is not None, WRITE_DW=write_dw,
@@ -813,9 +730,8 @@ def _bwd_launch(
     if grad_values is not None:
         cblock = min(_COMBINE_BLOCK_D, triton.next_power_of_2(d))
         _combine_kernel[(n_chunks, triton.cdiv(d, cblock))](
-            segments.packed, segments.sorted_rows, segments.ordinal, segments.seg, heads,
-            tails, grad_values, e, chunk, D=d, DENSE_OUT=dense_out, BLOCK_R=_COMBINE_BLOCK_R,
-            BLOCK_D=cblock,
+            segments.sorted_rows, segments.ordinal, segments.seg, heads, tails, grad_values,
+            e, chunk, D=d, DENSE_OUT=dense_out, BLOCK_R=_COMBINE_BLOCK_R, BLOCK_D=cblock,
         )  # fmt: skip
     if write_dw:
         # Column tiles' parts summed in a fixed order, then back to (bag, slot) order.
@@ -874,7 +790,7 @@ def simple_backward(grad_out, values, indices, weights):
     dw_sorted = torch.zeros(segments.perm.numel(), dtype=torch.float32, device=values.device)
     if bound and d:
         _simple_bwd_kernel[(bound,)](
-            grad_out, values, segments.ws, segments.packed, segments.rows, segments.seg,
+            grad_out, values, segments.ws, segments.bags, segments.rows, segments.seg,
             grad_rows, dw_sorted, segments.n_distinct, D=d, BLOCK_D=triton.next_power_of_2(d),
         )  # fmt: skip
     dw = torch.empty_like(dw_sorted)
