@@ -346,7 +346,9 @@ class MemoryValues(nn.Module):
                 self.quantized, indices, weights, impl=impl, check_indices=check_indices
             )
         if self.shard is not None:
-            return self.shard.lookup(self.weight, indices, weights, impl, self.sparse_grad)
+            return self.shard.lookup(
+                self.weight, indices, weights, impl, self.sparse_grad, self.merged
+            )
         if self.sparse_grad:
             return _sparse_lookup(self, indices, weights, impl)
         return embedding_bag(self.weight, indices, weights, impl=impl, check_indices=check_indices)

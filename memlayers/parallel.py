@@ -121,7 +121,13 @@ class _ReturnColumns(torch.autograd.Function):
 
 
 class ColumnShard:
-    """This rank's columns ``[start, start + width)`` of a table sharded over ``group``."""
+    """This rank's columns ``[start, start + width)`` of a table sharded over ``group``.
+
+    ``equal_bags``: every rank of the group passes as many bags to each lookup as this
+    one (the trainer's fixed ``[batch, seq_len]`` micro-batches: :meth:`ParallelPlan.
+    equal_bags`). The ranks' bag counts are then not brought to the host (a wait for the
+    device before each lookup could be queued): they are checked on the device instead,
+    and a rank that breaks the promise fails there, naming it, before any bag moves."""
 
     def __init__(self, group, full_dim: int) -> None:
         self.group = group
@@ -130,15 +136,34 @@ class ColumnShard:
         self.widths = column_widths(full_dim, self.world)
         self.start = sum(self.widths[: self.rank])
         self.width = self.widths[self.rank]
+        self.equal_bags = False
 
-    def lookup(self, weight, indices, weights, impl, sparse_grad):
-        """Gather every rank's bags → local lookup on this shard → return the columns."""
-        local_b = torch.tensor([indices.shape[0]], device=indices.device)
+    def bag_counts(self, indices: torch.Tensor) -> list[int]:
+        """Every rank's number of bags in this lookup (this rank's: ``indices.shape[0]``)."""
+        mine = indices.shape[0]
+        local_b = torch.tensor([mine], device=indices.device)
         sizes = [torch.zeros_like(local_b) for _ in range(self.world)]
         dist.all_gather(sizes, local_b, group=self.group)
-        sizes = [int(s) for s in sizes]
+        if not self.equal_bags:
+            return [int(s) for s in sizes]  # waits for the device
+        torch._assert_async(
+            torch.cat(sizes).eq(mine).all(),
+            "parallel memory: equal_bags is set but the ranks of a memory-parallel group "
+            "passed different numbers of bags to one lookup",
+        )
+        return [mine] * self.world
+
+    def lookup(self, weight, indices, weights, impl, sparse_grad, merged=None):
+        """Gather every rank's bags → local lookup on this shard → return the columns.
+        ``merged``: the table's :class:`~memlayers.merged_grad.MergedValueGrad` (Memory+'s
+        shared table): with ``sparse_grad``, the shard's gradient is deferred to one walk
+        over every layer's gathered bags at the end of the backward, as unsharded."""
+        sizes = self.bag_counts(indices)
         idx_all, w_all = _GatherBags.apply(indices, weights, sizes, self.rank, self.group)
-        partial = embedding_bag(weight, idx_all, w_all, impl=impl, sparse_grad=sparse_grad)
+        if sparse_grad and merged is not None:
+            partial = merged.lookup(weight, idx_all, w_all, impl)
+        else:
+            partial = embedding_bag(weight, idx_all, w_all, impl=impl, sparse_grad=sparse_grad)
         return _ReturnColumns.apply(partial, sizes, self.widths, self.rank, self.group)
 
 
@@ -200,6 +225,14 @@ class ParallelPlan:
 
     def is_table(self, p: torch.Tensor) -> bool:
         return any(p is t.weight for _, t in self.tables)
+
+    def equal_bags(self) -> None:
+        """Promise that every rank passes as many bags to each lookup (fixed micro-batch
+        shapes, as the trainer's): sharded lookups then skip a host wait each
+        (:class:`ColumnShard`)."""
+        for _, table in self.tables:
+            if table.shard is not None:
+                table.shard.equal_bags = True
 
     @torch.no_grad()
     def sync_grads(self, model: nn.Module) -> None:

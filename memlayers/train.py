@@ -357,6 +357,9 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
             model_cfg, args.parallel, env.device, args.seed, compile_,
             sparse_values=uses_sparse_values(args.optim),
         )  # fmt: skip
+    # Every rank's micro-batches are [batch, seq_len] (PackedLoader), training and
+    # validation alike: sharded lookups need not bring the ranks' bag counts to the host.
+    plan.equal_bags()
     # what a checkpoint rebuilds the model from (checkpoint.model_config_of)
     saved_config = model_cfg.to_dict() | ({"memory_mode": mode} if mode != "replace" else {})
     optimizer = build_optimizer(model, args.optim, impl=model_cfg.memory.impl)

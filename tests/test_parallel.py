@@ -30,18 +30,18 @@ def _entry(rank, fn, world, store, args):
         dist.destroy_process_group()
 
 
-def _bags(world):
-    """Every rank's bags (uneven sizes), identical on all ranks."""
-    sizes = [3 + r for r in range(world)]
+def _bags(world, equal=False):
+    """Every rank's bags (uneven sizes unless ``equal``), identical on all ranks."""
+    sizes = [4] * world if equal else [3 + r for r in range(world)]
     idx = [torch.randint(0, N_ROWS, (b, K)) for b in sizes]
     w = [torch.randn(b, K, dtype=torch.float64) for b in sizes]
     g = [torch.randn(b, DIM, dtype=torch.float64) for b in sizes]
     return sizes, idx, w, g
 
 
-def _lookup_worker(rank, world, sparse):
+def _lookup_worker(rank, world, sparse, equal=False):
     table = torch.randn(N_ROWS, DIM, dtype=torch.float64)
-    sizes, idx, w, g = _bags(world)
+    sizes, idx, w, g = _bags(world, equal)
     # Reference: one process, all tokens, the full table.
     ref_t = table.clone().requires_grad_()
     ref_w = torch.cat(w).requires_grad_()
@@ -53,6 +53,7 @@ def _lookup_worker(rank, world, sparse):
     with torch.no_grad():
         values.weight.copy_(table)
     shard_values_(values, dist.group.WORLD)
+    values.shard.equal_bags = equal
     cols = slice(values.shard.start, values.shard.start + values.shard.width)
     mine = w[rank].clone().requires_grad_()
     out = values.lookup(idx[rank], mine, impl="torch")
@@ -68,6 +69,26 @@ def _lookup_worker(rank, world, sparse):
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense-grad", "sparse-grad"])
 def test_sharded_lookup_matches_reference(world, sparse):
     _spawn(_lookup_worker, world, sparse)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense-grad", "sparse-grad"])
+def test_equal_bags_lookup_matches_reference(sparse):
+    # The ranks' bag counts taken as equal (not brought to the host): the same numbers.
+    _spawn(_lookup_worker, 2, sparse, True)
+
+
+def _unequal_bags_worker(rank, world):
+    _, idx, w, _ = _bags(world)  # 3 and 4 bags
+    values = MemoryValues(N_ROWS, DIM, dtype=torch.float64)
+    shard_values_(values, dist.group.WORLD)
+    values.shard.equal_bags = True
+    with pytest.raises(RuntimeError, match="equal_bags is set but the ranks"):
+        values.lookup(idx[rank], w[rank], impl="torch")
+
+
+def test_equal_bags_broken_promise_fails_on_every_rank():
+    # Both ranks stop at the check, before the bags' all-gather could hang or misread.
+    _spawn(_unequal_bags_worker, 2)
 
 
 def _train_step_worker(rank, world, options):
@@ -215,6 +236,11 @@ def _step_worker(rank, world, mp):
     logits = model(x[mine])
     torch.testing.assert_close(logits, ref_logits[mine])
     compute_loss(logits, y[mine]).backward()
+    if plan.sharded:
+        # The shared table's three lookups gave one merged walk over their gathered bags
+        # (each separately would leave three uncoalesced parts).
+        table = plan.tables[0][1]
+        assert table.merged is not None and table.weight.grad.is_coalesced()
     plan.sync_grads(model)
     norm = plan.clip_grad_norm_(model, args.grad_clip)
     torch.testing.assert_close(norm.double(), ref_norm.double())
