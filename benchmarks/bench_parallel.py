@@ -97,6 +97,7 @@ def _train_steps(ns, overrides: list[str]) -> dict:
     compile_ = use_compile(args.compile, env.device)
     sparse = uses_sparse_values(args.optim)
     model, plan = build(model_cfg, args.parallel, env.device, args.seed, compile_, sparse)
+    plan.equal_bags()  # every rank's batch is [B, T], as in the trainer
     optimizer = build_optimizer(model, args.optim, impl=model_cfg.memory.impl)
     B, T = args.data.batch_size, args.data.seq_len
     g = torch.Generator(device=env.device).manual_seed(rank)
