@@ -127,7 +127,8 @@ class ColumnShard:
     one (the trainer's fixed ``[batch, seq_len]`` micro-batches: :meth:`ParallelPlan.
     equal_bags`). The ranks' bag counts are then not brought to the host (a wait for the
     device before each lookup could be queued): they are checked on the device instead,
-    and a rank that breaks the promise fails there, naming it, before any bag moves."""
+    and a rank that breaks the promise fails there before any bag moves (on a GPU a
+    device-side assert, its message on the process's stderr)."""
 
     def __init__(self, group, full_dim: int) -> None:
         self.group = group
@@ -141,7 +142,7 @@ class ColumnShard:
     def bag_counts(self, indices: torch.Tensor) -> list[int]:
         """Every rank's number of bags in this lookup (this rank's: ``indices.shape[0]``)."""
         mine = indices.shape[0]
-        local_b = torch.tensor([mine], device=indices.device)
+        local_b = indices.new_full((1,), mine)  # a fill: torch.tensor would copy from the host
         sizes = [torch.zeros_like(local_b) for _ in range(self.world)]
         dist.all_gather(sizes, local_b, group=self.group)
         if not self.equal_bags:
@@ -153,6 +154,10 @@ class ColumnShard:
         )
         return [mine] * self.world
 
+    # Eager under torch.compile (one graph boundary, as memory.py's sparse lookup): its
+    # collectives' split sizes are host numbers and its gradient may be deferred to the
+    # end of the backward (merged), neither of which a compiled graph can hold.
+    @torch.compiler.disable
     def lookup(self, weight, indices, weights, impl, sparse_grad, merged=None):
         """Gather every rank's bags → local lookup on this shard → return the columns.
         ``merged``: the table's :class:`~memlayers.merged_grad.MergedValueGrad` (Memory+'s

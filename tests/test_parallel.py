@@ -220,6 +220,7 @@ def _step_worker(rank, world, mp):
 
     ref = _reference_model()
     model, plan = _parallel_model(world, mp, ref)
+    plan.equal_bags()  # every rank has 2 sequences, as the trainer promises
     tokens = torch.randint(0, 37, (2 * world, 9))  # the global batch, same on every rank
     x, y = tokens[:, :-1], tokens[:, 1:]
     mine = slice(2 * rank, 2 * rank + 2)

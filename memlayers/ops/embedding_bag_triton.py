@@ -68,12 +68,13 @@ from memlayers.ops.triton_interpreter import patch_triton_interpreter
 
 patch_triton_interpreter()
 
-# Backward: 512-column tiles walked by one warp (H100, 2026-11-26); one stage, i.e. no
-# software pipelining of the row-by-row walk's inner loop (H200, 2026-12-03: 3.16 ms at
-# the merged 134m shape against 5.00 at four stages, 0.82 against 1.54 at the paper's:
-# results/walk_rows_h200_20261203.md). CHUNK, lookups per program (H100 sweep,
-# 2026-11-28): 256 keeps every skewed case within 1.22x of uniform (128: 1.57x, the
-# pieces' second pass grows) at +0-5% on uniform against 128.
+# Backward: tiles of up to 512 columns (bwd_launch: 256 at D = 768) walked by one warp
+# (H100, 2026-11-26); one stage, i.e. no software pipelining of the row-by-row walk's
+# inner loop (H200, 2026-12-03: 3.16 ms at the merged 134m shape against 5.00 at four
+# stages, 0.82 against 1.54 at the paper's: results/walk_rows_h200_20261203.md).
+# CHUNK, lookups per program (H100 sweep, 2026-11-28): 256 keeps every skewed case within
+# 1.22x of uniform (128: 1.57x, the pieces' second pass grows) at +0-5% on uniform
+# against 128.
 BWD_BLOCK_D = 512
 BWD_WARPS = 1
 BWD_STAGES = 1
