@@ -16,30 +16,29 @@ whole row per load, default warps, no checks) is the benchmark's baseline
 Backward (benchmarks/NOTES.md, sessions 3 and 4): the flattened lookups are sorted by row
 (stable, so every sum below has a fixed order and the result is bitwise deterministic); a
 prep pass lays out, per sorted lookup, its bag and its weight, and a scan gives each
-lookup its row's ordinal. The walk then splits the work by
-*lookups*, not rows: program c owns the sorted lookups ``[c·CHUNK, (c+1)·CHUNK)``, moved to
-whole-row bounds for rows of at most CHUNK lookups (such a row belongs to the program
-where it starts). A longer row — skewed lookups put tens of thousands on one row — is cut
-at the chunk bounds: each program writes its piece's fp32 partial sum (``heads``/``tails``)
-and a second small pass adds a row's pieces in chunk order. So no program walks more than
-2·CHUNK lookups whatever the distribution (the walk before this gave each program 16
-whole rows: a hot row was one serial chain, 4× slower in the 134m trainer, 12-160×
-slower than this walk on skewed lookups in benchmarks/bench_embedding_bag.py). Each
-program walks its chunk row by row (:func:`_bwd_kernel`): an outer loop over the rows
-meeting the chunk, their bounds and stores once per row, an inner loop over one row's
-lookups that only loads and adds. Walked lookup by lookup (flags, a piece test and two
-predicated stores per lookup: the walk to session 20) the same sums took 1.9× as long at
-the merged 134m shape (results/walk_rows_h200_20261203.md); a hybrid that gave short rows
-programs of their own won only on uniform lookups and was dropped
-(results/walk_hybrid_h200_20261203.md).
+lookup its row's ordinal. The walk then splits the work by *lookups*, not rows: program c
+owns the sorted lookups ``[c·CHUNK, (c+1)·CHUNK)``, moved to whole-row bounds for rows of
+at most CHUNK lookups (such a row belongs to the program where it starts). A longer row —
+skewed lookups put tens of thousands on one row — is cut at the chunk bounds: each
+program writes its piece's fp32 partial sum (``heads``/``tails``) and a second small pass
+adds a row's pieces in chunk order. So no program walks more than 2·CHUNK lookups
+whatever the distribution (the walk before this gave each program 16 whole rows: a hot
+row was one serial chain, 4× slower in the 134m trainer, 12-160× slower than this walk on
+skewed lookups in benchmarks/bench_embedding_bag.py). Each program walks its chunk row by
+row (:func:`_bwd_kernel`): an outer loop over the rows meeting the chunk, their bounds
+and stores once per row, an inner loop over one row's lookups that only loads and adds.
+Walked lookup by lookup (flags, a piece test and two predicated stores per lookup: the
+walk to session 20) the same sums took 1.9× as long at the merged 134m shape
+(results/walk_rows_h200_20261203.md); a hybrid that gave short rows programs of their own
+won only on uniform lookups and was dropped (results/walk_hybrid_h200_20261203.md).
 
-Per lookup the walk accumulates its row's value gradient ``Σ w · grad_out[bag]``
-(written once, after the row's last lookup, or as a piece) and the score-gradient part
-``grad_out[bag] · values[row]`` (the row read once per piece). Programs take one
-512-column tile each and are launched tile-major, so only a ``[B, 512]`` slice of
-grad_out is live at a time, which L2 keeps (ncu: 3.3 GB read where a per-row kernel read
-4.3 GB). No atomics: a row has one writer, the tiles' score parts are summed in a fixed
-order.
+Per lookup the walk accumulates its row's value gradient ``Σ w · grad_out[bag]`` (written
+once, after the row's last lookup, or as a piece) and the score-gradient part
+``grad_out[bag] · values[row]`` (the row read once per piece). Programs take one column
+tile each (up to 512 columns: :func:`bwd_launch`) and are launched tile-major, so only a
+``[B, tile]`` slice of grad_out is live at a time, which L2 keeps (ncu: 3.3 GB read where
+a per-row kernel read 4.3 GB). No atomics: a row has one writer, the tiles' score parts
+are summed in a fixed order.
 
 The value gradient comes back row-sparse (``rows [U]``, ``grad_rows [U, D]``: untouched
 rows cost nothing) or dense ``[N, D]`` (a kernel zero-fills the untouched rows, the walk
