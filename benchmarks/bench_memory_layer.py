@@ -160,14 +160,6 @@ def bench_search(args, q, keys, add) -> None:
             )
             what = "filter" if filt else "rank all keys"
             add(f"    top-k kernel, {what}, ROWS={rows} warps={warps} ({s1.dtype})", timed(fn))
-        # The filter's groups (a tighter bound for more max passes) and ranking half the
-        # slots when every row kept at most cap / 2 (pkt.TOPK_GROUPS, pkt.TOPK_TIERED).
-        for groups, tiered, cap in [(8, True, 128), (4, False, 128), (4, True, 128),
-                                    (2, True, 128), (4, False, 64)]:  # fmt: skip
-            fn = lambda g=groups, t=tiered, c=cap: pkt.topk_launch(
-                s1, s2, args.topk, groups=g, tiered=t, cap=c
-            )
-            add(f"    top-k kernel, filter, groups={groups} tiered={tiered} cap={cap}", timed(fn))
         # What bf16 scores would cost: 32-bit keys with the index in the zero low bits.
         b1, b2 = s1.bfloat16(), s2.bfloat16()
         fn = lambda: pkt.topk_launch(b1, b2, args.topk, 1, 4, True)

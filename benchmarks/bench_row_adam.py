@@ -66,11 +66,19 @@ def bench_dim(args, table: Table, d: int, device) -> None:
     table.add(f"D={d}: row SGD step (bf16 table)",
               timed(lambda: row_sgd_step_triton(values, rows, grad, 1, 1e-3)),
               u * (per_row["sgd"] + 8), f"{note}; {per_row['sgd']} B/row")  # fmt: skip
-    for bd, wp in [(512, 4), (2048, 8), (1024, 8), (256, 2)] if args.sweep else ():
+    for bd, wp in [(1024, 4), (512, 4), (2048, 8), (1024, 8), (256, 1)] if args.sweep else ():
         fn = lambda bd=bd, wp=wp: row_adam_step_triton(  # noqa: E731
             values, rows, grad, m, v, 1, **hp, block_d=bd, num_warps=wp
         )
         table.add(f"D={d}: sweep Adam BLOCK_D={bd} warps={wp}", timed(fn), adam_bytes)
+    # The paper presets' step (fp32 master, bf16 moments): its rounding hashes make it
+    # compute-heavier, so lanes masked off past D (D = 768 in a 1024 tile) may cost here.
+    for bd, wp in [(1024, 4), (256, 1), (512, 2), (512, 4), (1024, 8)] if args.sweep else ():
+        fn = lambda bd=bd, wp=wp: row_adam_step_triton(  # noqa: E731
+            values, rows, grad, m16, v16, 1, **hp, master=master, block_d=bd, num_warps=wp
+        )
+        table.add(f"D={d}: sweep master + bf16 moments BLOCK_D={bd} warps={wp}", timed(fn),
+                  u * (per_row["master_bf16"] + 8))  # fmt: skip
     if args.dense:
         # The dense alternative the lazy step replaces: fused AdamW over the whole table.
         p32 = torch.zeros(n, d, dtype=torch.float32, device=device, requires_grad=True)

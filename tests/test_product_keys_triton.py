@@ -106,8 +106,6 @@ def test_launch_variants():
     ref = topk_launch(s1, s2, 4, rows=1)
     for kwargs in (dict(rows=4), dict(rows=2, narrow=False), dict(num_warps=4)):
         assert torch.equal(topk_launch(s1, s2, 4, **kwargs)[0], ref[0])
-    with pytest.raises(ValueError, match="groups=3"):
-        topk_launch(s1, s2, 4, groups=3)
 
 
 def _half_scores_with_ties(heads, tokens, nk, seed):
@@ -133,13 +131,9 @@ def test_filter_ranks_the_same_keys(nk, k):
     s1, s2 = _half_scores_with_ties(2, 5, nk, seed=nk + k)
     for rows in (1, 2):
         full = topk_launch(s1, s2, k, rows=rows, filter_keys=False)
-        # Both halves in one launch (two scratches) and one launch per half (one shared);
-        # the filter's groups and its ranking of half the slots when every row fits.
-        launches = [(True, None, None), (False, None, None), (True, 2, True),
-                    (False, 4, True), (True, 1, False)]  # fmt: skip
-        for both, groups, tiered in launches:
-            fast = topk_launch(s1, s2, k, rows=rows, cap=16, both_halves=both, groups=groups,
-                               tiered=tiered)  # fmt: skip
+        # Both halves in one launch (two scratches) and one launch per half (one shared).
+        for both in (True, False):
+            fast = topk_launch(s1, s2, k, rows=rows, cap=16, both_halves=both)
             for a, b in zip(fast, full, strict=True):
                 assert torch.equal(a.nan_to_num(), b.nan_to_num())
     # And both are the top-k of the k×k sums of each half's top-k (the PyTorch path),

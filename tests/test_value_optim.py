@@ -356,10 +356,11 @@ def test_trainer_option_sparse_adam_rowwise():
 # close to fp32 Adam, exact resume, the trainer option.
 
 
-def _adam_both_paths(param_dtype, moment_dtype, sparse, rowwise, masters=None):
+def _adam_both_paths(param_dtype, moment_dtype, sparse, rowwise, masters=None, block_d=None):
     """Four Adam steps of the reference and the Triton step from the same table, rows
     and gradients (the table's dtype): ``(params, states)``, reference first. ``masters``:
-    a list to fill with the two paths' fp32 master copies (the steps then use them)."""
+    a list to fill with the two paths' fp32 master copies (the steps then use them).
+    ``block_d``: the Triton step's column tile (None: its launch rule)."""
     n, d = 24, 37
     params = [_table(n, d, param_dtype) for _ in range(2)]
     sq = (lambda: torch.zeros(n, device=DEVICE)) if rowwise else (
@@ -372,8 +373,9 @@ def _adam_both_paths(param_dtype, moment_dtype, sparse, rowwise, masters=None):
         grad = _table(9 if sparse else n, d, param_dtype, seed=10 + step)
         for i, fn in enumerate((row_adam_step_torch, row_adam_step_triton)):
             m, v = states[i]
+            tile = {} if i == 0 or block_d is None else {"block_d": block_d}
             fn(params[i], rows, grad, m, v, step, weight_decay=0.1, rowwise_v=rowwise, **HP,
-               master=None if masters is None else masters[i])  # fmt: skip
+               master=None if masters is None else masters[i], **tile)  # fmt: skip
     return params, states
 
 
@@ -571,11 +573,15 @@ def test_kernel_noise_across_a_2_32_offset_boundary():
 # update, exact resume (SGD's step count too).
 
 
+# block_d 16 cuts a row of 37 into three tiles (the last partial): the rounding bits of
+# every element are its own wherever the tiles fall.
+@pytest.mark.parametrize("block_d", [None, 16], ids=["launch-rule", "three-tiles"])
 @pytest.mark.parametrize("rowwise", [False, True], ids=["elementwise-v", "rowwise-v"])
 @pytest.mark.parametrize("moments", ["fp32", "bf16"])
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
-def test_bf16_param_matches_reference(sparse, moments, rowwise):
-    params, _ = _adam_both_paths(torch.bfloat16, DTYPES[moments], sparse, rowwise)
+def test_bf16_param_matches_reference(sparse, moments, rowwise, block_d):
+    params, _ = _adam_both_paths(torch.bfloat16, DTYPES[moments], sparse, rowwise,
+                                 block_d=block_d)  # fmt: skip
     assert params[1].dtype == torch.bfloat16
     if CUDA:  # fused multiply-adds may move the fp32 result, rarely across a cut
         _assert_param_close(params[1], params[0], travel=4 * HP["lr"])

@@ -51,15 +51,6 @@ TOPK_FEW_WARPS = 4
 # one launch per half, sharing one scratch.
 TOPK_BOTH_HALVES_BYTES = 64 << 20
 TOPK_CAP = 128  # keys per row the filter keeps for ranking (57 on average at 1024 / 32)
-# The filter's column groups (each gives its (KP / groups)-th best; the least of those is
-# the bound). More groups: fewer max passes, a looser bound. Normal scores at 1024 keys,
-# top-32: 8 groups keep 57 keys on average (78% of rows at most 64), 4 groups 44 (98.6%
-# at most 64) with 7 max passes instead of 3.
-TOPK_GROUPS = 8
-# Rank CAP / 2 keys, not CAP, when every row of a program kept at most that many (a
-# bitonic top-k over half the keys). A candidate with TOPK_GROUPS = 4: not yet timed on a
-# GPU (benchmarks/NOTES.md, session 21), so off.
-TOPK_TIERED = False
 # The candidate stage alone (paper shape, H200, 2026-12-01): 0.098 ms at 1 warp, 0.115 at
 # 2, 0.137 at 4.
 CANDIDATE_WARPS = 1
@@ -99,7 +90,7 @@ def _half_topk(
     s1_ptr, s2_ptr, scratch_ptr, rows, rmask, half, H, T, NK,
     NKP: tl.constexpr, KP: tl.constexpr, ROWS: tl.constexpr, LOW_BITS: tl.constexpr,
     NARROW: tl.constexpr, FILTER: tl.constexpr, GROUPS: tl.constexpr, PER: tl.constexpr,
-    CAP: tl.constexpr, TIERED: tl.constexpr,
+    CAP: tl.constexpr,
 ):  # fmt: skip
     """``(values, columns)`` ``[ROWS, KP]``, descending, of the top-KP of ``ROWS`` rows of
     ``[H, T, NK]`` half scores: half ``half``'s, ``s1`` or ``s2`` (both pointers are passed
@@ -110,8 +101,7 @@ def _half_topk(
     values at or above it, so every top-KP value is ``>= lo``. Those (about 57 of 1,024 at
     the paper shape) are compacted through ``scratch`` (``CAP`` keys per row) and only they
     are ranked. A row with more than CAP of them (ties, NaN) ranks all its keys instead.
-    TIERED: when every row kept at most CAP / 2, only CAP / 2 slots are ranked. Either way
-    the ranking is by the same ``(value, column)`` keys: the same result."""
+    Either way the ranking is by the same ``(value, column)`` keys: the same result."""
     # Scores come head-major out of the batched matmul: row (t, h) sits at h·T + t.
     base = (rows % H) * T + rows // H  # [ROWS]
     g = tl.arange(0, GROUPS)
@@ -140,37 +130,23 @@ def _half_topk(
         lo = tl.min(m, axis=1)  # [ROWS]
         keep = tl.reshape(((s >= lo[:, None, None]) | (s != s)) & m3, [ROWS, NKP])
         count = tl.sum(keep.to(tl.int32), axis=1)  # [ROWS]; >= KP unless NaN
-        most = tl.max(tl.where(rmask, count, 0))
-        full = (most > CAP) | (tl.min(tl.where(rmask, count, KP)) < KP)
+        full = tl.max(tl.where(rmask, count, 0)) > CAP
+        full = full | (tl.min(tl.where(rmask, count, KP)) < KP)
         if full:
             top = tl.topk(keys, KP)
         else:
             pos = tl.cumsum(keep.to(tl.int32), axis=1) - 1  # [ROWS, NKP] slot of each kept key
             tl.store(scratch_ptr + rows[:, None] * CAP + pos, keys, mask=keep)
             tl.debug_barrier()  # the slots written by other threads of this program
-            if TIERED:
-                if most <= CAP // 2:
-                    top = _rank_kept(scratch_ptr, rows, rmask, count, ROWS, KP, CAP // 2, CAP,
-                                     NARROW)  # fmt: skip
-                else:
-                    top = _rank_kept(scratch_ptr, rows, rmask, count, ROWS, KP, CAP, CAP, NARROW)
-            else:
-                top = _rank_kept(scratch_ptr, rows, rmask, count, ROWS, KP, CAP, CAP, NARROW)
+            c = tl.arange(0, CAP)
+            cmask = rmask[:, None] & (c[None, :] < count[:, None])
+            few = tl.load(scratch_ptr + rows[:, None] * CAP + c[None, :], mask=cmask, other=0)
+            pad = _pack(tl.full([ROWS, CAP], _PAD, tl.float32), c[None, :] * 0, NARROW)
+            few = tl.where(cmask, few, pad)
+            top = tl.topk(few, KP)
     else:
         top = tl.topk(keys, KP)
     return _unpack(top, LOW_BITS, NARROW)
-
-
-@triton.jit
-def _rank_kept(scratch_ptr, rows, rmask, count, ROWS: tl.constexpr, KP: tl.constexpr,
-               SLOTS: tl.constexpr, CAP: tl.constexpr, NARROW: tl.constexpr):  # fmt: skip
-    """The top-KP of each row's ``count`` kept keys, read from the first SLOTS of its CAP
-    scratch slots (``count <= SLOTS``), the rest padding that never wins."""
-    c = tl.arange(0, SLOTS)
-    cmask = rmask[:, None] & (c[None, :] < count[:, None])
-    few = tl.load(scratch_ptr + rows[:, None] * CAP + c[None, :], mask=cmask, other=0)
-    pad = _pack(tl.full([ROWS, SLOTS], _PAD, tl.float32), c[None, :] * 0, NARROW)
-    return tl.topk(tl.where(cmask, few, pad), KP)
 
 
 @triton.jit
@@ -194,7 +170,6 @@ def _half_kernel(
     GROUPS: tl.constexpr,
     PER: tl.constexpr,
     CAP: tl.constexpr,
-    TIERED: tl.constexpr,
 ):
     """Top-KP of one half's keys for ``ROWS`` rows (a superset of the top-k when k < KP:
     still exact)."""
@@ -203,7 +178,7 @@ def _half_kernel(
     half = half0 + tl.program_id(1)
     scratch = scratch_ptr + tl.program_id(1).to(tl.int64) * R * CAP
     v, i = _half_topk(s1_ptr, s2_ptr, scratch, rows, rmask, half, H, T, NK, NKP, KP, ROWS,
-                      LOW_BITS, NARROW, FILTER, GROUPS, PER, CAP, TIERED)  # fmt: skip
+                      LOW_BITS, NARROW, FILTER, GROUPS, PER, CAP)  # fmt: skip
     out = rows[:, None] * (2 * KP) + half * KP + tl.arange(0, KP)[None, :]
     tl.store(top_ptr + out, v, mask=rmask[:, None])
     tl.store(topi_ptr + out, i, mask=rmask[:, None])
@@ -286,8 +261,6 @@ def topk_launch(
     filter_keys: bool = True,
     cap: int = TOPK_CAP,
     both_halves: bool | None = None,
-    groups: int | None = None,
-    tiered: bool | None = None,
 ):
     """``(scores, index, i1, i2)``, ``[T·H, k]`` each (row t·H + h), of the exact product
     top-k of ``[H, T, NK]`` half scores (:func:`_half_scores`; a 2-D ``[R, NK]`` is one
@@ -297,8 +270,7 @@ def topk_launch(
     off, every key of a row is ranked (the result is the same). ``num_warps`` None: the
     rule (:data:`TOPK_FEW_WARPS` for fewer rows than SMs, else :data:`TOPK_WARPS`);
     ``both_halves`` None: one launch for both halves while their scratch is at most
-    :data:`TOPK_BOTH_HALVES_BYTES`; ``groups``, ``tiered``: the filter's (None:
-    :data:`TOPK_GROUPS`, :data:`TOPK_TIERED`). No launch parameter changes the result."""
+    :data:`TOPK_BOTH_HALVES_BYTES`. No launch parameter changes the result."""
     if s1.dim() == 2:
         s1, s2 = s1.unsqueeze(0), s2.unsqueeze(0)
     s1, s2 = s1.contiguous(), s2.contiguous()
@@ -312,7 +284,7 @@ def topk_launch(
     if r == 0:
         return scores, index, i1, i2
     top, topi, launch = _half_tops(s1, s2, k, rows, num_warps, narrow, filter_keys, cap,
-                                   both_halves, groups, tiered)  # fmt: skip
+                                   both_halves)  # fmt: skip
     pairs = candidate_pairs(k, device)
     _candidates_kernel[(triton.cdiv(r, launch["ROWS"]),)](
         top, topi, pairs, scores, index, i1, i2, r, nk, k, len(pairs),
@@ -321,8 +293,7 @@ def topk_launch(
     return scores, index, i1, i2
 
 
-def _half_tops(s1, s2, k, rows, num_warps, narrow, filter_keys, cap, both_halves,
-               groups=None, tiered=None):  # fmt: skip
+def _half_tops(s1, s2, k, rows, num_warps, narrow, filter_keys, cap, both_halves):
     """``(top, topi, launch)``: each half's top-KP values ``[R, 2, KP]`` fp32, descending,
     and their key indices (int32) for the ``R = H·T`` rows of contiguous ``[H, T, NK]``
     half scores (R > 0), by :func:`_half_kernel` (arguments as :func:`topk_launch`'s);
@@ -345,14 +316,14 @@ def _half_tops(s1, s2, k, rows, num_warps, narrow, filter_keys, cap, both_halves
     if narrow is None:
         narrow = low > 0 and max(nkp, kp * kp) <= 1 << low
     # The filter pays off when a row is much longer than the keys it keeps (cap); its
-    # groups each give their per-th best, groups · per >= kp.
+    # groups each give their per-th best, groups · per >= kp. 8 groups, all cap slots
+    # ranked: at the paper shape (H200, 2026-12-03) 0.731 ms against 0.861 with 4 groups,
+    # 1.054 with 2, and 0.741-0.760 ranking cap/2 slots when a program's rows all fit them
+    # (benchmarks/NOTES.md, session 22).
     cap = max(cap, 2 * kp)
     filter_keys = filter_keys and not narrow and nkp >= 2 * cap
-    groups = min(TOPK_GROUPS if groups is None else groups, kp)
-    if groups < 1 or groups & (groups - 1):
-        raise ValueError(f"topk_launch: groups must be a power of two, got groups={groups}")
+    groups = min(8, kp)
     per = kp // groups
-    tiered = TOPK_TIERED if tiered is None else tiered
     device = s1.device
     if both_halves is None:
         both_halves = not filter_keys or 2 * r * cap * 8 <= TOPK_BOTH_HALVES_BYTES
@@ -365,8 +336,7 @@ def _half_tops(s1, s2, k, rows, num_warps, narrow, filter_keys, cap, both_halves
     for half in range(0, 2, halves):
         _half_kernel[(triton.cdiv(r, rows), halves)](
             s1, s2, scratch, top, topi, half, r, heads, tokens, nk, NKP=nkp,
-            FILTER=filter_keys, GROUPS=groups, PER=per, CAP=cap, TIERED=tiered,
-            num_warps=num_warps,
+            FILTER=filter_keys, GROUPS=groups, PER=per, CAP=cap, num_warps=num_warps,
             **launch,
         )  # fmt: skip
     return top, topi, launch

@@ -26,8 +26,17 @@ from memlayers.ops.triton_interpreter import patch_triton_interpreter
 
 patch_triton_interpreter()
 
-ADAM_BLOCK_D = 1024
-ADAM_WARPS = 4
+# The element-wise Adam step's tiles (row_adam_kernel). 256 columns × 2 warps, measured
+# on one H200 (benchmarks/results/row_adam_h200_20261203c.md): at D = 768 the tiles of
+# 1024 left a quarter of their lanes masked, and the fp32-master step with bf16 moments
+# took 4.01 ms (82% of copy bandwidth) against 3.39 (97%); fp32 moments 4.76 against
+# 3.73; at D = 1024 within 1% either way.
+ADAM_BLOCK_D = 256
+ADAM_WARPS = 2
+# The row-wise second moment's program walks a whole row (two passes), and SGD: the
+# tiles of before (not re-timed).
+ROW_BLOCK_D = 1024
+ROW_WARPS = 4
 
 
 @triton.jit
@@ -265,10 +274,12 @@ def _seed_arg(seed: int) -> int:
 def row_adam_step_triton(
     param, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
     rowwise_v: bool = False, master: torch.Tensor | None = None,
-    block_d: int = ADAM_BLOCK_D, num_warps: int = ADAM_WARPS,
+    block_d: int | None = None, num_warps: int | None = None,
 ) -> None:  # fmt: skip
     """Triton version of :func:`memlayers.ops.row_adam.row_adam_step_torch` (same
-    arguments). ``rowwise_v``: one program per row (:func:`row_adam_rowwise_kernel`)."""
+    arguments). ``rowwise_v``: one program per row (:func:`row_adam_rowwise_kernel`).
+    ``block_d``, ``num_warps`` None: :data:`ADAM_BLOCK_D`, :data:`ADAM_WARPS` (row-wise:
+    :data:`ROW_BLOCK_D`, :data:`ROW_WARPS`)."""
     if rowwise_v:
         check_rows(param, rows, grad, exp_avg, row_state=(exp_avg_sq,), master=master)
     else:
@@ -277,6 +288,10 @@ def row_adam_step_triton(
     u = n if rows is None else rows.shape[0]
     if u == 0 or d == 0:
         return
+    if block_d is None:
+        block_d = ROW_BLOCK_D if rowwise_v else ADAM_BLOCK_D
+    if num_warps is None:
+        num_warps = ROW_WARPS if rowwise_v else ADAM_WARPS
     block_d, n_dtiles = _launch_shape(u, d, block_d)
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
     kernel, grid = (row_adam_rowwise_kernel, u) if rowwise_v else (row_adam_kernel, u * n_dtiles)
@@ -292,7 +307,7 @@ def row_adam_step_triton(
 
 
 def row_sgd_step_triton(
-    param, rows, grad, step, lr, block_d: int = ADAM_BLOCK_D, num_warps: int = ADAM_WARPS
+    param, rows, grad, step, lr, block_d: int = ROW_BLOCK_D, num_warps: int = ROW_WARPS
 ) -> None:
     """Triton version of :func:`memlayers.ops.row_adam.row_sgd_step_torch` (same
     arguments)."""
