@@ -74,7 +74,16 @@ def main() -> None:
         model = build_model(cfg, dev, seed=0, sparse_values=True)
     except TypeError:  # checkouts where build_optimizer switched the tables to sparse
         model = build_model(cfg, dev, seed=0)
-    opt = build_optimizer(model, OptimArgs())
+    # The preset's optimizer settings as the trainer merges them (checkouts without them:
+    # the defaults), and the clip's rescale of the tables as the trainer hands it over.
+    try:
+        from memlayers.presets import PRESET_OPTIM
+    except ImportError:
+        PRESET_OPTIM = {}
+    opt = build_optimizer(model, OptimArgs(**PRESET_OPTIM.get(ns.preset, {})))
+    clip_kw = {}
+    if "defer_to" in inspect.signature(clip_grad_norm_).parameters:
+        clip_kw["defer_to"] = opt.optimizers.get("values")
     if ns.compile:
         try:
             from memlayers.parallel import compile_blocks
@@ -94,7 +103,7 @@ def main() -> None:
             else:
                 loss = compute_loss(model(tokens[:, :-1]), tokens[:, 1:])
         loss.backward()
-        clip_grad_norm_(model.parameters(), 1.0)
+        clip_grad_norm_(model.parameters(), 1.0, **clip_kw)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

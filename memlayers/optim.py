@@ -343,10 +343,19 @@ def set_lr(optimizer: Optimizers, step: int, total_steps: int, args: OptimArgs) 
 
 
 @torch.no_grad()
-def clip_grad_norm_(params, max_norm: float, copies=None, all_reduce=None) -> torch.Tensor:
+def clip_grad_norm_(
+    params, max_norm: float, copies=None, all_reduce=None, defer_to=None
+) -> torch.Tensor:
     """Global L2 norm over dense, row-sparse and sharded (DTensor) gradients; rescale them
     when above ``max_norm`` (``max_norm <= 0`` only measures). Returns a device scalar:
     nothing here waits for the device.
+
+    ``defer_to``: a value optimizer (:class:`memlayers.value_optim.SparseValueAdam` or
+    ``SparseValueSGD``): the gradients of the parameters it steps are left as they are and
+    it is handed the coefficient instead (``defer_grad_scale``), which its next step
+    applies as it reads them: the same update without a pass over the table's gradient
+    (the trainer's choice; anything else that reads those gradients in between sees them
+    unscaled).
 
     ``torch.nn.utils.clip_grad_norm_`` rejects sparse gradients, and an uncoalesced sparse
     gradient (accumulation appends rows) would count a repeated row twice, so sparse
@@ -355,7 +364,15 @@ def clip_grad_norm_(params, max_norm: float, copies=None, all_reduce=None) -> to
     same numbers), and ``all_reduce`` sums that over the ranks. Norms and the rescale run
     as foreach kernels (a few launches, not a few per parameter).
     """
+    if defer_to is not None and not hasattr(defer_to, "defer_grad_scale"):
+        raise TypeError(
+            f"defer_to must be a value optimizer with defer_grad_scale (SparseValueAdam, "
+            f"SparseValueSGD), got {type(defer_to).__name__}"
+        )
     grads, divs = [], []
+    stepped = set() if defer_to is None else {
+        id(p) for g in defer_to.param_groups for p in g["params"]}  # fmt: skip
+    deferred = set()  # ids of the gradient tensors defer_to will scale
     for p in params:
         if p.grad is None:
             continue
@@ -364,6 +381,8 @@ def clip_grad_norm_(params, max_norm: float, copies=None, all_reduce=None) -> to
             local = p.grad._values()
         else:
             local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        if id(p) in stepped:
+            deferred.add(id(local))
         grads.append(local)
         divs.append(float(copies(p)) if copies is not None else 1.0)
     device = grads[0].device if grads else None
@@ -383,5 +402,9 @@ def clip_grad_norm_(params, max_norm: float, copies=None, all_reduce=None) -> to
     if max_norm > 0 and grads:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for (dtype, _), group in groups.items():
-            torch._foreach_mul_(group, coef.to(dtype))
+            group = [g for g in group if id(g) not in deferred]
+            if group:
+                torch._foreach_mul_(group, coef.to(dtype))
+        if deferred:
+            defer_to.defer_grad_scale(coef)
     return norm

@@ -275,14 +275,16 @@ class ParallelPlan:
             return self.dp
         return 1 if isinstance(p, DTensor) else self.world
 
-    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float, defer_to=None) -> torch.Tensor:
         """Global L2 gradient norm over FSDP shards, table shards and replicas; rescale
-        when above ``max_norm`` (``<= 0`` only measures). Call after :meth:`sync_grads`."""
+        when above ``max_norm`` (``<= 0`` only measures; ``defer_to``: as
+        :func:`memlayers.optim.clip_grad_norm_`'s). Call after :meth:`sync_grads`."""
         return clip_grad_norm_(
             model.parameters(),
             max_norm,
             copies=self._copies,
             all_reduce=dist.all_reduce if self.world > 1 else None,
+            defer_to=defer_to,
         )
 
     def table_dtensor(self, table: MemoryValues, local: torch.Tensor) -> torch.Tensor:

@@ -363,6 +363,10 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
     # what a checkpoint rebuilds the model from (checkpoint.model_config_of)
     saved_config = model_cfg.to_dict() | ({"memory_mode": mode} if mode != "replace" else {})
     optimizer = build_optimizer(model, args.optim, impl=model_cfg.memory.impl)
+    # The value optimizer applies the clip's rescale of the tables' gradients as its step
+    # reads them (no pass over them of its own: ~0.7 ms a 134m step, H200).
+    values_opt = optimizer.optimizers.get("values")
+    defer_clip = values_opt if hasattr(values_opt, "defer_grad_scale") else None
     usage = usage_tracker(model) if args.logging.usage else None
     B, T = args.data.batch_size, args.data.seq_len
     loader = PackedLoader(data.train, B, T, env.rank, env.world_size, seed=args.data.seed)
@@ -499,7 +503,7 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
                 loss_sum += loss.detach()
             step_loss = _mean_over_ranks(loss_sum / args.grad_accum, env)
             plan.sync_grads(model)
-            grad_norm = plan.clip_grad_norm_(model, args.optim.grad_clip)
+            grad_norm = plan.clip_grad_norm_(model, args.optim.grad_clip, defer_to=defer_clip)
             finite_loss, finite_norm = torch.isfinite(step_loss), torch.isfinite(grad_norm)
             now_bad = ~(finite_loss & finite_norm) & (first_bad < 0)
             first_bad = torch.where(now_bad, step, first_bad)

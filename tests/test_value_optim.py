@@ -16,6 +16,7 @@ from memlayers.ops.row_adam import (
     round_seed,
     rounding_noise,
     row_adam_step_torch,
+    row_sgd_step_,
     row_sgd_step_torch,
     stochastic_round_bf16,
 )
@@ -830,3 +831,73 @@ def test_master_copy_through_dcp_checkpoints(tmp_path):
             assert torch.equal(got, mine["master"])
         else:
             assert torch.equal(got, table.detach().float())
+
+
+# The clip's rescale handed to the value optimizer (clip_grad_norm_(..., defer_to=)): the
+# same step as scaling the gradient first, the table's gradient itself left unscaled.
+
+
+def _clipped_step(model, opt, defer: bool):
+    """Seeded gradients (the table's row-sparse), a clip that is active, one step:
+    ``(norm, the table's gradient values after the clip)``."""
+    from memlayers.optim import clip_grad_norm_
+
+    g = torch.Generator().manual_seed(5)
+    rows = torch.tensor([1, 4, 9, 15], device=DEVICE)
+    model.values.weight.grad = torch.sparse_coo_tensor(
+        rows[None], torch.randn(4, 8, generator=g).to(DEVICE), (16, 8), is_coalesced=True,
+        check_invariants=True)  # fmt: skip
+    for p in model.proj.parameters():
+        p.grad = torch.randn(p.shape, generator=g).to(DEVICE)
+    norm = clip_grad_norm_(model.parameters(), 0.5, defer_to=opt if defer else None)
+    after = model.values.weight.grad._values().clone()
+    opt.step()
+    torch.optim.SGD(model.proj.parameters(), lr=0.1).step()
+    return norm, after
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("which", ["adam", "adam-bf16-moments", "adam-rowwise-v", "sgd"])
+def test_deferred_clip_scale_steps_as_a_scaled_gradient(which, impl):
+    runs = []
+    for defer in (False, True):
+        torch.manual_seed(0)
+        model = _memory_model().to(DEVICE)
+        table = [model.values.weight]
+        if which == "sgd":
+            opt = SparseValueSGD(table, lr=0.1, impl=impl)
+        else:
+            moments = "bf16" if which == "adam-bf16-moments" else "fp32"
+            opt = SparseValueAdam(table, lr=1e-2, impl=impl, moments=moments,
+                                  rowwise_v=which == "adam-rowwise-v")  # fmt: skip
+        runs.append((model, *_clipped_step(model, opt, defer), opt))
+    (plain, norm0, scaled, _), (deferred, norm1, unscaled, opt) = runs
+    assert torch.equal(norm0, norm1) and norm0 > 0.5  # the clip acted
+    torch.testing.assert_close(scaled, unscaled * (0.5 / (norm0 + 1e-6)))
+    assert not torch.equal(scaled, unscaled)  # left as it was for the optimizer
+    # fp32 products in both (the clip's foreach multiply, the step's read): the same bits
+    # (a GPU's compiled kernel may fuse them into other multiply-adds: fp32 rounding).
+    for a, b in zip(plain.parameters(), deferred.parameters(), strict=True):
+        if CUDA:
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(a, b)
+    assert opt.grad_scale is None  # used by that step, not the next
+
+
+def test_deferred_clip_scale_checks_and_lifetime():
+    from memlayers.optim import clip_grad_norm_
+
+    model = _memory_model()
+    opt = SparseValueAdam([model.values.weight], impl="torch")
+    opt.defer_grad_scale(torch.tensor(0.5))
+    opt.defer_grad_scale(torch.tensor(0.5))
+    assert opt.grad_scale.item() == 0.25  # two clips before one step multiply
+    opt.zero_grad()
+    assert opt.grad_scale is None  # dropped with the gradients
+    with pytest.raises(TypeError, match="defer_to must be a value optimizer"):
+        clip_grad_norm_(model.parameters(), 1.0, defer_to=torch.optim.SGD(model.parameters()))
+    p = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="grad_scale must be one fp32 number"):
+        row_sgd_step_(p, None, torch.ones(4, 3), 1, 0.1, impl="torch",
+                      grad_scale=torch.ones(2))  # fmt: skip

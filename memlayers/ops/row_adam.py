@@ -121,6 +121,7 @@ def row_adam_step_torch(
     weight_decay: float,
     rowwise_v: bool = False,
     master: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
 ) -> None:
     """Adam(W) on ``param[rows]`` (all rows when ``rows`` is None), in place, fp32 math.
 
@@ -129,10 +130,11 @@ def row_adam_step_torch(
     ``rowwise_v``: ``exp_avg_sq`` is ``[N]``, ``v_row = beta2·v_row + (1 - beta2)·
     mean_d(g²)``, and every element of a row divides by the same denominator.
     ``master``: fp32 ``[N, D]``, the parameter's exact values (read and written), ``param``
-    its copy rounded to nearest.
+    its copy rounded to nearest. ``grad_scale``: a one-element fp32 tensor the gradient is
+    multiplied by (in fp32) as it is read: a clip's rescale (:func:`check_grad_scale`).
     """
     sel = slice(None) if rows is None else rows
-    g = grad.float()  # [U, D]
+    g = _scaled(grad, grad_scale)  # [U, D] fp32
     m = exp_avg[sel].float().mul_(beta1).add_(g, alpha=1 - beta1)  # [U, D]
     if rowwise_v:
         # fp32 sum then one division: the order the Triton kernel reduces in.
@@ -175,13 +177,26 @@ def _stored_param(p: torch.Tensor, param: torch.Tensor, rows, step: int) -> torc
     return p.to(param.dtype)
 
 
+def _scaled(grad: torch.Tensor, grad_scale: torch.Tensor | None) -> torch.Tensor:
+    """The gradient rows in fp32, times ``grad_scale`` when given (fp32 product)."""
+    g = grad.float()
+    return g if grad_scale is None else g * grad_scale.reshape(())
+
+
 def row_sgd_step_torch(
-    param: torch.Tensor, rows: torch.Tensor | None, grad: torch.Tensor, step: int, lr: float
+    param: torch.Tensor,
+    rows: torch.Tensor | None,
+    grad: torch.Tensor,
+    step: int,
+    lr: float,
+    grad_scale: torch.Tensor | None = None,
 ) -> None:
     """``param[rows] -= lr * grad`` in fp32 (all rows when ``rows`` is None), in place; a
-    bf16 ``param`` is stored stochastically rounded with the bits of ``step``."""
+    bf16 ``param`` is stored stochastically rounded with the bits of ``step``.
+    ``grad_scale``: as :func:`row_adam_step_torch`'s."""
     sel = slice(None) if rows is None else rows
-    param[sel] = _stored_param(param[sel].float() - lr * grad.float(), param, rows, step)
+    g = _scaled(grad, grad_scale)
+    param[sel] = _stored_param(param[sel].float() - lr * g, param, rows, step)
 
 
 MOMENT_DTYPES = (torch.float32, torch.bfloat16)
@@ -214,26 +229,46 @@ def check_rows(param, rows, grad, *state, row_state=(), master=None) -> None:
             raise ValueError("param, grad and optimizer state must be contiguous")
 
 
+def check_grad_scale(grad_scale: torch.Tensor | None, param: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``grad_scale`` is None or a one-element fp32 tensor on
+    ``param``'s device."""
+    if grad_scale is None:
+        return
+    if grad_scale.numel() != 1 or grad_scale.dtype != torch.float32:
+        raise ValueError(f"grad_scale must be one fp32 number, got "
+                         f"{tuple(grad_scale.shape)} {grad_scale.dtype}")  # fmt: skip
+    if grad_scale.device != param.device:
+        raise ValueError(f"grad_scale must be on {param.device} (the parameter's device), "
+                         f"got {grad_scale.device}")  # fmt: skip
+
+
 def row_adam_step_(
     param, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
     impl: str = "auto", rowwise_v: bool = False, master: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
 ) -> None:  # fmt: skip
     """Dispatch a row-wise Adam(W) step to Triton (CUDA) or PyTorch (``impl``);
     ``rowwise_v``: ``exp_avg_sq`` is one fp32 per row (``[N]``); ``master``: the fp32
-    master copy of a bf16 ``param``."""
+    master copy of a bf16 ``param``; ``grad_scale``: a one-element fp32 tensor the
+    gradient is multiplied by as it is read."""
+    check_grad_scale(grad_scale, param)
     fn = row_adam_step_torch
     if resolve_impl(impl, param.device) == "triton":
         from memlayers.ops.row_adam_triton import row_adam_step_triton as fn
     fn(param, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
-       rowwise_v, master)  # fmt: skip
+       rowwise_v, master, grad_scale=grad_scale)  # fmt: skip
 
 
-def row_sgd_step_(param, rows, grad, step, lr, impl: str = "auto") -> None:
+def row_sgd_step_(
+    param, rows, grad, step, lr, impl: str = "auto", grad_scale: torch.Tensor | None = None
+) -> None:
     """Dispatch a row-wise SGD step to Triton (CUDA) or PyTorch (``impl``); ``step`` (from
-    1) seeds a bf16 parameter's stochastic rounding."""
+    1) seeds a bf16 parameter's stochastic rounding; ``grad_scale`` as
+    :func:`row_adam_step_`'s."""
+    check_grad_scale(grad_scale, param)
     if resolve_impl(impl, param.device) == "triton":
         from memlayers.ops.row_adam_triton import row_sgd_step_triton
 
-        row_sgd_step_triton(param, rows, grad, step, lr)
+        row_sgd_step_triton(param, rows, grad, step, lr, grad_scale=grad_scale)
     else:
-        row_sgd_step_torch(param, rows, grad, step, lr)
+        row_sgd_step_torch(param, rows, grad, step, lr, grad_scale=grad_scale)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memlayers.ops.row_adam import check_rows, param_round_seed, round_seed
+from memlayers.ops.row_adam import check_grad_scale, check_rows, param_round_seed, round_seed
 from memlayers.ops.triton_interpreter import patch_triton_interpreter
 
 patch_triton_interpreter()
@@ -40,7 +40,20 @@ ROW_WARPS = 4
 
 
 @triton.jit
-def _row_tile(rows_ptr, grad_ptr, D, n_dtiles, DENSE: tl.constexpr, BLOCK_D: tl.constexpr):
+def _grad(grad_ptr, at, mask, scale_ptr, SCALE: tl.constexpr):
+    """The gradient at ``at`` in fp32, times the number at ``scale_ptr`` when SCALE (a
+    clip's rescale, applied here rather than by a pass of its own over the gradient)."""
+    g = tl.load(grad_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    if SCALE:
+        g = g * tl.load(scale_ptr)
+    return g
+
+
+@triton.jit
+def _row_tile(
+    rows_ptr, grad_ptr, scale_ptr, D, n_dtiles, DENSE: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCALE: tl.constexpr,
+):  # fmt: skip
     """This program's table row, column tile, its mask and the fp32 gradient there."""
     pid = tl.program_id(0).to(tl.int64)
     u = pid // n_dtiles
@@ -50,7 +63,7 @@ def _row_tile(rows_ptr, grad_ptr, D, n_dtiles, DENSE: tl.constexpr, BLOCK_D: tl.
         row = u
     else:
         row = tl.load(rows_ptr + u)
-    g = tl.load(grad_ptr + u * D + cols, mask=mask, other=0.0).to(tl.float32)
+    g = _grad(grad_ptr, u * D + cols, mask, scale_ptr, SCALE)
     return row, cols, mask, g
 
 
@@ -136,6 +149,7 @@ def row_adam_kernel(
     seed,  # stochastic rounding seed of this step (bf16 moments)
     param_seed,  # the same for a bf16 param: another stream (row_adam.param_round_seed)
     master_ptr,  # [N, D] fp32 master copy of param (unused unless MASTER)
+    scale_ptr,  # [1] fp32 the gradient is multiplied by (unused unless SCALE)
     DENSE: tl.constexpr,
     DECAY: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -143,8 +157,10 @@ def row_adam_kernel(
     BF16_V: tl.constexpr,  # exp_avg_sq is bf16
     BF16_P: tl.constexpr,  # param is bf16: stored stochastically rounded (without MASTER)
     MASTER: tl.constexpr,  # p read from and written to master_ptr; param rounded to nearest
+    SCALE: tl.constexpr,
 ):
-    row, cols, mask, g = _row_tile(rows_ptr, grad_ptr, D, n_dtiles, DENSE, BLOCK_D)
+    row, cols, mask, g = _row_tile(rows_ptr, grad_ptr, scale_ptr, D, n_dtiles, DENSE, BLOCK_D,
+                                   SCALE)  # fmt: skip
     offs = row * D + cols  # int64: tables past 2**31 elements
     m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -186,6 +202,7 @@ def row_adam_rowwise_kernel(
     seed,  # stochastic rounding seed of this step (bf16 exp_avg)
     param_seed,  # the same for a bf16 param: another stream (row_adam.param_round_seed)
     master_ptr,  # [N, D] fp32 master copy of param (unused unless MASTER)
+    scale_ptr,  # [1] fp32 the gradient is multiplied by (unused unless SCALE)
     DENSE: tl.constexpr,
     DECAY: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -193,6 +210,7 @@ def row_adam_rowwise_kernel(
     BF16_V: tl.constexpr,
     BF16_P: tl.constexpr,
     MASTER: tl.constexpr,
+    SCALE: tl.constexpr,
 ):
     tl.static_assert(not BF16_V, "the row-wise second moment is fp32")
     u = tl.program_id(0).to(tl.int64)
@@ -204,7 +222,7 @@ def row_adam_rowwise_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for t in range(0, n_dtiles):
         cols = t * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
-        g = tl.load(grad_ptr + u * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+        g = _grad(grad_ptr, u * D + cols, cols < D, scale_ptr, SCALE)
         acc += g * g
     g2 = tl.div_rn(tl.sum(acc, axis=0), D.to(tl.float32))
     v = tl.load(exp_avg_sq_ptr + row)
@@ -215,7 +233,7 @@ def row_adam_rowwise_kernel(
     for t in range(0, n_dtiles):
         cols = t * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
         mask = cols < D
-        g = tl.load(grad_ptr + u * D + cols, mask=mask, other=0.0).to(tl.float32)
+        g = _grad(grad_ptr, u * D + cols, mask, scale_ptr, SCALE)
         offs = row * D + cols  # int64: tables past 2**31 elements
         m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         p = _load_param(param_ptr, master_ptr, offs, mask, MASTER)
@@ -243,11 +261,14 @@ def row_sgd_kernel(
     n_dtiles,
     lr,
     param_seed,  # stochastic rounding seed of a bf16 param (row_adam.param_round_seed)
+    scale_ptr,  # [1] fp32 the gradient is multiplied by (unused unless SCALE)
     DENSE: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BF16_P: tl.constexpr,
+    SCALE: tl.constexpr,
 ):
-    row, cols, mask, g = _row_tile(rows_ptr, grad_ptr, D, n_dtiles, DENSE, BLOCK_D)
+    row, cols, mask, g = _row_tile(rows_ptr, grad_ptr, scale_ptr, D, n_dtiles, DENSE, BLOCK_D,
+                                   SCALE)  # fmt: skip
     offs = row * D + cols  # int64
     p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p - lr * g
@@ -275,6 +296,7 @@ def row_adam_step_triton(
     param, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
     rowwise_v: bool = False, master: torch.Tensor | None = None,
     block_d: int | None = None, num_warps: int | None = None,
+    grad_scale: torch.Tensor | None = None,
 ) -> None:  # fmt: skip
     """Triton version of :func:`memlayers.ops.row_adam.row_adam_step_torch` (same
     arguments). ``rowwise_v``: one program per row (:func:`row_adam_rowwise_kernel`).
@@ -284,6 +306,7 @@ def row_adam_step_triton(
         check_rows(param, rows, grad, exp_avg, row_state=(exp_avg_sq,), master=master)
     else:
         check_rows(param, rows, grad, exp_avg, exp_avg_sq, master=master)
+    check_grad_scale(grad_scale, param)
     n, d = param.shape
     u = n if rows is None else rows.shape[0]
     if u == 0 or d == 0:
@@ -299,19 +322,22 @@ def row_adam_step_triton(
         param, rows if rows is not None else grad, grad, exp_avg, exp_avg_sq, d, n_dtiles,
         beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, math.sqrt(bc2), eps,
         -lr / bc1, _seed_arg(round_seed(step)), _seed_arg(param_round_seed(step)),
-        param if master is None else master,
+        param if master is None else master, grad if grad_scale is None else grad_scale,
         DENSE=rows is None, DECAY=weight_decay != 0, BLOCK_D=block_d,
         BF16_M=exp_avg.dtype == torch.bfloat16, BF16_V=exp_avg_sq.dtype == torch.bfloat16,
-        BF16_P=param.dtype == torch.bfloat16, MASTER=master is not None, num_warps=num_warps,
+        BF16_P=param.dtype == torch.bfloat16, MASTER=master is not None,
+        SCALE=grad_scale is not None, num_warps=num_warps,
     )  # fmt: skip
 
 
 def row_sgd_step_triton(
-    param, rows, grad, step, lr, block_d: int = ROW_BLOCK_D, num_warps: int = ROW_WARPS
-) -> None:
+    param, rows, grad, step, lr, block_d: int = ROW_BLOCK_D, num_warps: int = ROW_WARPS,
+    grad_scale: torch.Tensor | None = None,
+) -> None:  # fmt: skip
     """Triton version of :func:`memlayers.ops.row_adam.row_sgd_step_torch` (same
     arguments)."""
     check_rows(param, rows, grad)
+    check_grad_scale(grad_scale, param)
     n, d = param.shape
     u = n if rows is None else rows.shape[0]
     if u == 0 or d == 0:
@@ -319,7 +345,7 @@ def row_sgd_step_triton(
     block_d, n_dtiles = _launch_shape(u, d, block_d)
     row_sgd_kernel[(u * n_dtiles,)](
         param, rows if rows is not None else grad, grad, d, n_dtiles, lr,
-        _seed_arg(param_round_seed(step)),
+        _seed_arg(param_round_seed(step)), grad if grad_scale is None else grad_scale,
         DENSE=rows is None, BLOCK_D=block_d, BF16_P=param.dtype == torch.bfloat16,
-        num_warps=num_warps,
+        SCALE=grad_scale is not None, num_warps=num_warps,
     )  # fmt: skip
