@@ -188,8 +188,10 @@ def balance_loss(
     picks the same keys. Its gradient lowers the scores of the keys chosen most often, in
     proportion to how often: against the rich-get-richer concentration of reads
     (docs/usage.md). At most :data:`BALANCE_TOKENS` tokens (every ``ceil(N /
-    BALANCE_TOKENS)``-th) are scored. fp32, autocast or not. ``impl``: where each row's
-    k-th score is found (:func:`kth_half_scores`)."""
+    BALANCE_TOKENS)``-th) are scored, in fp32; under bf16/fp16 autocast on CUDA from
+    products at that precision (fp32 sums), as the search scores them
+    (:func:`memlayers.ops.product_key_topk`). ``impl``: where each row's k-th score is
+    found (:func:`kth_half_scores`)."""
     n_tok = q.shape[0]
     heads, _, n_keys, half = keys.shape
     # Integer ceil-division: Inductor's dynamic-shape codegen of this slice's backward
@@ -197,16 +199,32 @@ def balance_loss(
     # None for symbol ps0") when a second batch shape made the compiled block dynamic.
     q = q[:: max(1, -(-n_tok // BALANCE_TOKENS))]  # [M, H, k_dim]
     device = q.device.type
+    low = _half_precision(device) if q.is_cuda else None
     with torch.autocast(device, enabled=False):
-        qh = q.float().view(-1, heads, 2, half)  # [M, H, 2, half]
+        qh = q.view(-1, heads, 2, half)  # [M, H, 2, half]
         # Head- and half-major: each (head, half) is one [M, n_keys] block, as the search's
         # top-k kernel reads half scores.
-        s = torch.einsum("thsd,hsnd->hstn", qh, keys.float())  # [H, 2, M, n_keys]
+        if low is None:
+            s = torch.einsum("thsd,hsnd->hstn", qh.float(), keys.float())  # [H, 2, M, n_keys]
+        else:
+            # As the search scores under autocast: half-precision products, fp32 sums and
+            # output (fp32 inputs took ~1 ms a layer on CUDA cores, H200: session 22).
+            a = qh.to(low).permute(1, 2, 0, 3).reshape(heads * 2, -1, half)  # [H·2, M, half]
+            b = keys.to(low).reshape(heads * 2, n_keys, half).transpose(1, 2)
+            s = torch.bmm(a, b, out_dtype=torch.float32).view(heads, 2, -1, n_keys)
         p = s.softmax(-1).mean(2)  # [H, 2, n_keys]
         with torch.no_grad():
             kth = kth_half_scores(s, topk, impl)  # [H, 2, M, 1]
             f = (s >= kth).float().mean(2) / topk  # [H, 2, n_keys], Σ_i f_i = 1 (ties aside)
         return n_keys * (f * p).sum(-1).mean()
+
+
+def _half_precision(device: str) -> torch.dtype | None:
+    """The autocast dtype of ``device`` when autocast is on at bf16/fp16, else None."""
+    if not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
 # Whether impl="auto" finds the balance loss's k-th scores with the search's Triton top-k

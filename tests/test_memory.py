@@ -375,6 +375,34 @@ def test_balance_loss_by_the_triton_top_k_is_the_torch_one():
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (autocast)")
+def test_balance_loss_under_autocast_scores_as_the_search():
+    # Under bf16 autocast on CUDA the half scores are bf16 products with fp32 sums (as the
+    # search's): the fp32 loss of the bf16-rounded inputs, its gradient, and compiled.
+    torch.manual_seed(9)
+    q = torch.randn(300, 2, 16, device="cuda", requires_grad=True)
+    keys = torch.randn(2, 2, 64, 8, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        amp = balance_loss(q, keys, 4)
+    qr, kr = (t.detach().bfloat16().float().requires_grad_() for t in (q, keys))
+    ref = balance_loss(qr, kr, 4)
+    assert amp.dtype == torch.float32
+    torch.testing.assert_close(amp, ref, rtol=1e-5, atol=1e-6)
+    got = torch.autograd.grad(amp, (q, keys))
+    want = torch.autograd.grad(ref, (qr, kr))
+    for g, w in zip(got, want, strict=True):  # the backward's products are bf16 too
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=1e-2 * w.abs().max().item())
+
+    def fn(q, keys):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return balance_loss(q, keys, 4)
+
+    compiled = torch.compile(fn, fullgraph=True)(q, keys)
+    torch.testing.assert_close(compiled, amp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(compiled, q)[0], got[0], rtol=1e-3,
+                               atol=1e-5)  # fmt: skip
+
+
 def test_balance_loss_reaches_the_gradient_but_not_the_value_of_the_model_loss():
     torch.manual_seed(6)
     mem = dict(n_keys=8, heads=2, topk=4, impl="torch")
