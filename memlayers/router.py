@@ -211,12 +211,29 @@ def balance_loss(
             # output (fp32 inputs took ~1 ms a layer on CUDA cores, H200: session 22).
             a = qh.to(low).permute(1, 2, 0, 3).reshape(heads * 2, -1, half)  # [H·2, M, half]
             b = keys.to(low).reshape(heads * 2, n_keys, half).transpose(1, 2)
-            s = torch.bmm(a, b, out_dtype=torch.float32).view(heads, 2, -1, n_keys)
+            s = _HalfScores.apply(a, b).view(heads, 2, -1, n_keys)
         p = s.softmax(-1).mean(2)  # [H, 2, n_keys]
         with torch.no_grad():
             kth = kth_half_scores(s, topk, impl)  # [H, 2, M, 1]
             f = (s >= kth).float().mean(2) / topk  # [H, 2, n_keys], Σ_i f_i = 1 (ties aside)
         return n_keys * (f * p).sum(-1).mean()
+
+
+class _HalfScores(torch.autograd.Function):
+    """``a @ b`` (batched, half-precision inputs) summed and returned in fp32; the backward
+    in the inputs' precision, as autocast's products. (``torch.bmm(..., out_dtype=)`` has no
+    derivative: torch 2.11, H200, session 22.)"""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return torch.bmm(a, b, out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        grad = grad.to(a.dtype)
+        return torch.bmm(grad, b.transpose(1, 2)), torch.bmm(a.transpose(1, 2), grad)
 
 
 def _half_precision(device: str) -> torch.dtype | None:
