@@ -56,6 +56,12 @@ def bench_dim(args, table: Table, d: int, device) -> None:
                                                  master=master)),
               u * (per_row["master_bf16"] + 8),
               f"{note}; {per_row['master_bf16']} B/row")  # fmt: skip
+    scale = torch.full((1,), 0.5, device=device)  # the clip's coefficient (clip_grad_norm_)
+    table.add(f"D={d}: the same, the clip's scale multiplied in (the trainer's step)",
+              timed(lambda: row_adam_step_triton(values, rows, grad, m16, v16, 1, **hp,
+                                                 master=master, grad_scale=scale)),
+              u * (per_row["master_bf16"] + 8),
+              f"{note}; {per_row['master_bf16']} B/row")  # fmt: skip
     table.add(f"D={d}: row Adam step, row-wise v (bf16 table, fp32 m, [N] v)",
               timed(lambda: row_adam_step_triton(values, rows, grad, m, v_row, 1, **hp,
                                                  rowwise_v=True)),

@@ -83,7 +83,7 @@ def main() -> None:
     opt = build_optimizer(model, OptimArgs(**PRESET_OPTIM.get(ns.preset, {})))
     clip_kw = {}
     if "defer_to" in inspect.signature(clip_grad_norm_).parameters:
-        clip_kw["defer_to"] = opt.optimizers.get("values")
+        clip_kw["defer_to"] = opt.clip_defer
     if ns.compile:
         try:
             from memlayers.parallel import compile_blocks

@@ -149,6 +149,13 @@ class Optimizers:
     def param_groups(self) -> list[dict]:
         return [g for opt in self.optimizers.values() for g in opt.param_groups]
 
+    @property
+    def clip_defer(self) -> torch.optim.Optimizer | None:
+        """The value optimizer when it applies a clip's rescale itself (``defer_grad_scale``:
+        :func:`clip_grad_norm_`'s ``defer_to``), else None."""
+        values = self.optimizers.get("values")
+        return values if hasattr(values, "defer_grad_scale") else None
+
     def step(self) -> None:
         for opt in self.optimizers.values():
             opt.step()
@@ -351,11 +358,13 @@ def clip_grad_norm_(
     nothing here waits for the device.
 
     ``defer_to``: a value optimizer (:class:`memlayers.value_optim.SparseValueAdam` or
-    ``SparseValueSGD``): the gradients of the parameters it steps are left as they are and
-    it is handed the coefficient instead (``defer_grad_scale``), which its next step
-    applies as it reads them: the same update without a pass over the table's gradient
-    (the trainer's choice; anything else that reads those gradients in between sees them
-    unscaled).
+    ``SparseValueSGD``): the gradients of ``params`` it steps are left as they are and it
+    is handed the coefficient for them (``defer_grad_scale``), which its next step
+    multiplies in (fp32) as it reads them: no pass over the table's gradient (the
+    trainer's choice). The same update as rescaling an fp32 gradient in place; for a bf16
+    gradient it skips the rounding of the rescaled gradient to bf16. Anything that reads
+    those gradients before the step sees them unscaled, and a second clip before the step
+    raises (its norm would miss the pending scale).
 
     ``torch.nn.utils.clip_grad_norm_`` rejects sparse gradients, and an uncoalesced sparse
     gradient (accumulation appends rows) would count a repeated row twice, so sparse
@@ -372,7 +381,7 @@ def clip_grad_norm_(
     grads, divs = [], []
     stepped = set() if defer_to is None else {
         id(p) for g in defer_to.param_groups for p in g["params"]}  # fmt: skip
-    deferred = set()  # ids of the gradient tensors defer_to will scale
+    deferred, deferred_params = set(), []  # the gradients defer_to scales, their params
     for p in params:
         if p.grad is None:
             continue
@@ -383,8 +392,11 @@ def clip_grad_norm_(
             local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
         if id(p) in stepped:
             deferred.add(id(local))
+            deferred_params.append(p)
         grads.append(local)
         divs.append(float(copies(p)) if copies is not None else 1.0)
+    if deferred_params:  # before any work: a pending scale would make this norm wrong
+        defer_to.check_no_scale_pending(deferred_params)
     device = grads[0].device if grads else None
     total = torch.zeros((), dtype=torch.float64, device=device)
     # Grouped by (dtype, copies): one foreach norm per group, and the divisor a Python
@@ -405,6 +417,6 @@ def clip_grad_norm_(
             group = [g for g in group if id(g) not in deferred]
             if group:
                 torch._foreach_mul_(group, coef.to(dtype))
-        if deferred:
-            defer_to.defer_grad_scale(coef)
+        if deferred_params:
+            defer_to.defer_grad_scale(coef, deferred_params)
     return norm

@@ -233,7 +233,9 @@ class _HalfScores(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         a, b = ctx.saved_tensors
         grad = grad.to(a.dtype)
-        return torch.bmm(grad, b.transpose(1, 2)), torch.bmm(a.transpose(1, 2), grad)
+        da = torch.bmm(grad, b.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        db = torch.bmm(a.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
+        return da, db
 
 
 def _half_precision(device: str) -> torch.dtype | None:

@@ -110,19 +110,32 @@ class _RowOptimizer(torch.optim.Optimizer):
         if not defaults["lr"] > 0:
             raise ValueError(f"lr must be > 0, got lr={defaults['lr']!r}")
         super().__init__(params, defaults)
-        self.grad_scale: torch.Tensor | None = None
+        # id(param) -> the [1] fp32 factor its next step multiplies its gradient by
+        self.grad_scales: dict[int, torch.Tensor] = {}
 
-    def defer_grad_scale(self, coef: torch.Tensor) -> None:
-        """The next :meth:`step` multiplies every gradient by ``coef`` (a 0-dim tensor on
-        the parameters' device) as it reads it: a clip's rescale
-        (:func:`memlayers.optim.clip_grad_norm_` with ``defer_to``) without a pass of its
-        own over a table's gradient (1.4 GB at 134m's touched rows, bf16). Calls before
-        one step multiply; :meth:`zero_grad` drops it with the gradients."""
+    def defer_grad_scale(self, coef: torch.Tensor, params) -> None:
+        """The next :meth:`step` multiplies the gradients of ``params`` (parameters this
+        optimizer steps) by ``coef`` (a one-element tensor on their device) as it reads
+        them: a clip's rescale (:func:`memlayers.optim.clip_grad_norm_` with ``defer_to``)
+        without a pass of its own over a table's gradient (1.4 GB at 134m's touched rows,
+        bf16). One scale per parameter between steps (a second raises: a norm measured
+        then would miss the first); :meth:`zero_grad` drops them with the gradients."""
         coef = coef.detach().float().reshape(1)
-        self.grad_scale = coef if self.grad_scale is None else self.grad_scale * coef
+        params = list(params)
+        self.check_no_scale_pending(params)
+        for p in params:
+            self.grad_scales[id(p)] = coef
+
+    def check_no_scale_pending(self, params) -> None:
+        """Raise ``RuntimeError`` if any of ``params`` has a deferred scale not yet applied."""
+        if any(id(p) in self.grad_scales for p in params):
+            raise RuntimeError(
+                "a clip's scale of these gradients is already pending (defer_grad_scale): "
+                "clip once between optimizer steps, or clip without defer_to"
+            )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.grad_scale = None
+        self.grad_scales = {}
         super().zero_grad(set_to_none=set_to_none)
 
     def _update(self, p: torch.Tensor, group: dict, rows, grad: torch.Tensor, scale) -> None:
@@ -134,12 +147,12 @@ class _RowOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        scale, self.grad_scale = self.grad_scale, None
+        scales, self.grad_scales = self.grad_scales, {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     rows, g = _rows_and_grad(p, self.impl)
-                    self._update(p, group, rows, g, scale)
+                    self._update(p, group, rows, g, scales.get(id(p)))
         return loss
 
 

@@ -399,8 +399,8 @@ def test_balance_loss_under_autocast_scores_as_the_search():
 
     compiled = torch.compile(fn, fullgraph=True)(q, keys)
     torch.testing.assert_close(compiled, amp, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.autograd.grad(compiled, q)[0], got[0], rtol=1e-3,
-                               atol=1e-5)  # fmt: skip
+    for g, w in zip(torch.autograd.grad(compiled, (q, keys)), got, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)
 
 
 def test_balance_loss_reaches_the_gradient_but_not_the_value_of_the_model_loss():

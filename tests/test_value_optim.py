@@ -837,20 +837,24 @@ def test_master_copy_through_dcp_checkpoints(tmp_path):
 # same step as scaling the gradient first, the table's gradient itself left unscaled.
 
 
-def _clipped_step(model, opt, defer: bool):
-    """Seeded gradients (the table's row-sparse), a clip that is active, one step:
-    ``(norm, the table's gradient values after the clip)``."""
+def _clipped_step(model, opt, defer: bool, dense: bool = False):
+    """Seeded gradients (the table's row-sparse, or ``dense``), a clip that is active, one
+    step: ``(norm, the table's gradient values after the clip)``."""
     from memlayers.optim import clip_grad_norm_
 
     g = torch.Generator().manual_seed(5)
-    rows = torch.tensor([1, 4, 9, 15], device=DEVICE)
-    model.values.weight.grad = torch.sparse_coo_tensor(
-        rows[None], torch.randn(4, 8, generator=g).to(DEVICE), (16, 8), is_coalesced=True,
-        check_invariants=True)  # fmt: skip
+    table = model.values.weight
+    if dense:
+        table.grad = torch.randn(16, 8, generator=g).to(DEVICE, table.dtype)
+    else:
+        rows = torch.tensor([1, 4, 9, 15], device=DEVICE)
+        table.grad = torch.sparse_coo_tensor(
+            rows[None], torch.randn(4, 8, generator=g).to(DEVICE, table.dtype), (16, 8),
+            is_coalesced=True, check_invariants=True)  # fmt: skip
     for p in model.proj.parameters():
         p.grad = torch.randn(p.shape, generator=g).to(DEVICE)
     norm = clip_grad_norm_(model.parameters(), 0.5, defer_to=opt if defer else None)
-    after = model.values.weight.grad._values().clone()
+    after = (table.grad if dense else table.grad._values()).clone()
     opt.step()
     torch.optim.SGD(model.proj.parameters(), lr=0.1).step()
     return norm, after
@@ -882,19 +886,59 @@ def test_deferred_clip_scale_steps_as_a_scaled_gradient(which, impl):
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
         else:
             assert torch.equal(a, b)
-    assert opt.grad_scale is None  # used by that step, not the next
+    assert opt.grad_scales == {}  # used by that step, not the next
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("table", ["dense-fp32", "bf16-master"])
+def test_deferred_clip_scale_with_dense_gradients_and_bf16_tables(table, impl):
+    # A dense gradient (every row) and a bf16 table stepped on its fp32 master. bf16: the
+    # in-place clip rounds the rescaled gradient to bf16, the deferred step multiplies in
+    # fp32, so the two agree to that rounding (Adam's first step is nearly sign(g)).
+    params = []
+    for defer in (False, True):
+        torch.manual_seed(0)
+        model = _memory_model().to(DEVICE)
+        if table == "bf16-master":
+            model.values.to(torch.bfloat16)
+        opt = SparseValueAdam([model.values.weight], lr=1e-2, impl=impl,
+                              master=table == "bf16-master")  # fmt: skip
+        _clipped_step(model, opt, defer, dense=table == "dense-fp32")
+        params.append(model.values.weight.detach().float())
+        if table == "bf16-master":
+            params[-1] = opt.state[model.values.weight]["master"]
+    start = _memory_model().values.weight.detach().to(DEVICE)
+    assert not torch.equal(params[1], start)  # it stepped
+    if table == "dense-fp32" and not CUDA:
+        assert torch.equal(params[1], params[0])
+    else:
+        torch.testing.assert_close(params[1], params[0], rtol=1e-3, atol=1e-4)
 
 
 def test_deferred_clip_scale_checks_and_lifetime():
     from memlayers.optim import clip_grad_norm_
 
     model = _memory_model()
-    opt = SparseValueAdam([model.values.weight], impl="torch")
-    opt.defer_grad_scale(torch.tensor(0.5))
-    opt.defer_grad_scale(torch.tensor(0.5))
-    assert opt.grad_scale.item() == 0.25  # two clips before one step multiply
+    table = model.values.weight
+    opt = SparseValueAdam([table], impl="torch")
+    table.grad = torch.ones(16, 8)
+    model.proj.weight.grad = torch.ones(8, 8)
+    clip_grad_norm_(model.parameters(), 1.0, defer_to=opt)
+    assert set(opt.grad_scales) == {id(table)}
+    assert torch.equal(table.grad, torch.ones(16, 8))  # left for the step
+    assert model.proj.weight.grad.max() < 1  # the others rescaled in place
+    # A second clip before the step would measure the table's gradient unscaled: refused.
+    with pytest.raises(RuntimeError, match="already pending"):
+        clip_grad_norm_(model.parameters(), 1.0, defer_to=opt)
     opt.zero_grad()
-    assert opt.grad_scale is None  # dropped with the gradients
+    assert opt.grad_scales == {}  # dropped with the gradients
+    # Only the parameters the clip saw are scaled by its coefficient.
+    other = torch.nn.Parameter(torch.zeros(4, 8))
+    opt2 = SparseValueSGD([table, other], lr=1.0, impl="torch")
+    table.grad, other.grad = torch.ones(16, 8), torch.ones(4, 8)
+    clip_grad_norm_([table], 1.0, defer_to=opt2)
+    opt2.step()
+    assert torch.equal(other, torch.full((4, 8), -1.0))  # not scaled: not clipped
     with pytest.raises(TypeError, match="defer_to must be a value optimizer"):
         clip_grad_norm_(model.parameters(), 1.0, defer_to=torch.optim.SGD(model.parameters()))
     p = torch.zeros(4, 3)
