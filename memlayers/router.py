@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memlayers.ops.embedding_bag import resolve_impl
-from memlayers.ops.product_keys import product_key_topk
+from memlayers.ops.product_keys import autocast_half, product_key_topk
 
 
 def rms_halves(t: torch.Tensor, eps: float) -> torch.Tensor:
@@ -199,7 +199,7 @@ def balance_loss(
     # None for symbol ps0") when a second batch shape made the compiled block dynamic.
     q = q[:: max(1, -(-n_tok // BALANCE_TOKENS))]  # [M, H, k_dim]
     device = q.device.type
-    low = _half_precision(device) if q.is_cuda else None
+    low = autocast_half(device) if q.is_cuda else None
     with torch.autocast(device, enabled=False):
         qh = q.view(-1, heads, 2, half)  # [M, H, 2, half]
         # Head- and half-major: each (head, half) is one [M, n_keys] block, as the search's
@@ -236,14 +236,6 @@ class _HalfScores(torch.autograd.Function):
         da = torch.bmm(grad, b.transpose(1, 2)) if ctx.needs_input_grad[0] else None
         db = torch.bmm(a.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
         return da, db
-
-
-def _half_precision(device: str) -> torch.dtype | None:
-    """The autocast dtype of ``device`` when autocast is on at bf16/fp16, else None."""
-    if not torch.is_autocast_enabled(device):
-        return None
-    dtype = torch.get_autocast_dtype(device)
-    return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
 # Whether impl="auto" finds the balance loss's k-th scores with the search's Triton top-k

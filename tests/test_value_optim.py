@@ -945,3 +945,7 @@ def test_deferred_clip_scale_checks_and_lifetime():
     with pytest.raises(ValueError, match="grad_scale must be one fp32 number"):
         row_sgd_step_(p, None, torch.ones(4, 3), 1, 0.1, impl="torch",
                       grad_scale=torch.ones(2))  # fmt: skip
+    p = p.to(DEVICE)  # the Triton launchers check it too, before any kernel
+    with pytest.raises(ValueError, match="grad_scale must be one fp32 number"):
+        wide = torch.ones(1, dtype=torch.float64, device=DEVICE)
+        row_sgd_step_triton(p, None, torch.ones(4, 3, device=DEVICE), 1, 0.1, grad_scale=wide)

@@ -18,6 +18,15 @@ from memlayers.ops.embedding_bag import resolve_impl
 _HALF = (torch.bfloat16, torch.float16)
 
 
+def autocast_half(device: str) -> torch.dtype | None:
+    """The autocast dtype of ``device`` (``"cuda"``, ``"cpu"``) when autocast is on at
+    bf16/fp16, else None: the precision the search's products take under it."""
+    if not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return dtype if dtype in _HALF else None
+
+
 def check_product_key_inputs(query: torch.Tensor, keys: torch.Tensor, k: int) -> None:
     """Raise ``ValueError`` naming the offending value when shapes or ``k`` don't fit."""
     if keys.dim() != 4 or keys.shape[1] != 2:
@@ -67,13 +76,12 @@ def product_key_topk(
     # its inputs at the autocast dtype, as autocast would for a matmul (fp32 keys and an
     # fp32 normed query included). Autocast is off inside either way.
     device = query.device.type
-    amp = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in _HALF
+    half = autocast_half(device)
     with torch.autocast(device, enabled=False):
         if resolve_impl(impl, query.device) == "triton":
             from memlayers.ops.product_keys_triton import product_key_topk_triton
 
-            if amp:
-                half = torch.get_autocast_dtype(device)
+            if half is not None:
                 query, keys = query.to(half), keys.to(half)
             return product_key_topk_triton(query, keys, k)
         dtype = torch.promote_types(torch.promote_types(query.dtype, keys.dtype), torch.float32)

@@ -202,10 +202,12 @@ def row_sgd_step_torch(
 MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def check_rows(param, rows, grad, *state, row_state=(), master=None) -> None:
+def check_rows(param, rows, grad, *state, row_state=(), master=None, grad_scale=None) -> None:
     """Raise ``ValueError`` naming the offending shape, dtype or layout. ``state``: fp32 or
     bf16 ``[N, D]`` tensors; ``row_state``: fp32 ``[N]`` tensors (a row-wise second
-    moment); ``master``: None or the fp32 ``[N, D]`` master copy of ``param``."""
+    moment); ``master``: None or the fp32 ``[N, D]`` master copy of ``param``;
+    ``grad_scale``: as :func:`check_grad_scale` takes it."""
+    check_grad_scale(grad_scale, param)
     n, d = param.shape
     if master is not None and (master.shape != param.shape or master.dtype != torch.float32):
         raise ValueError(f"master must be fp32 {tuple(param.shape)}, got "

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memlayers.ops.row_adam import check_grad_scale, check_rows, param_round_seed, round_seed
+from memlayers.ops.row_adam import check_rows, param_round_seed, round_seed
 from memlayers.ops.triton_interpreter import patch_triton_interpreter
 
 patch_triton_interpreter()
@@ -303,10 +303,10 @@ def row_adam_step_triton(
     ``block_d``, ``num_warps`` None: :data:`ADAM_BLOCK_D`, :data:`ADAM_WARPS` (row-wise:
     :data:`ROW_BLOCK_D`, :data:`ROW_WARPS`)."""
     if rowwise_v:
-        check_rows(param, rows, grad, exp_avg, row_state=(exp_avg_sq,), master=master)
+        check_rows(param, rows, grad, exp_avg, row_state=(exp_avg_sq,), master=master,
+                   grad_scale=grad_scale)  # fmt: skip
     else:
-        check_rows(param, rows, grad, exp_avg, exp_avg_sq, master=master)
-    check_grad_scale(grad_scale, param)
+        check_rows(param, rows, grad, exp_avg, exp_avg_sq, master=master, grad_scale=grad_scale)
     n, d = param.shape
     u = n if rows is None else rows.shape[0]
     if u == 0 or d == 0:
@@ -336,8 +336,7 @@ def row_sgd_step_triton(
 ) -> None:  # fmt: skip
     """Triton version of :func:`memlayers.ops.row_adam.row_sgd_step_torch` (same
     arguments)."""
-    check_rows(param, rows, grad)
-    check_grad_scale(grad_scale, param)
+    check_rows(param, rows, grad, grad_scale=grad_scale)
     n, d = param.shape
     u = n if rows is None else rows.shape[0]
     if u == 0 or d == 0:
