@@ -30,6 +30,9 @@ VALUE_OPTIMIZERS = {
     "sparse_adam": {},
     "sparse_adam_bf16": {"moments": "bf16"},
     "sparse_adam_rowwise": {"rowwise_v": True},
+    # The paper presets' step (presets.PRESET_OPTIM: bf16 moments, optim.value_master):
+    # an fp32 master copy of the bf16 table.
+    "sparse_adam_bf16+master": {"moments": "bf16", "master": True},
 }
 
 

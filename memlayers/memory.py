@@ -524,9 +524,12 @@ class ProductKeyMemory(nn.Module):
         h = F.dropout(h, cfg.input_dropout, self.training)
         q, keys = self.router.normed_query(h), self.router.normed_keys()  # [N, H, k_dim]
         self.aux_loss = None
-        if self.training and cfg.balance_loss > 0:
-            self.aux_loss = cfg.balance_loss * balance_loss(q, keys, cfg.topk, cfg.impl)
-        return self.router.search(q, keys)  # [N, H*k] each
+        if not (self.training and cfg.balance_loss > 0):
+            return self.router.search(q, keys)  # [N, H*k] each
+        # The balance loss counts the search's own half-key choices (no ranking of its own).
+        indices, weights, top = self.router.search(q, keys, half_top=True)
+        self.aux_loss = cfg.balance_loss * balance_loss(q, keys, cfg.topk, cfg.impl, top)
+        return indices, weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:

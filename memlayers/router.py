@@ -146,14 +146,19 @@ class ProductKeyRouter(nn.Module):
             mean, var = self.query_mean.to(acc), self.query_var.to(acc)
         return ((qf - mean) * torch.rsqrt(var + self.norm_eps)).to(q.dtype)
 
-    def search(self, q: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(
+        self, q: torch.Tensor, keys: torch.Tensor, half_top: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """Top-k rows and their softmax weights, ``[N, H*k]`` each, for ``q [N, H, k_dim]``
-        scored against ``keys [H, 2, n_keys, half]``."""
+        scored against ``keys [H, 2, n_keys, half]``; with ``half_top`` also each half's
+        top-k keys ``[N, H, 2, k]`` (:func:`memlayers.ops.product_key_topk`), for
+        :func:`balance_loss`."""
         n = q.shape[0]
-        scores, indices = product_key_topk(q, keys, self.topk, impl=self.impl)  # [N, H, k]
+        out = product_key_topk(q, keys, self.topk, impl=self.impl, half_top=half_top)
+        scores, indices = out[0], out[1]  # [N, H, k]
         # Per head, over its k rows (scores are fp32 at least: product_key_topk).
         weights = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-        return indices.view(n, -1), weights.view(n, -1)
+        return (indices.view(n, -1), weights.view(n, -1)) + tuple(out[2:])
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.search(self.normed_query(h), self.normed_keys())
@@ -173,7 +178,11 @@ BALANCE_TOKENS = 4096
 
 
 def balance_loss(
-    q: torch.Tensor, keys: torch.Tensor, topk: int, impl: str = "auto"
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    topk: int,
+    impl: str = "auto",
+    half_top: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """How unevenly the half keys are chosen: a Switch-Transformer-style load-balancing
     loss (Fedus et al. 2021, eq. 4) on each head's two sets of half keys.
@@ -190,14 +199,24 @@ def balance_loss(
     (docs/usage.md). At most :data:`BALANCE_TOKENS` tokens (every ``ceil(N /
     BALANCE_TOKENS)``-th) are scored, in fp32; under bf16/fp16 autocast on CUDA from
     products at that precision (fp32 sums), as the search scores them
-    (:func:`memlayers.ops.product_key_topk`). ``impl``: where each row's k-th score is
-    found (:func:`kth_half_scores`)."""
+    (:func:`memlayers.ops.product_key_topk`). ``half_top [N, H, 2, topk]``: each half's
+    top-k keys as the search found them (``product_key_topk(..., half_top=True)``, for
+    the same q and keys): ``f`` is then counted from them, with no ranking of its own
+    (ties aside the same choices: the search ranks the same products, where summed in
+    another order a near-tie may fall the other way). Without it each row's k-th score
+    is found here (:func:`kth_half_scores`, on ``impl``)."""
     n_tok = q.shape[0]
     heads, _, n_keys, half = keys.shape
     # Integer ceil-division: Inductor's dynamic-shape codegen of this slice's backward
     # failed with math.ceil(n / B) (a float division; torch 2.11, H200: "vr must not be
     # None for symbol ps0") when a second batch shape made the compiled block dynamic.
-    q = q[:: max(1, -(-n_tok // BALANCE_TOKENS))]  # [M, H, k_dim]
+    stride = max(1, -(-n_tok // BALANCE_TOKENS))
+    q = q[::stride]  # [M, H, k_dim]
+    if half_top is not None and half_top.shape != (n_tok, heads, 2, topk):
+        raise ValueError(
+            f"half_top must be [N={n_tok}, heads={heads}, 2, topk={topk}], got shape "
+            f"{tuple(half_top.shape)}"
+        )
     device = q.device.type
     low = autocast_half(device) if q.is_cuda else None
     with torch.autocast(device, enabled=False):
@@ -214,8 +233,15 @@ def balance_loss(
             s = _HalfScores.apply(a, b).view(heads, 2, -1, n_keys)
         p = s.softmax(-1).mean(2)  # [H, 2, n_keys]
         with torch.no_grad():
-            kth = kth_half_scores(s, topk, impl)  # [H, 2, M, 1]
-            f = (s >= kth).float().mean(2) / topk  # [H, 2, n_keys], Σ_i f_i = 1 (ties aside)
+            if half_top is None:
+                kth = kth_half_scores(s, topk, impl)  # [H, 2, M, 1]
+                chosen = (s >= kth).float()  # [H, 2, M, n_keys]: Σ = topk a row (ties aside)
+            else:
+                # The search's choices as a [H, 2, M, n_keys] mask (a plain scatter: no
+                # atomics to contend on a popular key).
+                top = half_top[::stride].permute(1, 2, 0, 3).long()  # [H, 2, M, topk]
+                chosen = s.new_zeros(s.shape).scatter_(-1, top, 1.0)
+            f = chosen.mean(2) / topk  # [H, 2, n_keys], Σ_i f_i = 1
         return n_keys * (f * p).sum(-1).mean()
 
 

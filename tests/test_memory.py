@@ -375,6 +375,47 @@ def test_balance_loss_by_the_triton_top_k_is_the_torch_one():
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    "impl, n",
+    # The capped case on the Triton path only on a GPU (the interpreter takes minutes).
+    [("torch", 40), ("torch", 3 * BALANCE_TOKENS // 2), ("triton", 40)]
+    + ([("triton", 3 * BALANCE_TOKENS // 2)] if torch.cuda.is_available() else []),
+)
+def test_balance_loss_counts_the_search_choices(impl, n):
+    # Given the search's own half top-k (what the memory layer passes), the loss counts
+    # them instead of ranking again: the reference's value and gradient, on the tokens
+    # the cap keeps.
+    from memlayers.ops.product_keys import product_key_topk
+
+    device = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
+    torch.manual_seed(10)
+    q = torch.randn(n, 2, 8, device=device, requires_grad=True)
+    keys = torch.randn(2, 2, 16, 4, device=device)
+    _, _, top = product_key_topk(q.detach(), keys, 3, impl=impl, half_top=True)
+    assert top.shape == (n, 2, 2, 3) and top.dtype == torch.int32
+    loss = balance_loss(q, keys, 3, half_top=top)
+    ref = _balance_reference(q.detach().cpu()[:: 1 + (n > BALANCE_TOKENS)], keys.cpu(), 3)
+    torch.testing.assert_close(loss.cpu(), ref)
+    own = balance_loss(q, keys, 3, impl)  # ranking the scores itself: the same choices
+    torch.testing.assert_close(loss, own, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(loss, q)[0], torch.autograd.grad(own, q)[0],
+                               rtol=0, atol=0)  # fmt: skip
+    with pytest.raises(ValueError, match=rf"half_top must be \[N={n}, heads=2, 2, topk=3\]"):
+        balance_loss(q, keys, 3, half_top=top[..., :2])
+
+
+def test_memory_layer_balance_loss_from_its_search():
+    # The layer hands its search's half top-k to the loss: the loss of its own ranking.
+    torch.manual_seed(11)
+    cfg = MemoryConfig(n_keys=16, heads=2, topk=3, balance_loss=0.5, impl="torch")
+    layer = ProductKeyMemory(16, cfg)
+    x = torch.randn(2, 20, 16)
+    layer(x)
+    h = x.reshape(-1, 16)
+    q, keys = layer.router.normed_query(h), layer.router.normed_keys()
+    torch.testing.assert_close(layer.aux_loss, 0.5 * balance_loss(q, keys, 3), rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (autocast)")
 def test_balance_loss_under_autocast_scores_as_the_search():
     # Under bf16 autocast on CUDA the half scores are bf16 products with fp32 sums (as the

@@ -72,6 +72,15 @@ def _check(q, keys, k, exact_indices):
     # as both paths compute them).
     same(_gather_scores(q.to(sd), keys.to(sd), index), scores)
     assert (index.unsqueeze(-1) != index.unsqueeze(-2)).sum() == index.numel() * (k - 1)
+    # Each half's own top-k, as the balance loss counts them: the keys of the half scores'
+    # top-k values (the values compared: ties may pick other keys of the same score).
+    _, _, top = product_key_topk(q, keys, k, impl="triton", half_top=True)
+    assert top.shape == (*q.shape[:-1], 2, k) and top.dtype == torch.int32
+    half = keys.shape[3]
+    for i in range(2):
+        s = torch.einsum("...hd,hnd->...hn", q[..., i * half : (i + 1) * half].to(sd),
+                         keys[:, i].to(sd))  # fmt: skip
+        same(s.gather(-1, top[..., i, :].long()), s.topk(k, dim=-1).values)
     grad = torch.randn(scores.shape, generator=torch.Generator().manual_seed(1)).to(scores)
     dq, dk = torch.autograd.grad(scores, (qa, ka), grad)
     qr, kr = q.clone().requires_grad_(), keys.clone().requires_grad_()

@@ -50,8 +50,8 @@ def check_product_key_inputs(query: torch.Tensor, keys: torch.Tensor, k: int) ->
 
 
 def product_key_topk(
-    query: torch.Tensor, keys: torch.Tensor, k: int, impl: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor]:
+    query: torch.Tensor, keys: torch.Tensor, k: int, impl: str = "auto", half_top: bool = False
+) -> tuple[torch.Tensor, ...]:
     """Exact top-k over the ``n_keys**2`` product keys of every head.
 
     Args:
@@ -62,11 +62,14 @@ def product_key_topk(
         impl: ``"auto"`` (Triton on CUDA) | ``"torch"`` | ``"triton"``: the Triton path
             (:mod:`memlayers.ops.product_keys_triton`) runs the two top-k passes in one
             kernel; the half-key scores are matrix products either way.
+        half_top: also return each half's own top-k keys, the candidates' halves.
 
     Returns:
         ``(scores, indices)``, both ``[..., heads, k]``, sorted by descending score, with
         ``index = i1 * n_keys + i2`` (int64). Scores are differentiable in query and keys.
-        Among equal scores the two paths may pick different keys.
+        Among equal scores the two paths may pick different keys. With ``half_top`` a
+        third, ``[..., heads, 2, k]`` int32: the top-k half keys of each half, descending
+        (what :func:`memlayers.router.balance_loss` counts).
     """
     check_product_key_inputs(query, keys, k)
     # Scores in fp32 at least, autocast or not: bf16 would quantise the top-k choice and
@@ -83,14 +86,14 @@ def product_key_topk(
 
             if half is not None:
                 query, keys = query.to(half), keys.to(half)
-            return product_key_topk_triton(query, keys, k)
+            return product_key_topk_triton(query, keys, k, half_top)
         dtype = torch.promote_types(torch.promote_types(query.dtype, keys.dtype), torch.float32)
-        return _product_key_topk_torch(query.to(dtype), keys.to(dtype), k)
+        return _product_key_topk_torch(query.to(dtype), keys.to(dtype), k, half_top)
 
 
 def _product_key_topk_torch(
-    query: torch.Tensor, keys: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    query: torch.Tensor, keys: torch.Tensor, k: int, half_top: bool = False
+) -> tuple[torch.Tensor, ...]:
     """The PyTorch path and reference: three ``torch.topk`` passes."""
     n_keys, half = keys.shape[2], keys.shape[3]
     dtype = torch.promote_types(query.dtype, keys.dtype)
@@ -106,6 +109,8 @@ def _product_key_topk_torch(
     scores, flat = cand.topk(k, dim=-1)  # [..., H, k], sorted descending
     idx1 = i1.gather(-1, flat // k)
     idx2 = i2.gather(-1, flat % k)
+    if half_top:
+        return scores, idx1 * n_keys + idx2, torch.stack([i1, i2], -2).to(torch.int32)
     return scores, idx1 * n_keys + idx2
 
 

@@ -261,10 +261,12 @@ def topk_launch(
     filter_keys: bool = True,
     cap: int = TOPK_CAP,
     both_halves: bool | None = None,
+    half_top: bool = False,
 ):
     """``(scores, index, i1, i2)``, ``[T·H, k]`` each (row t·H + h), of the exact product
     top-k of ``[H, T, NK]`` half scores (:func:`_half_scores`; a 2-D ``[R, NK]`` is one
-    head).
+    head). ``half_top``: a fifth, ``[T·H, 2, k]`` int32, each half's own top-k keys
+    (descending), from which the candidates were formed.
 
     ``filter_keys``: rank only the keys above each row's group bound (:func:`_half_topk`);
     off, every key of a row is ranked (the result is the same). ``num_warps`` None: the
@@ -282,7 +284,8 @@ def topk_launch(
     i1 = torch.empty(r, k, dtype=torch.int32, device=device)
     i2 = torch.empty_like(i1)
     if r == 0:
-        return scores, index, i1, i2
+        empty = torch.empty(0, 2, k, dtype=torch.int32, device=device)
+        return (scores, index, i1, i2) + ((empty,) if half_top else ())
     top, topi, launch = _half_tops(s1, s2, k, rows, num_warps, narrow, filter_keys, cap,
                                    both_halves)  # fmt: skip
     pairs = candidate_pairs(k, device)
@@ -290,6 +293,8 @@ def topk_launch(
         top, topi, pairs, scores, index, i1, i2, r, nk, k, len(pairs),
         NPAIR=triton.next_power_of_2(len(pairs)), num_warps=CANDIDATE_WARPS, **launch,
     )  # fmt: skip
+    if half_top:
+        return scores, index, i1, i2, topi[:, :, :k].contiguous()
     return scores, index, i1, i2
 
 
@@ -465,12 +470,14 @@ def _half_scores(q: torch.Tensor, keys: torch.Tensor):
 @torch.library.custom_op("memlayers::product_key_topk", mutates_args=())
 def product_key_topk_op(
     q: torch.Tensor, keys: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(scores, indices, i1, i2)``: ``[..., H, k]`` each; q and keys of one dtype."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(scores, indices, i1, i2, half_top)``: ``[..., H, k]`` each but ``half_top``,
+    ``[..., H, 2, k]`` int32 (each half's top-k keys); q and keys of one dtype."""
     s1, s2 = _half_scores(q, keys)
-    scores, index, i1, i2 = topk_launch(s1, s2, k)
+    scores, index, i1, i2, top = topk_launch(s1, s2, k, half_top=True)
     shape = (*q.shape[:-1], k)
-    return scores.view(shape), index.view(shape), i1.view(shape), i2.view(shape)
+    out = scores.view(shape), index.view(shape), i1.view(shape), i2.view(shape)
+    return *out, top.view(*q.shape[:-1], 2, k)
 
 
 @product_key_topk_op.register_fake
@@ -478,12 +485,13 @@ def _(q, keys, k):
     shape = (*q.shape[:-1], k)
     i1, i2 = (torch.empty(shape, dtype=torch.int32, device=q.device) for _ in range(2))
     scores = q.new_empty(shape, dtype=score_dtype(q.dtype))
-    return scores, torch.empty(shape, dtype=torch.int64, device=q.device), i1, i2
+    top = torch.empty(*q.shape[:-1], 2, k, dtype=torch.int32, device=q.device)
+    return scores, torch.empty(shape, dtype=torch.int64, device=q.device), i1, i2, top
 
 
 def _setup_context(ctx, inputs, output):
     q, keys, k = inputs
-    _, _, i1, i2 = output
+    _, _, i1, i2, _ = output
     ctx.save_for_backward(q, keys, i1, i2)
 
 
@@ -547,7 +555,7 @@ def _(d_scores, i1, i2, like, nk):
     return like.new_empty(2, like.shape[1], like.shape[0], nk)
 
 
-def _backward(ctx, d_scores, _d_index, _d_i1, _d_i2):
+def _backward(ctx, d_scores, _d_index, _d_i1, _d_i2, _d_top):
     q, keys, i1, i2 = ctx.saved_tensors
     heads, _, nk, half = keys.shape
     q3 = q.reshape(-1, heads, 2 * half)  # [T, H, k_dim]
@@ -567,10 +575,10 @@ torch.library.register_autograd(
 
 
 def product_key_topk_triton(
-    query: torch.Tensor, keys: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    query: torch.Tensor, keys: torch.Tensor, k: int, half_top: bool = False
+):
     """Triton path of :func:`memlayers.ops.product_keys.product_key_topk` (inputs checked):
     q and keys in their common dtype, scores in :func:`score_dtype` of it."""
     dtype = torch.promote_types(query.dtype, keys.dtype)
-    scores, index, _, _ = product_key_topk_op(query.to(dtype), keys.to(dtype), k)
-    return scores, index
+    scores, index, _, _, top = product_key_topk_op(query.to(dtype), keys.to(dtype), k)
+    return (scores, index, top) if half_top else (scores, index)
