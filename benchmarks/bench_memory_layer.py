@@ -93,6 +93,7 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> float:
         torch.autograd.grad(s, (q, layer.router.keys), torch.ones_like(s))
 
     add("    of which product_key_topk (fwd+bwd)", timed(topk_part))
+    bench_search_precision(args, layer, x, q, gy, (vopt, ropt), add)
     if args.sweep:
         bench_search(args, q, layer.router.keys, add)
     idx, w = (t.detach() for t in layer.lookup(x))
@@ -131,6 +132,46 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> float:
         prm.grad = torch.zeros_like(prm)
     add("  part: AdamW(fused) on the other parameters", timed(ropt.step))
     return t
+
+
+def search_recall(layer, x, chunk: int = 4096) -> tuple[float, float]:
+    """``(rows, weight)``: the share of the exact (fp32) top-k rows the bf16-ranked search
+    finds for the layer's own (normed) queries of ``x``, and the share of the exact
+    softmax weight on them."""
+    found = mass = 0.0
+    with torch.no_grad():
+        keys = layer.router.normed_keys()
+        for i in range(0, x.shape[0], chunk):
+            q = layer.router.normed_query(x[i : i + chunk])
+            s, exact = product_key_topk(q, keys, layer.router.topk)
+            _, approx = product_key_topk(q, keys, layer.router.topk, precision="bf16")
+            hit = (exact.unsqueeze(-1) == approx.unsqueeze(-2)).any(-1)  # [N, H, k]
+            w = s.float().softmax(-1)
+            found += hit.float().mean().item() * q.shape[0]
+            mass += (w * hit).sum(-1).mean().item() * q.shape[0]
+    return found / x.shape[0], mass / x.shape[0]
+
+
+def bench_search_precision(args, layer, x, q, gy, opts, add) -> None:
+    """The search with bf16-ranked half scores (``search_precision=bf16``) beside fp32:
+    its top-k alone, the whole step with it, and its recall for the layer's queries."""
+
+    def topk_bf16():
+        s, _ = product_key_topk(q, layer.router.keys, args.topk, impl="triton", precision="bf16")
+        torch.autograd.grad(s, (q, layer.router.keys), torch.ones_like(s))
+
+    add("    product_key_topk (fwd+bwd), precision=bf16", timed(topk_bf16))
+    rows, weight = search_recall(layer, x)
+    layer.router.search_precision = "bf16"
+    try:
+        add(
+            "Memory+ step, search_precision=bf16 (first value optimizer)",
+            timed(lambda: train_step(layer, x, gy, opts)),
+            f"recall on these queries: {100 * rows:.2f}% of the exact top-k rows, "
+            f"{100 * weight:.2f}% of their softmax weight",
+        )
+    finally:
+        layer.router.search_precision = "fp32"
 
 
 def bench_search(args, q, keys, add) -> None:

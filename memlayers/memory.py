@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from memlayers.merged_grad import MergedValueGrad
 from memlayers.ops.embedding_bag import IMPLS, embedding_bag
 from memlayers.ops.offloaded import HostTable, offload_mode, open_table, table_tensor_names
+from memlayers.ops.product_keys import PRECISIONS
 from memlayers.ops.quantized import (
     QuantizedRows,
     embedding_bag_quantized,
@@ -79,6 +80,11 @@ class MemoryConfig:
     # rows its lookups and its optimizer step move; the row-wise optimizers store it
     # stochastically rounded (memlayers/ops/row_adam.py), so small updates are not lost.
     value_dtype: str = "fp32"
+    # The search's half-key scores: fp32 (exact) | bf16 (rounded before ranking: half the
+    # bytes written and ranked; near-ties may swap, the chosen rows' scores are the fp32
+    # sums of the rounded halves; memlayers.ops.product_key_topk, recall in
+    # benchmarks/results/memory_layer_*). An option, not a default: not yet quality-tested.
+    search_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -124,6 +130,11 @@ class MemoryConfig:
         w = self.balance_loss
         if isinstance(w, bool) or not isinstance(w, int | float) or not (0.0 <= w < math.inf):
             raise ValueError(f"balance_loss must be a finite weight >= 0, got balance_loss={w!r}")
+        if self.search_precision not in PRECISIONS:
+            raise ValueError(
+                f"search_precision must be one of {PRECISIONS}, got "
+                f"search_precision={self.search_precision!r}"
+            )
         if self.value_dtype not in VALUE_DTYPES:
             raise ValueError(
                 f"value_dtype must be one of {tuple(VALUE_DTYPES)}, got "
@@ -468,6 +479,7 @@ class ProductKeyMemory(nn.Module):
             query_batch_norm=config.query_batch_norm,
             momentum=config.query_batch_norm_momentum,
             impl=config.impl,
+            search_precision=config.search_precision,
             device=device,
         )
         self.register_load_state_dict_pre_hook(load_old_router_names)

@@ -64,10 +64,12 @@ class ProductKeyRouter(nn.Module):
         query_batch_norm: bool = False,
         momentum: float = 0.1,
         impl: str = "auto",
+        search_precision: str = "fp32",
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.k_dim, self.heads, self.topk, self.impl = k_dim, heads, topk, impl
+        self.search_precision = search_precision  # product_key_topk's precision
         self.norm_eps, self.query_dropout, self.momentum = norm_eps, query_dropout, momentum
         self.query_batch_norm = query_batch_norm
         # Running statistics of the queries for eval mode ([H, k_dim] each), or None.
@@ -154,7 +156,9 @@ class ProductKeyRouter(nn.Module):
         top-k keys ``[N, H, 2, k]`` (:func:`memlayers.ops.product_key_topk`), for
         :func:`balance_loss`."""
         n = q.shape[0]
-        out = product_key_topk(q, keys, self.topk, impl=self.impl, half_top=half_top)
+        out = product_key_topk(
+            q, keys, self.topk, self.impl, half_top=half_top, precision=self.search_precision
+        )
         scores, indices = out[0], out[1]  # [N, H, k]
         # Per head, over its k rows (scores are fp32 at least: product_key_topk).
         weights = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
@@ -167,6 +171,8 @@ class ProductKeyRouter(nn.Module):
         s = f"heads={self.heads}, topk={self.topk}, k_dim={self.k_dim}"
         if self.query_batch_norm:
             s += f", query_batch_norm=True, momentum={self.momentum}"
+        if self.search_precision != "fp32":
+            s += f", search_precision={self.search_precision}"
         return s
 
 

@@ -176,6 +176,7 @@ def test_value_dtype_bf16_builds_bf16_tables_that_an_fp32_model_reads():
         (dict(balance_loss=float("inf")), "balance_loss=inf"),
         (dict(balance_loss=True), "balance_loss=True"),
         (dict(value_dtype="fp16"), "value_dtype must be one of .*got value_dtype='fp16'"),
+        (dict(search_precision="fp16"), "search_precision must be one of .*'fp16'"),
     ],
 )
 def test_config_errors(kwargs, match):

@@ -16,6 +16,7 @@ import torch
 from memlayers.ops.embedding_bag import resolve_impl
 
 _HALF = (torch.bfloat16, torch.float16)
+PRECISIONS = ("fp32", "bf16")
 
 
 def autocast_half(device: str) -> torch.dtype | None:
@@ -50,7 +51,12 @@ def check_product_key_inputs(query: torch.Tensor, keys: torch.Tensor, k: int) ->
 
 
 def product_key_topk(
-    query: torch.Tensor, keys: torch.Tensor, k: int, impl: str = "auto", half_top: bool = False
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    k: int,
+    impl: str = "auto",
+    half_top: bool = False,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, ...]:
     """Exact top-k over the ``n_keys**2`` product keys of every head.
 
@@ -63,6 +69,12 @@ def product_key_topk(
             (:mod:`memlayers.ops.product_keys_triton`) runs the two top-k passes in one
             kernel; the half-key scores are matrix products either way.
         half_top: also return each half's own top-k keys, the candidates' halves.
+        precision: ``"fp32"`` (exact: half scores in fp32 at least) | ``"bf16"``: each
+            half key's score rounded to bf16 before ranking (half the bytes written and
+            ranked; keys within a bf16 step of each other may swap), the returned sums
+            of the two rounded halves in fp32. The choice is then exact for the rounded
+            scores, not the true ones: ``benchmarks/bench_memory_layer.py`` reports its
+            recall against fp32.
 
     Returns:
         ``(scores, indices)``, both ``[..., heads, k]``, sorted by descending score, with
@@ -72,6 +84,9 @@ def product_key_topk(
         (what :func:`memlayers.router.balance_loss` counts).
     """
     check_product_key_inputs(query, keys, k)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got precision={precision!r}")
+    rank_bf16 = precision == "bf16"
     # Scores in fp32 at least, autocast or not: bf16 would quantise the top-k choice and
     # the softmax (a bf16 step is 0.0625 between 8 and 16). The PyTorch path widens its
     # inputs; the Triton path multiplies bf16/fp16 inputs with fp32 accumulation and fp32
@@ -86,15 +101,20 @@ def product_key_topk(
 
             if half is not None:
                 query, keys = query.to(half), keys.to(half)
-            return product_key_topk_triton(query, keys, k, half_top)
+            return product_key_topk_triton(query, keys, k, half_top, rank_bf16)
         dtype = torch.promote_types(torch.promote_types(query.dtype, keys.dtype), torch.float32)
-        return _product_key_topk_torch(query.to(dtype), keys.to(dtype), k, half_top)
+        return _product_key_topk_torch(query.to(dtype), keys.to(dtype), k, half_top, rank_bf16)
 
 
 def _product_key_topk_torch(
-    query: torch.Tensor, keys: torch.Tensor, k: int, half_top: bool = False
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    k: int,
+    half_top: bool = False,
+    rank_bf16: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """The PyTorch path and reference: three ``torch.topk`` passes."""
+    """The PyTorch path and reference: three ``torch.topk`` passes (``rank_bf16``: the
+    half scores rounded to bf16 first, the rest in their dtype)."""
     n_keys, half = keys.shape[2], keys.shape[3]
     dtype = torch.promote_types(query.dtype, keys.dtype)
     q = query.to(dtype)
@@ -103,6 +123,8 @@ def _product_key_topk_torch(
     # Scores of every half key: [..., H, n_keys]. einsum keeps the leading dims free.
     s1 = torch.einsum("...hd,hnd->...hn", q1, kk[:, 0])
     s2 = torch.einsum("...hd,hnd->...hn", q2, kk[:, 1])
+    if rank_bf16:
+        s1, s2 = s1.bfloat16().to(dtype), s2.bfloat16().to(dtype)
     v1, i1 = s1.topk(k, dim=-1)  # [..., H, k]
     v2, i2 = s2.topk(k, dim=-1)  # [..., H, k]
     cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)  # [..., H, k*k]

@@ -14,11 +14,13 @@ The reference is :func:`memlayers.ops.product_keys._product_key_topk_torch`.
 Top-k uses Triton's bitonic ``tl.topk`` on keys that carry each value's index:
 - fp32 scores (what the op produces): ``(order-preserving int32 of the value) << 32 |
   index`` in an int64 key;
-- bf16/fp16 scores (``topk_launch`` called directly, e.g. by the benchmark): the fp32 bits
-  of a half-precision value end in 16 (13) zero bits, so the index goes there and the key
-  is still an exact fp32 number (``NARROW`` keys, about half the time of int64 keys).
-Either way the ranking is exact; only ties may resolve differently from ``torch.topk``.
-Candidate sums are rounded to the score dtype before ranking, as the PyTorch path does.
+- bf16/fp16 half scores (the op's ``rank_bf16`` option, or ``topk_launch`` called
+  directly): the fp32 bits of a half-precision value end in 16 (13) zero bits, so the
+  index goes there and the key is still an exact fp32 number (``NARROW`` keys, half the
+  bytes of int64 keys, in the filter's scratch too).
+Either way the ranking of the given scores is exact; only ties may resolve differently
+from ``torch.topk``. Candidate sums are rounded to the returned scores' dtype before
+ranking, as the PyTorch path does (with ``rank_bf16``: bf16 half scores, fp32 sums).
 
 Backward: one kernel sums each half key's score gradient over the picks that used it (in
 fp32, as autograd of the PyTorch path does; in a fixed order, so it is deterministic),
@@ -115,6 +117,10 @@ def _half_topk(
     s = tl.where(first, tl.load(s1_ptr + at, mask=m3 & first, other=0.0),
                  tl.load(s2_ptr + at, mask=m3 & ~first, other=0.0)).to(tl.float32)  # fmt: skip
     s = tl.where(m3, s, _PAD)
+    if NARROW:
+        # -inf with an index in its low bits would be a NaN: it ranks as the lowest
+        # finite bf16 instead (and is returned as that).
+        s = tl.where(s < _PAD, _PAD, s)
     cols3 = tl.broadcast_to(cols, [ROWS, GROUPS, NKP // GROUPS])
     keys = tl.reshape(_pack(s, cols3, NARROW), [ROWS, NKP])
     if FILTER:
@@ -132,6 +138,11 @@ def _half_topk(
         count = tl.sum(keep.to(tl.int32), axis=1)  # [ROWS]; >= KP unless NaN
         full = tl.max(tl.where(rmask, count, 0)) > CAP
         full = full | (tl.min(tl.where(rmask, count, KP)) < KP)
+        if NARROW:
+            # NaN keys are floats here, which a bitonic sort orders by position: a row
+            # with one ranks all its keys, as without the filter (same result).
+            nan = tl.sum(tl.reshape((s != s) & m3, [ROWS, NKP]).to(tl.int32), axis=1)
+            full = full | (tl.max(tl.where(rmask, nan, 0)) > 0)
         if full:
             top = tl.topk(keys, KP)
         else:
@@ -153,7 +164,7 @@ def _half_topk(
 def _half_kernel(
     s1_ptr,  # [H, T, NK] scores of the first half's keys (row r = t·H + h; R = T·H)
     s2_ptr,  # [H, T, NK] the second half's
-    scratch_ptr,  # [R, CAP] int64 per half launched together (FILTER): each row's kept keys
+    scratch_ptr,  # [R, CAP] keys (int64; fp32 if NARROW) per half launched together (FILTER)
     top_ptr,  # [R, 2, KP] fp32 out: the top-KP values of each half, descending
     topi_ptr,  # [R, 2, KP] int32 out: their key indices
     half0,  # the first half this launch fills: program_id(1) more (a grid of 1 or 2)
@@ -262,6 +273,7 @@ def topk_launch(
     cap: int = TOPK_CAP,
     both_halves: bool | None = None,
     half_top: bool = False,
+    score_dtype: torch.dtype | None = None,
 ):
     """``(scores, index, i1, i2)``, ``[T·H, k]`` each (row t·H + h), of the exact product
     top-k of ``[H, T, NK]`` half scores (:func:`_half_scores`; a 2-D ``[R, NK]`` is one
@@ -272,14 +284,16 @@ def topk_launch(
     off, every key of a row is ranked (the result is the same). ``num_warps`` None: the
     rule (:data:`TOPK_FEW_WARPS` for fewer rows than SMs, else :data:`TOPK_WARPS`);
     ``both_halves`` None: one launch for both halves while their scratch is at most
-    :data:`TOPK_BOTH_HALVES_BYTES`. No launch parameter changes the result."""
+    :data:`TOPK_BOTH_HALVES_BYTES`. No launch parameter changes the result.
+    ``score_dtype``: the returned scores' dtype (None: the half scores'); wider than the
+    half scores (bf16 halves, fp32 sums), the candidate sums are not rounded."""
     if s1.dim() == 2:
         s1, s2 = s1.unsqueeze(0), s2.unsqueeze(0)
     s1, s2 = s1.contiguous(), s2.contiguous()
     heads, tokens, nk = s1.shape
     r = heads * tokens
     device = s1.device
-    scores = s1.new_empty(r, k)
+    scores = s1.new_empty(r, k, dtype=score_dtype or s1.dtype)
     index = torch.empty(r, k, dtype=torch.int64, device=device)
     i1 = torch.empty(r, k, dtype=torch.int32, device=device)
     i2 = torch.empty_like(i1)
@@ -289,6 +303,9 @@ def topk_launch(
     top, topi, launch = _half_tops(s1, s2, k, rows, num_warps, narrow, filter_keys, cap,
                                    both_halves)  # fmt: skip
     pairs = candidate_pairs(k, device)
+    # Narrow candidate keys need sums rounded to the half scores' dtype; wider scores
+    # (bf16 halves, fp32 sums) are ranked by int64 keys.
+    launch = dict(launch, NARROW=launch["NARROW"] and scores.dtype == s1.dtype)
     _candidates_kernel[(triton.cdiv(r, launch["ROWS"]),)](
         top, topi, pairs, scores, index, i1, i2, r, nk, k, len(pairs),
         NPAIR=triton.next_power_of_2(len(pairs)), num_warps=CANDIDATE_WARPS, **launch,
@@ -326,15 +343,15 @@ def _half_tops(s1, s2, k, rows, num_warps, narrow, filter_keys, cap, both_halves
     # 1.054 with 2, and 0.741-0.760 ranking cap/2 slots when a program's rows all fit them
     # (benchmarks/NOTES.md, session 22).
     cap = max(cap, 2 * kp)
-    filter_keys = filter_keys and not narrow and nkp >= 2 * cap
+    filter_keys = filter_keys and nkp >= 2 * cap
     groups = min(8, kp)
     per = kp // groups
     device = s1.device
     if both_halves is None:
         both_halves = not filter_keys or 2 * r * cap * 8 <= TOPK_BOTH_HALVES_BYTES
     halves = 2 if both_halves else 1  # per launch, a scratch each (one launch per half: shared)
-    scratch = torch.empty((r * cap if filter_keys else 1) * halves, dtype=torch.int64,
-                          device=device)  # fmt: skip
+    key_dtype = torch.float32 if narrow else torch.int64  # the packed keys' (_pack)
+    scratch = torch.empty((r * cap if filter_keys else 1) * halves, dtype=key_dtype, device=device)
     top = torch.empty(r, 2, kp, dtype=torch.float32, device=device)
     topi = torch.empty(r, 2, kp, dtype=torch.int32, device=device)
     launch = dict(KP=kp, ROWS=rows, LOW_BITS=max(low, 1), NARROW=narrow)
@@ -443,7 +460,7 @@ def few_scores(q: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch
     return s1, s2
 
 
-def _half_scores(q: torch.Tensor, keys: torch.Tensor):
+def _half_scores(q: torch.Tensor, keys: torch.Tensor, rank_bf16: bool = False):
     """``(s1, s2)``: ``[H, T, NK]`` scores of each half (T = all leading dims of q) in
     :func:`score_dtype`. bf16/fp16 inputs on CUDA multiply at their own precision with
     fp32 accumulation and output (``bmm(..., out_dtype)``): the same numbers as fp32
@@ -452,36 +469,46 @@ def _half_scores(q: torch.Tensor, keys: torch.Tensor):
     can give cuBLAS another kernel: fp32 scores then differ in their last bits from the
     PyTorch path's per-half products, and the exact-equality tests fail on an H200.)
     With :data:`SCORES_FEW` on (the default), searches of fewer (token, head) rows than
-    SMs (decoding) take :func:`few_scores` instead."""
+    SMs (decoding) take :func:`few_scores` instead. ``rank_bf16``: the scores rounded to
+    bf16 (bf16 inputs on CUDA: the product's own bf16 output, half the bytes written)."""
     heads, _, _, half = keys.shape
     q3 = q.reshape(-1, heads, 2 * half)  # [T, H, k_dim]
     out = score_dtype(q.dtype)
     fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
     if fast and SCORES_FEW and q3.shape[0] * heads < sm_count(q.device):
-        return few_scores(q, keys)
+        s1, s2 = few_scores(q, keys)
+        return (s1.bfloat16(), s2.bfloat16()) if rank_bf16 else (s1, s2)
+    bf16_out = rank_bf16 and fast and q.dtype == torch.bfloat16
     scores = []
     for i in range(2):
         a = q3[..., i * half : (i + 1) * half].transpose(0, 1)  # [H, T, half]
         b = keys[:, i].transpose(1, 2)  # [H, half, NK]
-        scores.append(torch.bmm(a, b, out) if fast else torch.bmm(a.to(out), b.to(out)))
+        if bf16_out:
+            s = torch.bmm(a, b)  # fp32 accumulation, rounded to bf16 once
+        else:
+            s = torch.bmm(a, b, out) if fast else torch.bmm(a.to(out), b.to(out))
+        scores.append(s.bfloat16() if rank_bf16 else s)
     return scores[0], scores[1]
 
 
 @torch.library.custom_op("memlayers::product_key_topk", mutates_args=())
 def product_key_topk_op(
-    q: torch.Tensor, keys: torch.Tensor, k: int
+    q: torch.Tensor, keys: torch.Tensor, k: int, rank_bf16: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(scores, indices, i1, i2, half_top)``: ``[..., H, k]`` each but ``half_top``,
-    ``[..., H, 2, k]`` int32 (each half's top-k keys); q and keys of one dtype."""
-    s1, s2 = _half_scores(q, keys)
-    scores, index, i1, i2, top = topk_launch(s1, s2, k, half_top=True)
+    ``[..., H, 2, k]`` int32 (each half's top-k keys); q and keys of one dtype.
+    ``rank_bf16``: the half scores rounded to bf16 before ranking (narrow keys), their
+    sums in :func:`score_dtype` (the ``precision="bf16"`` option of the search)."""
+    s1, s2 = _half_scores(q, keys, rank_bf16)
+    sd = score_dtype(q.dtype)
+    scores, index, i1, i2, top = topk_launch(s1, s2, k, half_top=True, score_dtype=sd)
     shape = (*q.shape[:-1], k)
     out = scores.view(shape), index.view(shape), i1.view(shape), i2.view(shape)
     return *out, top.view(*q.shape[:-1], 2, k)
 
 
 @product_key_topk_op.register_fake
-def _(q, keys, k):
+def _(q, keys, k, rank_bf16=False):
     shape = (*q.shape[:-1], k)
     i1, i2 = (torch.empty(shape, dtype=torch.int32, device=q.device) for _ in range(2))
     scores = q.new_empty(shape, dtype=score_dtype(q.dtype))
@@ -490,7 +517,7 @@ def _(q, keys, k):
 
 
 def _setup_context(ctx, inputs, output):
-    q, keys, k = inputs
+    q, keys = inputs[0], inputs[1]
     _, _, i1, i2, _ = output
     ctx.save_for_backward(q, keys, i1, i2)
 
@@ -566,7 +593,7 @@ def _backward(ctx, d_scores, _d_index, _d_i1, _d_i2, _d_top):
     dq = torch.stack([torch.bmm(ds[i], keys[:, i]) for i in range(2)], dim=2)  # [H, T, 2, half]
     dq = dq.permute(1, 0, 2, 3).reshape(q.shape)
     dk = torch.stack([torch.bmm(ds[i].transpose(1, 2), qh[i]) for i in range(2)], dim=1)
-    return dq, dk, None
+    return dq, dk, None, None
 
 
 torch.library.register_autograd(
@@ -575,10 +602,12 @@ torch.library.register_autograd(
 
 
 def product_key_topk_triton(
-    query: torch.Tensor, keys: torch.Tensor, k: int, half_top: bool = False
-):
+    query: torch.Tensor, keys: torch.Tensor, k: int, half_top: bool = False,
+    rank_bf16: bool = False,
+):  # fmt: skip
     """Triton path of :func:`memlayers.ops.product_keys.product_key_topk` (inputs checked):
     q and keys in their common dtype, scores in :func:`score_dtype` of it."""
     dtype = torch.promote_types(query.dtype, keys.dtype)
-    scores, index, _, _, top = product_key_topk_op(query.to(dtype), keys.to(dtype), k)
+    q, kk = query.to(dtype), keys.to(dtype)
+    scores, index, _, _, top = product_key_topk_op(q, kk, k, rank_bf16)
     return (scores, index, top) if half_top else (scores, index)
