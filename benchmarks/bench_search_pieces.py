@@ -55,11 +55,11 @@ def main() -> None:
     add("top-k, fp32 scores, int64 keys, filter (the op's default)",
         lambda: topk_launch(s1, s2, k, half_top=True))  # fmt: skip
     add("top-k, bf16 scores, narrow keys, filter (precision=bf16)",
-        lambda: topk_launch(b1, b2, k, half_top=True, score_dtype=f32))  # fmt: skip
+        lambda: topk_launch(b1, b2, k, half_top=True, out_dtype=f32))  # fmt: skip
     add("top-k, bf16 scores, int64 keys, filter",
-        lambda: topk_launch(b1, b2, k, narrow=False, score_dtype=f32))  # fmt: skip
+        lambda: topk_launch(b1, b2, k, narrow=False, out_dtype=f32))  # fmt: skip
     add("top-k, bf16 scores, narrow keys, every key ranked",
-        lambda: topk_launch(b1, b2, k, filter_keys=False, score_dtype=f32))  # fmt: skip
+        lambda: topk_launch(b1, b2, k, filter_keys=False, out_dtype=f32))  # fmt: skip
     add("  half launches only: fp32, int64 keys, filter", tops(s1, s2))
     add("  half launches only: bf16, narrow keys, filter", tops(b1, b2))
     add("  half launches only: bf16, narrow keys, filter, 2 warps", tops(b1, b2, 2))

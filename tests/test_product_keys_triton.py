@@ -160,7 +160,7 @@ def test_filter_ranks_the_same_keys(nk, k, dtype):
         # Sums rounded to bf16 in the kernel may differ in the last bit from torch's (the
         # interpreter's conversion truncates); the op never rounds them: its bf16 option
         # keeps bf16 halves and fp32 sums (wide candidate keys), checked here.
-        wide = topk_launch(s1, s2, k, score_dtype=torch.float32)[0]
+        wide = topk_launch(s1, s2, k, out_dtype=torch.float32)[0]
         v1, v2 = v1.float(), v2.float()
         ref = (v1[..., :, None] + v2[..., None, :]).flatten(-2).topk(k, -1).values
         ref = ref.transpose(0, 1).reshape(-1, k)

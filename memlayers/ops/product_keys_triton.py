@@ -273,7 +273,7 @@ def topk_launch(
     cap: int = TOPK_CAP,
     both_halves: bool | None = None,
     half_top: bool = False,
-    score_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ):
     """``(scores, index, i1, i2)``, ``[T·H, k]`` each (row t·H + h), of the exact product
     top-k of ``[H, T, NK]`` half scores (:func:`_half_scores`; a 2-D ``[R, NK]`` is one
@@ -285,7 +285,7 @@ def topk_launch(
     rule (:data:`TOPK_FEW_WARPS` for fewer rows than SMs, else :data:`TOPK_WARPS`);
     ``both_halves`` None: one launch for both halves while their scratch is at most
     :data:`TOPK_BOTH_HALVES_BYTES`. No launch parameter changes the result.
-    ``score_dtype``: the returned scores' dtype (None: the half scores'); wider than the
+    ``out_dtype``: the returned scores' dtype (None: the half scores'); wider than the
     half scores (bf16 halves, fp32 sums), the candidate sums are not rounded."""
     if s1.dim() == 2:
         s1, s2 = s1.unsqueeze(0), s2.unsqueeze(0)
@@ -293,7 +293,7 @@ def topk_launch(
     heads, tokens, nk = s1.shape
     r = heads * tokens
     device = s1.device
-    scores = s1.new_empty(r, k, dtype=score_dtype or s1.dtype)
+    scores = s1.new_empty(r, k, dtype=out_dtype or s1.dtype)
     index = torch.empty(r, k, dtype=torch.int64, device=device)
     i1 = torch.empty(r, k, dtype=torch.int32, device=device)
     i2 = torch.empty_like(i1)
@@ -501,7 +501,7 @@ def product_key_topk_op(
     sums in :func:`score_dtype` (the ``precision="bf16"`` option of the search)."""
     s1, s2 = _half_scores(q, keys, rank_bf16)
     sd = score_dtype(q.dtype)
-    scores, index, i1, i2, top = topk_launch(s1, s2, k, half_top=True, score_dtype=sd)
+    scores, index, i1, i2, top = topk_launch(s1, s2, k, half_top=True, out_dtype=sd)
     shape = (*q.shape[:-1], k)
     out = scores.view(shape), index.view(shape), i1.view(shape), i2.view(shape)
     return *out, top.view(*q.shape[:-1], 2, k)
