@@ -3,11 +3,12 @@ summarized by op (CUDA time), plus the median step time and tokens/s.
 
     python benchmarks/profile_step.py --preset 134m-memory+ --out $OUT/prof_mem.txt
     python benchmarks/profile_step.py --preset 134m-dense --batch 8 --seq-len 1024
-    python benchmarks/profile_step.py --memory query_batch_norm=true balance_loss=0.01
+    python benchmarks/profile_step.py --memory query_batch_norm=false balance_loss=0
 
 ``--memory KEY=VALUE...`` sets fields of the preset's MemoryConfig (parsed as YAML
-scalars), e.g. the settings that spread the reads over the table (bench_train.py
-``--spread-reads``) or ``value_dtype=bf16``.
+scalars), e.g. without the settings that keep the reads spread over the table (the
+memory+ presets' default since 2026-12-04; bench_train.py ``--collapsed-reads``) or
+``value_dtype=fp32``.
 
 Uses only the library's stable entry points (build_model, build_optimizer, compute_loss,
 clip_grad_norm_), so the same script profiles an older checkout for a bisect.

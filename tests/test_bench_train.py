@@ -62,16 +62,16 @@ def test_no_earlier_result_and_the_output_file_itself_are_not_compared(bench, tm
 
 
 def test_a_result_is_compared_only_with_one_of_the_same_overrides(bench, tmp_path):
-    # Spread reads (or another dataset) against a collapsed synthetic run would be a false
+    # Collapsed reads (or another dataset) against a spread synthetic run would be a false
     # alarm, or hide a real fall: each setting has its own baseline.
-    spread = [*bench.SPREAD]
+    collapsed = [*bench.COLLAPSED]
     _write(
         tmp_path / "train_h100_20260101.md",
-        [{"preset": "a", "tokens_per_s": 100.0, "overrides": spread}],
+        [{"preset": "a", "tokens_per_s": 100.0, "overrides": collapsed}],
     )
     _write(tmp_path / "train_h100_20260301.md", [{"preset": "a", "tokens_per_s": 200.0}])
     prev = bench.previous_result("h100", exclude=None)
-    lines = bench.guard([{"preset": "a", "tokens_per_s": 95.0, "overrides": spread}], prev)
+    lines = bench.guard([{"preset": "a", "tokens_per_s": 95.0, "overrides": collapsed}], prev)
     assert any("0.95x" in x and "20260101" in x for x in lines)
     assert not any("REGRESSION" in x for x in lines)
     lines = bench.guard([{"preset": "a", "tokens_per_s": 95.0}], prev)
@@ -83,7 +83,7 @@ def test_a_result_is_compared_only_with_one_of_the_same_overrides(bench, tmp_pat
 def test_the_results_name_the_data(bench):
     ns = bench.argparse.Namespace(override=[], vocab=32000)
     assert bench.dataset(ns) == "synthetic tokens (vocabulary 32,000)"
-    ns.override = [*bench.SPREAD, "data.dataset=bios"]
+    ns.override = [*bench.COLLAPSED, "data.dataset=bios"]
     assert bench.dataset(ns) == "bios data"
 
 
