@@ -30,13 +30,16 @@ read" column says which state a row measured.
 The guard: the newest committed ``benchmarks/results/train_<card>_*.md`` for the same card
 is read, and every preset measured in both with the same overrides (``--override``,
 ``--collapsed-reads``) prints its ratio to that result; a fall of more than 10% is printed
-as a REGRESSION banner (and ``--strict`` makes it the exit status).
+as a REGRESSION banner (and ``--strict`` makes it the exit status). Rows record a
+fingerprint of the run's resolved model and optimizer config; where both results have one
+and they differ (a preset's default changed), the row is not compared and says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -120,7 +123,23 @@ def run_preset(
         # the CUDA allocator's free-and-retry count by the last log (train.py)
         "alloc_retries": steady[-1].get("alloc_retries"),
         "overrides": list(ns.override),
+        "config": config_fingerprint(run_dir),
     }
+
+
+def config_fingerprint(run_dir: Path) -> str | None:
+    """12 hex digits of the run's resolved model and optimizer settings (its saved
+    ``config.yaml``): what the preset's defaults made of the run, which its overrides alone
+    do not say (the memory+ presets' usage levers, on by default since 2026-12-04, changed
+    the work of runs with no overrides). None when the run saved no config."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text()) or {}
+    keep = {k: cfg.get(k) for k in ("model", "optim", "dtype", "compile", "grad_accum")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def rows_read_pct(records: list[dict]) -> float | None:
@@ -185,6 +204,13 @@ def guard(rows: list[dict], previous: dict[tuple, tuple[Path, dict]]) -> list[st
         then = old.get("tokens_per_s")
         if not (r.get("tokens_per_s") and then):
             lines.append(f"  {r['preset']:<14} no earlier result on this card with these overrides")
+            continue
+        if r.get("config") and old.get("config") and r["config"] != old["config"]:
+            # Same preset and overrides, another resolved config: a changed default.
+            lines.append(
+                f"  {r['preset']:<14} not compared: {path.name} ran another resolved config "
+                f"({old['config']} -> {r['config']}: a preset default changed)"
+            )
             continue
         ratio = r["tokens_per_s"] / then
         lines.append(

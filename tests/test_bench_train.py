@@ -173,3 +173,36 @@ def test_a_tree_without_memlayers_is_refused_naming_it(bench, tmp_path, monkeypa
     monkeypatch.setattr("sys.argv", ["bench_train.py", "--trees", str(tmp_path)])
     with pytest.raises(SystemExit, match=f"--trees {tmp_path} holds no memlayers"):
         bench.main()
+
+
+def test_a_changed_default_is_not_compared_as_a_regression(bench, tmp_path):
+    # Same preset, no overrides, but the preset's resolved config changed (as the memory+
+    # presets' usage levers did): a ratio between them would measure the change, not a
+    # regression. A result without a fingerprint (older files) is compared as before.
+    _write(tmp_path / "train_h100_20260101.md", [{"preset": "a", "tokens_per_s": 200.0}])
+    _write(tmp_path / "train_h100_20260301.md", [{"preset": "b", "tokens_per_s": 200.0,
+                                                   "config": "aaaaaaaaaaaa"}])  # fmt: skip
+    prev = bench.previous_result("h100", exclude=None)
+    lines = bench.guard([{"preset": "b", "tokens_per_s": 50.0, "config": "bbbbbbbbbbbb"}], prev)
+    assert any("not compared" in x and "aaaaaaaaaaaa -> bbbbbbbbbbbb" in x for x in lines)
+    assert not any("REGRESSION" in x for x in lines)
+    lines = bench.guard([{"preset": "b", "tokens_per_s": 50.0, "config": "aaaaaaaaaaaa"}], prev)
+    assert any("REGRESSION" in x for x in lines)
+    lines = bench.guard([{"preset": "a", "tokens_per_s": 50.0, "config": "bbbbbbbbbbbb"}], prev)
+    assert any("REGRESSION" in x and "a at 0.25x" in x for x in lines)
+
+
+def test_the_fingerprint_follows_the_resolved_config_not_the_run_dir(bench, tmp_path):
+    def fingerprint(folder, balance):
+        run = tmp_path / folder
+        run.mkdir()
+        (run / "config.yaml").write_text(
+            f"run_dir: {run}\nsteps: 5\nmodel:\n  dim: 8\n  memory:\n"
+            f"    balance_loss: {balance}\noptim:\n  lr: 0.001\n"
+        )
+        return bench.config_fingerprint(run)
+
+    first = fingerprint("one", 0.1)
+    assert len(first) == 12 and first == fingerprint("two", 0.1)  # steps, run_dir: ignored
+    assert first != fingerprint("three", 0.0)
+    assert bench.config_fingerprint(tmp_path / "missing") is None
