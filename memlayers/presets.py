@@ -85,10 +85,11 @@ def _paper_preset(size: str, variant: str) -> ModelConfig:
     if variant == "memory+":
         # Batch-normalised queries and the half-key balance loss at 0.1 keep the table read
         # (issue 10): 134m-memory+ on bios, 2,000 steps, three seeds, one H200 (2026-12-04,
-        # benchmarks/results/usage_ablation_h200_20261204.md): every layer read 79-86% of
-        # the rows in the last 25-step window (91-99% at step 300) and the shared table
-        # 100%, against 4-60% and 39-64% without them, at the same validation loss (0.4933
-        # against 0.4933 over seeds); 373m, 800 steps: 73-98% against 2-12%.
+        # benchmarks/results/usage_ablation_h200_20261204.md): every layer read 79-99% of
+        # the rows in the last 25-step window (block 2 the least; 91-99% at step 300) and
+        # the shared table 100%, against 4-60% and 39-64% without them, at the same
+        # validation loss (0.4933 against 0.4933 over seeds); 373m, 800 steps: 73-98%
+        # against 2-12%.
         memory = MemoryConfig(
             **mem, k_dim=None, swilu=True, share_values=True, query_batch_norm=True,
             balance_loss=0.1,
