@@ -47,6 +47,10 @@ VARIANTS = {
     "both30": ["model.memory.query_batch_norm=true", "model.memory.balance_loss=0.3",
                "optim.value_lr=1e-2"],
     "bal10": ["model.memory.query_batch_norm=true", "model.memory.balance_loss=0.1"],
+    # The other factors, each on the collapsed layer (not run yet: docs/usage.md)
+    "qkoff": [*OFF, "model.memory.qk_norm=false"],
+    "warm500": [*OFF, "optim.warmup_steps=500"],
+    "h8k16": [*OFF, "model.memory.heads=8", "model.memory.topk=16"],
 }  # fmt: skip
 EARLY = 300  # "lowest after step": the first steps are the warm-up's, not the steady state
 
