@@ -29,17 +29,20 @@ read" column says which state a row measured.
 
 The guard: the newest committed ``benchmarks/results/train_<card>_*.md`` for the same card
 is read, and every preset measured in both with the same overrides (``--override``,
-``--collapsed-reads``) prints its ratio to that result; a fall of more than 10% is printed
-as a REGRESSION banner (and ``--strict`` makes it the exit status). Rows record a
-fingerprint of the run's resolved model and optimizer config; where both results have one
-and they differ (a preset's default changed), the row is not compared and says so.
+``--collapsed-reads``) and micro-batch prints its ratio to that result; a fall of more than
+10% is printed as a REGRESSION banner (and ``--strict`` makes it the exit status). Each row
+also records its run's resolved settings that set the work of a step
+(:func:`throughput_settings`, from the run's ``config.yaml``: a preset's defaults, which
+its overrides alone do not say); where a setting both rows record differs, the row is not
+compared and names the settings (``model.memory.balance_loss 0.0 -> 0.1``). Results from
+before these settings (none, or the short-lived ``config`` hash, which also hashed
+learning rates and unused sections) are compared by preset, overrides and micro-batch alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -74,16 +77,9 @@ def tree_label(tree: Path) -> str:
     return rev.read_text().strip() if rev.is_file() else tree.name
 
 
-def run_preset(
-    preset: str, ns: argparse.Namespace, tmp: Path, tree: Path | None = None, tag: str = ""
-) -> dict:
-    """One ``memlayers train`` run of ``preset`` (from ``tree``'s memlayers when given:
-    its folder first on the path) and its summary row, named ``preset`` + ``tag``."""
-    name = preset + tag
-    # a fresh folder per run: names that differ only in case or punctuation stay apart
-    run_dir = Path(tempfile.mkdtemp(dir=tmp)) / re.sub(r"[^a-z0-9]+", "-", name.lower())
-    cmd = [
-        sys.executable, "-m", "memlayers", "train",
+def train_overrides(preset: str, ns: argparse.Namespace, run_dir: Path) -> list[str]:
+    """The ``memlayers train`` settings of one benchmark run of ``preset``."""
+    return [
         f"model.preset={preset}", "data.dataset=synthetic",
         f"data.batch_size={ns.batch}", f"data.seq_len={ns.seq_len}", f"steps={ns.steps}",
         f"logging.every={ns.every}", f"device={ns.device}", f"compile={ns.compile}",
@@ -92,6 +88,17 @@ def run_preset(
         "logging.progress=false", "logging.tensorboard=false", "logging.plot=false",
         f"run_dir={run_dir}", *ns.override,
     ]  # fmt: skip
+
+
+def run_preset(
+    preset: str, ns: argparse.Namespace, tmp: Path, tree: Path | None = None, tag: str = ""
+) -> dict:
+    """One ``memlayers train`` run of ``preset`` (from ``tree``'s memlayers when given:
+    its folder first on the path) and its summary row, named ``preset`` + ``tag``."""
+    name = preset + tag
+    # a fresh folder per run: names that differ only in case or punctuation stay apart
+    run_dir = Path(tempfile.mkdtemp(dir=tmp)) / re.sub(r"[^a-z0-9]+", "-", name.lower())
+    cmd = [sys.executable, "-m", "memlayers", "train", *train_overrides(preset, ns, run_dir)]
     env, cwd = None, None
     if tree is not None:  # python -m puts the cwd first on the path: the tree's memlayers
         cwd = tree
@@ -123,23 +130,91 @@ def run_preset(
         # the CUDA allocator's free-and-retry count by the last log (train.py)
         "alloc_retries": steady[-1].get("alloc_retries"),
         "overrides": list(ns.override),
-        "config": config_fingerprint(run_dir),
+        "settings": throughput_settings(run_dir),
     }
 
 
-def config_fingerprint(run_dir: Path) -> str | None:
-    """12 hex digits of the run's resolved model and optimizer settings (its saved
-    ``config.yaml``): what the preset's defaults made of the run, which its overrides alone
-    do not say (the memory+ presets' usage levers, on by default since 2026-12-04, changed
-    the work of runs with no overrides). None when the run saved no config."""
+# Saved settings (dotted, with everything under them) that do not change what a training
+# step computes, only its numbers or what happens outside the timed steps: left out of
+# throughput_settings, so that changing them leaves the guard comparing.
+NOT_WORK = (
+    # the run's length and place; evaluation and checkpoints are not timed (train.py)
+    "run_dir", "steps", "eval_every", "eval_batches", "final_eval", "checkpoint",
+    "data.val_fraction",
+    # a threshold: its check (a max over the weights at log steps, off at 0) is small
+    # beside a log interval's steps
+    "max_weight",
+    # written outside the timed steps, or a progress bar's microseconds a step
+    "logging.progress", "logging.tensorboard", "logging.plot",
+    "model.preset",  # the row's own name
+    # constants of the same arithmetic
+    "model.norm_eps", "model.rope_theta", "model.init_std", "model.memory.norm_eps",
+    "model.memory.query_batch_norm_momentum", "model.peer.norm_eps",
+    # optimizer hyperparameters: the same update with other numbers (the gradient norm is
+    # measured whatever grad_clip is)
+    "optim.lr", "optim.value_lr", "optim.memory_lr", "optim.weight_decay",
+    "optim.value_weight_decay", "optim.beta1", "optim.beta2", "optim.eps", "optim.schedule",
+    "optim.warmup_steps", "optim.min_lr_ratio", "optim.grad_clip",
+)  # fmt: skip
+# Settings only a kind of block reads (model.ffn, memory_layers, peer_layers): left out
+# for a model without such blocks (a dense model's unused memory section).
+USED_BY = {
+    "memory": (
+        "model.memory",
+        "model.memory_mode",
+        "optim.value_optimizer",
+        "optim.value_master",
+        "logging.usage",  # the usage counters: memory layers' reads
+    ),
+    "moe": ("model.moe",),
+    "peer": ("model.peer",),
+}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"model": {"memory": {"topk": 32}}}`` -> ``{"model.memory.topk": 32}`` (lists kept)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def throughput_settings(run_dir: Path) -> dict | None:
+    """The run's resolved settings that set the work of a training step, flattened
+    (``{"model.memory.n_keys": 1024, "data.batch_size": 32, ...}``), from its saved
+    ``config.yaml``: the model, the data's shape and source, dtype, compile, gradient
+    accumulation, the optimizer kinds, parallelism and the usage counters. Left out:
+    :data:`NOT_WORK`, seeds, the sections of block kinds the model has none of
+    (:data:`USED_BY`) and the options of datasets it did not read. None when the run saved
+    no config."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         return None
     import yaml
 
     cfg = yaml.safe_load(path.read_text()) or {}
-    keep = {k: cfg.get(k) for k in ("model", "optim", "dtype", "compile", "grad_accum")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+    model, data = cfg.get("model") or {}, cfg.get("data") or {}
+    special = set(model.get("memory_layers") or []) | set(model.get("peer_layers") or [])
+    kinds = {"memory"} if model.get("memory_layers") else set()
+    kinds |= {"peer"} if model.get("peer_layers") else set()
+    if len(special) < model.get("n_layers", 0):  # some blocks keep model.ffn
+        kinds.add(model.get("ffn", "dense"))
+    unused = [p for kind, prefixes in USED_BY.items() if kind not in kinds for p in prefixes]
+    unused += [
+        f"data.{k}" for k, v in data.items() if isinstance(v, dict) and k != data.get("dataset")
+    ]
+    return {
+        key: value
+        for key, value in _flatten(cfg).items()
+        if not _under(key, (*NOT_WORK, *unused)) and key.rsplit(".", 1)[-1] != "seed"
+    }
 
 
 def rows_read_pct(records: list[dict]) -> float | None:
@@ -177,9 +252,10 @@ def add_ratios(rows: list[dict]) -> None:
             r["vs_dense"] = r["tokens_per_s"] / twin
 
 
-def setting(row: dict) -> tuple[str, tuple[str, ...]]:
-    """What a result is compared by: its preset and its overrides (none in older files)."""
-    return row["preset"], tuple(row.get("overrides", ()))
+def setting(row: dict) -> tuple:
+    """What a result is compared by: its preset, its overrides (none in older files) and
+    its micro-batch (none in a failed run's row)."""
+    return row["preset"], tuple(row.get("overrides", ())), row.get("batch")
 
 
 def previous_result(card: str, exclude: Path | None) -> dict[tuple, tuple[Path, dict]]:
@@ -187,7 +263,7 @@ def previous_result(card: str, exclude: Path | None) -> dict[tuple, tuple[Path, 
     row)}`` (a run of a few presets does not hide the others' older results)."""
     files = sorted(RESULTS.glob(f"train_{card}_*.md"))
     files = [f for f in files if exclude is None or f.resolve() != exclude.resolve()]
-    found: dict[str, tuple[Path, dict]] = {}
+    found: dict[tuple, tuple[Path, dict]] = {}
     for path in reversed(files):
         blob = re.search(r"<!-- bench_train (.*) -->", path.read_text())
         for row in json.loads(blob.group(1))["rows"] if blob else []:
@@ -195,21 +271,41 @@ def previous_result(card: str, exclude: Path | None) -> dict[tuple, tuple[Path, 
     return found
 
 
+def _shown(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def changed_settings(new: dict, old: dict, most: int = 3) -> str:
+    """The :func:`throughput_settings` both rows record that differ, e.g.
+    ``model.memory.balance_loss 0.0 -> 0.1`` (at most ``most`` named); "" when none do or
+    either row records none (older results)."""
+    a, b = new.get("settings") or {}, old.get("settings") or {}
+    keys = sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
+    shown = [f"{k} {_shown(b[k])} -> {_shown(a[k])}" for k in keys[:most]]
+    more = f" and {len(keys) - most} more" if len(keys) > most else ""
+    return ", ".join(shown) + more
+
+
 def guard(rows: list[dict], previous: dict[tuple, tuple[Path, dict]]) -> list[str]:
-    """Lines comparing this run with each preset's ``previous`` result (same overrides);
-    regressions are shouted."""
-    lines, bad = ["guard: against the newest committed result of each preset, same overrides"], []
+    """Lines comparing this run with each preset's ``previous`` result (same overrides and
+    micro-batch, no other recorded setting changed); regressions are shouted."""
+    lines = [
+        "guard: against the newest committed result of each preset, same overrides and micro-batch"
+    ]
+    bad = []
     for r in rows:
         path, old = previous.get(setting(r), (None, {}))
         then = old.get("tokens_per_s")
         if not (r.get("tokens_per_s") and then):
-            lines.append(f"  {r['preset']:<14} no earlier result on this card with these overrides")
-            continue
-        if r.get("config") and old.get("config") and r["config"] != old["config"]:
-            # Same preset and overrides, another resolved config: a changed default.
             lines.append(
-                f"  {r['preset']:<14} not compared: {path.name} ran another resolved config "
-                f"({old['config']} -> {r['config']}: a preset default changed)"
+                f"  {r['preset']:<14} no earlier result on this card with these overrides "
+                f"and micro-batch"
+            )
+            continue
+        changed = changed_settings(r, old)
+        if changed:  # a ratio would measure the change, not a regression
+            lines.append(
+                f"  {r['preset']:<14} not compared: {path.name} ran other settings: {changed}"
             )
             continue
         ratio = r["tokens_per_s"] / then

@@ -11,11 +11,20 @@ usage and loss), each with a time limit so that a cut run still leaves its metri
         --md benchmarks/results/usage_ablation_h200_20261204.md
 
 A variant is a name of :data:`VARIANTS`, optionally followed by ``:key=value`` overrides
-(``bal10:seed=1``); its run directory is named by all of it. ``report`` reads every
-``<dir>/*/metrics.jsonl`` (or ``<dir>/*.metrics.jsonl``) and writes one table (rows used
-in the last usage window per memory layer and for the shared table, the lowest any layer
-read after step 300, Gini, validation loss), a figure of each layer's rows used against
-step (``.png`` beside the ``.md``) and the curves as JSON (``.json``).
+(``bal10:seed=1``). Its run directory and log are named by all of it made safe for file
+names (``bal10_seed=1``, ``bal10_seed=1.log``: ``memlayers.compare.slug``); the spec itself
+stays its label in the report (``variants.json`` in ``--out`` maps one to the other). A spec
+given twice, or whose run directory already exists, is refused before anything runs (another
+``--out``, or remove the directory); the warm-up run (``_warm``) is replaced. ``run`` exits
+with 1, naming them, when a variant failed or was cut by ``--limit`` (after the table: a cut
+run still leaves its metrics).
+
+``report`` reads every ``<dir>/*/metrics.jsonl`` (or ``<dir>/*.metrics.jsonl``) and writes
+one table (rows used in the last usage window per memory layer and for the shared table, the
+lowest any layer read after step 300, Gini, the last validation loss and its step), a figure
+of each layer's rows used against step (``.png`` beside the ``.md``) and the curves as JSON
+(``.json``). A variant with no metrics (``variants.json`` or its ``.log`` names it) is listed
+as such; a last line cut short (a run killed while writing it) is skipped.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ VARIANTS = {
     "h8k16": [*OFF, "model.memory.heads=8", "model.memory.topk=16"],
 }  # fmt: skip
 EARLY = 300  # "lowest after step": the first steps are the warm-up's, not the steady state
+LABELS = "variants.json"  # in --out: {run directory name: the variant's spec}
 
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:
@@ -66,40 +76,105 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
     return spec, [*VARIANTS[name], *extra]
 
 
+def plan(specs: list[str], out: Path) -> list[tuple[str, str, list[str]]]:
+    """``(spec, folder, overrides)`` of each variant; ``folder``: the spec made safe for file
+    names. Refused before anything runs: a spec given twice, two specs of one folder name,
+    a folder already in ``out`` (its run would be refused, or mixed with the new one)."""
+    from memlayers.compare import slug
+
+    twice = sorted({s for s in specs if specs.count(s) > 1})
+    if twice:
+        raise SystemExit(f"error: variants given more than once: {', '.join(twice)}")
+    variants = [(spec, slug(spec), overrides) for spec, overrides in map(parse_variant, specs)]
+    owner: dict[str, str] = {}
+    for spec, folder, _ in variants:
+        if owner.setdefault(folder, spec) != spec:
+            raise SystemExit(
+                f"error: variants {owner[folder]!r} and {spec!r} would share the run "
+                f"directory {out / folder}"
+            )
+    there = [str(out / folder) for _, folder, _ in variants if (out / folder).exists()]
+    if there:
+        raise SystemExit(
+            f"error: run directories already exist: {', '.join(there)} (remove them, or pass "
+            f"another --out)"
+        )
+    return variants
+
+
+def common(ns: argparse.Namespace) -> list[str]:
+    """The overrides every variant's run starts from (the study's base command)."""
+    return [f"model.preset={ns.preset}", *BASE, f"steps={ns.steps}", *ns.override]
+
+
 def run(ns: argparse.Namespace) -> None:
-    variants = [parse_variant(v) for v in ns.variants]
-    common = [f"model.preset={ns.preset}", *BASE, f"steps={ns.steps}", *ns.override]
+    variants = plan(ns.variants, ns.out)
     ns.out.mkdir(parents=True, exist_ok=True)
     train = [sys.executable, "-m", "memlayers", "train"]
-    # Build the data once, before the runs race to build it.
-    subprocess.run([*train, *common, "steps=1", "compile=false", f"run_dir={ns.out / '_warm'}"],
-                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    # Build the data once, before the runs race to build it (replacing an earlier call's
+    # warm-up run).
+    warm = subprocess.run(
+        [*train, "--overwrite", *common(ns), "steps=1", "compile=false",
+         f"run_dir={ns.out / '_warm'}"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    if warm.returncode != 0:
+        raise SystemExit(f"error: the warm-up run failed (exit {warm.returncode}): see above")
+    labels = ns.out / LABELS
+    known = json.loads(labels.read_text()) if labels.is_file() else {}
+    labels.write_text(json.dumps(known | {f: spec for spec, f, _ in variants}, indent=1) + "\n")
     procs = []
-    for name, overrides in variants:
-        log = open(ns.out / f"{name}.log", "w")  # noqa: SIM115 (closed below)
-        cmd = ["timeout", str(ns.limit), *train, *common, *overrides,
-               f"run_dir={ns.out / name}"]  # fmt: skip
-        procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
-        print(f"{name}: {' '.join(cmd[2:])}", flush=True)
-    for name, proc, log in procs:
+    for spec, folder, overrides in variants:
+        log = open(ns.out / f"{folder}.log", "w")  # noqa: SIM115 (closed below)
+        cmd = ["timeout", str(ns.limit), *train, *common(ns), *overrides,
+               f"run_dir={ns.out / folder}"]  # fmt: skip
+        procs.append(
+            (spec, folder, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+        )
+        print(f"{spec}: {' '.join(cmd[2:])}", flush=True)
+    failed = []
+    for spec, folder, proc, log in procs:
         rc = proc.wait()
         log.close()
-        print(f"{name}: exit {rc}" + (" (time limit)" if rc == 124 else ""), flush=True)
+        # timeout's 124 (TERM) or 137 (KILL): cut by --limit
+        why = f"exit {rc}" + (" (time limit)" if rc in (124, 137) else "")
+        print(f"{spec}: {why}", flush=True)
+        if rc != 0:
+            failed.append(f"{spec} ({why}, {ns.out / folder}.log)")
     print("\n".join(table(read(ns.out))))
+    if failed:
+        raise SystemExit(
+            f"error: {len(failed)} of {len(procs)} variants failed: {'; '.join(failed)}"
+        )
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a last line cut short (the run was killed while
+    writing it) is skipped, a bad line before it is an error naming it."""
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    out = []
+    for i, line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != lines[-1][0]:
+                raise SystemExit(f"error: {path}: line {i} is not JSON") from None
+            print(f"{path}: skipped its last line, cut short (line {i})", file=sys.stderr)
+    return out
 
 
 def read(folder: Path) -> dict[str, list[dict]]:
-    """``{variant: metrics records}`` of every run under ``folder``."""
-    files = sorted(folder.glob("*/metrics.jsonl")) + sorted(folder.glob("*.metrics.jsonl"))
-    runs = {}
-    for f in files:
-        name = f.parent.name if f.name == "metrics.jsonl" else f.name[: -len(".metrics.jsonl")]
-        if name.startswith("_"):
-            continue
-        runs[name] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-    if not runs:
+    """``{label: metrics records}`` of every run under ``folder``, labelled by its spec
+    (``variants.json``) or else its name; a variant that ``variants.json`` or a ``.log``
+    names but that left no metrics has no records."""
+    files = {f.parent.name: f for f in sorted(folder.glob("*/metrics.jsonl"))}
+    files |= {f.name[: -len(".metrics.jsonl")]: f for f in sorted(folder.glob("*.metrics.jsonl"))}
+    labels = json.loads((folder / LABELS).read_text()) if (folder / LABELS).is_file() else {}
+    logs = {f.stem for f in folder.glob("*.log")}
+    names = sorted(n for n in {*files, *labels, *logs} if not n.startswith("_"))
+    if not names:
         raise SystemExit(f"error: no metrics.jsonl under {folder}")
-    return runs
+    return {labels.get(n, n): read_metrics(files[n]) if n in files else [] for n in names}
 
 
 def _layer_order(name: str) -> tuple:
@@ -125,11 +200,14 @@ def curves(records: list[dict]) -> dict:
 def table(runs: dict[str, list[dict]]) -> list[str]:
     lines = [
         "| run | last step | rows used, last window: per layer | shared table | lowest layer "
-        f"after step {EARLY} | Gini per layer | val loss |",
+        f"after step {EARLY} | Gini per layer | val loss (step) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, records in runs.items():
-        c = curves(records)
+    for name, logged in runs.items():
+        if not logged:
+            lines.append(f"| {name} | – | no metrics.jsonl: see its .log | | | | |")
+            continue
+        c = curves(logged)
         if not c["step"]:
             lines.append(f"| {name} | – | no usage logged | | | | |")
             continue
@@ -140,7 +218,7 @@ def table(runs: dict[str, list[dict]]) -> list[str]:
         used = " / ".join(f"{c['used'][n][-1]:.1f}" for n in layers)
         gini = " / ".join(f"{c['gini'][n][-1]:.3f}" for n in layers)
         table_used = c["used"].get("shared_table", [None])[-1]
-        val = f"{c['val'][-1][1]:.4f}" if c["val"] else "–"
+        val = f"{c['val'][-1][1]:.4f} ({c['val'][-1][0]})" if c["val"] else "–"
         low = f"{lowest[0]:.1f} ({lowest[1]}, step {lowest[2]})" if lowest else "–"
         shared = "–" if table_used is None else f"{table_used:.1f}"
         lines.append(f"| {name} | {c['step'][-1]} | {used} ({', '.join(layers)}) | {shared} | "
@@ -149,6 +227,9 @@ def table(runs: dict[str, list[dict]]) -> list[str]:
 
 
 def plot(runs: dict[str, list[dict]], path: Path) -> Path | None:
+    runs = {name: logged for name, logged in runs.items() if logged}
+    if not runs:
+        return None
     try:
         import matplotlib
 
@@ -162,8 +243,8 @@ def plot(runs: dict[str, list[dict]], path: Path) -> Path | None:
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), sharey=True,
                              squeeze=False)  # fmt: skip
-    for ax, (name, records) in zip(axes.flat, runs.items(), strict=False):
-        c = curves(records)
+    for ax, (name, logged) in zip(axes.flat, runs.items(), strict=False):
+        c = curves(logged)
         for layer, ys in c["used"].items():
             ax.plot(c["step"], ys, label=layer, lw=1.2, ls="--" if layer == "shared_table" else "-")
         ax.axhline(80, color="grey", lw=0.6, ls=":")
@@ -185,13 +266,16 @@ def report(ns: argparse.Namespace) -> None:
     runs = read(ns.folder)
     lines = table(runs)
     print("\n".join(lines))
+    missing = [name for name, logged in runs.items() if not logged]
+    if missing:
+        print(f"no metrics: {', '.join(missing)}")
     if ns.md:
         ns.md.parent.mkdir(parents=True, exist_ok=True)
         head = ns.md.read_text() if ns.md.exists() and ns.keep_head else ""
         marker = "<!-- table -->"
         head = head.split(marker)[0] if marker in head else head
         ns.md.write_text(head + marker + "\n" + "\n".join(lines) + "\n")
-        data = {name: curves(records) for name, records in runs.items()}
+        data = {name: curves(logged) for name, logged in runs.items()}
         ns.md.with_suffix(".json").write_text(json.dumps(data, separators=(",", ":")) + "\n")
         png = plot(runs, ns.md.with_suffix(".png"))
         print(f"wrote {ns.md}, {ns.md.with_suffix('.json')}" + (f", {png}" if png else ""))

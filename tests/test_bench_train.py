@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
 
@@ -28,7 +29,7 @@ def test_a_fall_of_more_than_ten_percent_is_shouted(bench, tmp_path):
     _write(tmp_path / "train_h100_20260301.md", [{"preset": "a", "tokens_per_s": 200.0}])
     _write(tmp_path / "train_h200_20260401.md", [{"preset": "a", "tokens_per_s": 1e9}])
     prev = bench.previous_result("h100", exclude=None)
-    assert prev["a", ()][0].name == "train_h100_20260301.md"  # the newest for this card only
+    assert prev["a", (), None][0].name == "train_h100_20260301.md"  # the newest for this card only
     lines = bench.guard([{"preset": "a", "tokens_per_s": 170.0}], prev)
     assert any("REGRESSION" in x and "a at 0.85x" in x for x in lines)
     lines = bench.guard([{"preset": "a", "tokens_per_s": 190.0}], prev)
@@ -43,7 +44,7 @@ def test_each_preset_is_compared_with_its_own_newest_result(bench, tmp_path):
     )
     _write(tmp_path / "train_h100_20260301.md", [{"preset": "b", "tokens_per_s": 200.0}])
     prev = bench.previous_result("h100", exclude=None)
-    assert {p: path.name for (p, _), (path, _) in prev.items()} == {
+    assert {p: path.name for (p, _, _), (path, _) in prev.items()} == {
         "a": "train_h100_20260101.md",
         "b": "train_h100_20260301.md",
     }
@@ -175,34 +176,149 @@ def test_a_tree_without_memlayers_is_refused_naming_it(bench, tmp_path, monkeypa
         bench.main()
 
 
-def test_a_changed_default_is_not_compared_as_a_regression(bench, tmp_path):
-    # Same preset, no overrides, but the preset's resolved config changed (as the memory+
-    # presets' usage levers did): a ratio between them would measure the change, not a
-    # regression. A result without a fingerprint (older files) is compared as before.
-    _write(tmp_path / "train_h100_20260101.md", [{"preset": "a", "tokens_per_s": 200.0}])
-    _write(tmp_path / "train_h100_20260301.md", [{"preset": "b", "tokens_per_s": 200.0,
-                                                   "config": "aaaaaaaaaaaa"}])  # fmt: skip
+def test_a_result_is_compared_only_with_one_of_the_same_micro_batch(bench, tmp_path):
+    _write(tmp_path / "train_h100_20260101.md", [
+        {"preset": "a", "batch": "32x1024", "tokens_per_s": 200.0},
+        {"preset": "a", "error": "boom"},  # a failed run's row has no batch: no baseline
+    ])  # fmt: skip
     prev = bench.previous_result("h100", exclude=None)
-    lines = bench.guard([{"preset": "b", "tokens_per_s": 50.0, "config": "bbbbbbbbbbbb"}], prev)
-    assert any("not compared" in x and "aaaaaaaaaaaa -> bbbbbbbbbbbb" in x for x in lines)
-    assert not any("REGRESSION" in x for x in lines)
-    lines = bench.guard([{"preset": "b", "tokens_per_s": 50.0, "config": "aaaaaaaaaaaa"}], prev)
-    assert any("REGRESSION" in x for x in lines)
-    lines = bench.guard([{"preset": "a", "tokens_per_s": 50.0, "config": "bbbbbbbbbbbb"}], prev)
+    lines = bench.guard([{"preset": "a", "batch": "8x1024", "tokens_per_s": 50.0}], prev)
+    assert "no earlier result" in lines[1] and not any("REGRESSION" in x for x in lines)
+    lines = bench.guard([{"preset": "a", "batch": "32x1024", "tokens_per_s": 50.0}], prev)
     assert any("REGRESSION" in x and "a at 0.25x" in x for x in lines)
 
 
-def test_the_fingerprint_follows_the_resolved_config_not_the_run_dir(bench, tmp_path):
-    def fingerprint(folder, balance):
-        run = tmp_path / folder
-        run.mkdir()
-        (run / "config.yaml").write_text(
-            f"run_dir: {run}\nsteps: 5\nmodel:\n  dim: 8\n  memory:\n"
-            f"    balance_loss: {balance}\noptim:\n  lr: 0.001\n"
-        )
-        return bench.config_fingerprint(run)
+def _settings(**changed):
+    base = {"model.dim": 768, "model.memory.balance_loss": 0.1, "data.batch_size": 32}
+    return {**base, **{k.replace("__", "."): v for k, v in changed.items()}}
 
-    first = fingerprint("one", 0.1)
-    assert len(first) == 12 and first == fingerprint("two", 0.1)  # steps, run_dir: ignored
-    assert first != fingerprint("three", 0.0)
-    assert bench.config_fingerprint(tmp_path / "missing") is None
+
+def test_a_changed_setting_is_not_compared_and_is_named(bench, tmp_path):
+    # Same preset and overrides, but another resolved setting that changes the work (as
+    # the memory+ presets' usage levers did when they became defaults): a ratio would
+    # measure the change, not a regression.
+    old = {"preset": "a", "tokens_per_s": 200.0, "settings": _settings()}
+    _write(tmp_path / "train_h100_20260101.md", [old])
+    prev = bench.previous_result("h100", exclude=None)
+    now = {"preset": "a", "tokens_per_s": 50.0}
+    lines = bench.guard([dict(now, settings=_settings(model__memory__balance_loss=0.0))], prev)
+    assert any(
+        "not compared: train_h100_20260101.md ran other settings: "
+        "model.memory.balance_loss 0.1 -> 0.0" in x
+        for x in lines
+    )
+    assert not any("REGRESSION" in x for x in lines)
+    lines = bench.guard([dict(now, settings=_settings(data__batch_size=8))], prev)
+    assert any("not compared" in x and "data.batch_size 32 -> 8" in x for x in lines)
+    # A setting only one row records (a new config field) does not block the comparison.
+    lines = bench.guard([dict(now, settings=_settings(model__memory__new=1))], prev)
+    assert any("REGRESSION" in x and "a at 0.25x" in x for x in lines)
+
+
+def test_at_most_a_few_changed_settings_are_named(bench):
+    old = {"settings": {f"k{i}": i for i in range(5)}}
+    new = {"settings": {f"k{i}": i + 1 for i in range(5)}}
+    assert bench.changed_settings(new, old) == "k0 0 -> 1, k1 1 -> 2, k2 2 -> 3 and 2 more"
+    old = {"settings": {"model.memory.query_batch_norm": True, "dtype": "auto"}}
+    new = {"settings": {"model.memory.query_batch_norm": False, "dtype": "bf16"}}
+    assert bench.changed_settings(new, old) == (
+        "dtype auto -> bf16, model.memory.query_batch_norm true -> false"
+    )
+
+
+def test_results_without_settings_are_compared_as_before(bench, tmp_path):
+    # Older results record no settings, or the short-lived "config" hash: both are compared
+    # by preset, overrides and micro-batch alone.
+    _write(tmp_path / "train_h100_20260101.md", [
+        {"preset": "a", "tokens_per_s": 200.0},
+        {"preset": "b", "tokens_per_s": 200.0, "config": "aaaaaaaaaaaa"},
+    ])  # fmt: skip
+    prev = bench.previous_result("h100", exclude=None)
+    rows = [{"preset": p, "tokens_per_s": 50.0, "settings": _settings()} for p in "ab"]
+    lines = bench.guard(rows, prev)
+    assert any("REGRESSION" in x and "a at 0.25x" in x and "b at 0.25x" in x for x in lines)
+
+
+def _config(run, cfg):
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run
+
+
+def test_settings_leave_out_what_does_not_change_the_work(bench, tmp_path):
+    model = {"dim": 8, "n_layers": 2, "ffn": "dense", "memory_layers": [], "peer_layers": [],
+             "init_std": 0.02, "memory": {"n_keys": 16, "balance_loss": 0.1},
+             "moe": {"n_experts": 4}, "peer": {"n_keys": 8}}  # fmt: skip
+    dense = _config(tmp_path / "dense", {
+        "run_dir": "/somewhere", "steps": 5, "seed": 3, "dtype": "bf16", "model": model,
+        "optim": {"lr": 1e-3, "warmup_steps": 20, "value_optimizer": "sparse_adam",
+                  "grad_clip": 1.0},
+        "data": {"dataset": "synthetic", "batch_size": 4, "seq_len": 16, "seed": 0,
+                 "synthetic": {"vocab_size": 64, "seed": 1}, "bios": {"n_people": 10}},
+        "logging": {"every": 5, "usage": True, "plot": True},
+        "parallel": {"mp": 1, "fsdp": True}, "checkpoint": {"enabled": False},
+    })  # fmt: skip
+    assert bench.throughput_settings(dense) == {
+        "dtype": "bf16", "model.dim": 8, "model.n_layers": 2, "model.ffn": "dense",
+        "model.memory_layers": [], "model.peer_layers": [], "data.dataset": "synthetic",
+        "data.batch_size": 4, "data.seq_len": 16, "data.synthetic.vocab_size": 64,
+        "logging.every": 5, "parallel.mp": 1, "parallel.fsdp": True,
+    }  # fmt: skip
+    # A memory model: its memory section and value optimizer, not the MoE or PEER ones.
+    memory = _config(tmp_path / "memory", {
+        "model": dict(model, memory_layers=[1], memory={"n_keys": 16, "norm_eps": 1e-6}),
+        "optim": {"lr": 1e-3, "value_lr": 1e-3, "value_optimizer": "sparse_adam_bf16",
+                  "value_master": True},
+    })  # fmt: skip
+    assert bench.throughput_settings(memory) == {
+        "model.dim": 8, "model.n_layers": 2, "model.ffn": "dense", "model.memory_layers": [1],
+        "model.peer_layers": [], "model.memory.n_keys": 16,
+        "optim.value_optimizer": "sparse_adam_bf16", "optim.value_master": True,
+    }  # fmt: skip
+    # Every block a MoE one: its section, no dense FFN's.
+    moe = _config(tmp_path / "moe", {"model": dict(model, ffn="moe")})
+    assert bench.throughput_settings(moe)["model.moe.n_experts"] == 4
+    assert bench.throughput_settings(tmp_path / "missing") is None
+
+
+def test_a_changed_learning_rate_is_still_compared(bench, tmp_path):
+    # Optimizer hyperparameters, the run's length and seeds change no step's work: the
+    # guard still compares (they once made the config hash differ, skipping it).
+    def row(folder, tokens_per_s, **optim):
+        run = _config(tmp_path / folder, {
+            "steps": 40, "seed": 0, "model": {"dim": 8, "n_layers": 2, "memory_layers": [1],
+                                              "memory": {"n_keys": 16, "balance_loss": 0.1}},
+            "optim": {"lr": 1e-3, "warmup_steps": 20, "grad_clip": 1.0, **optim},
+        })  # fmt: skip
+        return {"preset": "a", "tokens_per_s": tokens_per_s,
+                "settings": bench.throughput_settings(run)}  # fmt: skip
+
+    _write(tmp_path / "train_h100_20260101.md", [row("old", 200.0)])
+    prev = bench.previous_result("h100", exclude=None)
+    new = row("new", 50.0, lr=3e-3, warmup_steps=50, grad_clip=0.0, schedule="linear")
+    lines = bench.guard([new], prev)
+    assert any("REGRESSION" in x and "a at 0.25x" in x for x in lines)
+    assert not any("not compared" in x for x in lines)
+
+
+def test_settings_of_a_real_run(bench, tmp_path):
+    # The trainer's own config.yaml, of the command the benchmark runs (tiny, on the CPU).
+    from memlayers.config import load_config
+    from memlayers.train import train
+
+    ns = bench.argparse.Namespace(
+        batch=2, seq_len=16, steps=1, every=1, device="cpu", compile="false", vocab=64,
+        override=["optim.lr=1e-4"],
+    )  # fmt: skip
+    run = tmp_path / "run"
+    train(load_config([], bench.train_overrides("tiny-memory+", ns, run)))
+    got = bench.throughput_settings(run)
+    assert got["model.dim"] == 128 and got["model.vocab_size"] == 64
+    assert got["data.batch_size"] == 2 and got["data.seq_len"] == 16
+    assert got["model.memory.n_keys"] == 128 and got["model.memory.balance_loss"] == 0.0
+    assert got["device"] == "cpu" and got["compile"] is False and got["logging.usage"] is True
+    assert "optim.value_optimizer" in got and "parallel.mp" in got
+    assert not any(
+        k.startswith(("model.moe.", "model.peer.", "data.bios", "checkpoint.")) for k in got
+    )
+    assert not {"optim.lr", "steps", "run_dir", "seed", "data.seed"} & got.keys()
