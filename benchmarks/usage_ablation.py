@@ -58,7 +58,7 @@ VARIANTS = {
     "bal10": ["model.memory.query_batch_norm=true", "model.memory.balance_loss=0.1"],
     # The other factors, each on the collapsed layer (not run yet: docs/usage.md)
     "qkoff": [*OFF, "model.memory.qk_norm=false"],
-    "warm500": [*OFF, "optim.warmup_steps=500"],
+    "warm500": [*OFF, "optim.warmup_steps=500"],  # the learning rate's warm-up (all weights)
     "h8k16": [*OFF, "model.memory.heads=8", "model.memory.topk=16"],
 }  # fmt: skip
 EARLY = 300  # "lowest after step": the first steps are the warm-up's, not the steady state
