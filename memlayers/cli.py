@@ -397,6 +397,14 @@ def _add_compare(sub) -> None:
     p.add_argument(
         "--reuse", action="store_true", help="keep variants already trained with the same config"
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="train this many variants at once, each in its own process logging to "
+        "OUT/<variant>.log (on one GPU they share it; default 1: one after another, here)",
+    )
+    p.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)  # run_jobs'
 
 
 def split_items(items: list[str]) -> tuple[list[str], list[str], list[str]]:
@@ -418,6 +426,7 @@ def _compare(ns: argparse.Namespace) -> int:
         ["memlayers", "compare", *ns.items]
         + (["--out", ns.out] if ns.out is not None else [])
         + (["--reuse"] if ns.reuse else [])
+        + ([f"--jobs={ns.jobs}"] if ns.jobs != 1 else [])
     )
     for v in variants:
         compare.parse_variant(v)
@@ -428,7 +437,8 @@ def _compare(ns: argparse.Namespace) -> int:
             variants += [] if named else study["variants"]
             out = out or study["out"]
             max_qa = study["max_qa"] or max_qa
-    compare.compare(variants, yamls, overrides, out or "runs/compare", ns.reuse, command, max_qa)
+    compare.compare(variants, yamls, overrides, out or "runs/compare", ns.reuse, command, max_qa,
+                    jobs=ns.jobs, table=not ns.no_table)  # fmt: skip
     return 0
 
 

@@ -6,6 +6,7 @@
     memlayers compare tiny-dense tiny-memory+ configs/x.yaml data.bios.n_people=500
     memlayers compare tiny-dense tiny-memory+ --reuse             # keep finished runs
     memlayers compare configs/study_134m.yaml --reuse             # a study file (below)
+    memlayers compare configs/study_134m.yaml --reuse --jobs 3    # 3 variants at once
 
 Positional items: ``PRESET[:key=value[:key=value…]]`` is a variant (a model preset and
 overrides for it alone: model or optimizer keys, never data, steps, batch or seed, so
@@ -261,6 +262,51 @@ def machine() -> str:
     return f"{name}, {torch.get_num_threads()} threads"
 
 
+class CompareError(ValueError):
+    """Variants that failed in their own processes (``jobs`` > 1): the table has the rest."""
+
+
+def run_jobs(
+    todo: list[tuple[str, TrainArgs]],
+    yamls: list[str],
+    overrides: list[str],
+    out: Path,
+    reuse: bool,
+    jobs: int,
+) -> dict[str, str]:
+    """Train and evaluate each ``(variant, args)`` of ``todo`` in a ``memlayers compare``
+    process of its own, ``jobs`` at once. On one GPU they share it: two or three 134m
+    runs train at about the throughput of one (H200, 2026-12-04), and what is gained is
+    each one's start, compilation and evaluation overlapping the others' training. Each
+    process logs to
+    ``OUT/<variant>.log``. Returns ``{variant: why}`` for those that failed."""
+    import subprocess
+    import time
+
+    out.mkdir(parents=True, exist_ok=True)
+    waiting, running, failed = list(todo), {}, {}
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            label, args = waiting.pop(0)
+            log = out / f"{slug(label)}.log"
+            cmd = [sys.executable, "-m", "memlayers", "compare", label, *yamls, *overrides,
+                   "--out", str(out), "--no-table"] + (["--reuse"] if reuse else [])  # fmt: skip
+            with open(log, "w") as f:
+                running[label] = (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT), log)
+            print(f"== {label}: training into {args.run_dir} in its own process (log {log})")
+        time.sleep(0.2)
+        for label, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[label]
+            if proc.returncode == 0:
+                print(f"== {label}: done")
+            else:
+                failed[label] = f"exit {proc.returncode}, log {log}"
+                print(f"== {label}: FAILED ({failed[label]})")
+    return failed
+
+
 def compare(
     variants: list[str],
     yamls: list[str] = (),
@@ -269,21 +315,37 @@ def compare(
     reuse: bool = False,
     command: str | None = None,
     max_qa: int | None = None,
+    jobs: int = 1,
+    table: bool = True,
 ) -> list[dict]:
     """Train and evaluate every variant; write ``results.md/json`` and ``compare.png``.
-    ``max_qa``: the evaluations answer the first N questions of each QA set."""
+    ``max_qa``: the evaluations answer the first N questions of each QA set. ``jobs`` >
+    1: the variants still to train run in processes of their own, that many at once
+    (:func:`run_jobs`); the table then has those that finished, and a
+    :class:`CompareError` names the rest. ``table=False``: no results files (one such
+    process's own variant)."""
     from memlayers.eval import evaluate, format_results
     from memlayers.train import train
 
     if not variants:
         raise ValueError("name at least one variant (a model preset), e.g. tiny-dense")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive int, got {jobs!r}")
     twice = sorted({v for v in variants if variants.count(v) > 1})
     if twice:
         raise ValueError(f"variant {twice[0]!r} is named twice (one run directory each)")
     out = Path(out)
     all_args = [variant_args(v, list(yamls), list(overrides), out) for v in variants]
+    failed: dict[str, str] = {}
+    if jobs > 1:
+        todo = [(v, a) for v, a in zip(variants, all_args, strict=True)
+                if not (reuse and _finished(a, max_qa) is not None)]  # fmt: skip
+        failed = run_jobs(todo, list(yamls), list(overrides), out, reuse, jobs)
+        reuse = True  # what the processes trained is there now
     rows, full = [], {}
     for label, args in zip(variants, all_args, strict=True):
+        if label in failed:
+            continue
         results = _finished(args, max_qa) if reuse else None
         if results is not None:
             print(f"== {label}: reusing {args.run_dir}")
@@ -295,6 +357,10 @@ def compare(
         print(format_results(results))
         rows.append(summary_row(label, results))
         full[label] = results
+    if not table:
+        return rows
+    if not rows:
+        raise CompareError(_failures(failed))
     out.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
     doc = {"command": command, "machine": machine(), "date": date, "rows": rows, "eval": full}
@@ -314,4 +380,10 @@ def compare(
     png = plot(rows, out / "compare.png")
     print(format_table(rows))
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {png}" if png else ""))
+    if failed:
+        raise CompareError(_failures(failed) + f" (the table has the other {len(rows)})")
     return rows
+
+
+def _failures(failed: dict[str, str]) -> str:
+    return f"{len(failed)} variant(s) failed: " + "; ".join(f"{v} ({w})" for v, w in failed.items())

@@ -142,6 +142,35 @@ def test_a_study_file_runs_its_variants_into_its_directory(tmp_path, capsys, mon
     assert [r["variant"] for r in doc["rows"]] == ["tiny-dense"]
 
 
+def test_jobs_train_variants_in_processes_of_their_own_and_name_the_one_that_failed(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    study = tmp_path / "study.yaml"
+    # the second variant fails only once it trains (its positions are too few for the
+    # data's sequences): in its own process, after the first has started
+    _study_file(study, (
+        "compare:\n  variants: [tiny-dense, 'tiny-dense:model.max_seq_len=16']\n"
+        "  out: runs/jobs\n  max_qa: 3\n"
+    ))  # fmt: skip
+    assert cli_main(["compare", str(study), "--jobs", "2"]) == 1
+    captured = capsys.readouterr()
+    assert "1 variant(s) failed: tiny-dense:model.max_seq_len=16 (exit 1" in captured.err
+    assert "in its own process" in captured.out
+    out = tmp_path / "runs/jobs"
+    assert "max_seq_len=16" in (out / "tiny-dense_model.max_seq_len=16.log").read_text()
+    assert "training into" in (out / "tiny-dense.log").read_text()
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in doc["rows"]] == ["tiny-dense"]  # the one that finished
+    assert doc["command"].endswith("--jobs=2")
+    # what a process trained is reused: nothing is started again
+    assert cli_main(["compare", "tiny-dense", str(study), "--reuse", "--jobs", "2"]) == 0
+    captured = capsys.readouterr().out
+    assert "tiny-dense: reusing" in captured and "its own process" not in captured
+    assert cli_main(["compare", "tiny-dense", str(study), "--jobs", "0"]) == 1
+    assert "jobs must be a positive int, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "section,match",
     [
