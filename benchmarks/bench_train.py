@@ -140,7 +140,9 @@ def run_preset(
 NOT_WORK = (
     # the run's length and place; evaluation and checkpoints are not timed (train.py)
     "run_dir", "steps", "eval_every", "eval_batches", "final_eval", "checkpoint",
-    "data.val_fraction",
+    "data.val_fraction", "data.path",
+    # auto and cuda are one card; the card is the results file's own name
+    "device",
     # a threshold: its check (a max over the weights at log steps, off at 0) is small
     # beside a log interval's steps
     "max_weight",

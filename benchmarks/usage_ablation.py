@@ -136,8 +136,8 @@ def run(ns: argparse.Namespace) -> None:
     for spec, folder, proc, log in procs:
         rc = proc.wait()
         log.close()
-        # timeout's 124 (TERM) or 137 (KILL): cut by --limit
-        why = f"exit {rc}" + (" (time limit)" if rc in (124, 137) else "")
+        # timeout's 124: cut by --limit (137, a KILL, is something else: the OOM killer...)
+        why = f"exit {rc}" + (" (time limit)" if rc == 124 else " (killed)" if rc == 137 else "")
         print(f"{spec}: {why}", flush=True)
         if rc != 0:
             failed.append(f"{spec} ({why}, {ns.out / folder}.log)")

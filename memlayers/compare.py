@@ -278,32 +278,59 @@ def run_jobs(
     process of its own, ``jobs`` at once. On one GPU they share it: two or three 134m
     runs train at about the throughput of one (H200, 2026-12-04), and what is gained is
     each one's start, compilation and evaluation overlapping the others' training. Each
-    process logs to
-    ``OUT/<variant>.log``. Returns ``{variant: why}`` for those that failed."""
+    process logs to ``OUT/<variant>.log`` (its command first, unbuffered, so a process
+    killed at a time limit leaves its last lines). Returns ``{variant: why}`` for those
+    that failed. Stopped (Ctrl-C, SIGTERM, an error here), it stops the processes too."""
+    import os
+    import shlex
+    import signal
     import subprocess
     import time
 
+    def stop(signum, frame):  # SIGTERM's default would leave the processes training
+        raise SystemExit(128 + signum)
+
     out.mkdir(parents=True, exist_ok=True)
     waiting, running, failed = list(todo), {}, {}
-    while waiting or running:
-        while waiting and len(running) < jobs:
-            label, args = waiting.pop(0)
-            log = out / f"{slug(label)}.log"
-            cmd = [sys.executable, "-m", "memlayers", "compare", label, *yamls, *overrides,
-                   "--out", str(out), "--no-table"] + (["--reuse"] if reuse else [])  # fmt: skip
-            with open(log, "w") as f:
-                running[label] = (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT), log)
-            print(f"== {label}: training into {args.run_dir} in its own process (log {log})")
-        time.sleep(0.2)
-        for label, (proc, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[label]
-            if proc.returncode == 0:
-                print(f"== {label}: done")
-            else:
-                failed[label] = f"exit {proc.returncode}, log {log}"
-                print(f"== {label}: FAILED ({failed[label]})")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                label, args = waiting.pop(0)
+                log = out / f"{slug(label)}.log"
+                again = ["--reuse"] if reuse else []
+                cmd = [sys.executable, "-m", "memlayers", "compare", label, *yamls, *overrides,
+                       "--out", str(out), "--no-table", *again]  # fmt: skip
+                with open(log, "w") as f:
+                    f.write(shlex.join(cmd) + "\n")
+                    f.flush()
+                    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+                running[label] = (proc, log)
+                print(f"== {label}: training into {args.run_dir} in its own process (log {log})")
+            time.sleep(0.2)
+            for label, (proc, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[label]
+                rc = proc.returncode
+                if rc == 0:
+                    print(f"== {label}: done")
+                    continue
+                how = f"killed by signal {-rc}" if rc < 0 else f"exit {rc}"
+                failed[label] = f"{how}, log {log}"
+                tail = log.read_text(errors="replace").replace("\r", "\n").splitlines()[-5:]
+                print(f"== {label}: FAILED ({failed[label]}); its log ends:")
+                print("\n".join(f"   {line}" for line in tail))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for proc, _ in running.values():
+            proc.terminate()
+        for proc, _ in running.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     return failed
 
 
@@ -334,6 +361,10 @@ def compare(
     twice = sorted({v for v in variants if variants.count(v) > 1})
     if twice:
         raise ValueError(f"variant {twice[0]!r} is named twice (one run directory each)")
+    folders = [slug(v) for v in variants]
+    clash = sorted({v for v, f in zip(variants, folders, strict=True) if folders.count(f) > 1})
+    if clash:
+        raise ValueError(f"variants {clash} would train into one folder ({slug(clash[0])})")
     out = Path(out)
     all_args = [variant_args(v, list(yamls), list(overrides), out) for v in variants]
     failed: dict[str, str] = {}
@@ -341,6 +372,9 @@ def compare(
         todo = [(v, a) for v, a in zip(variants, all_args, strict=True)
                 if not (reuse and _finished(a, max_qa) is not None)]  # fmt: skip
         failed = run_jobs(todo, list(yamls), list(overrides), out, reuse, jobs)
+        for label, args in todo:  # a process that exits 0 has left its results
+            if label not in failed and _finished(args, max_qa) is None:
+                failed[label] = f"exit 0 but no evaluation of step {args.steps} in {args.run_dir}"
         reuse = True  # what the processes trained is there now
     rows, full = [], {}
     for label, args in zip(variants, all_args, strict=True):
@@ -357,10 +391,10 @@ def compare(
         print(format_results(results))
         rows.append(summary_row(label, results))
         full[label] = results
+    if failed and not (table and rows):
+        raise CompareError(_failures(failed))
     if not table:
         return rows
-    if not rows:
-        raise CompareError(_failures(failed))
     out.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
     doc = {"command": command, "machine": machine(), "date": date, "rows": rows, "eval": full}

@@ -158,7 +158,9 @@ def test_jobs_train_variants_in_processes_of_their_own_and_name_the_one_that_fai
     assert "1 variant(s) failed: tiny-dense:model.max_seq_len=16 (exit 1" in captured.err
     assert "in its own process" in captured.out
     out = tmp_path / "runs/jobs"
-    assert "max_seq_len=16" in (out / "tiny-dense_model.max_seq_len=16.log").read_text()
+    log = (out / "tiny-dense_model.max_seq_len=16.log").read_text()
+    assert log.startswith(sys.executable) and "error: sequence of 32 positions" in log
+    assert "its log ends:" in captured.out and "error: sequence" in captured.out
     assert "training into" in (out / "tiny-dense.log").read_text()
     doc = json.loads((out / "results.json").read_text())
     assert [r["variant"] for r in doc["rows"]] == ["tiny-dense"]  # the one that finished
@@ -179,8 +181,12 @@ def test_jobs_train_variants_in_processes_of_their_own_and_name_the_one_that_fai
         ("compare:\n  variants: [tiny-dense]\n  max_qa: 0\n", "max_qa must be a positive"),
         ("compare:\n  variants: ['tiny-dense:steps=3']\n", "same for every variant"),
         ("compare:\n  variants: [tiny-dense, tiny-dense]\n", "named twice"),
+        (
+            "compare:\n  variants: ['tiny-dense:optim.lr=1e-3', 'tiny-dense;optim.lr=1e-3']\n",
+            "would train into one folder (tiny-dense_optim.lr=1e-3)",
+        ),
     ],
-    ids=["not-a-list", "unknown-key", "max-qa", "shared-key", "twice"],
+    ids=["not-a-list", "unknown-key", "max-qa", "shared-key", "twice", "one-folder"],
 )
 def test_a_bad_study_file_is_refused_naming_the_key(tmp_path, capsys, section, match):
     study = tmp_path / "study.yaml"
