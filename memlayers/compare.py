@@ -6,7 +6,7 @@
     memlayers compare tiny-dense tiny-memory+ configs/x.yaml data.bios.n_people=500
     memlayers compare tiny-dense tiny-memory+ --reuse             # keep finished runs
     memlayers compare configs/study_134m.yaml --reuse             # a study file (below)
-    memlayers compare configs/study_134m.yaml --reuse --jobs 3    # 3 variants at once
+    memlayers compare configs/study_134m.yaml --reuse --jobs 2    # 2 variants at once
 
 Positional items: ``PRESET[:key=value[:key=value…]]`` is a variant (a model preset and
 overrides for it alone: model or optimizer keys, never data, steps, batch or seed, so
