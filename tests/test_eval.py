@@ -3,6 +3,7 @@ results file, bring-your-own QA, knowledge bits, memory usage and the error mess
 
 import json
 import math
+import types
 
 import numpy as np
 import pytest
@@ -167,3 +168,17 @@ def test_clear_errors(run_dir, tmp_path, capsys):
     bad.write_text("not json\n")
     assert cli_main(["eval", str(run_dir), "--qa", str(bad)]) == 1
     assert "bad.jsonl:1: invalid JSON" in capsys.readouterr().err
+
+
+def test_the_knowledge_probes_go_in_larger_batches_on_a_gpu_only():
+    from memlayers.eval import PROBE_BATCH_GPU, probe_batch_size
+
+    cpu = torch.nn.Linear(2, 2)
+    assert probe_batch_size(cpu, 64) == 64
+
+    class OnGpu(torch.nn.Module):  # a module whose parameters say cuda (no GPU needed)
+        def parameters(self, recurse=True):
+            yield types.SimpleNamespace(device=torch.device("cuda", 0))
+
+    assert probe_batch_size(OnGpu(), 64) == 64 * PROBE_BATCH_GPU
+    assert probe_batch_size(torch.nn.Module(), 64) == 64  # no parameters: as given

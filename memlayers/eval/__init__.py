@@ -55,6 +55,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from memlayers.data.loader import load_dataset
 from memlayers.data.qa import read_qa_jsonl
 from memlayers.eval.knowledge import (
@@ -126,6 +128,19 @@ def partial_name(
         parts.append(f"val-tokens-{max_val_tokens or 'all'}")
     parts += [f"new-tokens-{max_new_tokens}"] if max_new_tokens != MAX_NEW_TOKENS else []
     return re.sub(r"[^\w.+-]+", "-", "_".join(parts)) if parts else None
+
+
+# The knowledge probes are one short sequence per person and attribute (250,000 for the
+# 50,000 people of configs/study_134m.yaml), so at the QA batch each forward is tiny and a
+# GPU waits on launches: there they go PROBE_BATCH_GPU times as many a forward.
+PROBE_BATCH_GPU = 8
+
+
+def probe_batch_size(model: torch.nn.Module, batch_size: int) -> int:
+    """The knowledge probes' batch: ``batch_size``, times :data:`PROBE_BATCH_GPU` on a GPU."""
+    param = next(model.parameters(), None)
+    on_gpu = param is not None and param.device.type == "cuda"
+    return batch_size * (PROBE_BATCH_GPU if on_gpu else 1)
 
 
 def evaluate(
@@ -213,7 +228,11 @@ def evaluate(
         predictions[name] = preds
 
     if knowledge and bios is not None:
-        results["knowledge"] = knowledge_stored(model, tok, bios, rep, train_flops, batch_size)
+        t1 = time.perf_counter()
+        results["knowledge"] = knowledge_stored(
+            model, tok, bios, rep, train_flops, probe_batch_size(model, batch_size)
+        )
+        results["knowledge"]["seconds"] = time.perf_counter() - t1
     results["eval_seconds"] = time.perf_counter() - t0
     if write:
         out = run.run.eval_dir(run.checkpoint)
