@@ -77,6 +77,7 @@ from memlayers.eval.validation import (
     validation_loss,
 )
 from memlayers.files import write_atomic
+from memlayers.metrics import input_device
 from memlayers.quantize import table_format, value_tables
 from memlayers.report import parameter_report
 from memlayers.run import TrainedRun, load_run
@@ -138,8 +139,7 @@ PROBE_BATCH_GPU = 8
 
 def probe_batch_size(model: torch.nn.Module, batch_size: int) -> int:
     """The knowledge probes' batch: ``batch_size``, times :data:`PROBE_BATCH_GPU` on a GPU."""
-    param = next(model.parameters(), None)
-    on_gpu = param is not None and param.device.type == "cuda"
+    on_gpu = input_device(model, None).type == "cuda"
     return batch_size * (PROBE_BATCH_GPU if on_gpu else 1)
 
 
