@@ -225,25 +225,42 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     if not metrics:
         return None
     xs = [("active_params", "active parameters per token"), ("train_flops", "training FLOPs")]
-    fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.2 * len(metrics)), squeeze=False)
+    # Points carry a number and the legend below names them: a study's labels
+    # ("134m-dense:model.dim=1088:model.n_heads=16:optim.lr=5e-4") written beside the points
+    # squeezed the axes to slivers.
+    cmap = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
+    styles = [
+        {"color": cmap(n % cmap.N), "marker": "osD^v<>pP*X"[n % 11]} for n in range(len(rows))
+    ]
+    ncol = 1 if max(len(r["variant"]) for r in rows) > 45 else 2
+    legend_in = 0.19 * (-(-len(rows) // ncol)) + 0.15
+    height = 3.2 * len(metrics)
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(10, height + legend_in), squeeze=False)
     for i, (key, title) in enumerate(metrics):
         for j, (xkey, xlabel) in enumerate(xs):
             ax = axes[i][j]
-            for r in rows:
+            for n, r in enumerate(rows):
                 if key in r:
-                    ax.scatter(r[xkey], r[key], s=40)
-                    ax.annotate(r["variant"], (r[xkey], r[key]), fontsize=8,
-                                xytext=(4, 4), textcoords="offset points")  # fmt: skip
+                    ax.scatter(r[xkey], r[key], s=40, label=f"{n + 1}  {r['variant']}",
+                               **styles[n])  # fmt: skip
+                    ax.annotate(str(n + 1), (r[xkey], r[key]), fontsize=8,
+                                xytext=(4, 3), textcoords="offset points")  # fmt: skip
             lo, hi = min(r[xkey] for r in rows), max(r[xkey] for r in rows)
             if hi > 10 * lo:  # a log axis only where the variants span decades
                 ax.set_xscale("log")
             else:
                 ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+            ax.margins(x=0.12, y=0.08)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(title)
             ax.grid(alpha=0.3)
+    handles = [
+        plt.Line2D([], [], linestyle="", markersize=6, **styles[n]) for n in range(len(rows))
+    ]
+    names = [f"{n + 1}  {r['variant']}" for n, r in enumerate(rows)]
+    fig.legend(handles, names, loc="lower left", ncol=ncol, fontsize=8, frameon=False)
     fig.suptitle(f"same data, {rows[0]['tokens']:,} training tokens per variant")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_in / (height + legend_in), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -38,6 +38,18 @@ def test_the_headline_study_variants_resolve_at_the_compute_they_claim(tmp_path)
     assert ratios["134m-dense:model.n_layers=48"] == pytest.approx(4, rel=0.05)
     for v in ("134m-memory", "134m-memory+", "134m-moe", "134m-peer"):
         assert ratios[v] == pytest.approx(1, rel=0.05), v
+    # a learning-rate variant is its model at another rate: the same FLOPs, only the rate
+    lr_variants = [v for v in variants if ":optim.lr=" in v]
+    assert len(lr_variants) >= 3
+    for v in lr_variants:
+        base_spec, lr = v.split(":optim.lr=")
+        assert ratios[v] == ratios[base_spec], v
+        args = variant_args(v, [str(study)], [], tmp_path)
+        assert (
+            args.optim.lr
+            == float(lr)
+            != variant_args(base_spec, [str(study)], [], tmp_path).optim.lr
+        ), v
     # the variant without the usage levers really turns both off
     levers_off = "134m-memory+:model.memory.query_batch_norm=false:model.memory.balance_loss=0"
     assert levers_off in variants
