@@ -404,6 +404,13 @@ def _add_compare(sub) -> None:
         help="train this many variants at once, each in its own process logging to "
         "OUT/<variant>.log (on one GPU they share it; default 1: one after another, here)",
     )
+    p.add_argument(
+        "--rates",
+        default=None,
+        metavar="LR,LR,…",
+        help="run each variant at each of these learning rates (optim.lr) and add a table "
+        "of each model at its best (overrides a study's compare.rates)",
+    )
     p.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)  # run_jobs'
 
 
@@ -427,18 +434,23 @@ def _compare(ns: argparse.Namespace) -> int:
         + (["--out", ns.out] if ns.out is not None else [])
         + (["--reuse"] if ns.reuse else [])
         + ([f"--jobs={ns.jobs}"] if ns.jobs != 1 else [])
+        + ([f"--rates={ns.rates}"] if ns.rates is not None else [])
     )
     for v in variants:
         compare.parse_variant(v)
     out, max_qa, named = ns.out, None, bool(variants)
+    rates = None if ns.rates is None else compare.check_rates(ns.rates, "--rates")
     for y in yamls:  # a study file brings its variants, unless the command line names some
         study = compare.read_study(y)
         if study:
             variants += [] if named else study["variants"]
             out = out or study["out"]
             max_qa = study["max_qa"] or max_qa
+            rates = rates or study["rates"]
+    if ns.no_table:  # a run_jobs process: its one variant, already at its rate
+        rates = None
     compare.compare(variants, yamls, overrides, out or "runs/compare", ns.reuse, command, max_qa,
-                    jobs=ns.jobs, table=not ns.no_table)  # fmt: skip
+                    jobs=ns.jobs, table=not ns.no_table, rates=rates)  # fmt: skip
     return 0
 
 

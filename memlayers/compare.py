@@ -23,11 +23,21 @@ evaluated with :func:`memlayers.eval.evaluate`. Written into ``OUT`` (default
 
 A study file is a config YAML with a ``compare:`` section (:func:`read_study`): its
 ``variants`` (a list of the positional variants above), and optionally ``out`` (the output
-directory, unless ``--out`` is given) and ``max_qa`` (the evaluations answer the first N
-questions of each QA set). ``memlayers train`` ignores the section; the rest of the file is
-the variants' shared config. One command then runs a whole study, and ``--reuse`` lets it
-grow over several sessions (configs/study_134m.yaml); variants named on the command line
-run instead of the study's (a few at a time), into the same directory.
+directory, unless ``--out`` is given), ``max_qa`` (the evaluations answer the first N
+questions of each QA set) and ``rates`` (below). ``memlayers train`` ignores the section;
+the rest of the file is the variants' shared config. One command then runs a whole study,
+and ``--reuse`` lets it grow over several sessions (configs/study_134m.yaml); variants
+named on the command line run instead of the study's (a few at a time), into the same
+directory.
+
+Learning rates: how fast a model learns facts can hinge on its rate (at 134m on bios a
+dense model with twice the FLOPs answered 0.4%, 4.2% or 65.3% of the held-out questions at
+2e-3, 1e-3 or 5e-4; Memory+ 83% at either of two: benchmarks/results/
+study_134m_h200_20261204b.md), so a fair comparison gives every model its best.
+``--rates 5e-4,1e-3`` (or ``rates:`` in a study) runs each variant at each rate
+(``V:optim.lr=5e-4``; the variant itself where the rate is the one it has already, so its
+finished run is reused), and whenever a model ran at more than one rate the results add a
+table of each model at its best rate (by held-out exact match, else validation loss).
 """
 
 from __future__ import annotations
@@ -57,12 +67,15 @@ from memlayers.report import si
 
 # Variant overrides may not change what the variants are compared on.
 SHARED_KEYS = ("data.", "steps", "grad_accum", "seed", "run_dir", "device", "dtype")
-STUDY_KEYS = ("variants", "out", "max_qa")  # a study file's compare: section
+STUDY_KEYS = ("variants", "out", "max_qa", "rates")  # a study file's compare: section
+LR_KEY = "optim.lr"  # the override a rate variant adds
+BEST_TITLE = "Each model at its best learning rate (held-out exact match, else validation loss):"
 
 
 def read_study(path: str | Path) -> dict:
     """The ``compare:`` section of a config YAML, checked: ``{"variants": [...], "out":
-    str | None, "max_qa": int | None}``; ``{}`` for a file without one."""
+    str | None, "max_qa": int | None, "rates": [float, ...] | None}``; ``{}`` for a file
+    without one."""
     section = _read_yaml(path).get(STUDY_SECTION)
     if section is None:
         return {}
@@ -83,7 +96,80 @@ def read_study(path: str | Path) -> dict:
     if max_qa is not None and (isinstance(max_qa, bool) or not isinstance(max_qa, int)
                                or max_qa < 1):  # fmt: skip
         raise ValueError(f"{path}: compare.max_qa must be a positive int, got {max_qa!r}")
-    return {"variants": variants, "out": out, "max_qa": max_qa}
+    rates = study.get("rates")
+    if rates is not None:
+        rates = check_rates(rates, f"{path}: compare.rates")
+    return {"variants": variants, "out": out, "max_qa": max_qa, "rates": rates}
+
+
+def check_rates(rates, what: str = "rates") -> list[float]:
+    """A non-empty list of distinct positive learning rates (numbers or numeric strings)."""
+    if isinstance(rates, str):
+        rates = [r for r in rates.split(",") if r.strip()]
+    if not isinstance(rates, (list, tuple)) or not rates:
+        raise ValueError(f"{what} must be a list of learning rates, got {rates!r}")
+    out = []
+    for r in rates:
+        try:
+            x = float(r)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}: {r!r} is not a learning rate") from None
+        if isinstance(r, bool) or not x > 0 or x != x or x == float("inf"):
+            raise ValueError(f"{what}: {r!r} is not a positive learning rate")
+        if x in out:
+            raise ValueError(f"{what}: {r!r} is named twice")
+        out.append(x)
+    return out
+
+
+def rate_str(x: float) -> str:
+    """``5e-4``, ``1e-3``, ``2.5e-4``: a rate as a variant label writes it."""
+    mantissa, exp = f"{x:.6e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exp)}"
+
+
+def model_key(spec: str) -> str:
+    """A variant without its learning rate: the model it trains (``"134m-dense:model.dim=
+    1088:optim.lr=5e-4"`` -> ``"134m-dense:model.dim=1088"``)."""
+    preset, own = parse_variant(spec)
+    return ":".join([preset, *(o for o in own if o.split("=", 1)[0] != LR_KEY)])
+
+
+def with_rates(
+    variants: list[str], rates: list[float], yamls: list[str], overrides: list[str]
+) -> list[str]:
+    """Each variant at each rate (see the module docstring), in order, without repeats: a
+    variant that sets its own rate stays as it is; at the rate a variant already has, the
+    variant itself (its run folder and finished runs stay the same)."""
+    out: list[str] = []
+    for v in variants:
+        preset, own = parse_variant(v)
+        if any(o.split("=", 1)[0] == LR_KEY for o in own):
+            out.append(v)
+            continue
+        have = load_config(yamls, [*overrides, f"model.preset={preset}", *own]).optim.lr
+        out += [v if r == have else f"{v}:{LR_KEY}={rate_str(r)}" for r in rates]
+    return list(dict.fromkeys(out))
+
+
+def best_rates(rows: list[dict]) -> list[dict]:
+    """One row per model that ran at more than one rate: the best (highest held-out exact
+    match, else lowest validation loss), with ``rates`` (every rate it ran at) added."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(model_key(r["variant"]), []).append(r)
+    best = []
+    for model, rs in groups.items():
+        if len({r.get("lr") for r in rs}) < 2:
+            continue
+        if all("exact_match" in r for r in rs):
+            top = max(rs, key=lambda r: (r["exact_match"], -r["val_loss"]))
+        else:
+            top = min(rs, key=lambda r: r["val_loss"])
+        rates = ", ".join(rate_str(x) for x in sorted(r["lr"] for r in rs))
+        best.append({**top, "variant": model, "rates": rates})
+    return best
 
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:
@@ -177,8 +263,12 @@ def summary_row(label: str, r: dict) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     """A Markdown table of the summary rows ("–" where a metric does not apply)."""
-    cols = [
-        ("variant", lambda r: r["variant"]),
+    cols = [("variant", lambda r: r["variant"])]
+    if len({r.get("lr") for r in rows}) > 1 or any("rates" in r for r in rows):
+        cols.append(("lr", lambda r: rate_str(r["lr"])))
+    if any("rates" in r for r in rows):
+        cols.append(("of rates", lambda r: r["rates"]))
+    cols += [
         ("params", lambda r: si(r["total_params"], "M")),
         ("active/token", lambda r: si(r["active_params"], "M")),
         ("train FLOPs", lambda r: f"{r['train_flops']:.3g}"),
@@ -361,9 +451,11 @@ def compare(
     max_qa: int | None = None,
     jobs: int = 1,
     table: bool = True,
+    rates: list[float] | None = None,
 ) -> list[dict]:
     """Train and evaluate every variant; write ``results.md/json`` and ``compare.png``.
-    ``max_qa``: the evaluations answer the first N questions of each QA set. ``jobs`` >
+    ``max_qa``: the evaluations answer the first N questions of each QA set. ``rates``:
+    each variant at each learning rate (:func:`with_rates`). ``jobs`` >
     1: the variants still to train run in processes of their own, that many at once
     (:func:`run_jobs`); the table then has those that finished, and a
     :class:`CompareError` names the rest. ``table=False``: no results files (one such
@@ -375,6 +467,8 @@ def compare(
         raise ValueError("name at least one variant (a model preset), e.g. tiny-dense")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive int, got {jobs!r}")
+    if rates is not None:
+        variants = with_rates(list(variants), check_rates(rates), list(yamls), list(overrides))
     twice = sorted({v for v in variants if variants.count(v) > 1})
     if twice:
         raise ValueError(f"variant {twice[0]!r} is named twice (one run directory each)")
@@ -406,7 +500,7 @@ def compare(
             results = evaluate(args.run_dir, device=args.device, max_qa=max_qa,
                                progress=args.logging.progress)  # fmt: skip
         print(format_results(results))
-        rows.append(summary_row(label, results))
+        rows.append({**summary_row(label, results), "lr": args.optim.lr})
         full[label] = results
     if failed and not (table and rows):
         raise CompareError(_failures(failed))
@@ -414,7 +508,10 @@ def compare(
         return rows
     out.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
+    best = best_rates(rows)
     doc = {"command": command, "machine": machine(), "date": date, "rows": rows, "eval": full}
+    if best:
+        doc["best_rates"] = best
     write_atomic(out / "results.json", json.dumps(doc, indent=2) + "\n")
     md = [
         f"# compare: {', '.join(variants)}",
@@ -427,9 +524,13 @@ def compare(
         format_table(rows),
         "",
     ]
+    if best:
+        md += [BEST_TITLE, "", format_table(best), ""]
     write_atomic(out / "results.md", "\n".join(md))
     png = plot(rows, out / "compare.png")
     print(format_table(rows))
+    if best:
+        print(f"\n{BEST_TITLE}\n{format_table(best)}")
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {png}" if png else ""))
     if failed:
         raise CompareError(_failures(failed) + f" (the table has the other {len(rows)})")

@@ -173,12 +173,49 @@ def test_jobs_train_variants_in_processes_of_their_own_and_name_the_one_that_fai
     assert "jobs must be a positive int, got 0" in capsys.readouterr().err
 
 
+def test_rates_run_each_variant_at_each_rate_and_name_each_models_best(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    study = tmp_path / "study.yaml"
+    # tiny-dense trains at 3e-3 (its preset): that rate is the variant itself
+    _study_file(study, (
+        "compare:\n  variants: [tiny-dense]\n  out: runs/rates\n  max_qa: 3\n"
+        "  rates: [3.0e-3, 1.0e-2]\n"
+    ))  # fmt: skip
+    assert cli_main(["compare", str(study), "--jobs", "2"]) == 0
+    out = tmp_path / "runs/rates"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
+        "tiny-dense", "tiny-dense_optim.lr=1e-2"
+    ]  # fmt: skip
+    # each process trains its one variant (a study's rates do not multiply it again)
+    for log in ("tiny-dense.log", "tiny-dense_optim.lr=1e-2.log"):
+        assert (out / log).read_text().count("training into") == 1, log
+    doc = json.loads((out / "results.json").read_text())
+    assert [(r["variant"], r["lr"]) for r in doc["rows"]] == [
+        ("tiny-dense", 3e-3), ("tiny-dense:optim.lr=1e-2", 1e-2)
+    ]  # fmt: skip
+    by_em = max(doc["rows"], key=lambda r: (r["exact_match"], -r["val_loss"]))
+    (best,) = doc["best_rates"]
+    assert (best["variant"], best["lr"], best["rates"]) == ("tiny-dense", by_em["lr"], "3e-3, 1e-2")
+    md = (out / "results.md").read_text()
+    assert "Each model at its best learning rate" in md and "| tiny-dense | " in md
+    # --rates on the command line instead of the study's; both runs are reused
+    capsys.readouterr()
+    assert cli_main(["compare", str(study), "--rates", "1e-2", "--reuse"]) == 0
+    captured = capsys.readouterr().out
+    assert "tiny-dense:optim.lr=1e-2: reusing" in captured and "tiny-dense: reusing" not in captured
+    assert cli_main(["compare", str(study), "--rates", "fast"]) == 1
+    assert "--rates: 'fast' is not a learning rate" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "section,match",
     [
         ("compare:\n  variants: tiny-dense\n", "compare.variants must be a list"),
         ("compare:\n  variants: [tiny-dense]\n  outdir: x\n", "has no key 'outdir'"),
         ("compare:\n  variants: [tiny-dense]\n  max_qa: 0\n", "max_qa must be a positive"),
+        ("compare:\n  variants: [tiny-dense]\n  rates: [0]\n", "rates: 0 is not a positive"),
         ("compare:\n  variants: ['tiny-dense:steps=3']\n", "same for every variant"),
         ("compare:\n  variants: [tiny-dense, tiny-dense]\n", "named twice"),
         (
@@ -186,7 +223,7 @@ def test_jobs_train_variants_in_processes_of_their_own_and_name_the_one_that_fai
             "would train into one folder (tiny-dense_optim.lr=1e-3)",
         ),
     ],
-    ids=["not-a-list", "unknown-key", "max-qa", "shared-key", "twice", "one-folder"],
+    ids=["not-a-list", "unknown-key", "max-qa", "rates", "shared-key", "twice", "one-folder"],
 )
 def test_a_bad_study_file_is_refused_naming_the_key(tmp_path, capsys, section, match):
     study = tmp_path / "study.yaml"

@@ -1,0 +1,110 @@
+"""``memlayers compare --rates``: each variant at each learning rate, and the table of
+each model at its best (no training here: tests/test_e2e.py runs it)."""
+
+import pytest
+
+from memlayers.compare import (
+    best_rates,
+    check_rates,
+    format_table,
+    model_key,
+    rate_str,
+    with_rates,
+)
+from memlayers.config import load_config
+
+
+@pytest.mark.parametrize(
+    "x,s", [(5e-4, "5e-4"), (1e-3, "1e-3"), (2.5e-4, "2.5e-4"), (0.01, "1e-2"), (3.0, "3e0")]
+)
+def test_a_rate_is_written_as_a_label_writes_it(x, s):
+    assert rate_str(x) == s
+    assert float(s) == x
+
+
+def test_rates_are_read_from_a_list_or_a_comma_string():
+    assert check_rates("5e-4,1e-3") == [5e-4, 1e-3]
+    assert check_rates([5e-4, "1e-3"]) == [5e-4, 1e-3]
+
+
+@pytest.mark.parametrize(
+    "rates,match",
+    [
+        ([], "must be a list of learning rates"),
+        ("", "must be a list of learning rates"),
+        ("fast", "'fast' is not a learning rate"),
+        ([0], "0 is not a positive learning rate"),
+        ([-1e-3], "-0.001 is not a positive learning rate"),
+        ([True], "True is not a positive learning rate"),
+        (["nan"], "'nan' is not a positive learning rate"),
+        ([1e-3, "0.001"], "'0.001' is named twice"),
+        (3e-4, "must be a list of learning rates"),
+    ],
+)
+def test_bad_rates_are_refused_naming_the_value(rates, match):
+    with pytest.raises(ValueError, match=match):
+        check_rates(rates, "--rates")
+
+
+def test_a_model_is_its_variant_without_the_rate():
+    assert model_key("134m-dense:model.dim=1088:optim.lr=5e-4") == "134m-dense:model.dim=1088"
+    assert model_key("134m-dense:optim.lr=5e-4") == "134m-dense"
+    # the value tables' rate is part of the model's setting, not the rate swept
+    assert model_key("tiny-memory+:optim.value_lr=1e-2") == "tiny-memory+:optim.value_lr=1e-2"
+
+
+def test_each_variant_runs_at_each_rate_and_at_its_own_rate_stays_itself():
+    own = load_config([], ["model.preset=tiny-dense"]).optim.lr
+    got = with_rates(
+        ["tiny-dense", "tiny-dense:optim.lr=1e-2", "tiny-memory+:model.dim=32"],
+        [own, 5e-4, 1e-2],
+        [],
+        [],
+    )
+    assert got == [
+        "tiny-dense",  # at its own rate: the same label, so its finished run is reused
+        "tiny-dense:optim.lr=5e-4",
+        "tiny-dense:optim.lr=1e-2",  # once, though also named
+        "tiny-memory+:model.dim=32",
+        "tiny-memory+:model.dim=32:optim.lr=5e-4",
+        "tiny-memory+:model.dim=32:optim.lr=1e-2",
+    ]
+    # a shared override sets the rate every variant has
+    got = with_rates(["tiny-dense"], [1e-3, 5e-4], [], ["optim.lr=1e-3"])
+    assert got == ["tiny-dense", "tiny-dense:optim.lr=5e-4"]
+
+
+def _row(variant, lr, em=None, val=1.0):
+    r = {"variant": variant, "lr": lr, "val_loss": val, "total_params": 1e6,
+         "active_params": 1e6, "train_flops": 1e12}  # fmt: skip
+    if em is not None:
+        r["exact_match"] = em
+    return r
+
+
+def test_the_best_rate_of_each_model_that_ran_at_several():
+    rows = [
+        _row("d", 1e-3, 0.49, 0.72),
+        _row("d:optim.lr=5e-4", 5e-4, 0.17, 0.94),
+        _row("w:optim.lr=5e-4", 5e-4, 0.65, 0.64),
+        _row("w", 1e-3, 0.04, 1.08),
+        _row("w:optim.lr=2e-3", 2e-3, 0.004, 1.62),
+        _row("m", 1e-3, 0.31),  # one rate: no best-of row
+        _row("t", 1e-3, 0.50, 0.60),  # equal exact match: the lower loss
+        _row("t:optim.lr=5e-4", 5e-4, 0.50, 0.55),
+    ]
+    best = {r["variant"]: r for r in best_rates(rows)}
+    assert set(best) == {"d", "w", "t"}
+    assert (best["d"]["lr"], best["d"]["rates"]) == (1e-3, "5e-4, 1e-3")
+    assert (best["w"]["lr"], best["w"]["rates"]) == (5e-4, "5e-4, 1e-3, 2e-3")
+    assert best["t"]["lr"] == 5e-4
+    table = format_table(list(best.values()))
+    assert "| lr | of rates |" in table and "| w | 5e-4 | 5e-4, 1e-3, 2e-3 |" in table
+    # without questions (no bios QA): the lowest validation loss
+    nq = [_row("x", 1e-3, val=2.0), _row("x:optim.lr=5e-4", 5e-4, val=1.5)]
+    assert best_rates(nq)[0]["lr"] == 5e-4
+
+
+def test_the_lr_column_only_when_the_rows_differ_in_rate():
+    assert "| lr |" not in format_table([_row("a", 1e-3), _row("b", 1e-3)])
+    assert "| a | 1e-3 |" in format_table([_row("a", 1e-3), _row("b", 5e-4)])
