@@ -69,7 +69,10 @@ from memlayers.report import si
 SHARED_KEYS = ("data.", "steps", "grad_accum", "seed", "run_dir", "device", "dtype")
 STUDY_KEYS = ("variants", "out", "max_qa", "rates")  # a study file's compare: section
 LR_KEY = "optim.lr"  # the override a rate variant adds
-BEST_TITLE = "Each model at its best learning rate (held-out exact match, else validation loss):"
+BEST_TITLE = (
+    "Each model at its best learning rate (by held-out exact match, else validation loss; "
+    "chosen on the numbers reported, so one seed's best flatters the model a little):"
+)
 
 
 def read_study(path: str | Path) -> dict:
@@ -103,7 +106,8 @@ def read_study(path: str | Path) -> dict:
 
 
 def check_rates(rates, what: str = "rates") -> list[float]:
-    """A non-empty list of distinct positive learning rates (numbers or numeric strings)."""
+    """A non-empty list of distinct positive learning rates (numbers or numeric strings),
+    each one a variant label can write exactly (:func:`rate_str`)."""
     if isinstance(rates, str):
         rates = [r for r in rates.split(",") if r.strip()]
     if not isinstance(rates, (list, tuple)) or not rates:
@@ -116,6 +120,8 @@ def check_rates(rates, what: str = "rates") -> list[float]:
             raise ValueError(f"{what}: {r!r} is not a learning rate") from None
         if isinstance(r, bool) or not x > 0 or x != x or x == float("inf"):
             raise ValueError(f"{what}: {r!r} is not a positive learning rate")
+        if float(rate_str(x)) != x:  # a label keeps 7 significant digits
+            raise ValueError(f"{what}: {r!r} has more digits than a label keeps ({rate_str(x)})")
         if x in out:
             raise ValueError(f"{what}: {r!r} is named twice")
         out.append(x)
@@ -136,39 +142,64 @@ def model_key(spec: str) -> str:
     return ":".join([preset, *(o for o in own if o.split("=", 1)[0] != LR_KEY)])
 
 
+def _same_model(spec: str) -> tuple[str, tuple[str, ...]]:
+    """What makes two variants the same model, whatever the order of their overrides."""
+    preset, own = parse_variant(spec)
+    return preset, tuple(sorted(o for o in own if o.split("=", 1)[0] != LR_KEY))
+
+
+def _own_rate(spec: str) -> float | None:
+    """The rate a variant's label sets, if it sets one."""
+    for o in parse_variant(spec)[1]:
+        key, value = o.split("=", 1)
+        if key == LR_KEY:
+            return float(value)
+    return None
+
+
 def with_rates(
     variants: list[str], rates: list[float], yamls: list[str], overrides: list[str]
 ) -> list[str]:
-    """Each variant at each rate (see the module docstring), in order, without repeats: a
-    variant that sets its own rate stays as it is; at the rate a variant already has, the
-    variant itself (its run folder and finished runs stay the same)."""
-    out: list[str] = []
+    """Each variant at each rate (see the module docstring), in order, once each (one
+    model at one rate, however its label is written): a variant that sets its own rate
+    stays as it is (a note says so); at the rate a variant already has, the variant itself
+    (its run folder and finished runs stay the same)."""
+    named = {(_same_model(v), r): v for v in variants if (r := _own_rate(v)) is not None}
+    out: dict[tuple, str] = {}
     for v in variants:
-        preset, own = parse_variant(v)
-        if any(o.split("=", 1)[0] == LR_KEY for o in own):
-            out.append(v)
+        own = _own_rate(v)
+        if own is not None:
+            print(f"note: {v} sets {LR_KEY} itself: it runs at that rate only", file=sys.stderr)
+            out.setdefault((_same_model(v), own), v)
             continue
-        have = load_config(yamls, [*overrides, f"model.preset={preset}", *own]).optim.lr
-        out += [v if r == have else f"{v}:{LR_KEY}={rate_str(r)}" for r in rates]
-    return list(dict.fromkeys(out))
+        preset, over = parse_variant(v)
+        have = load_config(yamls, [*overrides, f"model.preset={preset}", *over]).optim.lr
+        for r in rates:
+            key = (_same_model(v), r)  # a variant named at this rate keeps its label
+            out.setdefault(key, named.get(key, v if r == have else f"{v}:{LR_KEY}={rate_str(r)}"))
+    return list(out.values())
 
 
 def best_rates(rows: list[dict]) -> list[dict]:
-    """One row per model that ran at more than one rate: the best (highest held-out exact
-    match, else lowest validation loss), with ``rates`` (every rate it ran at) added."""
-    groups: dict[str, list[dict]] = {}
+    """One row per model that ran at more than one rate: the best, with ``rates`` (every
+    rate it ran at) and ``chosen_by`` added: the highest held-out exact match (ties: the
+    lower validation loss), or the lowest validation loss where a row has no QA."""
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault(model_key(r["variant"]), []).append(r)
+        groups.setdefault(_same_model(r["variant"]), []).append(r)
     best = []
-    for model, rs in groups.items():
+    for rs in groups.values():
         if len({r.get("lr") for r in rs}) < 2:
             continue
         if all("exact_match" in r for r in rs):
             top = max(rs, key=lambda r: (r["exact_match"], -r["val_loss"]))
+            by = "exact match"
         else:
             top = min(rs, key=lambda r: r["val_loss"])
+            by = "validation loss"
         rates = ", ".join(rate_str(x) for x in sorted(r["lr"] for r in rs))
-        best.append({**top, "variant": model, "rates": rates})
+        best.append({**top, "variant": model_key(rs[0]["variant"]), "rates": rates,
+                     "chosen_by": by})  # fmt: skip
     return best
 
 
@@ -268,6 +299,8 @@ def format_table(rows: list[dict]) -> str:
         cols.append(("lr", lambda r: rate_str(r["lr"])))
     if any("rates" in r for r in rows):
         cols.append(("of rates", lambda r: r["rates"]))
+    if any(r.get("chosen_by", "exact match") != "exact match" for r in rows):
+        cols.append(("best by", lambda r: r["chosen_by"]))
     cols += [
         ("params", lambda r: si(r["total_params"], "M")),
         ("active/token", lambda r: si(r["active_params"], "M")),
@@ -331,8 +364,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
             ax = axes[i][j]
             for n, r in enumerate(rows):
                 if key in r:
-                    ax.scatter(r[xkey], r[key], s=40, label=f"{n + 1}  {r['variant']}",
-                               **styles[n])  # fmt: skip
+                    ax.scatter(r[xkey], r[key], s=40, **styles[n])
                     ax.annotate(str(n + 1), (r[xkey], r[key]), fontsize=8,
                                 xytext=(4, 3), textcoords="offset points")  # fmt: skip
             lo, hi = min(r[xkey] for r in rows), max(r[xkey] for r in rows)
@@ -467,11 +499,11 @@ def compare(
         raise ValueError("name at least one variant (a model preset), e.g. tiny-dense")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive int, got {jobs!r}")
-    if rates is not None:
-        variants = with_rates(list(variants), check_rates(rates), list(yamls), list(overrides))
     twice = sorted({v for v in variants if variants.count(v) > 1})
     if twice:
         raise ValueError(f"variant {twice[0]!r} is named twice (one run directory each)")
+    if rates is not None:
+        variants = with_rates(list(variants), check_rates(rates), list(yamls), list(overrides))
     folders = [slug(v) for v in variants]
     clash = sorted({v for v, f in zip(variants, folders, strict=True) if folders.count(f) > 1})
     if clash:

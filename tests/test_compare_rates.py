@@ -38,6 +38,7 @@ def test_rates_are_read_from_a_list_or_a_comma_string():
         ([True], "True is not a positive learning rate"),
         (["nan"], "'nan' is not a positive learning rate"),
         ([1e-3, "0.001"], "'0.001' is named twice"),
+        (["1.23456789e-4"], r"more digits than a label keeps \(1.234568e-4\)"),
         (3e-4, "must be a list of learning rates"),
     ],
 )
@@ -53,7 +54,7 @@ def test_a_model_is_its_variant_without_the_rate():
     assert model_key("tiny-memory+:optim.value_lr=1e-2") == "tiny-memory+:optim.value_lr=1e-2"
 
 
-def test_each_variant_runs_at_each_rate_and_at_its_own_rate_stays_itself():
+def test_each_variant_runs_at_each_rate_and_at_its_own_rate_stays_itself(tmp_path):
     own = load_config([], ["model.preset=tiny-dense"]).optim.lr
     got = with_rates(
         ["tiny-dense", "tiny-dense:optim.lr=1e-2", "tiny-memory+:model.dim=32"],
@@ -69,9 +70,36 @@ def test_each_variant_runs_at_each_rate_and_at_its_own_rate_stays_itself():
         "tiny-memory+:model.dim=32:optim.lr=5e-4",
         "tiny-memory+:model.dim=32:optim.lr=1e-2",
     ]
-    # a shared override sets the rate every variant has
+    # a shared override or YAML file sets the rate every variant has
     got = with_rates(["tiny-dense"], [1e-3, 5e-4], [], ["optim.lr=1e-3"])
     assert got == ["tiny-dense", "tiny-dense:optim.lr=5e-4"]
+    yaml = tmp_path / "shared.yaml"
+    yaml.write_text("optim:\n  lr: 5.0e-4\n")
+    assert with_rates(["tiny-dense"], [1e-3, 5e-4], [str(yaml)], []) == [
+        "tiny-dense:optim.lr=1e-3", "tiny-dense"
+    ]  # fmt: skip
+
+
+def test_one_model_at_one_rate_runs_once_however_its_label_is_written(capsys):
+    # a named variant at a rate keeps its label (and its folder), written as it was
+    got = with_rates(["tiny-dense", "tiny-dense:optim.lr=0.01"], [1e-2, 5e-4], [], [])
+    assert got == ["tiny-dense:optim.lr=0.01", "tiny-dense:optim.lr=5e-4"]
+    assert "tiny-dense:optim.lr=0.01 sets optim.lr itself" in capsys.readouterr().err
+    # the same overrides in another order are the same model
+    got = with_rates(
+        ["tiny-dense:model.dim=32:model.n_heads=2", "tiny-dense:model.n_heads=2:model.dim=32"],
+        [5e-4],
+        [],
+        [],
+    )
+    assert got == ["tiny-dense:model.dim=32:model.n_heads=2:optim.lr=5e-4"]
+
+
+def test_a_variant_named_twice_is_refused_before_the_rates_merge_it(tmp_path):
+    from memlayers.compare import compare
+
+    with pytest.raises(ValueError, match="'tiny-dense' is named twice"):
+        compare(["tiny-dense", "tiny-dense"], out=tmp_path, rates=[1e-2])
 
 
 def _row(variant, lr, em=None, val=1.0):
@@ -100,9 +128,17 @@ def test_the_best_rate_of_each_model_that_ran_at_several():
     assert best["t"]["lr"] == 5e-4
     table = format_table(list(best.values()))
     assert "| lr | of rates |" in table and "| w | 5e-4 | 5e-4, 1e-3, 2e-3 |" in table
-    # without questions (no bios QA): the lowest validation loss
-    nq = [_row("x", 1e-3, val=2.0), _row("x:optim.lr=5e-4", 5e-4, val=1.5)]
-    assert best_rates(nq)[0]["lr"] == 5e-4
+    assert {r["chosen_by"] for r in best.values()} == {"exact match"}
+    assert "best by" not in table
+    # without questions (no bios QA) in a row of the model: the lowest validation loss
+    nq = [_row("x", 1e-3, 0.9, val=2.0), _row("x:optim.lr=5e-4", 5e-4, val=1.5)]
+    (b,) = best_rates(nq)
+    assert (b["lr"], b["chosen_by"]) == (5e-4, "validation loss")
+    assert "| best by |" in format_table([b])
+    # one model, its overrides in another order
+    two = [_row("p:a=1:b=2", 1e-3, 0.2), _row("p:b=2:a=1:optim.lr=5e-4", 5e-4, 0.3)]
+    (b,) = best_rates(two)
+    assert (b["variant"], b["lr"], b["rates"]) == ("p:a=1:b=2", 5e-4, "5e-4, 1e-3")
 
 
 def test_the_lr_column_only_when_the_rows_differ_in_rate():

@@ -12,6 +12,7 @@ import pytest
 from test_eval import TINY_BIOS
 
 from memlayers.cli import main as cli_main
+from memlayers.compare import rate_str
 
 
 def memlayers(*args: str) -> subprocess.CompletedProcess:
@@ -178,7 +179,7 @@ def test_rates_run_each_variant_at_each_rate_and_name_each_models_best(
 ):
     monkeypatch.chdir(tmp_path)
     study = tmp_path / "study.yaml"
-    # tiny-dense trains at 3e-3 (its preset): that rate is the variant itself
+    # tiny-dense trains at 3e-3 (TrainArgs' default rate): that rate is the variant itself
     _study_file(study, (
         "compare:\n  variants: [tiny-dense]\n  out: runs/rates\n  max_qa: 3\n"
         "  rates: [3.0e-3, 1.0e-2]\n"
@@ -199,7 +200,8 @@ def test_rates_run_each_variant_at_each_rate_and_name_each_models_best(
     (best,) = doc["best_rates"]
     assert (best["variant"], best["lr"], best["rates"]) == ("tiny-dense", by_em["lr"], "3e-3, 1e-2")
     md = (out / "results.md").read_text()
-    assert "Each model at its best learning rate" in md and "| tiny-dense | " in md
+    assert "Each model at its best learning rate" in md
+    assert f"| tiny-dense | {rate_str(by_em['lr'])} | 3e-3, 1e-2 |" in md
     # --rates on the command line instead of the study's; both runs are reused
     capsys.readouterr()
     assert cli_main(["compare", str(study), "--rates", "1e-2", "--reuse"]) == 0
