@@ -411,6 +411,13 @@ def _add_compare(sub) -> None:
         help="run each variant at each of these learning rates (optim.lr) and add a table "
         "of each model at its best (overrides a study's compare.rates)",
     )
+    p.add_argument(
+        "--seeds",
+        default=None,
+        metavar="S,S,…",
+        help="run each variant at each of these seeds (initialization; the data stays) and "
+        "add a table of the means (overrides a study's compare.seeds)",
+    )
     p.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)  # run_jobs'
 
 
@@ -435,11 +442,13 @@ def _compare(ns: argparse.Namespace) -> int:
         + (["--reuse"] if ns.reuse else [])
         + ([f"--jobs={ns.jobs}"] if ns.jobs != 1 else [])
         + ([f"--rates={ns.rates}"] if ns.rates is not None else [])
+        + ([f"--seeds={ns.seeds}"] if ns.seeds is not None else [])
     )
     for v in variants:
         compare.parse_variant(v)
     out, max_qa, named = ns.out, None, bool(variants)
     rates = None if ns.rates is None else compare.check_rates(ns.rates, "--rates")
+    seeds = None if ns.seeds is None else compare.check_seeds(ns.seeds, "--seeds")
     for y in yamls:  # a study file brings its variants, unless the command line names some
         study = compare.read_study(y)
         if study:
@@ -447,10 +456,11 @@ def _compare(ns: argparse.Namespace) -> int:
             out = out or study["out"]
             max_qa = study["max_qa"] or max_qa
             rates = rates or study["rates"]
-    if ns.no_table:  # a run_jobs process: its one variant, already at its rate
-        rates = None
+            seeds = seeds or study["seeds"]
+    if ns.no_table:  # a run_jobs process: its one variant, already at its rate and seed
+        rates = seeds = None
     compare.compare(variants, yamls, overrides, out or "runs/compare", ns.reuse, command, max_qa,
-                    jobs=ns.jobs, table=not ns.no_table, rates=rates)  # fmt: skip
+                    jobs=ns.jobs, table=not ns.no_table, rates=rates, seeds=seeds)  # fmt: skip
     return 0
 
 

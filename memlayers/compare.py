@@ -24,7 +24,7 @@ evaluated with :func:`memlayers.eval.evaluate`. Written into ``OUT`` (default
 A study file is a config YAML with a ``compare:`` section (:func:`read_study`): its
 ``variants`` (a list of the positional variants above), and optionally ``out`` (the output
 directory, unless ``--out`` is given), ``max_qa`` (the evaluations answer the first N
-questions of each QA set) and ``rates`` (below). ``memlayers train`` ignores the section;
+questions of each QA set), ``rates`` and ``seeds`` (below). ``memlayers train`` ignores the section;
 the rest of the file is the variants' shared config. One command then runs a whole study,
 and ``--reuse`` lets it grow over several sessions (configs/study_134m.yaml); variants
 named on the command line run instead of the study's (a few at a time), into the same
@@ -38,6 +38,12 @@ study_134m_h200_20261204b.md), so a fair comparison gives every model its best.
 (``V:optim.lr=5e-4``; the variant itself where the rate is the one it has already, so its
 finished run is reused), and whenever a model ran at more than one rate the results add a
 table of each model at its best rate (by held-out exact match, else validation loss).
+
+Seeds: ``--seeds 0,1,2`` (or ``seeds:``) runs each variant at each ``seed`` (the weights'
+initialization and dropout; the data and its order stay the same): at the config's own
+seed into ``OUT/<variant>`` as always, at another into ``OUT/seed<k>/<variant>``. The
+results add the mean over seeds of each variant (exact match and bits with their range),
+the plot shows the means, and with rates the best rate is the best mean.
 """
 
 from __future__ import annotations
@@ -67,8 +73,9 @@ from memlayers.report import si
 
 # Variant overrides may not change what the variants are compared on.
 SHARED_KEYS = ("data.", "steps", "grad_accum", "seed", "run_dir", "device", "dtype")
-STUDY_KEYS = ("variants", "out", "max_qa", "rates")  # a study file's compare: section
+STUDY_KEYS = ("variants", "out", "max_qa", "rates", "seeds")  # a study file's compare: section
 LR_KEY = "optim.lr"  # the override a rate variant adds
+SEEDS_TITLE = "Over seeds (the mean, and the lowest-highest of exact match and bits):"
 BEST_TITLE = (
     "Each model at its best learning rate (by held-out exact match, else validation loss; "
     "chosen on the numbers reported, so one seed's best flatters the model a little):"
@@ -77,8 +84,8 @@ BEST_TITLE = (
 
 def read_study(path: str | Path) -> dict:
     """The ``compare:`` section of a config YAML, checked: ``{"variants": [...], "out":
-    str | None, "max_qa": int | None, "rates": [float, ...] | None}``; ``{}`` for a file
-    without one."""
+    str | None, "max_qa": int | None, "rates": [float, ...] | None, "seeds": [int, ...] |
+    None}``; ``{}`` for a file without one."""
     section = _read_yaml(path).get(STUDY_SECTION)
     if section is None:
         return {}
@@ -99,10 +106,12 @@ def read_study(path: str | Path) -> dict:
     if max_qa is not None and (isinstance(max_qa, bool) or not isinstance(max_qa, int)
                                or max_qa < 1):  # fmt: skip
         raise ValueError(f"{path}: compare.max_qa must be a positive int, got {max_qa!r}")
-    rates = study.get("rates")
+    rates, seeds = study.get("rates"), study.get("seeds")
     if rates is not None:
         rates = check_rates(rates, f"{path}: compare.rates")
-    return {"variants": variants, "out": out, "max_qa": max_qa, "rates": rates}
+    if seeds is not None:
+        seeds = check_seeds(seeds, f"{path}: compare.seeds")
+    return {"variants": variants, "out": out, "max_qa": max_qa, "rates": rates, "seeds": seeds}
 
 
 def check_rates(rates, what: str = "rates") -> list[float]:
@@ -178,6 +187,63 @@ def with_rates(
             key = (_same_model(v), r)  # a variant named at this rate keeps its label
             out.setdefault(key, named.get(key, v if r == have else f"{v}:{LR_KEY}={rate_str(r)}"))
     return list(out.values())
+
+
+def check_seeds(seeds, what: str = "seeds") -> list[int]:
+    """A non-empty list of distinct non-negative int seeds (or a comma string of them)."""
+    if isinstance(seeds, str):
+        seeds = [x.strip() for x in seeds.split(",") if x.strip()]
+    if not isinstance(seeds, (list, tuple)) or not seeds:
+        raise ValueError(f"{what} must be a list of seeds, got {seeds!r}")
+    out = []
+    for x in seeds:
+        if isinstance(x, bool) or not (isinstance(x, int) or (isinstance(x, str) and x.isdigit())):
+            raise ValueError(f"{what}: {x!r} is not a seed (a non-negative int)")
+        if int(x) in out:
+            raise ValueError(f"{what}: {x!r} is named twice")
+        out.append(int(x))
+    return out
+
+
+SEED_MARK = "@seed"  # "134m-dense@seed1": a variant at a seed other than the config's
+
+
+def run_name(variant: str, seed: int, base_seed: int) -> str:
+    """How a run is named in logs, failures and results.json's ``eval``: the variant, or
+    the variant at another seed (trained into ``OUT/seed<k>/<variant>``)."""
+    return variant if seed == base_seed else f"{variant}{SEED_MARK}{seed}"
+
+
+def split_run_name(name: str) -> tuple[str, int | None]:
+    variant, mark, seed = name.rpartition(SEED_MARK)
+    return (variant, int(seed)) if mark and seed.isdigit() else (name, None)
+
+
+MEAN_KEYS = ("val_loss", "exact_match", "exact_match_1hop", "f1", "answer_nll",
+             "answer_nll_per_token", "bits", "bits_per_param", "bits_per_active_param",
+             "bits_per_flop", "train_seconds")  # fmt: skip
+RANGE_KEYS = ("exact_match", "bits")  # shown as mean (min-max) over seeds
+
+
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """One row per variant (and rate): the mean over its seeds of each metric every seed
+    has, ``<key>_min`` / ``<key>_max`` of exact match and bits, and ``seeds`` (which)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["variant"], []).append(r)
+    out = []
+    for rs in groups.values():
+        row = {k: v for k, v in rs[0].items() if k != "seed"}
+        for k in MEAN_KEYS:
+            row.pop(k, None)
+            vals = [r.get(k) for r in rs]
+            if all(isinstance(v, (int, float)) for v in vals):
+                row[k] = sum(vals) / len(vals)
+                if k in RANGE_KEYS and len(vals) > 1:
+                    row[f"{k}_min"], row[f"{k}_max"] = min(vals), max(vals)
+        row["seeds"] = ", ".join(str(r["seed"]) for r in rs)
+        out.append(row)
+    return out
 
 
 def best_rates(rows: list[dict]) -> list[dict]:
@@ -301,16 +367,32 @@ def format_table(rows: list[dict]) -> str:
         cols.append(("of rates", lambda r: r["rates"]))
     if any(r.get("chosen_by", "exact match") != "exact match" for r in rows):
         cols.append(("best by", lambda r: r["chosen_by"]))
+    if len({r.get("seed") for r in rows}) > 1:
+        cols.append(("seed", lambda r: str(r["seed"])))
+    if any("seeds" in r for r in rows):
+        cols.append(("seeds", lambda r: r["seeds"]))
+
+    def spread(r, key, fmt) -> str:  # "mean (min-max)" over seeds
+        if f"{key}_min" not in r:
+            return fmt(r[key])
+        return f"{fmt(r[key])} ({fmt(r[key + '_min'])}-{fmt(r[key + '_max'])})"
+
+    def pct(x):
+        return f"{100 * x:.1f}%"
+
+    def count(x):
+        return f"{x:,.0f}"
+
     cols += [
         ("params", lambda r: si(r["total_params"], "M")),
         ("active/token", lambda r: si(r["active_params"], "M")),
         ("train FLOPs", lambda r: f"{r['train_flops']:.3g}"),
         ("val loss", lambda r: f"{r['val_loss']:.4f}"),
-        ("QA EM", lambda r: f"{100 * r['exact_match']:.1f}%"),
+        ("QA EM", lambda r: spread(r, "exact_match", pct)),
         ("EM 1-hop", lambda r: f"{100 * r['exact_match_1hop']:.1f}%"),
         ("QA F1", lambda r: f"{100 * r['f1']:.1f}%"),
         ("answer NLL/token", lambda r: f"{r['answer_nll_per_token']:.3f}"),
-        ("bits stored", lambda r: f"{r['bits']:,.0f}"),
+        ("bits stored", lambda r: spread(r, "bits", count)),
         ("bits/active param", lambda r: f"{r['bits_per_active_param']:.4f}"),
         ("train time", lambda r: f"{r['train_seconds']:.0f} s"),
     ]
@@ -413,11 +495,13 @@ def run_jobs(
     reuse: bool,
     jobs: int,
 ) -> dict[str, str]:
-    """Train and evaluate each ``(variant, args)`` of ``todo`` in a ``memlayers compare``
-    process of its own, ``jobs`` at once. On one GPU they share it: two or three 134m
-    runs train at about the throughput of one (H200, 2026-12-04), and what is gained is
-    each one's start, compilation and evaluation overlapping the others' training. Each
-    process logs to ``OUT/<variant>.log`` (its command first, unbuffered, so a process
+    """Train and evaluate each ``(name, args)`` of ``todo`` in a ``memlayers compare``
+    process of its own, ``jobs`` at once (``name``: a variant, or :func:`run_name`'s
+    variant at another seed, which trains with ``seed=`` into ``args.run_dir``'s folder).
+    On one GPU they share it: two or three 134m runs train at about the throughput of one
+    (H200, 2026-12-04), and what is gained is each one's start, compilation and evaluation
+    overlapping the others' training. Each process logs to ``OUT/<variant>.log`` (or
+    ``OUT/seed<k>/<variant>.log``; its command first, unbuffered, so a process
     killed at a time limit leaves its last lines). Returns ``{variant: why}`` for those
     that failed. Stopped (Ctrl-C, SIGTERM, an error here), it stops the processes too."""
     import os
@@ -437,10 +521,14 @@ def run_jobs(
         while waiting or running:
             while waiting and len(running) < jobs:
                 label, args = waiting.pop(0)
-                log = out / f"{slug(label)}.log"
+                variant, seed = split_run_name(label)
+                where = Path(args.run_dir).parent  # out, or out/seed<k>
+                where.mkdir(parents=True, exist_ok=True)
+                log = where / f"{slug(variant)}.log"
                 again = ["--reuse"] if reuse else []
-                cmd = [sys.executable, "-m", "memlayers", "compare", label, *yamls, *overrides,
-                       "--out", str(out), "--no-table", *again]  # fmt: skip
+                at = [] if seed is None else [f"seed={seed}"]
+                cmd = [sys.executable, "-m", "memlayers", "compare", variant, *yamls, *overrides,
+                       *at, "--out", str(where), "--no-table", *again]  # fmt: skip
                 with open(log, "w") as f:
                     f.write(shlex.join(cmd) + "\n")
                     f.flush()
@@ -484,12 +572,15 @@ def compare(
     jobs: int = 1,
     table: bool = True,
     rates: list[float] | None = None,
+    seeds: list[int] | None = None,
 ) -> list[dict]:
     """Train and evaluate every variant; write ``results.md/json`` and ``compare.png``.
     ``max_qa``: the evaluations answer the first N questions of each QA set. ``rates``:
-    each variant at each learning rate (:func:`with_rates`). ``jobs`` >
-    1: the variants still to train run in processes of their own, that many at once
-    (:func:`run_jobs`); the table then has those that finished, and a
+    each variant at each learning rate (:func:`with_rates`). ``seeds``: each variant at
+    each ``seed`` (the initialization; the data and its order stay), the config's own into
+    ``OUT/<variant>``, another into ``OUT/seed<k>/<variant>``, and a table of the means
+    over seeds. ``jobs`` > 1: the runs still to train run in processes of their own, that
+    many at once (:func:`run_jobs`); the table then has those that finished, and a
     :class:`CompareError` names the rest. ``table=False``: no results files (one such
     process's own variant)."""
     from memlayers.eval import evaluate, format_results
@@ -509,60 +600,74 @@ def compare(
     if clash:
         raise ValueError(f"variants {clash} would train into one folder ({slug(clash[0])})")
     out = Path(out)
-    all_args = [variant_args(v, list(yamls), list(overrides), out) for v in variants]
+    base_seed = variant_args(variants[0], list(yamls), list(overrides), out).seed  # shared
+    seeds = [base_seed] if seeds is None else check_seeds(seeds)
+    runs = []  # (name, variant, seed, args): each variant at each seed
+    for s in seeds:
+        at, where = ([], out) if s == base_seed else ([f"seed={s}"], out / f"seed{s}")
+        for v in variants:
+            args = variant_args(v, list(yamls), [*overrides, *at], where)
+            runs.append((run_name(v, s, base_seed), v, s, args))
     failed: dict[str, str] = {}
     if jobs > 1:
-        todo = [(v, a) for v, a in zip(variants, all_args, strict=True)
+        todo = [(name, a) for name, _, _, a in runs
                 if not (reuse and _finished(a, max_qa) is not None)]  # fmt: skip
         failed = run_jobs(todo, list(yamls), list(overrides), out, reuse, jobs)
-        for label, args in todo:  # a process that exits 0 has left its results
-            if label not in failed and _finished(args, max_qa) is None:
-                failed[label] = f"exit 0 but no evaluation of step {args.steps} in {args.run_dir}"
+        for name, args in todo:  # a process that exits 0 has left its results
+            if name not in failed and _finished(args, max_qa) is None:
+                failed[name] = f"exit 0 but no evaluation of step {args.steps} in {args.run_dir}"
         reuse = True  # what the processes trained is there now
     rows, full = [], {}
-    for label, args in zip(variants, all_args, strict=True):
-        if label in failed:
+    for name, label, seed, args in runs:
+        if name in failed:
             continue
         results = _finished(args, max_qa) if reuse else None
         if results is not None:
-            print(f"== {label}: reusing {args.run_dir}")
+            print(f"== {name}: reusing {args.run_dir}")
         else:
-            print(f"== {label}: training into {args.run_dir}")
+            print(f"== {name}: training into {args.run_dir}")
             train(args, overwrite=True)  # out/<variant> is compare's own: retrain over it
             results = evaluate(args.run_dir, device=args.device, max_qa=max_qa,
                                progress=args.logging.progress)  # fmt: skip
         print(format_results(results))
-        rows.append({**summary_row(label, results), "lr": args.optim.lr})
-        full[label] = results
+        rows.append({**summary_row(label, results), "lr": args.optim.lr, "seed": seed})
+        full[name] = results
     if failed and not (table and rows):
         raise CompareError(_failures(failed))
     if not table:
         return rows
     out.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
-    best = best_rates(rows)
+    means = over_seeds(rows) if len({r["seed"] for r in rows}) > 1 else None
+    best = best_rates(means or rows)
     doc = {"command": command, "machine": machine(), "date": date, "rows": rows, "eval": full}
+    if means:
+        doc["over_seeds"] = means
     if best:
         doc["best_rates"] = best
     write_atomic(out / "results.json", json.dumps(doc, indent=2) + "\n")
+    same = "data" if means else "data, seed"
     md = [
         f"# compare: {', '.join(variants)}",
         "",
         f"Command: `{command}`" if command else "",
-        f"Machine: {machine()}; date {date}. Every variant: the same data, seed and "
+        f"Machine: {machine()}; date {date}. Every variant: the same {same} and "
         f"{rows[0]['tokens']:,} training tokens"
         + (f"; QA on the first {max_qa} questions of each set." if max_qa else "."),
         "",
         format_table(rows),
         "",
     ]
-    if best:
-        md += [BEST_TITLE, "", format_table(best), ""]
+    tables = [(SEEDS_TITLE, means), (BEST_TITLE, best)]
+    for title, t in tables:
+        if t:
+            md += [title, "", format_table(t), ""]
     write_atomic(out / "results.md", "\n".join(md))
-    png = plot(rows, out / "compare.png")
+    png = plot(means or rows, out / "compare.png")
     print(format_table(rows))
-    if best:
-        print(f"\n{BEST_TITLE}\n{format_table(best)}")
+    for title, t in tables:
+        if t:
+            print(f"\n{title}\n{format_table(t)}")
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {png}" if png else ""))
     if failed:
         raise CompareError(_failures(failed) + f" (the table has the other {len(rows)})")

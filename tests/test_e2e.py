@@ -211,6 +211,46 @@ def test_rates_run_each_variant_at_each_rate_and_name_each_models_best(
     assert "--rates: 'fast' is not a learning rate" in capsys.readouterr().err
 
 
+def test_seeds_run_each_variant_at_each_seed_and_tabulate_the_means(tmp_path, capsys, monkeypatch):
+    from memlayers.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    study = tmp_path / "study.yaml"
+    _study_file(study, (
+        "compare:\n  variants: [tiny-dense]\n  out: runs/seeds\n  max_qa: 3\n"
+        "  seeds: [0, 1]\n"
+    ))  # fmt: skip
+    assert cli_main(["compare", str(study), "--jobs", "2"]) == 0
+    out = tmp_path / "runs/seeds"
+    # the config's own seed (0) where it always trains, seed 1 beside it, each run once
+    assert load_config([out / "tiny-dense/config.yaml"]).seed == 0
+    assert load_config([out / "seed1/tiny-dense/config.yaml"]).seed == 1
+    for log in (out / "tiny-dense.log", out / "seed1/tiny-dense.log"):
+        assert log.read_text().count("training into") == 1, log
+    doc = json.loads((out / "results.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in doc["rows"]] == [
+        ("tiny-dense", 0),
+        ("tiny-dense", 1),
+    ]
+    assert set(doc["eval"]) == {"tiny-dense", "tiny-dense@seed1"}
+    # two inits of one model on the same data: not the same weights, the same tokens
+    a, b = doc["rows"]
+    assert a["val_loss"] != b["val_loss"] and a["tokens"] == b["tokens"]
+    (mean,) = doc["over_seeds"]
+    assert mean["val_loss"] == pytest.approx((a["val_loss"] + b["val_loss"]) / 2)
+    assert mean["seeds"] == "0, 1"
+    md = (out / "results.md").read_text()
+    assert "Over seeds" in md and "same data and" in md
+    # both reused; a seed 1 at the command line alone runs it as its own comparison
+    capsys.readouterr()
+    assert cli_main(["compare", str(study), "--reuse"]) == 0
+    assert capsys.readouterr().out.count(": reusing ") == 2
+    assert cli_main(["compare", str(study), "--seeds", "1", "--reuse"]) == 0
+    assert "tiny-dense@seed1: reusing" in capsys.readouterr().out
+    assert cli_main(["compare", str(study), "--seeds", "0,0"]) == 1
+    assert "--seeds: '0' is named twice" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "section,match",
     [
@@ -218,6 +258,7 @@ def test_rates_run_each_variant_at_each_rate_and_name_each_models_best(
         ("compare:\n  variants: [tiny-dense]\n  outdir: x\n", "has no key 'outdir'"),
         ("compare:\n  variants: [tiny-dense]\n  max_qa: 0\n", "max_qa must be a positive"),
         ("compare:\n  variants: [tiny-dense]\n  rates: [0]\n", "rates: 0 is not a positive"),
+        ("compare:\n  variants: [tiny-dense]\n  seeds: [a]\n", "seeds: 'a' is not a seed"),
         ("compare:\n  variants: ['tiny-dense:steps=3']\n", "same for every variant"),
         ("compare:\n  variants: [tiny-dense, tiny-dense]\n", "named twice"),
         (
@@ -225,7 +266,16 @@ def test_rates_run_each_variant_at_each_rate_and_name_each_models_best(
             "would train into one folder (tiny-dense_optim.lr=1e-3)",
         ),
     ],
-    ids=["not-a-list", "unknown-key", "max-qa", "rates", "shared-key", "twice", "one-folder"],
+    ids=[
+        "not-a-list",
+        "unknown-key",
+        "max-qa",
+        "rates",
+        "seeds",
+        "shared-key",
+        "twice",
+        "one-folder",
+    ],
 )
 def test_a_bad_study_file_is_refused_naming_the_key(tmp_path, capsys, section, match):
     study = tmp_path / "study.yaml"

@@ -1,14 +1,19 @@
-"""``memlayers compare --rates``: each variant at each learning rate, and the table of
-each model at its best (no training here: tests/test_e2e.py runs it)."""
+"""``memlayers compare --rates / --seeds``: each variant at each learning rate or seed, the
+table of each model at its best rate and of the means over seeds (no training here:
+tests/test_e2e.py runs them)."""
 
 import pytest
 
 from memlayers.compare import (
     best_rates,
     check_rates,
+    check_seeds,
     format_table,
     model_key,
+    over_seeds,
     rate_str,
+    run_name,
+    split_run_name,
     with_rates,
 )
 from memlayers.config import load_config
@@ -144,3 +149,57 @@ def test_the_best_rate_of_each_model_that_ran_at_several():
 def test_the_lr_column_only_when_the_rows_differ_in_rate():
     assert "| lr |" not in format_table([_row("a", 1e-3), _row("b", 1e-3)])
     assert "| a | 1e-3 |" in format_table([_row("a", 1e-3), _row("b", 5e-4)])
+
+
+def test_seeds_are_read_from_a_list_or_a_comma_string():
+    assert check_seeds("0, 1,2") == [0, 1, 2]
+    assert check_seeds([3, "4"]) == [3, 4]
+
+
+@pytest.mark.parametrize(
+    "seeds,match",
+    [
+        ([], "must be a list of seeds"),
+        (1, "must be a list of seeds"),
+        ("0,-1", "'-1' is not a seed"),
+        ([1.5], "1.5 is not a seed"),
+        ([True], "True is not a seed"),
+        ([0, "0"], "'0' is named twice"),
+    ],
+)
+def test_bad_seeds_are_refused_naming_the_value(seeds, match):
+    with pytest.raises(ValueError, match=match):
+        check_seeds(seeds, "--seeds")
+
+
+def test_a_run_at_another_seed_is_named_apart_and_back():
+    assert run_name("134m-dense", 0, 0) == "134m-dense"
+    assert run_name("134m-dense:optim.lr=5e-4", 2, 0) == "134m-dense:optim.lr=5e-4@seed2"
+    assert split_run_name("134m-dense:optim.lr=5e-4@seed2") == ("134m-dense:optim.lr=5e-4", 2)
+    assert split_run_name("134m-dense") == ("134m-dense", None)
+
+
+def test_the_mean_over_seeds_of_each_variant_with_the_range():
+    rows = [
+        {**_row("d", 1e-3, 0.40, 0.70), "seed": 0, "bits": 100.0, "train_seconds": None},
+        {**_row("m", 1e-3, 0.80, 0.50), "seed": 0, "bits": 300.0},
+        {**_row("d", 1e-3, 0.60, 0.80), "seed": 1, "bits": 200.0, "train_seconds": 10.0},
+        {**_row("m", 1e-3, 0.90, 0.40), "seed": 1, "bits": 400.0},
+    ]
+    means = {r["variant"]: r for r in over_seeds(rows)}
+    d = means["d"]
+    assert d["exact_match"] == pytest.approx(0.5) and d["val_loss"] == pytest.approx(0.75)
+    assert (d["exact_match_min"], d["exact_match_max"]) == (0.40, 0.60)
+    assert (d["bits"], d["bits_min"], d["bits_max"]) == (150.0, 100.0, 200.0)
+    assert "train_seconds" not in d  # one seed's time unknown: no mean
+    assert d["seeds"] == "0, 1" and "seed" not in d
+    table = format_table(list(means.values()))
+    assert "| seeds |" in table and "50.0% (40.0%-60.0%)" in table and "150 (100-200)" in table
+    assert "| seed |" in format_table(rows)  # the runs' own table names each run's seed
+    # with rates, the best rate is the best mean
+    rows += [
+        {**_row("d:optim.lr=5e-4", 5e-4, 0.70, 0.6), "seed": 0, "bits": 1.0},
+        {**_row("d:optim.lr=5e-4", 5e-4, 0.20, 0.9), "seed": 1, "bits": 1.0},
+    ]  # a better seed 0 (0.70 > 0.40), a worse mean (0.45 < 0.50)
+    (best,) = best_rates(over_seeds(rows))
+    assert (best["variant"], best["lr"], best["exact_match"]) == ("d", 1e-3, pytest.approx(0.5))
