@@ -24,11 +24,11 @@ evaluated with :func:`memlayers.eval.evaluate`. Written into ``OUT`` (default
 A study file is a config YAML with a ``compare:`` section (:func:`read_study`): its
 ``variants`` (a list of the positional variants above), and optionally ``out`` (the output
 directory, unless ``--out`` is given), ``max_qa`` (the evaluations answer the first N
-questions of each QA set), ``rates`` and ``seeds`` (below). ``memlayers train`` ignores the section;
-the rest of the file is the variants' shared config. One command then runs a whole study,
-and ``--reuse`` lets it grow over several sessions (configs/study_134m.yaml); variants
-named on the command line run instead of the study's (a few at a time), into the same
-directory.
+questions of each QA set), ``rates`` and ``seeds`` (below). ``memlayers train`` ignores
+the section; the rest of the file is the variants' shared config. One command then runs a
+whole study, and ``--reuse`` lets it grow over several sessions (configs/study_134m.yaml);
+variants named on the command line run instead of the study's (a few at a time), into the
+same directory. The positional items come before the ``--`` options.
 
 Learning rates: how fast a model learns facts can hinge on its rate (at 134m on bios a
 dense model with twice the FLOPs answered 0.4%, 4.2% or 65.3% of the held-out questions at
