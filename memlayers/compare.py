@@ -144,26 +144,25 @@ def rate_str(x: float) -> str:
     return f"{mantissa}e{int(exp)}"
 
 
+def _split_rate(spec: str) -> tuple[str, list[str], float | None]:
+    """A variant's preset, its overrides but the rate, and the rate its label sets."""
+    preset, own = parse_variant(spec)
+    rest = [o for o in own if o.split("=", 1)[0] != LR_KEY]
+    rate = [float(o.split("=", 1)[1]) for o in own if o.split("=", 1)[0] == LR_KEY]
+    return preset, rest, (rate[-1] if rate else None)
+
+
 def model_key(spec: str) -> str:
     """A variant without its learning rate: the model it trains (``"134m-dense:model.dim=
     1088:optim.lr=5e-4"`` -> ``"134m-dense:model.dim=1088"``)."""
-    preset, own = parse_variant(spec)
-    return ":".join([preset, *(o for o in own if o.split("=", 1)[0] != LR_KEY)])
+    preset, rest, _ = _split_rate(spec)
+    return ":".join([preset, *rest])
 
 
 def _same_model(spec: str) -> tuple[str, tuple[str, ...]]:
     """What makes two variants the same model, whatever the order of their overrides."""
-    preset, own = parse_variant(spec)
-    return preset, tuple(sorted(o for o in own if o.split("=", 1)[0] != LR_KEY))
-
-
-def _own_rate(spec: str) -> float | None:
-    """The rate a variant's label sets, if it sets one."""
-    for o in parse_variant(spec)[1]:
-        key, value = o.split("=", 1)
-        if key == LR_KEY:
-            return float(value)
-    return None
+    preset, rest, _ = _split_rate(spec)
+    return preset, tuple(sorted(rest))
 
 
 def with_rates(
@@ -173,13 +172,13 @@ def with_rates(
     model at one rate, however its label is written): a variant that sets its own rate
     stays as it is (a note says so); at the rate a variant already has, the variant itself
     (its run folder and finished runs stay the same)."""
-    named = {(_same_model(v), r): v for v in variants if (r := _own_rate(v)) is not None}
+    own = {v: _split_rate(v)[2] for v in variants}
+    named = {(_same_model(v), r): v for v, r in own.items() if r is not None}
     out: dict[tuple, str] = {}
     for v in variants:
-        own = _own_rate(v)
-        if own is not None:
+        if own[v] is not None:
             print(f"note: {v} sets {LR_KEY} itself: it runs at that rate only", file=sys.stderr)
-            out.setdefault((_same_model(v), own), v)
+            out.setdefault((_same_model(v), own[v]), v)
             continue
         preset, over = parse_variant(v)
         have = load_config(yamls, [*overrides, f"model.preset={preset}", *over]).optim.lr
@@ -491,7 +490,6 @@ def run_jobs(
     todo: list[tuple[str, TrainArgs]],
     yamls: list[str],
     overrides: list[str],
-    out: Path,
     reuse: bool,
     jobs: int,
 ) -> dict[str, str]:
@@ -513,7 +511,6 @@ def run_jobs(
     def stop(signum, frame):  # SIGTERM's default would leave the processes training
         raise SystemExit(128 + signum)
 
-    out.mkdir(parents=True, exist_ok=True)
     waiting, running, failed = list(todo), {}, {}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     previous = signal.signal(signal.SIGTERM, stop)
@@ -612,7 +609,7 @@ def compare(
     if jobs > 1:
         todo = [(name, a) for name, _, _, a in runs
                 if not (reuse and _finished(a, max_qa) is not None)]  # fmt: skip
-        failed = run_jobs(todo, list(yamls), list(overrides), out, reuse, jobs)
+        failed = run_jobs(todo, list(yamls), list(overrides), reuse, jobs)
         for name, args in todo:  # a process that exits 0 has left its results
             if name not in failed and _finished(args, max_qa) is None:
                 failed[name] = f"exit 0 but no evaluation of step {args.steps} in {args.run_dir}"
