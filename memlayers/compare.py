@@ -408,7 +408,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
-    """Exact match, answer NLL and bits stored against active parameters and FLOPs."""
+    """Exact match, answer NLL and bits stored against active parameters and FLOPs, saved
+    at ``path`` (:func:`figure`); None without matplotlib or anything to plot."""
     try:
         import matplotlib
 
@@ -420,6 +421,21 @@ def plot(rows: list[dict], path: Path) -> Path | None:
             file=sys.stderr,
         )
         return None
+    fig = figure(rows)
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def figure(rows: list[dict]):
+    """The figure :func:`plot` saves: a point per row; a row that is a mean over seeds
+    (:func:`over_seeds`) gets a bar from its lowest to its highest seed where it has them
+    (exact match, bits), since two seeds' means alone can suggest a gap their spread
+    covers. None when no row has any of the metrics."""
+    import matplotlib.pyplot as plt
+
     metrics = [
         ("exact_match", "held-out QA exact match"),
         ("answer_nll_per_token", "answer NLL (nats/token)"),
@@ -446,6 +462,10 @@ def plot(rows: list[dict], path: Path) -> Path | None:
             for n, r in enumerate(rows):
                 if key in r:
                     ax.scatter(r[xkey], r[key], s=40, **styles[n])
+                    if f"{key}_min" in r:
+                        spread = [[r[key] - r[f"{key}_min"]], [r[f"{key}_max"] - r[key]]]
+                        ax.errorbar(r[xkey], r[key], yerr=spread, fmt="none", capsize=4,
+                                    elinewidth=1, ecolor=styles[n]["color"])  # fmt: skip
                     ax.annotate(str(n + 1), (r[xkey], r[key]), fontsize=8,
                                 xytext=(4, 3), textcoords="offset points")  # fmt: skip
             lo, hi = min(r[xkey] for r in rows), max(r[xkey] for r in rows)
@@ -462,11 +482,12 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     ]
     names = [f"{n + 1}  {r['variant']}" for n, r in enumerate(rows)]
     fig.legend(handles, names, loc="lower left", ncol=ncol, fontsize=8, frameon=False)
-    fig.suptitle(f"same data, {rows[0]['tokens']:,} training tokens per variant")
+    title = f"same data, {rows[0]['tokens']:,} training tokens per variant"
+    if any("seeds" in r for r in rows):
+        title += "; mean over seeds, bars from the lowest to the highest"
+    fig.suptitle(title)
     fig.tight_layout(rect=(0, legend_in / (height + legend_in), 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def machine() -> str:

@@ -203,3 +203,38 @@ def test_the_mean_over_seeds_of_each_variant_with_the_range():
     ]  # a better seed 0 (0.70 > 0.40), a worse mean (0.45 < 0.50)
     (best,) = best_rates(over_seeds(rows))
     assert (best["variant"], best["lr"], best["exact_match"]) == ("d", 1e-3, pytest.approx(0.5))
+
+
+def test_the_figure_of_means_draws_each_variants_seed_range():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.collections import LineCollection
+
+    from memlayers.compare import figure
+
+    extra = {"active_params": 1e6, "train_flops": 1e12, "tokens": 100, "answer_nll_per_token": 1.0}
+    rows = [
+        {**_row("d", 1e-3, 0.40, 0.7), **extra, "seed": 0, "bits": 100.0},
+        {**_row("d", 1e-3, 0.60, 0.8), **extra, "seed": 1, "bits": 200.0},
+        {**_row("m", 1e-3, 0.80, 0.5), **extra, "train_flops": 2e12, "seed": 0, "bits": 300.0},
+    ]  # m has one seed: a point without a bar
+
+    def bars(fig, ylabel):
+        """Each vertical bar's (lowest, highest) on the panels with this y label."""
+        out = []
+        for ax in fig.axes:
+            if ax.get_ylabel() == ylabel:
+                for c in ax.collections:
+                    if isinstance(c, LineCollection):
+                        out += [tuple(sorted(seg[:, 1])) for seg in c.get_segments()]
+        return out
+
+    fig = figure(over_seeds(rows))
+    assert bars(fig, "held-out QA exact match") == [(0.40, 0.60)] * 2  # both x axes
+    assert bars(fig, "knowledge stored (bits)") == [(100.0, 200.0)] * 2
+    assert bars(fig, "answer NLL (nats/token)") == []  # no range kept for it
+    assert "mean over seeds" in fig._suptitle.get_text()
+    fig = figure(rows)  # the runs themselves: no bars, no such title
+    assert bars(fig, "held-out QA exact match") == [] and "seeds" not in fig._suptitle.get_text()
