@@ -43,7 +43,8 @@ Seeds: ``--seeds 0,1,2`` (or ``seeds:``) runs each variant at each ``seed`` (the
 initialization and dropout; the data and its order stay the same): at the config's own
 seed into ``OUT/<variant>`` as always, at another into ``OUT/seed<k>/<variant>``. The
 results add the mean over seeds of each variant (exact match and bits with their range),
-the plot shows the means, and with rates the best rate is the best mean.
+the plot shows the means with a bar over the seeds' range, and with rates the best rate is
+the best mean.
 """
 
 from __future__ import annotations
