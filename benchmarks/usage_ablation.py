@@ -149,18 +149,13 @@ def run(ns: argparse.Namespace) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a ``metrics.jsonl``; a last line cut short (the run was killed while
-    writing it) is skipped, a bad line before it is an error naming it."""
-    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-    out = []
-    for i, line in lines:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != lines[-1][0]:
-                raise SystemExit(f"error: {path}: line {i} is not JSON") from None
-            print(f"{path}: skipped its last line, cut short (line {i})", file=sys.stderr)
-    return out
+    """:func:`memlayers.logger.read_metrics`, its error as this script's one error line."""
+    from memlayers.logger import read_metrics as read_records
+
+    try:
+        return read_records(path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def read(folder: Path) -> dict[str, list[dict]]:

@@ -20,6 +20,8 @@ evaluated with :func:`memlayers.eval.evaluate`. Written into ``OUT`` (default
     results.json   one row per variant (the summary) plus each full eval result
     compare.png    exact match / answer NLL / bits stored against active parameters per
                    token and training FLOPs (needs matplotlib: pip install 'memlayers[plot]')
+    curves.png     each run's training and validation loss against step (a run that
+                   leaves a loss plateau late ends lower in the table: look here first)
 
 A study file is a config YAML with a ``compare:`` section (:func:`read_study`): its
 ``variants`` (a list of the positional variants above), and optionally ``out`` (the output
@@ -408,26 +410,117 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> Path | None:
-    """Exact match, answer NLL and bits stored against active parameters and FLOPs, saved
-    at ``path`` (:func:`figure`); None without matplotlib or anything to plot."""
+def _save(fig, path: Path) -> Path | None:
+    """Save ``fig`` (None: nothing to plot) at ``path`` and close it."""
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _have_pyplot(path: Path) -> bool:
+    """matplotlib with the Agg backend, or a note that ``path`` is not written."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot  # noqa: F401
     except ImportError:
         print(
-            "matplotlib is not installed: no compare.png (pip install 'memlayers[plot]')",
+            f"matplotlib is not installed: no {path.name} (pip install 'memlayers[plot]')",
             file=sys.stderr,
         )
+        return False
+    return True
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """Exact match, answer NLL and bits stored against active parameters and FLOPs, saved
+    at ``path`` (:func:`figure`); None without matplotlib or anything to plot."""
+    return _save(figure(rows), path) if _have_pyplot(path) else None
+
+
+def plot_curves(runs: list[tuple[str, int, str | Path]], path: Path) -> Path | None:
+    """Each run's training and validation loss against step, saved at ``path``
+    (:func:`curves_figure`); None without matplotlib or any metrics."""
+    return _save(curves_figure(runs), path) if _have_pyplot(path) else None
+
+
+def _styles(n: int) -> list[dict]:
+    """A colour and marker for each of ``n`` numbered variants (both figures alike)."""
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [{"color": cmap(i % cmap.N), "marker": "osD^v<>pP*X"[i % 11]} for i in range(n)]
+
+
+def _legend_size(names: list[str]) -> tuple[int, float]:
+    """Columns and inches of the numbered legend :func:`_legend_below` draws."""
+    ncol = 1 if max(len(name) for name in names) > 45 else 2
+    return ncol, 0.19 * (-(-len(names) // ncol)) + 0.15
+
+
+def _legend_below(fig, names: list[str], styles: list[dict], lines: bool) -> None:
+    """The variants, numbered, in a legend under the panels: a study's labels
+    ("134m-dense:model.dim=1088:model.n_heads=16:optim.lr=5e-4") written beside the points
+    squeezed the axes to slivers."""
+    import matplotlib.pyplot as plt
+
+    kw = {"linestyle": "-"} if lines else {"linestyle": "", "markersize": 6}
+    handles = [plt.Line2D([], [], **kw, **st) for st in styles]
+    labels = [f"{n + 1}  {name}" for n, name in enumerate(names)]
+    ncol = _legend_size(names)[0]
+    fig.legend(handles, labels, loc="lower left", ncol=ncol, fontsize=8, frameon=False)
+
+
+SEED_LINES = ("-", "--", ":", "-.")
+
+
+def curves_figure(runs: list[tuple[str, int, str | Path]]):
+    """Training loss (the logged window's mean) and validation loss against step for each
+    ``(variant, seed, run_dir)``, read from the run's metrics.jsonl: a colour per variant,
+    numbered as in compare.png, a line style per seed. Where the final table's rows come
+    from: at a fixed token budget a run still on a loss plateau, or just off it, looks
+    like a weaker model (docs/usage.md, the headline study's round 3). None when no run
+    has metrics."""
+    import matplotlib.pyplot as plt
+
+    from memlayers.logger import read_metrics
+
+    files = {(v, s): Path(d) / "metrics.jsonl" for v, s, d in runs}
+    records = {k: read_metrics(f) for k, f in files.items() if f.is_file()}
+    if not any(records.values()):
         return None
-    fig = figure(rows)
-    if fig is None:
-        return None
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    names = list(dict.fromkeys(v for v, _ in records))
+    seeds = list(dict.fromkeys(s for _, s in records))
+    styles = _styles(len(names))
+    legend_in = _legend_size(names)[1]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2 + legend_in), squeeze=False)
+    for (v, s), recs in records.items():
+        st = styles[names.index(v)]
+        dash = SEED_LINES[seeds.index(s) % len(SEED_LINES)]
+        for ax, key in zip(axes[0], ("loss", "val_loss"), strict=True):
+            pts = [(r["step"], r[key]) for r in recs if key in r and "step" in r]
+            if pts:
+                marker = st["marker"] if key == "val_loss" else None
+                ax.plot(*zip(*pts, strict=True), dash, color=st["color"], marker=marker,
+                        markersize=4, lw=1.2)  # fmt: skip
+    for ax, title in zip(axes[0], ("training loss", "validation loss"), strict=True):
+        ax.set_yscale("log")  # the plateau and the fall after it, both visible
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{title} (nats/token)")
+        ax.grid(alpha=0.3, which="both")
+    _legend_below(fig, names, styles, lines=True)
+    title = "loss during training"
+    if len(seeds) > 1:
+        title += "; seeds " + ", ".join(f"{k} {SEED_LINES[i % len(SEED_LINES)]!r}"
+                                        for i, k in enumerate(seeds))  # fmt: skip
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, legend_in / (4.2 + legend_in), 1, 1))
+    return fig
 
 
 def figure(rows: list[dict]):
@@ -446,15 +539,9 @@ def figure(rows: list[dict]):
     if not metrics:
         return None
     xs = [("active_params", "active parameters per token"), ("train_flops", "training FLOPs")]
-    # Points carry a number and the legend below names them: a study's labels
-    # ("134m-dense:model.dim=1088:model.n_heads=16:optim.lr=5e-4") written beside the points
-    # squeezed the axes to slivers.
-    cmap = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
-    styles = [
-        {"color": cmap(n % cmap.N), "marker": "osD^v<>pP*X"[n % 11]} for n in range(len(rows))
-    ]
-    ncol = 1 if max(len(r["variant"]) for r in rows) > 45 else 2
-    legend_in = 0.19 * (-(-len(rows) // ncol)) + 0.15
+    names = [r["variant"] for r in rows]
+    styles = _styles(len(rows))
+    legend_in = _legend_size(names)[1]
     height = 3.2 * len(metrics)
     fig, axes = plt.subplots(len(metrics), 2, figsize=(10, height + legend_in), squeeze=False)
     for i, (key, title) in enumerate(metrics):
@@ -478,11 +565,7 @@ def figure(rows: list[dict]):
             ax.set_xlabel(xlabel)
             ax.set_ylabel(title)
             ax.grid(alpha=0.3)
-    handles = [
-        plt.Line2D([], [], linestyle="", markersize=6, **styles[n]) for n in range(len(rows))
-    ]
-    names = [f"{n + 1}  {r['variant']}" for n, r in enumerate(rows)]
-    fig.legend(handles, names, loc="lower left", ncol=ncol, fontsize=8, frameon=False)
+    _legend_below(fig, names, styles, lines=False)
     title = f"same data, {rows[0]['tokens']:,} training tokens per variant"
     if any("seeds" in r for r in rows):
         title += "; mean over seeds, bars from the lowest to the highest"
@@ -682,12 +765,16 @@ def compare(
         if t:
             md += [title, "", format_table(t), ""]
     write_atomic(out / "results.md", "\n".join(md))
-    png = plot(means or rows, out / "compare.png")
+    pngs = [plot(means or rows, out / "compare.png")]
+    done = {(r["variant"], r["seed"]) for r in rows}
+    pngs.append(plot_curves([(v, s, a.run_dir) for _, v, s, a in runs if (v, s) in done],
+                            out / "curves.png"))  # fmt: skip
     print(format_table(rows))
     for title, t in tables:
         if t:
             print(f"\n{title}\n{format_table(t)}")
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {png}" if png else ""))
+    written = [out / "results.md", out / "results.json", *(p for p in pngs if p)]
+    print("wrote " + ", ".join(str(p) for p in written))
     if failed:
         raise CompareError(_failures(failed) + f" (the table has the other {len(rows)})")
     return rows

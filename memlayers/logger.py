@@ -9,6 +9,7 @@ them the run still writes metrics.jsonl and says once what it skipped.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,23 @@ class LoggingArgs:
                 raise ValueError(
                     f"logging.{name} must be true or false, got {getattr(self, name)!r}"
                 )
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a last line cut short (the run was killed while
+    writing it) is skipped with a note on stderr, a bad line before it is a ValueError
+    naming the file and line."""
+    lines = [(i, line) for i, line in enumerate(Path(path).read_text().splitlines(), 1)]
+    lines = [(i, line) for i, line in lines if line.strip()]
+    out = []
+    for i, line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != lines[-1][0]:
+                raise ValueError(f"{path}: line {i} is not JSON") from None
+            print(f"{path}: skipped its last line, cut short (line {i})", file=sys.stderr)
+    return out
 
 
 def rows_used_pct(record: dict) -> float | None:
@@ -156,7 +174,7 @@ class RunLogger:
         return plt
 
     def _records(self) -> list[dict]:
-        return [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x]
+        return read_metrics(self.metrics_path)
 
     def plot(self) -> Path | None:
         """Train (and validation) loss against step, into ``loss.png``."""

@@ -238,3 +238,45 @@ def test_the_figure_of_means_draws_each_variants_seed_range():
     assert "mean over seeds" in fig._suptitle.get_text()
     fig = figure(rows)  # the runs themselves: no bars, no such title
     assert bars(fig, "held-out QA exact match") == [] and "seeds" not in fig._suptitle.get_text()
+
+
+def test_the_curves_figure_draws_each_runs_losses_a_colour_per_variant_a_style_per_seed(
+    tmp_path, capsys
+):
+    pytest.importorskip("matplotlib")
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from memlayers.compare import curves_figure
+
+    def run(name, losses, vals, cut=False):
+        d = tmp_path / name
+        d.mkdir()
+        recs = [{"step": 10 * (i + 1), "loss": x} for i, x in enumerate(losses)]
+        recs += [{"step": 10 * len(losses), "val_loss": v} for v in vals]
+        text = "".join(json.dumps(r) + "\n" for r in recs)
+        (d / "metrics.jsonl").write_text(text + ('{"step": 9' if cut else ""))
+        return d
+
+    runs = [
+        ("d", 0, run("d0", [3.0, 2.0, 1.0], [1.1])),
+        ("m", 0, run("m0", [3.0, 1.5, 0.5], [0.6])),
+        ("d", 1, run("d1", [3.0, 2.5, 2.0], [2.1], cut=True)),  # killed mid-line: skipped
+        ("m", 1, tmp_path / "never-trained"),  # no metrics: no line
+    ]
+    fig = curves_figure(runs)
+    assert "d1/metrics.jsonl: skipped its last line" in capsys.readouterr().err
+    train_ax, val_ax = fig.axes[:2]
+    lines = {(ln.get_color(), ln.get_linestyle()): ln for ln in train_ax.get_lines()}
+    assert len(train_ax.get_lines()) == 3 and len(val_ax.get_lines()) == 3
+    (d0,) = [ln for ln in train_ax.get_lines() if list(ln.get_ydata()) == [3.0, 2.0, 1.0]]
+    (d1,) = [ln for ln in train_ax.get_lines() if list(ln.get_ydata()) == [3.0, 2.5, 2.0]]
+    (m0,) = [ln for ln in train_ax.get_lines() if list(ln.get_ydata()) == [3.0, 1.5, 0.5]]
+    assert d0.get_color() == d1.get_color() != m0.get_color()  # a colour per variant
+    assert d0.get_linestyle() == m0.get_linestyle() != d1.get_linestyle()  # a style per seed
+    assert list(d0.get_xdata()) == [10, 20, 30] and len(lines) == 3
+    assert sorted(ln.get_ydata()[0] for ln in val_ax.get_lines()) == [0.6, 1.1, 2.1]
+    assert "seeds 0" in fig._suptitle.get_text()
+    assert curves_figure([("m", 1, tmp_path / "never-trained")]) is None

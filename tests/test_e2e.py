@@ -71,6 +71,7 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     md = (out / "results.md").read_text()
     assert "memlayers compare tiny-dense" in md and "| tiny-dense |" in md and "EM 1-hop" in md
     assert (out / "compare.png").stat().st_size > 0
+    assert (out / "curves.png").stat().st_size > 0  # each run's losses
     assert (out / "tiny-dense" / "eval" / "results.json").is_file()
 
     # --reuse keeps both finished runs; without it a variant retrains over its old run
