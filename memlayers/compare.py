@@ -19,9 +19,11 @@ evaluated with :func:`memlayers.eval.evaluate`. Written into ``OUT`` (default
     results.md     the table, the exact command, the machine and date
     results.json   one row per variant (the summary) plus each full eval result
     compare.png    exact match / answer NLL / bits stored against active parameters per
-                   token and training FLOPs (needs matplotlib: pip install 'memlayers[plot]')
+                   token and training FLOPs
     curves.png     each run's training and validation loss against step (a run that
                    leaves a loss plateau late ends lower in the table: look here first)
+
+(The two figures need matplotlib: ``pip install 'memlayers[plot]'``.)
 
 A study file is a config YAML with a ``compare:`` section (:func:`read_study`): its
 ``variants`` (a list of the positional variants above), and optionally ``out`` (the output
@@ -445,8 +447,15 @@ def plot(rows: list[dict], path: Path) -> Path | None:
 
 def plot_curves(runs: list[tuple[str, int, str | Path]], path: Path) -> Path | None:
     """Each run's training and validation loss against step, saved at ``path``
-    (:func:`curves_figure`); None without matplotlib or any metrics."""
-    return _save(curves_figure(runs), path) if _have_pyplot(path) else None
+    (:func:`curves_figure`); None without matplotlib or any metrics, or (with a note) when
+    a metrics file is unreadable: the table is written already and stays the result."""
+    if not _have_pyplot(path):
+        return None
+    try:
+        return _save(curves_figure(runs), path)
+    except ValueError as e:
+        print(f"no {path.name}: {e}", file=sys.stderr)
+        return None
 
 
 def _styles(n: int) -> list[dict]:
@@ -494,8 +503,10 @@ def curves_figure(runs: list[tuple[str, int, str | Path]]):
     records = {k: read_metrics(f) for k, f in files.items() if f.is_file()}
     if not any(records.values()):
         return None
-    names = list(dict.fromkeys(v for v, _ in records))
-    seeds = list(dict.fromkeys(s for _, s in records))
+    # numbered over every run given, as compare.png numbers them: a run without metrics
+    # loses its lines, not the others' numbers
+    names = list(dict.fromkeys(v for v, _, _ in runs))
+    seeds = list(dict.fromkeys(s for _, s, _ in runs))
     styles = _styles(len(names))
     legend_in = _legend_size(names)[1]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2 + legend_in), squeeze=False)
@@ -551,7 +562,9 @@ def figure(rows: list[dict]):
                 if key in r:
                     ax.scatter(r[xkey], r[key], s=40, **styles[n])
                     if f"{key}_min" in r:
-                        spread = [[r[key] - r[f"{key}_min"]], [r[f"{key}_max"] - r[key]]]
+                        # clamped: a mean of equal seeds can round past them (1e-17)
+                        lo, hi = r[key] - r[f"{key}_min"], r[f"{key}_max"] - r[key]
+                        spread = [[max(lo, 0.0)], [max(hi, 0.0)]]
                         ax.errorbar(r[xkey], r[key], yerr=spread, fmt="none", capsize=4,
                                     elinewidth=1, ecolor=styles[n]["color"])  # fmt: skip
                     ax.annotate(str(n + 1), (r[xkey], r[key]), fontsize=8,
@@ -676,7 +689,8 @@ def compare(
     rates: list[float] | None = None,
     seeds: list[int] | None = None,
 ) -> list[dict]:
-    """Train and evaluate every variant; write ``results.md/json`` and ``compare.png``.
+    """Train and evaluate every variant; write ``results.md/json``, ``compare.png`` and
+    ``curves.png``.
     ``max_qa``: the evaluations answer the first N questions of each QA set. ``rates``:
     each variant at each learning rate (:func:`with_rates`). ``seeds``: each variant at
     each ``seed`` (the initialization; the data and its order stay), the config's own into

@@ -232,12 +232,19 @@ def test_the_figure_of_means_draws_each_variants_seed_range():
         return out
 
     fig = figure(over_seeds(rows))
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["1  d", "2  m"]
     assert bars(fig, "held-out QA exact match") == [(0.40, 0.60)] * 2  # both x axes
     assert bars(fig, "knowledge stored (bits)") == [(100.0, 200.0)] * 2
     assert bars(fig, "answer NLL (nats/token)") == []  # no range kept for it
     assert "mean over seeds" in fig._suptitle.get_text()
     fig = figure(rows)  # the runs themselves: no bars, no such title
     assert bars(fig, "held-out QA exact match") == [] and "seeds" not in fig._suptitle.get_text()
+    # three equal seeds: their mean rounds past them (0.1 * 3 / 3), the bar is still drawn
+    same = [{**_row("e", 1e-3, 0.1), **extra, "seed": s, "bits": 1.0} for s in (0, 1, 2)]
+    (mean,) = over_seeds(same)
+    assert mean["exact_match"] > mean["exact_match_max"]  # the case: 0.10000000000000002
+    fig = figure([mean])
+    assert bars(fig, "held-out QA exact match") == [(pytest.approx(0.1),) * 2] * 2
 
 
 def test_the_curves_figure_draws_each_runs_losses_a_colour_per_variant_a_style_per_seed(
@@ -249,7 +256,7 @@ def test_the_curves_figure_draws_each_runs_losses_a_colour_per_variant_a_style_p
     import matplotlib
 
     matplotlib.use("Agg")
-    from memlayers.compare import curves_figure
+    from memlayers.compare import curves_figure, plot_curves
 
     def run(name, losses, vals, cut=False):
         d = tmp_path / name
@@ -261,12 +268,15 @@ def test_the_curves_figure_draws_each_runs_losses_a_colour_per_variant_a_style_p
         return d
 
     runs = [
+        ("x", 0, tmp_path / "reused-without-metrics"),  # no lines, and still number 1
         ("d", 0, run("d0", [3.0, 2.0, 1.0], [1.1])),
         ("m", 0, run("m0", [3.0, 1.5, 0.5], [0.6])),
         ("d", 1, run("d1", [3.0, 2.5, 2.0], [2.1], cut=True)),  # killed mid-line: skipped
         ("m", 1, tmp_path / "never-trained"),  # no metrics: no line
     ]
     fig = curves_figure(runs)
+    # numbered as compare.png numbers the same rows
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["1  x", "2  d", "3  m"]
     assert "d1/metrics.jsonl: skipped its last line" in capsys.readouterr().err
     train_ax, val_ax = fig.axes[:2]
     lines = {(ln.get_color(), ln.get_linestyle()): ln for ln in train_ax.get_lines()}
@@ -276,7 +286,16 @@ def test_the_curves_figure_draws_each_runs_losses_a_colour_per_variant_a_style_p
     (m0,) = [ln for ln in train_ax.get_lines() if list(ln.get_ydata()) == [3.0, 1.5, 0.5]]
     assert d0.get_color() == d1.get_color() != m0.get_color()  # a colour per variant
     assert d0.get_linestyle() == m0.get_linestyle() != d1.get_linestyle()  # a style per seed
+    assert (d0.get_linestyle(), d1.get_linestyle()) == ("-", "--")  # as the title says
+    assert "seeds 0 '-', 1 '--'" in fig._suptitle.get_text()
     assert list(d0.get_xdata()) == [10, 20, 30] and len(lines) == 3
     assert sorted(ln.get_ydata()[0] for ln in val_ax.get_lines()) == [0.6, 1.1, 2.1]
-    assert "seeds 0" in fig._suptitle.get_text()
     assert curves_figure([("m", 1, tmp_path / "never-trained")]) is None
+    bad = run("bad", [3.0, 2.0], [])
+    (bad / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        curves_figure([("b", 0, bad)])
+    capsys.readouterr()
+    assert plot_curves([("b", 0, bad)], tmp_path / "curves.png") is None  # compare goes on
+    assert "no curves.png: " in capsys.readouterr().err
+    assert not (tmp_path / "curves.png").exists()
