@@ -43,8 +43,8 @@ def read_metrics(path: Path) -> list[dict]:
     """The records of a ``metrics.jsonl``; a last line cut short (the run was killed while
     writing it) is skipped with a note on stderr, a bad line before it is a ValueError
     naming the file and line."""
-    lines = [(i, line) for i, line in enumerate(Path(path).read_text().splitlines(), 1)]
-    lines = [(i, line) for i, line in lines if line.strip()]
+    text = Path(path).read_text()
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     out = []
     for i, line in lines:
         try:
