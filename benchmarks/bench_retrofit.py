@@ -216,11 +216,11 @@ def main() -> None:
 def plot(curves: dict, methods, path: str) -> None:
     """Facts learned (y) against forgetting (x: right answers lost; Δ val loss), one line
     per method through its evaluation steps, from the model before finetuning."""
-    import matplotlib
+    from memlayers.logger import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot(Path(path).name)
+    if plt is None:
+        return
     m0 = curves["before"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for method in methods:

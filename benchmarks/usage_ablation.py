@@ -225,13 +225,10 @@ def plot(runs: dict[str, list[dict]], path: Path) -> Path | None:
     runs = {name: logged for name, logged in runs.items() if logged}
     if not runs:
         return None
-    try:
-        import matplotlib
+    from memlayers.logger import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no figure (pip install matplotlib)")
+    plt = pyplot(path.name)
+    if plt is None:
         return None
     n = len(runs)
     cols = min(n, 4)

@@ -74,6 +74,7 @@ from memlayers.config import (
 )
 from memlayers.data.bios.world import DERIVED
 from memlayers.files import write_atomic
+from memlayers.logger import pyplot, read_metrics
 from memlayers.report import si
 
 # Variant overrides may not change what the variants are compared on.
@@ -423,33 +424,17 @@ def _save(fig, path: Path) -> Path | None:
     return path
 
 
-def _have_pyplot(path: Path) -> bool:
-    """matplotlib with the Agg backend, or a note that ``path`` is not written."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot  # noqa: F401
-    except ImportError:
-        print(
-            f"matplotlib is not installed: no {path.name} (pip install 'memlayers[plot]')",
-            file=sys.stderr,
-        )
-        return False
-    return True
-
-
 def plot(rows: list[dict], path: Path) -> Path | None:
     """Exact match, answer NLL and bits stored against active parameters and FLOPs, saved
     at ``path`` (:func:`figure`); None without matplotlib or anything to plot."""
-    return _save(figure(rows), path) if _have_pyplot(path) else None
+    return _save(figure(rows), path) if pyplot(path.name) else None
 
 
 def plot_curves(runs: list[tuple[str, int, str | Path]], path: Path) -> Path | None:
     """Each run's training and validation loss against step, saved at ``path``
     (:func:`curves_figure`); None without matplotlib or any metrics, or (with a note) when
     a metrics file is unreadable: the table is written already and stays the result."""
-    if not _have_pyplot(path):
+    if not pyplot(path.name):
         return None
     try:
         return _save(curves_figure(runs), path)
@@ -496,8 +481,6 @@ def curves_figure(runs: list[tuple[str, int, str | Path]]):
     like a weaker model (docs/usage.md, the headline study's round 3). None when no run
     has metrics."""
     import matplotlib.pyplot as plt
-
-    from memlayers.logger import read_metrics
 
     files = {(v, s): Path(d) / "metrics.jsonl" for v, s, d in runs}
     records = {k: read_metrics(f) for k, f in files.items() if f.is_file()}

@@ -39,6 +39,25 @@ class LoggingArgs:
                 )
 
 
+def pyplot(what: str, note=None):
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display), or None after
+    ``note`` (default: print to stderr) says that ``what`` is not written and how to get it:
+    matplotlib is an optional extra."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        msg = f"matplotlib is not installed: no {what} (pip install 'memlayers[plot]')"
+        if note is None:
+            print(msg, file=sys.stderr)
+        else:
+            note(msg)
+        return None
+    return plt
+
+
 def read_metrics(path: Path) -> list[dict]:
     """The records of a ``metrics.jsonl``; a last line cut short (the run was killed while
     writing it) is skipped with a note on stderr, a bad line before it is a ValueError
@@ -205,7 +224,7 @@ class RunLogger:
         records = [r for r in self._records() if any(k.startswith("usage/") for k in r)]
         if not records:
             return None
-        plt = self._pyplot("usage.png")
+        plt = pyplot("usage.png", self.message)
         if plt is None:
             return None
         names = [k.split("/")[1] for r in records for k in r if k.startswith("usage/")]

@@ -299,3 +299,24 @@ def test_the_curves_figure_draws_each_runs_losses_a_colour_per_variant_a_style_p
     assert plot_curves([("b", 0, bad)], tmp_path / "curves.png") is None  # compare goes on
     assert "no curves.png: " in capsys.readouterr().err
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_without_matplotlib_each_figure_is_a_note_and_nothing_else(tmp_path, monkeypatch, capsys):
+    """matplotlib is an extra: compare's figures are skipped with one note each naming the
+    file and the extra, and the logger's go to its messages (memlayers.logger.pyplot)."""
+    import sys
+
+    from memlayers.compare import plot, plot_curves
+    from memlayers.logger import pyplot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    rows = [{**_row("m", 1e-3, 0.5), "bits": 1.0}]
+    assert plot(rows, tmp_path / "compare.png") is None
+    assert plot_curves([("m", 0, tmp_path)], tmp_path / "curves.png") is None
+    err = capsys.readouterr().err.splitlines()
+    want = "matplotlib is not installed: no {} (pip install 'memlayers[plot]')"
+    assert err == [want.format("compare.png"), want.format("curves.png")]
+    notes = []
+    assert pyplot("loss.png", notes.append) is None
+    assert notes == [want.format("loss.png")] and capsys.readouterr().err == ""
+    assert list(tmp_path.iterdir()) == []
