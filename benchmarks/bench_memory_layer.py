@@ -5,8 +5,14 @@ against the SwiGLU FFN it replaces at the same dim and tokens, all in one run.
 
     python benchmarks/bench_memory_layer.py                    # one GPU, paper shape
     python benchmarks/bench_memory_layer.py --out results.md
+    python benchmarks/bench_memory_layer.py --compile           # + both steps compiled
     python benchmarks/bench_memory_layer.py --shared --dim 768 --tokens 8192 --table-dtype fp32
     TRITON_INTERPRET=1 python benchmarks/bench_memory_layer.py --smoke   # CPU: code paths
+
+``--compile`` adds the whole step of the layer and of the FFN with each module under
+``torch.compile`` (the optimizers eager), as the trainer runs its blocks on a GPU
+(``compile`` null: on CUDA), and their ratio beside the eager one: the layer's custom ops
+stay whole in its graph, the gating and norms around them fuse, as the FFN's do.
 
 Paper shape (docs/method.md §1): dim 1024, 1024² = 1,048,576 value rows of 1024 (bf16), 4 heads
 × top-32, k_dim 512, 16,384 tokens; every parameter bf16, Adam moments fp32 for values.
@@ -64,14 +70,29 @@ def train_step(layer, x, gy, opts):
         opt.zero_grad(set_to_none=True)
 
 
-def bench_triton_layer(args, x, gy, add, device, dtype) -> float:
-    """The whole Triton step, then each part alone (forward + backward, or the step)."""
+def timed_compiled(module, x, gy, opts) -> float:
+    """:func:`timed` of a step with ``module`` under ``torch.compile`` (its compilation in
+    two untimed steps first: the first compiles, the second checks nothing recompiles)."""
+    compiled = torch.compile(module)
+    fn = lambda: train_step(compiled, x, gy, opts)
+    fn()
+    fn()
+    return timed(fn)
+
+
+def bench_triton_layer(args, x, gy, add, device, dtype) -> tuple[float, float | None]:
+    """The whole Triton step (and compiled with ``--compile``), then each part alone
+    (forward + backward, or the step). Returns the two steps' ms (None: not compiled)."""
     layer, values, vopt, ropt = build(args, "triton", True, device, dtype)
     first, *others = args.value_optimizers
     t = add(
         f"Memory+ step, impl=triton (sparse grad, lazy Adam: {first})",
         timed(lambda: train_step(layer, x, gy, (vopt, ropt))),
     )
+    t_compiled = None
+    if args.compile:
+        t_compiled = add("Memory+ step, compiled (torch.compile of the layer)",
+                         timed_compiled(layer, x, gy, (vopt, ropt)))  # fmt: skip
     for name in others:  # the same step with another value optimizer, same run
         other = value_adam(values.weight, name, "triton")
         add(
@@ -131,7 +152,7 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> float:
     for prm in params:
         prm.grad = torch.zeros_like(prm)
     add("  part: AdamW(fused) on the other parameters", timed(ropt.step))
-    return t
+    return t, t_compiled
 
 
 def search_recall(layer, x, chunk: int = 4096) -> tuple[float, float]:
@@ -235,15 +256,19 @@ def bench_torch_layer(args, x, gy, add, device, dtype, sparse_grad: bool) -> flo
     return add(name, timed(lambda: train_step(layer, x, gy, (vopt, ropt)), rep_ms=300), note)
 
 
-def bench_ffn(args, x, gy, add, device, dtype) -> float:
-    """The SwiGLU FFN the layer replaces (Llama hidden size 8/3·dim rounded to 256)."""
+def bench_ffn(args, x, gy, add, device, dtype) -> tuple[float, float | None]:
+    """The SwiGLU FFN the layer replaces (Llama hidden size 8/3·dim rounded to 256): its
+    step, and compiled with ``--compile`` (None without)."""
     from memlayers.model import SwiGLU
 
     hidden = 256 * -(-int(8 * args.dim / 3) // 256)
     ffn = SwiGLU(args.dim, hidden).to(device=device, dtype=dtype)
     opt = torch.optim.AdamW(ffn.parameters(), lr=1e-4, fused=device.type == "cuda")
     fn = lambda: train_step(ffn, x, gy, (opt,))
-    return add(f"SwiGLU FFN step (hidden {hidden})", timed(fn))
+    t = add(f"SwiGLU FFN step (hidden {hidden})", timed(fn))
+    if not args.compile:
+        return t, None
+    return t, add("SwiGLU FFN step, compiled", timed_compiled(ffn, x, gy, (opt,)))
 
 
 def bench_shared_table(args, add, device) -> dict:
@@ -338,6 +363,10 @@ def main() -> None:
         help="the value table's lazy Adam (the first in the whole step and the ratio; the "
         "others timed beside it: their step and the whole step with them)",
     )  # fmt: skip
+    p.add_argument(
+        "--compile", action="store_true",
+        help="also time the layer's and the FFN's whole step with each under torch.compile",
+    )  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
     p.add_argument("--out", help="write the markdown table here")
     args = p.parse_args()
@@ -372,7 +401,7 @@ def main() -> None:
         ]  # fmt: skip
         report("\n".join(lines), args.out)
         return
-    t_tri = bench_triton_layer(args, x, gy, add, device, dtype)
+    t_tri, t_tri_c = bench_triton_layer(args, x, gy, add, device, dtype)
     release()
     t_torch = t_torch_dense = None
     if not args.no_reference:
@@ -380,7 +409,7 @@ def main() -> None:
         release()
         t_torch_dense = bench_torch_layer(args, x, gy, add, device, dtype, sparse_grad=False)
         release()
-    t_ffn = bench_ffn(args, x, gy, add, device, dtype)
+    t_ffn, t_ffn_c = bench_ffn(args, x, gy, add, device, dtype)
     vs_torch = [] if t_torch is None else [
         f"| Memory+ triton vs impl=torch, same config (≥6×) | {t_torch / t_tri:.1f}× |",
         f"| Memory+ triton vs impl=torch dense + AdamW | {t_torch_dense / t_tri:.1f}× |",
@@ -398,7 +427,9 @@ def main() -> None:
         "|---|---|",
         *vs_torch,
         f"| Memory+ triton step / SwiGLU FFN step | {t_tri / t_ffn:.2f} |",
-    ]
+        *([] if t_tri_c is None else [
+            f"| the same, both compiled | {t_tri_c / t_ffn_c:.2f} |"]),
+    ]  # fmt: skip
     text = "\n".join(lines)
     report(text, args.out)
 
