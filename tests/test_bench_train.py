@@ -1,20 +1,15 @@
 """The throughput benchmark's regression guard (benchmarks/bench_train.py)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import yaml
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+from benchmark_scripts import load
 
 
 @pytest.fixture
 def bench(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_train", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load("bench_train")
     monkeypatch.setattr(module, "RESULTS", tmp_path)
     return module
 

@@ -1,21 +1,14 @@
 """benchmarks/moment_structure.py: what a row, and a row x column, factor of Adam's second
 moment explain."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "moment_structure.py"
+from benchmark_scripts import load
 
 
 @pytest.fixture(scope="module")
 def ms():
-    spec = importlib.util.spec_from_file_location("moment_structure", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("moment_structure")
 
 
 def test_a_factored_moment_is_explained_by_rows_and_columns_and_noise_by_neither(ms):

@@ -1,23 +1,13 @@
 """The scaling model's arithmetic (benchmarks/scaling_model.py, docs/scaling.md): the
 byte counts it is built from, against hand counts of the paper's 8B + 64M-row setting."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling_model.py"
+from benchmark_scripts import load
 
 
 @pytest.fixture(scope="module")
 def sm():
-    spec = importlib.util.spec_from_file_location("scaling_model", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["scaling_model"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["scaling_model"]
+    return load("scaling_model")
 
 
 def test_table_state_and_exchange_bytes(sm):

@@ -2,7 +2,6 @@
 configs that train, and its report reads what the trainer logged."""
 
 import argparse
-import importlib.util
 import json
 import re
 import sys
@@ -10,19 +9,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from benchmark_scripts import load
 from omegaconf import OmegaConf
 
 from memlayers.config import load_config
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "usage_ablation.py"
-
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("usage_ablation", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("usage_ablation")
 
 
 def test_a_variant_spec_names_its_overrides(ablation):
