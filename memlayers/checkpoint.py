@@ -33,8 +33,11 @@ leaves a complete step directory that ``latest`` does not name yet: the newest c
 of a run is therefore the newest complete step directory (``latest`` must name one of
 this directory's steps: a path into another run is an error), and a resume takes the
 newest one whose manifest verifies. The next save sweeps the ``.tmp-step_*`` directories
-of crashed writes. A load checks the manifest (missing files, sizes,
-checksums) before reading anything and raises :class:`CheckpointError` naming the path.
+of crashed writes. A resume from an earlier step (chosen, or past newer checkpoints that
+fail verification) moves the newer ones into ``abandoned_after_step_XXXXXX/``
+(:func:`set_aside_after`), so they no longer count as the run's. A load checks the
+manifest (missing files, sizes, checksums) before reading anything and raises
+:class:`CheckpointError` naming the path.
 """
 
 from __future__ import annotations
@@ -322,6 +325,42 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
         if name not in found and _STEP_NAME.fullmatch(name) and (p / "meta.json").is_file():
             found[name] = p
     return [found[n] for n in sorted(found, key=lambda n: _step_of(Path(n)), reverse=True)]
+
+
+def set_aside_after(root: str | Path, step: int, metrics: Path | None = None) -> Path | None:
+    """Move this run's checkpoints past ``step`` out of the way of a resume from ``step``.
+
+    A resume from an earlier checkpoint of the same run (``--resume-from
+    checkpoints/step_000400`` when 600 exists, or a fall-back past a newer one that fails
+    verification) starts another line of training: left in ``root``, the newer step
+    directories would win as the newest checkpoint (eval, generate and the next
+    ``--resume`` would read the abandoned model) and ``keep`` would prune the new ones
+    first. They go instead, complete or not, into ``root/abandoned_after_step_XXXXXX/``
+    (``-2``, ``-3``, ... when that exists), with a copy of ``metrics`` (the run's log,
+    which the resume truncates to ``step``); ``latest`` then names ``step``'s directory.
+    Nothing is deleted. Returns that directory, or None when nothing was past ``step``."""
+    root = Path(root)
+    newer = []
+    for p in (*root.glob("step_*"), *root.glob(".old-step_*-*")):
+        name = _set_aside(p) if p.name.startswith(".old-") else p.name
+        if p.is_dir() and _STEP_NAME.fullmatch(name) and int(name[len("step_") :]) > step:
+            newer.append(p)
+    if not newer:
+        return None
+    base = root / f"abandoned_after_{step_dir_name(step)}"
+    dest, k = base, 1
+    while dest.exists():
+        k += 1
+        dest = base.with_name(f"{base.name}-{k}")
+    dest.mkdir()
+    for p in sorted(newer):
+        os.replace(p, dest / p.name)
+    if metrics is not None and metrics.is_file():
+        shutil.copy2(metrics, dest / metrics.name)
+    if (root / step_dir_name(step) / "meta.json").is_file():
+        write_atomic(root / "latest", step_dir_name(step) + "\n")
+    fsync_dir(root)
+    return dest
 
 
 def _checkpoints_of(path: str | Path) -> tuple[Path, list[Path]]:

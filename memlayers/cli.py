@@ -85,12 +85,16 @@ def _add_train(sub) -> None:
         "--resume", action="store_true", help="continue from run_dir's latest checkpoint"
     )
     how.add_argument(
-        "--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory"
+        "--resume-from",
+        metavar="CHECKPOINT",
+        help="continue from this checkpoint directory: one of run_dir's own (the newer ones "
+        "are set aside, not deleted) or another run's (run_dir must then hold no run)",
     )
-    how.add_argument(
+    p.add_argument(
         "--overwrite",
         action="store_true",
-        help="delete the run already in run_dir and start afresh (without it: an error)",
+        help="delete the run already in run_dir first (without it: an error); with "
+        "--resume-from, a checkpoint outside run_dir",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
@@ -120,6 +124,8 @@ def _train(ns: argparse.Namespace) -> int:
     if ns.print_config:
         print(config.to_yaml(args), end="")
         return 0
+    if ns.resume and ns.overwrite:
+        return _error(ValueError("--resume continues the run in run_dir: not with --overwrite"), 2)
     resume = ns.resume_from or ("latest" if ns.resume else None)
     try:
         if resume is not None:

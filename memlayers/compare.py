@@ -68,8 +68,8 @@ from memlayers.config import (
     STUDY_SECTION,
     TrainArgs,
     _read_yaml,
+    config_changes,
     load_config,
-    to_yaml,
     with_vocab,
 )
 from memlayers.data.bios.world import DERIVED
@@ -202,7 +202,9 @@ def check_seeds(seeds, what: str = "seeds") -> list[int]:
         raise ValueError(f"{what} must be a list of seeds, got {seeds!r}")
     out = []
     for x in seeds:
-        if isinstance(x, bool) or not (isinstance(x, int) or (isinstance(x, str) and x.isdigit())):
+        if isinstance(x, bool) or not (
+            (isinstance(x, int) and x >= 0) or (isinstance(x, str) and x.isdigit())
+        ):
             raise ValueError(f"{what}: {x!r} is not a seed (a non-negative int)")
         if int(x) in out:
             raise ValueError(f"{what}: {x!r} is named twice")
@@ -300,6 +302,21 @@ def variant_args(spec: str, yamls: list[str], overrides: list[str], out: Path) -
     )
 
 
+def _same_config(args: TrainArgs) -> bool:
+    """Whether ``args.run_dir`` holds a run whose saved ``config.yaml`` is ``args`` key for
+    key as written (no preset or default filled in: a run saved before a field existed
+    did not train with today's default of it), the vocabulary being the data's. An
+    unreadable file is not the same config."""
+    path = Path(args.run_dir) / "config.yaml"
+    if not path.is_file():
+        return False
+    try:
+        vocab = OmegaConf.load(path).model.vocab_size
+        return not config_changes(path, with_vocab(args, vocab))
+    except Exception:  # a truncated or foreign file: this run is retrained, not reused
+        return False
+
+
 def _finished(args: TrainArgs, max_qa: int | None = None) -> dict | None:
     """The eval results (of the same ``max_qa``) of an identical finished run in
     ``args.run_dir``, else None."""
@@ -308,13 +325,25 @@ def _finished(args: TrainArgs, max_qa: int | None = None) -> dict | None:
     run = Path(args.run_dir)
     what = partial_name([], True, True, max_qa, MAX_VAL_TOKENS, MAX_NEW_TOKENS)
     path = run / "eval" / (f"results-{what}.json" if what else "results.json")
-    if not path.is_file() or not (run / "config.yaml").is_file():
-        return None
-    saved = load_config([run / "config.yaml"])
-    if to_yaml(saved) != to_yaml(with_vocab(args, saved.model.vocab_size)):  # vocab: the data's
+    if not path.is_file() or not _same_config(args):
         return None
     results = json.loads(path.read_text())
     return results if results.get("step") == args.steps else None
+
+
+def _resumable(args: TrainArgs) -> int | None:
+    """The step of the newest verified checkpoint of an identical run in ``args.run_dir``
+    (one killed while training or evaluating: ``--reuse`` goes on from there rather than
+    training it again), else None."""
+    from memlayers.checkpoint import CheckpointError, newest_verified
+
+    if not _same_config(args):
+        return None
+    try:
+        _, meta, _ = newest_verified(args.run_dir)
+    except CheckpointError:
+        return None
+    return int(meta["step"])
 
 
 def summary_row(label: str, r: dict) -> dict:
@@ -724,8 +753,15 @@ def compare(
         if results is not None:
             print(f"== {name}: reusing {args.run_dir}")
         else:
-            print(f"== {name}: training into {args.run_dir}")
-            train(args, overwrite=True)  # out/<variant> is compare's own: retrain over it
+            step = _resumable(args) if reuse else None
+            if step is None:
+                print(f"== {name}: training into {args.run_dir}")
+                train(args, overwrite=True)  # out/<variant> is compare's own: retrain over it
+            elif step < args.steps:
+                print(f"== {name}: resuming {args.run_dir} at step {step}")
+                train(args, resume="latest")
+            else:
+                print(f"== {name}: evaluating {args.run_dir} (trained, not evaluated)")
             results = evaluate(args.run_dir, device=args.device, max_qa=max_qa,
                                progress=args.logging.progress)  # fmt: skip
         print(format_results(results))

@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from memlayers.checkpoint import CheckpointArgs
 from memlayers.data.loader import DataArgs, reject_old_options
+from memlayers.files import write_atomic
 from memlayers.logger import LoggingArgs
 from memlayers.optim import OptimArgs
 from memlayers.parallel import ParallelArgs
@@ -71,6 +72,11 @@ class TrainArgs:
                 raise ValueError(f"{name} must be >= 1, got {name}={v!r}")
         if not self.max_weight >= 0:
             raise ValueError(f"max_weight must be >= 0 (0: off), got max_weight={self.max_weight}")
+        if self.final_eval and not self.checkpoint.enabled:
+            raise ValueError(
+                "final_eval=true evaluates the last checkpoint, but checkpoint.enabled=false "
+                "writes none: set final_eval=false, or enable checkpoints"
+            )
         for name in ("eval_every", "eval_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)!r}")
@@ -207,5 +213,29 @@ def to_yaml(args: TrainArgs) -> str:
 
 
 def save_config(args: TrainArgs, path: str | Path) -> None:
-    """Write the resolved config (what :func:`load_config` reads back)."""
-    Path(path).write_text(to_yaml(args))
+    """Write the resolved config (what :func:`load_config` reads back), atomically."""
+    write_atomic(Path(path), to_yaml(args))
+
+
+def _flat(node, prefix: str = "") -> dict:
+    """``{"optim.lr": 0.001, ...}`` of a nested config container (lists are values)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out = {}
+    for key, value in node.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_changes(saved: str | Path, args: TrainArgs) -> list[str]:
+    """``["optim.lr: 0.001 -> 0.0001", ...]``: every key whose value in ``args`` differs
+    from the config file ``saved`` as written (no preset or default filled in: a key the
+    file lacks is a change, ``<absent>``), in key order."""
+    old = _flat(OmegaConf.to_container(OmegaConf.load(saved)))
+    new = _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(args))))
+    missing = "<absent>"
+    return [
+        f"{k}: {old.get(k, missing)} -> {new.get(k, missing)}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k, missing) != new.get(k, missing)
+    ]

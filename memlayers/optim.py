@@ -72,18 +72,22 @@ class OptimArgs:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
 
     def validate(self) -> None:
-        for name in ("lr", "eps"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"optim.{name} must be > 0, got {getattr(self, name)!r}")
-        if not self.value_lr > 0:
-            raise ValueError(f"optim.value_lr must be > 0, got {self.value_lr!r}")
-        if self.memory_lr is not None and not self.memory_lr > 0:
+        # isfinite: inf passes "> 0" and NaN fails every comparison, "< 0" too
+        for name in ("lr", "eps", "value_lr"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"optim.{name} must be finite and > 0, got {v!r}")
+        if self.memory_lr is not None and not (
+            math.isfinite(self.memory_lr) and self.memory_lr > 0
+        ):
             raise ValueError(
-                f"optim.memory_lr must be > 0 (or null: optim.lr), got {self.memory_lr!r}"
+                f"optim.memory_lr must be finite and > 0 (or null: optim.lr), got "
+                f"{self.memory_lr!r}"
             )
         for name in ("weight_decay", "value_weight_decay", "grad_clip", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)!r}")
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"optim.{name} must be finite and >= 0, got {v!r}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(self, name)!r}")

@@ -59,11 +59,18 @@ class Run:
         self.metrics_path = self.root / "metrics.jsonl"
         self.checkpoints = self.root / "checkpoints"
         self.eval_root = self.root / "eval"
-        # everything a run writes here, removed by start_fresh(overwrite=True)
+        # everything a run writes here, removed by start_fresh(overwrite=True) (and the
+        # configs a resume with changes keeps: config.until_step_XXXXXX.yaml)
         self.files = (
             self.config_path, self.tokenizer_path, self.metrics_path, self.checkpoints,
-            self.eval_root, self.root / "tb", self.root / "loss.png",
+            self.eval_root, self.root / "tb", self.root / "loss.png", self.root / "usage.png",
         )  # fmt: skip
+
+    def holds(self, path: str | Path) -> bool:
+        """Whether ``path`` (a checkpoint, or the run directory itself) lies in this run."""
+        root = self.root.resolve()
+        p = Path(path).resolve()
+        return p == root or root in p.parents
 
     def start_fresh(self, overwrite: bool = False, clear: bool = True) -> None:
         """Make way for a new run (not a resume). A directory that already holds a run
@@ -82,7 +89,8 @@ class Run:
                 f"continue it, another run_dir=... for a new run, or --overwrite to replace "
                 f"it (library: train(args, resume='latest') or train(args, overwrite=True))"
             )
-        for p in self.files if clear else ():
+        kept = sorted(self.root.glob("config.until_step_*.yaml"))
+        for p in (*self.files, *kept) if clear else ():
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():

@@ -64,16 +64,20 @@ from memlayers.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     save_distributed_checkpoint,
+    set_aside_after,
+    step_dir_name,
 )
 from memlayers.config import (
     TOKENIZED_DATASETS,
     TrainArgs,
+    config_changes,
     save_config,
     with_architecture,
     with_vocab,
 )
 from memlayers.data.loader import PackedLoader, load_dataset
 from memlayers.eval.validation import validation_loss
+from memlayers.files import write_atomic
 from memlayers.logger import RunLogger
 from memlayers.memory import ProductKeyMemory
 from memlayers.optim import build_optimizer, set_lr, uses_sparse_values
@@ -309,10 +313,29 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
     t_start = time.perf_counter()  # the run's training seconds count from here
     env = init_distributed(args.device)
     run = Run(args.run_dir)
-    if resume is None:
-        # Every rank checks (the same answer, so no rank waits on one that raised); the
-        # barrier keeps rank 0's first writes, deleting an old run too, after every rank's
-        # check: a rank still looking at checkpoints/ must not find it gone.
+    # What this process count refuses, before anything in run_dir is written or deleted.
+    if (args.model.hf or args.model.resolved_memory_mode == "parallel") and env.world_size > 1:
+        raise ValueError(
+            f"model.hf / memory_mode=parallel train on one process (world_size="
+            f"{env.world_size}): the pretrained weights go into an unsharded model"
+        )
+    if args.checkpoint.format == "safetensors" and env.world_size > 1:
+        raise ValueError(
+            f"checkpoint.format=safetensors writes one file from rank 0; with "
+            f"world_size={env.world_size} use checkpoint.format=dcp (or auto)"
+        )
+    own = resume == "latest" or (resume is not None and run.holds(resume))
+    if overwrite and own:
+        raise ValueError(
+            f"overwrite would delete the run in {run.root} that the resume reads "
+            f"({resume!r}): resume it, or start afresh without resuming"
+        )
+    if not own:
+        # A fresh start, or another run's checkpoint starting this one: either must not
+        # mix with a run already here. Every rank checks (the same answer, so no rank
+        # waits on one that raised); the barrier keeps rank 0's first writes, deleting an
+        # old run too, after every rank's check: a rank still looking at checkpoints/
+        # must not find it gone.
         run.start_fresh(overwrite, clear=env.world_size == 1)
         if env.world_size > 1:
             dist.barrier()
@@ -331,18 +354,10 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
         args, pretrained = read_pretrained(args, data.vocab_size, weights=resume is None)
     else:
         args = with_vocab(args, data.vocab_size)
-    if env.is_main and hasattr(data.tokenizer, "save"):
-        # eval and generate decode with the run's own tokenizer (memlayers/run.py)
-        data.tokenizer.save(run.tokenizer_path)
     model_cfg = args.model.to_config()
     mode = args.model.resolved_memory_mode
     compile_ = use_compile(args.compile, env.device)
     if args.model.hf or mode == "parallel":
-        if env.world_size > 1:
-            raise ValueError(
-                f"model.hf / memory_mode=parallel train on one process (world_size="
-                f"{env.world_size}): the pretrained weights go into an unsharded model"
-            )
         model = retrofit.build_model(
             model_cfg, mode, env.device, args.seed, uses_sparse_values(args.optim)
         )
@@ -387,6 +402,21 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
         torch.manual_seed(args.seed + env.rank)  # dropout streams differ per rank
     if start >= args.steps:
         raise ValueError(f"the checkpoint is at step {start}, nothing to do for steps={args.steps}")
+    set_aside = changes = kept = None
+    if env.is_main:
+        if resume is not None and own:
+            # An earlier checkpoint of this run (chosen, or the newest that verifies): the
+            # newer ones are another line of training, set aside before they win.
+            set_aside = set_aside_after(run.checkpoints, start, run.metrics_path)
+            if run.config_path.is_file():
+                changes = config_changes(run.config_path, args)
+                if changes:  # the config the run trained with so far is kept beside
+                    kept = run.config_path.with_name(f"config.until_{step_dir_name(start)}.yaml")
+                    write_atomic(kept, run.config_path.read_text())
+        if hasattr(data.tokenizer, "save"):
+            # eval and generate decode with the run's own tokenizer (memlayers/run.py);
+            # written once the resume has loaded (a refused one leaves the run's as it was)
+            data.tokenizer.save(run.tokenizer_path)
 
     log = RunLogger(run.root, args.logging, args.steps, start, enabled=env.is_main)
     if env.is_main:
@@ -404,6 +434,16 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
         )
         for why in state["skipped"] if resume else ():
             log.message(f"skipped a newer checkpoint that fails verification: {why}")
+        if set_aside is not None:
+            log.message(
+                f"resumed from an earlier checkpoint: the newer ones (and the metrics up to "
+                f"them) are set aside in {set_aside}"
+            )
+        if changes:
+            log.message(
+                f"resumed with a changed config ({kept.name} holds the one before): "
+                + "; ".join(changes)
+            )
         if resume and usage is not None and "usage" not in state:
             log.message(
                 f"usage: the checkpoint holds no read rows, so rows_ever_used_pct counts "
@@ -424,11 +464,6 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
     tokens_before = before.get("tokens_trained", start * tokens_per_step)
     seconds_before = before.get("train_seconds", 0.0)
 
-    if args.checkpoint.format == "safetensors" and env.world_size > 1:
-        raise ValueError(
-            f"checkpoint.format=safetensors writes one file from rank 0; with "
-            f"world_size={env.world_size} use checkpoint.format=dcp (or auto)"
-        )
     dcp = args.checkpoint.format == "dcp" or (
         args.checkpoint.format == "auto" and env.world_size > 1
     )

@@ -162,6 +162,7 @@ def test_seeds_are_read_from_a_list_or_a_comma_string():
         ([], "must be a list of seeds"),
         (1, "must be a list of seeds"),
         ("0,-1", "'-1' is not a seed"),
+        ([0, -1], "-1 is not a seed"),  # a study file's list: ints
         ([1.5], "1.5 is not a seed"),
         ([True], "True is not a seed"),
         ([0, "0"], "'0' is named twice"),

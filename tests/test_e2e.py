@@ -81,6 +81,27 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     assert cli_main(["compare", "tiny-dense", *shared, "--out", str(out)]) == 0
     assert "tiny-dense: training into" in capsys.readouterr().out
 
+    # --reuse of a variant killed before its evaluation, or while training, goes on from
+    # its checkpoint (the study's runs are cut at device time limits); one whose saved
+    # config lacks a key today's has (trained before it existed) is trained again
+    run = out / "tiny-dense"
+    want = json.loads((run / "eval" / "results.json").read_text())["qa"]
+    cmd = ["compare", "tiny-dense", *shared, "--out", str(out), "--reuse"]
+    shutil.rmtree(run / "eval")
+    assert cli_main(cmd) == 0
+    assert "tiny-dense: evaluating " in capsys.readouterr().out
+    assert json.loads((run / "eval" / "results.json").read_text())["qa"] == want
+    shutil.rmtree(run / "eval")
+    shutil.rmtree(run / "checkpoints" / "step_000008")
+    assert cli_main(cmd) == 0
+    assert f"tiny-dense: resuming {run} at step 4" in capsys.readouterr().out
+    assert json.loads((run / "eval" / "results.json").read_text())["qa"] == want  # exact
+    config = (run / "config.yaml").read_text()
+    assert "  query_batch_norm: false\n" in config
+    (run / "config.yaml").write_text(config.replace("  query_batch_norm: false\n", ""))
+    assert cli_main(cmd) == 0
+    assert "tiny-dense: training into" in capsys.readouterr().out
+
     assert cli_main(["compare", "tiny-dense:steps=3"]) == 1  # would change the budget
     assert "same for every variant" in capsys.readouterr().err
 

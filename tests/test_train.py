@@ -128,7 +128,9 @@ def test_a_fresh_run_into_a_finished_one_is_refused_unless_overwrite(tmp_path, c
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000003"]
     with pytest.raises(SystemExit):  # one way at a time
-        cli_main([*argv, "--overwrite", "--resume"])
+        cli_main([*argv, "--resume-from", str(run), "--resume"])
+    assert cli_main([*argv, "--overwrite", "--resume"]) == 2
+    assert "--resume continues the run in run_dir: not with --overwrite" in capsys.readouterr().err
 
 
 def test_resume_drops_a_partial_last_metrics_line(tmp_path):
@@ -163,6 +165,76 @@ def test_resume_finds_the_newest_verified_checkpoint(tmp_path):
     resumed = train(tiny_args(run, "steps=4", "checkpoint.every=2"), resume="latest")
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full[2:]]  # from step 2
     assert not list(ck.glob(".tmp-*"))  # swept by the next save
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_newer_ones_aside(tmp_path, capsys):
+    """A rewind (--resume-from an earlier checkpoint of the same run, here with another
+    rate and length) is another line of training: the abandoned newer checkpoints must not
+    win as the run's newest (eval, generate, --resume) nor be pruned before the new ones;
+    they are moved aside with the metrics, and the config trained with so far is kept."""
+    run = tmp_path / "run"
+    train(tiny_args(run, "steps=6", "checkpoint.every=2", "checkpoint.keep=2"))
+    ck = run / "checkpoints"
+    old_config = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    args = tiny_args(run, "steps=5", "checkpoint.every=2", "checkpoint.keep=2", "optim.lr=1e-4")
+    resumed = train(args, resume=str(ck / "step_000004"))
+    assert [r["step"] for r in resumed] == [5]
+    assert resolve_checkpoint(run).name == "step_000005" == (ck / "latest").read_text().strip()
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_000004", "step_000005"]
+    aside = ck / "abandoned_after_step_000004"
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step_000006"]
+    kept = (aside / "metrics.jsonl").read_text().splitlines()
+    assert max(json.loads(x)["step"] for x in kept) == 6
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
+    assert (run / "config.until_step_000004.yaml").read_text() == old_config
+    out = capsys.readouterr().out
+    assert f"the newer ones (and the metrics up to them) are set aside in {aside}" in out
+    assert "resumed with a changed config (config.until_step_000004.yaml" in out
+    assert "optim.lr: 0.003 -> 0.0001; steps: 6 -> 5" in out
+    # the same rewind again: a folder of its own; a plain resume changes nothing of that
+    train(args, resume=str(ck / "step_000004"))
+    assert sorted(p.name for p in (ck / "abandoned_after_step_000004-2").iterdir()) == [
+        "metrics.jsonl", "step_000005",
+    ]  # fmt: skip
+    capsys.readouterr()
+    train(tiny_args(run, "steps=6", "checkpoint.every=2", "checkpoint.keep=2",
+                    "optim.lr=1e-4"), resume="latest")  # fmt: skip
+    out = capsys.readouterr().out
+    assert "set aside" not in out and "optim.lr" not in out and "steps: 5 -> 6" in out
+    assert len(list(ck.glob("abandoned_after_*"))) == 2
+    train(tiny_args(run, "steps=2"), overwrite=True)  # a fresh start clears all of it
+    assert not list(run.glob("config.until_*")) and not list(ck.glob("abandoned_*"))
+
+
+def test_another_runs_checkpoint_does_not_start_into_a_run_dir_holding_a_run(tmp_path):
+    train(tiny_args(tmp_path / "other", "steps=2", "checkpoint.every=2"))
+    run = tmp_path / "run"
+    train(tiny_args(run, "steps=4", "checkpoint.every=2"))
+    before = {p: (run / p).read_bytes() for p in ("metrics.jsonl", "config.yaml")}
+    other = str(tmp_path / "other" / "checkpoints" / "step_000002")
+    with pytest.raises(RunError, match=rf"{run} already holds a run"):
+        train(tiny_args(run, "steps=4"), resume=other)
+    assert {p: (run / p).read_bytes() for p in before} == before
+    assert resolve_checkpoint(run).name == "step_000004"
+    with pytest.raises(ValueError, match="overwrite would delete the run in .* that the resume"):
+        train(tiny_args(run, "steps=6"), resume="latest", overwrite=True)
+    resumed = train(tiny_args(run, "steps=3", "checkpoint.every=2"), resume=other, overwrite=True)
+    assert [r["step"] for r in resumed] == [3]  # the old run's files are gone
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000003"]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [3]
+
+
+def test_a_refused_resume_leaves_the_runs_tokenizer(tmp_path):
+    bios = ["data.dataset=bios", "data.bios.n_people=20", "data.seq_len=16"]
+    run = tmp_path / "run"
+    train(tiny_args(run, "steps=2", "checkpoint.every=2", *bios))
+    (run / "tokenizer.json").write_text("the run's own")
+    with pytest.raises(CheckpointError, match="holds fp32 value tables"):
+        train(tiny_args(run, "steps=4", "model.memory.value_dtype=bf16", *bios), resume="latest")
+    assert (run / "tokenizer.json").read_text() == "the run's own"
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
@@ -453,8 +525,27 @@ def test_config_from_before_optim_value_lr_is_upgraded(tmp_path, old, want):
 def test_old_value_lr_key_on_the_command_line_names_the_new_one():
     with pytest.raises(ValueError, match=r"optim\.value_lr=0\.01"):
         load_config([], ["model.memory.value_lr=0.01"])
-    with pytest.raises(ValueError, match=r"optim\.value_lr must be > 0"):
+    with pytest.raises(ValueError, match=r"optim\.value_lr must be finite and > 0"):
         load_config([], ["optim.value_lr=0"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=inf", "optim.lr must be finite and > 0, got inf"),
+        ("optim.value_lr=inf", "optim.value_lr must be finite and > 0, got inf"),
+        ("optim.memory_lr=inf", "optim.memory_lr must be finite and > 0"),
+        ("optim.weight_decay=nan", "optim.weight_decay must be finite and >= 0, got nan"),
+        ("optim.grad_clip=nan", "optim.grad_clip must be finite and >= 0, got nan"),
+        ("optim.value_weight_decay=inf", "optim.value_weight_decay must be finite and >= 0"),
+        ("checkpoint.enabled=false", "final_eval=true evaluates the last checkpoint, but"),
+    ],
+)
+def test_non_finite_rates_and_a_final_eval_without_checkpoints_are_refused(override, message):
+    # nan would turn clipping off or the weights to nan; the eval would fail after the run
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config([], [override])
+    load_config([], ["checkpoint.enabled=false", "final_eval=false"])  # no eval: fine
 
 
 @pytest.mark.parametrize(
@@ -645,7 +736,7 @@ def test_memory_lr_gives_the_memory_layers_groups_of_their_own():
     # unset: the memory layers are in the body's groups, as before
     plain = {g["name"] for g in build_optimizer(model, OptimArgs()).param_groups}
     assert plain == {"decay", "no_decay", "values"}
-    with pytest.raises(ValueError, match="optim.memory_lr must be > 0"):
+    with pytest.raises(ValueError, match="optim.memory_lr must be finite and > 0"):
         OptimArgs(memory_lr=0.0).validate()
 
 
