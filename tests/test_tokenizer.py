@@ -92,6 +92,21 @@ def _cached_sentencepiece():
     return None
 
 
+def test_a_sentencepiece_model_saved_as_a_runs_tokenizer_json_loads_back(tmp_path):
+    # The trainer saves every tokenizer as run_dir/tokenizer.json (memlayers.run.Run): a
+    # SentencePiece model there is protobuf bytes, read back by content, not by suffix.
+    spm = pytest.importorskip("sentencepiece")
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"the cat number {i} sat on the mat {i * 7}" for i in range(300)))
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=60, minloglevel=2
+    )
+    tok = load_tokenizer(tmp_path / "sp.model")
+    back = load_tokenizer(tok.save(tmp_path / "run" / "tokenizer.json"))
+    assert type(back) is type(tok) and back.vocab_size == tok.vocab_size == 60
+    assert back.encode("the cat sat") == tok.encode("the cat sat")
+
+
 def test_sentencepiece_llama2_model():
     pytest.importorskip("sentencepiece")
     path = _cached_sentencepiece()

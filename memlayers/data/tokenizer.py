@@ -240,9 +240,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer file at {path}")
-    if path.suffix == ".model":
+    data = path.read_bytes()
+    # A run saves any tokenizer as run_dir/tokenizer.json: a SentencePiece model there is
+    # its protobuf bytes, not JSON.
+    if path.suffix == ".model" or not data.lstrip().startswith(b"{"):
         return SentencePieceTokenizer(path)
-    head = json.loads(path.read_text())
+    head = json.loads(data)
     if head.get("kind") == "word":
         return WordTokenizer(head["tokens"])
     if isinstance(head.get("model"), dict) and head["model"].get("type") == "BPE":
