@@ -22,6 +22,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from memlayers.data.bios import build_bios
@@ -93,7 +94,9 @@ def main() -> None:
     rows = [("base (before)", "", m0, 100.0, 0.0)]
     for method in a.methods:
         t0 = time.perf_counter()
-        args = FinetuneArgs(method=method, steps=a.steps, lr=lrs.get(method), top_t=a.top_t)
+        args = FinetuneArgs(method=method, steps=a.steps, lr=lrs.get(method))
+        if method == "sparse-memory":  # full and lora refuse an option they do not read
+            args = replace(args, top_t=a.top_t)
         r = finetune(a.run, data, args, out=work / f"ft-{method}", overwrite=True)
         secs = time.perf_counter() - t0
         ft = load_run(r.out, "cpu")

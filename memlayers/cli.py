@@ -486,7 +486,7 @@ def _add_export(sub) -> None:
     p = _subparser(sub, "export", help_text, EXPORT_DOC, _export)
     p.add_argument("run", metavar="RUN", help="a run directory or one of its checkpoints")
     p.add_argument("out", metavar="OUT", help="the model directory to write")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (whole)")
 
 
 def _export(ns: argparse.Namespace) -> int:
@@ -504,10 +504,12 @@ LM_EVAL_DOC = """Standard benchmarks with lm-evaluation-harness (pip install 'me
     memlayers lm-eval runs/x --tasks arc_easy,hellaswag --batch-size 16
     memlayers lm-eval runs/x --tasks my_task --include-path my_tasks/ --limit 100
     memlayers lm-eval smollm2-memory --hf --tasks arc_easy --output arc.json
+    memlayers lm-eval smollm2-memory --hf --tokenizer HuggingFaceTB/SmolLM2-135M --tasks ...
 
 RUN is a run directory or checkpoint; with --hf, a Hugging Face model directory saved
-after memlayers.hf.add_memory. Library: memlayers.lm_eval_adapter (model types
-"memlayers" and "memlayers-hf" for lm_eval.simple_evaluate).
+after memlayers.hf.add_memory, with its tokenizer beside it (tokenizer.save_pretrained)
+or named by --tokenizer. Library: memlayers.lm_eval_adapter (model types "memlayers" and
+"memlayers-hf" for lm_eval.simple_evaluate).
 """
 
 
@@ -517,6 +519,10 @@ def _add_lm_eval(sub) -> None:
     p.add_argument("run", metavar="RUN", help="a run directory or checkpoint (--hf: a model dir)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--hf", action="store_true", help="RUN is a retrofitted HF model directory")
+    p.add_argument(
+        "--tokenizer", default=None,
+        help="--hf: a tokenizer directory or hub name (default: the one saved in RUN)",
+    )  # fmt: skip
     p.add_argument("--include-path", default=None, help="a folder of task YAML files of yours")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--limit", type=float, default=None, help="examples per task (<1: fraction)")
@@ -531,7 +537,7 @@ def _lm_eval(ns: argparse.Namespace) -> int:
 
         results = lm_eval_adapter.evaluate_tasks(
             ns.run, [t for t in ns.tasks.split(",") if t], ns.hf, ns.include_path,
-            ns.num_fewshot, ns.limit, ns.batch_size, ns.device,
+            ns.num_fewshot, ns.limit, ns.batch_size, ns.device, tokenizer=ns.tokenizer,
         )  # fmt: skip
     except ImportError as e:
         if ns.debug:
@@ -541,8 +547,10 @@ def _lm_eval(ns: argparse.Namespace) -> int:
 
     print(make_table(results))
     if ns.output:
+        from memlayers.files import write_atomic
+
         Path(ns.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.output).write_text(json.dumps(results, indent=2, default=str))
+        write_atomic(ns.output, json.dumps(results, indent=2, default=str))
         print(f"wrote {ns.output}")
     return 0
 

@@ -19,25 +19,34 @@ counterpart and are refused.
 
 The tokenizer is written as a ``PreTrainedTokenizerFast`` that puts an EOS before every
 text (``tokenizer(text)``), as memlayers does: documents start after one in the packed
-training stream. Byte-level BPE and the closed word vocabulary (bios) convert exactly;
-a SentencePiece run's ``.model`` is copied as ``tokenizer.model`` for ``LlamaTokenizer``.
+training stream. Its EOS token (the tokenizer's own: ``<|endoftext|>``, or a pretrained
+BPE's ``</s>`` / ``<|end_of_text|>``) is also its BOS and padding, and so are the ids in
+``config.json`` and ``generation_config.json`` (where ``generate()`` stops). Byte-level BPE
+and the closed word vocabulary (bios) convert exactly; a SentencePiece run's ``.model`` is
+copied as ``tokenizer.model`` for ``LlamaTokenizer``.
+
+The directory is written into a hidden temporary sibling and renamed into place (a
+failure leaves no half export; ``--overwrite`` replaces an older export whole).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from memlayers.finetune import _check_out
 from memlayers.hf import _transformers, add_memory
 from memlayers.memory import MemoryValues
 from memlayers.model import Transformer
+from memlayers.quantize import _replace_dir
 from memlayers.retrofit import LLAMA_ATTENTION as _ATTENTION
 from memlayers.retrofit import LLAMA_SWIGLU as _SWIGLU
 from memlayers.retrofit import ParallelMemory
-from memlayers.run import load_run
+from memlayers.run import Run, load_run
 
 
 def _check_exportable(model: Transformer) -> None:
@@ -81,15 +90,23 @@ def _hf_name(name: str, kinds: list[str]) -> str:
 
 
 @torch.no_grad()
-def to_transformers(model: Transformer) -> nn.Module:
+def to_transformers(model: Transformer, eos_id: int | None = None) -> nn.Module:
     """A ``LlamaForCausalLM`` (with Memory+ where ``model`` has memory blocks) holding
-    copies of ``model``'s weights, on its device and dtype, in eval mode."""
+    copies of ``model``'s weights, on its device and dtype, in eval mode.
+
+    ``eos_id``: the run's EOS, which is also its BOS and padding (memlayers' convention: a
+    document starts after an EOS), in the config and so in its generation config, where
+    ``generate()`` reads where to stop. Without it the three are None, never Llama's
+    defaults (BOS 1, EOS 2), which would stop generation at whatever token 2 is."""
     transformers = _transformers()
     _check_exportable(model)
     cfg = model.config
     kinds = cfg.block_kinds()
     ref = next(model.parameters())
     config = transformers.LlamaConfig(
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.dim,
         intermediate_size=cfg.hidden_dim,
@@ -169,28 +186,43 @@ def tokenizer_to_transformers(tok):
         fast.decoder = decoders.Fuse()  # pieces carry their own spaces
     else:
         raise ValueError(f"no transformers tokenizer for {type(tok).__name__}")
+    # The tokenizer's own EOS string ("</s>", "<|end_of_text|>" in pretrained BPEs): under
+    # another name transformers would add it as a new token, past the vocabulary.
     eos = tok.eos_id
+    name = fast.id_to_token(eos)
     fast.post_processor = processors.TemplateProcessing(
-        single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B", special_tokens=[(EOS, eos)]
+        single=f"{name} $A", pair=f"{name} $A {name} $B", special_tokens=[(name, eos)]
     )
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=fast, eos_token=EOS, bos_token=EOS, pad_token=EOS
+        tokenizer_object=fast, eos_token=name, bos_token=name, pad_token=name
     )
 
 
 def export_run(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write the run's model (``run``: a run directory or checkpoint) and tokenizer to
-    ``out`` with ``save_pretrained``; returns ``out``."""
+    ``out`` with ``save_pretrained``; returns ``out``.
+
+    ``out`` must not overlap the run, nor be a non-empty directory without ``overwrite``
+    (checked before anything loads). The export is written into a hidden temporary sibling
+    directory and renamed into place: a failure leaves no half export, and ``overwrite``
+    replaces the directory whole (no file of an older export stays)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{out} is not empty (pass overwrite=True / --overwrite)")
+    _check_out(Run.of(run).root, out, overwrite, name="OUT")
     trained = load_run(run, "cpu")
-    hf = to_transformers(trained.model)
     tok = trained.tokenizer
-    hf.config.eos_token_id = hf.config.bos_token_id = tok.eos_id if tok is not None else None
-    hf.save_pretrained(out)
-    if tok is not None and getattr(tok, "kind", None) == "sentencepiece":
-        shutil.copyfile(tok.path, out / "tokenizer.model")
-    elif tok is not None:
-        tokenizer_to_transformers(tok).save_pretrained(out)
+    hf = to_transformers(trained.model, tok.eos_id if tok is not None else None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        hf.save_pretrained(tmp)
+        if tok is not None and getattr(tok, "kind", None) == "sentencepiece":
+            shutil.copyfile(tok.path, tmp / "tokenizer.model")
+        elif tok is not None:
+            tokenizer_to_transformers(tok).save_pretrained(tmp)
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return out

@@ -16,7 +16,9 @@ The methods, on the same data, steps and batch (GitHub issue 11; Lin et al. 2025
   that read each row, counted once at the start (:func:`specificity_scores`); only the
   top ``top_t`` rows keep their gradient and the lazy row-wise Adam
   (:class:`memlayers.value_optim.SparseValueAdam`) updates only them: every other row,
-  and its moments, stays bit-identical. A token of the tiny Memory+ model reads 3 layers
+  and its moments, stays bit-identical, and so does every other tensor (the routers route
+  in eval mode, by their running query statistics, as the background pass does:
+  :func:`train_mode_`). A token of the tiny Memory+ model reads 3 layers
   × 2 heads × 16 = 96 rows, so a 16 × 128 batch makes ~197k reads of its 16,384 rows; the
   default ``top_t=500`` (3% of that table) keeps the few rows most specific to the batch;
   a table of 1M rows may want more (not measured here).
@@ -27,11 +29,13 @@ The methods, on the same data, steps and batch (GitHub issue 11; Lin et al. 2025
   everything else frozen; merged into the weights when saved, so the output is a plain run.
 
 The data file is UTF-8 text, one document per line (blank lines skipped), each encoded
-with the run's tokenizer and ended by EOS; a stream shorter than one batch is repeated to
-fill it. The background is by default ``background_batches`` batches of the run's own
-training split (``--background FILE`` reads a text file instead). The learning rate is
-constant; by default the run's ``optim.value_lr`` for sparse-memory and ``optim.lr`` for
-full and lora.
+with the run's tokenizer and ended by EOS; the stream is repeated to whole batches, so that
+every token is a target within the first epoch (:func:`training_stream`). The background
+is by default ``background_batches`` batches of the run's own training split
+(``--background FILE`` reads a text file instead). The learning rate is constant; by
+default the run's ``optim.value_lr`` for sparse-memory and ``optim.lr`` for full and lora.
+Options of another method (``--rank`` with sparse-memory, ``--top-t`` with lora, ...) are
+refused.
 
 The new run directory (never the source; an existing non-empty one only with
 ``--overwrite``) holds the source's ``config.yaml`` and ``tokenizer.json`` (so ``eval``
@@ -61,6 +65,7 @@ from memlayers.memory import MemoryValues, ProductKeyMemory
 from memlayers.model import Attention, SwiGLU
 from memlayers.optim import build_optimizer, clip_grad_norm_, uses_sparse_values
 from memlayers.quantize import value_tables, write_derived_run
+from memlayers.router import ProductKeyRouter
 from memlayers.run import Run, load_run
 from memlayers.value_optim import SparseValueAdam, coalesce_rows
 
@@ -102,31 +107,72 @@ class FinetuneArgs:
             raise ValueError(f"per_document must be true or false, got {self.per_document!r}")
 
 
+# The options only some methods read: FinetuneArgs field -> (its flag, the methods reading it).
+METHOD_OPTIONS = {
+    "top_t": ("--top-t", ("sparse-memory",)),
+    "background_batches": ("--background-batches", ("sparse-memory",)),
+    "per_document": ("--per-document", ("sparse-memory",)),
+    "rank": ("--rank", ("lora",)),
+    "alpha": ("--alpha", ("lora",)),
+}
+
+
+def check_method_options(args: FinetuneArgs, background: str | Path | None = None) -> None:
+    """Refuse the :data:`METHOD_OPTIONS` set away from their defaults, and a ``background``
+    file, that ``args.method`` does not read (``--rank 4`` with sparse-memory would
+    otherwise be silently ignored), naming them and their values."""
+    default = FinetuneArgs()
+    unused = [
+        f"{flag}={getattr(args, name)!r}"
+        for name, (flag, methods) in METHOD_OPTIONS.items()
+        if args.method not in methods and getattr(args, name) != getattr(default, name)
+    ]
+    if background is not None and args.method != "sparse-memory":
+        unused.insert(0, f"--background={str(background)!r}")
+    if unused:
+        raise ValueError(
+            f"method {args.method!r} does not use {', '.join(unused)}: --top-t, --background, "
+            f"--background-batches and --per-document are sparse-memory's, --rank and --alpha "
+            f"lora's; drop them or choose the method they belong to"
+        )
+
+
 # ---- data ----------------------------------------------------------------------------------
 
 
-def read_documents(path: str | Path, tokenizer) -> np.ndarray:
-    """The token stream of a text file: each non-blank line encoded, followed by EOS."""
+def read_documents(path: str | Path, tokenizer, flag: str = "--data") -> np.ndarray:
+    """The token stream of a text file: each non-blank line encoded, followed by EOS.
+    ``flag``: the option that named the file (``--data``, ``--background``), for errors."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--data {path}: no such file")
+        raise ValueError(f"{flag} {path}: no such file")
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
     docs = [ln for ln in lines if ln]
     if not docs:
-        raise ValueError(f"--data {path}: no text (every line is blank)")
+        raise ValueError(f"{flag} {path}: no text (every line is blank)")
     out: list[int] = []
     for i, doc in enumerate(docs, 1):
         try:
             out += tokenizer.encode(doc) + [tokenizer.eos_id]
         except KeyError as e:  # a closed vocabulary (bios) meets an unknown word
-            raise ValueError(f"--data {path}, document {i}: {e.args[0]}") from None
+            raise ValueError(f"{flag} {path}, document {i}: {e.args[0]}") from None
     return np.asarray(out, dtype=np.int64)
 
 
-def repeat_to(tokens: np.ndarray, n: int) -> np.ndarray:
-    """``tokens`` repeated whole until at least ``n`` long (documents stay whole: each ends
-    with EOS)."""
-    return np.tile(tokens, max(1, math.ceil(n / len(tokens))))
+def training_stream(tokens: np.ndarray, batch_size: int, seq_len: int) -> np.ndarray:
+    """``tokens`` repeated and cut to ``n·seq_len + 1`` tokens, ``n`` the fewest sequences
+    that is a multiple of ``batch_size`` with ``n·seq_len >= len(tokens)``: what the
+    finetuning :class:`~memlayers.data.loader.PackedLoader` walks.
+
+    Why this length: sequence ``i``'s targets are stream positions ``i·T+1 .. i·T+T``, so the
+    ``n`` sequences make targets of positions ``1 .. n·T``, which hold every token of the
+    data (token 0 at position ``len(tokens)``, in the repeat); and with ``n`` a multiple of
+    the batch an epoch of the loader uses every sequence (none left over), so every token
+    of the data is a target within the first ``n / batch_size`` steps. A stream cut to one
+    batch left the tail of a longer file out."""
+    n_seq = batch_size * math.ceil(math.ceil(len(tokens) / seq_len) / batch_size)
+    n = n_seq * seq_len + 1
+    return np.tile(tokens, math.ceil(n / len(tokens)))[:n]
 
 
 # ---- sparse-memory: which rows -------------------------------------------------------------
@@ -392,6 +438,21 @@ class Finetuned:
     rows_touched: int = 0  # distinct rows updated over all steps (sparse-memory)
 
 
+def train_mode_(model: nn.Module, method: str) -> None:
+    """``model.train()``, but for sparse-memory and lora every
+    :class:`~memlayers.router.ProductKeyRouter` in eval mode: the frozen routers route by
+    their running query statistics (``query_batch_norm``), which stay as they were, and
+    without query dropout. In training mode a batch-normed router would update
+    ``query_mean`` / ``query_var`` (breaking "every other tensor stays bit-identical") and
+    route each token by its batch's statistics, not as the eval-mode background pass of
+    :func:`_background_counts` (nor generation) does."""
+    model.train()
+    if method in ("sparse-memory", "lora"):
+        for m in model.modules():
+            if isinstance(m, ProductKeyRouter):
+                m.eval()
+
+
 def _default_lr(method: str, optim) -> float:
     return optim.value_lr if method == "sparse-memory" else optim.lr
 
@@ -424,7 +485,7 @@ def finetune_model(
     lr = args.lr if args.lr is not None else _default_lr(args.method, optim)
     tables = value_tables(model)
     torch.manual_seed(args.seed)
-    stream = repeat_to(tokens, batch_size * seq_len + 1)
+    stream = training_stream(tokens, batch_size, seq_len)
     loader = PackedLoader(stream, batch_size, seq_len, seed=args.seed)
     betas = (optim.beta1, optim.beta2)
     bg_df: list[torch.Tensor] = []  # per table [n_rows]: background sequences reading a row
@@ -465,7 +526,7 @@ def finetune_model(
         opt = torch.optim.AdamW(trained, lr=lr, betas=betas, eps=optim.eps, weight_decay=0.0)
 
     out = Finetuned()
-    model.train()
+    train_mode_(model, args.method)
     sparse = args.method == "sparse-memory"
     per_doc = sparse and args.per_document
     with (
@@ -503,7 +564,7 @@ def finetune_model(
             bar.set_postfix(loss=f"{out.losses[-1]:.4f}", refresh=False)
             if after_step is not None:
                 after_step(step + 1, model)
-                model.train()
+                train_mode_(model, args.method)
     if args.method == "sparse-memory":
         out.rows_touched = int(sum(m.sum() for m in touched))
     if args.method == "lora":
@@ -540,15 +601,18 @@ def _background_counts(model, background, args, seq_len, batch_size):
 # ---- the run directory ---------------------------------------------------------------------
 
 
-def _check_out(src: Path, out: Path, overwrite: bool) -> None:
+def _check_out(src: Path, out: Path, overwrite: bool, name: str = "--out") -> None:
+    """Refuse an ``out`` that is the source run ``src`` (or inside it, or holds it), a file,
+    or a non-empty directory without ``overwrite``. ``name``: how the command calls it
+    (``--out``; ``OUT`` for export), for the message."""
     s, o = src.resolve(), out.resolve()
     if o == s or s in o.parents or o in s.parents:
-        raise ValueError(f"--out {out} overlaps the source run {src}: use a directory of its own")
+        raise ValueError(f"{name} {out} overlaps the source run {src}: use a directory of its own")
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+        raise ValueError(f"{name} {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(
-            f"--out {out} is not empty: pass --overwrite to replace it, or another --out"
+            f"{name} {out} is not empty: pass --overwrite to replace it, or another {name}"
         )
 
 
@@ -569,14 +633,18 @@ def finetune(
     device: str = "cpu",
 ) -> FinetuneResult:
     """Finetune the run at ``run_dir`` on the text file ``data_path`` and write a new run
-    directory ``out`` (default ``<run>-ft-<method>``); see the module docstring."""
+    directory ``out`` (default ``<run>-ft-<method>``); see the module docstring. Options
+    the method does not read are refused before the run loads
+    (:func:`check_method_options`)."""
     args = args or FinetuneArgs()
     args.validate()
+    check_method_options(args, background)
     src = Run.of(run_dir)
     out = Path(out) if out is not None else src.root.parent / f"{src.root.name}-ft-{args.method}"
     _check_out(src.root, out, overwrite)
-    if not Path(data_path).is_file():
-        raise ValueError(f"--data {data_path}: no such file")
+    for flag, path in (("--data", data_path), ("--background", background)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{flag} {path}: no such file")
     trained = load_run(run_dir, device)
     if trained.tokenizer is None:
         raise ValueError(f"{src.root}: the run has no tokenizer to encode --data with")
@@ -592,7 +660,7 @@ def finetune(
     bg = None
     if args.method == "sparse-memory":
         if background is not None:
-            bg = read_documents(background, trained.tokenizer)
+            bg = read_documents(background, trained.tokenizer, "--background")
         else:
             bg = load_dataset(trained.args.data).train
     d = trained.args.data

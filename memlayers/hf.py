@@ -11,8 +11,10 @@ The memory's output projection starts at zero (:func:`silence_output_`): in para
 the retrofitted model computes exactly what the pretrained one did until training moves it.
 
     model = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M")
+    tok = AutoTokenizer.from_pretrained("HuggingFaceTB/SmolLM2-135M")
     add_memory(model, layers=[8, 16, 24])          # in place; logits unchanged
     model.save_pretrained("smollm2-memory")        # settings in config.json
+    tok.save_pretrained("smollm2-memory")          # beside it (memlayers lm-eval --hf)
     model = load_pretrained_with_memory("smollm2-memory")
 
 Only this module touches ``transformers``, and only inside the functions that need it:

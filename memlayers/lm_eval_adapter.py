@@ -3,12 +3,15 @@
     memlayers lm-eval runs/x --tasks arc_easy,hellaswag --batch-size 16
     memlayers lm-eval runs/x --tasks my_task --include-path my_tasks/ --limit 100
     memlayers lm-eval smollm2-memory --hf --tasks arc_easy   # saved after add_memory
+    memlayers lm-eval smollm2-memory --hf --tokenizer HuggingFaceTB/SmolLM2-135M --tasks ...
 
 From Python, importing this module registers both types with the harness:
 
     import lm_eval, memlayers.lm_eval_adapter
     lm_eval.simple_evaluate(model="memlayers", model_args={"run": "runs/x"}, tasks=[...])
     lm_eval.simple_evaluate(model="memlayers-hf", model_args={"pretrained": "smollm2-memory"})
+    lm_eval.simple_evaluate(model="memlayers-hf",
+                            model_args={"pretrained": "smollm2-memory", "tokenizer": "tok/"})
 
 - ``memlayers``: a run directory or one of its checkpoints (:func:`memlayers.run.load_run`,
   quantized runs included), scored by this module. Every context starts after an EOS, as
@@ -16,7 +19,10 @@ From Python, importing this module registers both types with the harness:
 - ``memlayers-hf``: a Hugging Face model saved after :func:`memlayers.hf.add_memory`,
   loaded with :func:`memlayers.hf.load_pretrained_with_memory` and scored by the harness's
   own ``HFLM``. The harness's plain ``hf`` type would drop the memory weights it does not
-  know (with a warning) and evaluate the model without its memory.
+  know (with a warning) and evaluate the model without its memory. Its tokenizer is the
+  one saved beside the model (``tokenizer.save_pretrained(dir)``) or, with ``tokenizer``
+  (``--tokenizer``), another directory or hub name; a directory with neither is refused
+  before anything loads (:func:`check_hf_tokenizer`).
 
 The harness's own CLI (``lm_eval --model ...``) knows only its built-in types; use
 ``memlayers lm-eval`` or import this module first. Only this module imports ``lm_eval``
@@ -243,6 +249,23 @@ class MemlayersLM(TemplateLM):
         return out
 
 
+# What AutoTokenizer loads a tokenizer from, one of them in a model directory.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def check_hf_tokenizer(pretrained: str | Path, tokenizer: str | None = None) -> None:
+    """Refuse a model directory ``pretrained`` holding none of :data:`TOKENIZER_FILES`
+    when no ``tokenizer`` is given: ``save_pretrained`` of a model writes none, and
+    ``HFLM`` would then fail on an unrelated message (a missing sentencepiece)."""
+    if tokenizer is not None or any((Path(pretrained) / f).is_file() for f in TOKENIZER_FILES):
+        return
+    raise ValueError(
+        f"{pretrained} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save it there "
+        f"(tokenizer.save_pretrained({str(pretrained)!r})) or name one with --tokenizer DIR "
+        f"(model_args tokenizer=DIR)"
+    )
+
+
 def evaluate_tasks(
     target: str,
     tasks: list[str],
@@ -253,15 +276,23 @@ def evaluate_tasks(
     batch_size: int | None = None,
     device: str = "auto",
     bootstrap_iters: int = 100_000,
+    tokenizer: str | None = None,
 ) -> dict:
     """``lm_eval.simple_evaluate`` of a run (or, with ``hf``, a retrofitted Hugging Face
     model directory) on ``tasks``: the harness's results dict. ``include_path``: a folder
-    of task YAML files of one's own, added to the harness's tasks."""
+    of task YAML files of one's own, added to the harness's tasks. ``tokenizer`` (``hf``
+    only): a tokenizer directory or hub name, for a model directory saved without one."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     if not Path(target).exists():
         raise ValueError(f"no such {'model directory' if hf else 'run directory'}: {target}")
+    if tokenizer is not None and not hf:
+        raise ValueError(
+            f"--tokenizer {tokenizer} is for --hf model directories: a run uses its own"
+        )
+    if hf:
+        check_hf_tokenizer(target, tokenizer)
     if include_path is not None and not Path(include_path).is_dir():
         raise ValueError(f"--include-path {include_path} is not a directory")
     # Indexing the harness's ~13k built-in tasks takes 5 s: skip it when the folder holds
@@ -279,6 +310,8 @@ def evaluate_tasks(
         )
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model_args = {"pretrained": target} if hf else {"run": target}
+    if tokenizer is not None:
+        model_args["tokenizer"] = tokenizer
     return lm_eval.simple_evaluate(
         model="memlayers-hf" if hf else "memlayers",
         model_args=model_args,
@@ -322,6 +355,7 @@ def _hf_model_class():
         ) -> None:
             if not Path(pretrained).is_dir():
                 raise ValueError(f"no such model directory: {pretrained}")
+            check_hf_tokenizer(pretrained, tokenizer)
             dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
             torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
             model = load_pretrained_with_memory(pretrained, torch_dtype=torch_dtype).to(dev)

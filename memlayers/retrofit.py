@@ -76,7 +76,10 @@ def check_memory_mode(mode: str) -> str:
 
 def add_parallel_mlps_(model: Transformer) -> Transformer:
     """Give every memory block of ``model`` a SwiGLU beside its memory (in place, on the
-    model's device: call it on the meta device before ``to_empty``, like the build)."""
+    model's device: call it on the meta device before ``to_empty``, like the build). A
+    block's own value table (``memory.share_values=false``) moves over as the model built
+    it (``sparse_grad``, merged gradients, dtype), not a fresh default one: the optimizer
+    checks the tables were built for it."""
     cfg = model.config
     device = next(model.parameters()).device
     for block in model.layers:
@@ -86,6 +89,8 @@ def add_parallel_mlps_(model: Transformer) -> Transformer:
             block.ffn = ParallelMemory(
                 cfg.dim, cfg.memory, shared, hidden_dim=cfg.hidden_dim, device=device
             )
+            if shared is None:
+                block.ffn.owned_values = mem.owned_values  # same place in the state dict
     return model
 
 

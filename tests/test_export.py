@@ -57,6 +57,45 @@ def test_exported_run_matches_logits_and_tokenizer(run_dir, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_exported_generation_config_stops_at_the_runs_eos(run_dir, tmp_path):
+    """generate() reads EOS from generation_config.json: the run's (Llama's default 2
+    would stop at whatever token 2 is), also BOS and padding, as the tokenizer has them."""
+    out = export_run(run_dir, tmp_path / "hf")
+    eos = load_run(run_dir, "cpu").tokenizer.eos_id
+    assert eos != 2
+    hf = load_pretrained_with_memory(out)
+    gen = transformers.GenerationConfig.from_pretrained(out)
+    for c in (gen, hf.generation_config, hf.config):
+        assert (c.eos_token_id, c.bos_token_id, c.pad_token_id) == (eos, eos, eos)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == (eos, eos, eos)
+
+
+def test_export_replaces_out_whole_and_refuses_the_run_dir(run_dir, tmp_path, monkeypatch):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "stale.bin").write_text("an older export's file")
+    with pytest.raises(ValueError, match="--overwrite"):
+        export_run(run_dir, out)
+    export_run(run_dir, out, overwrite=True)
+    assert not (out / "stale.bin").exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary left
+    with pytest.raises(ValueError, match="overlaps the source run"):
+        export_run(run_dir, run_dir / "hf")
+    assert not (run_dir / "hf").exists()
+
+    def fail(tok):
+        raise RuntimeError("disk full")
+
+    # a failure midway: the export that was there stays whole, no half export, no temporary
+    monkeypatch.setattr("memlayers.export.tokenizer_to_transformers", fail)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_run(run_dir, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
 def test_dense_model_loads_with_plain_transformers(tmp_path):
     cfg = ModelConfig(
         dim=48, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=97, multiple_of=16,
@@ -104,6 +143,22 @@ def test_bpe_tokenizer_encodes_like_the_run():
     for t in [*texts[:2], "unseen words: zebra!"]:
         assert fast(t)["input_ids"] == [tok.eos_id, *tok.encode(t)]
         assert fast.decode(fast(t, add_special_tokens=False)["input_ids"]) == t
+
+
+@pytest.mark.parametrize("name", ["</s>", "<|end_of_text|>"])
+def test_bpe_tokenizer_keeps_its_own_eos_name(name):
+    """A pretrained BPE whose EOS is not <|endoftext|> (Llama 2's, Llama 3's): the exported
+    tokenizer's EOS is that token, not a new one past the vocabulary."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {name: 0, "<s>": 1, **{c: i + 2 for i, c in enumerate("abcdefghij ")}}
+    fast = Tokenizer(models.BPE(vocab, []))
+    fast.add_special_tokens([name, "<s>"])
+    tok = BPETokenizer(fast)
+    hf = tokenizer_to_transformers(tok)
+    assert (hf.eos_token, hf.eos_token_id, hf.pad_token_id) == (name, tok.eos_id, tok.eos_id)
+    assert len(hf) == tok.vocab_size
+    assert hf("abc")["input_ids"] == [tok.eos_id, *tok.encode("abc")]
 
 
 def test_byte_tokenizer_encodes_like_the_run():

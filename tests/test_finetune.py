@@ -3,6 +3,8 @@ table move), full finetuning, LoRA (unchanged at step 0, merged on save), the ne
 directory, and the refusals."""
 
 import json
+import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -37,11 +39,11 @@ OPTIM = OptimArgs(lr=1e-2, value_lr=1e-1)
 TINY_BIOS = [*EVAL_TINY_BIOS, "final_eval=false"]
 
 
-def _model(memory: bool = True, seed: int = 0):
+def _model(memory: bool = True, seed: int = 0, vocab: int = VOCAB, **memory_options):
     cfg = ModelConfig(
-        dim=32, n_layers=2, n_heads=2, vocab_size=VOCAB, max_seq_len=64,
+        dim=32, n_layers=2, n_heads=2, vocab_size=vocab, max_seq_len=64,
         memory_layers=[0, 1] if memory else [],
-        memory=MemoryConfig(n_keys=16, heads=2, topk=4),
+        memory=MemoryConfig(n_keys=16, heads=2, topk=4, **memory_options),
     )  # fmt: skip
     return build_model(cfg, seed=seed)
 
@@ -93,6 +95,32 @@ def test_sparse_memory_changes_only_top_t_rows_of_the_value_table(steps):
             assert torch.equal(w, after[name]), name  # bit-identical
     changed = (before["memory_values.weight"] != after["memory_values.weight"]).any(1)
     assert 0 < int(changed.sum()) <= done.rows_touched <= steps * t
+
+
+@pytest.mark.parametrize("method", ["sparse-memory", "lora"])
+def test_frozen_batch_normed_routers_keep_their_statistics(method):
+    """query_batch_norm (the paper's memory+ presets): the frozen routers route by their
+    running statistics, which stay bit-identical, like every tensor but what is trained."""
+    model = _model(query_batch_norm=True)
+    with torch.no_grad():  # running statistics of a trained run: not the init's 0 and 1
+        for r in (m.router for m in model.memory_layers()):
+            r.query_mean.normal_(0, 0.1)
+            r.query_var.uniform_(0.5, 2.0)
+    before = _snapshot(model)
+    new, bg = _tokens(2000, 1, 0, VOCAB // 2), _tokens(4000, 2, VOCAB // 2)
+    args = FinetuneArgs(method=method, steps=3)
+    if method == "sparse-memory":
+        args = replace(args, top_t=7, background_batches=4)
+    done = finetune_model(model, new, args, T, B, OPTIM, bg)
+    after = model.state_dict()
+    trained = {"sparse-memory": ("memory_values.weight",),
+               "lora": ("attention.w", "ffn.w1.weight", "ffn.w2.weight")}[method]  # fmt: skip
+    for name, w in before.items():
+        if not any(t in name for t in trained):
+            assert torch.equal(w, after[name]), name  # router buffers included
+    if method == "sparse-memory":
+        changed = (before["memory_values.weight"] != after["memory_values.weight"]).any(1)
+        assert 0 < int(changed.sum()) <= done.rows_touched <= 3 * 7
 
 
 def test_sparse_memory_keeps_each_step_to_its_rows():
@@ -152,6 +180,21 @@ def test_sparse_memory_per_document_trains_each_documents_rows():
     assert 0 < int(changed.sum()) <= done.rows_touched
     with pytest.raises(ValueError, match="needs method 'sparse-memory' and an eos_id"):
         finetune_model(_model(), new, args, T, B, OPTIM, bg)
+
+
+def test_every_token_of_a_file_longer_than_a_batch_is_a_target():
+    """A data file of 2.3 batches: the targets of the first epoch (3 steps) hold every one
+    of its tokens (token i is the id i here); a stream cut to one batch never got to the
+    tail of the file."""
+    n = 150  # > B * T + 1 = 65
+    model, targets = _model(memory=False, vocab=n), []
+
+    def keep(module, args, kwargs):
+        targets.append(kwargs["targets"])
+
+    model.register_forward_pre_hook(keep, with_kwargs=True)
+    finetune_model(model, np.arange(n), FinetuneArgs(method="full", steps=3), T, B, OPTIM)
+    assert set(torch.cat(targets).reshape(-1).tolist()) == set(range(n))
 
 
 def test_full_changes_every_parameter():
@@ -216,6 +259,28 @@ def test_bad_settings_are_refused(bad, match):
         FinetuneArgs(**bad).validate()
 
 
+@pytest.mark.parametrize(
+    "method, options, background, named",
+    [
+        ("full", dict(top_t=5), None, "--top-t=5"),
+        ("lora", dict(background_batches=2), None, "--background-batches=2"),
+        ("full", {}, "bg.txt", "--background='bg.txt'"),
+        ("sparse-memory", dict(rank=4), None, "--rank=4"),
+        ("sparse-memory", dict(alpha=2.0), None, "--alpha=2.0"),
+        ("lora", dict(per_document=True), None, "--per-document=True"),
+    ],
+    ids=["top-t-full", "bg-batches-lora", "background-full", "rank-sparse", "alpha-sparse",
+         "per-document-lora"],
+)  # fmt: skip
+def test_options_of_another_method_are_refused_before_loading(
+    tmp_path, method, options, background, named
+):
+    args = FinetuneArgs(method=method, **options)
+    # no run there: the options are refused before anything is read
+    with pytest.raises(ValueError, match=f"method '{method}' does not use {re.escape(named)}"):
+        finetune(tmp_path / "no-run", tmp_path / "new.txt", args, background)
+
+
 # ---- the run directory and the command -------------------------------------------------
 
 
@@ -237,7 +302,9 @@ def test_cli_writes_a_loadable_run_and_refuses_to_overwrite(tiny_run, tmp_path, 
     run, data = tiny_run
     out = tmp_path / "ft"
     argv = ["finetune", str(run), "--data", str(data), "--method", method, "--steps", "2",
-            "--top-t", "5", "--out", str(out)]  # fmt: skip
+            "--out", str(out)]  # fmt: skip
+    if method == "sparse-memory":
+        argv += ["--top-t", "5"]
     assert cli_main(argv) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     loaded = load_run(out, "cpu")
@@ -257,9 +324,21 @@ def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     cases = [
-        (["--data", str(tmp_path / "missing.txt")], "no such file"),
-        (["--data", str(empty)], "no text"),
+        (
+            ["--data", str(tmp_path / "missing.txt")],
+            f"--data {tmp_path / 'missing.txt'}: no such file",
+        ),
+        (["--data", str(empty)], f"--data {empty}: no text"),
+        (["--data", str(data), "--background", str(empty)], f"--background {empty}: no text"),
+        (
+            ["--data", str(data), "--background", str(tmp_path / "nobg.txt")],
+            f"--background {tmp_path / 'nobg.txt'}: no such file",
+        ),
         (["--data", str(data), "--top-t", "0"], "top_t must be a positive int"),
+        (
+            ["--data", str(data), "--method", "lora", "--top-t", "5"],
+            "method 'lora' does not use --top-t=5",
+        ),
     ]
     for extra, match in cases:
         assert cli_main(["finetune", str(run), "--out", str(tmp_path / "o"), *extra]) == 1

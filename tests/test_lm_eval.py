@@ -274,6 +274,31 @@ def test_retrofitted_hf_model_keeps_its_memory(hf_dir, task_dir):
     assert 0 <= results["results"][TASK]["acc,none"] <= 1
 
 
+def test_hf_model_saved_without_its_tokenizer(hf_dir, task_dir, run_dir, tmp_path, capsys):
+    """save_pretrained of a model writes no tokenizer: refused naming the directory and
+    --tokenizer (not the harness's sentencepiece error), and --tokenizer DIR reaches HFLM."""
+    from lm_eval.api.registry import get_model
+
+    d, model, _ = hf_dir
+    bare = tmp_path / "bare"
+    model.save_pretrained(bare)  # the model alone
+    capsys.readouterr()  # its progress bar
+    argv = ["lm-eval", str(bare), "--hf", "--tasks", TASK, "--include-path", str(task_dir[0]),
+            "--device", "cpu", "--limit", "2", "--batch-size", "4"]  # fmt: skip
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{bare} has no tokenizer" in err and "--tokenizer DIR" in err
+    assert err.count("\n") == 1
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        get_model("memlayers-hf")(pretrained=str(bare), device="cpu")
+    out = tmp_path / "results" / "r.json"
+    assert cli_main([*argv, "--tokenizer", str(d), "--output", str(out)]) == 0
+    assert 0 <= json.loads(out.read_text())["results"][TASK]["acc,none"] <= 1
+    assert [p.name for p in out.parent.iterdir()] == ["r.json"]  # written whole, no temporary
+    assert cli_main(["lm-eval", str(run_dir), "--tasks", TASK, "--tokenizer", str(d)]) == 1
+    assert "--tokenizer" in capsys.readouterr().err
+
+
 def test_missing_harness_names_the_extra():
     code = (
         "import sys; sys.modules['lm_eval'] = None; from memlayers.cli import main; "

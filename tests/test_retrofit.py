@@ -22,6 +22,7 @@ from memlayers.generate import generate  # noqa: E402
 from memlayers.hf import add_memory, load_transformers_model  # noqa: E402
 from memlayers.memory import MemoryConfig  # noqa: E402
 from memlayers.model import ModelConfig  # noqa: E402
+from memlayers.optim import OptimArgs, build_optimizer  # noqa: E402
 from memlayers.run import load_run  # noqa: E402
 from memlayers.train import train  # noqa: E402
 
@@ -92,6 +93,25 @@ def test_logits_match_transformers_with_memory_added(hf_dir, mode):
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
 
 
+def test_parallel_mode_with_own_tables_trains_with_the_sparse_optimizer():
+    """memory_mode=parallel, share_values=false: each block's own table keeps the
+    sparse_grad the model was built with (a fresh default table was refused by
+    build_optimizer), and a step moves it."""
+    memory = MemoryConfig(n_keys=8, heads=2, topk=4, share_values=False)
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=40, max_seq_len=32,
+                      memory_layers=[0, 1], memory=memory)  # fmt: skip
+    model = retrofit.build_model(cfg, "parallel", "cpu", 0, True)
+    tables = [m.values for m in model.memory_layers()]
+    assert len(tables) == 2 and all(t.sparse_grad for t in tables)
+    assert all(isinstance(m, retrofit.ParallelMemory) for m in model.memory_layers())
+    opt = build_optimizer(model, OptimArgs())
+    before = [t.weight.detach().clone() for t in tables]
+    x = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(x, targets=x).backward()
+    opt.step()
+    assert all(not torch.equal(b, t.weight) for b, t in zip(before, tables, strict=True))
+
+
 def test_train_uses_the_model_and_its_tokenizer(hf_dir, hf_run):
     run, history = hf_run
     args = load_config([run / "config.yaml"])
@@ -128,7 +148,8 @@ def test_eval_generate_and_finetune_the_run(hf_run, tmp_path):
     data = tmp_path / "new.txt"
     data.write_text("\n".join(TEXT) + "\n")
     for method in ("sparse-memory", "lora"):
-        args = FinetuneArgs(method=method, steps=2, top_t=10, background_batches=2)
+        sparse = dict(top_t=10, background_batches=2) if method == "sparse-memory" else {}
+        args = FinetuneArgs(method=method, steps=2, **sparse)
         r = finetune(run, data, args, out=tmp_path / method)
         assert len(r.record["losses"]) == 2
         assert load_run(r.out, "cpu").step == 8
