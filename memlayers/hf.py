@@ -127,7 +127,12 @@ def tokenizer_file(spec: str, cache=None) -> Path:
 
 
 def _digest(path: Path) -> str:
-    return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    """A key of the file at ``path``: its resolved path, size and modification time, so
+    another model's GGUF copied to the same path gets a tokenizer of its own (hashing a
+    GGUF's contents would read ~100 MB to GBs at every start)."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 class MemoryMLP(nn.Module):

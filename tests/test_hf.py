@@ -235,3 +235,22 @@ def test_bf16_model():
     assert model.model.layers[0].mlp.memory.w1.weight.dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.isfinite(model(tokens()).logits).all()
+
+
+def test_a_ggufs_tokenizer_cache_key_follows_the_file_not_only_its_path(tmp_path):
+    # Another model's GGUF copied over the same path must not reuse the first's tokenizer.
+    import os
+
+    from memlayers.hf import _digest
+
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"first model")
+    key = _digest(f)
+    assert _digest(f) == key  # the same file: the same cached tokenizer
+    f.write_bytes(b"another, longer model")
+    second = _digest(f)
+    assert second != key
+    st = f.stat()
+    f.write_bytes(b"another, longer modem")  # same size: the modification time tells
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert _digest(f) != second
