@@ -342,8 +342,8 @@ def set_aside_after(root: str | Path, step: int, metrics: Path | None = None) ->
     root = Path(root)
     newer = []
     for p in (*root.glob("step_*"), *root.glob(".old-step_*-*")):
-        name = _set_aside(p) if p.name.startswith(".old-") else p.name
-        if p.is_dir() and _STEP_NAME.fullmatch(name) and int(name[len("step_") :]) > step:
+        m = _STEP_NAME.fullmatch(_set_aside(p) if p.name.startswith(".old-") else p.name)
+        if p.is_dir() and m and int(m.group(1)) > step:
             newer.append(p)
     if not newer:
         return None

@@ -31,18 +31,17 @@ failure leaves no half export; ``--overwrite`` replaces an older export whole).
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from memlayers.files import atomic_dir
 from memlayers.finetune import _check_out
 from memlayers.hf import _transformers, add_memory
 from memlayers.memory import MemoryValues
 from memlayers.model import Transformer
-from memlayers.quantize import _replace_dir
 from memlayers.retrofit import LLAMA_ATTENTION as _ATTENTION
 from memlayers.retrofit import LLAMA_SWIGLU as _SWIGLU
 from memlayers.retrofit import ParallelMemory
@@ -211,18 +210,10 @@ def export_run(run: str | Path, out: str | Path, overwrite: bool = False) -> Pat
     trained = load_run(run, "cpu")
     tok = trained.tokenizer
     hf = to_transformers(trained.model, tok.eos_id if tok is not None else None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    with atomic_dir(out) as tmp:
         hf.save_pretrained(tmp)
         if tok is not None and getattr(tok, "kind", None) == "sentencepiece":
             shutil.copyfile(tok.path, tmp / "tokenizer.model")
         elif tok is not None:
             tokenizer_to_transformers(tok).save_pretrained(tmp)
-        _replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -54,6 +55,34 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         if tmp.exists():
             tmp.unlink()
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path) -> Iterator[Path]:
+    """A directory that appears at ``out`` whole or not at all: the block writes into a
+    fresh hidden sibling (yielded), which then replaces ``out`` (an existing one is moved
+    aside first and deleted after the swap, so no file of it stays); an exception leaves
+    ``out`` as it was and removes the sibling. For outputs made of several files (a
+    derived run, an export)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        yield tmp
+        if out.exists():
+            old = out.parent / f".old-{out.name}-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:

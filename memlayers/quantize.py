@@ -22,7 +22,6 @@ crash leaves no half-written run; an existing non-empty ``--out`` is refused unl
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import NamedTuple
@@ -30,7 +29,7 @@ from typing import NamedTuple
 import torch.nn as nn
 
 from memlayers.checkpoint import model_from_checkpoint, save_checkpoint, verify_checkpoint
-from memlayers.files import fsync_dir
+from memlayers.files import atomic_dir
 from memlayers.memory import MemoryValues
 from memlayers.ops.quantized import resolve_group
 from memlayers.run import Run
@@ -159,12 +158,7 @@ def write_derived_run(
     config and tokenizer, ``files`` (name → text) and one checkpoint of ``model`` at
     ``step`` (``meta``: extra ``save_checkpoint`` fields), built in a temporary sibling
     directory and renamed into place. Returns the checkpoint's path under ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir()
+    with atomic_dir(out) as tmp:
         for f in (source.config_path, source.tokenizer_path):
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
@@ -174,21 +168,4 @@ def write_derived_run(
             Run(tmp).checkpoints, step, model, model_config=model_config, progress=progress,
             **meta,
         )  # fmt: skip
-        _replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out / saved.relative_to(tmp)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` (empty, or ``--overwrite``) is moved
-    aside first and deleted after the swap."""
-    if out.exists():
-        old = out.parent / f".old-{out.name}-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-    fsync_dir(out.parent)

@@ -2,7 +2,7 @@ import hashlib
 
 import pytest
 
-from memlayers.files import atomic_open, sha256_file, write_atomic
+from memlayers.files import atomic_dir, atomic_open, sha256_file, write_atomic
 from memlayers.report import si
 
 
@@ -56,3 +56,19 @@ def test_si():
     assert [si(12), si(1_600_000), si(2.21e13), si(950_000, "M")] == [
         "12", "1.60M", "22.10T", "0.95M"
     ]  # fmt: skip
+
+
+def test_atomic_dir_appears_whole_replaces_whole_and_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "sub" / "out"
+    with atomic_dir(out) as d:
+        (d / "a.txt").write_text("one")
+        assert not out.exists()  # nothing at out until the block ends
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    with pytest.raises(RuntimeError, match="midway"), atomic_dir(out) as d:
+        (d / "b.txt").write_text("two")
+        raise RuntimeError("midway")
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]  # as it was
+    with atomic_dir(out) as d:
+        (d / "b.txt").write_text("two")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]  # replaced whole
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no .tmp- / .old- left
