@@ -170,6 +170,34 @@ def test_clear_errors(run_dir, tmp_path, capsys):
     assert "bad.jsonl:1: invalid JSON" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "kw, name",
+    [({"max_qa": -1}, "max_qa"), ({"max_qa": 0}, "max_qa"), ({"batch_size": 0}, "batch_size"),
+     ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_val_tokens": -100}, "max_val_tokens"),
+     ({"max_qa": 2.5}, "max_qa")],
+)  # fmt: skip
+def test_bad_counts_are_refused_naming_them_before_the_run_loads(tmp_path, kw, name):
+    # (max_qa=-1 kept all but the last record, max_val_tokens=-100 nearly all tokens,
+    # batch_size=0 failed inside range())
+    with pytest.raises(EvalError, match=f"{name} must be an integer >= 1, got"):
+        evaluate(tmp_path / "no-run", progress=False, **kw)
+
+
+def test_qa_sets_that_share_a_name_are_refused(tmp_path, capsys):
+    rec = json.dumps({"question": "Where?", "answers": ["here"]}) + "\n"
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "q.jsonl").write_text(rec)
+    (tmp_path / "bios-heldout.jsonl").write_text(rec)
+    run = tmp_path / "no-run"  # refused before the run is looked for
+    with pytest.raises(EvalError, match="two QA sets named 'q'"):
+        evaluate(run, qa=[tmp_path / "a" / "q.jsonl", tmp_path / "b" / "q.jsonl"], progress=False)
+    with pytest.raises(EvalError, match="'bios-heldout' is the name of a dataset's own"):
+        evaluate(run, qa=[tmp_path / "bios-heldout.jsonl"], progress=False)
+    assert cli_main(["eval", str(run), "--max-qa", "-1"]) == 1
+    assert "max_qa must be an integer >= 1, got -1" in capsys.readouterr().err
+
+
 def test_the_knowledge_probes_go_in_larger_batches_on_a_gpu_only():
     from memlayers.eval import PROBE_BATCH_GPU, probe_batch_size
 

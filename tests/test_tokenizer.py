@@ -80,6 +80,33 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path / "x.json")
 
 
+def test_a_cut_empty_or_foreign_tokenizer_file_is_refused_naming_it(bpe, tmp_path):
+    whole = bpe.save(tmp_path / "whole.json").read_bytes()
+    for name, data in (("empty.json", b""), ("cut.json", whole[: len(whole) // 2]),
+                       ("foreign.json", b"\x00\x01 not a model")):  # fmt: skip
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=name):
+            load_tokenizer(tmp_path / name)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "word"])
+def test_a_save_that_fails_leaves_the_old_file_whole(bpe, tmp_path, monkeypatch, kind):
+    # A run rewrites its tokenizer.json at every start (--resume too): a crash mid-write
+    # must not leave the run with a cut tokenizer.
+    tok = bpe if kind == "bpe" else WordTokenizer([EOS, " a", " b"])
+    path = tok.save(tmp_path / "run" / "tokenizer.json")
+    before = path.read_bytes()
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("memlayers.files.os.fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        tok.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tokenizer.json"]
+
+
 def _cached_sentencepiece():
     from memlayers.data.corpus import PACKAGES, cache_dir
 

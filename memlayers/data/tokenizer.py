@@ -25,6 +25,8 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from memlayers.files import write_atomic
+
 EOS = "<|endoftext|>"
 EOS_NAMES = (EOS, "</s>", "<|end_of_text|>")
 
@@ -126,10 +128,7 @@ class BPETokenizer(Tokenizer):
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.tok.save(str(path))
-        return path
+        return _save(path, self.tok.to_str(pretty=True))
 
     @classmethod
     def load(cls, path: str | Path) -> BPETokenizer:
@@ -186,10 +185,7 @@ class WordTokenizer(Tokenizer):
         return "".join(self.tokens[int(i)] for i in ids)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"kind": "word", "tokens": self.tokens}, ensure_ascii=False))
-        return path
+        return _save(path, json.dumps({"kind": "word", "tokens": self.tokens}, ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str | Path) -> WordTokenizer:
@@ -229,10 +225,14 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.decode([int(i) for i in ids])
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self.path.read_bytes())
-        return path
+        return _save(path, self.path.read_bytes())
+
+
+def _save(path: str | Path, data: str | bytes) -> Path:
+    """Every tokenizer's ``save``: atomically (a run rewrites its tokenizer.json at each
+    start, ``--resume`` too: a crash there must not leave a cut file), its folder made."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, data)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -241,11 +241,19 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer file at {path}")
     data = path.read_bytes()
+    if not data.strip():
+        raise ValueError(f"the tokenizer file {path} is empty")
     # A run saves any tokenizer as run_dir/tokenizer.json: a SentencePiece model there is
     # its protobuf bytes, not JSON.
     if path.suffix == ".model" or not data.lstrip().startswith(b"{"):
-        return SentencePieceTokenizer(path)
-    head = json.loads(data)
+        try:
+            return SentencePieceTokenizer(path)
+        except RuntimeError as e:  # sentencepiece's parse error names no file
+            raise ValueError(f"{path} is not a tokenizer file (as SentencePiece: {e})") from None
+    try:
+        head = json.loads(data)
+    except ValueError as e:
+        raise ValueError(f"{path} is not a tokenizer file (cut short?): {e}") from None
     if head.get("kind") == "word":
         return WordTokenizer(head["tokens"])
     if isinstance(head.get("model"), dict) and head["model"].get("type") == "BPE":

@@ -71,6 +71,7 @@ from memlayers.eval.validation import (
     LN2,
     EvalError,
     _bytes_of,
+    check_counts,
     perplexity,
     track_memory_usage,
     usage_report,
@@ -81,6 +82,10 @@ from memlayers.metrics import input_device
 from memlayers.quantize import table_format, value_tables
 from memlayers.report import parameter_report
 from memlayers.run import TrainedRun, load_run
+
+# The names of the datasets' own held-out QA sets (:func:`dataset_qa`): a --qa file may not
+# take one, or its numbers would be reported under the built-in set's name.
+BUILTIN_QA_NAMES = frozenset(f"{d}-heldout" for d in (*BIOS_DATASETS, "facts"))
 
 Run = TrainedRun  # the name of a loaded run here before memlayers.run
 
@@ -166,11 +171,20 @@ def evaluate(
     perplexity tokens (None: all); ``offload`` keeps the value tables in host memory
     (:func:`memlayers.run.load_run`; a loaded ``run`` is used as it is)."""
     t0 = time.perf_counter()
+    check_counts(max_qa=max_qa, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                 max_val_tokens=max_val_tokens)  # fmt: skip
     qa_files = [Path(q) for q in qa]
     qa_sets: dict[str, list[dict]] = {}
     for f in qa_files:  # fail on a bad file before loading anything big
         if not f.is_file():
             raise EvalError(f"--qa {f}: no such file")
+        if f.stem in qa_sets:  # a set is named by its file's stem: one would replace the other
+            other = next(g for g in qa_files if g.stem == f.stem)
+            raise EvalError(f"--qa {f} and {other}: two QA sets named {f.stem!r} (rename one)")
+        if f.stem in BUILTIN_QA_NAMES:
+            raise EvalError(
+                f"--qa {f}: {f.stem!r} is the name of a dataset's own held-out set (rename it)"
+            )
         qa_sets[f.stem] = read_qa_jsonl(f)
     run = run if isinstance(run, Run) else load_run(run, device, offload=offload)
     model, tok, args = run.model, run.tokenizer, run.args
