@@ -179,14 +179,20 @@ def load_run(
 ) -> TrainedRun:
     """Load a run directory's newest checkpoint (or the checkpoint ``path`` names),
     verified once, with the run's tokenizer; ``offload``: value tables memory-mapped on the
-    host (:mod:`memlayers.offload`; ``"zero-copy"``: page-locked, read in place)."""
+    host (:mod:`memlayers.offload`; ``"zero-copy"``: page-locked, read in place).
+
+    The optimizer state is not read, so only its size is checked, not its sha256 (twice
+    the table's bytes for Adam). With ``offload`` the weights file gets the same
+    size-only check: hashing it would read the whole table, which offloading exists to
+    avoid."""
     from memlayers.data.loader import load_dataset
     from memlayers.data.tokenizer import load_tokenizer
 
     run = Run.of(path)
     ckpt = run.checkpoint(path)
     args = run.config()
-    meta = verify_checkpoint(ckpt)
+    unread = {"optimizer.pt", *(["model.safetensors"] if offload else [])}
+    meta = verify_checkpoint(ckpt, size_only=unread)
     model = model_from_checkpoint(ckpt, meta, _device(device), offload).eval()
     tok = None
     if run.tokenizer_path.is_file():

@@ -79,4 +79,21 @@ def test_load_run_verifies_the_files_once(run_dir, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "sha256_file", counting)
     load_run(run_dir, device="cpu", need_tokenizer=False)
-    assert len(calls) == len(set(calls)) > 0  # every file hashed, none twice
+    assert len(calls) == len(set(calls)) > 0  # every file it reads hashed, none twice
+    # Serving never reads the optimizer state (twice the table for Adam): size-checked only;
+    # offloaded, the table is not read whole either, so not hashed.
+    assert {p.name for p in calls} == {"model.safetensors", "trainer.pt"}
+    calls.clear()
+    load_run(run_dir, device="cpu", need_tokenizer=False, offload=True)
+    assert {p.name for p in calls} == {"trainer.pt"}
+
+
+def test_a_serving_load_still_refuses_a_cut_optimizer_file(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    opt = Run(copy).checkpoint() / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:-1])
+    with pytest.raises(checkpoint.CheckpointError, match="optimizer.pt has"):
+        load_run(copy, device="cpu", need_tokenizer=False)
