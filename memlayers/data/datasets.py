@@ -79,6 +79,23 @@ class FactsArgs:
     qa_exposures: int | None = None
     tokenizer: str = "bpe-4096"  # "bpe-<vocab>" (trained on the facts text), a path or hf:<model>
 
+    def __post_init__(self) -> None:
+        check_facts_options(self.exposures, self.qa_train_frac, self.qa_exposures, "data.facts.")
+
+
+def check_facts_options(
+    exposures: int, qa_train_frac: float, qa_exposures: int | None, prefix: str = ""
+) -> None:
+    """Raise a ValueError naming the first bad option of
+    :func:`memlayers.data.facts.render_facts` (``prefix`` + its name)."""
+    if exposures < 1:
+        raise ValueError(f"{prefix}exposures must be >= 1, got {exposures}")
+    # qa_train_frac >= 1 would leave no held-out facts to evaluate
+    if not 0 <= qa_train_frac < 1:
+        raise ValueError(f"{prefix}qa_train_frac must be in [0, 1), got {qa_train_frac}")
+    if qa_exposures is not None and qa_exposures < 0:
+        raise ValueError(f"{prefix}qa_exposures must be >= 0, got {qa_exposures}")
+
 
 # ---- synthetic and text ------------------------------------------------------------------
 
@@ -208,7 +225,10 @@ def facts_dataset(data_args: Any) -> Built:
     d = facts_from_args(data_args)
     spec = data_args.facts.tokenizer
     if str(spec).startswith("bpe-"):
-        tok: Tokenizer = BPETokenizer.train(d.train_docs, vocab_size=int(spec[4:]))
+        from memlayers.data.corpus.shards import bpe_vocab
+
+        vocab = bpe_vocab(spec, "data.facts.tokenizer")
+        tok: Tokenizer = BPETokenizer.train(d.train_docs, vocab_size=vocab)
     else:
         tok = load_tokenizer(tokenizer_path(spec))
     return (

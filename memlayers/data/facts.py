@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from memlayers.data.corpus import PACKAGES, clean_text, fetch_archive, iter_members, read_member
+from memlayers.data.datasets import check_facts_options
 from memlayers.data.qa import qa_record, qa_text
 
 # relation -> (statement templates, question templates); {s} subject, {o} object
@@ -334,7 +335,9 @@ def render_facts(
     qa_exposures: int | None = None,
 ) -> FactsData:
     """Statements grouped by subject into documents (facts shuffled, templates re-sampled)
-    ``exposures`` times; QA pairs split by a hash of (subject, relation) and ``seed``."""
+    ``exposures`` times; QA pairs split by a hash of (subject, relation) and ``seed``.
+    At least one fact must be held out for evaluation."""
+    check_facts_options(exposures, qa_train_frac, qa_exposures)
     rng = np.random.default_rng([seed, 7])
     by_subject: dict[str, list[Fact]] = {}
     for f in facts:
@@ -361,6 +364,11 @@ def render_facts(
         question = qtpls[int(u * 1e6) % len(qtpls)].format(s=f.subject)
         rec = qa_record(question, f.object, subject=f.subject, relation=f.relation, source=f.source)
         (qa_train if u < qa_train_frac else qa_eval).append(rec)
+    if not qa_eval:
+        raise ValueError(
+            f"no held-out facts to evaluate among {len(facts)} facts with "
+            f"qa_train_frac={qa_train_frac} (seed {seed})"
+        )
     reps = qa_exposures if qa_exposures is not None else max(1, exposures // 4)
     train_docs += [qa_text(r) for r in qa_train for _ in range(reps)]
     order = rng.permutation(len(train_docs))

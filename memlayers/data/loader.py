@@ -114,7 +114,9 @@ def load_dataset(args: DataArgs, datasets: Mapping[str, DatasetFn] = DATASETS) -
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
         raise ValueError(f"dataset {name}: vocab_size must be a positive int, got {vocab_size!r}")
     train = _check_tokens(name, train, vocab_size)
-    val = _check_tokens(name, val, vocab_size)
+    val = _check_tokens(name, val, vocab_size)  # may be empty: training skips validation
+    if train.size == 0:
+        raise ValueError(f"dataset {name}: no training tokens")
     return Dataset(train, val, vocab_size, tokenizer)
 
 
@@ -136,9 +138,10 @@ class PackedLoader:
             )
         self.tokens, self.B, self.T = tokens, batch_size, seq_len
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.n_seq = (len(tokens) - 1) // seq_len
+        # max(0, …): an empty stream gives (0 - 1) // T = -1, which would slip past the check
+        self.n_seq = max(0, (len(tokens) - 1) // seq_len)
         self.batches_per_epoch = self.n_seq // (batch_size * world_size)
-        if self.batches_per_epoch == 0:
+        if self.batches_per_epoch <= 0:
             raise ValueError(
                 f"{len(tokens):,} tokens make {self.n_seq} sequences of seq_len={seq_len}, "
                 f"fewer than one global batch (batch_size={batch_size} × world_size="

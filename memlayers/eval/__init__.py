@@ -61,6 +61,7 @@ from memlayers.data.loader import load_dataset
 from memlayers.data.qa import read_qa_jsonl
 from memlayers.eval.knowledge import (
     BIOS_DATASETS,
+    BUILTIN_QA_NAMES,
     dataset_qa,
     greedy_answers,
     knowledge_stored,
@@ -82,10 +83,6 @@ from memlayers.metrics import input_device
 from memlayers.quantize import table_format, value_tables
 from memlayers.report import parameter_report
 from memlayers.run import TrainedRun, load_run
-
-# The names of the datasets' own held-out QA sets (:func:`dataset_qa`): a --qa file may not
-# take one, or its numbers would be reported under the built-in set's name.
-BUILTIN_QA_NAMES = frozenset(f"{d}-heldout" for d in (*BIOS_DATASETS, "facts"))
 
 Run = TrainedRun  # the name of a loaded run here before memlayers.run
 

@@ -74,7 +74,9 @@ def qa_eval(
     batch_size: int = 64,
     progress: bool = True,
 ) -> tuple[dict, list[dict]]:
-    """Answer NLL, exact match and F1 over ``records``; returns (summary, predictions)."""
+    """Answer NLL, exact match and F1 over ``records``; returns (summary, predictions).
+    An empty ``records`` is an error, raised before the model runs."""
+    _check_not_empty(records)
     flat = [(i, a) for i, r in enumerate(records) for a in r["answers"]]
     nll: list[dict] = []
     for lo in tqdm(range(0, len(flat), 1024), desc="answer NLL", disable=not progress, leave=False):
@@ -115,7 +117,14 @@ def qa_eval(
     return summary, predictions
 
 
+def _check_not_empty(records: list[dict], name: str = "the QA set") -> None:
+    # 0 records once scored "0.0% EM, answer NLL 0.000": a perfect-looking NLL
+    if not records:
+        raise EvalError(f"{name} has no QA records: there is nothing to evaluate")
+
+
 def _qa_summary(records, preds, best) -> dict:
+    _check_not_empty(records)
     s = qa_scores(preds, records)
     n_tok = sum(b["n_tokens"] for b in best)
     total = sum(b["nll"] for b in best)
@@ -128,6 +137,11 @@ def _qa_summary(records, preds, best) -> dict:
     }
 
 
+# The names of the datasets' own held-out QA sets (:func:`dataset_qa`): a --qa file may not
+# take one, or its numbers would be reported under the built-in set's name.
+BUILTIN_QA_NAMES = frozenset(f"{d}-heldout" for d in (*BIOS_DATASETS, "facts"))
+
+
 def dataset_qa(args: TrainArgs) -> tuple[str, list[dict], Any] | None:
     """(name, held-out QA records, BiosData or None) of a bios or facts run."""
     name = args.data.dataset
@@ -135,11 +149,14 @@ def dataset_qa(args: TrainArgs) -> tuple[str, list[dict], Any] | None:
         from memlayers.data.datasets import bios_from_args
 
         bios = bios_from_args(args.data, compact=name == "bios_compact")
+        _check_not_empty(bios.qa_eval, f"{name}-heldout")
         return f"{name}-heldout", bios.qa_eval, bios
     if name == "facts":
         from memlayers.data.datasets import facts_from_args
 
-        return "facts-heldout", facts_from_args(args.data).qa_eval, None
+        records = facts_from_args(args.data).qa_eval
+        _check_not_empty(records, "facts-heldout")
+        return "facts-heldout", records, None
     return None
 
 

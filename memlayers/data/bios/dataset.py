@@ -71,6 +71,21 @@ class BiosConfig:
             raise ValueError(f"qa_train_frac must be in [0, 1), got {self.qa_train_frac}")
         if self.n_templates is not None and not 1 <= self.n_templates <= 6:
             raise ValueError(f"n_templates must be in [1, 6], got {self.n_templates}")
+        # 0 is an ablation for these two (no QA documents, no company documents); the
+        # validation stream (eval's perplexity) and the compact records need at least 1
+        for name, least in (
+            ("qa_exposures", 0), ("company_exposures", 0), ("val_exposures", 1),
+            ("compact_attributes", 1), ("compact_chunks", 1), ("compact_values", 1),
+        ):  # fmt: skip
+            v = getattr(self, name)
+            if v is not None and v < least:
+                raise ValueError(f"{name} must be >= {least}, got {v}")
+        if not self.compact and _n_qa_train(self) == self.n_people:
+            raise ValueError(
+                f"qa_train_frac={self.qa_train_frac} leaves no held-out people of "
+                f"n_people={self.n_people} (round({self.qa_train_frac} * {self.n_people}) = "
+                f"{self.n_people}): the held-out QA set would be empty"
+            )
 
 
 @dataclass
@@ -177,9 +192,14 @@ def _rng(cfg: BiosConfig, stream: int) -> np.random.Generator:
     return np.random.default_rng([cfg.seed, stream])
 
 
+def _n_qa_train(cfg: BiosConfig) -> int:
+    """How many people are train-QA people."""
+    return int(round(cfg.qa_train_frac * cfg.n_people))
+
+
 def _split_people(cfg: BiosConfig) -> np.ndarray:
     """[n_people] bool: True for train-QA people."""
-    n_train = int(round(cfg.qa_train_frac * cfg.n_people))
+    n_train = _n_qa_train(cfg)
     order = _rng(cfg, 2).permutation(cfg.n_people)
     is_train = np.zeros(cfg.n_people, dtype=bool)
     is_train[order[:n_train]] = True

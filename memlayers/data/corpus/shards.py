@@ -31,16 +31,48 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def parse_sources(sources: str | Iterable[str] | None) -> list[str]:
+    """Source names from ``"a,b"``, a list, or ``None`` / ``"default"`` (all). An empty
+    or repeated list is an error: a repeated source's second pass finds every paragraph
+    already seen and would replace its documents with none."""
     if sources is None or sources == "default":
         names = list(DEFAULT_SOURCES)
     elif isinstance(sources, str):
         names = [s.strip() for s in sources.split(",") if s.strip()]
     else:
         names = list(sources)
+    if not names:
+        raise ValueError(
+            f"no corpus sources in sources={sources!r} (--sources / data.corpus.sources); "
+            f"known: {sorted(SOURCES)}, or 'default' for all"
+        )
+    repeated = sorted({s for s in names if names.count(s) > 1})
+    if repeated:
+        raise ValueError(
+            f"sources={sources!r} (--sources / data.corpus.sources) names "
+            f"{', '.join(map(repr, repeated))} more than once"
+        )
     unknown = [s for s in names if s not in SOURCES]
     if unknown:
         raise ValueError(f"unknown corpus sources {unknown}; known: {sorted(SOURCES)}")
     return names
+
+
+def bpe_vocab(spec: str, option: str = "tokenizer") -> int:
+    """The vocabulary size of a ``"bpe-<vocab>"`` tokenizer option (e.g. 8192); errors
+    name ``option``."""
+    try:
+        vocab = int(spec.removeprefix("bpe-"))
+    except ValueError:
+        raise ValueError(
+            f"{option} must be bpe-<vocab> with an integer vocab (e.g. bpe-8192) or a path, "
+            f"got {spec!r}"
+        ) from None
+    if vocab < 258:  # BPETokenizer.train: 256 bytes + EOS + at least one merge
+        raise ValueError(f"{option}: the vocab must be >= 258 (256 bytes + EOS + 1), got {spec!r}")
+    return vocab
+
+
+_TOKENIZER_OPTION = "tokenizer (--tokenizer / data.corpus.tokenizer)"
 
 
 def fetch(
@@ -164,10 +196,17 @@ def build(
     are dropped as exact duplicates. Re-running with the same inputs only reloads."""
     from tqdm.auto import tqdm
 
-    root = cache_dir(cache)
+    # every option is checked before anything is fetched or written
     names = parse_sources(sources)
-    manifest = fetch(names, root, progress)
+    if not 0 <= val_frac < 1:
+        raise ValueError(
+            f"val_frac (--val-frac / data.corpus.val_frac) must be in [0, 1), got {val_frac}"
+        )
     tok_spec = str(tokenizer)
+    if tok_spec.startswith("bpe-"):
+        bpe_vocab(tok_spec, _TOKENIZER_OPTION)
+    root = cache_dir(cache)
+    manifest = fetch(names, root, progress)
     inputs = {
         "sources": {n: manifest["sources"][n]["text_sha256"] for n in names},
         "tokenizer": tok_spec if tok_spec.startswith("bpe-") else sha256_file(Path(tok_spec)),
@@ -196,11 +235,18 @@ def build(
                 text = "\n\n".join(keep)
                 (va if _is_val(text, val_frac) else tr).append(text)
         docs[name] = [tr, va]
+    # every document ends with EOS, so no train documents is the only way to 0 train tokens
+    if not any(docs[n][0] for n in names):
+        n_val = sum(len(docs[n][1]) for n in names)
+        raise ValueError(
+            f"no training documents from sources {names} with val_frac={val_frac} "
+            f"({n_val} val documents): the corpus would have 0 train tokens"
+        )
 
     # 2. tokenizer
     out.mkdir(parents=True, exist_ok=True)
     if tok_spec.startswith("bpe-"):
-        vocab = int(tok_spec.removeprefix("bpe-"))
+        vocab = bpe_vocab(tok_spec, _TOKENIZER_OPTION)
         train_iter = (d for n in names for d in docs[n][0])
         tok: Tokenizer = BPETokenizer.train(train_iter, vocab_size=vocab, show_progress=progress)
     else:
