@@ -56,6 +56,13 @@ EOS_CHECK_EVERY = 16
 # A static cache's length is rounded up to a multiple of this (capped at max_seq_len),
 # so prompts of similar length reuse one compiled step; the extra keys are masked.
 CACHE_ROUND = 64
+# Compiled versions of the decode step's block a process may keep, one per (block kind,
+# batch size, cache length) of every model it decodes (dynamo keeps them per function,
+# shared by all models). A 2048-position Memory+ model has 2 kinds x 32 cache lengths:
+# 16 batch sizes at every length. Dynamo's default of 8 failed (fullgraph) on the 5th
+# cache length; past this bound a fullgraph step still fails loudly (a model with a graph
+# break decodes eagerly) rather than compiling without end.
+RECOMPILE_LIMIT = 1024
 
 
 class StaticKVCache:
@@ -169,6 +176,19 @@ def check_cuda_graph(model: Transformer, device: torch.device) -> None:
         raise ValueError(f"cuda_graph needs the model on a CUDA device, got {device}")
 
 
+def _recompile_room():
+    """Dynamo's recompile limits raised to :data:`RECOMPILE_LIMIT` while a decode step
+    compiles (restored after: code compiled elsewhere in the process keeps its limits).
+    Dynamo reads the limit when a call misses its function's compiled versions, so this
+    admits :func:`static_block`'s versions alone. (The names of torch 2.4, kept since as
+    aliases of ``recompile_limit`` and ``accumulated_recompile_limit``.)"""
+    config = torch._dynamo.config
+    return config.patch(
+        cache_size_limit=max(RECOMPILE_LIMIT, config.cache_size_limit),
+        accumulated_cache_size_limit=max(RECOMPILE_LIMIT, config.accumulated_cache_size_limit),
+    )
+
+
 def _no_autocast_cache():
     """Autocast as the caller set it, without its weight-cast cache: a graph must not hold
     casts cached outside it, which autocast frees when its region ends (PyTorch's CUDA
@@ -199,10 +219,19 @@ class DecodeStep:
         self.routers = [m for m in model.modules() if isinstance(m, ProductKeyRouter)]
         with torch.no_grad():
             self.keys = [r.normed_keys().detach() for r in self.routers]
+        # Compiled: dynamo's recompile limits raised while the step compiles, in the
+        # warm-up (the calls after it have its shapes and guards: they never compile; a
+        # raised limit around each would cost ~40 us a token, config.patch's own price).
+        self.compiled = compile
         if compile:
             # Block by block ("regional" compilation): the blocks of one kind share a
             # graph, so a 24-layer model compiles two graphs (dense, memory), not one
-            # 24 blocks long; fullgraph when no block needs the host.
+            # 24 blocks long; fullgraph when no block needs the host. Static shapes
+            # (dynamic=False): every (kind, batch, cache length) compiles its own graph,
+            # inductor's kernels specialised to it, the ones the tests check against the
+            # eager loop (dynamic B and max_len would share a graph but change those
+            # kernels, and batch 1 is specialised anyway); their number is bounded by
+            # RECOMPILE_LIMIT, raised for this step's compilation alone.
             fullgraph = not graph_blockers(model)
             self.block_fn = torch.compile(static_block, fullgraph=fullgraph, dynamic=False)
         self.graph = None
@@ -241,11 +270,16 @@ class DecodeStep:
             side.wait_stream(torch.cuda.current_stream())
         stream = torch.cuda.stream(side) if for_capture else contextlib.nullcontext()
         no_cache = _no_autocast_cache() if for_capture else contextlib.nullcontext()
-        with stream, no_cache, self._frozen_keys():
+        with stream, no_cache, self._frozen_keys(), self._compiling():
             static_forward(self.model, self.cache, self.tokens, self.block_fn)
         if for_capture:
             torch.cuda.current_stream().wait_stream(side)
         self.cache.pos.copy_(start)
+
+    def _compiling(self):
+        """The raised recompile limits when compiled (:data:`RECOMPILE_LIMIT`), for the
+        warm-up."""
+        return _recompile_room() if self.compiled else contextlib.nullcontext()
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.graph is None:

@@ -12,7 +12,8 @@ lookup gathers the rows it reads to the device and sums them there
 (tests/test_offload.py). A table larger than the device's memory, or than host RAM (the
 OS pages in the rows lookups touch), serves this way; each lookup costs one host sync and
 a copy of the rows it reads. With ``--quantized`` the float table is quantized on the host
-(a pass over the file) and the packed rows stay there.
+(a pass over the file) and the packed rows stay there (with ``--zero-copy`` too: only the
+packed rows are then page-locked, :func:`set_offload_mode_`).
 
 ``--zero-copy`` (implies ``--offload``) reads the file into RAM and page-locks it instead:
 the GPU then reads the rows a lookup needs in place, over the bus, with no sync (the
@@ -62,6 +63,23 @@ def offload_tables_(
     prefixes = _table_prefixes(model)
     for t in tables:
         t.offload_(file, prefixes[id(t)], mode, device)
+    return tables
+
+
+def set_offload_mode_(
+    model: nn.Module, mode: str, device: torch.device | str | None = None
+) -> list[MemoryValues]:
+    """Serve every offloaded value table of ``model`` in ``mode`` from ``device``
+    (default: each table's own), its host tensors kept as they are (:meth:`memlayers.ops.
+    offloaded.HostTable.with_mode`): a table quantized on the host from its mapped file
+    (gather) is then page-locked as packed rows alone (zero-copy). Raises ``ValueError``
+    when none is offloaded."""
+    mode = offload_mode(mode)
+    tables = [t for t in value_tables(model) if t.offloaded is not None]
+    if not tables:
+        raise ValueError("the model has no offloaded value table to serve another way")
+    for t in tables:
+        t.offloaded = t.offloaded.with_mode(mode, device)
     return tables
 
 

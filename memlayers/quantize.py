@@ -108,19 +108,22 @@ def quantize_run(
     ``path`` names) with quantized value tables to ``out`` (default
     ``<run>-int<bits>``, ``-g<group>`` added when ``group`` is given); see the module
     docstring."""
+    # Bits, group and --out first: verifying hashes every file and the load reads the
+    # whole model (the table's width, known only then, is checked against the group below).
+    resolve_group(bits, group, 2)
     run = Run.of(path)
     ckpt = run.checkpoint(path)
+    if out is None:
+        suffix = f"-int{bits}" + (f"-g{group}" if group is not None else "")
+        out = run.root.parent / f"{run.root.name}{suffix}"
+    out = Path(out)
+    _check_out(run.root, out, overwrite)
     meta = verify_checkpoint(ckpt)
     if meta.get("quantization"):
         raise ValueError(
             f"{ckpt} is quantized already ({meta['quantization']['bits']}-bit); quantize "
             f"its float run ({meta['quantization'].get('source', 'unknown')})"
         )
-    if out is None:
-        suffix = f"-int{bits}" + (f"-g{group}" if group is not None else "")
-        out = run.root.parent / f"{run.root.name}{suffix}"
-    out = Path(out)
-    _check_out(run.root, out, overwrite)
     model = model_from_checkpoint(ckpt, meta, device).eval()
     tables = value_tables(model)
     if not tables:

@@ -4,17 +4,19 @@ CPU too) or not; on a GPU also replayed from a CUDA graph. The compiled cases co
 ``fullgraph=True``: a graph break (a host sync such as ``.item()``) in a decode step of a
 dense or Memory+ block, float or quantized, fails them."""
 
+import functools
+
 import pytest
 import torch
 from test_eval import TINY_BIOS  # a ~30k-parameter Memory+ run on 30 bios people
-from test_generate import V, model_of  # a 3-layer model, two memory layers, one table
+from test_generate import KINDS, V, model_of  # a 3-layer model, two memory layers, one table
 
 import memlayers.decoding as decoding
 from memlayers.cli import main as cli_main
 from memlayers.config import load_config
 from memlayers.decoding import StaticKVCache, cache_length, static_forward, static_generate
 from memlayers.generate import generate
-from memlayers.model import build_model
+from memlayers.model import ModelConfig, build_model
 from memlayers.offload import offload_tables_
 from memlayers.presets import get_preset
 from memlayers.quantize import quantize_tables_
@@ -84,6 +86,27 @@ def test_compiled_greedy_equals_eager(preset, table):
     prompt = _prompt()
     want = model.generate(prompt, 24)
     assert torch.equal(static_generate(model, prompt, 24, compile=True), want)
+
+
+def test_compiled_decoding_of_many_cache_lengths(monkeypatch):
+    # A long-lived process (a server, an eval loop) decodes prompts of many lengths and
+    # batch sizes: each (block kind, batch, cache length) compiles its own graph. Dynamo's
+    # default limit of 8 versions a function failed the 5th cache length of this two-kind
+    # model (FailOnRecompileLimitHit under fullgraph); the versions count against one
+    # limit for every model (a later test's run decodes after these 16). The eager
+    # backend keeps dynamo's guards and limits without inductor's cost.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    cfg = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=V,
+                      multiple_of=16, max_seq_len=512, init_std=0.2,
+                      **KINDS["memory+"])  # fmt: skip
+    model = build_model(cfg, seed=1).eval()
+    gen = torch.Generator().manual_seed(0)
+    # cache lengths 64, 128, ..., 384 at batch 1, then two at batch 2
+    for b, t0 in [(1, 10), (1, 70), (1, 130), (1, 200), (1, 260), (1, 330), (2, 10), (2, 70)]:
+        prompt = torch.randint(0, V, (b, t0), generator=gen)
+        got = static_generate(model, prompt, 3, compile=True)
+        assert torch.equal(got, model.generate(prompt, 3)), (b, t0)
+    assert torch._dynamo.config.recompile_limit == 8  # raised for the decode step alone
 
 
 @pytest.mark.parametrize("kind", ["memory+", "peer"])

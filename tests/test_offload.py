@@ -16,7 +16,7 @@ from memlayers.cli import main as cli_main
 from memlayers.config import load_config
 from memlayers.generate import generate
 from memlayers.memory import MemoryConfig, MemoryValues, ProductKeyMemory
-from memlayers.offload import cache_hot_rows_, offload_tables_
+from memlayers.offload import cache_hot_rows_, offload_tables_, set_offload_mode_
 from memlayers.ops.offloaded import HostTable, hottest_rows, map_tensors, save_table
 from memlayers.quantize import quantize_run, quantize_tables_, table_format
 from memlayers.run import load_run
@@ -131,6 +131,52 @@ def test_device_cache_of_hot_rows_gives_the_same_sums(bits):
         table.cache_rows_(torch.tensor([1, 70]), "cpu")
     table.cache_rows_(torch.tensor([], dtype=torch.long), "cpu")  # drops the cache
     assert table.cache_stats() is None and torch.equal(values.lookup(idx, w), ref)
+
+
+@pytest.mark.parametrize(
+    "mode", [None, "gather", "zero-copy"], ids=["on-device", "gather", "zero-copy"]
+)
+@pytest.mark.parametrize("bits", [8, 4], ids=["int8", "int4"])
+@pytest.mark.parametrize("bad", [64, -1], ids=["past-the-end", "negative"])
+def test_every_quantized_lookup_refuses_an_index_outside_the_table(bits, mode, bad):
+    # Plain indexing of the packed rows read row 63 for -1 (the PyTorch lookup on the
+    # CPU: on the device and zero-copy); each way of serving the table names the index.
+    _, values = _layer(bits=bits)
+    if mode is not None:
+        values.offload_(mode=mode)
+    with pytest.raises(ValueError, match=f"index {bad} is out of range for a table of 64 rows"):
+        values.lookup(torch.tensor([[0, bad]]), torch.ones(1, 2))
+
+
+def test_staging_buffers_never_outgrow_the_table():
+    # They grow by doubling and stay for the table's life (pinned, on a GPU): a lookup of
+    # 0.61 N rows after one of 0.6 N took 1.2 N rows, more than the table itself.
+    table = HostTable((torch.zeros(1000, 8),))
+    sizes = []
+    for u in (100, 150, 600, 610, 1000, 700):
+        views = table._buffers(u, pin=False)
+        assert views[0].shape == (u, 8)
+        sizes.append(table._staging[0].shape[0])
+    assert sizes == [100, 200, 600, 1000, 1000, 1000]
+    assert table._staging[0].nbytes <= table.nbytes
+
+
+def test_set_offload_mode_serves_the_same_host_tensors_another_way():
+    model = model_of("memory+").eval()
+    quantize_tables_(model, 4)
+    prompt = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(0))
+    tokens = model.generate(prompt, 12)
+    with pytest.raises(ValueError, match="no offloaded value table"):
+        set_offload_mode_(model, "zero-copy")
+    (values,) = offload_tables_(model)
+    gathered = values.offloaded
+    assert set_offload_mode_(model, "zero-copy") == [values]
+    host = values.offloaded
+    assert host.mode == "zero-copy" and (host.bits, host.group) == (4, gathered.group)
+    assert all(a is b for a, b in zip(host.tensors, gathered.tensors, strict=True))
+    assert torch.equal(model.generate(prompt, 12), tokens)
+    with pytest.raises(ValueError, match="offload mode must be one of"):
+        set_offload_mode_(model, "pinned")
 
 
 def test_hottest_rows():
@@ -280,6 +326,25 @@ def test_generate_offloaded_equals_on_device(run_dir, capsys):
     assert capsys.readouterr().out == prompt + ref[0] + "\n"
     zc = load_run(run_dir, "cpu", offload="zero-copy").model.memory_values.offloaded
     assert zc.mode == "zero-copy" and zc.file.name == "model.safetensors"
+
+
+def test_generate_zero_copy_quantized_never_page_locks_the_float_table(run_dir, monkeypatch):
+    # --zero-copy --quantized: the float table is read from the file's mapping (gather)
+    # to quantize it; only the packed table becomes zero-copy (on a GPU, page-locked).
+    prompt = "Which city was"
+    want = generate(str(run_dir), prompt, 12, device="cpu", quantized=4, offload=True)
+    made = []
+    init = HostTable.__init__
+
+    def spy(self, tensors, bits=None, group=None, dim=None, file=None, mode="gather",
+            device=None):  # fmt: skip
+        made.append((mode, bits))
+        init(self, tensors, bits, group, dim, file, mode, device)
+
+    monkeypatch.setattr(HostTable, "__init__", spy)
+    got = generate(str(run_dir), prompt, 12, device="cpu", quantized=4, offload="zero-copy")
+    assert got == want
+    assert ("zero-copy", None) not in made and made[-1] == ("zero-copy", 4)
 
 
 def test_eval_offloaded_equals_on_device(run_dir, capsys):
@@ -461,10 +526,15 @@ def test_gpu_generate_offloaded_run(run_dir):
     prompt = "Which city was"
     ref = generate(str(run_dir), prompt, 12, device="cuda")
     assert generate(str(run_dir), prompt, 12, device="cuda", offload=True) == ref
+    q = generate(str(run_dir), prompt, 12, device="cuda", quantized=4, offload=True)
     for compile in (False, True):
         got = generate(str(run_dir), prompt, 12, device="cuda", offload="zero-copy",
                        compile=compile)  # fmt: skip
         assert got == ref
+        # Quantized from the mapped file, then only the packed table page-locked.
+        got = generate(str(run_dir), prompt, 12, device="cuda", quantized=4,
+                       offload="zero-copy", compile=compile)  # fmt: skip
+        assert got == q
     model = load_model_from_checkpoint(run_dir, "cuda")  # for its table
     trained = load_run(run_dir, "cuda", offload=True)
     assert trained.model.memory_values.offloaded.tensors[0].device.type == "cpu"

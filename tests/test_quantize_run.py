@@ -159,6 +159,27 @@ def test_refusals(run_dir, int8_run, tmp_path, capsys):
         train(load_config([], [*TINY_BIOS, f"run_dir={int8_run.out}", "steps=9"]), resume="latest")
 
 
+def test_group_and_out_are_refused_before_the_checkpoint_is_read(run_dir, tmp_path, monkeypatch):
+    # Hashing every file and loading the model come after the checks that need neither.
+    import memlayers.quantize as quantize
+
+    def read(*a, **k):
+        pytest.fail("the checkpoint was read before the arguments were checked")
+
+    monkeypatch.setattr(quantize, "verify_checkpoint", read)
+    monkeypatch.setattr(quantize, "model_from_checkpoint", read)
+    out = tmp_path / "q"
+    with pytest.raises(ValueError, match="4-bit groups must be even .*got group=3"):
+        quantize_run(run_dir, 4, group=3, out=out, progress=False)
+    with pytest.raises(ValueError, match="group must be a positive int .*got group=0"):
+        quantize_run(run_dir, 8, group=0, out=out, progress=False)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        quantize_run(run_dir, 3, out=out, progress=False)
+    with pytest.raises(ValueError, match="overlaps the source run"):
+        quantize_run(run_dir, 8, out=run_dir / "q", progress=False)
+    assert not out.exists()
+
+
 def test_consolidate_keeps_the_quantization(int8_run, tmp_path):
     dst = consolidate(int8_run.out, tmp_path / "single")
     assert json.loads((dst / "meta.json").read_text())["quantization"]["bits"] == 8

@@ -177,14 +177,15 @@ def test_out_dtype():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_out_of_range_index_raises(bits):
+@pytest.mark.parametrize("bad", [10, -1], ids=["past-the-end", "negative"])
+def test_out_of_range_index_raises(bits, bad):
     # The kernel reads no row outside the table and fails loudly instead; on a GPU through
     # a device-side assert, which ends the process: run it in a child.
     code = (
         "import torch\n"
         "from memlayers.ops.quantized import quantize_rows, embedding_bag_quantized\n"
         f"q = quantize_rows(torch.randn(10, 8, device='{DEVICE}'), {bits})\n"
-        f"i = torch.tensor([[1, 10]], device='{DEVICE}')\n"
+        f"i = torch.tensor([[1, {bad}]], device='{DEVICE}')\n"
         f"w = torch.ones(1, 2, device='{DEVICE}')\n"
         "embedding_bag_quantized(q, i, w, impl='triton')\n"
         "torch.cuda.synchronize() if torch.cuda.is_available() else None\n"
@@ -198,10 +199,16 @@ def test_out_of_range_index_raises(bits):
     if DEVICE == "cpu":
         for config in [(1, 1, 1, 1), (1, 1, 1, 4), (1, 1, 2, 2)]:
             with pytest.raises(RuntimeError, match="outside"):
-                qt._qfwd_launch(q, torch.tensor([[1, 2, 10]]), torch.ones(1, 3), config=config)
-    # The reference: PyTorch's own index check.
-    with pytest.raises(IndexError):
-        embedding_bag_quantized(q, torch.tensor([[1, 10]]), torch.ones(1, 2), impl="torch")
+                qt._qfwd_launch(q, torch.tensor([[1, 2, bad]]), torch.ones(1, 3), config=config)
+    # The reference refuses it too, in the offloaded gather's words (plain indexing would
+    # read row 9 for -1); unchecked, the caller vouches for its indices.
+    with pytest.raises(ValueError, match=f"index {bad} is out of range for a table of 10 rows"):
+        embedding_bag_quantized(q, torch.tensor([[1, bad]]), torch.ones(1, 2), impl="torch")
+    ok = torch.tensor([[1, 9]])
+    torch.testing.assert_close(
+        embedding_bag_quantized(q, ok, torch.ones(1, 2), impl="torch", check_indices=False),
+        embedding_bag_quantized(q, ok, torch.ones(1, 2), impl="torch"),
+    )
 
 
 def test_gradients_are_refused():

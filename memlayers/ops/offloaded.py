@@ -67,7 +67,12 @@ import torch
 from safetensors.torch import save_file
 
 from memlayers.ops.embedding_bag import check_bags, embedding_bag
-from memlayers.ops.quantized import QuantizedRows, check_quantized, embedding_bag_quantized
+from memlayers.ops.quantized import (
+    QuantizedRows,
+    check_index_range,
+    check_quantized,
+    embedding_bag_quantized,
+)
 
 # safetensors' dtype names (those a value table can have, and the rest of a checkpoint).
 DTYPES = {
@@ -224,6 +229,15 @@ class HostTable:
         new._slot, new._cached, new._hits, new._reads = None, (), None, None
         return new
 
+    def with_mode(self, mode: str, device: torch.device | str | None = None) -> HostTable:
+        """A table over the same host tensors, served in ``mode`` from ``device`` (default:
+        this table's): zero-copy page-locks them in place, or copies them out of the file
+        first, as at construction. E.g. a float table quantized from its file's mapping in
+        gather mode (:meth:`memlayers.memory.MemoryValues.quantize_`), then made zero-copy:
+        only the packed rows are page-locked, never the float table."""
+        device = self.device if device is None else device
+        return HostTable(self.tensors, self.bits, self.group, self.dim, self.file, mode, device)
+
     @property
     def n_rows(self) -> int:
         return self.tensors[0].shape[0]
@@ -325,17 +339,18 @@ class HostTable:
         return tuple(out)
 
     def _check_rows(self, rows: torch.Tensor) -> None:
-        if rows.numel() and (rows[0] < 0 or rows[-1] >= self.n_rows):  # sorted by unique
-            bad = rows[0] if rows[0] < 0 else rows[-1]
-            raise ValueError(f"index {int(bad)} is out of range for a table of {self.n_rows} rows")
+        check_index_range(rows, self.n_rows)  # (host rows: no sync)
 
     def _buffers(self, u: int, pin: bool) -> tuple[torch.Tensor, ...]:
         """Views ``[u, ...]`` of the staging buffers (pinned for CUDA: the copy is then
-        asynchronous), grown by doubling; waits for the previous copy out of them."""
+        asynchronous), grown by doubling but never past the table's rows (``u`` distinct
+        rows of it never are): kept for the table's life, they must not page-lock more
+        than the table; waits for the previous copy out of them."""
         if self._copied is not None:
             self._copied.synchronize()
         if self._staging is None or self._staging[0].shape[0] < u:
-            cap = max(u, 2 * self._staging[0].shape[0] if self._staging is not None else 0)
+            old = self._staging[0].shape[0] if self._staging is not None else 0
+            cap = max(u, min(self.n_rows, 2 * old))
             self._staging = tuple(
                 torch.empty((cap, *t.shape[1:]), dtype=t.dtype, pin_memory=pin)
                 for t in self.tensors

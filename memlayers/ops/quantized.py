@@ -263,9 +263,11 @@ def embedding_bag_quantized(
         impl: ``"auto"`` | ``"torch"`` | ``"triton"``
             (:func:`memlayers.ops.embedding_bag.resolve_impl`).
         out_dtype: of the result; sums are fp32 either way.
-        check_indices: as for :func:`memlayers.ops.embedding_bag.embedding_bag` (False:
-            the caller made the indices and they are in range; the Triton path then skips
-            its device-side range check).
+        check_indices: an index outside ``[0, N)`` fails: on the Triton path through a
+            device-side assert (no host wait), on the PyTorch path with a ``ValueError``
+            naming it (one host sync; plain indexing would wrap a negative index to a row
+            from the end). False: the caller made the indices and they are in range (the
+            memory layer's search), both checks skipped.
 
     Returns:
         ``[B, D]`` in ``out_dtype``.
@@ -275,4 +277,18 @@ def embedding_bag_quantized(
         from memlayers.ops.quantized_triton import embedding_bag_quantized_triton
 
         return embedding_bag_quantized_triton(table, indices, weights, out_dtype, check_indices)
+    if check_indices:
+        check_index_range(indices, table.n_rows)
     return embedding_bag_quantized_torch(table, indices, weights, out_dtype)
+
+
+def check_index_range(indices: torch.Tensor, n_rows: int) -> None:
+    """Raise ``ValueError`` naming an index outside ``[0, n_rows)`` (one host sync), in
+    the words of the offloaded gather's check (:class:`memlayers.ops.offloaded.
+    HostTable`)."""
+    if indices.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(indices))
+    if lo < 0 or hi >= n_rows:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"index {bad} is out of range for a table of {n_rows} rows")
