@@ -219,10 +219,6 @@ class DecodeStep:
         self.routers = [m for m in model.modules() if isinstance(m, ProductKeyRouter)]
         with torch.no_grad():
             self.keys = [r.normed_keys().detach() for r in self.routers]
-        # Compiled: dynamo's recompile limits raised while the step compiles, in the
-        # warm-up (the calls after it have its shapes and guards: they never compile; a
-        # raised limit around each would cost ~40 us a token, config.patch's own price).
-        self.compiled = compile
         if compile:
             # Block by block ("regional" compilation): the blocks of one kind share a
             # graph, so a 24-layer model compiles two graphs (dense, memory), not one
@@ -277,9 +273,10 @@ class DecodeStep:
         self.cache.pos.copy_(start)
 
     def _compiling(self):
-        """The raised recompile limits when compiled (:data:`RECOMPILE_LIMIT`), for the
-        warm-up."""
-        return _recompile_room() if self.compiled else contextlib.nullcontext()
+        """The raised recompile limits (:data:`RECOMPILE_LIMIT`) when the step is compiled,
+        for the warm-up: the calls after it have its shapes and guards and never compile
+        (a raised limit around each would cost ~40 us a token, config.patch's own price)."""
+        return _recompile_room() if self.block_fn is not static_block else contextlib.nullcontext()
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.graph is None:

@@ -117,10 +117,10 @@ def qa_eval(
     return summary, predictions
 
 
-def _check_not_empty(records: list[dict], name: str = "the QA set") -> None:
+def _check_not_empty(records: list[dict]) -> None:
     # 0 records once scored "0.0% EM, answer NLL 0.000": a perfect-looking NLL
     if not records:
-        raise EvalError(f"{name} has no QA records: there is nothing to evaluate")
+        raise EvalError("the QA set has no QA records: there is nothing to evaluate")
 
 
 def _qa_summary(records, preds, best) -> dict:
@@ -149,14 +149,11 @@ def dataset_qa(args: TrainArgs) -> tuple[str, list[dict], Any] | None:
         from memlayers.data.datasets import bios_from_args
 
         bios = bios_from_args(args.data, compact=name == "bios_compact")
-        _check_not_empty(bios.qa_eval, f"{name}-heldout")
         return f"{name}-heldout", bios.qa_eval, bios
     if name == "facts":
         from memlayers.data.datasets import facts_from_args
 
-        records = facts_from_args(args.data).qa_eval
-        _check_not_empty(records, "facts-heldout")
-        return "facts-heldout", records, None
+        return "facts-heldout", facts_from_args(args.data).qa_eval, None
     return None
 
 

@@ -28,20 +28,15 @@ class EvalError(RunError):
     """The run cannot be evaluated (no run directory, config or checkpoint, bad input)."""
 
 
-# The least value of each count an evaluation takes (None: the default, or no cap).
-COUNT_MINIMUMS = {"max_qa": 1, "max_new_tokens": 1, "batch_size": 1, "max_val_tokens": 1}
-
-
 def check_counts(**counts) -> None:
-    """Raise :class:`EvalError` naming a count that is not an integer at least its
-    :data:`COUNT_MINIMUMS` (``max_qa=-1`` kept all but the last record, ``batch_size=0``
-    failed inside ``range``); None passes."""
+    """Raise :class:`EvalError` naming a count that is not an integer >= 1 (``max_qa=-1``
+    kept all but the last record, ``batch_size=0`` failed inside ``range``); None (the
+    default, or no cap) passes."""
     for name, value in counts.items():
         if value is None:
             continue
-        least = COUNT_MINIMUMS[name]
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-            raise EvalError(f"{name} must be an integer >= {least}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise EvalError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 @torch.no_grad()

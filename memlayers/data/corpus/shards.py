@@ -203,8 +203,7 @@ def build(
             f"val_frac (--val-frac / data.corpus.val_frac) must be in [0, 1), got {val_frac}"
         )
     tok_spec = str(tokenizer)
-    if tok_spec.startswith("bpe-"):
-        bpe_vocab(tok_spec, _TOKENIZER_OPTION)
+    vocab = bpe_vocab(tok_spec, _TOKENIZER_OPTION) if tok_spec.startswith("bpe-") else None
     root = cache_dir(cache)
     manifest = fetch(names, root, progress)
     inputs = {
@@ -245,8 +244,7 @@ def build(
 
     # 2. tokenizer
     out.mkdir(parents=True, exist_ok=True)
-    if tok_spec.startswith("bpe-"):
-        vocab = bpe_vocab(tok_spec, _TOKENIZER_OPTION)
+    if vocab is not None:
         train_iter = (d for n in names for d in docs[n][0])
         tok: Tokenizer = BPETokenizer.train(train_iter, vocab_size=vocab, show_progress=progress)
     else:
