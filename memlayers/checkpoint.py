@@ -24,7 +24,11 @@ with torch.distributed.checkpoint instead, every rank its own shards::
 
 DCP reshards on load, so such a checkpoint loads on any number of ranks and any
 memory-parallel degree (2 → 1, 1 → 4, 4 → 2), or into one process for evaluation;
-:func:`consolidate` turns it into the single-file layout above.
+:func:`consolidate` turns it into the single-file layout above. (A training resume on
+another number of ranks than saved the RNG states: :mod:`memlayers.train`.) Either layout
+loads the optimizer's moments and step counts only if they are of this config's
+optimizers and parameter groups (:meth:`memlayers.optim.Optimizers.check_saved`, checked
+before anything is read), and keeps the config's hyperparameters.
 
 A save writes everything into a hidden ``.tmp-*`` directory, then ``os.replace`` renames
 it into place and ``latest`` is replaced the same way, so a crash at any point leaves the
@@ -275,14 +279,49 @@ def save_distributed_checkpoint(
     return final
 
 
+_GROUP_NAME = re.compile(r"optim\.param_groups\.(\d+)\.name")
+
+
+def _dcp_optimizers(path: Path, saved: dict, no_dist: bool) -> dict[str, list]:
+    """What a DCP checkpoint holds of optimizer state, from its metadata ``saved``:
+    ``{optimizer name: its parameter groups' names}``
+    (:meth:`memlayers.optim.Optimizers.check_saved`), empty when it holds none. The
+    AdamW's group names are read (a few bytes); the value optimizer saves no groups: its
+    one group, ``values``."""
+    import torch.distributed.checkpoint as dcp
+
+    from memlayers.optim import DCP_SECTIONS
+
+    sections = {key.split(".", 1)[0] for key in saved}
+    held = {name: ["values"] for name, sec in DCP_SECTIONS.items() if sec in sections}
+    if "adamw" in held:
+        n = sum(1 for key in saved if _GROUP_NAME.fullmatch(key))
+        names = {"optim": {"param_groups": [{"name": None} for _ in range(n)]}}
+        dcp.load(names, checkpoint_id=str(path / "dcp"), no_dist=no_dist)
+        held["adamw"] = [g["name"] for g in names["optim"]["param_groups"]]
+    return held
+
+
 def _load_dcp(path: Path, model: nn.Module, optimizer=None, plan=None) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    state, wrapped = _dcp_state(model, optimizer, plan)
-    # Load what the checkpoint holds: one saved without optimizer state (e.g. for
-    # inference) still loads into a run that has an optimizer, which then starts fresh.
+    # Without a plan the model is whole: this process reads every shard itself, even
+    # inside a process group (e.g. rank 0 evaluating after a distributed run).
+    no_dist = plan is None or plan.world == 1
     saved = dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
+    # Optimizer state of other optimizers or groups than this config's (optim.
+    # value_optimizer or optim.memory_lr changed) is refused before anything loads, as
+    # the single-file load refuses it; a checkpoint saved without optimizer state (e.g.
+    # for inference) still loads into a run that has an optimizer, which starts fresh.
+    if optimizer is not None:
+        held = _dcp_optimizers(path, saved, no_dist)
+        if held:
+            try:
+                optimizer.check_saved(held)
+            except ValueError as e:
+                raise CheckpointError(f"{path / 'dcp'} does not fit the optimizer: {e}") from e
+    state, wrapped = _dcp_state(model, optimizer, plan)
     sections = {key.split(".", 1)[0] for key in saved}
     state = {k: v for k, v in state.items() if k in sections}
     # A value table's master copy saved without one (a run of optim.value_master=false or
@@ -290,9 +329,7 @@ def _load_dcp(path: Path, model: nn.Module, optimizer=None, plan=None) -> None:
     for prefix, entry in state.get("values_optim", {}).items():
         if "master" in entry and f"values_optim.{prefix}.master" not in saved:
             del entry["master"]
-    # Without a plan the model is whole: this process reads every shard itself, even
-    # inside a process group (e.g. rank 0 evaluating after a distributed run).
-    dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=plan is None or plan.world == 1)
+    dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=no_dist)
     for container, key, local in wrapped:  # loaded in place; hand back the plain shards
         if key in container:
             container[key] = local
@@ -493,6 +530,8 @@ def _load_verified(path: Path, meta: dict, model: nn.Module, optimizer=None, pla
     if meta.get("layout") == "dcp":
         try:
             _load_dcp(path, model, optimizer, plan)
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(f"cannot load the DCP checkpoint {path}: {e}") from e
         state = _torch_load(path / "trainer.pt")

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -80,8 +81,8 @@ class TrainArgs:
         for name in ("eval_every", "eval_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)!r}")
-        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda[:N], got device={self.device!r}")
+        if self.device != "auto":
+            check_device(self.device)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got dtype={self.dtype!r}")
         self.model.validate()  # ModelConfig's checks
@@ -90,6 +91,57 @@ class TrainArgs:
         self.checkpoint.validate()
         self.logging.validate()
         self.parallel.validate()
+        if self.model.hf is None:  # with model.hf: once the pretrained model is read
+            check_seq_len(self)
+
+
+def check_device(device: str) -> None:
+    """``device``: cpu or cuda, with a non-negative integer index or none."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got device={device!r}")
+    if parsed.index is not None and parsed.index < 0:  # (torch refuses "cuda:-1" itself)
+        raise ValueError(f"device's index must be >= 0, got device={device!r}")
+
+
+def check_seq_len(args: TrainArgs) -> None:
+    """Training sequences must fit the model's positions (the RoPE tables'
+    ``max_seq_len``). :meth:`TrainArgs.validate` checks it, and the trainer again once
+    the model section is final (``model.hf``: the pretrained model's), before it writes
+    anything in ``run_dir``."""
+    if args.data.seq_len > args.model.max_seq_len:
+        source = f" (the pretrained model's, model.hf={args.model.hf!r})" if args.model.hf else ""
+        raise ValueError(
+            f"data.seq_len={args.data.seq_len} exceeds model.max_seq_len="
+            f"{args.model.max_seq_len}{source}: the model has positions for at most "
+            f"model.max_seq_len tokens; lower data.seq_len"
+            + ("" if args.model.hf else " or raise model.max_seq_len")
+        )
+
+
+def check_warmup(args: TrainArgs) -> None:
+    """``optim.warmup_steps`` must end before the run does, or the learning rate never
+    reaches ``optim.lr`` nor decays. The trainer checks it before it writes anything (not
+    :meth:`TrainArgs.validate`: a run saved before the check, its warmup unfitted, still
+    loads for eval). An unset warmup is fitted to the run by :func:`load_config`."""
+    warmup = args.optim.warmup_steps
+    if warmup > 0 and warmup >= args.steps:
+        raise ValueError(
+            f"optim.warmup_steps={warmup} >= steps={args.steps}: the learning rate would "
+            f"never reach optim.lr nor decay; set optim.warmup_steps below steps (0: no "
+            f"warmup), or train for more steps"
+        )
+
+
+def fit_warmup(warmup: int, steps: int) -> int:
+    """An unset ``optim.warmup_steps`` (the default, 50, or a preset's) that is not
+    shorter than the run becomes a tenth of ``steps`` (rounded down): a short run warms
+    up, reaches ``optim.lr`` and decays. A set one is never changed (:func:`check_warmup`
+    refuses one too long)."""
+    return warmup if warmup < steps else max(0, steps // 10)
 
 
 def upgrade(cfg: DictConfig) -> DictConfig:
@@ -149,7 +201,8 @@ STUDY_SECTION = "compare"
 
 def load_config(yaml_paths=(), overrides=()) -> TrainArgs:
     """``TrainArgs`` from YAML files (merged in order; a study file's ``compare:`` section
-    left out) and ``key=value`` overrides."""
+    left out) and ``key=value`` overrides. An ``optim.warmup_steps`` that neither sets is
+    fitted to the run (:func:`fit_warmup`)."""
     try:
         base = OmegaConf.structured(TrainArgs)
         layers = []
@@ -175,6 +228,8 @@ def load_config(yaml_paths=(), overrides=()) -> TrainArgs:
             model = {k: v for k, v in get_preset(preset).to_dict().items() if k != "vocab_size"}
             base = OmegaConf.merge(base, {"model": model, "optim": PRESET_OPTIM.get(preset, {})})
         args = OmegaConf.to_object(OmegaConf.merge(base, *layers))
+        if all(OmegaConf.select(la, "optim.warmup_steps", default=None) is None for la in layers):
+            args.optim.warmup_steps = fit_warmup(args.optim.warmup_steps, args.steps)
     except OmegaConfBaseException as e:
         # e.g. "Key 'lrr' not in 'OptimArgs'\n    full_key: optim.lrr" -> one line.
         raise ValueError(f"bad config: {_one_line(e)}") from None

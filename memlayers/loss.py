@@ -8,8 +8,10 @@ tokens gets its logits (in the head's compute dtype, as ``F.linear`` under autoc
 give), an fp32 log-sum-exp and loss, and — when a gradient is wanted — its logit gradient
 ``softmax − onehot`` right away, turned into the chunk's hidden-state gradient and added
 to the head's weight gradient (fp32). Only one ``[chunk, V]`` block is ever live, and the
-backward is two scalings. The forward value equals ``F.cross_entropy(F.linear(h, W)
-.float(), targets)`` (tested); the gradients agree to the rounding of the bf16 products.
+backward is two scalings. Under ``torch.no_grad`` (validation, eval) no gradient is
+computed: the forward is the loss alone. The forward value equals
+``F.cross_entropy(F.linear(h, W).float(), targets)`` (tested); the gradients agree to the
+rounding of the bf16 products.
 """
 
 from __future__ import annotations
@@ -133,6 +135,11 @@ def linear_cross_entropy(
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)  # as F.linear under autocast
     flat_h = h.reshape(-1, h.shape[-1])
+    if not torch.is_grad_enabled():
+        # no_grad / inference_mode (validation, eval): inside the Function needs_input_grad
+        # still follows requires_grad, so detached inputs keep it from computing (and
+        # holding) gradients nothing will read: the loss alone, one [chunk, V] at a time.
+        flat_h, weight = flat_h.detach(), weight.detach()
     with torch.autocast(device, enabled=False):
         return _LinearCrossEntropy.apply(
             flat_h, weight, targets.reshape(-1), chunk, ignore_index, dtype

@@ -30,11 +30,15 @@ off, the bf16 table alone is stored stochastically rounded.
 
 The schedule is a multiplier of each group's ``base_lr``: linear warmup, then cosine or
 linear decay to ``min_lr_ratio``. It is a pure function of the step, so the checkpoint
-only needs the step to resume it exactly.
+only needs the step to resume it exactly. A resume (one file or DCP) restores moments and
+step counts and keeps every hyperparameter of the current config (``lr``, decay, betas,
+eps: a resumed run may change them); saved state of other groups (``memory_lr`` set or
+unset) or of another ``value_optimizer`` is refused, naming the key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -67,6 +71,8 @@ class OptimArgs:
     # an fp32 table); false: the table alone, stochastically rounded.
     value_master: bool = True
     schedule: str = "cosine"  # cosine | linear | constant
+    # shorter than the run's steps (0: none); left unset, fitted to a short run
+    # (memlayers.config.fit_warmup)
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -141,6 +147,10 @@ def param_groups(model: nn.Module, memory_apart: bool = False) -> dict[str, list
     return groups
 
 
+# The DCP section (:meth:`Optimizers.distributed_state_dict`) of each optimizer.
+DCP_SECTIONS = {"adamw": "optim", "values": "values_optim"}
+
+
 class Optimizers:
     """The dense AdamW and the value optimizer of ``model``, stepped and saved as one:
     :meth:`state_dict` for one file, :meth:`distributed_state_dict` for DCP."""
@@ -171,27 +181,58 @@ class Optimizers:
     def state_dict(self) -> dict:
         return {name: opt.state_dict() for name, opt in self.optimizers.items()}
 
+    def check_saved(self, saved: dict[str, list]) -> None:
+        """Refuse saved state of other optimizers or other parameter groups than this
+        config makes (the single-file and the DCP load alike): ``saved`` maps each saved
+        optimizer (``"adamw"``, ``"values"``) to its parameter groups' names."""
+        if not saved:
+            raise ValueError(
+                "the checkpoint holds no optimizer state (consolidated, or saved for "
+                "inference): resume the run it came from"
+            )
+        if set(saved) != set(self.optimizers):
+            hint = ""
+            if set(saved) ^ set(self.optimizers) == {"values"}:
+                hint = (
+                    ": optim.value_optimizer changed since the run started (adamw steps the "
+                    "value tables inside the AdamW, sparse_adam* in an optimizer of their "
+                    "own, 'values'); resume with the run's own optim.value_optimizer"
+                )
+            raise ValueError(
+                f"optimizer state holds {sorted(saved)}, expected {sorted(self.optimizers)}" + hint
+            )
+        for name, opt in self.optimizers.items():
+            now = [g.get("name") for g in opt.param_groups]
+            if saved[name] != now:
+                raise ValueError(
+                    f"the checkpoint's {name} optimizer has parameter groups {saved[name]}, "
+                    f"this config makes {now}: optim.memory_lr set (or unset) since the run "
+                    f"started changes them; resume with the run's own optim.memory_lr"
+                )
+
+    @contextlib.contextmanager
+    def current_hyperparameters(self):
+        """Around a load of saved state: every group's hyperparameters (``lr``,
+        ``base_lr``, ``weight_decay``, betas, eps, ...) are put back to those of the
+        current config afterwards, so a resumed run may change them."""
+        fresh = {
+            name: [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            for name, opt in self.optimizers.items()
+        }
+        yield
+        for name, opt in self.optimizers.items():
+            for group, hyper in zip(opt.param_groups, fresh[name], strict=True):
+                group.update(hyper)
+
     def load_state_dict(self, state: dict) -> None:
         """Restore moments and step counts; hyperparameters (``base_lr``, decay, betas)
         stay those of the current config, so a resumed run may change them."""
-        if set(state) != set(self.optimizers):
-            raise ValueError(
-                f"optimizer state holds {sorted(state)}, expected {sorted(self.optimizers)}"
-            )
-        for name, opt in self.optimizers.items():
-            saved = [g.get("name") for g in state[name].get("param_groups", [])]
-            now = [g.get("name") for g in opt.param_groups]
-            if saved != now:
-                raise ValueError(
-                    f"the checkpoint's {name} optimizer has parameter groups {saved}, this "
-                    f"config makes {now}: optim.memory_lr set (or unset) since the run "
-                    f"started changes them; resume with the run's own optim.memory_lr"
-                )
-        for name, opt in self.optimizers.items():
-            fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-            opt.load_state_dict(state[name])
-            for group, hyper in zip(opt.param_groups, fresh, strict=True):
-                group.update(hyper)
+        self.check_saved(
+            {name: [g.get("name") for g in s.get("param_groups", [])] for name, s in state.items()}
+        )
+        with self.current_hyperparameters():
+            for name, opt in self.optimizers.items():
+                opt.load_state_dict(state[name])
 
     def distributed_state_dict(self, wrap_table=None) -> dict:
         """The state DCP saves, or loads in place: ``"optim"``, AdamW's state keyed by
@@ -229,19 +270,24 @@ class Optimizers:
 
     def load_distributed_state_dict(self, state: dict) -> None:
         """Finish a DCP load into :meth:`distributed_state_dict`'s tensors (table moments
-        arrive in place; AdamW's state and the step counts are set here). A section the
-        checkpoint lacks leaves that optimizer fresh; a master copy it lacks (the entry
-        without ``"master"``: saved without one) is made from the loaded table."""
+        arrive in place; AdamW's state and the step counts are set here). The load checks
+        the saved sections and groups first (:meth:`check_saved`, from the checkpoint's
+        metadata): a checkpoint without optimizer state (for inference) leaves the
+        optimizers fresh, one of other optimizers or groups is refused. Hyperparameters
+        stay those of the current config, as in :meth:`load_state_dict`. A master copy
+        the checkpoint lacks (the entry without ``"master"``: saved without one) is made
+        from the loaded table."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        if "optim" in state:
-            set_optimizer_state_dict(self.model, self.optimizers["adamw"], state["optim"])
-        opt = self.optimizers.get("values")
-        for prefix, entry in state.get("values_optim", {}).items():
-            weight = self.model.get_submodule(prefix).weight
-            opt.state[weight]["step"] = int(entry["step"])
-            if "master" not in entry:
-                opt.set_master(weight, None)
+        with self.current_hyperparameters():
+            if "optim" in state:
+                set_optimizer_state_dict(self.model, self.optimizers["adamw"], state["optim"])
+            opt = self.optimizers.get("values")
+            for prefix, entry in state.get("values_optim", {}).items():
+                weight = self.model.get_submodule(prefix).weight
+                opt.state[weight]["step"] = int(entry["step"])
+                if "master" not in entry:
+                    opt.set_master(weight, None)
 
 
 def uses_sparse_values(args: OptimArgs) -> bool:

@@ -41,7 +41,15 @@ Under torchrun every rank reads its own shard of each global batch and rank 0 al
 logs. The model is built on the meta device and parallelised from outside
 (:func:`memlayers.parallel.parallelize`): value tables split by columns over
 ``parallel.mp`` ranks, FSDP2 over all ranks for the rest; checkpoints are DCP (every rank
-writes its shards) and load on any number of ranks. CPU runs use gloo, GPU runs NCCL::
+writes its shards) and load on any number of ranks. A resume on the run's number of ranks
+is exact (the same losses); on another number (a job that lost GPUs: ``--resume`` with
+fewer processes, and a ``parallel.mp`` that divides them) the weights and optimizer state
+reshard, the data go on at the same place of the sequence order (the loader's order is a
+function of ``data.seed`` and the epoch alone: :class:`memlayers.data.loader.PackedLoader`;
+while ranks × ``data.batch_size`` × ``grad_accum`` stays the same, each step reads the
+sequences it would have read, to the epoch's end), and each rank's RNG is re-seeded from
+``(seed, step, rank)``: exact in data, not in the random streams (dropout), as the log
+says. CPU runs use gloo, GPU runs NCCL::
 
     torchrun --standalone --nproc_per_node=2 -m memlayers train parallel.mp=2 steps=50
 """
@@ -53,6 +61,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -70,6 +79,8 @@ from memlayers.checkpoint import (
 from memlayers.config import (
     TOKENIZED_DATASETS,
     TrainArgs,
+    check_seq_len,
+    check_warmup,
     config_changes,
     save_config,
     with_architecture,
@@ -280,15 +291,40 @@ def _gather_rng(env: Env) -> list[dict]:
 
 
 def _restore_rng(states: list[dict], env: Env) -> None:
-    if len(states) != env.world_size:
-        raise ValueError(
-            f"the checkpoint holds RNG states of {len(states)} ranks but the run "
-            f"has world_size={env.world_size}: it cannot resume exactly"
-        )
+    """Every rank's own RNG states, saved by a run of as many ranks."""
     mine = states[env.rank]
     torch.set_rng_state(mine["torch"])
     if "cuda" in mine and env.device.type == "cuda":
         torch.cuda.set_rng_state(mine["cuda"], env.device)
+
+
+def reseed_rng(seed: int, step: int, rank: int) -> None:
+    """The RNG of a rank resuming a run saved by another number of ranks (whose states
+    are not this run's): seeded from ``(seed, step, rank)`` alone, the same every time."""
+    entropy = np.random.SeedSequence([seed % 2**64, step, rank]).generate_state(1, np.uint64)
+    torch.manual_seed(int(entropy[0]))  # the CPU generator and every CUDA device's
+
+
+def resume_layout_note(data_state: dict, saved_ranks: int, loader: PackedLoader) -> str | None:
+    """The log's word on a resume whose ranks or batch differ from the checkpoint's
+    (None when they do not): what carries over exactly and what does not."""
+    was = (saved_ranks, data_state["batch_size"])
+    now = (loader.world_size, loader.B)
+    if was == now:
+        return None
+    where = (
+        f"the data go on at the same place of the sequence order (sequence "
+        f"{loader.offset:,} of epoch {loader.epoch}), now {now[1]} sequences a rank x "
+        f"{now[0]} rank(s) a micro-batch (the checkpoint: {was[1]} x {was[0]})"
+    )
+    if was[0] == now[0]:
+        return f"resumed with another data.batch_size: {where}"
+    return (
+        f"resumed on {now[0]} rank(s) from a checkpoint of {was[0]}: the weights and "
+        f"optimizer state are resharded, {where}; the random streams (dropout, ...) are "
+        f"not the saved ones but re-seeded from (seed, step, rank): exact in data, not in "
+        f"random streams"
+    )
 
 
 def _tables_note(model_cfg, optim) -> str:
@@ -304,13 +340,17 @@ def _tables_note(model_cfg, optim) -> str:
 def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -> list[dict]:
     """Run (or resume) training; returns the per-step records of this process.
 
-    ``args`` as :func:`memlayers.config.load_config` returns them (it validates them: the
-    one place). ``resume``: ``"latest"`` for ``run_dir``'s newest checkpoint, or any path
+    ``args`` as :func:`memlayers.config.load_config` returns them (it validates them),
+    checked again here before anything is written where only the trainer can (or where a
+    saved config may predate the check): ``data.seq_len`` against the final model's
+    ``max_seq_len`` (``model.hf``: the pretrained one's), ``optim.warmup_steps`` against
+    ``steps``. ``resume``: ``"latest"`` for ``run_dir``'s newest checkpoint, or any path
     :func:`memlayers.checkpoint.resolve_checkpoint` accepts. Without it, a ``run_dir``
     that already holds a run is an error unless ``overwrite`` (which deletes that run's
     files first): :meth:`memlayers.run.Run.start_fresh`.
     """
     t_start = time.perf_counter()  # the run's training seconds count from here
+    check_warmup(args)
     env = init_distributed(args.device)
     run = Run(args.run_dir)
     # What this process count refuses, before anything in run_dir is written or deleted.
@@ -354,6 +394,7 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
         args, pretrained = read_pretrained(args, data.vocab_size, weights=resume is None)
     else:
         args = with_vocab(args, data.vocab_size)
+    check_seq_len(args)  # the model section is final (model.hf: the pretrained model's)
     model_cfg = args.model.to_config()
     mode = args.model.resolved_memory_mode
     compile_ = use_compile(args.compile, env.device)
@@ -384,18 +425,32 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
     usage = usage_tracker(model) if args.logging.usage else None
     B, T = args.data.batch_size, args.data.seq_len
     loader = PackedLoader(data.train, B, T, env.rank, env.world_size, seed=args.data.seed)
-    val_loader = None
-    if len(data.val) > B * T * env.world_size + 1 and args.eval_batches > 0:
-        val_loader = PackedLoader(data.val, B, T, env.rank, env.world_size, seed=0)
+    val_loader = no_val = None
+    if args.eval_batches > 0:  # one global batch: B × T × world_size tokens, + 1 target
+        need = B * T * env.world_size + 1
+        if len(data.val) >= need:
+            val_loader = PackedLoader(data.val, B, T, env.rank, env.world_size, seed=0)
+        else:
+            no_val = (
+                f"no validation: the validation split has {len(data.val):,} tokens, one "
+                f"global batch needs {need:,} (data.batch_size={B} x data.seq_len={T} x "
+                f"{env.world_size} rank(s) + 1)"
+            )
 
-    start = 0
+    start, layout_note = 0, None
     if resume is not None:
         state = load_checkpoint(
             run.root if resume == "latest" else resume, model, optimizer, plan=plan
         )
         start = int(state["step"])
-        _restore_rng(state["rng"], env)
+        # A checkpoint of another number of ranks (DCP reshards the weights and optimizer
+        # state): the data go on at the same place of the order, the RNGs re-seeded.
+        if len(state["rng"]) == env.world_size:
+            _restore_rng(state["rng"], env)
+        else:
+            reseed_rng(args.seed, start, env.rank)
         loader.load_state_dict(state["data"])
+        layout_note = resume_layout_note(state["data"], len(state["rng"]), loader)
         if usage is not None and "usage" in state:
             usage.load_state_dict(state["usage"])
     else:
@@ -434,6 +489,10 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
         )
         for why in state["skipped"] if resume else ():
             log.message(f"skipped a newer checkpoint that fails verification: {why}")
+        if resume and layout_note:
+            log.message(layout_note)
+        if no_val:
+            log.message(no_val)
         if set_aside is not None:
             log.message(
                 f"resumed from an earlier checkpoint: the newer ones (and the metrics up to "
@@ -566,7 +625,8 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
                 record = {
                     "step": step, "loss": loss_sum / interval_steps,
                     "lr": args.optim.lr * mult, "grad_norm": norm_sum / interval_steps,
-                    "tokens": step * tokens_per_step, "tok_per_s": tok_s,
+                    "tokens": tokens_before + (step - start) * tokens_per_step,
+                    "tok_per_s": tok_s,
                 }  # fmt: skip
                 if peak:
                     record["mfu"] = flops_per_step * interval_steps / dt / peak

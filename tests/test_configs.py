@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from memlayers.compare import read_study, variant_args
-from memlayers.config import load_config
+from memlayers.config import check_warmup, load_config
 from memlayers.report import parameter_report
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
@@ -15,9 +15,19 @@ BIOS_VOCAB = 3269  # the bios word vocabulary (docs/usage.md's variant table)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_a_shipped_config_loads(path):
-    args = load_config([path])
-    assert args.steps > 0
+def test_a_shipped_config_loads(path, tmp_path):
+    """A config trains as it is; a study file (a ``compare:`` section) with each of its
+    variants, which name the model (alone it would be the default tiny preset, whose
+    max_seq_len its data.seq_len passes). Its warmup fits its steps (the trainer's check)."""
+    study = read_study(path)
+    configs = (
+        [variant_args(v, [str(path)], [], tmp_path) for v in study["variants"]]
+        if study
+        else [load_config([path])]
+    )
+    for args in configs:
+        assert args.steps > 0
+        check_warmup(args)
 
 
 def _flops(spec: str, study: Path, tmp_path: Path) -> float:

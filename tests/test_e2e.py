@@ -170,20 +170,20 @@ def test_jobs_train_variants_in_processes_of_their_own_and_name_the_one_that_fai
 ):
     monkeypatch.chdir(tmp_path)
     study = tmp_path / "study.yaml"
-    # the second variant fails only once it trains (its positions are too few for the
-    # data's sequences): in its own process, after the first has started
+    # the second variant fails only once it trains (a weight past max_weight at its first
+    # step): in its own process, after the first has started
     _study_file(study, (
-        "compare:\n  variants: [tiny-dense, 'tiny-dense:model.max_seq_len=16']\n"
+        "compare:\n  variants: [tiny-dense, 'tiny-dense:max_weight=1e-9']\n"
         "  out: runs/jobs\n  max_qa: 3\n"
     ))  # fmt: skip
     assert cli_main(["compare", str(study), "--jobs", "2"]) == 1
     captured = capsys.readouterr()
-    assert "1 variant(s) failed: tiny-dense:model.max_seq_len=16 (exit 1" in captured.err
+    assert "1 variant(s) failed: tiny-dense:max_weight=1e-9 (exit 1" in captured.err
     assert "in its own process" in captured.out
     out = tmp_path / "runs/jobs"
-    log = (out / "tiny-dense_model.max_seq_len=16.log").read_text()
-    assert log.startswith(sys.executable) and "error: sequence of 32 positions" in log
-    assert "its log ends:" in captured.out and "error: sequence" in captured.out
+    log = (out / "tiny-dense_max_weight=1e-9.log").read_text()
+    assert log.startswith(sys.executable) and "error: weights diverged" in log
+    assert "its log ends:" in captured.out and "error: weights diverged" in captured.out
     assert "training into" in (out / "tiny-dense.log").read_text()
     doc = json.loads((out / "results.json").read_text())
     assert [r["variant"] for r in doc["rows"]] == ["tiny-dense"]  # the one that finished

@@ -41,10 +41,14 @@ TINY = [
     "model.memory_layers=[0,2]", "model.memory.n_keys=8",
     "model.memory.heads=2", "model.memory.topk=4", "model.max_seq_len=32",
     "data.seq_len=16", "data.batch_size=4", "data.synthetic.vocab_size=64",
-    "data.synthetic.n_tokens=20000", "optim.warmup_steps=2", "eval_every=0", "eval_batches=2",
+    "data.synthetic.n_tokens=20000", "optim.warmup_steps=1", "eval_every=0", "eval_batches=2",
     "logging.progress=false", "logging.tensorboard=false", "logging.plot=false",
     "logging.every=1", "checkpoint.keep=0",
 ]  # fmt: skip
+
+
+# One step: no warmup (a set optim.warmup_steps must be shorter than the run).
+ONE_STEP = ["steps=1", "optim.warmup_steps=0", "final_eval=false"]
 
 
 def tiny_args(run_dir, *overrides) -> TrainArgs:
@@ -280,7 +284,7 @@ def test_filesystem_errors_are_one_error_line(tmp_path, capsys):
     save_checkpoint(tmp_path / "src", 3, model, opt, None, cfg.to_dict())
     a_file = tmp_path / "a_file"
     a_file.write_text("not a directory\n")
-    train_into_file = ["train", *TINY, f"run_dir={a_file}", "steps=1", "final_eval=false"]
+    train_into_file = ["train", *TINY, f"run_dir={a_file}", *ONE_STEP]
     for argv in (train_into_file, ["consolidate", str(tmp_path / "src"), str(a_file)]):
         assert cli_main(argv) == 1
         err = capsys.readouterr().err
@@ -295,7 +299,7 @@ def test_a_read_only_run_dir_is_one_error_line(tmp_path, capsys):
     run.mkdir()
     run.chmod(0o500)
     try:
-        assert cli_main(["train", *TINY, f"run_dir={run}", "steps=1", "final_eval=false"]) == 1
+        assert cli_main(["train", *TINY, f"run_dir={run}", *ONE_STEP]) == 1
     finally:
         run.chmod(0o700)
     assert capsys.readouterr().err.startswith("error: Permission denied")
@@ -339,7 +343,7 @@ def test_an_unwritable_run_dir_is_one_error_line_also_as_root(
     if exists:
         run.mkdir()
     _refuse_writes_under(monkeypatch, run, code)
-    argv = ["train", *TINY, f"run_dir={run}", "steps=1", "final_eval=false"]
+    argv = ["train", *TINY, f"run_dir={run}", *ONE_STEP]
     assert cli_main(argv) == 1
     err = capsys.readouterr().err
     assert re.fullmatch(rf"error: {re.escape(os.strerror(code))}: {re.escape(str(run))}\S*\n", err)

@@ -8,9 +8,13 @@ are its typed section of ``DataArgs``: ``data.<dataset>.<option>``.
 **Packing.** :class:`PackedLoader` cuts the stream into ``n = (len - 1) // seq_len``
 sequences of ``seq_len + 1`` tokens (consecutive sequences share one token, so every token
 is a target once). Each epoch visits the sequences in an order drawn from ``(seed,
-epoch)``; global batch ``s`` is ``order[s·W·B : (s+1)·W·B]`` and rank ``r`` takes its
-``B``-slice, so ranks never overlap. The position is ``(epoch, batch)``:
-``state_dict()`` / ``load_state_dict()`` resume exactly.
+epoch)`` alone; global batch ``s`` is ``order[s·W·B : (s+1)·W·B]`` and rank ``r`` takes its
+``B``-slice, so ranks never overlap (an epoch ends when a whole global batch no longer
+fits). The position is ``(epoch, offset)``, ``offset`` the sequences of the epoch's order
+read so far by all ranks together: ``state_dict()`` / ``load_state_dict()`` resume
+exactly, and a position saved by another number of ranks ``W`` or another ``B`` maps to
+the same place in the order (the next global batch starts at ``offset``; only ``seed``,
+``seq_len`` and the stream must be the same).
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ class DataArgs:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"data.{name} must be a positive int, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            # numpy's seed sequences (the epochs' orders) take non-negative integers only
+            raise ValueError(f"data.seed must be an int >= 0, got data.seed={self.seed!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if not self.dataset:
@@ -147,7 +154,7 @@ class PackedLoader:
                 f"fewer than one global batch (batch_size={batch_size} × world_size="
                 f"{world_size}); use more data or a smaller batch"
             )
-        self.epoch, self.batch = 0, 0
+        self.epoch, self.offset = 0, 0  # sequences of this epoch's order read (all ranks)
         self._order_epoch, self._order = -1, None
 
     def __len__(self) -> int:
@@ -155,7 +162,7 @@ class PackedLoader:
 
     def rewind(self) -> None:
         """Back to the first batch of epoch 0."""
-        self.epoch, self.batch = 0, 0
+        self.epoch, self.offset = 0, 0
 
     def __iter__(self) -> PackedLoader:
         return self
@@ -168,27 +175,38 @@ class PackedLoader:
         return self._order
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.batch == self.batches_per_epoch:
-            self.epoch, self.batch = self.epoch + 1, 0
-        start = (self.batch * self.world_size + self.rank) * self.B
+        global_batch = self.B * self.world_size
+        if self.offset + global_batch > self.n_seq:  # no whole global batch left: next epoch
+            self.epoch, self.offset = self.epoch + 1, 0
+        start = self.offset + self.rank * self.B
         seqs = self.order(self.epoch)[start : start + self.B]  # [B]
         idx = seqs[:, None] * self.T + np.arange(self.T + 1)  # [B, T+1]
         chunk = torch.from_numpy(np.asarray(self.tokens[idx]).astype(np.int64))
-        self.batch += 1
+        self.offset += global_batch
         return chunk[:, :-1], chunk[:, 1:]  # [B, T] each
 
     def state_dict(self) -> dict:
         return {
-            "epoch": self.epoch, "batch": self.batch, "seed": self.seed, "seq_len": self.T,
+            "epoch": self.epoch, "offset": self.offset, "seed": self.seed, "seq_len": self.T,
             "batch_size": self.B, "world_size": self.world_size, "n_tokens": len(self.tokens),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue at ``state``'s place in the sequence order. The order must be the same
+        (``seed``, ``seq_len``, the stream's length); ``batch_size`` and ``world_size``
+        may differ: the next global batch starts where the saved run's would have."""
         mine = self.state_dict()
-        for key in ("seed", "seq_len", "batch_size", "world_size", "n_tokens"):
+        for key in ("seed", "seq_len", "n_tokens"):
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"data position was saved with {key}={state.get(key)} but this loader has "
-                    f"{key}={mine[key]}: the run cannot resume exactly"
+                    f"{key}={mine[key]}: the sequence order differs, the run cannot continue "
+                    f"where it stopped"
                 )
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        if "offset" in state:
+            offset = int(state["offset"])
+        else:  # saved before the offset: (epoch, batch) of batch_size × world_size sequences
+            offset = int(state["batch"]) * int(state["batch_size"]) * int(state["world_size"])
+        if not 0 <= offset <= self.n_seq:
+            raise ValueError(f"data position offset={offset} is outside the epoch's {self.n_seq}")
+        self.epoch, self.offset = int(state["epoch"]), offset
