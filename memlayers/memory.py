@@ -7,12 +7,16 @@ Memory+ gates the result with ``silu(x W1)`` and projects it back with ``W2``.
 
 Against a memory that reads few of its rows (docs/usage.md) two options, off by default:
 ``query_batch_norm`` standardises the queries over the batch, ``balance_loss`` adds a
-load-balancing loss on the half-key choices to the training loss (:func:`with_aux_losses`).
+load-balancing loss on the half-key choices to the training loss. The model's
+``forward(tokens, targets=...)`` adds it (:func:`with_aux_losses`); a loop that computes
+its own loss adds :meth:`ProductKeyMemory.take_aux_loss` (``Transformer.take_aux_loss``)
+itself, and a training forward warns once when the previous one's was never taken.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +62,9 @@ class MemoryConfig:
     v_dim: int | None = None  # None: the model dim
     swilu: bool = True  # Memory+ output gating (y ⊙ silu(x W1)) W2
     qk_norm: bool = True  # normalise queries and keys (Memory+)
+    # share_values and merge_grads are read where the tables are made (share_values by
+    # Transformer, merge_grads also by memlayers.hf.add_memory); a layer given a table
+    # uses it as it was built (MemoryValues(..., merge_grads=...)).
     share_values: bool = True  # models: one value pool for all memory layers
     # With share_values and sparse value gradients: one backward over every layer's
     # lookups at the end of the pass (memlayers/merged_grad.py); off, one per lookup.
@@ -74,11 +81,15 @@ class MemoryConfig:
     query_batch_norm: bool = False
     query_batch_norm_momentum: float = 0.1  # BatchNorm's: running = (1 - m) running + m batch
     # Weight of the load-balancing loss on the half-key choices (router.balance_loss),
-    # added to the training loss's gradient by the model; 0: off (docs/usage.md, study 2).
+    # added to the training loss's gradient by the model's forward(tokens, targets=...);
+    # a loop computing its own loss adds take_aux_loss() (ProductKeyMemory, Transformer)
+    # itself; 0: off (docs/usage.md, study 2).
     balance_loss: float = 0.0
-    # The value table's dtype: fp32 | bf16. bf16 halves the bytes of the table and of the
-    # rows its lookups and its optimizer step move; the row-wise optimizers store it
-    # stochastically rounded (memlayers/ops/row_adam.py), so small updates are not lost.
+    # The dtype of the value tables made from this config (a layer's own, the model's):
+    # fp32 | bf16. bf16 halves the bytes of the table and of the rows its lookups and its
+    # optimizer step move; the row-wise optimizers store it stochastically rounded
+    # (memlayers/ops/row_adam.py), so small updates are not lost. A table passed to a
+    # layer keeps its dtype; with bf16 here it must be bf16 (ProductKeyMemory checks).
     value_dtype: str = "fp32"
     # The search's half-key scores: fp32 (exact) | bf16 (rounded before ranking: half the
     # bytes written and ranked; near-ties may swap, the chosen rows' scores are the fp32
@@ -365,7 +376,8 @@ class MemoryValues(nn.Module):
         return embedding_bag(self.weight, indices, weights, impl=impl, check_indices=check_indices)
 
     def init_weights(self) -> None:
-        """Normal with std ``v_dim**-0.5`` (docs/method.md §3; keeps ``‖y‖`` near 1 at init).
+        """Normal with std ``v_dim**-0.5``: rows of norm near 1 (docs/method.md §3 says what
+        a bag's sum then is: near ``sqrt(heads / topk)`` at init).
 
         Drawn row-chunk by row-chunk over the *full* width, keeping this table's columns,
         so a seed gives the same table whether it is sharded (memlayers.parallel) or not.
@@ -436,7 +448,18 @@ class ProductKeyMemory(nn.Module):
     A ``values`` table passed in is shared, not owned: it is *not* registered as a
     submodule here, so the module that owns it (the model) registers it once and
     ``state_dict``/optimizers see one table. Without ``values`` the layer creates and
-    owns its table (``self.values`` is then a submodule).
+    owns its table (``self.values`` is then a submodule), in ``config.value_dtype``. A
+    passed table is used as it was built: its dtype (``value_dtype="bf16"`` refuses one
+    that is not bf16), ``sparse_grad`` and ``merge_grads`` are the table's:
+    ``config.share_values`` and ``config.merge_grads`` are read where a model makes its
+    tables (:class:`memlayers.model.Transformer`; ``merge_grads`` also
+    :func:`memlayers.hf.add_memory`), not here.
+
+    With ``config.balance_loss > 0`` a training forward leaves the weighted balance loss
+    in ``aux_loss``; it trains the keys only once added to the loss: by the model's
+    ``forward(tokens, targets=...)``, or by adding :meth:`take_aux_loss` to your own loss
+    before ``backward``. A training forward that finds the previous one's loss not taken
+    warns, once per layer (eager forwards only: a compiled one does not look).
     """
 
     def __init__(
@@ -462,6 +485,16 @@ class ProductKeyMemory(nn.Module):
                 raise ValueError(
                     f"values is [{values.n_rows}, {values.v_dim}] but the config needs "
                     f"[n_keys**2={config.n_rows}, v_dim={v_dim}]"
+                )
+            # fp32, the default, is the dtype of the tables a layer or model makes; a table
+            # made by hand (bf16, or the model's dtype: memlayers.hf) is taken as it is. An
+            # explicit bf16 is a request the table must meet. A quantized table has no dtype.
+            want = config.table_dtype
+            if want != torch.float32 and values.dtype is not None and values.dtype != want:
+                raise ValueError(
+                    f"config value_dtype={config.value_dtype!r} ({want}) but the values "
+                    f"table passed in is {values.dtype}: build it with "
+                    f"MemoryValues(..., dtype={want})"
                 )
             self.owned_values = None
             self._shared_values = (values,)  # a tuple: not registered as a submodule
@@ -490,8 +523,10 @@ class ProductKeyMemory(nn.Module):
             self.out_proj = nn.Linear(v_dim, dim, bias=False, device=device)
         self.usage: MemoryUsage | RowCounts | None = None
         # The weighted balance loss of the last training forward (balance_loss > 0), which
-        # the model adds to its loss (with_aux_losses); None otherwise.
+        # the model adds to its loss (with_aux_losses) or a user's loop takes
+        # (take_aux_loss); None otherwise, and once taken.
         self.aux_loss: torch.Tensor | None = None
+        self._aux_warned = False  # the not-taken warning is given once per layer
         self.init_weights()
 
     @property
@@ -535,6 +570,8 @@ class ProductKeyMemory(nn.Module):
         h = x.reshape(-1, self.dim)  # [N, dim]
         h = F.dropout(h, cfg.input_dropout, self.training)
         q, keys = self.router.normed_query(h), self.router.normed_keys()  # [N, H, k_dim]
+        if not torch.compiler.is_compiling():  # dynamo can't trace warnings.warn
+            self._check_aux_taken()
         self.aux_loss = None
         if not (self.training and cfg.balance_loss > 0):
             return self.router.search(q, keys)  # [N, H*k] each
@@ -543,24 +580,76 @@ class ProductKeyMemory(nn.Module):
         self.aux_loss = cfg.balance_loss * balance_loss(q, keys, cfg.topk, cfg.impl, top)
         return indices, weights
 
+    def _check_aux_taken(self) -> None:
+        """Warn (once) when a training forward with a balance loss finds the previous
+        one's loss still here: nobody added it to a loss, so it trained nothing."""
+        if self.aux_loss is None or self._aux_warned or not self.training:
+            return
+        self._aux_warned = True
+        warnings.warn(
+            f"ProductKeyMemory(balance_loss={self.config.balance_loss}): the balance loss "
+            f"of the previous training forward was never taken, so it trains nothing. Add "
+            f"layer.take_aux_loss() (model.take_aux_loss() for a Transformer) to the loss "
+            f"before backward, or call the model with targets=... (which adds it)",
+            stacklevel=2,
+        )
+
+    def take_aux_loss(self) -> torch.Tensor:
+        """The weighted balance loss of the last training forward, handed over once: a
+        0-d fp32 tensor to add to the loss before ``backward`` (``loss +
+        layer.take_aux_loss()``: the value then includes it; :func:`with_aux_losses` adds
+        the gradient only). 0 (no graph) when there is none: eval mode, ``balance_loss=0``,
+        taken already. The model's ``forward(tokens, targets=...)`` takes it itself."""
+        aux, self.aux_loss = self.aux_loss, None
+        if aux is None:
+            return torch.zeros((), device=self.router.keys.device)
+        return aux
+
+    def _empty_bags(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """No tokens: ``[0, heads*topk]`` rows and weights (the router's reshapes to
+        ``[N, -1]`` need N > 0), in the dtype the search's weights would have. For a
+        column-sharded table, whose lookup's collectives every rank of the group must
+        join, forward and backward: the weights need a gradient exactly when a rank with
+        tokens has one (its softmax hangs off the router and the input), so that every
+        rank runs the score gradient's all-reduce."""
+        n = self.config.heads * self.config.topk
+        device = x.device.type
+        q_dtype = self.router.query.weight.dtype  # the query's, autocast's when it is on
+        if torch.is_autocast_enabled(device):
+            q_dtype = torch.get_autocast_dtype(device)
+        # product_key_topk's scores and the router's softmax: fp32 at least.
+        dtype = torch.promote_types(torch.promote_types(q_dtype, self.router.keys.dtype),
+                                    torch.float32)  # fmt: skip
+        indices = torch.zeros(0, n, dtype=torch.int64, device=x.device)
+        weights = torch.zeros(0, n, dtype=dtype, device=x.device)
+        grad = x.requires_grad or any(p.requires_grad for p in self.router.parameters())
+        return indices, weights.requires_grad_(grad and torch.is_grad_enabled())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected input [..., dim={self.dim}], got {tuple(x.shape)}")
-        if x.numel() == 0:  # no tokens: the router's reshapes to [N, -1] need N > 0
-            return x.new_zeros(x.shape)
+        values = self.values
+        n = x.numel() // self.dim  # tokens
+        if n == 0 and values.shard is None:
+            return x.new_zeros(x.shape)  # no tokens, nothing to look up
         cfg = self.config
-        indices, weights = self.lookup(x)  # [N, H*k]
-        # The trainer's RowCounts count training steps, not its validation passes.
-        if self.usage is not None and (self.training or isinstance(self.usage, MemoryUsage)):
-            self.usage.update(indices, weights)
+        if n == 0:
+            # A sharded table: this rank still joins the lookup's collectives (the other
+            # ranks' gathers wait for its bag count), with B = 0 bags.
+            indices, weights = self._empty_bags(x)
+        else:
+            indices, weights = self.lookup(x)  # [N, H*k]
+            # The trainer's RowCounts count training steps, not its validation passes.
+            if self.usage is not None and (self.training or isinstance(self.usage, MemoryUsage)):
+                self.usage.update(indices, weights)
         # The search's rows are in [0, n_keys**2) = the table: no range check to pay.
-        y = self.values.lookup(indices, weights, impl=cfg.impl, check_indices=False)  # [N, v_dim]
+        y = values.lookup(indices, weights, impl=cfg.impl, check_indices=False)  # [N, v_dim]
         if not torch.is_autocast_enabled(y.device.type):
             # A bf16 table in an fp32 model (value_dtype): the layer goes on in the input's
             # dtype. Under autocast the bf16 rows go on as they are (so is their gradient).
             y = y.to(x.dtype)
         y = F.dropout(y, cfg.value_dropout, self.training)
-        h = x.reshape(-1, self.dim)
+        h = x.reshape(n, self.dim)  # n, not -1: n may be 0 (a sharded table's empty rank)
         if cfg.swilu:
             out = self.w2(y * F.silu(self.w1(h)))  # [N, dim]
         else:
@@ -581,10 +670,12 @@ class ProductKeyMemory(nn.Module):
 def with_aux_losses(loss: torch.Tensor, layers: Iterable[ProductKeyMemory]) -> torch.Tensor:
     """``loss`` plus the layers' auxiliary losses of their last training forward
     (``aux_loss``, the weighted :func:`memlayers.router.balance_loss`) *in its gradient
-    only*: the value returned is ``loss``'s, bit for bit (``a - a.detach()`` is 0), so the
-    logged training loss stays the language-model loss, comparable across runs, while a
-    backward through it (scaled by gradient accumulation or a loss scaler like the rest)
-    also lowers the auxiliary losses. The layers' ``aux_loss`` are reset to None. A no-op
+    only* (what ``Transformer.forward(tokens, targets=...)`` returns; a loop of one's own
+    may use it too, or add :meth:`ProductKeyMemory.take_aux_loss` for value and
+    gradient): the value returned is ``loss``'s, bit for bit (``a - a.detach()`` is 0),
+    so the logged training loss stays the language-model loss, comparable across runs,
+    while a backward through it (scaled by gradient accumulation or a loss scaler like
+    the rest) also lowers the auxiliary losses. The layers' ``aux_loss`` are reset to None. A no-op
     when no layer has one (eval mode, weight 0)."""
     layers = list(layers)
     aux = [layer.aux_loss for layer in layers if layer.aux_loss is not None]

@@ -29,7 +29,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memlayers.loss import linear_cross_entropy
-from memlayers.memory import MemoryConfig, MemoryValues, ProductKeyMemory, with_aux_losses
+from memlayers.memory import (
+    MemoryConfig,
+    MemoryValues,
+    ProductKeyMemory,
+    _positive_int,
+    with_aux_losses,
+)
 from memlayers.moe import MoE, MoEConfig
 from memlayers.peer import PEER, PEERConfig
 
@@ -110,9 +116,15 @@ class ModelConfig:
                 f"n_heads must be a multiple of n_kv_heads, got n_heads="
                 f"{self.n_heads}, n_kv_heads={self.n_kv_heads}"
             )
-        if self.ffn_hidden_dim is not None and self.ffn_hidden_dim <= 0:
+        if self.ffn_hidden_dim is not None:
+            _positive_int("ffn_hidden_dim", self.ffn_hidden_dim)
+        m = self.ffn_dim_multiplier
+        if m is not None and (
+            isinstance(m, bool) or not isinstance(m, int | float) or not 0 < m < math.inf
+        ):
             raise ValueError(
-                f"ffn_hidden_dim must be > 0, got ffn_hidden_dim={self.ffn_hidden_dim}"
+                f"ffn_dim_multiplier must be a finite number > 0 or None, got "
+                f"ffn_dim_multiplier={m!r}"
             )
         for name in ("norm_eps", "rope_theta", "init_std"):
             if not getattr(self, name) > 0:
@@ -369,6 +381,18 @@ class Transformer(nn.Module):
     def memory_layers(self) -> list[ProductKeyMemory]:
         return [b.ffn for b in self.layers if isinstance(b.ffn, ProductKeyMemory)]
 
+    def take_aux_loss(self) -> torch.Tensor:
+        """The memory layers' auxiliary losses of the last training forward (``balance_loss``
+        > 0), summed and handed over once (:meth:`ProductKeyMemory.take_aux_loss`): for a
+        loop that computes its own loss from the logits, ``loss = F.cross_entropy(...) +
+        model.take_aux_loss()`` before ``backward`` (else the balance loss trains nothing).
+        ``forward(tokens, targets=...)`` adds them itself. A 0-d fp32 tensor; 0 when there
+        are none."""
+        total = torch.zeros((), device=self.tok_embeddings.weight.device)
+        for layer in self.memory_layers():
+            total = total + layer.take_aux_loss()
+        return total
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -382,8 +406,10 @@ class Transformer(nn.Module):
         head (:func:`memlayers.loss.linear_cross_entropy`): no logits tensor is built; its
         gradient also carries the memory layers' auxiliary losses, if any
         (:func:`memlayers.memory.with_aux_losses`; the value is the cross-entropy alone).
-        ``check_ids=False`` skips the id range check (a host sync) for ids known to be in
-        range: :meth:`generate`'s sampled tokens."""
+        The logits (no ``targets``) carry no auxiliary loss: a training loop of one's own
+        adds :meth:`take_aux_loss` to its loss. ``check_ids=False`` skips the id range
+        check (a host sync) for ids known to be in range: :meth:`generate`'s sampled
+        tokens."""
         B, T = tokens.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.max_seq_len:
@@ -400,8 +426,13 @@ class Transformer(nn.Module):
         cos = self.rope_cos[start : start + T]  # (T, hd/2)
         sin = self.rope_sin[start : start + T]
         # No tokens: empty logits (or a zero loss) without the blocks, whose routing
-        # (top-k, reshapes to [N, -1]) has nothing to work on.
-        for layer in self.layers if tokens.numel() else ():
+        # (top-k, reshapes to [N, -1]) has nothing to work on; but with a column-sharded
+        # value table the blocks run (the memory layers look up 0 bags), since every rank
+        # of the table's group must join its lookups' collectives.
+        run_blocks = tokens.numel() > 0 or any(
+            m.values.shard is not None for m in self.memory_layers()
+        )
+        for layer in self.layers if run_blocks else ():
             h = layer(h, cos, sin, cache)
         h = self.norm(h)
         if cache is not None:

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memlayers.memory import _positive_int
+
 
 @dataclass
 class MoEConfig:
@@ -27,14 +29,15 @@ class MoEConfig:
     hidden_dim: int | None = None  # None: the dense FFN's hidden size
 
     def validate(self) -> None:
-        if isinstance(self.n_experts, bool) or not isinstance(self.n_experts, int):
-            raise ValueError(f"n_experts must be an int, got n_experts={self.n_experts!r}")
-        if self.n_experts < 1:
-            raise ValueError(f"n_experts must be >= 1, got n_experts={self.n_experts}")
-        if not self.capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor!r}")
-        if self.hidden_dim is not None and self.hidden_dim <= 0:
-            raise ValueError(f"hidden_dim must be > 0, got hidden_dim={self.hidden_dim}")
+        """Raise ``ValueError`` naming the field and its value for invalid settings."""
+        _positive_int("n_experts", self.n_experts)
+        cf = self.capacity_factor
+        if isinstance(cf, bool) or not isinstance(cf, int | float) or not 0 < cf < math.inf:
+            raise ValueError(
+                f"capacity_factor must be a finite number > 0, got capacity_factor={cf!r}"
+            )
+        if self.hidden_dim is not None:
+            _positive_int("hidden_dim", self.hidden_dim)
 
 
 class MoE(nn.Module):
@@ -95,6 +98,10 @@ class MoE(nn.Module):
         return out.view(*x.shape[:-1], self.dim).to(x.dtype), expert
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected input [..., dim={self.dim}], got {tuple(x.shape)}")
+        if x.numel() == 0:  # no tokens: no expert has any to take (as ProductKeyMemory)
+            return x.new_zeros(x.shape)
         return self.expert_choice(x)[0] if self.training else self.top1(x)[0]
 
     def extra_repr(self) -> str:

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memlayers.memory import _positive_int
 from memlayers.ops.embedding_bag import IMPLS, embedding_bag
 from memlayers.router import ProductKeyRouter, load_old_router_names
 
@@ -34,10 +35,15 @@ class PEERConfig:
     impl: str = "auto"  # kernels (product-key top-k, embedding bag): auto | torch | triton
 
     def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and its value for invalid settings."""
         for name in ("n_keys", "heads", "topk"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {name}={v!r}")
+            _positive_int(name, getattr(self, name))
+        if self.k_dim is not None:
+            _positive_int("k_dim", self.k_dim)
+            if self.k_dim % 2:
+                raise ValueError(
+                    f"k_dim must be even (it splits into two half keys), got k_dim={self.k_dim}"
+                )
         if self.topk > self.n_keys:
             raise ValueError(f"topk must be <= n_keys, got topk={self.topk} > n_keys={self.n_keys}")
         if self.impl not in IMPLS:
@@ -46,6 +52,8 @@ class PEERConfig:
             raise ValueError(f"norm_eps must be > 0, got norm_eps={self.norm_eps!r}")
 
     def resolved_k_dim(self, dim: int) -> int:
+        """The query / key width for a model of width ``dim``, validated."""
+        _positive_int("dim", dim)
         k_dim = self.k_dim if self.k_dim is not None else dim // 2
         if k_dim < 2 or k_dim % 2:
             raise ValueError(f"k_dim must be even and >= 2, got k_dim={k_dim} (dim={dim})")
@@ -87,6 +95,10 @@ class PEER(nn.Module):
         nn.init.normal_(self.up.weight, std=out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected input [..., dim={self.dim}], got {tuple(x.shape)}")
+        if x.numel() == 0:  # no tokens: the router's reshapes to [N, -1] need N > 0
+            return x.new_zeros(x.shape)
         h = x.reshape(-1, self.dim)  # [N, dim]
         idx, g = self.router(h)  # [N, H*k] each: experts, softmax per head
         u = F.embedding(idx, self.down.weight)  # [N, H*k, dim]

@@ -1,5 +1,7 @@
 """ProductKeyMemory, MemoryValues and MemoryConfig on the CPU."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -505,3 +507,88 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients_with_both_options():
         torch.testing.assert_close(q.grad, p.grad, msg=name)
     for a, b in zip(eager.memory_layers(), compiled.memory_layers(), strict=True):
         torch.testing.assert_close(b.router.query_mean, a.router.query_mean)
+
+
+def _balance_model():
+    mem = MemoryConfig(n_keys=8, heads=2, topk=4, impl="torch", balance_loss=0.5)
+    cfg = ModelConfig(dim=16, n_layers=2, n_heads=2, vocab_size=32, memory_layers=[0, 1],
+                      multiple_of=16, memory=mem)  # fmt: skip
+    return build_model(cfg, seed=0)
+
+
+def test_take_aux_loss_trains_the_balance_loss_from_the_logits():
+    # A loop of one's own (logits, then its own cross-entropy) gets the balance loss with
+    # model.take_aux_loss(): the gradient the targets path (the trainer's) gives.
+    tokens = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(3))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    model = _balance_model()
+    model(x, targets=y).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ce = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    aux = model.take_aux_loss()
+    assert aux.dim() == 0 and aux > 0
+    assert all(layer.aux_loss is None for layer in model.memory_layers())  # taken
+    (ce + aux).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], msg=n)
+    zero = model.take_aux_loss()  # taken once: nothing left
+    assert zero.item() == 0 and zero.grad_fn is None
+    # The layer's own: the weighted loss, then nothing.
+    layer = model.memory_layers()[0]
+    model(x)
+    want = layer.aux_loss
+    got = layer.take_aux_loss()
+    assert got is want and got.grad_fn is not None
+    assert layer.aux_loss is None and layer.take_aux_loss().item() == 0
+
+
+def test_a_balance_loss_never_taken_warns_once():
+    cfg = MemoryConfig(n_keys=8, heads=2, topk=4, impl="torch", balance_loss=0.5)
+    layer = ProductKeyMemory(16, cfg)
+    x = torch.randn(12, 16)
+    layer(x).sum().backward()  # the balance loss left on the layer: it trains nothing
+    with pytest.warns(UserWarning, match=r"balance_loss=0.5.*never taken.*take_aux_loss"):
+        layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # once per layer
+        # Taken, or the layer in eval mode: no warning.
+        fresh = ProductKeyMemory(16, cfg)
+        for _ in range(2):
+            (fresh(x).sum() + fresh.take_aux_loss()).backward()
+        fresh.eval()(x)
+        fresh.train()(x)
+        # The model's targets path (the trainer's) takes them at every step.
+        model = _balance_model()
+        tokens = torch.randint(0, 32, (2, 9))
+        for _ in range(2):
+            model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+
+
+def test_a_passed_table_must_have_the_value_dtype_asked_for():
+    # value_dtype="bf16" asks for a bf16 table: a passed fp32 one is refused, naming both
+    # (it was silently used in fp32).
+    cfg = MemoryConfig(n_keys=8, heads=1, topk=2, value_dtype="bf16", merge_grads=True)
+    with pytest.raises(
+        ValueError, match=r"value_dtype='bf16' \(torch.bfloat16\) .* is torch.float32"
+    ):
+        ProductKeyMemory(16, cfg, values=MemoryValues(64, 16, sparse_grad=True))
+    table = MemoryValues(64, 16, dtype=torch.bfloat16)
+    assert ProductKeyMemory(16, cfg, values=table).values.weight.dtype == torch.bfloat16
+    # The default (fp32) is what a layer or model makes; a table made by hand in another
+    # dtype is taken as it is (memlayers.hf builds the model's dtype).
+    default = MemoryConfig(n_keys=8, heads=1, topk=2)
+    assert ProductKeyMemory(16, default, values=table).values.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("heads,topk", [(4, 32), (4, 8), (1, 16)])
+def test_bag_norm_at_init_is_near_sqrt_heads_over_topk(heads, topk):
+    # docs/method.md §3: rows of norm ~1, a head's softmax nearly uniform at init, so a
+    # bag's sum has a norm near sqrt(heads / topk) (0.35 at 4 x 32), not near one.
+    torch.manual_seed(0)
+    layer = ProductKeyMemory(128, MemoryConfig(n_keys=64, heads=heads, topk=topk, impl="torch"))
+    indices, weights = layer.lookup(torch.randn(256, 128))
+    norm = layer.values.lookup(indices, weights).norm(dim=-1).mean().item()
+    bound = (heads / topk) ** 0.5
+    assert bound * 0.9 < norm < bound * 1.25, (norm, bound)

@@ -58,13 +58,18 @@ def test_overfits_a_small_batch(kind):
     model = build_model(tiny(kind, tie_embeddings=True), seed=0)
     x = torch.randint(0, V, (4, 16))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
     for _ in range(60):
         loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.2, (
-        f"{kind}: loss {loss.item():.3f} after 60 steps (start ~{math.log(V):.2f})"
+        losses.append(loss.item())
+    # The best of the last 20 steps: at lr 1e-2 a memorised batch's loss still spikes now
+    # and then (MoE's routing flips: 0.07 or 0.24 at step 60 by the thread count, 0.04 at
+    # step 80), so one step's loss is a coin toss; a model that cannot fit never gets low.
+    assert min(losses[-20:]) < 0.2, (
+        f"{kind}: best loss {min(losses[-20:]):.3f} in steps 41-60 (start ~{math.log(V):.2f})"
     )
 
 
@@ -137,6 +142,9 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
         (dict(memory_layers=[5]), "memory_layers"),
         (dict(memory_layers=[1], peer_layers=[1]), "both"),
         (dict(vocab_size=0), "vocab_size"),
+        (dict(ffn_hidden_dim=2.5), "ffn_hidden_dim=2.5"),  # was accepted
+        (dict(ffn_hidden_dim=0), "ffn_hidden_dim=0"),
+        (dict(ffn_dim_multiplier=float("inf")), "ffn_dim_multiplier=inf"),
     ],
 )
 def test_bad_config_names_the_field(kw, field):

@@ -90,3 +90,34 @@ def test_bad_config():
         MoEConfig(n_experts=0).validate()
     with pytest.raises(ValueError, match="capacity_factor"):
         MoEConfig(capacity_factor=0.0).validate()
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(capacity_factor=math.inf), r"capacity_factor=inf"),  # passed, then overflowed
+        (dict(capacity_factor=math.nan), r"capacity_factor=nan"),
+        (dict(capacity_factor=True), r"capacity_factor=True"),
+        (dict(hidden_dim=2.5), r"hidden_dim must be a positive int, got hidden_dim=2.5"),
+        (dict(hidden_dim=0), r"hidden_dim=0"),
+        (dict(n_experts=2.0), r"n_experts=2.0"),
+    ],
+)
+def test_bad_config_names_the_field_and_value(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(**kw).validate()
+    from memlayers.model import ModelConfig
+
+    with pytest.raises(ValueError, match=match):  # through the model's config too
+        ModelConfig(dim=8, n_layers=1, n_heads=2, ffn="moe", moe=MoEConfig(**kw))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["expert-choice", "top-1"])
+@pytest.mark.parametrize("shape", [(0, 16), (2, 0, 16)])
+def test_no_tokens_give_zeros_of_the_input_shape(training, shape):
+    # Was an AttributeError (top-1) and a top-k error (expert choice).
+    moe = make().train(training)
+    out = moe(torch.randn(shape))
+    assert out.shape == shape
+    with pytest.raises(ValueError, match=r"dim=16"):
+        moe(torch.randn(2, 15))

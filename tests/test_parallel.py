@@ -91,6 +91,95 @@ def test_equal_bags_broken_promise_fails_on_every_rank():
     _spawn(_unequal_bags_worker, 2)
 
 
+def _spawn_timed(fn, world, *args, timeout_s=30):
+    """``_spawn`` with a short collective timeout: a rank left waiting for a collective
+    another rank never joins fails after ``timeout_s`` instead of hanging the suite."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        mp.spawn(_timed_entry, args=(fn, world, store, timeout_s, args), nprocs=world)
+
+
+def _timed_entry(rank, fn, world, store, timeout_s, args):
+    import datetime
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )  # fmt: skip
+    try:
+        torch.manual_seed(1234)
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _empty_rank_layer_worker(rank, world, sparse, merged):
+    # Rank 0 has tokens, rank 1 none: both join the sharded lookup's collectives, forward
+    # and backward, and the table's gradient is the one-process reference's.
+    cfg = MemoryConfig(n_keys=8, heads=2, topk=3, k_dim=8, v_dim=DIM, impl="torch")
+    f64 = torch.float64
+    values = MemoryValues(cfg.n_rows, DIM, dtype=f64, sparse_grad=sparse, merge_grads=merged)
+    ref_values = MemoryValues(cfg.n_rows, DIM, dtype=f64, sparse_grad=sparse)
+    ref_values.load_state_dict(values.state_dict())
+    layer = ProductKeyMemory(12, cfg, values=values).double()
+    ref_layer = ProductKeyMemory(12, cfg, values=ref_values).double()
+    ref_layer.load_state_dict(layer.state_dict())
+    x, g = torch.randn(3, 12, dtype=f64), torch.randn(3, 12, dtype=f64)
+    ref_layer(x).backward(g)
+
+    shard_values_(values, dist.group.WORLD)
+    mine = x if rank == 0 else x[:0]
+    out = layer(mine)
+    assert out.shape == mine.shape
+    out.backward(g[: mine.shape[0]])
+    if rank == 0:
+        torch.testing.assert_close(out, ref_layer(x))
+        torch.testing.assert_close(layer.router.keys.grad, ref_layer.router.keys.grad)
+    cols = slice(values.shard.start, values.shard.start + values.shard.width)
+    grad, want = values.weight.grad, ref_values.weight.grad
+    if sparse:
+        grad, want = grad.to_dense(), want.to_dense()
+    torch.testing.assert_close(grad, want[:, cols])
+    # A lookup with no tokens on any rank, and the empty rank's eval forward, run too.
+    with torch.no_grad():
+        assert layer.eval()(x[:0] if rank else x).shape == (3 - 3 * rank, 12)
+
+
+@pytest.mark.parametrize(
+    "sparse,merged", [(False, False), (True, False), (True, True)],
+    ids=["dense-grad", "sparse-grad", "merged"],
+)  # fmt: skip
+def test_sharded_layer_with_an_empty_rank_does_not_hang(sparse, merged):
+    _spawn_timed(_empty_rank_layer_worker, 2, sparse, merged)
+
+
+def _empty_rank_model_worker(rank, world):
+    # The model's early return for no tokens must not skip a sharded table's lookups.
+    ref = _reference_model()
+    import copy
+
+    model = copy.deepcopy(ref)
+    shard_values_(model.memory_values, dist.group.WORLD)
+    tokens = torch.randint(0, 37, (2, 6))
+    ref_loss = ref(tokens[:, :-1], targets=tokens[:, 1:])
+    ref_loss.backward()
+    x, y = (tokens[:, :-1], tokens[:, 1:]) if rank == 0 else (tokens[:, :0], tokens[:, :0])
+    loss = model(x, targets=y)
+    loss.backward()
+    if rank == 0:
+        torch.testing.assert_close(loss, ref_loss)
+    table = model.memory_values
+    cols = slice(table.shard.start, table.shard.start + table.shard.width)
+    want = ref.memory_values.weight.grad.to_dense()[:, cols]
+    torch.testing.assert_close(table.weight.grad.to_dense(), want)
+    with torch.no_grad():  # logits: the empty rank's are empty
+        assert model(x).shape == (*x.shape, 37)
+
+
+def test_sharded_model_with_an_empty_rank_does_not_hang():
+    _spawn_timed(_empty_rank_model_worker, 2)
+
+
 def _train_step_worker(rank, world, options):
     cfg = MemoryConfig(n_keys=8, heads=2, topk=3, k_dim=8, v_dim=DIM, impl="torch", **options)
     # float64: Adam's first step is ~lr·sign(g), so fp32 summation-order noise in tiny
@@ -112,7 +201,7 @@ def _train_step_worker(rank, world, options):
         loss = 0
         for x, t in batches:
             loss = loss + (layer(x) - t).square().sum()
-            loss = loss + (layer.aux_loss if layer.aux_loss is not None else 0)
+            loss = loss + layer.take_aux_loss()  # the balance loss, when on
         loss.backward()
         if reduce_dense:  # data parallel for the dense parameters (FSDP does this)
             for p in dense:

@@ -63,3 +63,31 @@ def test_bad_config():
         PEERConfig(n_keys=4, topk=5).validate()
     with pytest.raises(ValueError, match="k_dim"):
         PEERConfig(k_dim=7).resolved_k_dim(16)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(k_dim=4.0), r"k_dim must be a positive int, got k_dim=4.0"),  # was a TypeError
+        (dict(k_dim=0), r"k_dim=0"),
+        (dict(k_dim=5), r"k_dim must be even"),
+        (dict(heads=2.0), r"heads=2.0"),
+    ],
+)
+def test_bad_config_names_the_field_and_value(kw, match):
+    cfg = {**dict(n_keys=8, heads=2, topk=2), **kw}
+    with pytest.raises(ValueError, match=match):
+        PEERConfig(**cfg).validate()
+    with pytest.raises(ValueError, match=match):
+        PEER(16, PEERConfig(**cfg))
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (2, 0, 16)])
+def test_no_tokens_give_zeros_of_the_input_shape(shape):
+    # Was "cannot reshape tensor of 0 elements".
+    layer = PEER(16, PEERConfig(n_keys=8, heads=2, topk=2, impl="torch"))
+    layer.init_weights(0.02, 0.02)
+    out = layer(torch.randn(shape))
+    assert out.shape == shape
+    with pytest.raises(ValueError, match=r"dim=16"):
+        layer(torch.randn(2, 15))

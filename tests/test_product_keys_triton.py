@@ -339,3 +339,30 @@ def test_half_kth_is_torch_topks_kth_value(shape, k):
         torch.testing.assert_close(got[:, half].view(tokens, heads).T, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="k must be in"):
         half_kth(s1, s2, shape[-1] + 1)
+
+
+def test_float64_is_refused_by_triton_and_routed_to_torch_by_auto(monkeypatch):
+    # The kernels rank fp32 scores: fp64 inputs came back as fp32 scores labelled fp64,
+    # and near-ties could pick other rows than the PyTorch path.
+    import memlayers.ops.product_keys as pk
+    from memlayers.ops.product_keys_triton import product_key_topk_triton
+
+    q, keys = _inputs(3, 2, 16, 4, torch.float64)
+    with pytest.raises(ValueError, match=r"impl='triton' .* got query torch.float64"):
+        product_key_topk(q, keys, 4, impl="triton")
+    with pytest.raises(ValueError, match=r"fp16, bf16 or fp32 inputs, got query torch.float64"):
+        product_key_topk_triton(q, keys, 4)
+    with pytest.raises(ValueError, match=r"keys torch.float64"):  # the common dtype counts
+        product_key_topk(q.float(), keys, 4, impl="triton")
+    # "auto" as on a GPU (Triton for every other dtype): fp64 takes the PyTorch path.
+    resolve = pk.resolve_impl
+
+    def as_on_a_gpu(impl, device):
+        return "triton" if impl == "auto" else resolve(impl, device)
+
+    monkeypatch.setattr(pk, "resolve_impl", as_on_a_gpu)
+    got = product_key_topk(q, keys, 4, impl="auto")
+    want = product_key_topk(q, keys, 4, impl="torch")
+    assert got[0].dtype == torch.float64
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)

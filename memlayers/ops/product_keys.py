@@ -67,7 +67,9 @@ def product_key_topk(
         k: how many keys to keep per head, ``1 <= k <= n_keys``.
         impl: ``"auto"`` (Triton on CUDA) | ``"torch"`` | ``"triton"``: the Triton path
             (:mod:`memlayers.ops.product_keys_triton`) runs the two top-k passes in one
-            kernel; the half-key scores are matrix products either way.
+            kernel; the half-key scores are matrix products either way. The Triton path
+            scores in fp32: fp64 inputs (outside autocast) go to the PyTorch path under
+            ``"auto"`` and are refused by ``"triton"``.
         half_top: also return each half's own top-k keys, the candidates' halves.
         precision: ``"fp32"`` (exact: half scores in fp32 at least) | ``"bf16"``: each
             half key's score rounded to bf16 before ranking (half the bytes written and
@@ -96,7 +98,7 @@ def product_key_topk(
     device = query.device.type
     half = autocast_half(device)
     with torch.autocast(device, enabled=False):
-        if resolve_impl(impl, query.device) == "triton":
+        if _search_impl(impl, query, keys, half) == "triton":
             from memlayers.ops.product_keys_triton import product_key_topk_triton
 
             if half is not None:
@@ -104,6 +106,23 @@ def product_key_topk(
             return product_key_topk_triton(query, keys, k, half_top, rank_bf16)
         dtype = torch.promote_types(torch.promote_types(query.dtype, keys.dtype), torch.float32)
         return _product_key_topk_torch(query.to(dtype), keys.to(dtype), k, half_top, rank_bf16)
+
+
+def _search_impl(impl: str, query: torch.Tensor, keys: torch.Tensor, half) -> str:
+    """``impl`` resolved for these inputs: the Triton kernels rank fp32 scores, so fp64
+    inputs (not cast by autocast, ``half``) take the PyTorch path under ``"auto"`` and are
+    refused by ``"triton"`` (its scores would be fp32 ones labelled fp64, and a near-tie
+    could pick other rows than the PyTorch path's)."""
+    resolved = resolve_impl(impl, query.device)
+    dtype = torch.promote_types(query.dtype, keys.dtype)
+    if resolved != "triton" or half is not None or dtype != torch.float64:
+        return resolved
+    if impl == "auto":
+        return "torch"
+    raise ValueError(
+        f"impl='triton' scores in fp32 and takes fp16, bf16 or fp32 inputs, got query "
+        f"{query.dtype} and keys {keys.dtype}: use impl='torch' (or 'auto') for float64"
+    )
 
 
 def _product_key_topk_torch(

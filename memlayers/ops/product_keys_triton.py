@@ -606,8 +606,14 @@ def product_key_topk_triton(
     rank_bf16: bool = False,
 ):  # fmt: skip
     """Triton path of :func:`memlayers.ops.product_keys.product_key_topk` (inputs checked):
-    q and keys in their common dtype, scores in :func:`score_dtype` of it."""
+    q and keys in their common dtype, scores in :func:`score_dtype` of it; fp16, bf16 or
+    fp32 (the kernels rank fp32 scores: float64 is refused, not silently narrowed)."""
     dtype = torch.promote_types(query.dtype, keys.dtype)
+    if dtype == torch.float64:
+        raise ValueError(
+            f"the Triton product-key search takes fp16, bf16 or fp32 inputs, got query "
+            f"{query.dtype} and keys {keys.dtype}"
+        )
     q, kk = query.to(dtype), keys.to(dtype)
     scores, index, _, _, top = product_key_topk_op(q, kk, k, rank_bf16)
     return (scores, index, top) if half_top else (scores, index)

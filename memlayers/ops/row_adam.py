@@ -45,7 +45,8 @@ The PyTorch functions here are the references (and the CPU path), beside the arg
 checks and the dispatchers; the Triton kernels and their launchers live in
 :mod:`memlayers.ops.row_adam_triton` and do the same fp32 arithmetic in the same order,
 with IEEE square root and division, so touched rows agree with the reference to fp32
-rounding.
+rounding. Both paths check their arguments the same way first (:func:`check_rows`:
+shapes, dtypes, devices, layout and the rows' range).
 """
 
 from __future__ import annotations
@@ -132,7 +133,9 @@ def row_adam_step_torch(
     ``master``: fp32 ``[N, D]``, the parameter's exact values (read and written), ``param``
     its copy rounded to nearest. ``grad_scale``: a one-element fp32 tensor the gradient is
     multiplied by (in fp32) as it is read: a clip's rescale (:func:`check_grad_scale`).
+    Arguments checked as the Triton path's (:func:`check_adam_args`).
     """
+    check_adam_args(param, rows, grad, exp_avg, exp_avg_sq, rowwise_v, master, grad_scale)
     sel = slice(None) if rows is None else rows
     g = _scaled(grad, grad_scale)  # [U, D] fp32
     m = exp_avg[sel].float().mul_(beta1).add_(g, alpha=1 - beta1)  # [U, D]
@@ -193,7 +196,9 @@ def row_sgd_step_torch(
 ) -> None:
     """``param[rows] -= lr * grad`` in fp32 (all rows when ``rows`` is None), in place; a
     bf16 ``param`` is stored stochastically rounded with the bits of ``step``.
-    ``grad_scale``: as :func:`row_adam_step_torch`'s."""
+    ``grad_scale``: as :func:`row_adam_step_torch`'s. Arguments checked as the Triton
+    path's (:func:`check_rows`)."""
+    check_rows(param, rows, grad, grad_scale=grad_scale)
     sel = slice(None) if rows is None else rows
     g = _scaled(grad, grad_scale)
     param[sel] = _stored_param(param[sel].float() - lr * g, param, rows, step)
@@ -203,21 +208,32 @@ MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def check_rows(param, rows, grad, *state, row_state=(), master=None, grad_scale=None) -> None:
-    """Raise ``ValueError`` naming the offending shape, dtype or layout. ``state``: fp32 or
-    bf16 ``[N, D]`` tensors; ``row_state``: fp32 ``[N]`` tensors (a row-wise second
-    moment); ``master``: None or the fp32 ``[N, D]`` master copy of ``param``;
-    ``grad_scale``: as :func:`check_grad_scale` takes it."""
+    """Raise ``ValueError`` naming the offending shape, dtype, device or layout, or a row
+    outside ``[0, N)``. ``state``: fp32 or bf16 ``[N, D]`` tensors; ``row_state``: fp32
+    ``[N]`` tensors (a row-wise second moment); ``master``: None or the fp32 ``[N, D]``
+    master copy of ``param``; ``grad_scale``: as :func:`check_grad_scale` takes it. Every
+    tensor must be on ``param``'s device. The rows' range is checked on the host for a
+    CPU table; on a GPU by a device-side assert (no wait for the device: a bad row stops
+    the process at the next synchronisation, with this message on its stderr) run
+    before the step's kernel, which would write out of bounds."""
     check_grad_scale(grad_scale, param)
+    if param.dim() != 2:
+        raise ValueError(f"param must be a 2-D table [N, D], got shape {tuple(param.shape)}")
+    named = [("rows", rows), ("grad", grad), ("master", master)]
+    named += [("optimizer state", s) for s in (*state, *row_state)]
+    for name, t in named:
+        if t is not None and t.device != param.device:
+            raise ValueError(f"{name} is on {t.device} but param is on {param.device}")
     n, d = param.shape
     if master is not None and (master.shape != param.shape or master.dtype != torch.float32):
         raise ValueError(f"master must be fp32 {tuple(param.shape)}, got "
                          f"{tuple(master.shape)} {master.dtype}")  # fmt: skip
+    if rows is not None and (rows.dim() != 1 or rows.dtype != torch.int64):
+        raise ValueError(f"rows must be 1-D int64, got {tuple(rows.shape)} {rows.dtype}")
     u = n if rows is None else rows.shape[0]
     if grad.shape != (u, d):
         raise ValueError(f"grad must be [{u}, {d}] for param {tuple(param.shape)}, got "
                          f"{tuple(grad.shape)}")  # fmt: skip
-    if rows is not None and (rows.dim() != 1 or rows.dtype != torch.int64):
-        raise ValueError(f"rows must be 1-D int64, got {tuple(rows.shape)} {rows.dtype}")
     for s in state:
         if s.shape != param.shape or s.dtype not in MOMENT_DTYPES:
             raise ValueError(f"optimizer state must be fp32 or bf16 {tuple(param.shape)}, "
@@ -229,6 +245,35 @@ def check_rows(param, rows, grad, *state, row_state=(), master=None, grad_scale=
     for t in (grad, *state, *row_state, param, *([] if master is None else [master])):
         if not t.is_contiguous():
             raise ValueError("param, grad and optimizer state must be contiguous")
+    if rows is not None and rows.numel():
+        _check_row_range(rows, n)
+
+
+def _check_row_range(rows: torch.Tensor, n: int) -> None:
+    """Every row in ``[0, n)``: a ``ValueError`` naming one outside on the CPU, a
+    device-side assert (no host sync) elsewhere."""
+    lo, hi = torch.aminmax(rows)
+    if rows.device.type == "cpu":
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= n:
+            raise ValueError(
+                f"row {lo if lo < 0 else hi} is outside the table: rows must be in [0, {n})"
+            )
+        return
+    torch._assert_async((lo >= 0) & (hi < n), f"row-wise step: a row is outside [0, {n})")
+
+
+def check_adam_args(
+    param, rows, grad, exp_avg, exp_avg_sq, rowwise_v: bool = False, master=None,
+    grad_scale=None,
+) -> None:  # fmt: skip
+    """:func:`check_rows` for a row-wise Adam step's arguments (both paths): ``exp_avg``
+    ``[N, D]``; ``exp_avg_sq`` ``[N, D]``, or fp32 ``[N]`` with ``rowwise_v``."""
+    if rowwise_v:
+        check_rows(param, rows, grad, exp_avg, row_state=(exp_avg_sq,), master=master,
+                   grad_scale=grad_scale)  # fmt: skip
+    else:
+        check_rows(param, rows, grad, exp_avg, exp_avg_sq, master=master, grad_scale=grad_scale)
 
 
 def check_grad_scale(grad_scale: torch.Tensor | None, param: torch.Tensor) -> None:
@@ -252,8 +297,8 @@ def row_adam_step_(
     """Dispatch a row-wise Adam(W) step to Triton (CUDA) or PyTorch (``impl``);
     ``rowwise_v``: ``exp_avg_sq`` is one fp32 per row (``[N]``); ``master``: the fp32
     master copy of a bf16 ``param``; ``grad_scale``: a one-element fp32 tensor the
-    gradient is multiplied by as it is read."""
-    check_grad_scale(grad_scale, param)
+    gradient is multiplied by as it is read. Either path checks its arguments first
+    (:func:`check_adam_args`)."""
     fn = row_adam_step_torch
     if resolve_impl(impl, param.device) == "triton":
         from memlayers.ops.row_adam_triton import row_adam_step_triton as fn
@@ -266,8 +311,7 @@ def row_sgd_step_(
 ) -> None:
     """Dispatch a row-wise SGD step to Triton (CUDA) or PyTorch (``impl``); ``step`` (from
     1) seeds a bf16 parameter's stochastic rounding; ``grad_scale`` as
-    :func:`row_adam_step_`'s."""
-    check_grad_scale(grad_scale, param)
+    :func:`row_adam_step_`'s. Either path checks its arguments first (:func:`check_rows`)."""
     if resolve_impl(impl, param.device) == "triton":
         from memlayers.ops.row_adam_triton import row_sgd_step_triton
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memlayers.ops.row_adam import check_rows, param_round_seed, round_seed
+from memlayers.ops.row_adam import check_adam_args, check_rows, param_round_seed, round_seed
 from memlayers.ops.triton_interpreter import patch_triton_interpreter
 
 patch_triton_interpreter()
@@ -302,11 +302,7 @@ def row_adam_step_triton(
     arguments). ``rowwise_v``: one program per row (:func:`row_adam_rowwise_kernel`).
     ``block_d``, ``num_warps`` None: :data:`ADAM_BLOCK_D`, :data:`ADAM_WARPS` (row-wise:
     :data:`ROW_BLOCK_D`, :data:`ROW_WARPS`)."""
-    if rowwise_v:
-        check_rows(param, rows, grad, exp_avg, row_state=(exp_avg_sq,), master=master,
-                   grad_scale=grad_scale)  # fmt: skip
-    else:
-        check_rows(param, rows, grad, exp_avg, exp_avg_sq, master=master, grad_scale=grad_scale)
+    check_adam_args(param, rows, grad, exp_avg, exp_avg_sq, rowwise_v, master, grad_scale)
     n, d = param.shape
     u = n if rows is None else rows.shape[0]
     if u == 0 or d == 0:

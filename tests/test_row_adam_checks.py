@@ -1,0 +1,96 @@
+"""The row-wise Adam / SGD steps check their arguments the same way on both paths (PyTorch
+and Triton): shapes, devices and the rows' range, before anything is written.
+
+On a CPU the Triton path runs under TRITON_INTERPRET=1 (tests/conftest.py); on a GPU an
+out-of-range row is a device-side assert, which ends the process: run it in a child.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from memlayers.ops.row_adam import row_adam_step_, row_sgd_step_
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+HP = dict(step=1, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+IMPLS = ["torch", "triton"]
+
+
+def _table(n=8, d=4, device=DEVICE):
+    g = torch.Generator().manual_seed(0)
+    param = torch.randn(n, d, generator=g).to(device)
+    return param, torch.zeros_like(param), torch.zeros_like(param)
+
+
+def _adam(param, m, v, rows, grad, impl, **kw):
+    row_adam_step_(param, rows, grad, m, v, **HP, impl=impl, **kw)
+
+
+def _sgd(param, rows, grad, impl):
+    row_sgd_step_(param, rows, grad, 1, 1e-2, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_wrong_grad_shape_is_refused_on_both_paths(impl):
+    # A [2, 1] gradient for 2 rows of a [8, 4] table: the PyTorch path broadcast it over
+    # the 4 columns and updated them; now both paths refuse it and write nothing.
+    param, m, v = _table()
+    before = param.clone()
+    rows = torch.tensor([1, 3], device=DEVICE)
+    bad = torch.ones(2, 1, device=DEVICE)
+    with pytest.raises(ValueError, match=r"grad must be \[2, 4\] .* got \(2, 1\)"):
+        _adam(param, m, v, rows, bad, impl)
+    with pytest.raises(ValueError, match=r"grad must be \[2, 4\]"):
+        _sgd(param, rows, bad, impl)
+    with pytest.raises(ValueError, match=r"optimizer state must be .* \(8,\)"):
+        _adam(param, m, v, rows, torch.ones(2, 4, device=DEVICE), impl, rowwise_v=True)
+    assert torch.equal(param, before) and not m.any() and not v.any()
+
+
+@pytest.mark.skipif(CUDA, reason="the CPU path's host check (CUDA: a device-side assert)")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", [8, 9, -1])
+def test_row_outside_the_table_is_refused(impl, bad):
+    param, m, v = _table()
+    before = param.clone()
+    rows = torch.tensor([1, bad])
+    grad = torch.ones(2, 4)
+    with pytest.raises(ValueError, match=rf"row {bad} is outside the table: .*\[0, 8\)"):
+        _adam(param, m, v, rows, grad, impl)
+    with pytest.raises(ValueError, match=rf"row {bad} is outside the table"):
+        _sgd(param, rows, grad, impl)
+    assert torch.equal(param, before) and not m.any() and not v.any()
+    _adam(param, m, v, torch.tensor([1, 7]), grad, impl)  # the last row is in range
+    assert not torch.equal(param[7], before[7])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the device-side assert)")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_row_outside_the_table_asserts_on_the_gpu(impl):
+    code = (
+        "import torch\n"
+        "from memlayers.ops.row_adam import row_sgd_step_\n"
+        "p = torch.zeros(8, 4, device='cuda')\n"
+        "rows = torch.tensor([1, 9], device='cuda')\n"
+        f"row_sgd_step_(p, rows, torch.ones(2, 4, device='cuda'), 1, 1e-2, impl='{impl}')\n"
+        "torch.cuda.synchronize()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "outside [0, 8)" in done.stderr or "device-side assert" in done.stderr
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tensors_on_another_device_are_refused(impl):
+    # The meta device stands in for a second device on a CPU-only machine.
+    param, m, v = _table(device="cpu")
+    rows, grad = torch.tensor([1, 3]), torch.ones(2, 4)
+    with pytest.raises(ValueError, match="grad is on meta but param is on cpu"):
+        _sgd(param, rows, grad.to("meta"), impl)
+    with pytest.raises(ValueError, match="rows is on meta but param is on cpu"):
+        _adam(param, m, v, rows.to("meta"), grad, impl)
+    with pytest.raises(ValueError, match="optimizer state is on meta but param is on cpu"):
+        _adam(param, m, v.to("meta"), rows, grad, impl)
