@@ -24,12 +24,19 @@ from memlayers.ops.embedding_bag import embedding_bag, embedding_bag_grads
 
 
 class MergedValueGrad:
-    """The pending lookups of one table in the current backward pass."""
+    """The pending lookups of one table, per backward pass.
+
+    Each backward pass (an autograd graph task) gets its own list and its own end-of-pass
+    callback, so a pass that fails before its end (an exception in a hook, out of memory,
+    an interrupt: the engine then drops its callbacks) leaves nothing behind that a later
+    pass would wait on; its list is dropped with the next pass. A lookup whose table takes
+    no gradient in this pass (``torch.autograd.grad`` for other inputs, ``backward(inputs=)``
+    without the table) hands nothing over, as its AccumulateGrad node would not run.
+    """
 
     def __init__(self) -> None:
+        self.task = -1  # the graph task the list below belongs to
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.weight: torch.Tensor | None = None
-        self.impl = "auto"
 
     def lookup(
         self, weight: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, impl: str
@@ -41,24 +48,33 @@ class MergedValueGrad:
         return _DeferredLookup.apply(weight, indices, weights, self, impl)
 
     def add(self, weight, indices, weights, grad_out, impl) -> None:
-        if not self.pending:  # the first in this pass: run the merged walk at its end
-            torch.autograd.Variable._execution_engine.queue_callback(self.flush)
-        self.weight, self.impl = weight, impl
+        """Hand over one lookup's ``(indices, weights, grad_out)`` from its backward."""
+        node = torch.autograd.graph.get_gradient_edge(weight).node
+        if not torch._C._will_engine_execute_node(node):
+            return  # this pass does not accumulate into the table
+        task = torch._C._current_graph_task_id()
+        if task != self.task:  # the first in this pass: run the merged walk at its end
+            self.task, self.pending = task, []
+            items = self.pending
+            torch.autograd.Variable._execution_engine.queue_callback(
+                lambda: self.flush(weight, items, impl)
+            )
         self.pending.append((indices, weights, grad_out))
 
-    def flush(self) -> None:
-        """The table's gradient over every pending lookup, added to ``weight.grad``."""
-        items, self.pending = self.pending, []
+    def flush(self, weight: torch.Tensor, items: list, impl: str) -> None:
+        """The table's gradient over one pass's lookups, added to ``weight.grad``."""
+        if items is self.pending:
+            self.task, self.pending = -1, []
         if not items:
             return
-        weight = self.weight
         idx = torch.cat([i for i, _, _ in items])  # [ΣB, K]: the bags of every lookup
         w = torch.cat([x for _, x, _ in items])
         g = torch.cat([x for _, _, x in items])  # [ΣB, D]
+        items.clear()
         with torch.no_grad():
             grad, _ = embedding_bag_grads(
                 weight.detach(), idx, w.detach(), g, need_values=True, need_weights=False,
-                impl=self.impl, sparse_grad=True,
+                impl=impl, sparse_grad=True,
             )  # fmt: skip
             weight.grad = grad if weight.grad is None else weight.grad + grad
 

@@ -88,8 +88,18 @@ def parameter_report(model: Transformer | ModelConfig, seq_len: int | None = Non
 
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from the vendors' datasheets: the MFU
-# denominator. An unknown card gets no MFU rather than a guess.
-PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12}
+# denominator. An unknown card gets no MFU rather than a guess. Matched against the device
+# name in this order, so the PCIe and NVL cards (lower clocks, fewer SMs) are found before
+# the SXM ones whose names they contain ("NVIDIA H100 PCIe" against "NVIDIA H100 80GB HBM3").
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756.0e12,
+    "H100 NVL": 835.5e12,
+    "H200 NVL": 835.5e12,
+    "H100": 989.4e12,
+    "H200": 989.4e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+}
 
 
 def peak_flops(device: torch.device | str) -> float | None:
@@ -97,7 +107,11 @@ def peak_flops(device: torch.device | str) -> float | None:
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name: str) -> float | None:
+    """The bf16 dense peak of the card called ``name`` (``torch.cuda.get_device_name``)."""
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 

@@ -102,3 +102,54 @@ def test_memory_plus_model_gradients_match_the_unmerged_model():
         ga = a.grad.to_dense() if a.grad.is_sparse else a.grad
         gb = b.grad.to_dense() if b.grad.is_sparse else b.grad
         torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_a_backward_that_fails_midway_does_not_stop_later_ones():
+    # A pass that raises after a lookup's backward ran never reaches its end-of-pass
+    # callback: the next pass must still give the table its gradient (it used to wait on
+    # the dead pass's callback for good, and keep its tensors).
+    table, bags = _lookups(2)
+    weight = table.clone().requires_grad_()
+    merged = MergedValueGrad()
+
+    def fail(_grad):
+        raise RuntimeError("a hook failed")
+
+    w0 = bags[0][1].clone().requires_grad_()
+    w0_used = w0 * 1.0  # its gradient comes from the lookup's backward, then the hook fails
+    w0_used.register_hook(fail)
+    loss = (merged.lookup(weight, bags[0][0], w0_used, "torch") * bags[0][2]).sum()
+    with pytest.raises(RuntimeError, match="a hook failed"):
+        loss.backward()
+    assert weight.grad is None and len(merged.pending) == 1  # handed over, never walked
+    sum((merged.lookup(weight, i, w, "torch") * gy).sum() for i, w, gy in bags).backward()
+    ref = table.clone().requires_grad_()
+    sum((embedding_bag(ref, i, w, sparse_grad=True) * gy).sum() for i, w, gy in bags).backward()
+    torch.testing.assert_close(weight.grad.to_dense(), ref.grad.to_dense())
+    assert merged.pending == []
+
+
+def test_autograd_grad_for_other_inputs_leaves_the_table_alone():
+    # torch.autograd.grad(loss, [w]) and backward(inputs=[w]) accumulate into no leaf but
+    # those asked for: the deferred table gradient must not appear in weight.grad.
+    table, bags = _lookups(2)
+    weight = table.clone().requires_grad_()
+    merged = MergedValueGrad()
+    ws = [w.clone().requires_grad_() for _, w, _ in bags]
+
+    def loss():
+        return sum(
+            (merged.lookup(weight, i, w, "torch") * gy).sum()
+            for (i, _, gy), w in zip(bags, ws, strict=True)
+        )
+
+    dws = torch.autograd.grad(loss(), ws)
+    assert weight.grad is None and merged.pending == []
+    ref = [w.clone().requires_grad_() for w in ws]
+    ref_loss = sum(
+        (embedding_bag(table, i, w) * gy).sum() for (i, _, gy), w in zip(bags, ref, strict=True)
+    )
+    for a, b in zip(dws, torch.autograd.grad(ref_loss, ref), strict=True):
+        torch.testing.assert_close(a, b)
+    loss().backward(inputs=ws)
+    assert weight.grad is None and merged.pending == []

@@ -3,7 +3,7 @@
 import pytest
 
 from memlayers.presets import PAPER_SIZES, PRESETS, VARIANTS, get_preset, memory_plus_layers
-from memlayers.report import format_report, parameter_report
+from memlayers.report import format_report, parameter_report, peak_flops_of
 
 
 def test_every_size_has_every_variant():
@@ -69,3 +69,21 @@ def test_dense_and_moe_reports():
 def test_format_report_lists_counts():
     text = format_report(parameter_report(get_preset("tiny-memory+")), "tiny-memory+")
     assert "memory_table" in text and "active_per_token" in text and "2,097,152" in text
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4e12),
+        ("NVIDIA H100 PCIe", 756.0e12),
+        ("NVIDIA H100 NVL", 835.5e12),
+        ("NVIDIA H200", 989.4e12),
+        ("NVIDIA H200 NVL", 835.5e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_peak_flops_tells_the_h100_kinds_apart(name, peak):
+    # The PCIe and NVL cards' names contain "H100"/"H200": matched first, or their MFU
+    # would be read against the SXM card's peak (too low by up to 24%).
+    assert peak_flops_of(name) == peak
