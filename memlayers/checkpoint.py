@@ -302,6 +302,26 @@ def _dcp_optimizers(path: Path, saved: dict, no_dist: bool) -> dict[str, list]:
     return held
 
 
+def _check_dcp_moments(saved: dict, optimizer) -> None:
+    """A table's second moment saved element-wise ``[N, D]`` or row-wise ``[N]``
+    (``optim.value_optimizer=sparse_adam_rowwise``) must be what the value optimizer
+    keeps, as its single-file load checks (the DCP load would fail deep inside)."""
+    values = optimizer.optimizers.get("values")
+    if values is None or not hasattr(values, "rowwise_v"):
+        return
+    want = 1 if values.rowwise_v else 2
+    for key, meta in saved.items():
+        moments = key.startswith("values_optim.") and key.endswith(".exp_avg_sq")
+        if moments and len(meta.size) != want:
+            raise ValueError(
+                f"{key} is saved {'row-wise' if len(meta.size) == 1 else 'element-wise'} "
+                f"{tuple(meta.size)} but this value optimizer (rowwise_v="
+                f"{values.rowwise_v}) keeps it {'row-wise' if want == 1 else 'element-wise'}"
+                f": optim.value_optimizer changed since the run started; resume with the "
+                f"run's own optim.value_optimizer"
+            )
+
+
 def _load_dcp(path: Path, model: nn.Module, optimizer=None, plan=None) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
@@ -311,16 +331,14 @@ def _load_dcp(path: Path, model: nn.Module, optimizer=None, plan=None) -> None:
     no_dist = plan is None or plan.world == 1
     saved = dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
     # Optimizer state of other optimizers or groups than this config's (optim.
-    # value_optimizer or optim.memory_lr changed) is refused before anything loads, as
-    # the single-file load refuses it; a checkpoint saved without optimizer state (e.g.
-    # for inference) still loads into a run that has an optimizer, which starts fresh.
+    # value_optimizer or optim.memory_lr changed), or none at all (saved for inference),
+    # is refused before anything loads, as the single-file load refuses it.
     if optimizer is not None:
-        held = _dcp_optimizers(path, saved, no_dist)
-        if held:
-            try:
-                optimizer.check_saved(held)
-            except ValueError as e:
-                raise CheckpointError(f"{path / 'dcp'} does not fit the optimizer: {e}") from e
+        try:
+            optimizer.check_saved(_dcp_optimizers(path, saved, no_dist))
+            _check_dcp_moments(saved, optimizer)
+        except ValueError as e:
+            raise CheckpointError(f"{path / 'dcp'} does not fit the optimizer: {e}") from e
     state, wrapped = _dcp_state(model, optimizer, plan)
     sections = {key.split(".", 1)[0] for key in saved}
     state = {k: v for k, v in state.items() if k in sections}
@@ -528,11 +546,13 @@ def _load_verified(path: Path, meta: dict, model: nn.Module, optimizer=None, pla
             f"run it came from ({q.get('source', 'unknown')})"
         )
     if meta.get("layout") == "dcp":
+        from torch.distributed.checkpoint.api import CheckpointException
+
         try:
             _load_dcp(path, model, optimizer, plan)
         except CheckpointError:
             raise
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP's is a BaseException
             raise CheckpointError(f"cannot load the DCP checkpoint {path}: {e}") from e
         state = _torch_load(path / "trainer.pt")
         state["meta"], state["path"] = meta, str(path)

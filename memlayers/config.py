@@ -96,15 +96,14 @@ class TrainArgs:
 
 
 def check_device(device: str) -> None:
-    """``device``: cpu or cuda, with a non-negative integer index or none."""
+    """``device``: cpu or cuda, with a non-negative integer index or none (torch's own
+    parser refuses ``cuda:x`` and ``cuda:-1``)."""
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
         parsed = None
     if parsed is None or parsed.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda[:N], got device={device!r}")
-    if parsed.index is not None and parsed.index < 0:  # (torch refuses "cuda:-1" itself)
-        raise ValueError(f"device's index must be >= 0, got device={device!r}")
 
 
 def check_seq_len(args: TrainArgs) -> None:
@@ -137,7 +136,7 @@ def check_warmup(args: TrainArgs) -> None:
 
 
 def fit_warmup(warmup: int, steps: int) -> int:
-    """An unset ``optim.warmup_steps`` (the default, 50, or a preset's) that is not
+    """An unset ``optim.warmup_steps`` (the default, 50) that is not
     shorter than the run becomes a tenth of ``steps`` (rounded down): a short run warms
     up, reaches ``optim.lr`` and decays. A set one is never changed (:func:`check_warmup`
     refuses one too long)."""

@@ -47,6 +47,17 @@ def _positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
 
 
+def _positive_number(name: str, value, allow_none: bool = False) -> None:
+    """A finite number > 0 (an int or a float, not a bool), or None if ``allow_none``."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(
+            f"{name} must be a finite number > 0{' or None' if allow_none else ''}, got "
+            f"{name}={value!r}"
+        )
+
+
 @dataclass
 class MemoryConfig:
     """Knobs of one memory layer. Defaults are Memory+ at a CPU-friendly size.
@@ -630,8 +641,9 @@ class ProductKeyMemory(nn.Module):
             raise ValueError(f"expected input [..., dim={self.dim}], got {tuple(x.shape)}")
         values = self.values
         n = x.numel() // self.dim  # tokens
-        if n == 0 and values.shard is None:
-            return x.new_zeros(x.shape)  # no tokens, nothing to look up
+        if n == 0 and values.shard is None:  # no tokens, nothing to look up
+            own = (p for name, p in self.named_parameters() if not name.startswith("owned_values"))
+            return no_tokens_output(x, own)  # the table: data parallel syncs it apart
         cfg = self.config
         if n == 0:
             # A sharded table: this rank still joins the lookup's collectives (the other
@@ -665,6 +677,20 @@ class ProductKeyMemory(nn.Module):
             + (", query_batch_norm=True" if c.query_batch_norm else "")
             + (f", balance_loss={c.balance_loss}" if c.balance_loss else "")
         )
+
+
+def no_tokens_output(x: torch.Tensor, params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """A layer's output for ``x`` with no tokens: zeros like ``x`` that hang off each of
+    ``params`` with weight 0, so a backward gives every one of them a (zero) gradient, as
+    a batch with tokens does. Data-parallel ranks then reduce the same parameters in the
+    same order (FSDP's reduce-scatter per block), even where one rank's batch is empty;
+    without it that rank's gradients are missing and the collectives mismatch. It hangs
+    off ``x`` too (``x * 0`` of no elements), so the layers before get theirs."""
+    if not torch.is_grad_enabled():
+        return x.new_zeros(x.shape)
+    out = x * 0  # x holds no element: no inf or NaN to spread
+    zero = [p.flatten()[:0].sum().float() for p in params if p.requires_grad]
+    return out + torch.stack(zero).sum().to(out.dtype) if zero else out
 
 
 def with_aux_losses(loss: torch.Tensor, layers: Iterable[ProductKeyMemory]) -> torch.Tensor:

@@ -47,11 +47,17 @@ class MergedValueGrad:
             return embedding_bag(weight, indices, weights, impl=impl)
         return _DeferredLookup.apply(weight, indices, weights, self, impl)
 
-    def add(self, weight, indices, weights, grad_out, impl) -> None:
-        """Hand over one lookup's ``(indices, weights, grad_out)`` from its backward."""
+    def add(self, weight, indices, weights, grad_out, impl) -> bool:
+        """Hand over one lookup's ``(indices, weights, grad_out)`` from its backward.
+        False when this pass asks for the table's gradient itself
+        (``torch.autograd.grad(loss, [table, ...])``: returned, not accumulated), which
+        the lookup's backward then returns as a lookup of its own would."""
         node = torch.autograd.graph.get_gradient_edge(weight).node
-        if not torch._C._will_engine_execute_node(node):
-            return  # this pass does not accumulate into the table
+        try:
+            if not torch._C._will_engine_execute_node(node):
+                return True  # this pass does not accumulate into the table: nothing to do
+        except RuntimeError:  # torch refuses to say for a leaf asked for by autograd.grad
+            return False
         task = torch._C._current_graph_task_id()
         if task != self.task:  # the first in this pass: run the merged walk at its end
             self.task, self.pending = task, []
@@ -60,6 +66,7 @@ class MergedValueGrad:
                 lambda: self.flush(weight, items, impl)
             )
         self.pending.append((indices, weights, grad_out))
+        return True
 
     def flush(self, weight: torch.Tensor, items: list, impl: str) -> None:
         """The table's gradient over one pass's lookups, added to ``weight.grad``."""
@@ -89,10 +96,12 @@ class _DeferredLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         weight, indices, weights = ctx.saved_tensors
-        _, dw = embedding_bag_grads(
-            weight, indices, weights, grad_out, need_values=False,
-            need_weights=ctx.needs_input_grad[2], impl=ctx.impl,
+        need_dw = ctx.needs_input_grad[2]
+        direct = ctx.needs_input_grad[0] and not ctx.merged.add(
+            weight, indices, weights, grad_out.contiguous(), ctx.impl
+        )
+        grad, dw = embedding_bag_grads(
+            weight, indices, weights, grad_out, need_values=direct, need_weights=need_dw,
+            impl=ctx.impl, sparse_grad=True,
         )  # fmt: skip
-        if ctx.needs_input_grad[0]:
-            ctx.merged.add(weight, indices, weights, grad_out.contiguous(), ctx.impl)
-        return None, None, dw, None, None
+        return grad, None, dw, None, None

@@ -34,6 +34,7 @@ from memlayers.memory import (
     MemoryValues,
     ProductKeyMemory,
     _positive_int,
+    _positive_number,
     with_aux_losses,
 )
 from memlayers.moe import MoE, MoEConfig
@@ -118,14 +119,7 @@ class ModelConfig:
             )
         if self.ffn_hidden_dim is not None:
             _positive_int("ffn_hidden_dim", self.ffn_hidden_dim)
-        m = self.ffn_dim_multiplier
-        if m is not None and (
-            isinstance(m, bool) or not isinstance(m, int | float) or not 0 < m < math.inf
-        ):
-            raise ValueError(
-                f"ffn_dim_multiplier must be a finite number > 0 or None, got "
-                f"ffn_dim_multiplier={m!r}"
-            )
+        _positive_number("ffn_dim_multiplier", self.ffn_dim_multiplier, allow_none=True)
         for name in ("norm_eps", "rope_theta", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {name}={getattr(self, name)!r}")
@@ -425,14 +419,11 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         cos = self.rope_cos[start : start + T]  # (T, hd/2)
         sin = self.rope_sin[start : start + T]
-        # No tokens: empty logits (or a zero loss) without the blocks, whose routing
-        # (top-k, reshapes to [N, -1]) has nothing to work on; but with a column-sharded
-        # value table the blocks run (the memory layers look up 0 bags), since every rank
-        # of the table's group must join its lookups' collectives.
-        run_blocks = tokens.numel() > 0 or any(
-            m.values.shard is not None for m in self.memory_layers()
-        )
-        for layer in self.layers if run_blocks else ():
+        # The blocks run even with no tokens: under torchrun every rank must join each
+        # block's collectives (FSDP's gathers, a column-sharded table's lookups), so a
+        # rank with an empty batch cannot skip them. Each block passes 0 tokens through
+        # (a memory, MoE or PEER layer returns zeros, or looks up 0 bags when sharded).
+        for layer in self.layers:
             h = layer(h, cos, sin, cache)
         h = self.norm(h)
         if cache is not None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memlayers.memory import _positive_int
+from memlayers.memory import _positive_int, _positive_number, no_tokens_output
 
 
 @dataclass
@@ -31,11 +31,7 @@ class MoEConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and its value for invalid settings."""
         _positive_int("n_experts", self.n_experts)
-        cf = self.capacity_factor
-        if isinstance(cf, bool) or not isinstance(cf, int | float) or not 0 < cf < math.inf:
-            raise ValueError(
-                f"capacity_factor must be a finite number > 0, got capacity_factor={cf!r}"
-            )
+        _positive_number("capacity_factor", self.capacity_factor)
         if self.hidden_dim is not None:
             _positive_int("hidden_dim", self.hidden_dim)
 
@@ -101,7 +97,7 @@ class MoE(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected input [..., dim={self.dim}], got {tuple(x.shape)}")
         if x.numel() == 0:  # no tokens: no expert has any to take (as ProductKeyMemory)
-            return x.new_zeros(x.shape)
+            return no_tokens_output(x, self.parameters())
         return self.expert_choice(x)[0] if self.training else self.top1(x)[0]
 
     def extra_repr(self) -> str:

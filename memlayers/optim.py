@@ -272,8 +272,8 @@ class Optimizers:
         """Finish a DCP load into :meth:`distributed_state_dict`'s tensors (table moments
         arrive in place; AdamW's state and the step counts are set here). The load checks
         the saved sections and groups first (:meth:`check_saved`, from the checkpoint's
-        metadata): a checkpoint without optimizer state (for inference) leaves the
-        optimizers fresh, one of other optimizers or groups is refused. Hyperparameters
+        metadata): a checkpoint without optimizer state (for inference), or of other
+        optimizers or groups, is refused. Hyperparameters
         stay those of the current config, as in :meth:`load_state_dict`. A master copy
         the checkpoint lacks (the entry without ``"master"``: saved without one) is made
         from the loaded table."""

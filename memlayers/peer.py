@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memlayers.memory import _positive_int
+from memlayers.memory import _positive_int, no_tokens_output
 from memlayers.ops.embedding_bag import IMPLS, embedding_bag
 from memlayers.router import ProductKeyRouter, load_old_router_names
 
@@ -98,7 +98,7 @@ class PEER(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected input [..., dim={self.dim}], got {tuple(x.shape)}")
         if x.numel() == 0:  # no tokens: the router's reshapes to [N, -1] need N > 0
-            return x.new_zeros(x.shape)
+            return no_tokens_output(x, self.parameters())
         h = x.reshape(-1, self.dim)  # [N, dim]
         idx, g = self.router(h)  # [N, H*k] each: experts, softmax per head
         u = F.embedding(idx, self.down.weight)  # [N, H*k, dim]

@@ -92,7 +92,7 @@ def parameter_report(model: Transformer | ModelConfig, seq_len: int | None = Non
 # name in this order, so the PCIe and NVL cards (lower clocks, fewer SMs) are found before
 # the SXM ones whose names they contain ("NVIDIA H100 PCIe" against "NVIDIA H100 80GB HBM3").
 PEAK_BF16_FLOPS = {
-    "H100 PCIe": 756.0e12,
+    "H100 PCIe": 756.5e12,
     "H100 NVL": 835.5e12,
     "H200 NVL": 835.5e12,
     "H100": 989.4e12,

@@ -364,6 +364,11 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
             f"checkpoint.format=safetensors writes one file from rank 0; with "
             f"world_size={env.world_size} use checkpoint.format=dcp (or auto)"
         )
+    if args.model.hf:  # its positions (max_seq_len), before run_dir is written or deleted
+        from memlayers import hf
+
+        arch = retrofit.architecture_from_transformers(hf.transformers_config(args.model.hf))
+        check_seq_len(with_architecture(args, arch))
     own = resume == "latest" or (resume is not None and run.holds(resume))
     if overwrite and own:
         raise ValueError(
@@ -521,6 +526,12 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
     # checkpoint's; older checkpoints recorded no seconds, so the total stays unknown.
     before = state["meta"].get("progress", {"train_seconds": None}) if resume else {}
     tokens_before = before.get("tokens_trained", start * tokens_per_step)
+
+    def tokens_at(step: int) -> int:
+        """Tokens trained by the end of ``step`` (those before the resume at their own
+        grad_accum and batch, then this run's)."""
+        return tokens_before + (step - start) * tokens_per_step
+
     seconds_before = before.get("train_seconds", 0.0)
 
     dcp = args.checkpoint.format == "dcp" or (
@@ -533,7 +544,7 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
             trainer_state["usage"] = usage.state_dict()
         seconds = time.perf_counter() - t_start
         progress = {
-            "tokens_trained": tokens_before + (step - start) * tokens_per_step,
+            "tokens_trained": tokens_at(step),
             "train_seconds": None if seconds_before is None else seconds_before + seconds,
         }
         what = dict(
@@ -625,7 +636,7 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
                 record = {
                     "step": step, "loss": loss_sum / interval_steps,
                     "lr": args.optim.lr * mult, "grad_norm": norm_sum / interval_steps,
-                    "tokens": tokens_before + (step - start) * tokens_per_step,
+                    "tokens": tokens_at(step),
                     "tok_per_s": tok_s,
                 }  # fmt: skip
                 if peak:

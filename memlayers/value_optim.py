@@ -251,6 +251,7 @@ class SparseValueAdam(_RowOptimizer):
             p, rows, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
             beta1, beta2, group["eps"], group["weight_decay"], impl=self.impl,
             rowwise_v=self.rowwise_v, master=state.get("master"), grad_scale=scale,
+            check_range=False,  # a coalesced gradient's rows: in the table by making
         )  # fmt: skip
 
 
@@ -269,4 +270,4 @@ class SparseValueSGD(_RowOptimizer):
         state = self.state[p]
         state["step"] = state.get("step", 0) + 1
         row_sgd_step_(p, rows, grad, state["step"], group["lr"], impl=self.impl,
-                      grad_scale=scale)  # fmt: skip
+                      grad_scale=scale, check_range=False)  # fmt: skip

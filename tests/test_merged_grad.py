@@ -153,3 +153,19 @@ def test_autograd_grad_for_other_inputs_leaves_the_table_alone():
         torch.testing.assert_close(a, b)
     loss().backward(inputs=ws)
     assert weight.grad is None and merged.pending == []
+
+
+def test_autograd_grad_for_the_table_returns_its_gradient():
+    # torch.autograd.grad(loss, [table]) asks for the table's gradient back: each lookup
+    # returns its own (torch cannot say whether the pass accumulates into a leaf it was
+    # asked for, so nothing is deferred), equal to the unmerged lookups' sum.
+    table, bags = _lookups(3)
+    weight = table.clone().requires_grad_()
+    merged = MergedValueGrad()
+    loss = sum((merged.lookup(weight, i, w, "torch") * gy).sum() for i, w, gy in bags)
+    (grad,) = torch.autograd.grad(loss, [weight])
+    ref = table.clone().requires_grad_()
+    ref_loss = sum((embedding_bag(ref, i, w, sparse_grad=True) * gy).sum() for i, w, gy in bags)
+    (want,) = torch.autograd.grad(ref_loss, [ref])
+    torch.testing.assert_close(grad.to_dense(), want.to_dense())
+    assert weight.grad is None and merged.pending == []

@@ -180,3 +180,18 @@ def test_token_ids_outside_the_vocabulary_name_the_id(bad):
         model(tokens)
     with pytest.raises(ValueError, match=rf"token id {bad}"):
         model(tokens, targets=torch.zeros_like(tokens))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_tokens_give_every_parameter_a_zero_gradient(kind):
+    # A data-parallel rank with an empty batch must reduce the same parameters as the
+    # others (FSDP reduce-scatters a block's gradients as one): every weight gets a zero
+    # gradient, except a value table (synced apart, sparse: memlayers.parallel).
+    model = build_model(tiny(kind), seed=0)
+    tokens = torch.zeros((2, 0), dtype=torch.long)
+    model(tokens, targets=tokens).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("memory_values"):
+            continue
+        assert p.grad is not None, f"{kind}: {name} got no gradient"
+        assert not p.grad.any(), f"{kind}: {name}"

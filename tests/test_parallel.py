@@ -180,6 +180,26 @@ def test_sharded_model_with_an_empty_rank_does_not_hang():
     _spawn_timed(_empty_rank_model_worker, 2)
 
 
+def _empty_rank_fsdp_worker(rank, world):
+    # FSDP2 over both ranks, the table replicated (mp = 1): each block's all-gathers and
+    # reduce-scatters need every rank, so a rank with no tokens must run the blocks too
+    # (the model once skipped them for an empty batch, and the other rank waited).
+    ref = _reference_model()
+    model, _ = _parallel_model(world, 1, ref)
+    tokens = torch.randint(0, 37, (2, 6), generator=torch.Generator().manual_seed(0))
+    x, y = (tokens[:, :-1], tokens[:, 1:]) if rank == 0 else (tokens[:, :0], tokens[:, :0])
+    loss = model(x, targets=y)
+    loss.backward()
+    if rank == 0:
+        torch.testing.assert_close(loss, ref(tokens[:, :-1], targets=tokens[:, 1:]))
+    with torch.no_grad():
+        assert model(x).shape == (*x.shape, 37)
+
+
+def test_fsdp_model_with_an_empty_rank_does_not_hang():
+    _spawn_timed(_empty_rank_fsdp_worker, 2)
+
+
 def _train_step_worker(rank, world, options):
     cfg = MemoryConfig(n_keys=8, heads=2, topk=3, k_dim=8, v_dim=DIM, impl="torch", **options)
     # float64: Adam's first step is ~lr·sign(g), so fp32 summation-order noise in tiny

@@ -75,7 +75,7 @@ def test_format_report_lists_counts():
     "name, peak",
     [
         ("NVIDIA H100 80GB HBM3", 989.4e12),
-        ("NVIDIA H100 PCIe", 756.0e12),
+        ("NVIDIA H100 PCIe", 756.5e12),
         ("NVIDIA H100 NVL", 835.5e12),
         ("NVIDIA H200", 989.4e12),
         ("NVIDIA H200 NVL", 835.5e12),

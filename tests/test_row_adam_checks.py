@@ -94,3 +94,23 @@ def test_tensors_on_another_device_are_refused(impl):
         _adam(param, m, v, rows.to("meta"), grad, impl)
     with pytest.raises(ValueError, match="optimizer state is on meta but param is on cpu"):
         _adam(param, m, v.to("meta"), rows, grad, impl)
+
+
+def test_the_range_check_can_be_skipped_for_rows_known_to_be_in_range(monkeypatch):
+    # The value optimizers pass check_range=False (a coalesced gradient's rows are in the
+    # table): the check's reduction and device assert are not paid every step.
+    import memlayers.ops.row_adam as ra
+
+    calls = []
+    monkeypatch.setattr(ra, "_check_row_range", lambda rows, n: calls.append(n))
+    p, rows, g = torch.zeros(8, 4), torch.tensor([1, 3]), torch.ones(2, 4)
+    ra.row_sgd_step_(p, rows, g, 1, 0.1, impl="torch")
+    assert calls == [8]
+    ra.row_sgd_step_(p, rows, g, 2, 0.1, impl="torch", check_range=False)
+    assert calls == [8]
+    from memlayers.value_optim import SparseValueAdam
+
+    table = torch.nn.Parameter(torch.zeros(8, 4))
+    table.grad = torch.sparse_coo_tensor(rows[None], g, (8, 4)).coalesce()
+    SparseValueAdam([table], lr=0.1, impl="torch").step()
+    assert calls == [8] and table[1].ne(0).all()

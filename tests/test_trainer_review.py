@@ -95,6 +95,18 @@ def test_a_resume_into_other_optimizer_groups_is_refused_naming_the_key(
     assert not (run / "config.yaml").exists() and not (run / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("fmt", ["dcp", "safetensors"])
+def test_a_resume_into_a_rowwise_second_moment_is_refused(tmp_path, fmt):
+    """sparse_adam -> sparse_adam_rowwise keeps the optimizers and groups but not the
+    moments' shape: DCP failed deep in its load with a BaseException (CheckpointException)
+    that escaped the CLI's error handling; now refused as the single-file load does."""
+    train(tiny_args(tmp_path / "a", "steps=2", f"checkpoint.format={fmt}"))
+    ckpt = str(tmp_path / "a" / "checkpoints" / "step_000002")
+    after = ["optim.value_optimizer=sparse_adam_rowwise"]
+    with pytest.raises((CheckpointError, ValueError), match=r"rowwise_v=True"):
+        train(tiny_args(tmp_path / "b", "steps=4", f"checkpoint.format={fmt}", *after), resume=ckpt)
+
+
 # ---- 2. --resume on another number of ranks --------------------------------------------------
 
 
@@ -223,6 +235,12 @@ def test_seq_len_past_a_pretrained_models_positions_is_refused_before_writing(tm
     with pytest.raises(ValueError, match=r"data.seq_len=32 exceeds model.max_seq_len=16 \(the"):
         train(args)
     assert not (run / "config.yaml").exists() and not (run / "tokenizer.json").exists()
+    # --overwrite of a run already there: refused before the old run is deleted
+    run.mkdir(exist_ok=True)
+    (run / "config.yaml").write_text("the run before\n")
+    with pytest.raises(ValueError, match=r"data.seq_len=32 exceeds"):
+        train(args, overwrite=True)
+    assert (run / "config.yaml").read_text() == "the run before\n"
 
 
 # ---- 4. optim.warmup_steps >= steps ----------------------------------------------------------
@@ -348,3 +366,22 @@ def test_good_devices_and_seeds_pass():
     for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:3"):
         assert load_config([], [f"device={device}"]).device == device
     assert load_config([], ["data.seed=7"]).data.seed == 7
+
+
+@pytest.mark.parametrize("fmt", ["dcp", "safetensors"])
+def test_a_checkpoint_without_optimizer_state_is_refused_by_a_resume(tmp_path, fmt):
+    """Saved for inference (no optimizer): the single-file load refused it into a run
+    with an optimizer, DCP silently started the moments afresh. Both refuse now."""
+    from memlayers.checkpoint import load_checkpoint, save_checkpoint, save_distributed_checkpoint
+    from memlayers.model import build_model
+    from memlayers.optim import OptimArgs, build_optimizer
+    from memlayers.presets import get_preset
+
+    cfg = get_preset("tiny-memory+")
+    model = build_model(cfg, seed=0, sparse_values=True)
+    save = save_distributed_checkpoint if fmt == "dcp" else save_checkpoint
+    save(tmp_path / "run", 1, model, None, {}, cfg.to_dict())
+    opt = build_optimizer(model, OptimArgs(), impl="torch")
+    with pytest.raises(CheckpointError, match="holds no optimizer state"):
+        load_checkpoint(tmp_path / "run", model, opt)
+    load_checkpoint(tmp_path / "run", model)  # for inference: as saved

@@ -123,6 +123,7 @@ def row_adam_step_torch(
     rowwise_v: bool = False,
     master: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
+    check_range: bool = True,
 ) -> None:
     """Adam(W) on ``param[rows]`` (all rows when ``rows`` is None), in place, fp32 math.
 
@@ -133,9 +134,11 @@ def row_adam_step_torch(
     ``master``: fp32 ``[N, D]``, the parameter's exact values (read and written), ``param``
     its copy rounded to nearest. ``grad_scale``: a one-element fp32 tensor the gradient is
     multiplied by (in fp32) as it is read: a clip's rescale (:func:`check_grad_scale`).
-    Arguments checked as the Triton path's (:func:`check_adam_args`).
+    Arguments checked as the Triton path's (:func:`check_adam_args`; ``check_range=False``
+    skips the rows' range, for rows known to be in the table: a coalesced gradient's).
     """
-    check_adam_args(param, rows, grad, exp_avg, exp_avg_sq, rowwise_v, master, grad_scale)
+    check_adam_args(param, rows, grad, exp_avg, exp_avg_sq, rowwise_v, master, grad_scale,
+                    check_range)  # fmt: skip
     sel = slice(None) if rows is None else rows
     g = _scaled(grad, grad_scale)  # [U, D] fp32
     m = exp_avg[sel].float().mul_(beta1).add_(g, alpha=1 - beta1)  # [U, D]
@@ -193,12 +196,13 @@ def row_sgd_step_torch(
     step: int,
     lr: float,
     grad_scale: torch.Tensor | None = None,
+    check_range: bool = True,
 ) -> None:
     """``param[rows] -= lr * grad`` in fp32 (all rows when ``rows`` is None), in place; a
     bf16 ``param`` is stored stochastically rounded with the bits of ``step``.
     ``grad_scale``: as :func:`row_adam_step_torch`'s. Arguments checked as the Triton
     path's (:func:`check_rows`)."""
-    check_rows(param, rows, grad, grad_scale=grad_scale)
+    check_rows(param, rows, grad, grad_scale=grad_scale, check_range=check_range)
     sel = slice(None) if rows is None else rows
     g = _scaled(grad, grad_scale)
     param[sel] = _stored_param(param[sel].float() - lr * g, param, rows, step)
@@ -207,7 +211,9 @@ def row_sgd_step_torch(
 MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def check_rows(param, rows, grad, *state, row_state=(), master=None, grad_scale=None) -> None:
+def check_rows(
+    param, rows, grad, *state, row_state=(), master=None, grad_scale=None, check_range=True
+) -> None:
     """Raise ``ValueError`` naming the offending shape, dtype, device or layout, or a row
     outside ``[0, N)``. ``state``: fp32 or bf16 ``[N, D]`` tensors; ``row_state``: fp32
     ``[N]`` tensors (a row-wise second moment); ``master``: None or the fp32 ``[N, D]``
@@ -215,7 +221,8 @@ def check_rows(param, rows, grad, *state, row_state=(), master=None, grad_scale=
     tensor must be on ``param``'s device. The rows' range is checked on the host for a
     CPU table; on a GPU by a device-side assert (no wait for the device: a bad row stops
     the process at the next synchronisation, with this message on its stderr) run
-    before the step's kernel, which would write out of bounds."""
+    before the step's kernel, which would write out of bounds; ``check_range=False``
+    skips it (the value optimizers' rows: a coalesced gradient's, in range by making)."""
     check_grad_scale(grad_scale, param)
     if param.dim() != 2:
         raise ValueError(f"param must be a 2-D table [N, D], got shape {tuple(param.shape)}")
@@ -245,7 +252,7 @@ def check_rows(param, rows, grad, *state, row_state=(), master=None, grad_scale=
     for t in (grad, *state, *row_state, param, *([] if master is None else [master])):
         if not t.is_contiguous():
             raise ValueError("param, grad and optimizer state must be contiguous")
-    if rows is not None and rows.numel():
+    if check_range and rows is not None and rows.numel():
         _check_row_range(rows, n)
 
 
@@ -265,15 +272,16 @@ def _check_row_range(rows: torch.Tensor, n: int) -> None:
 
 def check_adam_args(
     param, rows, grad, exp_avg, exp_avg_sq, rowwise_v: bool = False, master=None,
-    grad_scale=None,
+    grad_scale=None, check_range: bool = True,
 ) -> None:  # fmt: skip
     """:func:`check_rows` for a row-wise Adam step's arguments (both paths): ``exp_avg``
     ``[N, D]``; ``exp_avg_sq`` ``[N, D]``, or fp32 ``[N]`` with ``rowwise_v``."""
     if rowwise_v:
         check_rows(param, rows, grad, exp_avg, row_state=(exp_avg_sq,), master=master,
-                   grad_scale=grad_scale)  # fmt: skip
+                   grad_scale=grad_scale, check_range=check_range)  # fmt: skip
     else:
-        check_rows(param, rows, grad, exp_avg, exp_avg_sq, master=master, grad_scale=grad_scale)
+        check_rows(param, rows, grad, exp_avg, exp_avg_sq, master=master, grad_scale=grad_scale,
+                   check_range=check_range)  # fmt: skip
 
 
 def check_grad_scale(grad_scale: torch.Tensor | None, param: torch.Tensor) -> None:
@@ -292,7 +300,7 @@ def check_grad_scale(grad_scale: torch.Tensor | None, param: torch.Tensor) -> No
 def row_adam_step_(
     param, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
     impl: str = "auto", rowwise_v: bool = False, master: torch.Tensor | None = None,
-    grad_scale: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None, check_range: bool = True,
 ) -> None:  # fmt: skip
     """Dispatch a row-wise Adam(W) step to Triton (CUDA) or PyTorch (``impl``);
     ``rowwise_v``: ``exp_avg_sq`` is one fp32 per row (``[N]``); ``master``: the fp32
@@ -303,18 +311,21 @@ def row_adam_step_(
     if resolve_impl(impl, param.device) == "triton":
         from memlayers.ops.row_adam_triton import row_adam_step_triton as fn
     fn(param, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
-       rowwise_v, master, grad_scale=grad_scale)  # fmt: skip
+       rowwise_v, master, grad_scale=grad_scale, check_range=check_range)  # fmt: skip
 
 
 def row_sgd_step_(
-    param, rows, grad, step, lr, impl: str = "auto", grad_scale: torch.Tensor | None = None
-) -> None:
+    param, rows, grad, step, lr, impl: str = "auto", grad_scale: torch.Tensor | None = None,
+    check_range: bool = True,
+) -> None:  # fmt: skip
     """Dispatch a row-wise SGD step to Triton (CUDA) or PyTorch (``impl``); ``step`` (from
     1) seeds a bf16 parameter's stochastic rounding; ``grad_scale`` as
     :func:`row_adam_step_`'s. Either path checks its arguments first (:func:`check_rows`)."""
     if resolve_impl(impl, param.device) == "triton":
         from memlayers.ops.row_adam_triton import row_sgd_step_triton
 
-        row_sgd_step_triton(param, rows, grad, step, lr, grad_scale=grad_scale)
+        row_sgd_step_triton(param, rows, grad, step, lr, grad_scale=grad_scale,
+                            check_range=check_range)  # fmt: skip
     else:
-        row_sgd_step_torch(param, rows, grad, step, lr, grad_scale=grad_scale)
+        row_sgd_step_torch(param, rows, grad, step, lr, grad_scale=grad_scale,
+                           check_range=check_range)  # fmt: skip

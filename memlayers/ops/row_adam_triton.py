@@ -296,13 +296,14 @@ def row_adam_step_triton(
     param, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
     rowwise_v: bool = False, master: torch.Tensor | None = None,
     block_d: int | None = None, num_warps: int | None = None,
-    grad_scale: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None, check_range: bool = True,
 ) -> None:  # fmt: skip
     """Triton version of :func:`memlayers.ops.row_adam.row_adam_step_torch` (same
     arguments). ``rowwise_v``: one program per row (:func:`row_adam_rowwise_kernel`).
     ``block_d``, ``num_warps`` None: :data:`ADAM_BLOCK_D`, :data:`ADAM_WARPS` (row-wise:
     :data:`ROW_BLOCK_D`, :data:`ROW_WARPS`)."""
-    check_adam_args(param, rows, grad, exp_avg, exp_avg_sq, rowwise_v, master, grad_scale)
+    check_adam_args(param, rows, grad, exp_avg, exp_avg_sq, rowwise_v, master, grad_scale,
+                    check_range)  # fmt: skip
     n, d = param.shape
     u = n if rows is None else rows.shape[0]
     if u == 0 or d == 0:
@@ -328,11 +329,11 @@ def row_adam_step_triton(
 
 def row_sgd_step_triton(
     param, rows, grad, step, lr, block_d: int = ROW_BLOCK_D, num_warps: int = ROW_WARPS,
-    grad_scale: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None, check_range: bool = True,
 ) -> None:  # fmt: skip
     """Triton version of :func:`memlayers.ops.row_adam.row_sgd_step_torch` (same
     arguments)."""
-    check_rows(param, rows, grad, grad_scale=grad_scale)
+    check_rows(param, rows, grad, grad_scale=grad_scale, check_range=check_range)
     n, d = param.shape
     u = n if rows is None else rows.shape[0]
     if u == 0 or d == 0:
