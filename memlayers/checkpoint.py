@@ -322,7 +322,9 @@ def _check_dcp_moments(saved: dict, optimizer) -> None:
             )
 
 
-def _load_dcp(path: Path, model: nn.Module, optimizer=None, plan=None) -> None:
+def _load_dcp(path: Path, model: nn.Module, optimizer=None, plan=None) -> bool:
+    """Load a DCP checkpoint in place; True when it held optimizer state for
+    ``optimizer`` (False: none given, or saved without: the optimizer stays fresh)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
@@ -331,11 +333,14 @@ def _load_dcp(path: Path, model: nn.Module, optimizer=None, plan=None) -> None:
     no_dist = plan is None or plan.world == 1
     saved = dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
     # Optimizer state of other optimizers or groups than this config's (optim.
-    # value_optimizer or optim.memory_lr changed), or none at all (saved for inference),
-    # is refused before anything loads, as the single-file load refuses it.
+    # value_optimizer or optim.memory_lr changed) is refused before anything loads, as
+    # the single-file load refuses it; a checkpoint saved without optimizer state (e.g.
+    # by one process, for a distributed run to start from) leaves the optimizer fresh.
+    held = {}
     if optimizer is not None:
+        held = _dcp_optimizers(path, saved, no_dist)
         try:
-            optimizer.check_saved(_dcp_optimizers(path, saved, no_dist))
+            optimizer.check_saved(held)
             _check_dcp_moments(saved, optimizer)
         except ValueError as e:
             raise CheckpointError(f"{path / 'dcp'} does not fit the optimizer: {e}") from e
@@ -354,6 +359,7 @@ def _load_dcp(path: Path, model: nn.Module, optimizer=None, plan=None) -> None:
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         optimizer.load_distributed_state_dict(state)
+    return bool(held)
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
@@ -504,7 +510,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, plan=Non
     way to the newest one that passes (:func:`newest_verified`; ``state["skipped"]`` says
     why). A DCP checkpoint loads into any layout (``plan`` from
     :func:`memlayers.parallel.parallelize`, or none); a single-file one into an unsharded
-    model.
+    model. ``optimizer``'s state is refused when it is of other optimizers or parameter
+    groups; a checkpoint saved without optimizer state leaves it fresh, in either layout,
+    and ``state["optimizer_fresh"]`` says so (the trainer's log does).
     """
     path, meta, skipped = newest_verified(path)
     state = _load_verified(path, meta, model, optimizer, plan)
@@ -549,13 +557,14 @@ def _load_verified(path: Path, meta: dict, model: nn.Module, optimizer=None, pla
         from torch.distributed.checkpoint.api import CheckpointException
 
         try:
-            _load_dcp(path, model, optimizer, plan)
+            loaded = _load_dcp(path, model, optimizer, plan)
         except CheckpointError:
             raise
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException
             raise CheckpointError(f"cannot load the DCP checkpoint {path}: {e}") from e
         state = _torch_load(path / "trainer.pt")
         state["meta"], state["path"] = meta, str(path)
+        state["optimizer_fresh"] = optimizer is not None and not loaded
         return state
     if plan is not None and plan.world > 1:
         raise CheckpointError(
@@ -569,13 +578,16 @@ def _load_verified(path: Path, meta: dict, model: nn.Module, optimizer=None, pla
         raise CheckpointError(
             f"cannot load {path / 'model.safetensors'} into the model: {e}"
         ) from e
+    saved = {}
     if optimizer is not None:
+        saved = _torch_load(path / "optimizer.pt")
         try:
-            optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
+            optimizer.load_state_dict(saved)
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{path / 'optimizer.pt'} does not fit the optimizer: {e}") from e
     state = _torch_load(path / "trainer.pt")
     state["meta"], state["path"] = meta, str(path)
+    state["optimizer_fresh"] = optimizer is not None and not saved
     return state
 
 

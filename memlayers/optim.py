@@ -184,12 +184,10 @@ class Optimizers:
     def check_saved(self, saved: dict[str, list]) -> None:
         """Refuse saved state of other optimizers or other parameter groups than this
         config makes (the single-file and the DCP load alike): ``saved`` maps each saved
-        optimizer (``"adamw"``, ``"values"``) to its parameter groups' names."""
+        optimizer (``"adamw"``, ``"values"``) to its parameter groups' names; empty (a
+        checkpoint saved without optimizer state) passes: the optimizers start fresh."""
         if not saved:
-            raise ValueError(
-                "the checkpoint holds no optimizer state (consolidated, or saved for "
-                "inference): resume the run it came from"
-            )
+            return
         if set(saved) != set(self.optimizers):
             hint = ""
             if set(saved) ^ set(self.optimizers) == {"values"}:
@@ -230,6 +228,8 @@ class Optimizers:
         self.check_saved(
             {name: [g.get("name") for g in s.get("param_groups", [])] for name, s in state.items()}
         )
+        if not state:  # saved without optimizer state: the optimizers start fresh
+            return
         with self.current_hyperparameters():
             for name, opt in self.optimizers.items():
                 opt.load_state_dict(state[name])
@@ -272,8 +272,9 @@ class Optimizers:
         """Finish a DCP load into :meth:`distributed_state_dict`'s tensors (table moments
         arrive in place; AdamW's state and the step counts are set here). The load checks
         the saved sections and groups first (:meth:`check_saved`, from the checkpoint's
-        metadata): a checkpoint without optimizer state (for inference), or of other
-        optimizers or groups, is refused. Hyperparameters
+        metadata): a checkpoint without optimizer state (saved for inference, or by one
+        process for a distributed run) leaves the optimizers fresh, one of other
+        optimizers or groups is refused. Hyperparameters
         stay those of the current config, as in :meth:`load_state_dict`. A master copy
         the checkpoint lacks (the entry without ``"master"``: saved without one) is made
         from the loaded table."""

@@ -496,6 +496,11 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
             log.message(f"skipped a newer checkpoint that fails verification: {why}")
         if resume and layout_note:
             log.message(layout_note)
+        if resume and state.get("optimizer_fresh"):
+            log.message(
+                "the checkpoint holds no optimizer state (saved for inference, or "
+                "consolidated): the optimizer's moments and step counts start fresh"
+            )
         if no_val:
             log.message(no_val)
         if set_aside is not None:

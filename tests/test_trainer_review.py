@@ -369,9 +369,10 @@ def test_good_devices_and_seeds_pass():
 
 
 @pytest.mark.parametrize("fmt", ["dcp", "safetensors"])
-def test_a_checkpoint_without_optimizer_state_is_refused_by_a_resume(tmp_path, fmt):
-    """Saved for inference (no optimizer): the single-file load refused it into a run
-    with an optimizer, DCP silently started the moments afresh. Both refuse now."""
+def test_a_checkpoint_without_optimizer_state_leaves_the_optimizer_fresh(tmp_path, fmt):
+    """Saved without an optimizer (for inference; by one process for a distributed run to
+    start from): the single-file load refused it, DCP loaded it with the optimizer fresh
+    and said nothing. Both load it now, and say so."""
     from memlayers.checkpoint import load_checkpoint, save_checkpoint, save_distributed_checkpoint
     from memlayers.model import build_model
     from memlayers.optim import OptimArgs, build_optimizer
@@ -381,7 +382,14 @@ def test_a_checkpoint_without_optimizer_state_is_refused_by_a_resume(tmp_path, f
     model = build_model(cfg, seed=0, sparse_values=True)
     save = save_distributed_checkpoint if fmt == "dcp" else save_checkpoint
     save(tmp_path / "run", 1, model, None, {}, cfg.to_dict())
-    opt = build_optimizer(model, OptimArgs(), impl="torch")
-    with pytest.raises(CheckpointError, match="holds no optimizer state"):
-        load_checkpoint(tmp_path / "run", model, opt)
-    load_checkpoint(tmp_path / "run", model)  # for inference: as saved
+    other = build_model(cfg, seed=1, sparse_values=True)
+    opt = build_optimizer(other, OptimArgs(), impl="torch")
+    assert load_checkpoint(tmp_path / "run", other, opt)["optimizer_fresh"] is True
+    for a, b in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # fresh: no state, or zero moments (DCP makes AdamW's state to load into by a step of
+    # zero gradients at lr 0: its step count reads 1)
+    for opt_ in opt.optimizers.values():
+        for st in opt_.state.values():
+            assert not st["exp_avg"].any() and not st["exp_avg_sq"].any()
+    assert load_checkpoint(tmp_path / "run", other)["optimizer_fresh"] is False
