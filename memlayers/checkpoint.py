@@ -303,23 +303,17 @@ def _dcp_optimizers(path: Path, saved: dict, no_dist: bool) -> dict[str, list]:
 
 
 def _check_dcp_moments(saved: dict, optimizer) -> None:
-    """A table's second moment saved element-wise ``[N, D]`` or row-wise ``[N]``
-    (``optim.value_optimizer=sparse_adam_rowwise``) must be what the value optimizer
-    keeps, as its single-file load checks (the DCP load would fail deep inside)."""
+    """Each table's saved second moment against the value optimizer's (row-wise ``[N]``
+    or ``[N, D]``: :meth:`memlayers.value_optim.SparseValueAdam.check_saved_sq`), from the
+    metadata's full shapes (its ``exp_avg`` is always the table's), before the DCP load
+    would fail deep inside."""
     values = optimizer.optimizers.get("values")
-    if values is None or not hasattr(values, "rowwise_v"):
+    if values is None or not hasattr(values, "check_saved_sq"):
         return
-    want = 1 if values.rowwise_v else 2
     for key, meta in saved.items():
-        moments = key.startswith("values_optim.") and key.endswith(".exp_avg_sq")
-        if moments and len(meta.size) != want:
-            raise ValueError(
-                f"{key} is saved {'row-wise' if len(meta.size) == 1 else 'element-wise'} "
-                f"{tuple(meta.size)} but this value optimizer (rowwise_v="
-                f"{values.rowwise_v}) keeps it {'row-wise' if want == 1 else 'element-wise'}"
-                f": optim.value_optimizer changed since the run started; resume with the "
-                f"run's own optim.value_optimizer"
-            )
+        if key.startswith("values_optim.") and key.endswith(".exp_avg_sq"):
+            table = saved[key.removesuffix("_sq")].size
+            values.check_saved_sq(meta.size, table, what=key)
 
 
 def _load_dcp(path: Path, model: nn.Module, optimizer=None, plan=None) -> bool:

@@ -108,8 +108,8 @@ def check_device(device: str) -> None:
 
 def check_seq_len(args: TrainArgs) -> None:
     """Training sequences must fit the model's positions (the RoPE tables'
-    ``max_seq_len``). :meth:`TrainArgs.validate` checks it, and the trainer again once
-    the model section is final (``model.hf``: the pretrained model's), before it writes
+    ``max_seq_len``). :meth:`TrainArgs.validate` checks it, and the trainer again at its
+    start (``model.hf``: against the pretrained model's config), before it writes
     anything in ``run_dir``."""
     if args.data.seq_len > args.model.max_seq_len:
         source = f" (the pretrained model's, model.hf={args.model.hf!r})" if args.model.hf else ""

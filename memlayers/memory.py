@@ -620,9 +620,9 @@ class ProductKeyMemory(nn.Module):
         """No tokens: ``[0, heads*topk]`` rows and weights (the router's reshapes to
         ``[N, -1]`` need N > 0), in the dtype the search's weights would have. For a
         column-sharded table, whose lookup's collectives every rank of the group must
-        join, forward and backward: the weights need a gradient exactly when a rank with
-        tokens has one (its softmax hangs off the router and the input), so that every
-        rank runs the score gradient's all-reduce."""
+        join, forward and backward: the weights hang off the input and the router's
+        weights as a rank's with tokens do (:func:`no_tokens_output`), so every rank runs
+        the score gradient's all-reduce and the router gets its (zero) gradients."""
         n = self.config.heads * self.config.topk
         device = x.device.type
         q_dtype = self.router.query.weight.dtype  # the query's, autocast's when it is on
@@ -633,8 +633,7 @@ class ProductKeyMemory(nn.Module):
                                     torch.float32)  # fmt: skip
         indices = torch.zeros(0, n, dtype=torch.int64, device=x.device)
         weights = torch.zeros(0, n, dtype=dtype, device=x.device)
-        grad = x.requires_grad or any(p.requires_grad for p in self.router.parameters())
-        return indices, weights.requires_grad_(grad and torch.is_grad_enabled())
+        return indices, no_tokens_output(weights, [x, *self.router.parameters()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:

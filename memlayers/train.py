@@ -364,11 +364,15 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
             f"checkpoint.format=safetensors writes one file from rank 0; with "
             f"world_size={env.world_size} use checkpoint.format=dcp (or auto)"
         )
-    if args.model.hf:  # its positions (max_seq_len), before run_dir is written or deleted
+    # data.seq_len against the model's positions (a pretrained model's, model.hf, from its
+    # config), before run_dir is written or deleted.
+    if args.model.hf:
         from memlayers import hf
 
         arch = retrofit.architecture_from_transformers(hf.transformers_config(args.model.hf))
         check_seq_len(with_architecture(args, arch))
+    else:
+        check_seq_len(args)
     own = resume == "latest" or (resume is not None and run.holds(resume))
     if overwrite and own:
         raise ValueError(
@@ -399,7 +403,6 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
         args, pretrained = read_pretrained(args, data.vocab_size, weights=resume is None)
     else:
         args = with_vocab(args, data.vocab_size)
-    check_seq_len(args)  # the model section is final (model.hf: the pretrained model's)
     model_cfg = args.model.to_config()
     mode = args.model.resolved_memory_mode
     compile_ = use_compile(args.compile, env.device)

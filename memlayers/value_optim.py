@@ -225,13 +225,20 @@ class SparseValueAdam(_RowOptimizer):
                 self.state[p][key] = saved[i][key].to(p.device, want).clone()
             self.set_master(p, saved.get(i, {}).get("master"))
             sq = self.state[p].get("exp_avg_sq")
-            want = tuple(p.shape[:1] if self.rowwise_v else p.shape)
-            if sq is not None and tuple(sq.shape) != want:
-                raise ValueError(
-                    f"saved exp_avg_sq is {tuple(sq.shape)} but this optimizer (rowwise_v="
-                    f"{self.rowwise_v}) keeps {want}: resume with the value optimizer the "
-                    f"state was saved with"
-                )
+            if sq is not None:
+                self.check_saved_sq(sq.shape, p.shape)
+
+    def check_saved_sq(self, saved, table, what: str = "saved exp_avg_sq") -> None:
+        """A saved second moment of shape ``saved`` for a table of shape ``table`` must be
+        what this optimizer keeps: ``[N]`` row-wise, else ``[N, D]`` (a one-file load
+        checks the tensor, a DCP load the checkpoint's metadata before reading it)."""
+        want = tuple(table[:1] if self.rowwise_v else table)
+        if tuple(saved) != want:
+            raise ValueError(
+                f"{what} is {tuple(saved)} but this optimizer (rowwise_v={self.rowwise_v}) "
+                f"keeps {want}: optim.value_optimizer changed since the run started; resume "
+                f"with the run's own optim.value_optimizer"
+            )
 
     def set_master(self, p: torch.Tensor, saved: torch.Tensor | None) -> None:
         """``p``'s master copy (its state made or loaded): ``saved`` (in fp32), or ``p``

@@ -180,12 +180,13 @@ def test_sharded_model_with_an_empty_rank_does_not_hang():
     _spawn_timed(_empty_rank_model_worker, 2)
 
 
-def _empty_rank_fsdp_worker(rank, world):
-    # FSDP2 over both ranks, the table replicated (mp = 1): each block's all-gathers and
-    # reduce-scatters need every rank, so a rank with no tokens must run the blocks too
-    # (the model once skipped them for an empty batch, and the other rank waited).
+def _empty_rank_fsdp_worker(rank, world, mp):
+    # FSDP2 over both ranks, the table replicated (mp = 1) or split (mp = 2): each block's
+    # all-gathers and reduce-scatters need every rank, so a rank with no tokens must run
+    # the blocks too (the model once skipped them for an empty batch, and the other rank
+    # waited), and give every weight of the block a gradient (the router's too, mp = 2).
     ref = _reference_model()
-    model, _ = _parallel_model(world, 1, ref)
+    model, _ = _parallel_model(world, mp, ref)
     tokens = torch.randint(0, 37, (2, 6), generator=torch.Generator().manual_seed(0))
     x, y = (tokens[:, :-1], tokens[:, 1:]) if rank == 0 else (tokens[:, :0], tokens[:, :0])
     loss = model(x, targets=y)
@@ -196,8 +197,9 @@ def _empty_rank_fsdp_worker(rank, world):
         assert model(x).shape == (*x.shape, 37)
 
 
-def test_fsdp_model_with_an_empty_rank_does_not_hang():
-    _spawn_timed(_empty_rank_fsdp_worker, 2)
+@pytest.mark.parametrize("mp", [1, 2])
+def test_fsdp_model_with_an_empty_rank_does_not_hang(mp):
+    _spawn_timed(_empty_rank_fsdp_worker, 2, mp)
 
 
 def _train_step_worker(rank, world, options):

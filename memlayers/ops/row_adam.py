@@ -276,12 +276,9 @@ def check_adam_args(
 ) -> None:  # fmt: skip
     """:func:`check_rows` for a row-wise Adam step's arguments (both paths): ``exp_avg``
     ``[N, D]``; ``exp_avg_sq`` ``[N, D]``, or fp32 ``[N]`` with ``rowwise_v``."""
-    if rowwise_v:
-        check_rows(param, rows, grad, exp_avg, row_state=(exp_avg_sq,), master=master,
-                   grad_scale=grad_scale, check_range=check_range)  # fmt: skip
-    else:
-        check_rows(param, rows, grad, exp_avg, exp_avg_sq, master=master, grad_scale=grad_scale,
-                   check_range=check_range)  # fmt: skip
+    state, row_state = ((exp_avg,), (exp_avg_sq,)) if rowwise_v else ((exp_avg, exp_avg_sq), ())
+    check_rows(param, rows, grad, *state, row_state=row_state, master=master,
+               grad_scale=grad_scale, check_range=check_range)  # fmt: skip
 
 
 def check_grad_scale(grad_scale: torch.Tensor | None, param: torch.Tensor) -> None:
