@@ -14,13 +14,31 @@ callback, queued by the first of them) one walk over all of them gives the table
 row-sparse gradient — coalesced, each row once — added to ``weight.grad`` as
 AccumulateGrad would. A lookup whose output takes no part in the loss is never called
 back and adds nothing, as it should.
+
+The gradient goes to the table's leaf as autograd knows it (its AccumulateGrad node's
+variable), not to the tensor the lookup saved: under non-reentrant activation
+checkpointing that is a recomputed alias, and a gradient set on it never reached the
+parameter. Hooks on the table see the merged gradient too: its tensor hooks run on it
+before it is added and its post-accumulate hooks after, at the end of the pass. Autograd
+itself also runs the tensor hooks once per lookup during the pass, with ``None`` (the
+lookup hands it no gradient there): a hook that cannot take ``None`` needs
+``MemoryConfig(merge_grads=False)``; the first lookup into a table with hooks warns.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from memlayers.ops.embedding_bag import embedding_bag, embedding_bag_grads
+
+_HOOKS = ("_backward_hooks", "_post_accumulate_grad_hooks")
+
+
+def _hooks(t: torch.Tensor, kind: str) -> tuple:
+    """``t``'s tensor hooks (``_backward_hooks``) or post-accumulate hooks, in order."""
+    return tuple((getattr(t, kind, None) or {}).values())
 
 
 class MergedValueGrad:
@@ -37,6 +55,7 @@ class MergedValueGrad:
     def __init__(self) -> None:
         self.task = -1  # the graph task the list below belongs to
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.warned = False  # the one warning about hooks on the table (lookup)
 
     def lookup(
         self, weight: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, impl: str
@@ -45,6 +64,15 @@ class MergedValueGrad:
         ``sparse_grad=True``, the table's gradient deferred to the end of the backward."""
         if not (torch.is_grad_enabled() and weight.requires_grad):
             return embedding_bag(weight, indices, weights, impl=impl)
+        if not self.warned and any(_hooks(weight, kind) for kind in _HOOKS):
+            self.warned = True
+            warnings.warn(
+                "a value table with merged gradients (MemoryConfig.merge_grads=True) has "
+                "gradient hooks: they get the merged gradient at the end of the backward, "
+                "and autograd also calls its tensor hooks with None during it; use "
+                "merge_grads=False for hooks that need every lookup's gradient",
+                stacklevel=3,
+            )
         return _DeferredLookup.apply(weight, indices, weights, self, impl)
 
     def add(self, weight, indices, weights, grad_out, impl) -> bool:
@@ -62,14 +90,16 @@ class MergedValueGrad:
         if task != self.task:  # the first in this pass: run the merged walk at its end
             self.task, self.pending = task, []
             items = self.pending
+            leaf = node.variable  # the parameter itself (``weight`` may be an alias of it)
             torch.autograd.Variable._execution_engine.queue_callback(
-                lambda: self.flush(weight, items, impl)
+                lambda: self.flush(leaf, items, impl)
             )
         self.pending.append((indices, weights, grad_out))
         return True
 
     def flush(self, weight: torch.Tensor, items: list, impl: str) -> None:
-        """The table's gradient over one pass's lookups, added to ``weight.grad``."""
+        """The table's gradient over one pass's lookups, added to ``weight.grad`` (the
+        leaf's), with the leaf's tensor hooks before and its post-accumulate hooks after."""
         if items is self.pending:
             self.task, self.pending = -1, []
         if not items:
@@ -83,7 +113,13 @@ class MergedValueGrad:
                 weight.detach(), idx, w.detach(), g, need_values=True, need_weights=False,
                 impl=impl, sparse_grad=True,
             )  # fmt: skip
+        for hook in _hooks(weight, "_backward_hooks"):
+            changed = hook(grad)
+            grad = grad if changed is None else changed
+        with torch.no_grad():
             weight.grad = grad if weight.grad is None else weight.grad + grad
+        for hook in _hooks(weight, "_post_accumulate_grad_hooks"):
+            hook(weight)
 
 
 class _DeferredLookup(torch.autograd.Function):

@@ -33,23 +33,30 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from memlayers.memory import MemoryValues
-from memlayers.ops.embedding_bag import embedding_bag
+from memlayers.ops.embedding_bag import check_bags, embedding_bag
 from memlayers.optim import clip_grad_norm_
+from memlayers.value_optim import COLUMN_SHARD
 
 
 def column_widths(dim: int, parts: int) -> list[int]:
     """Widths of ``torch.chunk(dim, parts)`` column shards; every shard must be non-empty."""
     if parts <= 0:
         raise ValueError(f"the memory-parallel degree must be positive, got mp={parts}")
-    step = math.ceil(dim / parts)
-    widths = [max(0, min(step, dim - i * step)) for i in range(parts)]
+    widths = _chunk_widths(dim, parts)
     if min(widths) == 0:
+        valid = [m for m in range(1, min(dim, 4 * parts) + 1) if min(_chunk_widths(dim, m))]
         raise ValueError(
             f"v_dim={dim} can't be split over mp={parts} memory-parallel ranks: the column "
-            f"shards would be {widths} (torch.chunk layout); use mp <= {math.ceil(dim / step)}"
-            f" or a value dim with ceil(v_dim / mp) * (mp - 1) < v_dim"
+            f"shards would be {widths} (torch.chunk layout, which leaves a shard empty "
+            f"unless ceil(v_dim / mp) * (mp - 1) < v_dim); mp values that work for this "
+            f"v_dim: {valid}"
         )
     return widths
+
+
+def _chunk_widths(dim: int, parts: int) -> list[int]:
+    step = math.ceil(dim / parts)
+    return [max(0, min(step, dim - i * step)) for i in range(parts)]
 
 
 def build_mesh(world_size: int, mp: int, device_type: str = "cpu") -> DeviceMesh:
@@ -163,6 +170,7 @@ class ColumnShard:
         ``merged``: the table's :class:`~memlayers.merged_grad.MergedValueGrad` (Memory+'s
         shared table): with ``sparse_grad``, the shard's gradient is deferred to one walk
         over every layer's gathered bags at the end of the backward, as unsharded."""
+        check_bags(indices, weights)  # on every rank before its first collective
         sizes = self.bag_counts(indices)
         idx_all, w_all = _GatherBags.apply(indices, weights, sizes, self.rank, self.group)
         if sparse_grad and merged is not None:
@@ -186,7 +194,16 @@ def shard_values_(values: MemoryValues, group) -> MemoryValues:
         local = full[:, shard.start : shard.start + shard.width].clone()
     values.weight = torch.nn.Parameter(local, requires_grad=values.weight.requires_grad)
     values.shard = shard
+    mark_shard(values)
     return values
+
+
+def mark_shard(values: MemoryValues) -> None:
+    """Tell optimizers that ``values.weight`` is a column shard (``SparseValueAdam(
+    rowwise_v=True)`` refuses it). Again after anything that makes a new parameter of it
+    (``to_empty``, ``.to(dtype)``)."""
+    if values.shard is not None:
+        setattr(values.weight, COLUMN_SHARD, values.shard)
 
 
 # ---- the whole model: mesh, parallelize, gradients, checkpoints ---------------------------
@@ -252,6 +269,8 @@ class ParallelPlan:
             return
         dp_group = self.mesh["dp"].get_group()
         for p in model.parameters():
+            if not p.requires_grad:  # frozen: no gradient to average (every rank alike)
+                continue
             if self.is_table(p):
                 if p.grad is None:  # no lookup this step: still join the collectives
                     p.grad = _empty_grad(p, sparse=any(p is t.weight and t.sparse_grad
@@ -408,6 +427,8 @@ def build(
         model = Transformer(config, sparse_values)
     plan = shard_tables(model, mesh, args)
     model.to_empty(device=device)
+    for _, table in plan.tables:
+        mark_shard(table)  # to_empty made new parameters
     torch.manual_seed(seed)
     model.init_weights()
     if compile:

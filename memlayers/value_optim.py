@@ -41,6 +41,8 @@ elsewhere; both live in :mod:`memlayers.ops.row_adam`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from memlayers.ops.embedding_bag import IMPLS, resolve_impl
@@ -56,6 +58,16 @@ __all__ = [
 
 
 MOMENTS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# The attribute :func:`memlayers.parallel.shard_values_` sets on a column-sharded table's
+# parameter (its :class:`~memlayers.parallel.ColumnShard`).
+COLUMN_SHARD = "_memlayers_column_shard"
+
+
+def _check_number(group: dict, key: str, ok, want: str) -> None:
+    value = group[key]
+    if isinstance(value, torch.Tensor) or not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"{key} must be a finite number {want}, got {key}={value!r}")
 
 
 def _check_impl(impl: str) -> None:
@@ -107,11 +119,23 @@ class _RowOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict, impl: str):
         _check_impl(impl)
         self.impl = impl
-        if not defaults["lr"] > 0:
-            raise ValueError(f"lr must be > 0, got lr={defaults['lr']!r}")
+        self.check_group(defaults)  # the defaults' errors before any group's
         super().__init__(params, defaults)
         # id(param) -> the [1] fp32 factor its next step multiplies its gradient by
         self.grad_scales: dict[int, torch.Tensor] = {}
+
+    def check_group(self, group: dict) -> None:
+        """Raise ``ValueError`` naming a hyperparameter of ``group`` that is out of range
+        or not finite (the constructor's defaults and every group added)."""
+        _check_number(group, "lr", lambda v: v > 0, "> 0")
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer``'s, the group's values checked before it is added."""
+        group = dict(param_group)
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        self.check_group({**self.defaults, **group})
+        super().add_param_group(group)
 
     def defer_grad_scale(self, coef: torch.Tensor, params) -> None:
         """The next :meth:`step` multiplies the gradients of ``params`` (parameters this
@@ -171,19 +195,32 @@ class SparseValueAdam(_RowOptimizer):
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, impl="auto",
         rowwise_v=False, moments="fp32", master=False,
     ):  # fmt: skip
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"betas must be in [0, 1), got betas={betas!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got eps={eps!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay!r}")
         if moments not in MOMENTS:
             raise ValueError(f"moments must be one of {tuple(MOMENTS)}, got moments={moments!r}")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, impl)
-        self.rowwise_v = bool(rowwise_v)
+        self.rowwise_v = bool(rowwise_v)  # before the groups: their check reads it
         self.moments = moments
         self.master = bool(master)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, impl)
+
+    def check_group(self, group: dict) -> None:
+        super().check_group(group)
+        betas = group["betas"]
+        if not (len(betas) == 2 and all(math.isfinite(b) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got betas={betas!r}")
+        _check_number(group, "eps", lambda v: v > 0, "> 0")
+        _check_number(group, "weight_decay", lambda v: v >= 0, ">= 0")
+        if self.rowwise_v:
+            for p in group.get("params", ()):
+                shard = getattr(p, COLUMN_SHARD, None)
+                if shard is not None and shard.world > 1:
+                    raise ValueError(
+                        f"rowwise_v=True needs whole table rows, but a table of shape "
+                        f"{tuple(p.shape)} is split by columns over {shard.world} ranks "
+                        f"(parallel.mp={shard.world}): its mean of g² over a row would "
+                        f"cover this rank's columns only. Use rowwise_v=False "
+                        f"(optim.value_optimizer=sparse_adam) or parallel.mp=1"
+                    )
 
     def has_master(self, p: torch.Tensor) -> bool:
         """Whether ``p``'s state holds an fp32 master copy (``master`` and a non-fp32 ``p``)."""
@@ -214,25 +251,44 @@ class SparseValueAdam(_RowOptimizer):
         optimizer's state does (:meth:`memlayers.optim.Optimizers.distributed_state_dict`).
         A master copy is kept in fp32 when saved, made from the (loaded) table when not,
         and dropped when this optimizer keeps none."""
-        super().load_state_dict(state_dict)
         saved = state_dict["state"]
         params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in enumerate(params):  # the saved values, not the base class's copies
+        # The saved state is keyed by the ids its param_groups list (0..n-1 from
+        # state_dict(); torch's distributed helpers key by parameter name), in the order
+        # of this optimizer's parameters, as the base class pairs them.
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        pairs = [(p, saved.get(i, {})) for i, p in zip(ids, params, strict=False)]
+        if len(ids) == len(params):  # else the base class names the mismatch
+            for p, st in pairs:  # every check before any state changes
+                for key in ("exp_avg", "master"):
+                    if key in st and tuple(st[key].shape) != tuple(p.shape):
+                        raise ValueError(
+                            f"saved {key} is {tuple(st[key].shape)} but the value table is "
+                            f"{tuple(p.shape)}: the table's shape changed since the state "
+                            f"was saved (model.memory.n_keys or the value dim)"
+                        )
+                if "exp_avg_sq" in st:
+                    self.check_saved_sq(st["exp_avg_sq"].shape, p.shape)
+        super().load_state_dict(state_dict)
+        for p, st in pairs:  # the saved values, not the base class's copies
             for key in ("exp_avg", "exp_avg_sq"):
-                if key not in saved.get(i, {}):
-                    continue
-                want = self.moment_dtype(key)
-                self.state[p][key] = saved[i][key].to(p.device, want).clone()
-            self.set_master(p, saved.get(i, {}).get("master"))
-            sq = self.state[p].get("exp_avg_sq")
-            if sq is not None:
-                self.check_saved_sq(sq.shape, p.shape)
+                if key in st:
+                    want = self.moment_dtype(key)
+                    self.state[p][key] = st[key].to(p.device, want).clone()
+            self.set_master(p, st.get("master"))
 
     def check_saved_sq(self, saved, table, what: str = "saved exp_avg_sq") -> None:
         """A saved second moment of shape ``saved`` for a table of shape ``table`` must be
         what this optimizer keeps: ``[N]`` row-wise, else ``[N, D]`` (a one-file load
         checks the tensor, a DCP load the checkpoint's metadata before reading it)."""
         want = tuple(table[:1] if self.rowwise_v else table)
+        other = tuple(table if self.rowwise_v else table[:1])
+        if tuple(saved) != want and tuple(saved) != other:
+            raise ValueError(
+                f"{what} is {tuple(saved)} but the value table is {tuple(table)}: the "
+                f"table's shape changed since the state was saved (model.memory.n_keys or "
+                f"the value dim)"
+            )
         if tuple(saved) != want:
             raise ValueError(
                 f"{what} is {tuple(saved)} but this optimizer (rowwise_v={self.rowwise_v}) "
