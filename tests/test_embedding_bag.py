@@ -50,15 +50,15 @@ def test_gradcheck_float64():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_tables_accumulate_in_fp32(dtype):
     # Low-precision tables must give fp32-accurate sums of their rows, and a score
-    # gradient (PyTorch's own backward lacks it for bf16). The PyTorch path rounds the
-    # weights to the table dtype (F.embedding_bag needs matching dtypes), so the
-    # reference does too; what's left is the final rounding of the output.
+    # gradient (PyTorch's own backward lacks it for bf16). The fp32 weights are not
+    # rounded to the table dtype first (the PyTorch path did, before 2026-12-05): what's
+    # left is the final rounding of the output.
     values, indices, weights = _inputs(64, 40, 16, 32, dtype=torch.float32, seed=3)
     vh = values.to(dtype).requires_grad_()
     wh = weights.clone().requires_grad_()
     out = embedding_bag(vh, indices, wh)
     ref = F.embedding_bag(
-        indices, vh.detach().double(), per_sample_weights=weights.to(dtype).double(), mode="sum"
+        indices, vh.detach().double(), per_sample_weights=weights.double(), mode="sum"
     )
     assert out.dtype == dtype
     # Only the final rounding to the table dtype: <= 2^-8 relative for bf16.

@@ -91,13 +91,25 @@ class _TorchEmbeddingBag(torch.autograd.Function):
     def forward(ctx, values, indices, weights, sparse_grad=False):
         ctx.sparse_grad = sparse_grad
         ctx.save_for_backward(values, indices, weights)
-        if indices.numel() == 0:
+        if indices.numel() == 0 or values.shape[1] == 0:
             return values.new_zeros(indices.shape[0], values.shape[1])
-        # F.embedding_bag accumulates in fp32 for half types and is PyTorch's own kernel:
-        # the honest baseline for the Triton path.
-        return F.embedding_bag(
-            indices, values, per_sample_weights=weights.to(values.dtype), mode="sum"
-        )
+        if torch.promote_types(values.dtype, weights.dtype) == values.dtype:
+            # F.embedding_bag accumulates in fp32 for half types and is PyTorch's own
+            # kernel: the honest baseline for the Triton path.
+            return F.embedding_bag(
+                indices, values, per_sample_weights=weights.to(values.dtype), mode="sum"
+            )
+        # Weights wider than the table (fp32 softmax weights, bf16 table): F.embedding_bag
+        # would round them to the table's dtype first. The rows in fp32 (or wider), each
+        # times its weight as given, summed, as the Triton path does.
+        acc = torch.promote_types(weights.dtype, torch.float32)
+        out = values.new_empty(indices.shape[0], values.shape[1])
+        step = _row_chunk(indices.shape[1], values.shape[1])
+        for s in range(0, indices.shape[0], step):
+            rows = values[indices[s : s + step]].to(acc)  # [b', K, D]
+            w = weights[s : s + step].to(acc).unsqueeze(-1)
+            out[s : s + step] = (rows * w).sum(dim=1).to(values.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -133,7 +145,7 @@ def _torch_grads(values, indices, weights, grad_out, need_v, need_w, sparse):
             grad_weights[s : s + step] = torch.einsum("bkd,bd->bk", vals, g)
         if need_v:
             contrib = weights[s : s + step].to(acc).unsqueeze(-1) * g.unsqueeze(1)
-            grad_rows.index_add_(0, target[s : s + step].reshape(-1), contrib.reshape(-1, d))
+            grad_rows.index_add_(0, target[s : s + step].reshape(-1), contrib.flatten(0, 1))
     if need_v:
         grad_values = (
             grad_rows.to(values.dtype)
@@ -216,7 +228,11 @@ def embedding_bag(
             check's three small kernels a call, which a batch-1 decode step notices.
 
     Returns:
-        ``[B, D]`` in ``values.dtype``, accumulated in fp32.
+        ``[B, D]`` in ``values.dtype``, accumulated in fp32 (wider weights are not rounded
+        to the table's dtype first).
+
+    Differentiable once on the Triton path; a second derivative (double backward,
+    ``gradgradcheck``) needs ``impl="torch"``, whose backward is made of PyTorch ops.
     """
     check_embedding_bag_inputs(values, indices, weights)
     impl = resolve_impl(impl, values.device)

@@ -306,7 +306,8 @@ class HostTable:
         self._reads += u
         order = torch.argsort(hit.to(torch.int8), stable=True)  # [U]: misses first
         # The one sync, as without a cache: how many rows miss (and the range check).
-        n_miss, lo, hi = torch.stack([u - hit.sum(), rows[0], rows[-1]]).tolist()
+        lo, hi = torch.aminmax(rows)  # any order: rows[0] / rows[-1] assumed sorted rows
+        n_miss, lo, hi = torch.stack([u - hit.sum(), lo, hi]).tolist()
         if lo < 0 or hi >= self.n_rows:
             self._check_rows(torch.tensor([lo, hi]))
         miss_at, hit_at = order[:n_miss], order[n_miss:]  # positions in rows

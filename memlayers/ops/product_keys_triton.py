@@ -19,7 +19,8 @@ Top-k uses Triton's bitonic ``tl.topk`` on keys that carry each value's index:
   index goes there and the key is still an exact fp32 number (``NARROW`` keys, half the
   bytes of int64 keys, in the filter's scratch too).
 Either way the ranking of the given scores is exact; only ties may resolve differently
-from ``torch.topk``. Candidate sums are rounded to the returned scores' dtype before
+from ``torch.topk`` (NaN ranks first, as there), and a ``-inf`` sum comes back as the
+lowest fp32 number. Candidate sums are rounded to the returned scores' dtype before
 ranking, as the PyTorch path does (with ``rank_bf16``: bf16 half scores, fp32 sums).
 
 Backward: one kernel sums each half key's score gradient over the picks that used it (in
@@ -228,7 +229,10 @@ def _candidates_kernel(
     cmask = rmask[:, None] & pmask[None, :]
     cand = tl.load(top_ptr + row_top + (pair // KP)[None, :], mask=cmask, other=0.0)
     cand += tl.load(top_ptr + row_top + KP + (pair % KP)[None, :], mask=cmask, other=0.0)
-    cand = tl.maximum(cand.to(scores_ptr.dtype.element_ty).to(tl.float32), _PAD)
+    cand = cand.to(scores_ptr.dtype.element_ty).to(tl.float32)
+    # Clamp -inf to the padding (a -inf sum comes back as the lowest fp32 number), but
+    # keep NaN, which maximum() would replace: it ranks first, as in torch.topk.
+    cand = tl.where(cand != cand, cand, tl.maximum(cand, _PAD))
     cand = tl.where(pmask[None, :], cand, _PAD)
     pair = tl.broadcast_to(pair[None, :], [ROWS, NPAIR])
     best, c = _unpack(tl.topk(_pack(cand, pair, NARROW), KP), LOW_BITS, NARROW)  # [ROWS, KP]
@@ -548,8 +552,9 @@ def _dense_score_grad_kernel(
     cols = tl.arange(0, NKP)
     base = ((row % H) * T + row // H) * NK
     zero = tl.zeros([NKP], dtype=out_ptr.dtype.element_ty)
+    half_stride = R.to(tl.int64) * NK  # R·NK passes 2**31 at 131k tokens × 4 heads × 4096
     for half in tl.static_range(2):
-        dst = out_ptr + half * R * NK + base
+        dst = out_ptr + half * half_stride + base
         tl.store(dst + cols, zero, mask=cols < NK)
     i1 = tl.load(i1_ptr + row * k + j, mask=jmask, other=-1)
     i2 = tl.load(i2_ptr + row * k + j, mask=jmask, other=-2)
@@ -557,7 +562,7 @@ def _dense_score_grad_kernel(
     tot2 = tl.sum(tl.where(i2[:, None] == i2[None, :], ds[None, :], 0.0), axis=1)
     tl.debug_barrier()  # the zeros of other threads land before the picks' sums
     tl.store(out_ptr + base + i1, tot1.to(out_ptr.dtype.element_ty), mask=jmask)
-    tl.store(out_ptr + R * NK + base + i2, tot2.to(out_ptr.dtype.element_ty), mask=jmask)
+    tl.store(out_ptr + half_stride + base + i2, tot2.to(out_ptr.dtype.element_ty), mask=jmask)
 
 
 @torch.library.custom_op("memlayers::product_key_score_grad", mutates_args=())

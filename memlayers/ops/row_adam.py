@@ -105,7 +105,10 @@ def stochastic_round_bf16(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     bits = x.float().contiguous().view(torch.int32).to(torch.int64) & _M32
     bits = (bits + (noise & 0xFFFF)) & 0xFFFF0000
     bits = torch.where(bits >= 1 << 31, bits - (1 << 32), bits)  # back to int32's range
-    return bits.to(torch.int32).view(torch.float32).to(torch.bfloat16)
+    rounded = bits.to(torch.int32).view(torch.float32).to(torch.bfloat16)
+    # NaN stays NaN: the noise carries a NaN with a full mantissa (0x7FFFFFFF, what a GPU
+    # makes) into the sign bit, -0.0.
+    return torch.where(x.isnan(), x.to(torch.bfloat16), rounded)
 
 
 def row_adam_step_torch(
@@ -138,7 +141,7 @@ def row_adam_step_torch(
     skips the rows' range, for rows known to be in the table: a coalesced gradient's).
     """
     check_adam_args(param, rows, grad, exp_avg, exp_avg_sq, rowwise_v, master, grad_scale,
-                    check_range)  # fmt: skip
+                    check_range, step)  # fmt: skip
     sel = slice(None) if rows is None else rows
     g = _scaled(grad, grad_scale)  # [U, D] fp32
     m = exp_avg[sel].float().mul_(beta1).add_(g, alpha=1 - beta1)  # [U, D]
@@ -249,33 +252,47 @@ def check_rows(
         if s.shape != (n,) or s.dtype != torch.float32:
             raise ValueError(f"row-wise optimizer state must be fp32 ({n},), got "
                              f"{tuple(s.shape)} {s.dtype}")  # fmt: skip
-    for t in (grad, *state, *row_state, param, *([] if master is None else [master])):
-        if not t.is_contiguous():
-            raise ValueError("param, grad and optimizer state must be contiguous")
+    tensors = (grad, *state, *row_state, param, *([] if master is None else [master]))
+    if not all(t.is_contiguous() for t in (*tensors, *([] if rows is None else [rows]))):
+        raise ValueError("param, rows, grad and optimizer state must be contiguous")
     if check_range and rows is not None and rows.numel():
         _check_row_range(rows, n)
 
 
 def _check_row_range(rows: torch.Tensor, n: int) -> None:
-    """Every row in ``[0, n)``: a ``ValueError`` naming one outside on the CPU, a
-    device-side assert (no host sync) elsewhere."""
+    """Every row in ``[0, n)`` and none twice (the kernels' programs would race on it,
+    the PyTorch path keep one of its gradients): a ``ValueError`` naming one on the CPU,
+    a device-side assert (no host sync) elsewhere."""
     lo, hi = torch.aminmax(rows)
+    srt = rows.sort().values
+    repeated = srt[1:] == srt[:-1]
     if rows.device.type == "cpu":
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= n:
             raise ValueError(
                 f"row {lo if lo < 0 else hi} is outside the table: rows must be in [0, {n})"
             )
+        if bool(repeated.any()):
+            row = int(srt[1:][repeated][0])
+            raise ValueError(
+                f"row {row} appears more than once: rows must be distinct (sum the "
+                f"gradients of a repeated row first, e.g. coalesce_rows)"
+            )
         return
-    torch._assert_async((lo >= 0) & (hi < n), f"row-wise step: a row is outside [0, {n})")
+    ok = (lo >= 0) & (hi < n) & ~repeated.any()
+    torch._assert_async(ok, f"row-wise step: a row is outside [0, {n}) or repeated")
 
 
 def check_adam_args(
     param, rows, grad, exp_avg, exp_avg_sq, rowwise_v: bool = False, master=None,
-    grad_scale=None, check_range: bool = True,
+    grad_scale=None, check_range: bool = True, step: int = 1,
 ) -> None:  # fmt: skip
     """:func:`check_rows` for a row-wise Adam step's arguments (both paths): ``exp_avg``
-    ``[N, D]``; ``exp_avg_sq`` ``[N, D]``, or fp32 ``[N]`` with ``rowwise_v``."""
+    ``[N, D]``; ``exp_avg_sq`` ``[N, D]``, or fp32 ``[N]`` with ``rowwise_v``; ``step``
+    (the bias correction's) at least 1."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be an int >= 1 (Adam's bias correction divides by "
+                         f"1 - beta**step), got step={step!r}")  # fmt: skip
     state, row_state = ((exp_avg,), (exp_avg_sq,)) if rowwise_v else ((exp_avg, exp_avg_sq), ())
     check_rows(param, rows, grad, *state, row_state=row_state, master=master,
                grad_scale=grad_scale, check_range=check_range)  # fmt: skip

@@ -100,7 +100,8 @@ def _stored(x, noise, BF16: tl.constexpr):
         bits = (x.to(tl.uint32, bitcast=True) + (noise & 0xFFFF)) & tl.full(
             [], 0xFFFF0000, tl.uint32
         )
-        x = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+        # NaN stays NaN: the noise would carry the GPU's NaN (0x7FFFFFFF) into -0.0.
+        x = tl.where(x != x, x.to(tl.bfloat16), bits.to(tl.float32, bitcast=True).to(tl.bfloat16))
     return x
 
 
@@ -182,7 +183,9 @@ def row_adam_kernel(
     _store_param(param_ptr, master_ptr, offs, mask, p, first, param_seed, BF16_P, MASTER)
 
 
-@triton.jit(do_not_specialize=["seed", "param_seed"])
+# D too: Triton makes an int argument equal to 1 a constexpr, whose plain int has no .to()
+# (a one-column table failed to compile).
+@triton.jit(do_not_specialize=["seed", "param_seed", "D"])
 def row_adam_rowwise_kernel(
     param_ptr,  # [N, D] any float dtype, updated in place
     rows_ptr,  # [U] int64 table rows (unused when DENSE: row = program's row)
@@ -303,7 +306,7 @@ def row_adam_step_triton(
     ``block_d``, ``num_warps`` None: :data:`ADAM_BLOCK_D`, :data:`ADAM_WARPS` (row-wise:
     :data:`ROW_BLOCK_D`, :data:`ROW_WARPS`)."""
     check_adam_args(param, rows, grad, exp_avg, exp_avg_sq, rowwise_v, master, grad_scale,
-                    check_range)  # fmt: skip
+                    check_range, step)  # fmt: skip
     n, d = param.shape
     u = n if rows is None else rows.shape[0]
     if u == 0 or d == 0:
