@@ -4,7 +4,8 @@ MFU, ratio to the dense twin, peak memory — and a guard against regressions.
     python benchmarks/bench_train.py                                   # 134m, 373m x 4
     python benchmarks/bench_train.py --presets 134m-dense 134m-memory+ --steps 30
     python benchmarks/bench_train.py --out benchmarks/results/train_h100_20261128.md
-    python benchmarks/bench_train.py --presets tiny-dense --device cpu --steps 6  # smoke
+    python benchmarks/bench_train.py --presets tiny-dense --device cpu --steps 6 \
+        --warmup 2 --every 2 --batch 2 --seq-len 128 --compile false    # smoke
 
 Each preset runs ``python -m memlayers train`` in its own process (synthetic tokens, no
 evaluation, no checkpoint) so that what is timed is exactly what a user runs, and GPU
@@ -61,14 +62,25 @@ COLLAPSED = ["model.memory.query_batch_norm=false", "model.memory.balance_loss=0
 
 
 def card_name(device: str) -> str:
-    """``h100`` / ``h200`` / ... from the CUDA device name; ``cpu`` on the CPU."""
+    """``cpu`` on the CPU, else :func:`card_of` the CUDA device's name."""
     if device == "cpu":
         return "cpu"
     import torch
 
-    name = torch.cuda.get_device_name().lower()
-    found = re.search(r"\b([a-z]\d{2,3})\b", name)
-    return found.group(1) if found else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+    return card_of(torch.cuda.get_device_name())
+
+
+def card_of(name: str) -> str:
+    """A card's name in results files: ``h100`` / ``h200`` (SXM), ``h100-pcie``,
+    ``h100-nvl``, ``h200-nvl`` (other peaks: :data:`memlayers.report.PEAK_BF16_FLOPS`, whose
+    names it goes by), else the chip's (``a100``) or the whole name's slug."""
+    from memlayers.report import PEAK_BF16_FLOPS
+
+    known = next((k for k in PEAK_BF16_FLOPS if k in name), None)
+    if known is not None:
+        return re.sub(r"[^a-z0-9]+", "-", known.lower())
+    found = re.search(r"\b([a-z]\d{2,3})\b", name.lower())
+    return found.group(1) if found else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def tree_label(tree: Path) -> str:
@@ -107,9 +119,12 @@ def run_preset(
         ))  # fmt: skip
     print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=ns.timeout, cwd=cwd, env=env)
+    # A failed run's row names its setting too: the guard then reports a preset that ran
+    # before and fails now.
+    failed = {"preset": name, "batch": f"{ns.batch}x{ns.seq_len}", "overrides": list(ns.override)}
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"preset": name, "error": " | ".join(tail)}
+        return {**failed, "error": " | ".join(tail)}
     records = [
         json.loads(line)
         for line in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -117,7 +132,7 @@ def run_preset(
     ]
     steady = [r for r in records if "tok_per_s" in r and r["step"] > ns.warmup]
     if not steady:
-        return {"preset": name, "error": f"no log records after step {ns.warmup}"}
+        return {**failed, "error": f"no log records after step {ns.warmup}"}
     speeds = [r["tok_per_s"] for r in steady]
     return {
         "preset": name,
@@ -269,7 +284,8 @@ def previous_result(card: str, exclude: Path | None) -> dict[tuple, tuple[Path, 
     for path in reversed(files):
         blob = re.search(r"<!-- bench_train (.*) -->", path.read_text())
         for row in json.loads(blob.group(1))["rows"] if blob else []:
-            found.setdefault(setting(row), (path, row))
+            if row.get("tokens_per_s"):  # a failed run is nobody's baseline
+                found.setdefault(setting(row), (path, row))
     return found
 
 
@@ -298,6 +314,10 @@ def guard(rows: list[dict], previous: dict[tuple, tuple[Path, dict]]) -> list[st
     for r in rows:
         path, old = previous.get(setting(r), (None, {}))
         then = old.get("tokens_per_s")
+        if "error" in r and then:  # it ran before: the worst regression there is
+            lines.append(f"  {r['preset']:<14} FAILED ({then:,.0f} tokens/s in {path.name})")
+            bad.append(f"{r['preset']} failed ({path.name} ran it)")
+            continue
         if not (r.get("tokens_per_s") and then):
             lines.append(
                 f"  {r['preset']:<14} no earlier result on this card with these overrides "
@@ -319,7 +339,9 @@ def guard(rows: list[dict], previous: dict[tuple, tuple[Path, dict]]) -> list[st
             bad.append(f"{r['preset']} at {ratio:.2f}x ({path.name})")
     if bad:
         banner = "!" * 78
-        lines += [banner, f"REGRESSION: slower by more than 10%: {', '.join(bad)}", banner]
+        lines += [
+            banner, f"REGRESSION: slower by more than 10%, or failed: {', '.join(bad)}", banner
+        ]  # fmt: skip
     return lines
 
 
@@ -408,6 +430,11 @@ def main() -> int:
             raise SystemExit(f"error: --trees {tree} holds no memlayers/ package")
     if ns.rounds < 1:
         raise SystemExit(f"error: --rounds must be >= 1, got {ns.rounds}")
+    if ns.steps <= ns.warmup:
+        raise SystemExit(
+            f"error: --steps={ns.steps} must exceed --warmup={ns.warmup} (the steps left "
+            f"out of the timing): no log record would be timed"
+        )
     labels = [tree_label(t) for t in ns.trees]
     if len(set(labels)) != len(labels):
         raise SystemExit(f"error: --trees need distinct names (.rev or folder), got {labels}")

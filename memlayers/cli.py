@@ -113,8 +113,9 @@ def _final_evaluation(args: config.TrainArgs) -> dict:
 
 
 def _train(ns: argparse.Namespace) -> int:
-    yamls = [a for a in ns.items if "=" not in a]
-    overrides = [a for a in ns.items if "=" in a]
+    # A config file first: a compare variant's folder has '=' in its name.
+    yamls = [a for a in ns.items if _is_yaml(a) or "=" not in a]
+    overrides = [a for a in ns.items if a not in yamls]
     try:
         args = config.load_config(yamls, overrides)
     except ValueError as e:
@@ -427,11 +428,16 @@ def _add_compare(sub) -> None:
     p.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)  # run_jobs'
 
 
+def _is_yaml(item: str) -> bool:
+    """A positional item naming a config file (its path may hold '=': compare's folders)."""
+    return item.endswith((".yaml", ".yml"))
+
+
 def split_items(items: list[str]) -> tuple[list[str], list[str], list[str]]:
     """(variants, yaml files, overrides) from ``memlayers compare``'s positional items."""
     variants, yamls, overrides = [], [], []
     for it in items:
-        if it.endswith((".yaml", ".yml")):
+        if _is_yaml(it):
             yamls.append(it)
         elif "=" in it.split(":", 1)[0]:
             overrides.append(it)

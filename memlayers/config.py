@@ -19,6 +19,8 @@ value.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from memlayers.checkpoint import CheckpointArgs
-from memlayers.data.loader import DataArgs, reject_old_options
+from memlayers.data.loader import DataArgs, check_dataset_name, reject_old_options
 from memlayers.files import write_atomic
 from memlayers.logger import LoggingArgs
 from memlayers.optim import OptimArgs
@@ -88,6 +90,7 @@ class TrainArgs:
         self.model.validate()  # ModelConfig's checks
         self.optim.validate()
         self.data.validate()
+        check_dataset_name(self.data.dataset)  # (load_dataset takes other tables too)
         self.checkpoint.validate()
         self.logging.validate()
         self.parallel.validate()
@@ -104,6 +107,17 @@ def check_device(device: str) -> None:
         parsed = None
     if parsed is None or parsed.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda[:N], got device={device!r}")
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: cuda when there is one, else cpu; any other ``device`` checked
+    (:func:`check_device`), and cuda only where CUDA is available."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available")
+    return device
 
 
 def check_seq_len(args: TrainArgs) -> None:
@@ -198,6 +212,61 @@ def pretrained_defaults(hf: str, layers: list) -> dict:
 STUDY_SECTION = "compare"
 
 
+def _dotlist(overrides) -> DictConfig:
+    """``key=value`` overrides as a config layer. A value is parsed as YAML (numbers,
+    booleans, lists), except for a text field, which takes the text as written:
+    ``run_dir=1e-3`` is the folder ``1e-3``, not ``0.001`` (``0755``, ``yes``, ``12:30``
+    likewise); ``null`` still clears an optional one. An integer field reads digits in
+    base 10 (YAML would read ``010`` as octal 8)."""
+    layer = OmegaConf.from_dotlist(list(overrides))
+    for o in overrides:
+        key, raw = o.split("=", 1)
+        kind = _declared_type(key)
+        if typing.get_origin(kind) is list and not raw.lstrip().startswith("["):
+            raise ValueError(f"{key} takes a list: {key}=[{raw}]")
+        if kind in (str, str | None) and not (kind is not str and raw in ("null", "~", "")):
+            OmegaConf.update(layer, key, raw, merge=False)
+        elif kind in (int, int | None) and raw.strip().lstrip("+-").isdigit():
+            OmegaConf.update(layer, key, int(raw), merge=False)  # 010 is ten, not octal 8
+    return layer
+
+
+def _check_preset_override(yaml_paths, layers) -> None:
+    """A ``model.preset`` on the command line under a file that names another preset and
+    sets the model's fields (a run's saved config.yaml) would keep the file's model under
+    the new preset's name: refused, naming the fields. A file that sets fields without
+    naming a preset (a study's shared settings) applies them over any preset, as ever."""
+    preset = OmegaConf.select(layers[-1], "model.preset", default=None)
+    if preset is None:
+        return
+    for path, layer in zip(yaml_paths, layers[:-1], strict=True):
+        model = OmegaConf.select(layer, "model", default=None) or {}
+        fields = sorted(k for k in model if k != "preset")
+        named = model.get("preset")  # a study file sets shared fields and no preset
+        if fields and named is not None and named != preset:
+            shown = ", ".join(f"model.{k}" for k in fields[:4]) + (" …" if len(fields) > 4 else "")
+            raise ValueError(
+                f"model.preset={preset} on the command line, but {path} is a model.preset="
+                f"{named} with its own fields ({shown}), which a file keeps over a preset: "
+                f"the run would be that model labelled {preset}. Start from {preset} without "
+                f"the file's model section, or set the fields you want on the command line"
+            )
+
+
+def _declared_type(key: str):
+    """The type ``TrainArgs`` declares for the dotted ``key`` (None where it declares
+    none: a free-form dict, or a key it lacks, which the merge then refuses)."""
+    cls = TrainArgs
+    for i, part in enumerate(key.split(".")):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return None
+        cls = hints[part]
+        if i == key.count("."):
+            return cls
+    return None
+
+
 def load_config(yaml_paths=(), overrides=()) -> TrainArgs:
     """``TrainArgs`` from YAML files (merged in order; a study file's ``compare:`` section
     left out) and ``key=value`` overrides. An ``optim.warmup_steps`` that neither sets is
@@ -215,7 +284,8 @@ def load_config(yaml_paths=(), overrides=()) -> TrainArgs:
                     "model.memory.value_lr is now optim.value_lr (the optimizer owns it): "
                     f"pass optim.value_lr={o.split('=', 1)[1]}"
                 )
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(_dotlist(overrides))
+        _check_preset_override(yaml_paths, layers)
         reject_old_options(layers, base.data.dataset)
         merged = OmegaConf.merge(base, *layers)
         preset = merged.model.preset

@@ -138,9 +138,11 @@ class RunLogger:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
+            # The wall clock goes as each point's walltime: as a float32 scalar it was
+            # off by up to 128 s (~1.8e9 s has 24 bits of mantissa).
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record["step"])
+                if key not in ("step", "time") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"], walltime=record.get("time"))
 
     def advance(self, step: int) -> None:
         """Move the progress bar to ``step`` (a step with no record)."""

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch.nn as nn
 
 from memlayers.checkpoint import model_from_checkpoint, save_checkpoint, verify_checkpoint
+from memlayers.config import resolve_device
 from memlayers.files import atomic_dir
 from memlayers.memory import MemoryValues
 from memlayers.ops.quantized import resolve_group
@@ -111,6 +112,7 @@ def quantize_run(
     # Bits, group and --out first: verifying hashes every file and the load reads the
     # whole model (the table's width, known only then, is checked against the group below).
     resolve_group(bits, group, 2)
+    device = resolve_device(device)
     run = Run.of(path)
     ckpt = run.checkpoint(path)
     if out is None:

@@ -17,7 +17,10 @@ counts (all per token, forward pass):
 - ``flops_per_token``: ``2 ×`` (active matmul parameters + the output head + table rows
   read) + attention ``4 · n_layers · dim · seq_len`` (PaLM's convention, no causal
   discount). Product-key scoring is a dense matmul against the keys, so keys count as
-  dense. ``train_flops_per_token`` is three times the forward.
+  dense. ``train_flops_per_token`` is three times the training forward, in which an MoE
+  block's experts do ``capacity_factor`` times one expert's work per token (expert
+  choice: each expert takes ``capacity_factor · tokens / n_experts``); "active" counts
+  are those of inference (top-1).
 
 Models are counted on the meta device, so a 1.3B model with a billion-row table costs
 nothing to report.
@@ -55,7 +58,7 @@ def parameter_report(model: Transformer | ModelConfig, seq_len: int | None = Non
         embedding += model.output.weight.numel()
     tables = [m.weight for m in model.modules() if isinstance(m, MemoryValues)]
     memory_table = _numel(tables)
-    peer_table = moe_experts = moe_active = rows_read = 0
+    peer_table = moe_experts = moe_active = rows_read = moe_train_extra = 0
     for block in model.layers:
         ffn = block.ffn
         if isinstance(ffn, ProductKeyMemory):
@@ -67,6 +70,7 @@ def parameter_report(model: Transformer | ModelConfig, seq_len: int | None = Non
             experts = ffn.w1.numel() + ffn.w2.numel() + ffn.w3.numel()
             moe_experts += experts
             moe_active += experts // ffn.config.n_experts  # top-1 at inference
+            moe_train_extra += experts / ffn.config.n_experts * (ffn.config.capacity_factor - 1)
     non_embedding = total - embedding
     dense_active = non_embedding - memory_table - peer_table - moe_experts + moe_active
     head = cfg.vocab_size * cfg.dim  # the output matmul, tied or not
@@ -82,7 +86,7 @@ def parameter_report(model: Transformer | ModelConfig, seq_len: int | None = Non
         "sparse_rows_read": rows_read,
         "active_per_token": dense_active + rows_read,
         "flops_per_token": flops,
-        "train_flops_per_token": 3 * flops,
+        "train_flops_per_token": 3 * (flops + round(2 * moe_train_extra)),
         "seq_len": seq_len,
     }
 

@@ -33,7 +33,7 @@ from memlayers.checkpoint import (
     resolve_checkpoint,
     verify_checkpoint,
 )
-from memlayers.config import TrainArgs, load_config
+from memlayers.config import TrainArgs, load_config, resolve_device
 from memlayers.model import Transformer
 
 
@@ -166,9 +166,7 @@ class TrainedRun(NamedTuple):
 
 
 def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return torch.device(resolve_device(device))  # a ValueError naming a bad one
 
 
 def load_run(

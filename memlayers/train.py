@@ -82,6 +82,7 @@ from memlayers.config import (
     check_seq_len,
     check_warmup,
     config_changes,
+    resolve_device,
     save_config,
     with_architecture,
     with_vocab,
@@ -169,13 +170,10 @@ def expandable_segments() -> bool:
 
 def init_distributed(device: str) -> Env:
     """Read RANK / WORLD_SIZE / LOCAL_RANK (torchrun) and pick the device."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but CUDA is not available")
         if device == "cuda" or world_size > 1:  # torchrun: one GPU per local rank
             local = int(os.environ.get("LOCAL_RANK", "0"))
             if local >= torch.cuda.device_count():

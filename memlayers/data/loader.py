@@ -110,13 +110,17 @@ def _check_tokens(name: str, t, vocab_size: int) -> np.ndarray:
     return t
 
 
+def check_dataset_name(name: str, datasets: Mapping[str, DatasetFn] = DATASETS) -> None:
+    if name not in datasets:
+        raise ValueError(f"unknown data.dataset={name!r}; known: {sorted(datasets)}")
+
+
 def load_dataset(args: DataArgs, datasets: Mapping[str, DatasetFn] = DATASETS) -> Dataset:
     """Call ``datasets[args.dataset]`` (the built-in table by default) and check what it
     returns."""
     args.validate()
     name = args.dataset
-    if name not in datasets:
-        raise ValueError(f"unknown data.dataset={name!r}; known: {sorted(datasets)}")
+    check_dataset_name(name, datasets)
     train, val, vocab_size, tokenizer = datasets[name](args)
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
         raise ValueError(f"dataset {name}: vocab_size must be a positive int, got {vocab_size!r}")
