@@ -567,6 +567,12 @@ def _lm_eval(ns: argparse.Namespace) -> int:
 def _add_data(sub) -> None:
     p = _subparser(sub, "data", "fetch and build the pretraining corpus", corpus, _data)
     data_sub = p.add_subparsers(dest="data_cmd", required=True)
+    left_out = [s for s in corpus.SOURCES if s not in corpus.DEFAULT_SOURCES]
+    sources_help = (
+        f"comma list of source names (default: 'default', DEFAULT_SOURCES: "
+        f"{len(corpus.DEFAULT_SOURCES)} of the {len(corpus.SOURCES)} sources, all but "
+        f"{' and '.join(left_out)}; names: memlayers data list)"
+    )
     for cmd, what in (
         ("list", "the pinned sources and what is cached"),
         ("fetch", "download, verify and clean sources"),
@@ -575,7 +581,7 @@ def _add_data(sub) -> None:
         q = data_sub.add_parser(cmd, help=what)
         q.add_argument("--cache", default=None, help="cache dir ($MEMLAYERS_CACHE)")
         if cmd != "list":
-            q.add_argument("--sources", default="default", help="comma list (default: all)")
+            q.add_argument("--sources", default="default", help=sources_help)
         if cmd == "build":
             q.add_argument("--tokenizer", default="bpe-8192", help="bpe-<vocab> or a path")
             q.add_argument("--val-frac", type=float, default=0.01)

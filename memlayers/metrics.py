@@ -8,9 +8,11 @@
 - Exact match / F1 of a generated answer against any gold answer, after SQuAD-style
   normalisation (lowercase, drop punctuation and the articles a/an/the, collapse
   whitespace), as in open-domain QA (NaturalQuestions EM, TriviaQA F1).
-- Knowledge stored in bits (Allen-Zhu & Li 3.3, DATA.md):
+- Knowledge stored in bits (after Allen-Zhu & Li, "Physics of Language Models: Part 3.3,
+  Knowledge Capacity Scaling Laws", 2024; :func:`knowledge_bits`):
   Σ_a max(0, N·log2|V_a| − Σ_i CE_i,a), CE in bits, with per-parameter and per-FLOP
-  normalisations. Memory-layer usage statistics live in :mod:`memlayers.usage`.
+  normalisations (:func:`bits_per`). Memory-layer usage statistics live in
+  :mod:`memlayers.usage`.
 
 ``model_fn`` everywhere is any callable mapping token ids ``[B, T]`` (int64) to logits
 ``[B, T, V]``; causal, so right padding does not change the positions that are scored.
@@ -273,9 +275,10 @@ def bits_per(
     """Bits stored per total, non-embedding and active parameter, and per training FLOP.
 
     Active parameters are those one token touches (for a memory layer: the h·k value rows
-    it reads, not the whole table), DATA.md's "per active parameter per token": memory
-    layers should store far more per active parameter and per FLOP than dense models,
-    which store ~2 bits/parameter at 1000 exposures and ~1 at 100."""
+    it reads, not the whole table): memory layers should store far more per active
+    parameter and per FLOP than dense models, which store ~2 bits/parameter at 1000
+    exposures and ~1 at 100 (Allen-Zhu & Li, "Physics of Language Models: Part 3.3,
+    Knowledge Capacity Scaling Laws", 2024)."""
     for name, v in (
         ("total_params", total_params),
         ("non_embedding_params", non_embedding_params),

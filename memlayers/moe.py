@@ -24,6 +24,17 @@ from memlayers.memory import _positive_int, _positive_number, no_tokens_output
 
 @dataclass
 class MoEConfig:
+    """A mixture-of-experts feed-forward block: ``n_experts`` SwiGLU experts of hidden size
+    ``hidden_dim`` each (None: the model's dense FFN hidden size, so every expert is a
+    full-size FFN). In training, expert choice: each expert takes the
+    ``ceil(capacity_factor · N / n_experts)`` highest-scoring of the batch's N tokens (at
+    least 1, at most N), so at 1.0 the experts take about N token slots in all and a token
+    may get zero, one or several; in eval mode each token goes to its top-1 expert and
+    ``capacity_factor`` plays no part. The paper-size ``moe`` presets replace every FFN
+    with 16 / 8 / 6 / 4 experts (134m / 373m / 720m / 1.3b: ``presets.MOE_EXPERTS``, so the
+    parameters slightly exceed the memory model's), ``tiny-moe`` with 4; all presets keep
+    ``capacity_factor=1.0`` and ``hidden_dim=None``."""
+
     n_experts: int = 4  # paper: 16 / 8 / 6 / 4 for 134M / 373M / 720M / 1.3B
     capacity_factor: float = 1.0  # expert choice: each expert takes cf * tokens / n_experts
     hidden_dim: int | None = None  # None: the dense FFN's hidden size

@@ -26,6 +26,16 @@ from memlayers.router import ProductKeyRouter, load_old_router_names
 
 @dataclass
 class PEERConfig:
+    """A PEER layer: ``n_keys**2`` rank-one experts shared by ``heads`` heads, each head
+    with its own ``2 × n_keys`` product half-keys of width ``k_dim / 2`` (``k_dim`` None:
+    half the model width) and its own top-``topk`` choice, so a token uses ``heads · topk``
+    experts. ``qk_norm`` RMS-normalises the query and key halves with a learnable query gain
+    (as Memory+), ``norm_eps`` is that normalisation's epsilon, and ``impl`` picks the
+    kernels of the top-k search and the embedding bag (auto | torch | triton). The
+    paper-size ``peer`` presets put one layer in the middle block with 768 half-keys
+    (589,824 experts), 8 heads and top-16, ``k_dim`` None; ``tiny-peer`` uses 64
+    half-keys, 4 heads and top-8."""
+
     n_keys: int = 768  # half keys per head; n_keys**2 experts
     heads: int = 8
     topk: int = 16  # experts per head and token

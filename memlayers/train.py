@@ -1,7 +1,7 @@
 """Train a language model with memory layers: one script for CPU, one GPU and torchrun.
 
     memlayers train                                   # the main job: tiny Memory+ on bios,
-                                                      # then eval (~5 min on 2 CPU cores)
+                                                      # then eval (~4.5-15 min on 2 CPU cores)
     memlayers train model.preset=tiny-dense run_dir=runs/dense      # its dense baseline
     memlayers train data.bios.n_people=200 steps=200 run_dir=runs/quick   # ~1 min
     memlayers train configs/tiny_memory_plus.yaml optim.lr=3e-3

@@ -1,9 +1,10 @@
 """Real-world facts for knowledge injection: triples → training sentences + held-out questions.
 
-Tiny models score ~0 on open-domain QA learned from generic text (DATA.md), so the real-
-data test is *knowledge injection*: every fact is stated in the training text (several
-templates, re-sampled over ``exposures`` documents), and evaluation asks about it with a
-question whose wording never appears in training.
+Tiny models score ~0 on open-domain QA learned from generic text (the premise of the data
+plan, not measured in this repository), so the real-data test is *knowledge injection*:
+every fact is stated in the training text (several templates, re-sampled over
+``exposures`` documents), and evaluation asks about it with a question whose wording never
+appears in training.
 
 Triples (subject, relation, object) come from pinned packages (:mod:`memlayers.data.corpus`):
 

@@ -3,9 +3,10 @@
 Three kinds:
 
 - :class:`BPETokenizer`: a byte-level BPE trained with the `tokenizers` library on the
-  project's corpus. Byte-level means every string round-trips exactly. DATA.md: 16k on
-  76 MB trains in ~12 s here; CPU-sized models want 4k–8k (a 32k vocabulary halves CPU
-  throughput and dominates a tiny model's parameters).
+  project's corpus. Byte-level means every string round-trips exactly. A 16k vocabulary
+  on 76 MB of text trained in ~12 s on 2 CPU cores (measured when the data pipeline was
+  planned; those notes are not in the repository); CPU-sized models want 4k–8k (a 32k
+  vocabulary halves CPU throughput and dominates a tiny model's parameters).
 - :class:`WordTokenizer`: a closed word-level vocabulary for synthetic data (bios), so
   every attribute value is a known, short token sequence and nothing is ever split in a
   data-dependent way. Pieces are GPT-2-style words with their leading space (``" Paris"``

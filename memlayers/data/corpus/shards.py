@@ -31,7 +31,8 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def parse_sources(sources: str | Iterable[str] | None) -> list[str]:
-    """Source names from ``"a,b"``, a list, or ``None`` / ``"default"`` (all). An empty
+    """Source names from ``"a,b"``, a list, or ``None`` / ``"default"`` (DEFAULT_SOURCES:
+    all but jargon and fortunes). An empty
     or repeated list is an error: a repeated source's second pass finds every paragraph
     already seen and would replace its documents with none."""
     if sources is None or sources == "default":
