@@ -74,9 +74,9 @@ def card_of(name: str) -> str:
     """A card's name in results files: ``h100`` / ``h200`` (SXM), ``h100-pcie``,
     ``h100-nvl``, ``h200-nvl`` (other peaks: :data:`memlayers.report.PEAK_BF16_FLOPS`, whose
     names it goes by), else the chip's (``a100``) or the whole name's slug."""
-    from memlayers.report import PEAK_BF16_FLOPS
+    from memlayers.report import known_card
 
-    known = next((k for k in PEAK_BF16_FLOPS if k in name), None)
+    known = known_card(name)
     if known is not None:
         return re.sub(r"[^a-z0-9]+", "-", known.lower())
     found = re.search(r"\b([a-z]\d{2,3})\b", name.lower())

@@ -47,14 +47,16 @@ def _positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
 
 
-def _positive_number(name: str, value, allow_none: bool = False) -> None:
-    """A finite number > 0 (an int or a float, not a bool), or None if ``allow_none``."""
+def _positive_number(name: str, value, allow_none: bool = False, allow_zero: bool = False) -> None:
+    """A finite number > 0 (an int or a float, not a bool; >= 0 if ``allow_zero``), or
+    None if ``allow_none``."""
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+    number = not isinstance(value, bool) and isinstance(value, int | float)
+    if not (number and (value >= 0 if allow_zero else value > 0) and value < math.inf):
         raise ValueError(
-            f"{name} must be a finite number > 0{' or None' if allow_none else ''}, got "
-            f"{name}={value!r}"
+            f"{name} must be a finite number {'>=' if allow_zero else '>'} 0"
+            f"{' or None' if allow_none else ''}, got {name}={value!r}"
         )
 
 

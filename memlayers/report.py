@@ -116,7 +116,13 @@ def peak_flops(device: torch.device | str) -> float | None:
 
 def peak_flops_of(name: str) -> float | None:
     """The bf16 dense peak of the card called ``name`` (``torch.cuda.get_device_name``)."""
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    card = known_card(name)
+    return None if card is None else PEAK_BF16_FLOPS[card]
+
+
+def known_card(name: str) -> str | None:
+    """The :data:`PEAK_BF16_FLOPS` key the card called ``name`` matches, or None."""
+    return next((k for k in PEAK_BF16_FLOPS if k in name), None)
 
 
 SI_UNITS = {"T": 1e12, "B": 1e9, "M": 1e6, "k": 1e3}

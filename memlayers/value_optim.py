@@ -45,6 +45,7 @@ import math
 
 import torch
 
+from memlayers.memory import _positive_number
 from memlayers.ops.embedding_bag import IMPLS, resolve_impl
 from memlayers.ops.row_adam import row_adam_step_, row_sgd_step_
 
@@ -62,12 +63,6 @@ MOMENTS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The attribute :func:`memlayers.parallel.shard_values_` sets on a column-sharded table's
 # parameter (its :class:`~memlayers.parallel.ColumnShard`).
 COLUMN_SHARD = "_memlayers_column_shard"
-
-
-def _check_number(group: dict, key: str, ok, want: str) -> None:
-    value = group[key]
-    if isinstance(value, torch.Tensor) or not (math.isfinite(value) and ok(value)):
-        raise ValueError(f"{key} must be a finite number {want}, got {key}={value!r}")
 
 
 def _check_impl(impl: str) -> None:
@@ -127,7 +122,7 @@ class _RowOptimizer(torch.optim.Optimizer):
     def check_group(self, group: dict) -> None:
         """Raise ``ValueError`` naming a hyperparameter of ``group`` that is out of range
         or not finite (the constructor's defaults and every group added)."""
-        _check_number(group, "lr", lambda v: v > 0, "> 0")
+        _positive_number("lr", group["lr"])
 
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer``'s, the group's values checked before it is added."""
@@ -208,8 +203,8 @@ class SparseValueAdam(_RowOptimizer):
         betas = group["betas"]
         if not (len(betas) == 2 and all(math.isfinite(b) and 0 <= b < 1 for b in betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got betas={betas!r}")
-        _check_number(group, "eps", lambda v: v > 0, "> 0")
-        _check_number(group, "weight_decay", lambda v: v >= 0, ">= 0")
+        _positive_number("eps", group["eps"])
+        _positive_number("weight_decay", group["weight_decay"], allow_zero=True)
         if self.rowwise_v:
             for p in group.get("params", ()):
                 shard = getattr(p, COLUMN_SHARD, None)
