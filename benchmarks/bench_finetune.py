@@ -29,7 +29,7 @@ from memlayers.data.bios import build_bios
 from memlayers.data.datasets import bios_from_args
 from memlayers.data.qa import write_qa_jsonl
 from memlayers.eval import perplexity, qa_eval
-from memlayers.finetune import METHODS, FinetuneArgs, finetune
+from memlayers.finetune import METHOD_DEFAULTS, METHODS, FinetuneArgs, finetune
 from memlayers.metrics import exact_match
 from memlayers.run import load_run
 
@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR")
-    p.add_argument("--top-t", type=int, default=FinetuneArgs().top_t)
+    p.add_argument("--top-t", type=int, default=METHOD_DEFAULTS["top_t"])
     p.add_argument("--orig-qa", type=int, default=600)
     p.add_argument("--val-tokens", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=1)

@@ -16,13 +16,16 @@ statement templates, ``--exposures`` times each, one a line). Of the ones it get
 ``--keep`` are the forgetting test (the share still answered right), with the loss on
 ``--val-tokens`` of the run's held-out corpus text. Every method gets the same data, steps,
 batch and seed, and is evaluated every ``--eval-every`` steps (a lora model with its
-adapters live); learning rates per method with ``--lr full=1e-4``.
+adapters live); learning rates per method with ``--lr full=1e-4``. The table's seconds are
+the finetuning's alone (background counts and steps), without the evaluations. A pool
+with no question answered right (or none wrong) is refused: nothing to keep (or teach).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import random
 import subprocess
@@ -81,34 +84,88 @@ def measure(model, tok, taught, kept, val, seq_len) -> dict:
             "val_loss": ppl["loss"]}  # fmt: skip
 
 
-def main() -> None:
+def _method_lr(text: str) -> tuple[str, float]:
+    """``METHOD=LR`` of ``--lr``, METHOD one of :data:`METHODS` and LR a finite number > 0
+    (a mistyped method, ``LoRA=5``, was silently ignored; ``full`` alone failed to unpack)."""
+    method, sep, value = text.partition("=")
+    if not sep or method not in METHODS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not METHOD=LR with METHOD one of {', '.join(METHODS)}"
+        )
+    try:
+        lr = float(value)
+    except ValueError:
+        lr = math.nan
+    if not (math.isfinite(lr) and lr > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: LR must be a finite number > 0")
+    return method, lr
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return n
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, refused at parse time where it would fail (or be ignored) later;
+    ``lrs``: the learning rate of every method."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--steps", type=int, default=24)
-    p.add_argument("--eval-every", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR")
-    p.add_argument("--top-t", type=int, default=2000)
+    p.add_argument("--steps", type=_positive, default=24)
+    p.add_argument("--eval-every", type=_positive, default=8)
+    p.add_argument("--batch-size", type=_positive, default=4)
+    p.add_argument("--seq-len", type=_positive, default=64)
+    p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", type=_method_lr,
+                   help=f"METHOD one of {', '.join(METHODS)} (default {DEFAULT_LR})")  # fmt: skip
+    p.add_argument("--top-t", type=_positive, default=2000)
     p.add_argument("--per-document", action="store_true",
                    help="sparse-memory: --top-t rows per document, not per batch")  # fmt: skip
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--pool", type=int, default=280, help="questions asked before")
-    p.add_argument("--teach", type=int, default=40)
-    p.add_argument("--keep", type=int, default=60)
-    p.add_argument("--exposures", type=int, default=2, help="per statement template")
-    p.add_argument("--val-tokens", type=int, default=1024)
+    p.add_argument("--rank", type=_positive, default=8)
+    p.add_argument("--pool", type=_positive, default=280, help="questions asked before")
+    p.add_argument("--teach", type=_positive, default=40)
+    p.add_argument("--keep", type=_positive, default=60)
+    p.add_argument("--exposures", type=_positive, default=2, help="per statement template")
+    p.add_argument("--val-tokens", type=_positive, default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--background-batches", type=int, default=4,
+        "--background-batches", type=_positive, default=4,
         help="sparse-memory: batches of corpus text whose row reads set the rows' specificity",
     )  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="markdown results (+ .json beside it)")
     p.add_argument("--plot", default=None, help="learned vs forgotten over steps (png)")
-    a = p.parse_args()
-    lrs = DEFAULT_LR | {k: float(v) for k, v in (s.split("=") for s in a.lr)}
+    a = p.parse_args(argv)
+    if a.seed < 0:
+        p.error(f"argument --seed: must be >= 0, got {a.seed}")
+    a.lrs = DEFAULT_LR | dict(a.lr)
+    return a
+
+
+def check_split(pool: int, wrong: int, known: int, teach: int, keep: int) -> None:
+    """Refuse a split with nothing to teach or nothing to keep: the learned (or kept)
+    share of none is no measurement (it printed nan%, and "kept 100%" before)."""
+    if teach and keep:
+        return
+    missing = " and ".join(
+        w for w, n in (("to teach (--teach: of those it gets wrong)", teach),
+                       ("to keep (--keep: of those it gets right)", keep)) if not n
+    )  # fmt: skip
+    raise SystemExit(
+        f"bench_retrofit: the run answers {known} of the {pool} pool questions right and "
+        f"{wrong} wrong, so there is nothing {missing}: a larger --pool, or a run that "
+        f"answers some questions right and some wrong"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    lrs = a.lrs
     t_start = time.perf_counter()
 
     base = load_run(a.run, a.device)
@@ -134,6 +191,7 @@ def main() -> None:
     known = [f for f, r in zip(pool, right, strict=True) if r]
     teach = rng.sample(wrong, min(a.teach, len(wrong)))
     keep = rng.sample(known, min(a.keep, len(known)))
+    check_split(len(pool), len(wrong), len(known), len(teach), len(keep))
     taught_recs, kept_recs = records(teach, shots), records(keep, shots)
     docs = statements(teach, a.exposures, a.seed)
     tokens = np.concatenate([np.asarray([*tok.encode(d), tok.eos_id]) for d in docs])
@@ -148,11 +206,13 @@ def main() -> None:
     seconds = {}
     for method in a.methods:
         run = load_run(a.run, a.device)
-        points = []
+        points, eval_seconds = [], [0.0]
 
-        def evaluate(step, model, points=points, method=method):
+        def evaluate(step, model, points=points, method=method, eval_seconds=eval_seconds):
             if step % a.eval_every == 0 or step == a.steps:
+                t = time.perf_counter()
                 m = measure(model, tok, taught_recs, kept_recs, val, seq_len) | {"step": step}
+                eval_seconds[0] += time.perf_counter() - t  # not the training's
                 points.append(m)
                 print(method, m, flush=True)
 
@@ -163,9 +223,11 @@ def main() -> None:
         t0 = time.perf_counter()
         done = finetune_model(run.model, tokens, args, seq_len, a.batch_size, run.args.optim,
                               background, after_step=evaluate, eos_id=tok.eos_id)  # fmt: skip
-        seconds[method] = time.perf_counter() - t0
+        # the finetuning alone (its background counts and steps), not the evaluations
+        seconds[method] = time.perf_counter() - t0 - eval_seconds[0]
         curves[method] = {"lr": lrs[method], "points": points, "losses": done.losses,
-                          "rows_touched": done.rows_touched}  # fmt: skip
+                          "rows_touched": done.rows_touched, "train_seconds": seconds[method],
+                          "eval_seconds": eval_seconds[0]}  # fmt: skip
         del run
 
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -186,7 +248,7 @@ def main() -> None:
         f"{a.batch_size} x {seq_len} tokens. Forgetting: the {len(keep)} kept questions (right "
         f"before), loss on {a.val_tokens:,} held-out corpus tokens.",
         "",
-        "| method | lr | seconds | facts learned (EM, held-out phrasing) | kept (EM of those "
+        "| method | lr | train seconds | facts learned (EM, held-out phrasing) | kept (EM of those "
         "right before) | val loss | Δ val loss |",
         "|---|---|---|---|---|---|---|",
         f"| before | | | {m0['learned']:.1%} | {m0['kept']:.1%} | {m0['val_loss']:.4f} | |",

@@ -39,10 +39,12 @@ from memlayers import eval as evaluation
 from memlayers.data import corpus
 
 # What a user's input can cause (a bad config or path, a missing or corrupted checkpoint, a
-# diverged run, a failed download): one `error:` line and a non-zero exit, no traceback;
-# `memlayers --debug ...` re-raises to show it.
+# diverged run, a failed download, an optional extra not installed: transformers, gguf,
+# lm-eval): one `error:` line and a non-zero exit, no traceback; `memlayers --debug ...`
+# re-raises to show it.
 USER_ERRORS = (
-    ValueError, OSError, checkpoint.CheckpointError, train.NonFiniteLossError, corpus.FetchError
+    ValueError, OSError, ImportError, checkpoint.CheckpointError, train.NonFiniteLossError,
+    corpus.FetchError,
 )  # fmt: skip
 
 
@@ -50,6 +52,9 @@ def _error(e: Exception, rc: int = 1) -> int:
     msg = str(e)
     if isinstance(e, OSError) and e.strerror and e.filename is not None:  # not "[Errno 17] ..."
         msg = f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    if isinstance(e, ImportError) and "pip install" not in msg:
+        # not a missing extra that names its install (memlayers.hf's): show where it was
+        msg += " (memlayers --debug COMMAND ... shows the traceback)"
     print(f"error: {msg}", file=sys.stderr)
     return rc
 
@@ -496,10 +501,17 @@ def _add_export(sub) -> None:
 
 
 def _export(ns: argparse.Namespace) -> int:
-    from memlayers import export
+    from memlayers import export, hf
 
     out = export.export_run(ns.run, ns.out, ns.overwrite)
-    print(f"wrote {out} (load: memlayers.hf.load_pretrained_with_memory or AutoModelForCausalLM)")
+    # AutoModelForCausalLM would load a memory model as the plain Llama: memory weights
+    # dropped, those blocks' MLPs fresh (the config's memlayers entry marks one)
+    with_memory = hf.CONFIG_KEY in json.loads((out / "config.json").read_text())
+    if with_memory:
+        how = "memlayers.hf.load_pretrained_with_memory (not AutoModelForCausalLM: memory blocks)"
+    else:
+        how = "transformers.AutoModelForCausalLM"
+    print(f"wrote {out} (load: {how})")
     return 0
 
 

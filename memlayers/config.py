@@ -316,7 +316,11 @@ def with_architecture(args: TrainArgs, fields: dict) -> TrainArgs:
     """A copy of ``args`` whose model has the pretrained model's architecture ``fields``
     (:data:`memlayers.retrofit.ARCHITECTURE_FIELDS`, from its config), so the resolved
     config the trainer saves describes it. A field the config set to another value than
-    the model's (and than the default) is an error: the weights could not fit."""
+    the model's is an error (the weights could not fit), unless that value is the field's
+    default (``ModelConfig``'s: ``tie_embeddings=false``, ``rope_theta=10000``,
+    ``norm_eps=1e-5``, ``max_seq_len=2048``, ``dim=128``, ``n_layers=4``, ``n_heads=4``,
+    ``vocab_size=32000``): the merged config cannot tell it from a field left unset, so
+    the model's value replaces it (docs/retrofit.md)."""
     from memlayers.model import ModelConfig
 
     default = ModelConfig.__dataclass_fields__

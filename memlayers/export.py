@@ -48,12 +48,18 @@ from memlayers.retrofit import ParallelMemory
 from memlayers.run import Run, load_run
 
 
+def memory_blocks(config) -> list[int]:
+    """The indices of the memory blocks: ``memory_layers``, or every block of an
+    ``ffn="memory"`` model (the block kinds decide, not the list)."""
+    return [i for i, kind in enumerate(config.block_kinds()) if kind == "memory"]
+
+
 def _check_exportable(model: Transformer) -> None:
     cfg = model.config
     other = sorted(set(cfg.block_kinds()) - {"dense", "memory"})
     if other:
         raise ValueError(f"{other} blocks have no transformers counterpart: dense and memory only")
-    if cfg.memory_layers and not cfg.memory.share_values:
+    if memory_blocks(cfg) and not cfg.memory.share_values:
         raise ValueError("per-layer value tables (memory.share_values=false) are not exportable")
     for m in model.modules():
         if isinstance(m, MemoryValues) and (
@@ -123,10 +129,10 @@ def to_transformers(model: Transformer, eos_id: int | None = None) -> nn.Module:
     )
     with torch.device(ref.device):
         hf = transformers.LlamaForCausalLM(config).to(ref.dtype)
-    if cfg.memory_layers:
+    if memory_blocks(cfg):
         parallel = any(isinstance(m, ParallelMemory) for m in model.modules())
         mode = "parallel" if parallel else "replace"
-        add_memory(hf, sorted(cfg.memory_layers), cfg.memory, mode=mode)
+        add_memory(hf, memory_blocks(cfg), cfg.memory, mode=mode)
     state = {_hf_name(k, kinds): v for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]

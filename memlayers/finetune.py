@@ -38,16 +38,22 @@ Options of another method (``--rank`` with sparse-memory, ``--top-t`` with lora,
 refused.
 
 The new run directory (never the source; an existing non-empty one only with
-``--overwrite``) holds the source's ``config.yaml`` and ``tokenizer.json`` (so ``eval``
-measures the run's own held-out text and QA), ``checkpoints/step_XXXXXX`` at the source's
-step + ``steps`` and ``finetune.json`` (method, settings, source checkpoint, per-step loss
-and rows updated). It is written into a hidden temporary directory and renamed into place.
+``--overwrite``) holds the source's ``config.yaml`` (its ``run_dir`` the new directory)
+and ``tokenizer.json`` (so ``eval`` measures the run's own held-out text and QA),
+``checkpoints/step_XXXXXX`` at the source's step + ``steps`` and ``finetune.json``
+(method, settings, source checkpoint, per-step loss and rows updated). It is written into
+a hidden temporary directory and renamed into place. ``memlayers train <new>/config.yaml
+steps=N --resume`` trains it further in place: its checkpoint holds the weights only, so
+the optimizer starts fresh, the data from the start of their order and the random streams
+re-seeded (the log says so). A finetuning whose loss or gradient goes non-finite stops
+there, naming the step, and writes nothing.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -61,6 +67,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from memlayers.data.loader import PackedLoader, load_dataset
+from memlayers.data.tokenizer import load_tokenizer
 from memlayers.memory import MemoryValues, ProductKeyMemory
 from memlayers.model import Attention, SwiGLU
 from memlayers.optim import build_optimizer, clip_grad_norm_, uses_sparse_values
@@ -72,39 +79,72 @@ from memlayers.value_optim import SparseValueAdam, coalesce_rows
 METHODS = ("sparse-memory", "full", "lora")
 
 
+# The defaults of the options only some methods read (:data:`METHOD_OPTIONS`): their
+# FinetuneArgs fields default to None ("not set"), so that one set explicitly, even to
+# this value, with a method that does not read it is refused (check_method_options), and
+# :meth:`FinetuneArgs.resolved` fills in these for the method that does.
+METHOD_DEFAULTS = {"top_t": 500, "background_batches": 8, "rank": 8, "alpha": 16.0}
+
+
 @dataclass
 class FinetuneArgs:
     method: str = "sparse-memory"  # sparse-memory | full | lora
     steps: int = 100
     lr: float | None = None  # None: the run's optim.value_lr (sparse-memory) or optim.lr
-    top_t: int = 500  # sparse-memory: rows updated per step (per value table)
+    # sparse-memory: rows updated per step (per value table); None: 500
+    top_t: int | None = None
     # sparse-memory: top_t rows per document of the batch (their union is trained), not
     # per batch; needs the EOS id that ends each document (finetune_model's eos_id)
     per_document: bool = False
-    rank: int = 8  # lora
-    alpha: float = 16.0  # lora: the adapter's output is scaled by alpha / rank
+    rank: int | None = None  # lora; None: 8
+    alpha: float | None = None  # lora: the adapter's output is scaled by alpha / rank; None: 16
     batch_size: int | None = None  # None: the run's data.batch_size (seq_len is the run's)
-    background_batches: int = 8  # sparse-memory: batches of background text counted
+    background_batches: int | None = None  # sparse-memory: batches of background text; None: 8
     grad_clip: float = 1.0  # max gradient norm of the trained parameters; 0: off
     seed: int = 0  # batch order, LoRA's A
 
     def validate(self) -> None:
+        """Refuse a setting that would fail, or do nothing sensible, only later: each
+        named with its value."""
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got method={self.method!r}")
-        for name in ("steps", "top_t", "rank", "background_batches"):
+        for name in ("steps", "top_t", "rank", "background_batches", "batch_size"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            if v is None and name != "steps":
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {name}={v!r}")
-        if self.batch_size is not None and self.batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got batch_size={self.batch_size!r}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got lr={self.lr!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got alpha={self.alpha!r}")
-        if not self.grad_clip >= 0:
-            raise ValueError(f"grad_clip must be >= 0, got grad_clip={self.grad_clip!r}")
+        # (a negative one: numpy's generator refused it inside the loader, the run loaded)
+        seed = self.seed
+        integer = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+        if not integer or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got seed={seed!r}")
+        # a learning rate, scale or clip of inf (or nan) trains the weights to nan
+        _check_real("lr", self.lr, positive=True, optional=True)
+        _check_real("alpha", self.alpha, positive=True, optional=True)
+        _check_real("grad_clip", self.grad_clip, positive=False)
         if not isinstance(self.per_document, bool):
             raise ValueError(f"per_document must be true or false, got {self.per_document!r}")
+
+    def resolved(self) -> FinetuneArgs:
+        """A copy with :data:`METHOD_DEFAULTS` filled in for the options ``method`` reads
+        and left unset (the options it does not read stay as they are)."""
+        fill = {
+            name: METHOD_DEFAULTS[name]
+            for name, (_, methods) in METHOD_OPTIONS.items()
+            if name in METHOD_DEFAULTS and self.method in methods and getattr(self, name) is None
+        }
+        return replace(self, **fill)
+
+
+def _check_real(name: str, v, positive: bool, optional: bool = False) -> None:
+    """A finite real number, > 0 (``positive``) or >= 0; None passes when ``optional``."""
+    if v is None and optional:
+        return
+    bound = "> 0" if positive else ">= 0"
+    ok = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)
+    if not ok or not (v > 0 if positive else v >= 0):
+        raise ValueError(f"{name} must be a finite number {bound}, got {name}={v!r}")
 
 
 # The options only some methods read: FinetuneArgs field -> (its flag, the methods reading it).
@@ -118,14 +158,15 @@ METHOD_OPTIONS = {
 
 
 def check_method_options(args: FinetuneArgs, background: str | Path | None = None) -> None:
-    """Refuse the :data:`METHOD_OPTIONS` set away from their defaults, and a ``background``
-    file, that ``args.method`` does not read (``--rank 4`` with sparse-memory would
-    otherwise be silently ignored), naming them and their values."""
-    default = FinetuneArgs()
+    """Refuse the :data:`METHOD_OPTIONS` set (not None; ``per_document`` true), and a
+    ``background`` file, that ``args.method`` does not read (``--rank 4`` with
+    sparse-memory would otherwise be silently ignored; so would ``--top-t 500`` with lora,
+    although 500 is sparse-memory's default), naming them and their values."""
+    unset = {"per_document": False}
     unused = [
         f"{flag}={getattr(args, name)!r}"
         for name, (flag, methods) in METHOD_OPTIONS.items()
-        if args.method not in methods and getattr(args, name) != getattr(default, name)
+        if args.method not in methods and getattr(args, name) != unset.get(name)
     ]
     if background is not None and args.method != "sparse-memory":
         unused.insert(0, f"--background={str(background)!r}")
@@ -477,6 +518,7 @@ def finetune_model(
     A lora model comes back merged. ``eos_id``: the token that ends each document
     (``args.per_document`` needs it)."""
     args.validate()
+    args = args.resolved()
     if args.per_document and (args.method != "sparse-memory" or eos_id is None):
         raise ValueError("per_document chooses sparse-memory rows per document: it needs "
                          f"method 'sparse-memory' and an eos_id, got method={args.method!r}, "
@@ -496,8 +538,7 @@ def finetune_model(
                 "method 'sparse-memory' trains value-table rows, but the model has no memory "
                 "layers: use --method full or lora"
             )
-        if background is None or len(background) <= seq_len:
-            raise ValueError("sparse-memory needs background text of more than seq_len tokens")
+        check_background(background, seq_len)
         model.requires_grad_(False)
         for t in tables:
             t.weight.requires_grad_(True)
@@ -539,6 +580,9 @@ def finetune_model(
             if per_doc:
                 captured.clear()  # what after_step's evaluation read
             loss = model(x, targets=y)
+            out.losses.append(loss.item())
+            if not math.isfinite(out.losses[-1]):  # stopped before it reaches the weights
+                raise _diverged(f"the loss is {out.losses[-1]}", step + 1, args, lr)
             loss.backward()
             if args.method == "sparse-memory":
                 kept = 0
@@ -557,10 +601,11 @@ def finetune_model(
                     touched[i][rows.cpu()] = True
                     kept += len(rows)
                 out.rows_updated.append(kept)
-            clip_grad_norm_(trained, args.grad_clip)
+            norm = float(clip_grad_norm_(trained, args.grad_clip))
+            if not math.isfinite(norm):
+                raise _diverged(f"the gradient norm is {norm}", step + 1, args, lr)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            out.losses.append(loss.item())
             bar.set_postfix(loss=f"{out.losses[-1]:.4f}", refresh=False)
             if after_step is not None:
                 after_step(step + 1, model)
@@ -569,9 +614,40 @@ def finetune_model(
         out.rows_touched = int(sum(m.sum() for m in touched))
     if args.method == "lora":
         merge_lora_(model)
+    # the last step's update (a finite loss and gradient can still step a weight to inf);
+    # max |w| is a reduction: no table-sized temporary
+    tensors = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers())
+               if t.is_floating_point() and t.numel()]  # fmt: skip
+    bad = next(
+        (n for n, t in tensors if not math.isfinite(float(t.detach().norm(float("inf"))))), None
+    )
+    if bad is not None:
+        raise _diverged(f"{bad} holds non-finite values", args.steps, args, lr, after=True)
     model.requires_grad_(True)
     model.eval()
     return out
+
+
+def check_background(background: np.ndarray | None, seq_len: int, what: str = "") -> None:
+    """Refuse a sparse-memory background of no sequence (``seq_len + 1`` tokens): ``what``
+    names it (``--background FILE``; default: "the background")."""
+    n = 0 if background is None else len(background)
+    if n <= seq_len:
+        raise ValueError(
+            f"{what or 'the background'} has {n:,} tokens: sparse-memory counts the rows "
+            f"background sequences read, and one sequence needs seq_len + 1 = {seq_len + 1:,} "
+            f"tokens (data.seq_len={seq_len})"
+        )
+
+
+def _diverged(what: str, step: int, args: FinetuneArgs, lr: float, after: bool = False):
+    """The error of a finetuning that went non-finite at ``step`` (nothing is written)."""
+    from memlayers.train import NonFiniteLossError
+
+    return NonFiniteLossError(
+        f"finetuning diverged: {what} {'after' if after else 'at'} step {step} of "
+        f"{args.steps} ({args.method}, lr={lr:g}); nothing is written. Try a lower --lr"
+    )
 
 
 @torch.no_grad()
@@ -616,6 +692,17 @@ def _check_out(src: Path, out: Path, overwrite: bool, name: str = "--out") -> No
         )
 
 
+def _read_texts(tokenizer, data_path, background, method: str, seq_len: int):
+    """The ``--data`` tokens and, for sparse-memory, the ``--background`` file's (None
+    without one), the background checked to hold a sequence."""
+    tokens = read_documents(data_path, tokenizer)
+    bg = None
+    if method == "sparse-memory" and background is not None:
+        bg = read_documents(background, tokenizer, "--background")
+        check_background(bg, seq_len, f"--background {background}")
+    return tokens, bg
+
+
 class FinetuneResult(NamedTuple):
     out: Path  # the new run directory
     checkpoint: Path  # its checkpoint
@@ -645,6 +732,13 @@ def finetune(
     for flag, path in (("--data", data_path), ("--background", background)):
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{flag} {path}: no such file")
+    # The text files against the run's tokenizer and seq_len before the model loads (a run
+    # written before tokenizer.json was saved rebuilds its tokenizer in load_run: after).
+    d = src.config().data
+    tokens = bg = None
+    if src.tokenizer_path.is_file():
+        tokens, bg = _read_texts(load_tokenizer(src.tokenizer_path), data_path, background,
+                                 args.method, d.seq_len)  # fmt: skip
     trained = load_run(run_dir, device)
     if trained.tokenizer is None:
         raise ValueError(f"{src.root}: the run has no tokenizer to encode --data with")
@@ -656,13 +750,12 @@ def finetune(
         )
     if any(t.bits is not None for t in tables):
         raise ValueError(f"{trained.checkpoint} is quantized (for serving): finetune its float run")
-    tokens = read_documents(data_path, trained.tokenizer)
-    bg = None
-    if args.method == "sparse-memory":
-        if background is not None:
-            bg = read_documents(background, trained.tokenizer, "--background")
-        else:
-            bg = load_dataset(trained.args.data).train
+    if tokens is None:
+        tokens, bg = _read_texts(trained.tokenizer, data_path, background, args.method,
+                                 d.seq_len)  # fmt: skip
+    if args.method == "sparse-memory" and background is None:
+        bg = load_dataset(trained.args.data).train
+        check_background(bg, d.seq_len, f"the run's training split ({src.root})")
     d = trained.args.data
     batch = args.batch_size or d.batch_size
     model = trained.model
@@ -672,7 +765,7 @@ def finetune(
 
     record = {
         "method": args.method,
-        "args": asdict(args),
+        "args": asdict(args.resolved()),
         "lr": args.lr if args.lr is not None else _default_lr(args.method, trained.args.optim),
         "source": str(trained.checkpoint.resolve()),
         "data": str(Path(data_path).resolve()),

@@ -11,6 +11,9 @@
 
 The prompt is encoded with the run's tokenizer after an EOS (documents in the packed
 training stream start after one), so it reads like the start of a training document.
+Only ids the tokenizer can decode are emitted: a model whose embedding is padded past its
+tokenizer (a pretrained one's, ``model.hf``) decodes over the tokenizer's ids alone
+(:func:`memlayers.run.restrict_vocab_`).
 A quantized run (``memlayers quantize``) loads as it was saved; ``--quantized 8|4``
 quantizes a float run's value tables after loading, for this call only
 (:func:`memlayers.quantize.quantize_tables_`). ``--offload`` keeps the value tables
@@ -72,7 +75,10 @@ def generate(
     # the float tables out of the file and page-lock them first: 4.3 GB for the 373m
     # preset's fp32 table, to pin 0.6 GB of int4).
     zero_copy_packed = quantized is not None and mode == "zero-copy"
-    run = load_run(run_dir, device, offload="gather" if zero_copy_packed else offload)
+    # decodable: a padded embedding's extra ids (a pretrained model's) are never emitted
+    run = load_run(
+        run_dir, device, offload="gather" if zero_copy_packed else offload, decodable=True
+    )
     tok, model = run.tokenizer, run.model
     if quantized is not None:
         table = table_format(model)

@@ -84,16 +84,37 @@ def _gguf_kwargs(gguf: str | None) -> dict:
 
 
 def transformers_config(spec: str, cache=None):
-    """The transformers config of ``model.hf=spec`` (no weights loaded)."""
+    """The transformers config of ``model.hf=spec`` (no weights loaded); a model saved with
+    memory layers is refused (:func:`check_no_memory`)."""
     transformers = _transformers()
     path, gguf = resolve_pretrained(spec, cache)
-    return transformers.AutoConfig.from_pretrained(path, **_gguf_kwargs(gguf))
+    config = transformers.AutoConfig.from_pretrained(path, **_gguf_kwargs(gguf))
+    check_no_memory(config, spec)
+    return config
+
+
+def check_no_memory(config, spec: str) -> None:
+    """``model.hf`` must name a model without memory layers: ``AutoModelForCausalLM`` loads
+    a directory written by ``memlayers export`` (or ``add_memory`` + ``save_pretrained``,
+    its config's ``memlayers`` entry) as the plain architecture, dropping the memory
+    weights and initialising the memory blocks' MLPs afresh, without an error."""
+    if getattr(config, CONFIG_KEY, None) is not None:
+        raise ValueError(
+            f"model.hf={spec!r} has memory layers (its config.json has a '{CONFIG_KEY}' "
+            f"entry: written by memlayers export or hf.add_memory + save_pretrained), which "
+            f"a retrofit would drop, re-initialising those blocks' MLPs. Continue training "
+            f"from the memlayers run it came from (memlayers train --resume, or "
+            f"--resume-from CHECKPOINT), or load it with "
+            f"memlayers.hf.load_pretrained_with_memory"
+        )
 
 
 def load_transformers_model(spec: str, cache=None) -> nn.Module:
     """The pretrained causal LM of ``model.hf=spec`` in fp32 on the CPU (a GGUF file is
-    dequantised: ~20 s for SmolLM2-135M on 2 CPU cores)."""
+    dequantised: ~20 s for SmolLM2-135M on 2 CPU cores); one saved with memory layers is
+    refused before its weights load (:func:`check_no_memory`)."""
     transformers = _transformers()
+    transformers_config(spec, cache)  # the check, on the config alone
     path, gguf = resolve_pretrained(spec, cache)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, **_gguf_kwargs(gguf)

@@ -31,6 +31,7 @@ The harness's own CLI (``lm_eval --model ...``) knows only its built-in types; u
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -94,6 +95,7 @@ class MemlayersLM(TemplateLM):
         self.model = self.trained.model  # in eval mode
         self.tok = self.trained.tokenizer
         self._device = next(self.model.parameters()).device
+        self._warned_generation = False  # generate_until cut a max_gen_toks (warned once)
 
     # --- what TemplateLM needs ------------------------------------------------------
 
@@ -212,7 +214,8 @@ class MemlayersLM(TemplateLM):
         new: list[int] = []
         text = ""
         for _ in range(max_new):
-            nxt = int(logits.argmax())
+            # ids past the tokenizer (a pretrained model's padded embedding) never win
+            nxt = int(logits[: self.tok.vocab_size].argmax())
             if nxt == self.eot_token_id:
                 break
             new.append(nxt)
@@ -226,9 +229,30 @@ class MemlayersLM(TemplateLM):
             text = text.split(s, 1)[0]
         return text
 
+    def _generation_window(self, ids: list[int], want: int) -> tuple[list[int], int]:
+        """``(context ids kept, tokens to generate)`` within ``max_length``: the context's
+        last ``max_length - want`` tokens, but never fewer than half the window (or all of
+        a shorter context); the generation is cut to what is left, with a warning (once per
+        model). Cutting the context instead left the harness's default ``max_gen_toks=256``
+        on a model of ``max_seq_len`` <= 257 one token of it: the answer to no question."""
+        keep = max(1, min(len(ids), max(self.max_length - want, self.max_length // 2)))
+        max_new = min(want, self.max_length - keep)
+        if max_new < want and not self._warned_generation:
+            self._warned_generation = True
+            warnings.warn(
+                f"max_gen_toks={want} does not fit max_seq_len={self.max_length} beside the "
+                f"context: generating at most {max_new} tokens after the context's last "
+                f"{keep} of {len(ids)} (the context keeps at least half the window; this "
+                f"warning is given once)",
+                stacklevel=3,
+            )
+        return ids[len(ids) - keep :], max_new
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy only (``do_sample`` or a temperature > 0 is refused); one request at a
-        time. The context keeps its last ``max_seq_len - max_gen_toks`` tokens."""
+        time. The context keeps its last ``max_seq_len - max_gen_toks`` tokens, at least
+        half the window: a longer ``max_gen_toks`` is cut, with a warning
+        (:meth:`_generation_window`)."""
         out = []
         for req in tqdm(requests, desc="memlayers generate", disable=disable_tqdm):
             context, kwargs = req.args
@@ -241,8 +265,9 @@ class MemlayersLM(TemplateLM):
                     f"(do_sample={kwargs.get('do_sample')}, "
                     f"temperature={kwargs.get('temperature')})"
                 )
-            max_new = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)), self.max_length - 1)
-            ids = self.tok_encode(context)[-(self.max_length - max_new) :]
+            ids, max_new = self._generation_window(
+                self.tok_encode(context), int(kwargs.get("max_gen_toks", self.max_gen_toks))
+            )
             text = self._greedy(ids, max_new, until)
             out.append(text)
             self.cache_hook.add_partial("generate_until", (context, req.args[1]), text)

@@ -21,7 +21,10 @@ Build on the meta device, then allocate and fill (torchtitan style)::
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -545,3 +548,46 @@ def build_model(
         torch.manual_seed(seed)
     model.init_weights()
     return model
+
+
+@torch.no_grad()
+def restrict_vocab_(model: Transformer, vocab_size: int) -> Transformer:
+    """``model`` with its embedding and output head cut to their first ``vocab_size``
+    rows, in place, for decoding (views of the same weights, no gradient); returns it.
+
+    A pretrained model's embedding is often padded past its tokenizer (to a multiple of
+    64 or 128 rows): the padded ids, which no text encodes to and the tokenizer cannot
+    decode, would be candidates in greedy decoding and sampling. Cut, the logits are the
+    model's over ids < ``vocab_size`` alone, as if the padded ones were masked to -inf;
+    the model's config says ``vocab_size``, so the id checks refuse a padded id too."""
+    cfg = model.config
+    if vocab_size > cfg.vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} exceeds the model's {cfg.vocab_size}")
+    if vocab_size == cfg.vocab_size:
+        return model
+    emb = model.tok_embeddings
+    emb.weight = torch.nn.Parameter(emb.weight.detach()[:vocab_size], requires_grad=False)
+    emb.num_embeddings = vocab_size
+    if model.output is not None:  # an untied head (a tied one is the embedding, cut above)
+        head = model.output
+        head.weight = torch.nn.Parameter(head.weight.detach()[:vocab_size], requires_grad=False)
+        head.out_features = vocab_size
+    model.config = dataclasses.replace(cfg, vocab_size=vocab_size)
+    return model
+
+
+@contextlib.contextmanager
+def restricted_vocab(model: Transformer, vocab_size: int) -> Iterator[Transformer]:
+    """:func:`restrict_vocab_` for the ``with`` block only: the embedding, head and config
+    are put back after it (greedy QA answers and lm-eval's free text decode through it,
+    while losses keep the model's whole vocabulary)."""
+    emb, head, cfg = model.tok_embeddings, model.output, model.config
+    saved = (emb.weight, emb.num_embeddings, head.weight if head is not None else None)
+    restrict_vocab_(model, vocab_size)
+    try:
+        yield model
+    finally:
+        emb.weight, emb.num_embeddings = saved[0], saved[1]
+        if head is not None:
+            head.weight, head.out_features = saved[2], cfg.vocab_size
+        model.config = cfg

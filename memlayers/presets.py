@@ -193,7 +193,9 @@ class ModelArgs(ModelConfig):
     def validate(self) -> None:
         """ModelConfig's checks; an unset ``vocab_size`` is checked once it is filled. With
         ``hf`` the architecture is the pretrained model's, known once it is read: only the
-        memory settings are checked here (the layer indices against its depth later)."""
+        memory settings are checked here (the layer indices against its depth later), and
+        that every block is the pretrained one or gets Memory+ at ``memory_layers`` (an
+        ``ffn`` kind or PEER blocks would have no pretrained weights to start from)."""
         from memlayers.retrofit import check_memory_mode
 
         if self.memory_mode is not None:
@@ -205,6 +207,19 @@ class ModelArgs(ModelConfig):
                 raise ValueError(
                     f"model.hf={self.hf!r} is the model; model.preset={self.preset!r} names "
                     f"another: set one of them (model.preset=null)"
+                )
+            other = {
+                k: v
+                for k, v in (("ffn", self.ffn), ("peer_layers", self.peer_layers))
+                if v not in ("dense", [])
+            }
+            if other:
+                shown = ", ".join(f"model.{k}={v!r}" for k, v in other.items())
+                raise ValueError(
+                    f"model.hf={self.hf!r} keeps the pretrained model's blocks and adds Memory+ "
+                    f"at model.memory_layers; {shown} would replace blocks with kinds it has "
+                    f"no weights for: leave model.ffn=dense and model.peer_layers=[] (Memory+ "
+                    f"in every block: model.memory_layers=[0, ..., n_layers - 1])"
                 )
             self.memory.validate()
             return

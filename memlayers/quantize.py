@@ -11,7 +11,8 @@ Only the value tables are quantized: they hold most of a Memory+ model's paramet
 are what a compact format pays off on; everything else stays as trained. The format and
 its error bound: :mod:`memlayers.ops.quantized` (docs/method.md §5).
 
-The new run directory holds the source run's ``config.yaml`` and ``tokenizer.json`` and
+The new run directory holds the source run's ``config.yaml`` (its ``run_dir`` the new
+directory) and ``tokenizer.json`` and
 ``checkpoints/step_XXXXXX/`` of the same step: ``model.safetensors`` (``qdata`` and
 ``qscales`` in place of each table's ``weight``) and ``meta.json``, whose
 ``"quantization"`` records bits, group, the source checkpoint and the table's bytes before
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch.nn as nn
+from omegaconf import OmegaConf
 
 from memlayers.checkpoint import model_from_checkpoint, save_checkpoint, verify_checkpoint
 from memlayers.config import resolve_device
@@ -162,11 +164,18 @@ def write_derived_run(
     """Write a run made from ``source`` (quantized, finetuned) to ``out`` atomically: its
     config and tokenizer, ``files`` (name → text) and one checkpoint of ``model`` at
     ``step`` (``meta``: extra ``save_checkpoint`` fields), built in a temporary sibling
-    directory and renamed into place. Returns the checkpoint's path under ``out``."""
+    directory and renamed into place. Returns the checkpoint's path under ``out``.
+
+    The config's ``run_dir`` names ``out`` (absolute), not the source: ``memlayers train
+    <out>/config.yaml --resume`` then trains the new run in place, where the source's
+    ``run_dir`` resumed (and pruned the checkpoints of) the source run."""
     with atomic_dir(out) as tmp:
-        for f in (source.config_path, source.tokenizer_path):
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
+        if source.config_path.is_file():
+            config = OmegaConf.load(source.config_path)
+            config.run_dir = str(Path(out).resolve())
+            (tmp / source.config_path.name).write_text(OmegaConf.to_yaml(config))
+        if source.tokenizer_path.is_file():
+            shutil.copy2(source.tokenizer_path, tmp / source.tokenizer_path.name)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
         saved = save_checkpoint(

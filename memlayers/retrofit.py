@@ -13,9 +13,16 @@ the ``memory_layers`` of the config, in one of two modes:
 
 Either way the memory's output projection starts at zero (:func:`silence_memory_outputs_`),
 so in parallel mode the model computes the pretrained model's logits until training moves
-it (tests/test_retrofit.py checks it against transformers). Architectures with biases,
-rope scaling or sliding-window attention (Qwen2, Llama 3.1, Mistral) have no counterpart
-here and are refused by :func:`architecture_from_transformers`.
+it (tests/test_retrofit.py checks it against transformers).
+
+Only ``model_type`` ``llama`` and ``mistral`` are read (:data:`RETROFIT_MODEL_TYPES`):
+many other transformers configs have the same field names but other maths (Granite's
+multipliers, SmolLM3's layers without rope, Helium's rotary layout, Qwen2's q/k/v biases,
+which its config does not even record), so a look at the fields alone would load them
+with wrong logits. Among those two, biases, rope scaling (Llama 3.1) and sliding-window
+attention (Mistral 7B) have no counterpart here either: all are refused by
+:func:`architecture_from_transformers`, which names :func:`memlayers.hf.add_memory` (Memory+
+in any transformers model, its own architecture kept) for the rest.
 
 Nothing here imports ``transformers``: the config is read by attribute and the weights
 arrive as a state dict (:func:`memlayers.hf.load_transformers_model` loads them).
@@ -124,10 +131,25 @@ ARCHITECTURE_FIELDS = (
 )  # fmt: skip
 
 
+# The transformers model types whose maths is memlayers' decoder given the checks below
+# (tests/test_retrofit.py compares the logits of each); any other is refused.
+RETROFIT_MODEL_TYPES = ("llama", "mistral")
+
+
 def architecture_from_transformers(config) -> dict:
-    """The :data:`ARCHITECTURE_FIELDS` of a transformers Llama-style config (read by
-    attribute); ``ValueError`` naming what has no memlayers counterpart."""
-    name = getattr(config, "model_type", type(config).__name__)
+    """The :data:`ARCHITECTURE_FIELDS` of a transformers Llama or Mistral config (read by
+    attribute); ``ValueError`` naming what has no memlayers counterpart: another
+    ``model_type`` (:data:`RETROFIT_MODEL_TYPES`), biases, rope scaling, a sliding window,
+    another activation or head size."""
+    name = getattr(config, "model_type", None) or type(config).__name__
+    if name not in RETROFIT_MODEL_TYPES:
+        raise ValueError(
+            f"model_type {name!r}: memlayers maps only {' and '.join(RETROFIT_MODEL_TYPES)} "
+            f"models onto its decoder weight for weight (another architecture's maths "
+            f"differs even where its config's fields look alike). For Memory+ in any "
+            f"transformers causal LM, keeping its own architecture, use "
+            f"memlayers.hf.add_memory(model, layers)"
+        )
     hidden, heads = config.hidden_size, config.num_attention_heads
     refuse = {
         "attention_bias": getattr(config, "attention_bias", False),
@@ -149,7 +171,8 @@ def architecture_from_transformers(config) -> dict:
     if bad:
         raise ValueError(
             f"{name}: {bad} has no counterpart in the memlayers decoder (Llama: no biases, "
-            f"SwiGLU, plain rotary embeddings, full attention)"
+            f"SwiGLU, plain rotary embeddings, full attention); memlayers.hf.add_memory "
+            f"adds Memory+ to the transformers model as it is"
         )
     return dict(
         dim=hidden,

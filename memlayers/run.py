@@ -34,7 +34,7 @@ from memlayers.checkpoint import (
     verify_checkpoint,
 )
 from memlayers.config import TrainArgs, load_config, resolve_device
-from memlayers.model import Transformer
+from memlayers.model import Transformer, restrict_vocab_
 
 
 class RunError(ValueError):
@@ -174,10 +174,17 @@ def load_run(
     device: str = "auto",
     need_tokenizer: bool = True,
     offload: bool | str = False,
+    decodable: bool = False,
 ) -> TrainedRun:
     """Load a run directory's newest checkpoint (or the checkpoint ``path`` names),
     verified once, with the run's tokenizer; ``offload``: value tables memory-mapped on the
     host (:mod:`memlayers.offload`; ``"zero-copy"``: page-locked, read in place).
+
+    The tokenizer may have fewer tokens than the model in a ``model.hf`` run (a pretrained
+    model's padded embedding), never more. ``decodable``: the model then cut to the
+    tokenizer's ids (:func:`restrict_vocab_`), so that decoding never emits an id the
+    tokenizer cannot decode (``memlayers generate``); the logits are then normalised over
+    those ids alone, so it is not for losses that compare with training's.
 
     The optimizer state is not read, so only its size is checked, not its sha256 (twice
     the table's bytes for Adam). With ``offload`` the weights file gets the same
@@ -197,9 +204,15 @@ def load_run(
         tok = load_tokenizer(run.tokenizer_path)
     elif need_tokenizer:
         tok = load_dataset(args.data).tokenizer  # older runs: rebuild (deterministic)
-    if tok is not None and tok.vocab_size != model.config.vocab_size:
+    # A pretrained model's embedding may have more rows than its tokenizer has tokens (the
+    # trainer accepts it: memlayers.train.read_pretrained); any other run's vocab_size is
+    # its tokenizer's (config.with_vocab). More tokens than rows: ids the model lacks.
+    n_tok, rows = (tok.vocab_size, model.config.vocab_size) if tok is not None else (0, 0)
+    if n_tok > rows or (n_tok < rows and args.model.hf is None):
         raise RunError(
-            f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
-            f"{model.config.vocab_size}: {run.tokenizer_path} is not this run's"
+            f"the tokenizer has {n_tok} tokens but the model's vocab_size is {rows}: "
+            f"{run.tokenizer_path} is not this run's"
         )
+    if decodable and tok is not None:
+        restrict_vocab_(model, tok.vocab_size)
     return TrainedRun(run, ckpt, args, model, tok, run.progress(meta, args, ckpt))

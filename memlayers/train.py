@@ -252,12 +252,16 @@ def read_pretrained(
     name = args.data.dataset
     want = f"hf:{args.model.hf}"
     section = getattr(args.data, name, None) if name in TOKENIZED_DATASETS else None
-    if section is None or section.tokenizer != want:
+    if section is None:
         raise ValueError(
-            f"model.hf={args.model.hf!r} reads the data with its own tokenizer: use a dataset "
-            f"with a tokenizer option ({', '.join(TOKENIZED_DATASETS)}) and leave "
-            f"data.{name}.tokenizer at {want!r}"
-            + (f" (it is {section.tokenizer!r})" if section is not None else "")
+            f"model.hf={args.model.hf!r} reads the data with its own tokenizer, and "
+            f"data.dataset={name!r} has no tokenizer option: use a dataset that has one "
+            f"({', '.join(TOKENIZED_DATASETS)}; with model.hf its tokenizer is {want!r})"
+        )
+    if section.tokenizer != want:
+        raise ValueError(
+            f"model.hf={args.model.hf!r} reads the data with its own tokenizer: leave "
+            f"data.{name}.tokenizer at {want!r} (it is {section.tokenizer!r})"
         )
     if weights:
         model = hf.load_transformers_model(args.model.hf)
@@ -345,7 +349,8 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
     ``steps``. ``resume``: ``"latest"`` for ``run_dir``'s newest checkpoint, or any path
     :func:`memlayers.checkpoint.resolve_checkpoint` accepts. Without it, a ``run_dir``
     that already holds a run is an error unless ``overwrite`` (which deletes that run's
-    files first): :meth:`memlayers.run.Run.start_fresh`.
+    files once everything that can refuse the new one has passed, before its first
+    write): :meth:`memlayers.run.Run.start_fresh`.
     """
     t_start = time.perf_counter()  # the run's training seconds count from here
     check_warmup(args)
@@ -379,15 +384,12 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
         )
     if not own:
         # A fresh start, or another run's checkpoint starting this one: either must not
-        # mix with a run already here. Every rank checks (the same answer, so no rank
-        # waits on one that raised); the barrier keeps rank 0's first writes, deleting an
-        # old run too, after every rank's check: a rank still looking at checkpoints/
-        # must not find it gone.
-        run.start_fresh(overwrite, clear=env.world_size == 1)
-        if env.world_size > 1:
-            dist.barrier()
-            if env.is_main:
-                run.start_fresh(overwrite)
+        # mix with a run already here. Every rank checks now (the same answer, so no rank
+        # waits on one that raised); with overwrite the old run is deleted only once
+        # everything below that can refuse (the data and its tokenizer, the pretrained
+        # model and its weights, the optimizer, the checkpoint) has passed, just before
+        # the first write.
+        run.start_fresh(overwrite, clear=False)
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and env.device.type == "cuda")
     autocast = (
         torch.autocast(env.device.type, dtype=torch.bfloat16)
@@ -451,18 +453,35 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
         start = int(state["step"])
         # A checkpoint of another number of ranks (DCP reshards the weights and optimizer
         # state): the data go on at the same place of the order, the RNGs re-seeded.
-        if len(state["rng"]) == env.world_size:
-            _restore_rng(state["rng"], env)
-        else:
+        if "rng" not in state or "data" not in state:
+            # weights only (memlayers finetune writes such checkpoints): they train on
             reseed_rng(args.seed, start, env.rank)
-        loader.load_state_dict(state["data"])
-        layout_note = resume_layout_note(state["data"], len(state["rng"]), loader)
+            layout_note = (
+                f"the checkpoint holds no data-loader position or RNG state (a finetuned "
+                f"run's): training goes on from its weights, the data from the start of "
+                f"their order (data.seed={args.data.seed}), the random streams re-seeded "
+                f"from (seed, step, rank)"
+            )
+        else:
+            if len(state["rng"]) == env.world_size:
+                _restore_rng(state["rng"], env)
+            else:
+                reseed_rng(args.seed, start, env.rank)
+            loader.load_state_dict(state["data"])
+            layout_note = resume_layout_note(state["data"], len(state["rng"]), loader)
         if usage is not None and "usage" in state:
             usage.load_state_dict(state["usage"])
     else:
         torch.manual_seed(args.seed + env.rank)  # dropout streams differ per rank
     if start >= args.steps:
         raise ValueError(f"the checkpoint is at step {start}, nothing to do for steps={args.steps}")
+    if not own:  # nothing refused: the old run (with overwrite) goes now, before any write
+        # The barrier keeps rank 0's first writes, deleting an old run too, after every
+        # rank's check: a rank still looking at checkpoints/ must not find it gone.
+        if env.world_size > 1:
+            dist.barrier()
+        if env.is_main:
+            run.start_fresh(overwrite)
     set_aside = changes = kept = None
     if env.is_main:
         if resume is not None and own:

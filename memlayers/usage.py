@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # memory.py imports this module
 
 def kl_uniform(mass: torch.Tensor) -> torch.Tensor:
     """KL(p ‖ U) in nats over the last dim of ``mass [..., n]``, ``p = mass / Σ mass``
-    (``0 · log 0 = 0``): a float64 tensor ``[...]`` on ``mass``'s device, no host sync."""
+    (``0 · log 0 = 0``): a float64 tensor ``[...]`` on ``mass``'s device, no host sync (so
+    an all-zero row is not refused: its KL is NaN; :func:`kl_from_uniform` refuses it)."""
     m = mass.double()
     p = m / m.sum(-1, keepdim=True)
     return torch.xlogy(p, p * m.shape[-1]).sum(-1)
@@ -38,21 +39,39 @@ def kl_uniform(mass: torch.Tensor) -> torch.Tensor:
 def gini_coefficient(mass: torch.Tensor) -> torch.Tensor:
     """Gini coefficient over the last dim of non-negative ``mass [..., n]``,
     ``Σ (2i - n - 1) x_(i) / (n Σ x)`` with ``x_(i)`` sorted ascending: float64 ``[...]``
-    on ``mass``'s device, no host sync (one sort: meant for log steps, not every step)."""
+    on ``mass``'s device, no host sync (one sort: meant for log steps, not every step); an
+    all-zero row gives NaN (:func:`gini` refuses it)."""
     x = mass.sort(-1).values.double()
     n = x.shape[-1]
     i = torch.arange(1, n + 1, dtype=torch.float64, device=x.device)
     return ((2 * i - n - 1) * x).sum(-1) / (n * x.sum(-1))
 
 
+def _distribution(mass: torch.Tensor, what: str) -> torch.Tensor:
+    """``mass`` flattened, refused (ValueError) unless it is non-negative with a positive
+    finite sum: an all-zero (or empty) mass is no distribution, and its KL and Gini would
+    be 0/0 = NaN."""
+    m = mass.flatten()
+    total = float(m.double().sum()) if m.numel() else 0.0
+    if not (math.isfinite(total) and total > 0) or bool((m < 0).any()):
+        raise ValueError(
+            f"{what} needs non-negative values with a positive finite sum, got "
+            f"{m.numel()} values summing to {total:g}"
+            + (" (some negative)" if m.numel() and bool((m < 0).any()) else "")
+        )
+    return m
+
+
 def kl_from_uniform(mass: torch.Tensor) -> float:
-    """KL(p ‖ U) in nats, ``p = mass / mass.sum()``, over ``len(mass)`` outcomes."""
-    return float(kl_uniform(mass.flatten()))
+    """KL(p ‖ U) in nats, ``p = mass / mass.sum()``, over ``len(mass)`` outcomes. An
+    all-zero (or empty) ``mass``, which defines no p, is refused (ValueError)."""
+    return float(kl_uniform(_distribution(mass, "kl_from_uniform")))
 
 
 def gini(mass: torch.Tensor) -> float:
-    """Gini coefficient of non-negative values: ``Σ (2i - n - 1) x_(i) / (n Σ x)``."""
-    return float(gini_coefficient(mass.flatten()))
+    """Gini coefficient of non-negative values: ``Σ (2i - n - 1) x_(i) / (n Σ x)``. All
+    zero (or none) is refused (ValueError), as :func:`kl_from_uniform` refuses it."""
+    return float(gini_coefficient(_distribution(mass, "gini")))
 
 
 class MemoryUsage:
@@ -96,6 +115,12 @@ class MemoryUsage:
         """The statistics as a dict of floats (see the module docstring)."""
         if self.counts is None or int(self.counts.sum()) == 0:
             raise ValueError("no lookups recorded: call update() with at least one row")
+        if not float(self.mass.sum()) > 0:  # rows read, all with weight 0: no distribution
+            raise ValueError(
+                f"the {int(self.counts.sum())} reads recorded have a total weight of "
+                f"{float(self.mass.sum()):g}: the weight statistics (kl_uniform, gini) need "
+                f"a positive one"
+            )
         return {
             "rows_used_pct": 100.0 * float((self.counts > 0).double().mean()),
             "kl_uniform": kl_from_uniform(self.mass),

@@ -176,9 +176,18 @@ def test_missing_transformers_names_the_extra(hf_dir, tmp_path, monkeypatch):
         train(_args(hf_dir, tmp_path / "x"))
 
 
-def test_qwen2_biases_are_refused():
+def test_qwen2_is_refused():
+    """Unmodified: Qwen2's config records no attention_bias (its q/k/v projections have
+    biases all the same), so the model type refuses it, naming hf.add_memory."""
     cfg = transformers.Qwen2Config(hidden_size=64, num_attention_heads=4, num_hidden_layers=2)
-    cfg.attention_bias = True
+    with pytest.raises(ValueError, match="model_type 'qwen2'.*memlayers.hf.add_memory"):
+        retrofit.architecture_from_transformers(cfg)
+
+
+def test_llama_biases_are_refused():
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, num_attention_heads=4, num_hidden_layers=2, attention_bias=True
+    )
     with pytest.raises(ValueError, match="attention_bias.*no counterpart"):
         retrofit.architecture_from_transformers(cfg)
 

@@ -18,7 +18,7 @@ from memlayers.metrics import (
     knowledge_bits,
     qa_scores,
 )
-from memlayers.model import Transformer
+from memlayers.model import Transformer, restricted_vocab
 
 BIOS_DATASETS = ("bios", "bios_compact")
 
@@ -35,7 +35,13 @@ def greedy_answers(
     """Greedy answers to ``records`` with the KV cache, batched by prompt length (no
     padding, so every answer is exactly what one-by-one decoding gives). The prompt is
     ``[EOS] + encode(qa_prompt(question, context))`` as in :func:`memlayers.metrics`; an answer
-    ends at EOS or a newline."""
+    ends at EOS or a newline. A model whose embedding is padded past the tokenizer decodes
+    over the tokenizer's ids alone (:func:`memlayers.model.restricted_vocab`)."""
+    with restricted_vocab(model, min(tokenizer.vocab_size, model.config.vocab_size)):
+        return _greedy_answers(model, tokenizer, records, max_new_tokens, batch_size, progress)
+
+
+def _greedy_answers(model, tokenizer, records, max_new_tokens, batch_size, progress):
     device = next(model.parameters()).device
     eos = tokenizer.eos_id
     prompts = [

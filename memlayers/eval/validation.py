@@ -128,13 +128,15 @@ def track_memory_usage(model: Transformer):
 
 def usage_report(model: Transformer, trackers: dict[int, MemoryUsage]) -> dict[str, dict]:
     """``{"block_<i>": stats}`` per memory layer, plus ``"shared_table"`` (all layers'
-    reads of the one Memory+ table together) when the layers share values."""
+    reads of the one Memory+ table together) when the layers share values. Its
+    ``lookups`` are tokens, as a layer's are: every layer reads the table once for each
+    of the same tokens (summing the layers' counted each token once per layer)."""
     out = {f"block_{i}": u.report() for i, u in trackers.items() if u.counts is not None}
     used = [u for u in trackers.values() if u.counts is not None]
     if model.memory_values is not None and len(used) > 1:
         merged = MemoryUsage(used[0].n_rows)
         merged.counts = sum(u.counts for u in used)
         merged.mass = sum(u.mass for u in used)
-        merged.lookups = sum(u.lookups for u in used)
+        merged.lookups = max(u.lookups for u in used)  # the tokens (the same for each)
         out["shared_table"] = merged.report()
     return out
