@@ -7,18 +7,27 @@ simple baselines measured in the same run.
     python benchmarks/profile_step.py --batch 32 --compile --dump-lookups L.pt   # then:
     python benchmarks/bench_embedding_bag.py --shapes --replay L.pt --sweep      # the trainer's
 
-Shapes: ``trainer`` is the 134m Memory+ trainer's lookup (fp32 table 1,048,576 × 768,
-8,192 bags × 128, fp32 weights), ``paper`` the paper's (bf16 table 1,048,576 × 1024,
-16,384 bags × 128; docs/method.md §4). Lookup distributions: ``uniform``; ``zipf`` (row
-of rank r drawn with p ∝ 1/r, ranks scattered over the table); ``hot-half`` (one row takes
-half of all lookups, the rest uniform); ``one-row`` (every lookup on one row). Early
-training is skewed (issue 10: 2.5% of rows used at init), which uniform benchmarks hide.
+Shapes: ``trainer`` is one lookup of today's 134m-memory+ trainer (bf16 table 1,048,576 ×
+768, 32 × 1024 = 32,768 bags × 128, fp32 weights, bf16 grad_out), ``paper`` the paper's
+(bf16 table 1,048,576 × 1024, 16,384 bags × 128; docs/method.md §4). ``trainer-b8-fp32``
+is what ``trainer`` was until 2026-12-05 (fp32 table, 8,192 bags: the trainer of
+2026-11; results files before then that say ``--shapes trainer`` ran it). Lookup
+distributions: ``uniform``; ``zipf`` (row of rank r drawn with p ∝ 1/r, ranks scattered
+over the table); ``hot-half`` (one row takes half of all lookups, the rest uniform);
+``one-row`` (every lookup on one row). Early training is skewed (issue 10: 2.5% of rows
+used at init), which uniform benchmarks hide.
 
 Baselines, each tested in tests/test_embedding_bag_triton.py: the simplest Triton forward
 (one program per bag, the whole row per load, default warps) and the simplest
-reverse-index backward (one program per distinct row walking its lookups). Bytes are the
-fewest the op must move: forward reads every looked-up row (B·K·D) and writes [B, D];
-backward reads each distinct row once and grad_out, writes the U gradient rows.
+reverse-index backward (one program per distinct row walking its lookups). Bytes: the
+forward and the score gradient count a row read **per lookup** (B·K·D, not the fewest:
+a row looked up twice may come from cache the second time) and write [B, D]; the backward
+counts each distinct row once, grad_out, and the U gradient rows written.
+
+``--torch-ref``: PyTorch's ``F.embedding_bag`` forward + backward on an fp32 copy of the
+table, with a dense ``[N, D]`` table gradient (``sparse=False``) and with a sparse one
+(``sparse=True``), beside ours (the table's own dtype, a row-sparse gradient): the rows
+say which is which.
 """
 
 from __future__ import annotations
@@ -33,8 +42,13 @@ from timing import bandwidth_table, report, timed
 from memlayers.ops import embedding_bag_triton as ebt
 
 SHAPES = {
-    "trainer": dict(rows=1 << 20, dim=768, tokens=8192, bag=128, dtype=torch.float32),
+    # One lookup of today's 134m-memory+ trainer: its bf16 table (the paper presets'
+    # value_dtype since 2026-12-03), 32 × 1024 tokens a micro-batch.
+    "trainer": dict(rows=1 << 20, dim=768, tokens=32768, bag=128, dtype=torch.bfloat16),
     "paper": dict(rows=1 << 20, dim=1024, tokens=16384, bag=128, dtype=torch.bfloat16),
+    # ``trainer`` until 2026-12-05 (the 2026-11 trainer: fp32 table, batch 8), which
+    # embedding_bag_h100_20261128 and embedding_bag_h200_20261201 ran as ``trainer``.
+    "trainer-b8-fp32": dict(rows=1 << 20, dim=768, tokens=8192, bag=128, dtype=torch.float32),
     # One lookup of today's 134m-memory+ trainer (32 x 1024 tokens a micro-batch); its
     # merged value-gradient walk takes 3 such lookups' bags at once (``merged``).
     "trainer-b32": dict(rows=1 << 20, dim=768, tokens=32768, bag=128, dtype=torch.float32),
@@ -65,6 +79,8 @@ SCORE_SWEEP = (
 # (BLOCK_D, warps, stages). A narrower tile keeps a smaller slice of grad_out live in L2
 # (module docstring of embedding_bag_triton). Gathering several lookups' grad_out tiles
 # per load was tried and lost on every shape (results/walk_sweep_h200_20261203.md).
+# The note of the rows whose bytes count every lookup's row read (B·K·D).
+PER_LOOKUP = "bytes: a row read per lookup"
 WALK_SWEEP = [
     (bd, w, st) for bd, w in ((256, 1), (128, 1), (512, 1), (256, 2), (512, 2)) for st in (1, 2, 4)
 ]
@@ -154,12 +170,13 @@ def bench_lookups(tag, values, indices, weights, grad, args, table, compare) -> 
         f"{tag}: forward, simple baseline",
         timed(lambda: ebt.simple_forward(values, indices, weights)),
         fwd_bytes,
+        PER_LOOKUP,
     )
     s["fwd"] = table.add(
         f"{tag}: forward (shipped)",
         timed(lambda: ebt._fwd_launch(values, indices, weights)),
         fwd_bytes,
-        "SPLIT={} warps={} stages={}".format(*ebt.FWD_CONFIG),
+        "SPLIT={} warps={} stages={}".format(*ebt.FWD_CONFIG) + f"; {PER_LOOKUP}",
     )
     # The score gradient reads the rows the forward reads (a dot product with grad_out
     # per row instead of a weighted sum): the forward beside it is its yardstick.
@@ -167,7 +184,9 @@ def bench_lookups(tag, values, indices, weights, grad, args, table, compare) -> 
     launch = (ebt.SCORE_GRAD_CHUNK, ebt.SCORE_GRAD_WARPS, ebt.SCORE_GRAD_SPLIT,
               ebt.SCORE_GRAD_BLOCK_D)  # fmt: skip
     cfg = "chunk={} warps={} split={} block_d={}".format(*launch)
-    s["score"] = table.add(f"{tag}: score gradient (shipped)", timed(fn), fwd_bytes, cfg)
+    s["score"] = table.add(
+        f"{tag}: score gradient (shipped)", timed(fn), fwd_bytes, f"{cfg}; {PER_LOOKUP}"
+    )
     for a in args.score_launches or (SCORE_SWEEP if args.sweep else ()):
         fn = lambda a=a: ebt.score_grad(values, indices, grad, *a)  # noqa: E731
         name = "chunk={} warps={} stages={} split={} block_d={}".format(*a)
@@ -208,17 +227,33 @@ def bench_lookups(tag, values, indices, weights, grad, args, table, compare) -> 
         out = ebt.embedding_bag_triton(v, indices, w, sparse_grad=True)
         torch.autograd.grad(out, (v, w), grad)
 
-    s["fwd_bwd"] = table.add(f"{tag}: forward+backward (sparse, autograd)", timed(ours_fwd_bwd))
+    what = f"{str(values.dtype).removeprefix('torch.')} table, row-sparse gradient"
+    s["fwd_bwd"] = table.add(f"{tag}: forward+backward (ours: {what}, autograd)",
+                             timed(ours_fwd_bwd))  # fmt: skip
     if args.torch_ref and tag.endswith("uniform"):
-        v32 = values.float().requires_grad_()
-
-        def torch_fp32():
-            out = F.embedding_bag(indices, v32, per_sample_weights=w, mode="sum")
-            torch.autograd.grad(out, (v32, w), grad.float())
-
-        name = f"{tag}: F.embedding_bag fp32 forward+backward"
-        s["torch_fp32"] = table.add(name, timed(torch_fp32, rep_ms=300))
+        s.update(bench_torch_ref(tag, values, indices, w, grad, table))
     return s
+
+
+def bench_torch_ref(tag, values, indices, weights, grad, table) -> dict:
+    """``F.embedding_bag`` forward + backward on an fp32 copy of ``values``: with a dense
+    ``[N, D]`` table gradient, and with a sparse one (``sparse=True``)."""
+    v32 = values.float().requires_grad_()
+    out = {}
+    variants = (
+        ("torch_fp32", False, "dense [N, D] gradient"),
+        ("torch_fp32_sparse", True, "sparse gradient (sparse=True)"),
+    )
+    for key, sparse, what in variants:
+
+        def torch_ref(sparse=sparse):
+            y = F.embedding_bag(indices, v32, per_sample_weights=weights, mode="sum",
+                                sparse=sparse)  # fmt: skip
+            torch.autograd.grad(y, (v32, weights), grad.float())
+
+        name = f"{tag}: F.embedding_bag, fp32 copy of the table, {what}, forward+backward"
+        out[key] = table.add(name, timed(torch_ref, rep_ms=300))
+    return out
 
 
 def bench_walk(tag, values, indices, weights, grad, table, args) -> None:
@@ -270,7 +305,7 @@ def bench_forward(table, d, values, indices, weights, sweep: bool):
     b, k = indices.shape
     nbytes = b * k * d * 2 + b * k * 12 + b * d * 2
     fn0 = lambda: ebt.simple_forward(values, indices, weights)  # noqa: E731
-    t0 = table.add(f"fwd D={d} bf16 uniform: simple baseline", timed(fn0), nbytes)
+    t0 = table.add(f"fwd D={d} bf16 uniform: simple baseline", timed(fn0), nbytes, PER_LOOKUP)
     t1 = timed(lambda: ebt._fwd_launch(values, indices, weights))
     cfg = "SPLIT={} warps={} stages={}".format(*ebt.FWD_CONFIG)
     table.add(f"fwd D={d} bf16 uniform: shipped", t1, nbytes, cfg)
@@ -281,6 +316,24 @@ def bench_forward(table, d, values, indices, weights, sweep: bool):
         fn = lambda c=c: ebt._fwd_launch(values, indices, weights, config=c)  # noqa: E731
         table.add(f"fwd D={d}: sweep SPLIT={c[0]} warps={c[1]} stages={c[2]}", timed(fn), nbytes)
     return d, t0, t1, t2, nbytes, cfg
+
+
+def summary_rows(summary: dict) -> list[str]:
+    """The summary table's rows: ``bwd ÷ uniform`` against the same shape's uniform
+    lookups, "–" where there are none (a replay, or ``--dists`` without uniform)."""
+    lines = []
+    for tag, s in summary.items():
+        shape, _, dist = tag.partition(" ")
+        uni = None if shape == "replay" else summary.get(f"{shape} uniform")
+        vs_uniform = f"{s['bwd'] / uni['bwd']:.2f}" if uni is not None else "–"
+        prev = f"{s['bwd_prev']:.3f}" if "bwd_prev" in s else ""
+        lines.append(
+            f"| {tag} | {s['fwd_simple']:.3f} | {s['fwd']:.3f} | {s['score']:.3f} "
+            f"| {s['score'] / s['fwd']:.2f} | {s['bwd_simple']:.3f} | {prev} "
+            f"| {s['bwd']:.3f} | {vs_uniform} | {s['bwd'] / s['bwd_simple']:.2f} "
+            f"| {s['fwd_bwd']:.3f} | {s['note']} |"
+        )
+    return lines
 
 
 def score_launch(text: str) -> tuple:
@@ -336,7 +389,8 @@ def main() -> None:
     fwd_rows = bench_forward_dims(args, table, device)
     lines = [
         f"Card: {card}; torch {torch.__version__}, triton {ebt.triton.__version__}; "
-        f"copy {copy_tbs:.2f} TB/s.",
+        f"copy {copy_tbs:.2f} TB/s. GB moved: forward and score gradient a row read per "
+        f"lookup (B·K·D, not the fewest); backward each distinct row once.",
         "",
         table.markdown(),
         "",
@@ -344,17 +398,10 @@ def main() -> None:
         "| bwd before | bwd | bwd ÷ uniform | bwd ÷ simple | fwd+bwd | |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for tag, s in summary.items():
-        uni = summary.get(tag.split()[0] + " uniform", s)
-        prev = f"{s['bwd_prev']:.3f}" if "bwd_prev" in s else ""
-        lines.append(
-            f"| {tag} | {s['fwd_simple']:.3f} | {s['fwd']:.3f} | {s['score']:.3f} "
-            f"| {s['score'] / s['fwd']:.2f} | {s['bwd_simple']:.3f} | {prev} "
-            f"| {s['bwd']:.3f} | {s['bwd'] / uni['bwd']:.2f} | {s['bwd'] / s['bwd_simple']:.2f} "
-            f"| {s['fwd_bwd']:.3f} | {s['note']} |"
-        )
+    lines += summary_rows(summary)
     if fwd_rows:
-        lines += ["", "| D (paper bags, bf16) | simple of copy BW | shipped of copy BW | "
+        lines += ["", "| D (paper bags, bf16; bytes a row read per lookup) | simple of copy BW | "
+                  "shipped of copy BW | "
                   "shipped ÷ simple time | index check's cost | launch |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         for d, t0, t1, t2, nb, cfg in fwd_rows:

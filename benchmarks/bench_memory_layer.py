@@ -6,6 +6,7 @@ against the SwiGLU FFN it replaces at the same dim and tokens, all in one run.
     python benchmarks/bench_memory_layer.py                    # one GPU, paper shape
     python benchmarks/bench_memory_layer.py --out results.md
     python benchmarks/bench_memory_layer.py --compile           # + both steps compiled
+    python benchmarks/bench_memory_layer.py --dim 4096 --no-reference --compile  # the 8B width
     python benchmarks/bench_memory_layer.py --shared --dim 768 --tokens 8192 --table-dtype fp32
     TRITON_INTERPRET=1 python benchmarks/bench_memory_layer.py --smoke   # CPU: code paths
 
@@ -15,21 +16,44 @@ against the SwiGLU FFN it replaces at the same dim and tokens, all in one run.
 stay whole in its graph, the gating and norms around them fuse, as the FFN's do.
 
 Paper shape (docs/method.md §1): dim 1024, 1024² = 1,048,576 value rows of 1024 (bf16), 4 heads
-× top-32, k_dim 512, 16,384 tokens; every parameter bf16, Adam moments fp32 for values.
+× top-32, k_dim 512, 16,384 tokens; every parameter bf16. The layer is built from the
+memory+ presets' memory config (:data:`PRESET`'s: qk-norm, swilu, batch-normalised
+queries, the balance loss at 0.1, whose gradient each step adds as the trainer's loss
+does) with the shape given here; its value table steps with the presets' value optimizer
+(bf16 moments, fp32 master) unless ``--value-optimizers`` says otherwise.
+
+Memory+ shares one value table over its three layers, and the value step runs once a
+training step for all three: the ratio to the FFN is given with this layer's whole value
+step and with a third of it (the layer's share; the shared step covers the union of
+three layers' rows, so its share is a little more than a third of one layer's step).
+
+The FFN: SwiGLU with hidden size ``--ffn-hidden``, by default :func:`ffn_hidden`'s rule:
+at D = 4096 the paper's 8B (Llama 3's: 8/3·d × 1.3 rounded up to 1024 = 14,336, as
+``scaling_model.PAPER_8B``), at other widths the presets' Llama rule (8/3·d rounded up
+to 256: 2,816 at D = 1024, 11,008 at 4096).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
-from timing import card_name, report, timed
+from timing import card_name, report, runs_of, timed
 
-from memlayers import MemoryConfig, MemoryValues, ProductKeyMemory, SparseValueAdam
+from memlayers import MemoryValues, ProductKeyMemory, SparseValueAdam, get_preset
 from memlayers.ops import embedding_bag
 from memlayers.ops.product_keys import product_key_topk
 from memlayers.value_optim import coalesce_rows
+
+# The preset whose memory config the layer takes (every paper memory+ preset has the same).
+PRESET = "134m-memory+"
+# The paper's 8B (Llama 3 8B's shape): its FFN's hidden size at its width, by Llama 3's
+# rule (8/3·d × 1.3 rounded up to 1024; scaling_model.PAPER_8B's too).
+PAPER_8B_DIM = 4096
+PAPER_8B_FFN = 1024 * math.ceil(int(1.3 * int(8 * PAPER_8B_DIM / 3)) / 1024)  # 14,336
 
 # --value-optimizers: the lazy row Adam variants of memlayers.optim's value_optimizer.
 VALUE_OPTIMIZERS = {
@@ -40,6 +64,42 @@ VALUE_OPTIMIZERS = {
     # an fp32 master copy of the bf16 table.
     "sparse_adam_bf16+master": {"moments": "bf16", "master": True},
 }
+# The presets' (presets.PRESET_OPTIM: optim.value_optimizer=sparse_adam_bf16 with
+# optim.value_master on by default).
+PRESET_VALUE_OPTIMIZER = "sparse_adam_bf16+master"
+
+
+def ffn_hidden(dim: int, override: int | None = None) -> int:
+    """The SwiGLU FFN's hidden size the layer is compared with: ``override`` if given; at
+    D = 4096 the paper's 8B's (Llama 3: ``8/3·d × 1.3`` rounded up to 1024 = 14,336); at
+    other widths the presets' Llama rule (``8/3·d`` rounded up to 256,
+    ``ModelConfig.hidden_dim``)."""
+    if override is not None:
+        return override
+    if dim == PAPER_8B_DIM:
+        return PAPER_8B_FFN
+    return 256 * math.ceil(int(8 * dim / 3) / 256)
+
+
+def ffn_rule(dim: int, override: int | None = None) -> str:
+    """How :func:`ffn_hidden` chose the size, for the table."""
+    if override is not None:
+        return "--ffn-hidden"
+    if dim == PAPER_8B_DIM:
+        return "the paper's 8B: Llama 3's 8/3·d × 1.3 rounded to 1024"
+    return "the presets' Llama rule: 8/3·d rounded to 256"
+
+
+def memory_config(args, impl: str, dtype: torch.dtype = torch.bfloat16):
+    """The memory+ presets' memory config (:data:`PRESET`) with this run's shape,
+    ``impl`` and table ``dtype`` (the presets': bf16): batch-normalised queries and the
+    balance loss as the presets train."""
+    base = get_preset(PRESET).memory
+    value_dtype = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    return dataclasses.replace(
+        base, n_keys=args.n_keys, heads=args.heads, topk=args.topk, impl=impl,
+        value_dtype=value_dtype,
+    )  # fmt: skip
 
 
 def value_adam(weight, name: str, impl: str) -> SparseValueAdam:
@@ -48,7 +108,7 @@ def value_adam(weight, name: str, impl: str) -> SparseValueAdam:
 
 
 def build(args, impl: str, sparse_grad: bool, device, dtype):
-    cfg = MemoryConfig(n_keys=args.n_keys, heads=args.heads, topk=args.topk, impl=impl)
+    cfg = memory_config(args, impl, dtype)
     values = MemoryValues(cfg.n_rows, args.dim, dtype=dtype, device=device, sparse_grad=sparse_grad)
     layer = ProductKeyMemory(args.dim, cfg, values=values, device=device).to(dtype)
     if sparse_grad:
@@ -62,12 +122,62 @@ def build(args, impl: str, sparse_grad: bool, device, dtype):
     return layer, values, value_opt, rest_opt
 
 
+def aux_backward(outputs, grads, layer) -> None:
+    """``backward`` of ``outputs`` with ``grads``, plus the memory layer's balance loss of
+    its last forward (``take_aux_loss``: as the trainer's loss adds it), if it has one."""
+    layer = getattr(layer, "_orig_mod", layer)  # a torch.compile'd layer's module
+    outputs, grads = list(outputs), list(grads)
+    if isinstance(layer, ProductKeyMemory):
+        aux = layer.take_aux_loss()
+        if aux.requires_grad:
+            outputs.append(aux)
+            grads.append(torch.ones_like(aux))
+    torch.autograd.backward(outputs, grads)
+
+
 def train_step(layer, x, gy, opts):
     out = layer(x)
-    out.backward(gy)
+    aux_backward([out], [gy], layer)
     for opt in opts:
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+
+def value_step_fn(values, grad, opt):
+    """One value optimizer step on ``grad``, as a training step gets it: each call a fresh
+    alias of its rows not flagged coalesced (what autograd's accumulation hands over), so
+    each pays the sortedness check of :func:`memlayers.value_optim.coalesce_rows` as a
+    real step does, not only the first (which would flag ``grad`` itself)."""
+
+    def step():
+        values.weight.grad = torch.sparse_coo_tensor(
+            grad._indices(), grad._values(), grad.shape, check_invariants=False
+        )
+        opt.step()
+
+    return step
+
+
+def search_inputs(layer, x) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's own search inputs for ``x``: its normalised queries (projection, batch
+    norm, qk-norm) and normalised half keys, as leaves that take a gradient."""
+    with torch.no_grad():
+        q = layer.router.normed_query(x.reshape(-1, layer.dim))
+        keys = layer.router.normed_keys()
+    return q.detach().requires_grad_(), keys.detach().requires_grad_()
+
+
+def topk_fn(layer, q, keys, topk: int, precision: str = "fp32"):
+    """``product_key_topk`` forward + backward on ``(q, keys)`` as the layer runs it
+    (its half-key choices too, when its balance loss needs them)."""
+    half_top = layer.training and layer.config.balance_loss > 0
+
+    def fn():
+        out = product_key_topk(q, keys, topk, "triton", half_top=half_top, precision=precision)
+        s = out[0]
+        torch.autograd.grad(s, (q, keys), torch.ones_like(s))
+
+    return fn
 
 
 def timed_compiled(module, x, gy, opts) -> float:
@@ -80,9 +190,11 @@ def timed_compiled(module, x, gy, opts) -> float:
     return timed(fn)
 
 
-def bench_triton_layer(args, x, gy, add, device, dtype) -> tuple[float, float | None]:
+def bench_triton_layer(args, x, gy, add, device, dtype) -> dict:
     """The whole Triton step (and compiled with ``--compile``), then each part alone
-    (forward + backward, or the step). Returns the two steps' ms (None: not compiled)."""
+    (forward + backward, or the step). Returns the ms of the step (``step``), of the
+    compiled step (``compiled``, None without ``--compile``) and of the first value
+    optimizer's step alone (``value_step``)."""
     layer, values, vopt, ropt = build(args, "triton", True, device, dtype)
     first, *others = args.value_optimizers
     t = add(
@@ -99,21 +211,23 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> tuple[float, float | 
 
     def search_part():
         idx, w = layer.lookup(x)
-        torch.autograd.grad(w, params, torch.ones_like(w), allow_unused=True)
+        outs, grads = [w], [torch.ones_like(w)]
+        aux = layer.take_aux_loss()
+        if aux.requires_grad:  # the balance loss's gradient, as a training step's
+            outs.append(aux)
+            grads.append(torch.ones_like(aux))
+        torch.autograd.grad(outs, params, grads, allow_unused=True)
 
-    add("  part: query + qk-norm + product-key search (fwd+bwd)", timed(search_part))
-    q = torch.randn(args.tokens, args.heads, layer.k_dim, device=device, dtype=dtype)
-    q.requires_grad_()
-
-    def topk_part():
-        s, _ = product_key_topk(q, layer.router.keys, args.topk, impl="triton")
-        torch.autograd.grad(s, (q, layer.router.keys), torch.ones_like(s))
-
-    add("    of which product_key_topk (fwd+bwd)", timed(topk_part))
-    bench_search_precision(args, layer, x, q, gy, (vopt, ropt), add)
+    add("  part: query + norms + product-key search + balance loss (fwd+bwd)", timed(search_part))
+    # The search op on the layer's own normalised queries and keys (a training forward's).
+    q, keys = search_inputs(layer, x)
+    add("    of which product_key_topk (fwd+bwd, the layer's normed q and keys)",
+        timed(topk_fn(layer, q, keys, args.topk)))  # fmt: skip
+    bench_search_precision(args, layer, x, q, keys, gy, (vopt, ropt), add)
     if args.sweep:
-        bench_search(args, q, layer.router.keys, add)
+        bench_search(args, q, keys, add)
     idx, w = (t.detach() for t in layer.lookup(x))
+    layer.take_aux_loss()  # not trained here
     gyv = torch.randn(args.tokens, values.v_dim, device=device, dtype=dtype)
     w.requires_grad_()
 
@@ -132,18 +246,15 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> tuple[float, float | 
     embedding_bag(values.weight, idx, w.detach(), impl="triton", sparse_grad=True).backward(gyv)
     grad = values.weight.grad
 
+    value_ms = None
     for name in args.value_optimizers:
         opt = vopt if name == first else value_adam(values.weight, name, "triton")
-
-        def value_step(opt=opt):
-            values.weight.grad = grad
-            opt.step()
-
-        add(
+        ms = add(
             f"  part: value lazy Adam step ({name})",
-            timed(value_step),
+            timed(value_step_fn(values, grad, opt)),
             f"{grad._nnz()} of {values.n_rows} rows touched",
         )
+        value_ms = ms if value_ms is None else value_ms
     values.weight.grad = None
     for prm in params:
         prm.grad = torch.zeros_like(prm)
@@ -152,7 +263,7 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> tuple[float, float | 
     if args.compile:  # last, so nothing compiled runs before the eager parts are timed
         t_compiled = add("Memory+ step, compiled (torch.compile of the layer)",
                          timed_compiled(layer, x, gy, (vopt, ropt)))  # fmt: skip
-    return t, t_compiled
+    return {"step": t, "compiled": t_compiled, "value_step": value_ms}
 
 
 def search_recall(layer, x, chunk: int = 4096) -> tuple[float, float]:
@@ -173,15 +284,12 @@ def search_recall(layer, x, chunk: int = 4096) -> tuple[float, float]:
     return found / x.shape[0], mass / x.shape[0]
 
 
-def bench_search_precision(args, layer, x, q, gy, opts, add) -> None:
+def bench_search_precision(args, layer, x, q, keys, gy, opts, add) -> None:
     """The search with bf16-ranked half scores (``search_precision=bf16``) beside fp32:
-    its top-k alone, the whole step with it, and its recall for the layer's queries."""
-
-    def topk_bf16():
-        s, _ = product_key_topk(q, layer.router.keys, args.topk, impl="triton", precision="bf16")
-        torch.autograd.grad(s, (q, layer.router.keys), torch.ones_like(s))
-
-    add("    product_key_topk (fwd+bwd), precision=bf16", timed(topk_bf16))
+    its top-k alone (on the layer's normed ``q`` and ``keys``), the whole step with it,
+    and its recall for the layer's queries."""
+    add("    product_key_topk (fwd+bwd), precision=bf16",
+        timed(topk_fn(layer, q, keys, args.topk, "bf16")))  # fmt: skip
     rows, weight = search_recall(layer, x)
     layer.router.search_precision = "bf16"
     try:
@@ -257,11 +365,11 @@ def bench_torch_layer(args, x, gy, add, device, dtype, sparse_grad: bool) -> flo
 
 
 def bench_ffn(args, x, gy, add, device, dtype) -> tuple[float, float | None]:
-    """The SwiGLU FFN the layer replaces (Llama hidden size 8/3·dim rounded to 256): its
-    step, and compiled with ``--compile`` (None without)."""
+    """The SwiGLU FFN the layer replaces (hidden size :func:`ffn_hidden`): its step, and
+    compiled with ``--compile`` (None without)."""
     from memlayers.model import SwiGLU
 
-    hidden = 256 * -(-int(8 * args.dim / 3) // 256)
+    hidden = ffn_hidden(args.dim, args.ffn_hidden)
     ffn = SwiGLU(args.dim, hidden).to(device=device, dtype=dtype)
     opt = torch.optim.AdamW(ffn.parameters(), lr=1e-4, fused=device.type == "cuda")
     fn = lambda: train_step(ffn, x, gy, (opt,))
@@ -339,13 +447,25 @@ def bench_shared_table(args, add, device) -> dict:
     return out
 
 
-def main() -> None:
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--n-keys", type=int, default=1024)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--topk", type=int, default=32)
-    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--dim", type=positive_int, default=1024)
+    p.add_argument("--n-keys", type=positive_int, default=1024)
+    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--topk", type=positive_int, default=32)
+    p.add_argument("--tokens", type=positive_int, default=16384)
+    p.add_argument(
+        "--ffn-hidden", type=positive_int, default=None,
+        help="the SwiGLU FFN's hidden size (default: 14,336 at --dim 4096, the paper's 8B; "
+        "8/3·dim rounded up to 256 otherwise)",
+    )  # fmt: skip
     p.add_argument(
         "--shared",
         action="store_true",
@@ -359,9 +479,11 @@ def main() -> None:
         help="skip the impl=torch steps (at D = 4096 their temporaries do not fit on a card)",
     )
     p.add_argument(
-        "--value-optimizers", nargs="+", default=["sparse_adam"], choices=list(VALUE_OPTIMIZERS),
+        "--value-optimizers", nargs="+", default=[PRESET_VALUE_OPTIMIZER],
+        choices=list(VALUE_OPTIMIZERS),
         help="the value table's lazy Adam (the first in the whole step and the ratio; the "
-        "others timed beside it: their step and the whole step with them)",
+        "others timed beside it: their step and the whole step with them); default the "
+        "presets' (bf16 moments, fp32 master)",
     )  # fmt: skip
     p.add_argument(
         "--compile", action="store_true",
@@ -369,9 +491,37 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
     p.add_argument("--out", help="write the markdown table here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.smoke:
         args.dim, args.n_keys, args.heads, args.topk, args.tokens = 64, 16, 2, 4, 32
+    if args.topk > args.n_keys:
+        p.error(f"--topk {args.topk} must be <= --n-keys {args.n_keys}")
+    return args
+
+
+def ratio_rows(args, tri: dict, t_ffn: float, t_ffn_c: float | None) -> list[str]:
+    """The ratio table's rows of the layer's step to the FFN's: with the layer's whole
+    value step, and with a third of it (Memory+'s three layers share one table and one
+    value step a training step); compiled too when timed."""
+    hidden = ffn_hidden(args.dim, args.ffn_hidden)
+    share = tri["step"] - tri["value_step"] * 2 / 3  # the step with a third of its value step
+    rows = [
+        f"| Memory+ triton step / SwiGLU FFN step (hidden {hidden}), the whole value step "
+        f"| {tri['step'] / t_ffn:.2f} |",
+        f"| the same with a third of the value step (one table and one step shared by "
+        f"Memory+'s 3 layers: {share:.3f} ms) | {share / t_ffn:.2f} |",
+    ]
+    if tri["compiled"] is not None and t_ffn_c is not None:
+        share_c = tri["compiled"] - tri["value_step"] * 2 / 3
+        rows += [
+            f"| the same, both compiled, the whole value step | {tri['compiled'] / t_ffn_c:.2f} |",
+            f"| both compiled, a third of the (eager) value step | {share_c / t_ffn_c:.2f} |",
+        ]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     card = card_name(device)
     dtype = torch.bfloat16
@@ -382,8 +532,17 @@ def main() -> None:
 
     def add(name, ms, note=""):
         rows.append((name, ms, note))
-        print(f"  {name:<62} {ms:9.3f} ms  {note}", flush=True)
+        runs, iqr = runs_of(ms)
+        count = f"  ({runs} runs, IQR {iqr or '-'})" if runs else ""
+        print(f"  {name:<62} {ms:9.3f} ms{count}  {note}", flush=True)
         return ms
+
+    def table_rows() -> list[str]:
+        out = ["| step | ms | runs | IQR | note |", "|---|---|---|---|---|"]
+        for n, ms, note in rows:
+            runs, iqr = runs_of(ms)
+            out.append(f"| {n.strip()} | {ms:.3f} | {runs} | {iqr} | {note} |")
+        return out
 
     def release():
         if device.type == "cuda":
@@ -393,15 +552,15 @@ def main() -> None:
         sh = bench_shared_table(args, add, device)
         lines = [
             f"Card: {card}; torch {torch.__version__}.", "",
-            "| step | ms | note |", "|---|---|---|",
-            *[f"| {n.strip()} | {ms:.3f} | {note} |" for n, ms, note in rows], "",
+            *table_rows(), "",
             f"3 lookups ÷ 1 lookup, fwd+bwd: {sh['three'] / sh['one']:.2f}; with the Adam step "
             f"(coalesce_rows): {sh['whole3'] / sh['whole1']:.2f}; "
             f"coalesce() ÷ coalesce_rows(): {sh['coalesce'] / sh['coalesce_rows']:.1f}",
         ]  # fmt: skip
         report("\n".join(lines), args.out)
         return
-    t_tri, t_tri_c = bench_triton_layer(args, x, gy, add, device, dtype)
+    tri = bench_triton_layer(args, x, gy, add, device, dtype)
+    t_tri = tri["step"]
     release()
     t_torch = t_torch_dense = None
     if not args.no_reference:
@@ -414,21 +573,21 @@ def main() -> None:
         f"| Memory+ triton vs impl=torch, same config (≥6×) | {t_torch / t_tri:.1f}× |",
         f"| Memory+ triton vs impl=torch dense + AdamW | {t_torch_dense / t_tri:.1f}× |",
     ]  # fmt: skip
-
+    mem = memory_config(args, "triton")
+    hidden = ffn_hidden(args.dim, args.ffn_hidden)
     lines = [
         f"Card: {card}; torch {torch.__version__}; dim {args.dim}, {args.n_keys}² values, "
-        f"{args.heads} heads × top-{args.topk}, {args.tokens} tokens, bf16 parameters.",
+        f"{args.heads} heads × top-{args.topk}, {args.tokens} tokens, bf16 parameters; "
+        f"the {PRESET} memory config (query_batch_norm={mem.query_batch_norm}, "
+        f"balance_loss={mem.balance_loss}); value step {args.value_optimizers[0]}; "
+        f"SwiGLU FFN hidden {hidden} ({ffn_rule(args.dim, args.ffn_hidden)}).",
         "",
-        "| step (forward + backward + optimizer) | ms | note |",
-        "|---|---|---|",
-        *[f"| {n.strip()} | {ms:.3f} | {note} |" for n, ms, note in rows],
+        *table_rows(),
         "",
         "| ratio | value |",
         "|---|---|",
         *vs_torch,
-        f"| Memory+ triton step / SwiGLU FFN step | {t_tri / t_ffn:.2f} |",
-        *([] if t_tri_c is None else [
-            f"| the same, both compiled | {t_tri_c / t_ffn_c:.2f} |"]),
+        *ratio_rows(args, tri, t_ffn, t_ffn_c),
     ]  # fmt: skip
     text = "\n".join(lines)
     report(text, args.out)

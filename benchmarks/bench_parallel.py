@@ -12,9 +12,16 @@ table (with its optimizer state) larger than one GPU trained across several.
 single-device reference built from the same unsharded weights, in float64: logits, the
 global gradient norm and every parameter after one AdamW + lazy-Adam step.
 ``throughput``: training steps of the 134m Memory+ preset (bf16 autocast) through the
-trainer's own functions; tokens/s summed over ranks.
-``big``: the 134m Memory+ model with a value table sized so that table + fp32 Adam moments
-exceed one GPU's memory by 10%, sharded by columns over the ranks, trained a few steps.
+trainer's own functions and its step (profile_step.trainer_step: the model's own loss with
+the balance loss's gradient, the gradient sync, the clip handing the tables' rescale to
+the value optimizer); tokens/s summed over ranks, from the median step after
+:data:`WARMUP_STEPS` (``--steps`` at least :data:`MIN_STEPS`).
+``big``: the 134m Memory+ model with a value table sized so that the table and its
+optimizer state (bytes per value as the preset resolves them: bf16 table, fp32 master,
+bf16 moments = 10) exceed one GPU's memory by 10%, sharded by columns over the ranks,
+trained a few steps.
+
+Each result JSON holds its ``provenance`` (argv, commit, date, card, torch, Triton).
 """
 
 from __future__ import annotations
@@ -24,16 +31,66 @@ import copy
 import json
 import math
 import os
+import statistics
 import time
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from profile_step import trainer_step
+from timing import provenance
 
-from memlayers import get_preset
+from memlayers import MemoryValues, get_preset
 from memlayers.config import load_config, with_vocab
 from memlayers.optim import OptimArgs, build_optimizer, clip_grad_norm_, uses_sparse_values
 from memlayers.parallel import ParallelArgs, build, build_mesh, parallelize
 from memlayers.train import compute_loss, init_distributed, use_compile
+
+WARMUP_STEPS = 3  # untimed: the first compiles, the next settle the allocator and caches
+MIN_TIMED = 3  # timed steps at least, for a median
+MIN_STEPS = WARMUP_STEPS + MIN_TIMED
+BIG_MARGIN = 1.1  # big: the table and its optimizer state over one GPU's memory
+
+
+def check_steps(steps: int) -> None:
+    """Refuse a ``--steps`` that leaves fewer than :data:`MIN_TIMED` steps after the
+    warm-up (0 steps would time nothing; 3 or fewer timed the compiling step)."""
+    if steps < MIN_STEPS:
+        raise ValueError(
+            f"--steps must be >= {MIN_STEPS} ({WARMUP_STEPS} warm-up steps, the first "
+            f"compiling, then at least {MIN_TIMED} timed for a median), got {steps}"
+        )
+
+
+def table_bytes_per_value(args) -> float:
+    """Bytes per value of the memory table plus its optimizer state as ``args`` (the
+    trainer's resolved config: the preset's ``value_dtype`` and ``optim.*``) build them:
+    ``build_optimizer``'s value optimizer (fp32 master, moments in their dtype, a
+    row-wise second moment) measured on a 16-row table of the model's width, on the CPU."""
+    cfg = args.model.to_config()
+    width = cfg.memory.resolved_dims(cfg.dim)[1]
+    holder = nn.Module()
+    holder.values = MemoryValues(16, width, dtype=cfg.memory.table_dtype,
+                                 sparse_grad=uses_sparse_values(args.optim))  # fmt: skip
+    holder.other = nn.Linear(1, 1, bias=False)  # the dense AdamW needs a parameter
+    opt = build_optimizer(holder, args.optim, impl="torch")
+    w = holder.values.weight
+    if "values" in opt.optimizers:
+        state = opt.optimizers["values"].init_state(w)
+    else:  # the table in the dense AdamW: its state comes with a first step
+        for p in holder.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        state = opt.optimizers["adamw"].state[w]
+    tensors = [t for t in state.values() if torch.is_tensor(t) and t.dim() > 0]
+    nbytes = w.numel() * w.element_size() + sum(t.numel() * t.element_size() for t in tensors)
+    return nbytes / w.numel()
+
+
+def big_n_keys(gpu_bytes: int, width: int, bytes_per_value: float) -> int:
+    """Half keys such that ``n_keys² × width × bytes_per_value`` (the table and its
+    optimizer state) is at least :data:`BIG_MARGIN` × ``gpu_bytes``."""
+    return math.ceil(math.sqrt(BIG_MARGIN * gpu_bytes / (width * bytes_per_value)))
 
 
 def _env(device: str = "cuda"):
@@ -88,6 +145,7 @@ def check(ns) -> dict:
 
 
 def _train_steps(ns, overrides: list[str]) -> dict:
+    check_steps(ns.steps)
     env, rank, world = _env(ns.device)
     cuda = env.device.type == "cuda"
     args = with_vocab(load_config([], overrides), 32000)
@@ -102,25 +160,20 @@ def _train_steps(ns, overrides: list[str]) -> dict:
     B, T = args.data.batch_size, args.data.seq_len
     g = torch.Generator(device=env.device).manual_seed(rank)
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cuda)
+    step = trainer_step(model, optimizer, args.optim.grad_clip, autocast, plan=plan)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model.train()
     times, losses = [], []
     for _ in range(ns.steps):
         tokens = torch.randint(0, 32000, (B, T + 1), device=env.device, generator=g)
         sync()
         t0 = time.perf_counter()
-        with autocast:
-            loss = compute_loss(model(tokens[:, :-1]), tokens[:, 1:])
-        loss.backward()
-        plan.sync_grads(model)
-        plan.clip_grad_norm_(model, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = step(tokens[:, :-1], tokens[:, 1:])
         sync()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
-    warm = sorted(times[3:]) or times
-    step_s = warm[len(warm) // 2]
-    table = next((m for m in model.modules() if type(m).__name__ == "MemoryValues"), None)
+    step_s = statistics.median(times[WARMUP_STEPS:])
+    table = next((m for m in model.modules() if isinstance(m, MemoryValues)), None)
     out = {
         "world": world,
         "mp": args.parallel.mp,
@@ -132,11 +185,15 @@ def _train_steps(ns, overrides: list[str]) -> dict:
         "gpu": torch.cuda.get_device_name() if cuda else "cpu",
         "gpu_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0,
         "impl": model_cfg.memory.impl,
+        "timed_steps": len(times) - WARMUP_STEPS,
+        "value_optimizer": args.optim.value_optimizer,
     }
     if table is not None:
         n, d = model_cfg.memory.n_rows, table.v_dim
+        per_value = table_bytes_per_value(args)
         out["table_rows"], out["table_dim"] = n, d
-        out["table_plus_adam_gib"] = n * d * (table.weight.element_size() + 8) / 2**30
+        out["table_bytes_per_value"] = per_value
+        out["table_plus_adam_gib"] = n * d * per_value / 2**30
     return out
 
 
@@ -152,21 +209,30 @@ def throughput(ns) -> dict:
     return {"mode": "throughput", **_train_steps(ns, over)}
 
 
-def big(ns) -> dict:
-    """n_keys so that rows × dim × (4 B fp32 value + 8 B Adam moments) ≈ 1.1 × one GPU."""
-    gpu = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory
-    dim = get_preset("134m-memory+").dim
-    n_keys = math.ceil(math.sqrt(1.1 * gpu / (dim * 12)))
-    world = int(os.environ.get("WORLD_SIZE", 1))
+def big_overrides(ns, gpu_bytes: int, world: int) -> list[str]:
+    """``big``'s config: the 134m Memory+ preset with ``n_keys`` such that the table and
+    its optimizer state, at the bytes per value this config resolves
+    (:func:`table_bytes_per_value`), exceed ``gpu_bytes`` by :data:`BIG_MARGIN`."""
     over = [
         "model.preset=134m-memory+",
-        f"model.memory.n_keys={n_keys}",
         f"model.memory.impl={ns.impl}",
         f"data.batch_size={ns.batch}",
         "data.seq_len=1024",
         f"parallel.mp={world}",
     ]
-    return {"mode": "big", **_train_steps(ns, over)}
+    args = with_vocab(load_config([], over), 32000)
+    cfg = args.model.to_config()
+    width = cfg.memory.resolved_dims(cfg.dim)[1]
+    n_keys = big_n_keys(gpu_bytes, width, table_bytes_per_value(args))
+    return [*over, f"model.memory.n_keys={n_keys}"]
+
+
+def big(ns) -> dict:
+    """The table and its optimizer state ≈ :data:`BIG_MARGIN` × one GPU (:func:`big_overrides`)."""
+    check_steps(ns.steps)
+    gpu = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return {"mode": "big", **_train_steps(ns, big_overrides(ns, gpu, world))}
 
 
 def table(paths: list[str]) -> str:
@@ -175,7 +241,7 @@ def table(paths: list[str]) -> str:
         with open(p) as f:
             rows.append(json.load(f))
     lines = [
-        "| mode | GPUs | mp | impl | tokens/s | step ms | peak GiB (rank 0) | table + Adam GiB"
+        "| mode | GPUs | mp | impl | tokens/s | step ms | peak GiB (rank 0) | table + optimizer GiB"
         " | loss first → last | ok |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -193,26 +259,47 @@ def table(paths: list[str]) -> str:
             f"{r.get('table_plus_adam_gib', 0):.1f} | {r['loss_first_last'][0]:.3f} → "
             f"{r['loss_first_last'][1]:.3f} | |"
         )
+    made = [(p, r["provenance"]) for p, r in zip(paths, rows, strict=True) if "provenance" in r]
+    if made:
+        lines.append("")
+        lines += [
+            f"- {p}: `{m['argv']}`, commit {m['commit']}, {m['date']}, {m['card']}, "
+            f"torch {m['torch']}, triton {m['triton']}"
+            for p, m in made
+        ]
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("mode", choices=["check", "throughput", "big", "table"])
     p.add_argument("files", nargs="*", help="table: result JSON files")
     p.add_argument("--mp", type=int, default=1)
     p.add_argument("--impl", default="auto")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=12,
+                   help=f"throughput, big: training steps, at least {MIN_STEPS} "
+                   f"({WARMUP_STEPS} untimed)")  # fmt: skip
     p.add_argument("--out")
     p.add_argument("--device", default="cuda", help="cuda (NCCL) or cpu (gloo, smoke runs)")
     p.add_argument("--preset", default="134m-memory+", help="throughput: model preset")
     p.add_argument("--seq-len", type=int, default=1024)
-    ns = p.parse_args()
+    ns = p.parse_args(argv)
+    if ns.mode in ("throughput", "big"):
+        try:
+            check_steps(ns.steps)
+        except ValueError as e:
+            p.error(str(e))
+    return ns
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns = parse_args(argv)
     if ns.mode == "table":
         print(table(ns.files))
         return
     result = {"check": check, "throughput": throughput, "big": big}[ns.mode](ns)
+    result["provenance"] = provenance()
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(result, indent=1))
         if ns.out:

@@ -11,7 +11,8 @@ memory+ presets' default since 2026-12-04; bench_train.py ``--collapsed-reads``)
 ``value_dtype=fp32``.
 
 Uses only the library's stable entry points (build_model, build_optimizer, compute_loss,
-clip_grad_norm_), so the same script profiles an older checkout for a bisect.
+clip_grad_norm_), so the same script profiles an older checkout for a bisect. Its step,
+:func:`trainer_step`, is the trainer's (bench_parallel.py times it too).
 """
 
 from __future__ import annotations
@@ -24,19 +25,75 @@ import time
 import torch
 import yaml
 
+try:
+    from timing import provenance_header
+except ImportError:  # this script copied beside an older checkout's timing.py
+
+    def provenance_header() -> str:
+        return ""
+
+
 from memlayers import build_model, get_preset
 from memlayers.optim import OptimArgs, build_optimizer, clip_grad_norm_
 from memlayers.train import compute_loss
 
 
-def main() -> None:
+def trainer_step(model, optimizer, grad_clip: float, autocast, plan=None):
+    """A function ``step(x, y) -> loss`` of one training step as ``memlayers.train``'s
+    loop runs it (one micro-batch): the model's own loss (``model(x, targets=y)``: the
+    chunked loss, no logits tensor, the memory layers' balance loss in its gradient;
+    checkouts without it: ``compute_loss`` of the logits) under ``autocast``, backward,
+    ``plan``'s gradient sync and clip (``clip_grad_norm_`` of the parameters without a
+    plan) at ``grad_clip`` handing the value tables' rescale to the value optimizer
+    (``defer_to=optimizer.clip_defer``, where the checkout has it), the optimizers' step."""
+    fused_loss = "targets" in inspect.signature(model.forward).parameters
+    clip_kw = {}
+    if "defer_to" in inspect.signature(clip_grad_norm_).parameters:
+        clip_kw["defer_to"] = getattr(optimizer, "clip_defer", None)
+
+    def step(x, y):
+        with autocast:
+            if fused_loss:
+                loss = model(x, targets=y)
+            else:
+                loss = compute_loss(model(x), y)
+        loss.backward()
+        if plan is not None:
+            plan.sync_grads(model)
+            plan.clip_grad_norm_(model, grad_clip, **clip_kw)
+        else:
+            clip_grad_norm_(model.parameters(), grad_clip, **clip_kw)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def at_least(minimum: int):
+    """An argparse type: an int ``>= minimum``, refused with a clear message otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="134m-memory+")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=12, help="timed steps (after 3 warm-ups)")
-    p.add_argument("--profile-steps", type=int, default=3)
-    p.add_argument("--rows", type=int, default=40, help="ops in the summary table")
+    p.add_argument("--batch", type=at_least(1), default=8)
+    p.add_argument("--seq-len", type=at_least(1), default=1024)
+    p.add_argument("--steps", type=at_least(1), default=12,
+                   help="timed steps (after 3 warm-ups), at least 1")  # fmt: skip
+    p.add_argument("--profile-steps", type=at_least(1), default=3)
+    p.add_argument("--rows", type=at_least(1), default=40, help="ops in the summary table")
     p.add_argument("--out", help="write the full summary table here")
     p.add_argument("--trace", help="write the profiled steps' Chrome trace (JSON) here")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (trainer)")
@@ -54,7 +111,11 @@ def main() -> None:
     p.add_argument("--balance-kth-torch", action="store_true",
                    help="router.BALANCE_KTH_TRITON off: the balance loss's k-th scores by "
                    "torch.topk, not the search's Triton top-k (the default)")  # fmt: skip
-    ns = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns = parse_args(argv)
 
     dev = torch.device("cuda")
     cfg = get_preset(ns.preset)
@@ -81,10 +142,8 @@ def main() -> None:
         from memlayers.presets import PRESET_OPTIM
     except ImportError:
         PRESET_OPTIM = {}
-    opt = build_optimizer(model, OptimArgs(**PRESET_OPTIM.get(ns.preset, {})))
-    clip_kw = {}
-    if "defer_to" in inspect.signature(clip_grad_norm_).parameters:
-        clip_kw["defer_to"] = opt.clip_defer
+    optim_args = OptimArgs(**PRESET_OPTIM.get(ns.preset, {}))
+    opt = build_optimizer(model, optim_args)
     if ns.compile:
         try:
             from memlayers.parallel import compile_blocks
@@ -92,21 +151,14 @@ def main() -> None:
             from memlayers.train import compile_blocks
 
         compile_blocks(model)
-    fused_loss = "targets" in inspect.signature(model.forward).parameters
     g = torch.Generator(device=dev).manual_seed(0)
     B, T = ns.batch, ns.seq_len
+    clip = getattr(optim_args, "grad_clip", 1.0)  # the trainer's clip (1.0 before the option)
+    train = trainer_step(model, opt, clip, torch.autocast("cuda", dtype=torch.bfloat16))
 
     def step():
         tokens = torch.randint(0, cfg.vocab_size, (B, T + 1), device=dev, generator=g)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            if fused_loss:  # the model's own chunked loss (no logits tensor)
-                loss = model(tokens[:, :-1], targets=tokens[:, 1:])
-            else:
-                loss = compute_loss(model(tokens[:, :-1]), tokens[:, 1:])
-        loss.backward()
-        clip_grad_norm_(model.parameters(), 1.0, **clip_kw)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train(tokens[:, :-1], tokens[:, 1:])
 
     for _ in range(5 if ns.compile else 3):
         step()
@@ -142,8 +194,8 @@ def main() -> None:
         short = avg.table(sort_by="self_cuda_time_total", row_limit=ns.rows)
     if ns.out:
         with open(ns.out, "w") as f:
-            f.write(head + "\n\n## by total CUDA time\n" + table + "\n\n## by self CUDA time\n")
-            f.write(short + "\n")
+            f.write(provenance_header() + "\n" + head + "\n\n## by total CUDA time\n" + table)
+            f.write("\n\n## by self CUDA time\n" + short + "\n")
     print(short)
 
 
