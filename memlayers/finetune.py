@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 
 from memlayers.data.loader import PackedLoader, load_dataset
 from memlayers.data.tokenizer import load_tokenizer
-from memlayers.memory import MemoryValues, ProductKeyMemory
+from memlayers.memory import MemoryValues, ProductKeyMemory, _positive_number
 from memlayers.model import Attention, SwiGLU
 from memlayers.optim import build_optimizer, clip_grad_norm_, uses_sparse_values
 from memlayers.quantize import value_tables, write_derived_run
@@ -120,9 +120,9 @@ class FinetuneArgs:
         if not integer or not 0 <= seed < 2**64:
             raise ValueError(f"seed must be an int in [0, 2**64), got seed={seed!r}")
         # a learning rate, scale or clip of inf (or nan) trains the weights to nan
-        _check_real("lr", self.lr, positive=True, optional=True)
-        _check_real("alpha", self.alpha, positive=True, optional=True)
-        _check_real("grad_clip", self.grad_clip, positive=False)
+        _positive_number("lr", self.lr, allow_none=True)
+        _positive_number("alpha", self.alpha, allow_none=True)
+        _positive_number("grad_clip", self.grad_clip, allow_zero=True)
         if not isinstance(self.per_document, bool):
             raise ValueError(f"per_document must be true or false, got {self.per_document!r}")
 
@@ -135,16 +135,6 @@ class FinetuneArgs:
             if name in METHOD_DEFAULTS and self.method in methods and getattr(self, name) is None
         }
         return replace(self, **fill)
-
-
-def _check_real(name: str, v, positive: bool, optional: bool = False) -> None:
-    """A finite real number, > 0 (``positive``) or >= 0; None passes when ``optional``."""
-    if v is None and optional:
-        return
-    bound = "> 0" if positive else ">= 0"
-    ok = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)
-    if not ok or not (v > 0 if positive else v >= 0):
-        raise ValueError(f"{name} must be a finite number {bound}, got {name}={v!r}")
 
 
 # The options only some methods read: FinetuneArgs field -> (its flag, the methods reading it).
@@ -756,7 +746,6 @@ def finetune(
     if args.method == "sparse-memory" and background is None:
         bg = load_dataset(trained.args.data).train
         check_background(bg, d.seq_len, f"the run's training split ({src.root})")
-    d = trained.args.data
     batch = args.batch_size or d.batch_size
     model = trained.model
     eos = trained.tokenizer.eos_id
