@@ -41,7 +41,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timing import card_name, report, runs_of, timed
+from profile_step import at_least
+from timing import card_name, report, runs_note, runs_of, timed
 
 from memlayers import MemoryValues, ProductKeyMemory, SparseValueAdam, get_preset
 from memlayers.ops import embedding_bag
@@ -122,9 +123,9 @@ def build(args, impl: str, sparse_grad: bool, device, dtype):
     return layer, values, value_opt, rest_opt
 
 
-def aux_backward(outputs, grads, layer) -> None:
-    """``backward`` of ``outputs`` with ``grads``, plus the memory layer's balance loss of
-    its last forward (``take_aux_loss``: as the trainer's loss adds it), if it has one."""
+def with_aux(outputs, grads, layer) -> tuple[list, list]:
+    """``outputs`` and ``grads`` with the memory layer's balance loss of its last forward
+    (``take_aux_loss``: as the trainer's loss adds it) and its gradient 1, if it has one."""
     layer = getattr(layer, "_orig_mod", layer)  # a torch.compile'd layer's module
     outputs, grads = list(outputs), list(grads)
     if isinstance(layer, ProductKeyMemory):
@@ -132,7 +133,13 @@ def aux_backward(outputs, grads, layer) -> None:
         if aux.requires_grad:
             outputs.append(aux)
             grads.append(torch.ones_like(aux))
-    torch.autograd.backward(outputs, grads)
+    return outputs, grads
+
+
+def aux_backward(outputs, grads, layer) -> None:
+    """``backward`` of ``outputs`` with ``grads``, and of the layer's balance loss
+    (:func:`with_aux`)."""
+    torch.autograd.backward(*with_aux(outputs, grads, layer))
 
 
 def train_step(layer, x, gy, opts):
@@ -211,11 +218,7 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> dict:
 
     def search_part():
         idx, w = layer.lookup(x)
-        outs, grads = [w], [torch.ones_like(w)]
-        aux = layer.take_aux_loss()
-        if aux.requires_grad:  # the balance loss's gradient, as a training step's
-            outs.append(aux)
-            grads.append(torch.ones_like(aux))
+        outs, grads = with_aux([w], [torch.ones_like(w)], layer)  # + the balance loss's
         torch.autograd.grad(outs, params, grads, allow_unused=True)
 
     add("  part: query + norms + product-key search + balance loss (fwd+bwd)", timed(search_part))
@@ -447,22 +450,15 @@ def bench_shared_table(args, add, device) -> dict:
     return out
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dim", type=positive_int, default=1024)
-    p.add_argument("--n-keys", type=positive_int, default=1024)
-    p.add_argument("--heads", type=positive_int, default=4)
-    p.add_argument("--topk", type=positive_int, default=32)
-    p.add_argument("--tokens", type=positive_int, default=16384)
+    p.add_argument("--dim", type=at_least(1), default=1024)
+    p.add_argument("--n-keys", type=at_least(1), default=1024)
+    p.add_argument("--heads", type=at_least(1), default=4)
+    p.add_argument("--topk", type=at_least(1), default=32)
+    p.add_argument("--tokens", type=at_least(1), default=16384)
     p.add_argument(
-        "--ffn-hidden", type=positive_int, default=None,
+        "--ffn-hidden", type=at_least(1), default=None,
         help="the SwiGLU FFN's hidden size (default: 14,336 at --dim 4096, the paper's 8B; "
         "8/3·dim rounded up to 256 otherwise)",
     )  # fmt: skip
@@ -532,9 +528,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def add(name, ms, note=""):
         rows.append((name, ms, note))
-        runs, iqr = runs_of(ms)
-        count = f"  ({runs} runs, IQR {iqr or '-'})" if runs else ""
-        print(f"  {name:<62} {ms:9.3f} ms{count}  {note}", flush=True)
+        print(f"  {name:<62} {ms:9.3f} ms{runs_note(ms)}  {note}", flush=True)
         return ms
 
     def table_rows() -> list[str]:

@@ -229,7 +229,6 @@ def big_overrides(ns, gpu_bytes: int, world: int) -> list[str]:
 
 def big(ns) -> dict:
     """The table and its optimizer state ≈ :data:`BIG_MARGIN` × one GPU (:func:`big_overrides`)."""
-    check_steps(ns.steps)
     gpu = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory
     world = int(os.environ.get("WORLD_SIZE", 1))
     return {"mode": "big", **_train_steps(ns, big_overrides(ns, gpu, world))}

@@ -35,6 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from profile_step import at_least
 
 from memlayers.data.facts import RELATIONS, load_facts
 from memlayers.data.loader import load_dataset
@@ -101,40 +102,30 @@ def _method_lr(text: str) -> tuple[str, float]:
     return method, lr
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
-    return n
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, refused at parse time where it would fail (or be ignored) later;
     ``lrs``: the learning rate of every method."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--steps", type=_positive, default=24)
-    p.add_argument("--eval-every", type=_positive, default=8)
-    p.add_argument("--batch-size", type=_positive, default=4)
-    p.add_argument("--seq-len", type=_positive, default=64)
+    p.add_argument("--steps", type=at_least(1), default=24)
+    p.add_argument("--eval-every", type=at_least(1), default=8)
+    p.add_argument("--batch-size", type=at_least(1), default=4)
+    p.add_argument("--seq-len", type=at_least(1), default=64)
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", type=_method_lr,
                    help=f"METHOD one of {', '.join(METHODS)} (default {DEFAULT_LR})")  # fmt: skip
-    p.add_argument("--top-t", type=_positive, default=2000)
+    p.add_argument("--top-t", type=at_least(1), default=2000)
     p.add_argument("--per-document", action="store_true",
                    help="sparse-memory: --top-t rows per document, not per batch")  # fmt: skip
-    p.add_argument("--rank", type=_positive, default=8)
-    p.add_argument("--pool", type=_positive, default=280, help="questions asked before")
-    p.add_argument("--teach", type=_positive, default=40)
-    p.add_argument("--keep", type=_positive, default=60)
-    p.add_argument("--exposures", type=_positive, default=2, help="per statement template")
-    p.add_argument("--val-tokens", type=_positive, default=1024)
+    p.add_argument("--rank", type=at_least(1), default=8)
+    p.add_argument("--pool", type=at_least(1), default=280, help="questions asked before")
+    p.add_argument("--teach", type=at_least(1), default=40)
+    p.add_argument("--keep", type=at_least(1), default=60)
+    p.add_argument("--exposures", type=at_least(1), default=2, help="per statement template")
+    p.add_argument("--val-tokens", type=at_least(1), default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--background-batches", type=_positive, default=4,
+        "--background-batches", type=at_least(1), default=4,
         help="sparse-memory: batches of corpus text whose row reads set the rows' specificity",
     )  # fmt: skip
     p.add_argument("--device", default="cpu")

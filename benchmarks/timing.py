@@ -150,6 +150,12 @@ def runs_of(ms: float) -> tuple[str, str]:
     return str(ms.runs), ms.spread()
 
 
+def runs_note(ms: float) -> str:
+    """``"  (N runs, IQR x%)"`` after a printed :func:`timed` result ("" for a plain float)."""
+    runs, iqr = runs_of(ms)
+    return f"  ({runs} runs, IQR {iqr or '-'})" if runs else ""
+
+
 class Table:
     """Printed as rows are added; ``markdown()`` at the end. TB/s and the fraction of the
     copy bandwidth measured in the same run are derived from the bytes given; the run
@@ -162,9 +168,7 @@ class Table:
         tbs = nbytes / ms / 1e9 if nbytes else None
         self.rows.append((name, ms, nbytes, tbs, note))
         bw = f" {tbs:6.2f} TB/s" if tbs else ""
-        runs, iqr = runs_of(ms)
-        count = f"  ({runs} runs, IQR {iqr or '-'})" if runs else ""
-        print(f"  {name:<64} {ms:9.3f} ms{bw}{count}  {note}", flush=True)
+        print(f"  {name:<64} {ms:9.3f} ms{bw}{runs_note(ms)}  {note}", flush=True)
         return ms
 
     def markdown(self) -> str:

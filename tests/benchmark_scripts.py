@@ -5,6 +5,10 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+# The scripts import their neighbours (timing, profile_step) as top-level modules, as
+# they do when run from benchmarks/.
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
 
 
 def load(name: str):

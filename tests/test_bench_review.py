@@ -12,14 +12,9 @@ import warnings
 
 import pytest
 import torch
-from benchmark_scripts import BENCHMARKS, load
+from benchmark_scripts import load
 
 from memlayers import MemoryValues, SparseValueAdam, get_preset
-
-# The scripts import their neighbours (timing, profile_step) as top-level modules, as
-# they do when run from benchmarks/.
-if str(BENCHMARKS) not in sys.path:
-    sys.path.insert(0, str(BENCHMARKS))
 
 NEVER_TAKEN = "never taken"
 
