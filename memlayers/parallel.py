@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from memlayers.memory import MemoryValues
@@ -209,14 +209,50 @@ def mark_shard(values: MemoryValues) -> None:
 # ---- the whole model: mesh, parallelize, gradients, checkpoints ---------------------------
 
 
+FSDP_PARAM_DTYPES = ("fp32", "bf16")
+
+
 @dataclass
 class ParallelArgs:
     mp: int = 1  # memory-parallel degree: value tables split by columns over mp ranks
-    fsdp: bool = True  # FSDP2 for every other parameter over all ranks (else replicate)
+    fsdp: bool = True  # FSDP2 for every other parameter (else replicated on every rank)
+    # Ranks each dense parameter is sharded over; 0: all of them. A divisor of the world
+    # size gives HSDP: shards inside groups of fsdp_shard consecutive ranks (a node's GPUs
+    # under torchrun), replicated over the world / fsdp_shard groups, so only the gradient
+    # all-reduce crosses nodes (docs/scaling.md).
+    fsdp_shard: int = 0
+    # The dtype FSDP2 all-gathers the dense parameters in and computes with: fp32 (exact
+    # parameters under autocast) or bf16 (half the gather bytes; gradients still reduced
+    # in fp32 and the optimizer steps fp32 parameters).
+    fsdp_param_dtype: str = "fp32"
 
     def validate(self) -> None:
         if isinstance(self.mp, bool) or not isinstance(self.mp, int) or self.mp < 1:
             raise ValueError(f"parallel.mp must be a positive int, got parallel.mp={self.mp!r}")
+        shard = self.fsdp_shard
+        if isinstance(shard, bool) or not isinstance(shard, int) or shard < 0:
+            raise ValueError(
+                f"parallel.fsdp_shard must be an int >= 0 (0: all ranks), got "
+                f"parallel.fsdp_shard={shard!r}"
+            )
+        if self.fsdp_param_dtype not in FSDP_PARAM_DTYPES:
+            raise ValueError(
+                f"parallel.fsdp_param_dtype must be one of {FSDP_PARAM_DTYPES}, got "
+                f"{self.fsdp_param_dtype!r}"
+            )
+        if not self.fsdp and (shard or self.fsdp_param_dtype != "fp32"):
+            raise ValueError(
+                f"parallel.fsdp_shard={shard} / parallel.fsdp_param_dtype="
+                f"{self.fsdp_param_dtype} configure FSDP, but parallel.fsdp=false"
+            )
+
+    def check_world(self, world: int) -> None:
+        """The settings against the number of ranks (``validate`` first)."""
+        if self.fsdp_shard and world % self.fsdp_shard:
+            raise ValueError(
+                f"parallel.fsdp_shard={self.fsdp_shard} must divide world_size={world} "
+                f"(HSDP: world_size / fsdp_shard replicas of fsdp_shard-way shards)"
+            )
 
 
 def value_tables(model: nn.Module) -> list[tuple[str, MemoryValues]]:
@@ -289,10 +325,17 @@ class ParallelPlan:
 
     def _copies(self, p: torch.Tensor) -> int:
         """Ranks holding the same numbers as this rank's ``p``: a table shard is replicated
-        over ``dp``, an FSDP shard is unique, a replicated dense parameter is everywhere."""
+        over ``dp``, an FSDP shard over its mesh's replicated dims (HSDP's replicas; none
+        under plain FSDP), a replicated dense parameter is everywhere."""
         if self.is_table(p):
             return self.dp
-        return 1 if isinstance(p, DTensor) else self.world
+        if isinstance(p, DTensor):
+            return math.prod(
+                p.device_mesh.size(i)
+                for i, place in enumerate(p.placements)
+                if isinstance(place, Replicate)
+            )
+        return self.world
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float, defer_to=None) -> torch.Tensor:
         """Global L2 gradient norm over FSDP shards, table shards and replicas; rescale
@@ -349,6 +392,7 @@ def shard_tables(model: nn.Module, mesh: DeviceMesh | None, args: ParallelArgs) 
     the meta device too). The first half of :func:`parallelize`. ``mesh=None`` (one
     process) shards nothing."""
     args.validate()
+    args.check_world(1 if mesh is None else mesh.size())
     if mesh is None:
         if args.mp != 1:
             raise ValueError(
@@ -366,26 +410,44 @@ def shard_tables(model: nn.Module, mesh: DeviceMesh | None, args: ParallelArgs) 
     return ParallelPlan(mesh, args, tables)
 
 
+def fsdp_mesh(plan: ParallelPlan) -> DeviceMesh:
+    """FSDP2's mesh for the dense parameters: 1-D over all ranks, or with
+    ``parallel.fsdp_shard`` a divisor of the world, ``("replicate", "shard")`` of
+    ``(world / fsdp_shard, fsdp_shard)``: HSDP, shards inside groups of consecutive ranks."""
+    world, shard = plan.mesh.size(), plan.args.fsdp_shard or plan.mesh.size()
+    plan.args.check_world(world)
+    if shard == world:
+        return init_device_mesh(plan.mesh.device_type, (world,), mesh_dim_names=("all",))
+    return init_device_mesh(
+        plan.mesh.device_type, (world // shard, shard), mesh_dim_names=("replicate", "shard")
+    )
+
+
 def apply_fsdp(model: nn.Module, plan: ParallelPlan) -> None:
-    """FSDP2 over all ranks for every parameter but the tables: one unit per
-    ``model.layers`` block, then the root. The second half of :func:`parallelize`."""
-    mesh = plan.mesh
+    """FSDP2 for every parameter but the tables, over :func:`fsdp_mesh` (all ranks, or
+    HSDP): one unit per ``model.layers`` block, then the root; parameters all-gathered in
+    ``parallel.fsdp_param_dtype``, gradients reduced in fp32. The second half of
+    :func:`parallelize`."""
     if not plan.args.fsdp or plan.world == 1:
         return
-    world_mesh = init_device_mesh(mesh.device_type, (mesh.size(),), mesh_dim_names=("all",))
+    mesh = fsdp_mesh(plan)
+    policy = MixedPrecisionPolicy()
+    if plan.args.fsdp_param_dtype == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     ignored = {t.weight for _, t in plan.tables}
     for block in getattr(model, "layers", []):
-        fully_shard(block, mesh=world_mesh, ignored_params=ignored)
-    fully_shard(model, mesh=world_mesh, ignored_params=ignored)
+        fully_shard(block, mesh=mesh, ignored_params=ignored, mp_policy=policy)
+    fully_shard(model, mesh=mesh, ignored_params=ignored, mp_policy=policy)
 
 
 def parallelize(
     model: nn.Module, mesh: DeviceMesh | None, args: ParallelArgs, compile: bool = False
 ) -> ParallelPlan:
     """Apply parallelism from outside the model: value tables split by columns over
-    ``mesh["mp"]``, ``torch.compile`` per block (``compile``), FSDP2 over all ranks for the
-    rest. ``mesh=None`` (one process): a no-op plan. On a materialised model its tables
-    are sliced; :func:`build` instead shards them on the meta device, then initialises."""
+    ``mesh["mp"]``, ``torch.compile`` per block (``compile``), FSDP2 (or HSDP:
+    ``args.fsdp_shard``) for the rest. ``mesh=None`` (one process): a no-op plan. On a
+    materialised model its tables are sliced; :func:`build` instead shards them on the
+    meta device, then initialises."""
     plan = shard_tables(model, mesh, args)
     if compile:
         compile_blocks(model)  # before FSDP, whose hooks then stay outside the graphs

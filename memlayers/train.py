@@ -40,16 +40,17 @@ run's ``progress`` (tokens trained, training seconds).
 Under torchrun every rank reads its own shard of each global batch and rank 0 alone
 logs. The model is built on the meta device and parallelised from outside
 (:func:`memlayers.parallel.parallelize`): value tables split by columns over
-``parallel.mp`` ranks, FSDP2 over all ranks for the rest; checkpoints are DCP (every rank
-writes its shards) and load on any number of ranks. A resume on the run's number of ranks
-is exact (the same losses); on another number (a job that lost GPUs: ``--resume`` with
-fewer processes, and a ``parallel.mp`` that divides them) the weights and optimizer state
-reshard, the data go on at the same place of the sequence order (the loader's order is a
-function of ``data.seed`` and the epoch alone: :class:`memlayers.data.loader.PackedLoader`;
-while ranks × ``data.batch_size`` × ``grad_accum`` stays the same, each step reads the
-sequences it would have read, to the epoch's end), and each rank's RNG is re-seeded from
-``(seed, step, rank)``: exact in data, not in the random streams (dropout), as the log
-says. CPU runs use gloo, GPU runs NCCL::
+``parallel.mp`` ranks, FSDP2 over all ranks (or HSDP, ``parallel.fsdp_shard``) for the
+rest; checkpoints are DCP (every rank writes its shards) and load on any number of
+ranks. A resume on the run's number of ranks is exact (the same losses); on another
+number (a job that lost GPUs: ``--resume`` with fewer processes, and a ``parallel.mp``
+that divides them) the weights and optimizer state reshard, the data go on at the same
+place of the sequence order (the loader's order is a function of ``data.seed`` and the
+epoch alone: :class:`memlayers.data.loader.PackedLoader`; while ranks ×
+``data.batch_size`` × ``grad_accum`` stays the same, each step reads the sequences it
+would have read, to the epoch's end), and each rank's RNG is re-seeded from ``(seed,
+step, rank)``: exact in data, not in the random streams (dropout), as the log says. CPU
+runs use gloo, GPU runs NCCL::
 
     torchrun --standalone --nproc_per_node=2 -m memlayers train parallel.mp=2 steps=50
 """

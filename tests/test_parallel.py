@@ -308,14 +308,15 @@ def _reference_model(seed=0):
     return build_model(_tiny_config(), "cpu", seed=seed, sparse_values=True).double()
 
 
-def _parallel_model(world, mp, reference):
-    """The reference's weights, parallelised over a (world/mp, mp) mesh."""
+def _parallel_model(world, mp, reference, **fsdp):
+    """The reference's weights, parallelised over a (world/mp, mp) mesh (``fsdp``: more
+    ``ParallelArgs``, e.g. ``fsdp_shard=2`` for HSDP)."""
     import copy
 
     from memlayers.parallel import ParallelArgs, parallelize
 
     model = copy.deepcopy(reference)
-    plan = parallelize(model, build_mesh(world, mp), ParallelArgs(mp=mp))
+    plan = parallelize(model, build_mesh(world, mp), ParallelArgs(mp=mp, **fsdp))
     return model, plan
 
 
@@ -325,12 +326,12 @@ def _full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _step_worker(rank, world, mp):
+def _step_worker(rank, world, mp, fsdp=None):
     from memlayers.optim import OptimArgs, build_optimizer, clip_grad_norm_
     from memlayers.train import compute_loss
 
     ref = _reference_model()
-    model, plan = _parallel_model(world, mp, ref)
+    model, plan = _parallel_model(world, mp, ref, **(fsdp or {}))
     plan.equal_bags()  # every rank has 2 sequences, as the trainer promises
     tokens = torch.randint(0, 37, (2 * world, 9))  # the global batch, same on every rank
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -379,6 +380,92 @@ def test_parallel_model_training_step_matches_reference(world, mp):
         torch.set_default_dtype(torch.float32)
 
 
+def _hsdp_layout_worker(rank, world, mp):
+    """Every dense parameter sharded 2 ways and replicated over the 2 pairs of ranks."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    model, plan = _parallel_model(world, mp, _reference_model(), fsdp_shard=2)
+    for name, p in model.named_parameters():
+        if plan.is_table(p):
+            assert not isinstance(p, DTensor), name
+            continue
+        assert isinstance(p, DTensor), name
+        assert p.device_mesh.mesh_dim_names == ("replicate", "shard"), name
+        assert p.placements == (Replicate(), Shard(0)), (name, p.placements)
+        assert plan._copies(p) == 2, name
+        pair = p.device_mesh.mesh.tolist()  # [[0, 1], [2, 3]]: shards inside consecutive ranks
+        assert pair == [[0, 1], [2, 3]], pair
+
+
+@pytest.mark.parametrize("mp", [1, 2], ids=["dp4", "dp2xmp2"])
+def test_hsdp_training_step_matches_reference(mp):
+    """parallel.fsdp_shard=2 on 4 ranks (HSDP: 2 replicas of 2-way shards), with and
+    without a sharded table: the same logits, clipped norm and step as one process (the
+    norm counts a replicated shard once: ``ParallelPlan._copies``)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        _spawn(_hsdp_layout_worker, 4, mp)
+        _spawn(_step_worker, 4, mp, {"fsdp_shard": 2})
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _bf16_gather_worker(rank, world):
+    """fsdp_param_dtype=bf16: the blocks compute with bf16 parameters (their gathered
+    dtype), gradients and the stepped parameters stay in the parameters' own dtype."""
+    from memlayers.optim import OptimArgs, build_optimizer
+    from memlayers.train import compute_loss
+
+    ref = _reference_model()
+    model, plan = _parallel_model(world, 1, ref, fsdp_param_dtype="bf16")
+    seen = []
+    block = model.layers[1]  # a dense block
+    block.register_forward_pre_hook(lambda m, _: seen.append(m.attention.wq.weight.dtype))
+    tokens = torch.randint(0, 37, (2 * world, 9), generator=torch.Generator().manual_seed(0))
+    mine = tokens[2 * rank : 2 * rank + 2]
+    ref_logits = ref(tokens[:, :-1])[2 * rank : 2 * rank + 2]
+    logits = model(mine[:, :-1])
+    assert seen == [torch.bfloat16], seen
+    # bf16 parameters (and so activations) over 4 blocks: close to the fp64 reference,
+    # not equal to it
+    diff = (logits.double() - ref_logits.double()).abs()
+    assert diff.mean() < 0.03 and diff.max() < 0.3, (diff.mean(), diff.max())
+    assert diff.max() > 1e-6
+    opt = build_optimizer(model, OptimArgs(lr=1e-2, warmup_steps=0))
+    compute_loss(logits, mine[:, 1:]).backward()
+    plan.sync_grads(model)
+    opt.step()
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float64, name
+        if not plan.is_table(p):
+            assert p.grad.dtype == torch.float64, name
+
+
+def test_fsdp_bf16_all_gathers():
+    torch.set_default_dtype(torch.float64)
+    try:
+        _spawn(_bf16_gather_worker, 2)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_fsdp_settings_are_checked():
+    from memlayers.config import load_config
+    from memlayers.parallel import ParallelArgs
+
+    with pytest.raises(ValueError, match="parallel.fsdp_shard=3 must divide world_size=4"):
+        ParallelArgs(fsdp_shard=3).check_world(4)
+    ParallelArgs(fsdp_shard=2).check_world(4)
+    for bad, match in [
+        (["parallel.fsdp_shard=-1"], "fsdp_shard must be an int >= 0"),
+        (["parallel.fsdp_param_dtype=fp16"], "fsdp_param_dtype must be one of"),
+        (["parallel.fsdp=false", "parallel.fsdp_shard=2"], "but parallel.fsdp=false"),
+        (["parallel.fsdp=false", "parallel.fsdp_param_dtype=bf16"], "but parallel.fsdp=false"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            load_config([], bad)
+
+
 def _probe_logits(model):
     g = torch.Generator().manual_seed(7)
     return model(torch.randint(0, 37, (3, 8), generator=g))
@@ -388,8 +475,9 @@ def _local_moments(model, opt, plan):
     """This rank's optimizer moments and step counts, keyed by parameter name, with where
     each piece sits in the full tensor: ``{key: (dim, offset, tensor)}`` (dim None: whole).
     No collectives (gloo's all-gather of DTensors aborted ~1 run in 8 on 2 CPU cores):
-    table moments are column shards (``shard.start``), FSDP moments row chunks."""
-    from torch.distributed.tensor import DTensor
+    table moments are column shards (``shard.start``), FSDP moments row chunks (HSDP's
+    replicas save the same pieces)."""
+    from torch.distributed.tensor import DTensor, Shard
 
     shards = {id(t.weight): t.shard for _, t in plan.tables}
     states = {}
@@ -400,11 +488,13 @@ def _local_moments(model, opt, plan):
         for key, val in states.get(id(p), {}).items():
             where = (None, 0)
             if isinstance(val, DTensor):
-                if val.dim() > 0:  # FSDP2: torch.chunk rows
-                    step = -(-val.shape[0] // val.device_mesh.size())
-                    where = (0, min(val.device_mesh.get_local_rank() * step, val.shape[0]))
+                if val.dim() > 0:  # FSDP2: torch.chunk rows over the mesh dim of Shard(0)
+                    dim = [i for i, pl in enumerate(val.placements) if pl == Shard(0)][0]
+                    step = -(-val.shape[0] // val.device_mesh.size(dim))
+                    start = val.device_mesh.get_local_rank(dim) * step
+                    where = (0, min(start, val.shape[0]))
                 val = val.to_local()
-            elif id(p) in shards and torch.is_tensor(val) and val.dim() == 2:
+            elif shards.get(id(p)) is not None and torch.is_tensor(val) and val.dim() == 2:
                 where = (1, shards[id(p)].start)
             out[f"{name}.{key}"] = (*where, val.detach().clone() if torch.is_tensor(val) else val)
     return out
@@ -420,17 +510,21 @@ def _full_moments(root):
         if dim is None:
             full[key] = parts[0][key][2]
             continue
-        pieces = dict(sorted((off, t) for _, off, t in (part[key] for part in parts)))
-        full[key] = torch.cat(list(pieces.values()), dim=dim)
+        pieces = {}
+        for _, off, t in (part[key] for part in parts):
+            if off in pieces:  # a replica (dp, HSDP) saved the same piece
+                torch.testing.assert_close(t, pieces[off], rtol=0, atol=0, msg=key)
+            pieces[off] = t
+        full[key] = torch.cat([pieces[off] for off in sorted(pieces)], dim=dim)
     return full
 
 
-def _save_worker(rank, world, mp, root, seed, step=False):
+def _save_worker(rank, world, mp, root, seed, step=False, fsdp=None):
     from memlayers.checkpoint import save_distributed_checkpoint
     from memlayers.optim import OptimArgs, build_optimizer
     from memlayers.train import compute_loss
 
-    model, plan = _parallel_model(world, mp, _reference_model(seed))
+    model, plan = _parallel_model(world, mp, _reference_model(seed), **(fsdp or {}))
     opt = build_optimizer(model, OptimArgs(lr=1e-2, warmup_steps=0))
     if step:  # so every moment (value-table shards, FSDP shards) holds something to check
         tokens = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(seed))
@@ -447,11 +541,13 @@ def _save_worker(rank, world, mp, root, seed, step=False):
         torch.save(logits, os.path.join(root, "probe.pt"))
 
 
-def _load_worker(rank, world, mp, root, seed):
+def _load_worker(rank, world, mp, root, seed, fsdp=None):
     from memlayers.checkpoint import load_checkpoint
     from memlayers.optim import OptimArgs, build_optimizer
 
-    model, plan = _parallel_model(world, mp, _reference_model(seed))  # other weights
+    model, plan = _parallel_model(
+        world, mp, _reference_model(seed), **(fsdp or {})
+    )  # other weights
     opt = build_optimizer(model, OptimArgs(lr=1e-2, warmup_steps=0))
     load_checkpoint(root, model, opt, plan=plan)
     expected = torch.load(os.path.join(root, "probe.pt"))
@@ -500,6 +596,21 @@ def test_dcp_checkpoints_reshard(tmp_path):
         torch.set_default_dtype(torch.float32)
 
 
+def test_hsdp_checkpoints_reshard(tmp_path):
+    """Saved after a step under HSDP (4 ranks: mp 2, dense parameters 2-way shards
+    replicated twice), loaded under plain FSDP on 2 ranks and back under HSDP: the same
+    outputs, moments and step counts."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        hsdp, plain = str(tmp_path / "hsdp"), str(tmp_path / "plain")
+        _spawn(_save_worker, 4, 2, hsdp, 1, True, {"fsdp_shard": 2})
+        _spawn(_load_worker, 2, 2, hsdp, 0)
+        _spawn(_save_worker, 2, 1, plain, 4, True)
+        _spawn(_load_worker, 4, 1, plain, 0, {"fsdp_shard": 2})
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def _torchrun(tmp_path, *overrides, resume_from=None):
     import subprocess
     import sys
@@ -534,13 +645,15 @@ def _losses(run_dir):
 @pytest.mark.parametrize(
     "extra",
     [[], ["model.memory.value_dtype=bf16"],
-     ["model.memory.value_dtype=bf16", "optim.value_optimizer=sparse_adam_bf16"]],
-    ids=["fp32-table", "bf16-table-master", "bf16-table-master-moments"],
+     ["model.memory.value_dtype=bf16", "optim.value_optimizer=sparse_adam_bf16"],
+     ["parallel.mp=1", "parallel.fsdp_shard=1", "parallel.fsdp_param_dtype=bf16"]],
+    ids=["fp32-table", "bf16-table-master", "bf16-table-master-moments", "hsdp-bf16-gathers"],
 )  # fmt: skip
 def test_torchrun_two_ranks_resume_is_exact(tmp_path, extra):
     """torchrun with 2 gloo ranks, memory-parallel 2: 4 steps straight vs 2 + resume 2. A
     bf16 table's fp32 master copy is column-sharded and resumed like the moments; bf16
-    moments (the paper memory presets' setting) too, their stochastic rounding included."""
+    moments (the paper memory presets' setting) too, their stochastic rounding included;
+    and HSDP with bf16 all-gathers (the table replicated, mp 1)."""
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     _torchrun(tmp_path, f"run_dir={full}", *extra)
     _torchrun(tmp_path, f"run_dir={part}", "steps=4", "checkpoint.every=2", *extra)
