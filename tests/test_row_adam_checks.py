@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from memlayers.ops import row_adam
 from memlayers.ops.row_adam import row_adam_step_, row_sgd_step_
 
 CUDA = torch.cuda.is_available()
@@ -117,3 +118,47 @@ def test_the_range_check_can_be_skipped_for_rows_known_to_be_in_range(monkeypatc
     table.grad = torch.sparse_coo_tensor(rows[None], g, (8, 4)).coalesce()
     SparseValueAdam([table], lr=0.1, impl="torch").step()
     assert calls == [8] and table[1].ne(0).all()
+
+
+@pytest.mark.parametrize("rows_given", [True, False], ids=["rows", "all-rows"])
+@pytest.mark.parametrize(
+    "kind", ["fp32", "bf16-moments", "rowwise-v", "bf16-table-master", "bf16-table-rounded"]
+)
+def test_the_reference_in_pieces_gives_the_bits_of_one_pass(monkeypatch, kind, rows_given):
+    """The reference steps its rows in pieces of ``PIECE_ELEMENTS`` (its temporaries at
+    the paper shape did not fit an H100): pieces of 3 rows give one pass's bits, the
+    stochastic rounding's streams included."""
+    n, d = 11, 8
+    g = torch.Generator().manual_seed(0)
+    bf16_table = kind.startswith("bf16-table")
+    moments = torch.bfloat16 if kind != "fp32" and kind != "rowwise-v" else torch.float32
+    rows = torch.tensor([0, 2, 3, 5, 7, 8, 10]) if rows_given else None
+    u = n if rows is None else rows.numel()
+    grad = torch.randn(u, d, generator=g)
+    scale = torch.tensor([0.5])
+
+    def state():
+        param = torch.randn(n, d, generator=g)
+        master = param.clone() if kind == "bf16-table-master" else None
+        if bf16_table:
+            param = param.bfloat16()
+        m = torch.randn(n, d, generator=g).to(moments)
+        v_shape = (n,) if kind == "rowwise-v" else (n, d)
+        v = torch.rand(v_shape, generator=g).to(moments if kind != "rowwise-v" else torch.float32)
+        return param, m, v, master
+
+    first = state()
+    copies = [tuple(t.clone() if t is not None else None for t in first) for _ in range(2)]
+    outs = []
+    for pieces, (param, m, v, master) in zip([False, True], copies, strict=True):
+        if pieces:
+            monkeypatch.setattr(row_adam, "PIECE_ELEMENTS", 3 * d)  # 3 rows a piece
+        row_adam.row_adam_step_torch(
+            param, rows, grad, m, v, step=7, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8,
+            weight_decay=0.1, rowwise_v=kind == "rowwise-v", master=master, grad_scale=scale,
+        )  # fmt: skip
+        outs.append((param, m, v, master))
+    for one, split in zip(*outs, strict=True):
+        if one is not None:
+            assert torch.equal(one, split)
+    assert not torch.equal(outs[0][0], first[0])  # it stepped

@@ -142,7 +142,40 @@ def row_adam_step_torch(
     """
     check_adam_args(param, rows, grad, exp_avg, exp_avg_sq, rowwise_v, master, grad_scale,
                     check_range, step)  # fmt: skip
-    sel = slice(None) if rows is None else rows
+    hyper = (step, lr, beta1, beta2, eps, weight_decay, rowwise_v)
+    for sel, piece, g in _pieces(param, rows, grad):
+        _row_adam_piece(param, sel, piece, g, exp_avg, exp_avg_sq, *hyper, master, grad_scale)
+
+
+# Elements a piece of the reference's step holds: its temporaries (fp32 moments and
+# parameter, int64 rounding noise) are several times the touched rows' own bytes: 6.85
+# GiB of noise alone for 925,426 rows × 1,024, which an H100 could not hold beside the
+# layer (2026-12-05). 2**24 elements keep each temporary at 64-128 MB. Every row's update
+# depends on that row alone, so the pieces give the same bits as one pass.
+PIECE_ELEMENTS = 1 << 24
+
+
+def _pieces(param: torch.Tensor, rows: torch.Tensor | None, grad: torch.Tensor):
+    """``(sel, rows, grad)`` of each piece of the touched rows: ``sel`` indexes ``param``
+    (a slice when all rows are stepped), ``rows`` the piece's row numbers (the rounding
+    noise's offsets), ``grad`` its gradient rows."""
+    total = param.shape[0] if rows is None else rows.shape[0]
+    per = max(1, PIECE_ELEMENTS // max(1, param.shape[1]))
+    for start in range(0, total, per):
+        end = min(total, start + per)
+        if rows is None:
+            piece = torch.arange(start, end, device=param.device)
+            yield slice(start, end), piece, grad[start:end]
+        else:
+            yield rows[start:end], rows[start:end], grad[start:end]
+
+
+def _row_adam_piece(
+    param, sel, rows, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
+    rowwise_v, master, grad_scale,
+) -> None:  # fmt: skip
+    """:func:`row_adam_step_torch` on one piece: ``param[sel]``, whose row numbers are
+    ``rows``, with gradient rows ``grad``."""
     g = _scaled(grad, grad_scale)  # [U, D] fp32
     m = exp_avg[sel].float().mul_(beta1).add_(g, alpha=1 - beta1)  # [U, D]
     if rowwise_v:
@@ -158,7 +191,7 @@ def row_adam_step_torch(
     denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)  # [U, D] or [U]
     p.addcdiv_(m, denom[:, None] if rowwise_v else denom, value=-lr / bc1)
     bf16 = (exp_avg.dtype == torch.bfloat16, exp_avg_sq.dtype == torch.bfloat16)
-    noise = _noise(exp_avg, rows, round_seed(step)) if any(bf16) else None
+    noise = _noise(exp_avg, rows, round_seed(step)) if any(bf16) else None  # [U, D]
     exp_avg[sel] = stochastic_round_bf16(m, noise) if bf16[0] else m
     # A bf16 v is element-wise (a row-wise v is fp32): the noise's high 16 bits.
     exp_avg_sq[sel] = stochastic_round_bf16(v, noise >> 16) if bf16[1] else v
