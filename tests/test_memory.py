@@ -550,8 +550,10 @@ def test_a_balance_loss_never_taken_warns_once():
     layer(x).sum().backward()  # the balance loss left on the layer: it trains nothing
     with pytest.warns(UserWarning, match=r"balance_loss=0.5.*never taken.*take_aux_loss"):
         layer(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        # recorded, not raised: torch's own warnings (2.11's sparse-invariant note on a
+        # GPU host) are not this test's
+        warnings.simplefilter("always")
         layer(x)  # once per layer
         # Taken, or the layer in eval mode: no warning.
         fresh = ProductKeyMemory(16, cfg)
@@ -564,6 +566,7 @@ def test_a_balance_loss_never_taken_warns_once():
         tokens = torch.randint(0, 32, (2, 9))
         for _ in range(2):
             model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+    assert not [w for w in caught if "never taken" in str(w.message)]
 
 
 def test_a_passed_table_must_have_the_value_dtype_asked_for():
