@@ -114,11 +114,11 @@ def load_transformers_model(spec: str, cache=None) -> nn.Module:
     dequantised: ~20 s for SmolLM2-135M on 2 CPU cores); one saved with memory layers is
     refused before its weights load (:func:`check_no_memory`)."""
     transformers = _transformers()
-    transformers_config(spec, cache)  # the check, on the config alone
+    config = transformers_config(spec, cache)  # the check, on the config alone
     path, gguf = resolve_pretrained(spec, cache)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, **_gguf_kwargs(gguf)
-    )
+        path, config=config, dtype=torch.float32, **_gguf_kwargs(gguf)
+    )  # the config read once: a GGUF's is parsed from the file's metadata
     return model.eval()
 
 
