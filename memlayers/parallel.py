@@ -221,9 +221,11 @@ class ParallelArgs:
     # under torchrun), replicated over the world / fsdp_shard groups, so only the gradient
     # all-reduce crosses nodes (docs/scaling.md).
     fsdp_shard: int = 0
-    # The dtype FSDP2 all-gathers the dense parameters in and computes with: fp32 (exact
-    # parameters under autocast) or bf16 (half the gather bytes; gradients still reduced
-    # in fp32 and the optimizer steps fp32 parameters).
+    # The dtype FSDP2 all-gathers the blocks' dense parameters in and computes with: fp32,
+    # or bf16 (half the gather bytes; needs bf16 autocast). With bf16 the ops autocast
+    # keeps in fp32 (the norms) read bf16-rounded weights; the residual stream, RoPE
+    # tables and the root's parameters (embeddings, final norm, output head) stay fp32,
+    # gradients are reduced in fp32 and the optimizer steps the fp32 parameters.
     fsdp_param_dtype: str = "fp32"
 
     def validate(self) -> None:
@@ -252,6 +254,24 @@ class ParallelArgs:
             raise ValueError(
                 f"parallel.fsdp_shard={self.fsdp_shard} must divide world_size={world} "
                 f"(HSDP: world_size / fsdp_shard replicas of fsdp_shard-way shards)"
+            )
+
+    def check_run(self, world: int, bf16_autocast: bool) -> None:
+        """The settings against a training run: its number of ranks and whether it
+        computes under bf16 autocast (the trainer's ``dtype``)."""
+        self.check_world(world)
+        if self.fsdp_param_dtype != "bf16":
+            return
+        if world == 1:
+            raise ValueError(
+                "parallel.fsdp_param_dtype=bf16 sets FSDP's all-gathers, and one process "
+                "(world_size=1) has no FSDP: use parallel.fsdp_param_dtype=fp32"
+            )
+        if not bf16_autocast:
+            raise ValueError(
+                "parallel.fsdp_param_dtype=bf16 needs bf16 autocast (dtype=bf16, or "
+                "dtype=auto on CUDA): this run computes in fp32, where bf16 parameters "
+                "would meet fp32 activations"
             )
 
 
@@ -423,21 +443,45 @@ def fsdp_mesh(plan: ParallelPlan) -> DeviceMesh:
     )
 
 
+def describe(plan: ParallelPlan) -> str:
+    """One line of what the plan does across ranks ("" on one process), for the log:
+    ``"mp 2 × dp 2; dense parameters HSDP: 2 replicas × 2-way shards, bf16 all-gathers"``."""
+    if plan.world == 1:
+        return ""
+    args = plan.args
+    line = f"mp {args.mp} × dp {plan.dp}; dense parameters "
+    if not args.fsdp:
+        return line + "replicated (parallel.fsdp=false)"
+    shard = args.fsdp_shard or plan.world
+    if shard == plan.world:
+        line += f"FSDP2 over {plan.world} ranks"
+    else:
+        line += f"HSDP: {plan.world // shard} replicas × {shard}-way shards"
+    return line + f", {args.fsdp_param_dtype} all-gathers"
+
+
 def apply_fsdp(model: nn.Module, plan: ParallelPlan) -> None:
     """FSDP2 for every parameter but the tables, over :func:`fsdp_mesh` (all ranks, or
-    HSDP): one unit per ``model.layers`` block, then the root; parameters all-gathered in
-    ``parallel.fsdp_param_dtype``, gradients reduced in fp32. The second half of
-    :func:`parallelize`."""
+    HSDP): one unit per ``model.layers`` block, then the root. With
+    ``parallel.fsdp_param_dtype=bf16`` the blocks' parameters are all-gathered in bf16,
+    their inputs not cast and gradients reduced in fp32; the root's (embeddings, final
+    norm, output head) stay fp32, so the embedding hands the blocks an fp32 residual
+    stream. The second half of :func:`parallelize`."""
     if not plan.args.fsdp or plan.world == 1:
         return
     mesh = fsdp_mesh(plan)
-    policy = MixedPrecisionPolicy()
+    fp32 = MixedPrecisionPolicy()
+    blocks = fp32
     if plan.args.fsdp_param_dtype == "bf16":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # Autocast casts what its matmuls read; the residual stream and the RoPE tables
+        # keep their dtype.
+        blocks = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     ignored = {t.weight for _, t in plan.tables}
     for block in getattr(model, "layers", []):
-        fully_shard(block, mesh=mesh, ignored_params=ignored, mp_policy=policy)
-    fully_shard(model, mesh=mesh, ignored_params=ignored, mp_policy=policy)
+        fully_shard(block, mesh=mesh, ignored_params=ignored, mp_policy=blocks)
+    fully_shard(model, mesh=mesh, ignored_params=ignored, mp_policy=fp32)
 
 
 def parallelize(

@@ -392,6 +392,7 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
         # the first write.
         run.start_fresh(overwrite, clear=False)
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and env.device.type == "cuda")
+    args.parallel.check_run(env.world_size, use_bf16)
     autocast = (
         torch.autocast(env.device.type, dtype=torch.bfloat16)
         if use_bf16
@@ -511,6 +512,7 @@ def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -
             f"data {args.data.dataset}: {len(data.train):,} train / {len(data.val):,} val "
             f"tokens, vocab {data.vocab_size}; run_dir {run.root}"
             + _tables_note(model_cfg, args.optim)
+            + (f"; {parallel.describe(plan)}" if plan.world > 1 else "")
             + (f"; resumed at step {start} from {state['path']}" if resume else "")
         )
         for why in state["skipped"] if resume else ():

@@ -162,3 +162,18 @@ def test_the_reference_in_pieces_gives_the_bits_of_one_pass(monkeypatch, kind, r
         if one is not None:
             assert torch.equal(one, split)
     assert not torch.equal(outs[0][0], first[0])  # it stepped
+
+
+@pytest.mark.parametrize("rows_given", [True, False], ids=["rows", "all-rows"])
+def test_the_sgd_reference_in_pieces_gives_the_bits_of_one_pass(monkeypatch, rows_given):
+    """SGD's reference on a bf16 table (stochastically rounded) in pieces of 3 rows."""
+    n, d = 11, 8
+    g = torch.Generator().manual_seed(1)
+    rows = torch.tensor([1, 2, 4, 6, 7, 9, 10]) if rows_given else None
+    grad = torch.randn(n if rows is None else rows.numel(), d, generator=g)
+    start = torch.randn(n, d, generator=g).bfloat16()
+    one, split = start.clone(), start.clone()
+    row_adam.row_sgd_step_torch(one, rows, grad, step=5, lr=0.1)
+    monkeypatch.setattr(row_adam, "PIECE_ELEMENTS", 3 * d)
+    row_adam.row_sgd_step_torch(split, rows, grad, step=5, lr=0.1)
+    assert torch.equal(one, split) and not torch.equal(one, start)

@@ -147,11 +147,13 @@ def row_adam_step_torch(
         _row_adam_piece(param, sel, piece, g, exp_avg, exp_avg_sq, *hyper, master, grad_scale)
 
 
-# Elements a piece of the reference's step holds: its temporaries (fp32 moments and
-# parameter, int64 rounding noise) are several times the touched rows' own bytes: 6.85
-# GiB of noise alone for 925,426 rows × 1,024, which an H100 could not hold beside the
-# layer (2026-12-05). 2**24 elements keep each temporary at 64-128 MB. Every row's update
-# depends on that row alone, so the pieces give the same bits as one pass.
+# Elements a piece of the reference steps (Adam's and SGD's) holds: their temporaries
+# (fp32 moments and parameter, int64 rounding noise) are several times the touched rows'
+# own bytes: ~7 GiB of int64 noise alone for 925,426 rows × 1,024, and an H100 could not
+# hold its temporaries beside the layer (2026-12-05). 2**24 elements keep each temporary at
+# 64-128 MB. Every row's update depends on that row alone, so on the CPU the pieces give
+# the same bits as one pass; on CUDA a row-wise v's sum over a row may be reduced in
+# another order for a piece of another shape (a last-bit difference).
 PIECE_ELEMENTS = 1 << 24
 
 
@@ -239,9 +241,9 @@ def row_sgd_step_torch(
     ``grad_scale``: as :func:`row_adam_step_torch`'s. Arguments checked as the Triton
     path's (:func:`check_rows`)."""
     check_rows(param, rows, grad, grad_scale=grad_scale, check_range=check_range)
-    sel = slice(None) if rows is None else rows
-    g = _scaled(grad, grad_scale)
-    param[sel] = _stored_param(param[sel].float() - lr * g, param, rows, step)
+    for sel, piece, g in _pieces(param, rows, grad):  # as Adam's: PIECE_ELEMENTS
+        g = _scaled(g, grad_scale)
+        param[sel] = _stored_param(param[sel].float() - lr * g, param, piece, step)
 
 
 MOMENT_DTYPES = (torch.float32, torch.bfloat16)
