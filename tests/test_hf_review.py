@@ -65,7 +65,7 @@ def _save_llama(out, tok, vocab_size=N_TOKENS, with_tokenizer=True, memory=False
 def _args(hf_dir, run_dir, *extra):
     """test_retrofit's tiny retrofit run, 2 steps."""
     return retrofit_args(hf_dir, run_dir, "steps=2", "optim.warmup_steps=0",
-                         "checkpoint.every=2", *extra)  # fmt: skip
+                         "checkpoint.every=2", "device=cpu", *extra)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,10 @@ def hf_dir(tmp_path_factory, tokenizer):
 
 
 def _config(name: str, **extra):
-    return getattr(transformers, f"{name}Config")(**TINY, vocab_size=128, **extra)
+    cls = getattr(transformers, f"{name}Config", None)
+    if cls is None:  # an architecture newer than the installed transformers
+        pytest.skip(f"transformers {transformers.__version__} has no {name}Config")
+    return cls(**TINY, vocab_size=128, **extra)
 
 
 @pytest.mark.parametrize(

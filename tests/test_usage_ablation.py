@@ -127,7 +127,8 @@ def test_variants_train_and_the_report_reads_them(ablation, tmp_path, monkeypatc
     (out / "_warm" / "config.yaml").write_text("steps: 1\n")
     (out / "_warm" / "metrics.jsonl").write_text('{"step": 1}\n')
     small = ["data.bios.n_people=200", "data.bios.exposures=2", "data.batch_size=4",
-             "data.seq_len=64", "logging.every=5", "eval_every=10", "eval_batches=1"]  # fmt: skip
+             "data.seq_len=64", "logging.every=5", "eval_every=10", "eval_batches=1",
+             "device=cpu"]  # fmt: skip
     argv = ["usage_ablation.py", "run", "base", "bal10:seed=1", "--out", str(out),
             "--preset", "tiny-memory+", "--steps", "10", "--limit", "300",
             "--override", *small]  # fmt: skip
