@@ -7,6 +7,7 @@ against the SwiGLU FFN it replaces at the same dim and tokens, all in one run.
     python benchmarks/bench_memory_layer.py --out results.md
     python benchmarks/bench_memory_layer.py --compile           # + both steps compiled
     python benchmarks/bench_memory_layer.py --dim 4096 --no-reference --compile  # the 8B width
+    python benchmarks/bench_memory_layer.py --compile --no-reference --profile 25  # op tables
     python benchmarks/bench_memory_layer.py --shared --dim 768 --tokens 8192 --table-dtype fp32
     TRITON_INTERPRET=1 python benchmarks/bench_memory_layer.py --smoke   # CPU: code paths
 
@@ -41,7 +42,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from profile_step import at_least
+from profile_step import at_least, profile_ops
 from timing import card_name, report, runs_note, runs_of, timed
 
 from memlayers import MemoryValues, ProductKeyMemory, SparseValueAdam, get_preset
@@ -187,13 +188,22 @@ def topk_fn(layer, q, keys, topk: int, precision: str = "fp32"):
     return fn
 
 
-def timed_compiled(module, x, gy, opts) -> float:
+# ``--profile N``: op tables (by self device time, N ops) of parts of the layer's step,
+# by what was profiled; printed and written after the timing tables.
+PROFILES: dict[str, str] = {}
+
+
+def timed_compiled(module, x, gy, opts, profile: int = 0) -> float:
     """:func:`timed` of a step with ``module`` under ``torch.compile`` (its compilation in
-    two untimed steps first: the first compiles, the second checks nothing recompiles)."""
+    two untimed steps first: the first compiles, the second checks nothing recompiles);
+    ``profile``: also its op table (that many ops) into :data:`PROFILES`."""
     compiled = torch.compile(module)
     fn = lambda: train_step(compiled, x, gy, opts)
     fn()
     fn()
+    if profile:
+        name = f"the whole step of {type(module).__name__}, compiled"
+        PROFILES[name] = profile_ops(fn, 3, profile)[1]
     return timed(fn)
 
 
@@ -222,6 +232,10 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> dict:
         torch.autograd.grad(outs, params, grads, allow_unused=True)
 
     add("  part: query + norms + product-key search + balance loss (fwd+bwd)", timed(search_part))
+    if args.profile:
+        PROFILES["the search part (query + norms + search + balance loss), eager"] = profile_ops(
+            search_part, 3, args.profile
+        )[1]
     # The search op on the layer's own normalised queries and keys (a training forward's).
     q, keys = search_inputs(layer, x)
     add("    of which product_key_topk (fwd+bwd, the layer's normed q and keys)",
@@ -265,7 +279,7 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> dict:
     t_compiled = None
     if args.compile:  # last, so nothing compiled runs before the eager parts are timed
         t_compiled = add("Memory+ step, compiled (torch.compile of the layer)",
-                         timed_compiled(layer, x, gy, (vopt, ropt)))  # fmt: skip
+                         timed_compiled(layer, x, gy, (vopt, ropt), args.profile))  # fmt: skip
     return {"step": t, "compiled": t_compiled, "value_step": value_ms}
 
 
@@ -495,6 +509,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile", action="store_true",
         help="also time the layer's and the FFN's whole step with each under torch.compile",
     )  # fmt: skip
+    p.add_argument(
+        "--profile", type=at_least(1), default=0, metavar="N",
+        help="also torch.profiler op tables (N ops, by self device time) of the search part "
+        "(eager) and, with --compile, of the layer's compiled step, after the timings",
+    )  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
     p.add_argument("--out", help="write the markdown table here")
     args = p.parse_args(argv)
@@ -597,6 +616,7 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|",
         *vs_torch,
         *ratio_rows(args, tri, t_ffn, t_ffn_c),
+        *[f"\n## Profile: {name}\n\n```\n{table}\n```" for name, table in PROFILES.items()],
     ]  # fmt: skip
     text = "\n".join(lines)
     report(text, args.out)

@@ -70,6 +70,32 @@ def trainer_step(model, optimizer, grad_clip: float, autocast, plan=None):
     return step
 
 
+def profile_ops(fn, runs: int, rows: int, trace: str | None = None) -> tuple[str, str]:
+    """torch.profiler over ``runs`` calls of ``fn``: the op tables by total and by self
+    device time (CUDA; by CPU time on a machine without one), ``rows`` ops each;
+    ``trace``: also write the Chrome trace (JSON) there."""
+    cuda = torch.cuda.is_available()
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    acts += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(runs):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
+    avg = prof.key_averages()
+    if not cuda:
+        return (avg.table(sort_by="cpu_time_total", row_limit=rows),
+                avg.table(sort_by="self_cpu_time_total", row_limit=rows))  # fmt: skip
+    try:  # torch >= 2.4 names it device time
+        return (avg.table(sort_by="device_time_total", row_limit=rows),
+                avg.table(sort_by="self_device_time_total", row_limit=rows))  # fmt: skip
+    except (AttributeError, KeyError):
+        return (avg.table(sort_by="cuda_time_total", row_limit=rows),
+                avg.table(sort_by="self_cuda_time_total", row_limit=rows))  # fmt: skip
+
+
 def at_least(minimum: int):
     """An argparse type: an int ``>= minimum``, refused with a clear message otherwise."""
 
@@ -178,20 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     head = f"{what}: step {1e3 * med:.1f} ms, {B * T / med:,.0f} tokens/s (median, {ns.steps})"
     print(head, flush=True)
 
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(ns.profile_steps):
-            step()
-        torch.cuda.synchronize()
-    if ns.trace:
-        prof.export_chrome_trace(ns.trace)
-    avg = prof.key_averages()
-    try:  # torch >= 2.4 names it device time
-        table = avg.table(sort_by="device_time_total", row_limit=ns.rows)
-        short = avg.table(sort_by="self_device_time_total", row_limit=ns.rows)
-    except (AttributeError, KeyError):
-        table = avg.table(sort_by="cuda_time_total", row_limit=ns.rows)
-        short = avg.table(sort_by="self_cuda_time_total", row_limit=ns.rows)
+    table, short = profile_ops(step, ns.profile_steps, ns.rows, trace=ns.trace)
     if ns.out:
         with open(ns.out, "w") as f:
             f.write(provenance_header() + "\n" + head + "\n\n## by total CUDA time\n" + table)

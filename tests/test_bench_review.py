@@ -432,3 +432,19 @@ def test_profile_steps_trainer_step_trains_the_balance_loss_and_defers_the_clip(
             loss = step(tokens[:, :-1], tokens[:, 1:])
     assert not [w for w in caught if NEVER_TAKEN in str(w.message)]
     assert torch.isfinite(loss) and deferred == [opt.clip_defer] * 2 and deferred[0] is not None
+
+
+def test_profile_ops_tables_name_the_ops_run(ml):
+    """profile_step.profile_ops (profile_step's tables, bench_memory_layer --profile):
+    both tables list the profiled function's ops, with their call counts."""
+    ps = load("profile_step")
+    a, b = torch.randn(64, 64, device=DEV), torch.randn(64, 64, device=DEV)
+    total, by_self = ps.profile_ops(lambda: torch.mm(a, b).relu_(), runs=3, rows=10)
+    for table in (total, by_self):
+        line = next(ln for ln in table.splitlines() if "aten::mm" in ln)
+        assert line.split()[-1] == "3"  # # of Calls
+    assert ("Self CUDA" if DEV.type == "cuda" else "Self CPU") in by_self
+    assert ml.parse_args(["--profile", "25"]).profile == 25
+    assert ml.parse_args([]).profile == 0
+    with pytest.raises(SystemExit):
+        ml.parse_args(["--profile", "0"])
