@@ -222,5 +222,6 @@ def _sharded_worker(rank, world):
     assert model[0].weight.grad is None and model[1].weight.grad is not None
 
 
+@pytest.mark.gloo
 def test_sharded_table_review_fixes_on_two_ranks():
     _spawn(_sharded_worker)

@@ -13,6 +13,8 @@ from memlayers import MemoryConfig, MemoryValues, ProductKeyMemory, SparseValueA
 from memlayers.ops import embedding_bag
 from memlayers.parallel import build_mesh, column_widths, shard_values_
 
+pytestmark = pytest.mark.gloo  # CPU processes throughout: CPU CI's (.ci/gpu leaves them)
+
 N_ROWS, DIM, K = 64, 10, 5  # DIM = 10 over 4 ranks: uneven shards [3, 3, 3, 1]
 
 

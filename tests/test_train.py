@@ -818,6 +818,7 @@ def test_clip_grad_norm_counts_sparse_rows_once():
 # ---- torchrun ------------------------------------------------------------------------------
 
 
+@pytest.mark.gloo
 def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     """Rank r reads the r-th half of each global batch and gradients are averaged, so
     2 ranks × batch 4 train like 1 rank × batch 8 (up to summation order)."""
@@ -923,6 +924,7 @@ def _fresh_start_worker(rank, store_dir, phases):
     Path(store_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
 
+@pytest.mark.gloo
 def test_two_ranks_start_fresh_together(tmp_path):
     """A fresh 2-rank run checks the run directory on every rank before rank 0 writes in
     it (the barrier after the check): into an old run it is refused on both ranks with

@@ -151,6 +151,7 @@ def test_rng_reseeding_depends_on_seed_step_and_rank_alone():
     assert all(not torch.equal(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1 :])
 
 
+@pytest.mark.gloo
 def test_a_two_rank_run_resumes_on_one_rank(tmp_path, capsys):
     """A job that lost a GPU: 2 gloo ranks × batch 4 (DCP checkpoints) train 4 steps; the
     step-2 checkpoint resumed with --resume on 1 process × batch 8 (the same global
