@@ -389,7 +389,8 @@ def _empty_grad(p: torch.Tensor, sparse: bool) -> torch.Tensor:
     if not sparse:
         return torch.zeros_like(p)
     rows = torch.empty(1, 0, dtype=torch.int64, device=p.device)
-    return torch.sparse_coo_tensor(rows, p.new_empty(0, p.shape[1]), p.shape).coalesce()
+    empty = p.new_empty(0, p.shape[1])
+    return torch.sparse_coo_tensor(rows, empty, p.shape, check_invariants=False).coalesce()
 
 
 def _all_reduce_sparse(grad: torch.Tensor, group, size: int) -> torch.Tensor:
@@ -404,7 +405,10 @@ def _all_reduce_sparse(grad: torch.Tensor, group, size: int) -> torch.Tensor:
     sizes = [int(s) for s in sizes]
     all_rows = _gather_rows(rows, sizes, group)
     all_vals = _gather_rows(vals, sizes, group)
-    return torch.sparse_coo_tensor(all_rows[None], all_vals, grad.shape).coalesce()
+    # Rows of the ranks' own coalesced gradients, in range: no invariant check (and none
+    # of torch's warning that it is off, once per rank and step).
+    summed = torch.sparse_coo_tensor(all_rows[None], all_vals, grad.shape, check_invariants=False)
+    return summed.coalesce()
 
 
 def shard_tables(model: nn.Module, mesh: DeviceMesh | None, args: ParallelArgs) -> ParallelPlan:
