@@ -298,6 +298,11 @@ class ParallelPlan:
         return 1 if self.mesh is None else self.mesh["dp"].size()
 
     @property
+    def fsdp_shard(self) -> int:
+        """Ranks each FSDP shard group spans: ``parallel.fsdp_shard``, or every rank."""
+        return self.args.fsdp_shard or self.world
+
+    @property
     def sharded(self) -> bool:
         return self.mesh is not None and self.mesh["mp"].size() > 1
 
@@ -438,8 +443,7 @@ def fsdp_mesh(plan: ParallelPlan) -> DeviceMesh:
     """FSDP2's mesh for the dense parameters: 1-D over all ranks, or with
     ``parallel.fsdp_shard`` a divisor of the world, ``("replicate", "shard")`` of
     ``(world / fsdp_shard, fsdp_shard)``: HSDP, shards inside groups of consecutive ranks."""
-    world, shard = plan.mesh.size(), plan.args.fsdp_shard or plan.mesh.size()
-    plan.args.check_world(world)
+    world, shard = plan.world, plan.fsdp_shard  # shard divides world: shard_tables checked
     if shard == world:
         return init_device_mesh(plan.mesh.device_type, (world,), mesh_dim_names=("all",))
     return init_device_mesh(
@@ -456,7 +460,7 @@ def describe(plan: ParallelPlan) -> str:
     line = f"mp {args.mp} × dp {plan.dp}; dense parameters "
     if not args.fsdp:
         return line + "replicated (parallel.fsdp=false)"
-    shard = args.fsdp_shard or plan.world
+    shard = plan.fsdp_shard
     if shard == plan.world:
         line += f"FSDP2 over {plan.world} ranks"
     else:
