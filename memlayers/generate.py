@@ -13,7 +13,7 @@ The prompt is encoded with the run's tokenizer after an EOS (documents in the pa
 training stream start after one), so it reads like the start of a training document.
 Only ids the tokenizer can decode are emitted: a model whose embedding is padded past its
 tokenizer (a pretrained one's, ``model.hf``) decodes over the tokenizer's ids alone
-(:func:`memlayers.run.restrict_vocab_`).
+(:func:`memlayers.model.restrict_vocab_`).
 A quantized run (``memlayers quantize``) loads as it was saved; ``--quantized 8|4``
 quantizes a float run's value tables after loading, for this call only
 (:func:`memlayers.quantize.quantize_tables_`). ``--offload`` keeps the value tables

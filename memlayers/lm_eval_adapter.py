@@ -46,7 +46,7 @@ except ImportError as e:  # pragma: no cover - the message is the point
     ) from e
 from tqdm import tqdm
 
-from memlayers.model import KVCache
+from memlayers.model import KVCache, restricted_vocab
 from memlayers.run import load_run
 
 DEFAULT_BATCH_SIZE = 16
@@ -207,15 +207,20 @@ class MemlayersLM(TemplateLM):
     @torch.no_grad()
     def _greedy(self, ids: list[int], max_new: int, until: list[str]) -> str:
         """Greedy continuation of ``ids`` with a KV cache, up to EOS, ``max_new`` tokens or
-        the first stop string (cut off, with what follows it)."""
-        model = self.model
+        the first stop string (cut off, with what follows it). Over the tokenizer's ids
+        alone: a pretrained model's padded embedding rows never win
+        (:func:`memlayers.model.restricted_vocab`, as eval's greedy answers)."""
+        vocab = min(self.tok.vocab_size, self.model.config.vocab_size)
+        with restricted_vocab(self.model, vocab) as model:
+            return self._greedy_tokens(model, ids, max_new, until)
+
+    def _greedy_tokens(self, model, ids: list[int], max_new: int, until: list[str]) -> str:
         cache = KVCache(len(model.layers), len(ids) + max_new)
         logits = model(torch.tensor([ids], device=self._device), cache)[0, -1]  # (V,)
         new: list[int] = []
         text = ""
         for _ in range(max_new):
-            # ids past the tokenizer (a pretrained model's padded embedding) never win
-            nxt = int(logits[: self.tok.vocab_size].argmax())
+            nxt = int(logits.argmax())
             if nxt == self.eot_token_id:
                 break
             new.append(nxt)

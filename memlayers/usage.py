@@ -53,11 +53,11 @@ def _distribution(mass: torch.Tensor, what: str) -> torch.Tensor:
     be 0/0 = NaN."""
     m = mass.flatten()
     total = float(m.double().sum()) if m.numel() else 0.0
-    if not (math.isfinite(total) and total > 0) or bool((m < 0).any()):
+    negative = bool((m < 0).any())
+    if not (math.isfinite(total) and total > 0) or negative:
         raise ValueError(
             f"{what} needs non-negative values with a positive finite sum, got "
-            f"{m.numel()} values summing to {total:g}"
-            + (" (some negative)" if m.numel() and bool((m < 0).any()) else "")
+            f"{m.numel()} values summing to {total:g}" + (" (some negative)" if negative else "")
         )
     return m
 
