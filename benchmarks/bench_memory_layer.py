@@ -280,6 +280,18 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> dict:
     if args.compile:  # last, so nothing compiled runs before the eager parts are timed
         t_compiled = add("Memory+ step, compiled (torch.compile of the layer)",
                          timed_compiled(layer, x, gy, (vopt, ropt), args.profile))  # fmt: skip
+        # The search part as the trainer runs it: its forward compiled (the norms fused
+        # around the search's custom ops), the backward AOTAutograd's.
+        lookup = torch.compile(layer.lookup)
+
+        def search_compiled():
+            idx, w = lookup(x)
+            outs, grads = with_aux([w], [torch.ones_like(w)], layer)
+            torch.autograd.grad(outs, params, grads, allow_unused=True)
+
+        search_compiled()  # compiles
+        add("  part: query + norms + search + balance loss, compiled (fwd+bwd)",
+            timed(search_compiled))  # fmt: skip
     return {"step": t, "compiled": t_compiled, "value_step": value_ms}
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memlayers.ops.embedding_bag import resolve_impl
-from memlayers.ops.product_keys import autocast_half, product_key_topk
+from memlayers.ops.product_keys import HALF_DTYPES, autocast_half, product_key_topk
 
 
 def rms_halves(t: torch.Tensor, eps: float) -> torch.Tensor:
@@ -203,14 +203,14 @@ def balance_loss(
     picks the same keys. Its gradient lowers the scores of the keys chosen most often, in
     proportion to how often: against the rich-get-richer concentration of reads
     (docs/usage.md). At most :data:`BALANCE_TOKENS` tokens (every ``ceil(N /
-    BALANCE_TOKENS)``-th) are scored, in fp32; under bf16/fp16 autocast on CUDA from
-    products at that precision (fp32 sums), as the search scores them
-    (:func:`memlayers.ops.product_key_topk`). ``half_top [N, H, 2, topk]``: each half's
-    top-k keys as the search found them (``product_key_topk(..., half_top=True)``, for
-    the same q and keys): ``f`` is then counted from them, with no ranking of its own
-    (ties aside the same choices: the search ranks the same products, where summed in
-    another order a near-tie may fall the other way). Without it each row's k-th score
-    is found here (:func:`kth_half_scores`, on ``impl``)."""
+    BALANCE_TOKENS)``-th) are scored, in fp32; on CUDA under bf16/fp16 autocast, or with
+    q and keys both bf16 (fp16), from products at that precision (fp32 sums), as the
+    search scores them (:func:`memlayers.ops.product_key_topk`). ``half_top [N, H, 2,
+    topk]``: each half's top-k keys as the search found them (``product_key_topk(...,
+    half_top=True)``, for the same q and keys): ``f`` is then counted from them, with no
+    ranking of its own (ties aside the same choices: the search ranks the same products,
+    where summed in another order a near-tie may fall the other way). Without it each
+    row's k-th score is found here (:func:`kth_half_scores`, on ``impl``)."""
     n_tok = q.shape[0]
     heads, _, n_keys, half = keys.shape
     # Integer ceil-division: Inductor's dynamic-shape codegen of this slice's backward
@@ -225,6 +225,11 @@ def balance_loss(
         )
     device = q.device.type
     low = autocast_half(device) if q.is_cuda else None
+    if low is None and q.is_cuda and q.dtype in HALF_DTYPES and keys.dtype == q.dtype:
+        # Half-precision inputs outside autocast (a bf16 model): their products are exact
+        # in fp32 either way, so the tensor cores' fp32 sums score them as the search's
+        # Triton path does, without an fp32 GEMM on the CUDA cores.
+        low = q.dtype
     with torch.autocast(device, enabled=False):
         qh = q.view(-1, heads, 2, half)  # [M, H, 2, half]
         # Head- and half-major: each (head, half) is one [M, n_keys] block, as the search's

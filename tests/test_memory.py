@@ -447,6 +447,33 @@ def test_balance_loss_under_autocast_scores_as_the_search():
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_balance_loss_of_bf16_inputs_scores_as_the_search(monkeypatch):
+    # A bf16 model outside autocast (bench_memory_layer's layer): bf16 products with fp32
+    # sums, as the search's Triton path multiplies bf16 inputs, not an fp32 GEMM; the loss
+    # of the same values in fp32.
+    from memlayers import router
+
+    calls = []
+    apply = router._HalfScores.apply
+    monkeypatch.setattr(router._HalfScores, "apply", lambda *a: calls.append(1) or apply(*a))
+    torch.manual_seed(12)
+    q = torch.randn(300, 2, 16, device="cuda").bfloat16().requires_grad_()
+    keys = torch.randn(2, 2, 64, 8, device="cuda").bfloat16().requires_grad_()
+    got = balance_loss(q, keys, 4)
+    assert calls and got.dtype == torch.float32
+    qr, kr = (t.detach().float().requires_grad_() for t in (q, keys))
+    ref = balance_loss(qr, kr, 4)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for g, w in zip(torch.autograd.grad(got, (q, keys)), torch.autograd.grad(ref, (qr, kr)),
+                    strict=True):  # fmt: skip
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), w, rtol=2e-2, atol=1e-2 * w.abs().max().item())
+    calls.clear()
+    balance_loss(q.float(), keys, 4)  # mixed dtypes: fp32, as before
+    assert not calls
+
+
 def test_balance_loss_reaches_the_gradient_but_not_the_value_of_the_model_loss():
     torch.manual_seed(6)
     mem = dict(n_keys=8, heads=2, topk=4, impl="torch")

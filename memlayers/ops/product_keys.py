@@ -15,7 +15,7 @@ import torch
 
 from memlayers.ops.embedding_bag import resolve_impl
 
-_HALF = (torch.bfloat16, torch.float16)
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -25,7 +25,7 @@ def autocast_half(device: str) -> torch.dtype | None:
     if not torch.is_autocast_enabled(device):
         return None
     dtype = torch.get_autocast_dtype(device)
-    return dtype if dtype in _HALF else None
+    return dtype if dtype in HALF_DTYPES else None
 
 
 def check_product_key_inputs(query: torch.Tensor, keys: torch.Tensor, k: int) -> None:
