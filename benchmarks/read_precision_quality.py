@@ -1,0 +1,94 @@
+"""Would a narrower read copy of the value table keep the quality? A study, CPU.
+
+The H100 profile of a 134m-memory+ step (results/profile_134m_h100_20261205.md) has the
+lookup forward and the score gradient each read 19.3 GB of bf16 rows a step at the card's
+bandwidth. A read copy of the table in int8 with a scale per row (what
+:meth:`memlayers.MemoryValues.quantize_` packs for serving) would halve those bytes: the
+optimizer would keep the bf16 table and its fp32 master as now and write the int8 copy of
+the rows it steps. Whether a model trained so learns as well is the question to answer
+before the kernels are written. This script answers it on the torch path: every lookup
+(forward, score gradient, evaluation) reads the table's rows quantized and dequantized
+(symmetric, ``2**(bits-1) - 1`` levels a side, one scale per row from its largest
+magnitude, the scale rounded to bf16 as the packed format stores it); the value
+gradient, which does not read the rows, and the optimizer are untouched (a
+straight-through estimate, as quantization-aware training does).
+
+    python benchmarks/read_precision_quality.py --bits 8 -- run_dir=runs/int8-s0 seed=0 \\
+        model.memory.value_dtype=bf16 optim.value_optimizer=sparse_adam_bf16
+
+Everything after ``--`` is ``memlayers train``'s (the main job: tiny-memory+ on bios,
+1,000 steps, then its evaluation, all in this process with the reads quantized).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+
+import torch
+
+
+def quantize_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """``values [N, D]`` rounded to ``bits``-bit symmetric integers with one scale per row
+    (largest magnitude / levels, the scale itself rounded to bf16), returned dequantized in
+    ``values``' dtype. A zero row stays zero."""
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bits must be in [2, 16], got bits={bits}")
+    levels = 2 ** (bits - 1) - 1
+    v = values.detach().float()
+    scale = (v.abs().amax(dim=1, keepdim=True) / levels).bfloat16().float()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(v / safe).clamp_(-levels, levels)
+    return (q * scale).to(values.dtype)
+
+
+def patch_reads(bits: int):
+    """Make every torch-path lookup read its rows through :func:`quantize_rows`: the
+    forward (and the score gradient it saves the rows for) and the merged shared-table
+    backward's score gradient. The value gradient does not read rows: unchanged. Returns
+    a function that undoes the patch."""
+    from memlayers import merged_grad
+
+    # The module (memlayers.ops re-exports its function under the same name).
+    eb = importlib.import_module("memlayers.ops.embedding_bag")
+
+    forward = eb._TorchEmbeddingBag.forward
+
+    def quantized_forward(ctx, values, indices, weights, sparse_grad=False):
+        return forward(ctx, quantize_rows(values, bits), indices, weights, sparse_grad)
+
+    eb._TorchEmbeddingBag.forward = staticmethod(quantized_forward)
+    grads = merged_grad.embedding_bag_grads
+
+    @functools.wraps(grads)
+    def quantized_grads(values, *args, **kwargs):
+        return grads(quantize_rows(values, bits), *args, **kwargs)
+
+    merged_grad.embedding_bag_grads = quantized_grads
+
+    def restore() -> None:
+        eb._TorchEmbeddingBag.forward = staticmethod(forward)
+        merged_grad.embedding_bag_grads = grads
+
+    return restore
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bits", type=int, default=8, help="bits of the read copy (default 8)")
+    p.add_argument("train", nargs=argparse.REMAINDER, help="-- then memlayers train's args")
+    args = p.parse_args(argv)
+    rest = args.train[1:] if args.train[:1] == ["--"] else args.train
+    if not 2 <= args.bits <= 16:
+        p.error(f"--bits must be in [2, 16], got {args.bits}")
+    if any(a.startswith("device=") and a != "device=cpu" for a in rest):
+        p.error("the patched reads are the torch path's: the run must be on the CPU (device=cpu)")
+    patch_reads(args.bits)
+    from memlayers.cli import main as cli_main
+
+    return cli_main(["train", "device=cpu", *rest])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
