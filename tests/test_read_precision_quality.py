@@ -1,29 +1,24 @@
 """benchmarks/read_precision_quality.py: the quantized reads it trains with."""
 
-import pytest
 import torch
 from benchmark_scripts import load
 
+from memlayers import merged_grad
 from memlayers.ops import embedding_bag
+from memlayers.ops.quantized import dequantize_rows, quantize_rows
 
 rq = load("read_precision_quality")
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_rows_round_to_their_own_scale(bits):
+def test_read_copy_is_the_serving_formats_rows():
     torch.manual_seed(0)
-    v = torch.randn(6, 40) * torch.tensor([1e-3, 1e-1, 1, 3, 10, 0])[:, None]
-    q = rq.quantize_rows(v, bits)
-    levels = 2 ** (bits - 1) - 1
-    scale = (v.abs().amax(1, keepdim=True) / levels).bfloat16().float()
-    assert torch.equal(q[5], torch.zeros(40))  # a zero row stays zero
-    err = (q - v).abs()
-    assert (err[:5] <= scale[:5] * 0.5 * (1 + 1e-6) + 1e-3 * scale[:5]).all()
-    steps = q[:5] / scale[:5]  # whole multiples of the row's scale, within the levels
-    torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)
-    assert steps.abs().max() <= levels
-    with pytest.raises(ValueError, match="bits must be in"):
-        rq.quantize_rows(v, 1)
+    v = torch.randn(6, 40).bfloat16()
+    for bits, group in ((8, None), (4, None), (4, 8)):
+        got = rq.read_copy(v, bits, group)
+        assert got.dtype == torch.bfloat16
+        want = dequantize_rows(quantize_rows(v, bits, group))
+        torch.testing.assert_close(got, want.bfloat16(), rtol=0, atol=0)
+        assert not torch.equal(got, v)
 
 
 def test_patched_lookup_reads_quantized_rows_and_keeps_the_value_gradient():
@@ -34,13 +29,20 @@ def test_patched_lookup_reads_quantized_rows_and_keeps_the_value_gradient():
     gy = torch.randn(5, 16)
     plain = embedding_bag(table, idx, w, impl="torch", sparse_grad=True)
     g_plain = torch.autograd.grad(plain, (table, w), gy)
+    original = merged_grad.embedding_bag_grads
     restore = rq.patch_reads(8)
     try:
         got = embedding_bag(table, idx, w, impl="torch", sparse_grad=True)
         g_got = torch.autograd.grad(got, (table, w), gy)
+        # the shared table's merged backward reads the quantized rows for its scores too
+        _, dw = merged_grad.embedding_bag_grads(table.detach(), idx, w.detach(), gy, impl="torch")
+        _, dw_want = original(qt := rq.read_copy(table, 8).detach(), idx, w.detach(), gy,
+                              impl="torch")  # fmt: skip
+        torch.testing.assert_close(dw, dw_want, rtol=0, atol=0)
     finally:
         restore()
-    qt = rq.quantize_rows(table, 8).detach().requires_grad_()
+    assert merged_grad.embedding_bag_grads is original
+    qt.requires_grad_()
     want = embedding_bag(qt, idx, w, impl="torch", sparse_grad=True)
     torch.testing.assert_close(got, want)  # the output reads the quantized rows
     assert not torch.allclose(got, plain)
