@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 
 import torch
@@ -226,8 +227,8 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> dict:
         )
     params = [p for p in layer.parameters() if p is not values.weight]
 
-    def search_part():
-        idx, w = layer.lookup(x)
+    def search_part(lookup=layer.lookup):
+        idx, w = lookup(x)
         outs, grads = with_aux([w], [torch.ones_like(w)], layer)  # + the balance loss's
         torch.autograd.grad(outs, params, grads, allow_unused=True)
 
@@ -282,13 +283,7 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> dict:
                          timed_compiled(layer, x, gy, (vopt, ropt), args.profile))  # fmt: skip
         # The search part as the trainer runs it: its forward compiled (the norms fused
         # around the search's custom ops), the backward AOTAutograd's.
-        lookup = torch.compile(layer.lookup)
-
-        def search_compiled():
-            idx, w = lookup(x)
-            outs, grads = with_aux([w], [torch.ones_like(w)], layer)
-            torch.autograd.grad(outs, params, grads, allow_unused=True)
-
+        search_compiled = functools.partial(search_part, torch.compile(layer.lookup))
         search_compiled()  # compiles
         add("  part: query + norms + search + balance loss, compiled (fwd+bwd)",
             timed(search_compiled))  # fmt: skip

@@ -28,7 +28,7 @@ import importlib
 
 import torch
 
-from memlayers.ops.quantized import dequantize_rows, quantize_rows
+from memlayers.ops.quantized import dequantize_rows, quantize_rows, resolve_group
 
 
 def read_copy(values: torch.Tensor, bits: int, group: int | None = None) -> torch.Tensor:
@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("train", nargs=argparse.REMAINDER, help="-- then memlayers train's args")
     args = p.parse_args(argv)
     rest = args.train[1:] if args.train[:1] == ["--"] else args.train
+    try:  # the serving format's check (a positive group, even at 4 bits), before any run
+        resolve_group(args.bits, args.group, 1)
+    except ValueError as e:
+        p.error(str(e))
     if any(a.startswith("device=") and a != "device=cpu" for a in rest):
         p.error("the patched reads are the torch path's: the run must be on the CPU (device=cpu)")
     patch_reads(args.bits, args.group)

@@ -50,3 +50,11 @@ def test_patched_lookup_reads_quantized_rows_and_keeps_the_value_gradient():
     torch.testing.assert_close(g_got[0].to_dense(), g_plain[0].to_dense())  # value grad as is
     # restored: the plain lookup again
     torch.testing.assert_close(embedding_bag(table, idx, w, impl="torch"), plain)
+
+
+def test_a_group_the_format_refuses_stops_before_any_run(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        rq.main(["--bits", "4", "--group", "3", "--", "steps=1"])
+    assert "4-bit groups must be even" in capsys.readouterr().err
