@@ -277,6 +277,8 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> dict:
     for prm in params:
         prm.grad = torch.zeros_like(prm)
     add("  part: AdamW(fused) on the other parameters", timed(ropt.step))
+    if not args.no_value_read:
+        bench_value_read(args, layer, values, x, gy, (vopt, ropt), idx, w, gyv, grad, add)
     t_compiled = None
     if args.compile:  # last, so nothing compiled runs before the eager parts are timed
         t_compiled = add("Memory+ step, compiled (torch.compile of the layer)",
@@ -288,6 +290,53 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> dict:
         add("  part: query + norms + search + balance loss, compiled (fwd+bwd)",
             timed(search_compiled))  # fmt: skip
     return {"step": t, "compiled": t_compiled, "value_step": value_ms}
+
+
+def bench_value_read(args, layer, values, x, gy, opts, idx, w, gyv, grad, add) -> None:
+    """The int8 read copy (``value_read=int8``, memlayers/ops/read_copy.py) beside the
+    table's rows, on the same layer and table. Both with merged gradients, as the
+    presets' shared table trains (the score gradient its own pass, the walk without it),
+    so that the two differ only in what the lookups read: the whole step each way, the
+    lookup alone each way, and the packing of the stepped rows after the value step."""
+    from memlayers.merged_grad import MergedValueGrad, read_copy_lookup
+    from memlayers.ops.read_copy import ReadCopy, requantize_rows_
+
+    values.merged = MergedValueGrad()
+    try:
+        add("Memory+ step, merged grads (the presets' shared table), table reads",
+            timed(lambda: train_step(layer, x, gy, opts)))  # fmt: skip
+        values.read_copy = ReadCopy()
+        add("Memory+ step, merged grads, value_read=int8",
+            timed(lambda: train_step(layer, x, gy, opts)),
+            "reads an int8 copy (a bf16 scale a row), packed again after each step")  # fmt: skip
+        if args.compile:
+            add("Memory+ step, merged grads, value_read=int8, compiled",
+                timed_compiled(layer, x, gy, opts))  # fmt: skip
+        packed = values.read_copy.rows(values.weight)
+        merged = MergedValueGrad()
+
+        def lookup(read):
+            def fn():
+                y = merged.lookup(values.weight, idx, w, "triton", read)
+                torch.autograd.backward([y], [gyv])
+                values.weight.grad = None
+
+            return fn
+
+        add("  part: value lookup, merged grads (fwd+bwd), table reads", timed(lookup(None)))
+        add("  part: value lookup, merged grads (fwd+bwd), int8 reads", timed(lookup(packed)))
+        table_fwd = functools.partial(embedding_bag, values.weight, idx, w, impl="triton")
+        int8_fwd = functools.partial(read_copy_lookup, values.weight, packed, idx, w, "triton")
+        with torch.no_grad():
+            add("    of which the forward, table reads", timed(table_fwd))
+            add("    of which the forward, int8 reads", timed(int8_fwd))
+        rows = grad._indices()[0]
+        add("  part: packing the stepped rows into the int8 copy",
+            timed(lambda: requantize_rows_(packed, values.weight.detach(), rows, "triton")),
+            f"{rows.numel()} rows")  # fmt: skip
+    finally:
+        values.merged, values.read_copy = None, None
+        values.weight.grad = None
 
 
 def search_recall(layer, x, chunk: int = 4096) -> tuple[float, float]:
@@ -521,6 +570,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also torch.profiler op tables (N ops, by self device time) of the search part "
         "(eager) and, with --compile, of the layer's compiled step, after the timings",
     )  # fmt: skip
+    p.add_argument("--no-value-read", action="store_true",
+                   help="skip the int8 read copy's rows (value_read=int8)")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
     p.add_argument("--out", help="write the markdown table here")
     args = p.parse_args(argv)

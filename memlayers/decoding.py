@@ -160,6 +160,11 @@ def graph_blockers(model: Transformer) -> list[str]:
         )
     if any(isinstance(m, MoE) for m in model.modules()):
         why.append("its MoE blocks route top-1 with a data-dependent nonzero (a host sync)")
+    if any(getattr(m, "read_copy", None) is not None for m in model.modules()):
+        why.append(
+            "its value tables' lookups read an int8 copy (model.memory.value_read=int8), "
+            "whose freshness the host checks before each lookup"
+        )
     return why
 
 

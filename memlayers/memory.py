@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memlayers.merged_grad import MergedValueGrad
+from memlayers.merged_grad import MergedValueGrad, read_copy_lookup
 from memlayers.ops.embedding_bag import IMPLS, embedding_bag
 from memlayers.ops.offloaded import HostTable, offload_mode, open_table, table_tensor_names
 from memlayers.ops.product_keys import PRECISIONS
@@ -35,6 +35,7 @@ from memlayers.ops.quantized import (
     empty_quantized,
     quantize_rows,
 )
+from memlayers.ops.read_copy import VALUE_READS, ReadCopy
 from memlayers.router import ProductKeyRouter, balance_loss, load_old_router_names
 from memlayers.usage import MemoryUsage, RowCounts
 
@@ -109,6 +110,13 @@ class MemoryConfig:
     # sums of the rounded halves; memlayers.ops.product_key_topk, recall in
     # benchmarks/results/memory_layer_*). An option, not a default: not yet quality-tested.
     search_precision: str = "fp32"
+    # What the lookups of the tables made from this config read: "table" (their rows) |
+    # "int8" (an int8 copy with a bf16 scale a row, D + 2 bytes a row, kept beside the
+    # table and refreshed after each optimizer step: memlayers/ops/read_copy.py). The
+    # table, its optimizer and its gradient stay as they are; the lookups' sums and their
+    # score gradient are of the dequantized rows. Read where the tables are made, as
+    # share_values; a table passed to a layer must have been made with it.
+    value_read: str = "table"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -164,6 +172,10 @@ class MemoryConfig:
                 f"value_dtype must be one of {tuple(VALUE_DTYPES)}, got "
                 f"value_dtype={self.value_dtype!r}"
             )
+        if self.value_read not in VALUE_READS:
+            raise ValueError(
+                f"value_read must be one of {VALUE_READS}, got value_read={self.value_read!r}"
+            )
 
     def resolved_dims(self, dim: int) -> tuple[int, int]:
         """``(k_dim, v_dim)`` for a model of width ``dim``, validated."""
@@ -194,6 +206,12 @@ class MemoryValues(nn.Module):
     it stops being a parameter or buffer (``model.to(device)`` leaves it on the host,
     ``state_dict`` no longer holds it) and each lookup gathers the rows it reads to the
     device of its indices; forward only, training is refused.
+
+    ``read="int8"`` (``MemoryConfig.value_read``): lookups read an int8 copy of the table
+    (one bf16 scale a row), kept beside it and packed again from it after it changes
+    (:mod:`memlayers.ops.read_copy`): half the bytes of a bf16 table's rows for the
+    forward and the score gradient. Derived state, never saved; quantizing or offloading
+    the table drops it.
     """
 
     def __init__(
@@ -204,12 +222,17 @@ class MemoryValues(nn.Module):
         device: torch.device | str | None = None,
         sparse_grad: bool = False,
         merge_grads: bool = False,
+        read: str = "table",
     ) -> None:
         super().__init__()
         _positive_int("n_rows", n_rows)
         _positive_int("v_dim", v_dim)
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be floating point, got dtype={dtype}")
+        if read not in VALUE_READS:
+            raise ValueError(f"read must be one of {VALUE_READS}, got read={read!r}")
+        # The int8 copy the lookups read (read="int8"), packed at the first lookup.
+        self.read_copy = ReadCopy() if read == "int8" else None
         self.n_rows, self.v_dim, self.sparse_grad = n_rows, v_dim, sparse_grad
         # Several layers reading this table (Memory+): with sparse_grad, one backward over
         # all their lookups at the end of the pass (memlayers/merged_grad.py).
@@ -235,6 +258,11 @@ class MemoryValues(nn.Module):
                 f"float weight to train or export; train the float run it came from"
             )
         return super().__getattr__(name)
+
+    @property
+    def read(self) -> str:
+        """What the lookups read: ``"table"`` or ``"int8"`` (the read copy)."""
+        return "table" if self.read_copy is None else "int8"
 
     @property
     def quantized(self) -> QuantizedRows | None:
@@ -277,6 +305,7 @@ class MemoryValues(nn.Module):
         if self.bits is not None:
             raise ValueError(f"the value table is quantized already ({self.bits}-bit)")
         self._check_whole("quantized")
+        self.read_copy = None  # serving reads the packed table itself
         if self.offloaded is not None:  # quantized where it lives, on the host
             mode, device = self.offloaded.mode, self.offloaded.device
             q = quantize_rows(self.offloaded.tensors[0], bits, group, progress)
@@ -322,6 +351,7 @@ class MemoryValues(nn.Module):
         if self.offloaded is not None:
             raise ValueError(f"the value table is offloaded already ({self.offloaded.file})")
         self._check_whole("offloaded")
+        self.read_copy = None  # serving reads the offloaded table itself
         mode = offload_mode(mode)
         names = table_tensor_names(self.bits)
         mine = tuple(getattr(self, n) for n in names)
@@ -384,6 +414,8 @@ class MemoryValues(nn.Module):
             return self.shard.lookup(
                 self.weight, indices, weights, impl, self.sparse_grad, self.merged
             )
+        if self.read_copy is not None:
+            return _read_copy_lookup(self, indices, weights, impl, check_indices)
         if self.sparse_grad:
             return _sparse_lookup(self, indices, weights, impl)
         return embedding_bag(self.weight, indices, weights, impl=impl, check_indices=check_indices)
@@ -409,6 +441,8 @@ class MemoryValues(nn.Module):
     def extra_repr(self) -> str:
         fmt = f"int{self.bits}, group={self.group}" if self.bits is not None else None
         s = f"n_rows={self.n_rows}, v_dim={self.v_dim}, {fmt or f'dtype={self.dtype}'}"
+        if self.read_copy is not None:
+            s += ", read=int8"
         if self.offloaded is not None:
             s += f", offloaded={self.offloaded.file or 'host'}"
             if self.offloaded.mode != "gather":
@@ -421,6 +455,18 @@ def _offloaded_lookup(table: HostTable, indices, weights, impl: str) -> torch.Te
     """An offloaded table's lookup, run eagerly: the rows gathered have a data-dependent
     count and cross to the host and back, which no compiled graph can hold."""
     return table.lookup(indices, weights, impl)
+
+
+@torch.compiler.disable
+def _read_copy_lookup(values: MemoryValues, indices, weights, impl: str, check_indices: bool):
+    """A lookup of the table's int8 read copy, run eagerly: whether the copy is stale (the
+    table's version counter) is a question for the host before each lookup."""
+    read = values.read_copy.rows(values.weight, impl)
+    if values.merged is not None and values.sparse_grad:
+        return values.merged.lookup(values.weight, indices, weights, impl, read)
+    return read_copy_lookup(
+        values.weight, read, indices, weights, impl, values.sparse_grad, check_indices
+    )
 
 
 @torch.compiler.disable
@@ -489,8 +535,9 @@ class ProductKeyMemory(nn.Module):
         self.dim, self.k_dim, self.v_dim, self.config = dim, k_dim, v_dim, config
         if values is None:
             self.owned_values = MemoryValues(
-                config.n_rows, v_dim, dtype=config.table_dtype, device=device
-            )
+                config.n_rows, v_dim, dtype=config.table_dtype, device=device,
+                read=config.value_read,
+            )  # fmt: skip
         else:
             if not isinstance(values, MemoryValues):
                 raise ValueError(f"values must be a MemoryValues, got {type(values).__name__}")
@@ -508,6 +555,12 @@ class ProductKeyMemory(nn.Module):
                     f"config value_dtype={config.value_dtype!r} ({want}) but the values "
                     f"table passed in is {values.dtype}: build it with "
                     f"MemoryValues(..., dtype={want})"
+                )
+            if config.value_read != "table" and values.read != config.value_read:
+                raise ValueError(
+                    f"config value_read={config.value_read!r} but the values table passed in "
+                    f"reads {values.read!r}: build it with MemoryValues(..., "
+                    f"read={config.value_read!r})"
                 )
             self.owned_values = None
             self._shared_values = (values,)  # a tuple: not registered as a submodule

@@ -31,7 +31,13 @@ import warnings
 
 import torch
 
-from memlayers.ops.embedding_bag import embedding_bag, embedding_bag_grads
+from memlayers.ops.embedding_bag import (
+    check_embedding_bag_inputs,
+    embedding_bag,
+    embedding_bag_grads,
+)
+from memlayers.ops.quantized import QuantizedRows, embedding_bag_quantized
+from memlayers.ops.read_copy import score_grad_read
 
 _HOOKS = ("_backward_hooks", "_post_accumulate_grad_hooks")
 
@@ -58,11 +64,20 @@ class MergedValueGrad:
         self.warned = False  # the one warning about hooks on the table (lookup)
 
     def lookup(
-        self, weight: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, impl: str
+        self,
+        weight: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        impl: str,
+        read: QuantizedRows | None = None,
     ) -> torch.Tensor:
         """``[B, D]`` weighted sums, as :func:`memlayers.ops.embedding_bag` with
-        ``sparse_grad=True``, the table's gradient deferred to the end of the backward."""
+        ``sparse_grad=True``, the table's gradient deferred to the end of the backward.
+        ``read``: the table's int8 read copy, which the sums and the score gradient read
+        instead of its rows (:func:`read_copy_lookup`)."""
         if not (torch.is_grad_enabled() and weight.requires_grad):
+            if read is not None:
+                return read_copy_lookup(weight, read, indices, weights, impl, True)
             return embedding_bag(weight, indices, weights, impl=impl)
         if not self.warned and any(_hooks(weight, kind) for kind in _HOOKS):
             self.warned = True
@@ -73,7 +88,7 @@ class MergedValueGrad:
                 "merge_grads=False for hooks that need every lookup's gradient",
                 stacklevel=3,
             )
-        return _DeferredLookup.apply(weight, indices, weights, self, impl)
+        return _TableLookup.apply(weight, indices, weights, self, impl, read, True)
 
     def add(self, weight, indices, weights, grad_out, impl) -> bool:
         """Hand over one lookup's ``(indices, weights, grad_out)`` from its backward.
@@ -122,22 +137,60 @@ class MergedValueGrad:
             hook(weight)
 
 
-class _DeferredLookup(torch.autograd.Function):
+def read_copy_lookup(
+    weight: torch.Tensor,
+    read: QuantizedRows,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    impl: str = "auto",
+    sparse_grad: bool = False,
+    check_indices: bool = True,
+) -> torch.Tensor:
+    """``[B, D]`` weighted sums of the rows of ``weight [N, D]`` as its int8 read copy
+    ``read`` holds them (:mod:`memlayers.ops.read_copy`), in ``weight``'s dtype: fp32
+    sums of the dequantized rows. The gradients are those of the sums as computed: the
+    score gradient from the copy's rows, the value gradient (row-sparse with
+    ``sparse_grad``) the lookup's as if it had read ``weight``'s rows (straight through).
+    Inputs checked as :func:`memlayers.ops.embedding_bag` checks them."""
+    check_embedding_bag_inputs(weight, indices, weights)
+    if torch.is_grad_enabled() and (weight.requires_grad or weights.requires_grad):
+        return _TableLookup.apply(weight, indices, weights, None, impl, read, sparse_grad,
+                                  check_indices)  # fmt: skip
+    return embedding_bag_quantized(
+        read, indices, weights, impl=impl, out_dtype=weight.dtype, check_indices=check_indices
+    )
+
+
+class _TableLookup(torch.autograd.Function):
+    """A lookup whose table gradient is deferred to ``merged``'s walk at the end of the
+    pass (None: returned at once), or which reads the table's int8 copy ``read``
+    (None: its rows), or both."""
+
     @staticmethod
-    def forward(ctx, weight, indices, weights, merged, impl):
+    def forward(ctx, weight, indices, weights, merged, impl, read, sparse_grad, check=True):
         ctx.save_for_backward(weight, indices, weights)
-        ctx.merged, ctx.impl = merged, impl
-        return embedding_bag(weight, indices, weights, impl=impl)
+        ctx.merged, ctx.impl, ctx.read, ctx.sparse_grad = merged, impl, read, sparse_grad
+        if read is None:
+            return embedding_bag(weight, indices, weights, impl=impl)
+        return embedding_bag_quantized(
+            read, indices, weights, impl=impl, out_dtype=weight.dtype, check_indices=check
+        )
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, indices, weights = ctx.saved_tensors
+        merged, read = ctx.merged, ctx.read
         need_dw = ctx.needs_input_grad[2]
-        direct = ctx.needs_input_grad[0] and not ctx.merged.add(
-            weight, indices, weights, grad_out.contiguous(), ctx.impl
+        direct = ctx.needs_input_grad[0] and (
+            merged is None
+            or not merged.add(weight, indices, weights, grad_out.contiguous(), ctx.impl)
         )
-        grad, dw = embedding_bag_grads(
-            weight, indices, weights, grad_out, need_values=direct, need_weights=need_dw,
-            impl=ctx.impl, sparse_grad=True,
-        )  # fmt: skip
-        return grad, None, dw, None, None
+        grad = dw = None
+        if direct or (need_dw and read is None):
+            grad, dw = embedding_bag_grads(
+                weight, indices, weights, grad_out, need_values=direct,
+                need_weights=need_dw and read is None, impl=ctx.impl, sparse_grad=ctx.sparse_grad,
+            )  # fmt: skip
+        if need_dw and read is not None:
+            dw = score_grad_read(read, indices, grad_out, ctx.impl).to(weights.dtype)
+        return grad, None, dw, None, None, None, None, None

@@ -186,6 +186,11 @@ def shard_values_(values: MemoryValues, group) -> MemoryValues:
     initialising it; build optimizers afterwards (the parameter object changes)."""
     if values.shard is not None:
         raise ValueError("values are already sharded")
+    if values.read_copy is not None:
+        raise ValueError(
+            "a value table that reads an int8 copy (model.memory.value_read=int8) cannot be "
+            "column-sharded yet: its scales are per whole row. Use value_read=table with mp > 1"
+        )
     shard = ColumnShard(group, values.v_dim)
     full = values.weight.detach()
     if full.is_meta:  # built on the meta device: to_empty + init_weights come later

@@ -47,6 +47,7 @@ import torch
 
 from memlayers.memory import _positive_number
 from memlayers.ops.embedding_bag import IMPLS, resolve_impl
+from memlayers.ops.read_copy import READ_COPY
 from memlayers.ops.row_adam import row_adam_step_, row_sgd_step_
 
 __all__ = [
@@ -171,7 +172,14 @@ class _RowOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     rows, g = _rows_and_grad(p, self.impl)
+                    # A table whose lookups read an int8 copy: only the stepped rows
+                    # are packed again (memlayers/ops/read_copy.py).
+                    copy = getattr(p, READ_COPY, None)
+                    if copy is not None:
+                        copy.sync(p, self.impl)
                     self._update(p, group, rows, g, scales.get(id(p)))
+                    if copy is not None:
+                        copy.refresh_rows_(p, rows, self.impl)
         return loss
 
 

@@ -27,9 +27,12 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 def _tiny(preset: str, table: str = "float", device="cpu"):
     """A freshly initialised tiny preset (6 layers, 4k vocab), its table as ``table``:
-    float, int8, int4, each optionally ``-offload`` (gathered) or ``-zero-copy``, and on
-    ``device``."""
-    model = build_model(get_preset(preset), seed=0).to(device).eval()
+    float, int8, int4, each optionally ``-offload`` (gathered) or ``-zero-copy``, or
+    ``int8-reads`` (a float table whose lookups read its int8 copy), and on ``device``."""
+    cfg = get_preset(preset)
+    if table == "int8-reads":
+        cfg.memory.value_read, table = "int8", "float"
+    model = build_model(cfg, seed=0).to(device).eval()
     if table.startswith("int"):
         quantize_tables_(model, int(table[3]))
     if table.endswith("offload"):
@@ -64,7 +67,7 @@ def test_static_forward_matches_the_model(kind):
     "preset, table",
     [("tiny-dense", "float"), ("tiny-memory+", "float"), ("tiny-memory+", "int8"),
      ("tiny-memory+", "int4"), ("tiny-memory+", "int4-offload"),
-     ("tiny-memory+", "int8-zero-copy")],
+     ("tiny-memory+", "int8-zero-copy"), ("tiny-memory+", "int8-reads")],
 )  # fmt: skip
 def test_static_greedy_equals_eager(preset, table):
     model = _tiny(preset, table)
@@ -77,11 +80,13 @@ def test_static_greedy_equals_eager(preset, table):
 @pytest.mark.parametrize(
     "preset, table",
     [("tiny-dense", "float"), ("tiny-memory+", "float"), ("tiny-memory+", "int4"),
-     ("tiny-memory+", "int8-offload"), ("tiny-memory+", "zero-copy")],
+     ("tiny-memory+", "int8-offload"), ("tiny-memory+", "zero-copy"),
+     ("tiny-memory+", "int8-reads")],
 )  # fmt: skip
 def test_compiled_greedy_equals_eager(preset, table):
     # Offloaded: compiled around the host gather (no fullgraph), not graph-captured;
-    # zero-copy: compiled whole (fullgraph), the table read in place.
+    # zero-copy: compiled whole (fullgraph), the table read in place; int8 reads:
+    # compiled around the host's check of the copy (no fullgraph).
     model = _tiny(preset, table)
     prompt = _prompt()
     want = model.generate(prompt, 24)
@@ -178,6 +183,8 @@ def test_cache_length_and_errors():
     offload_tables_(model)
     with pytest.raises(ValueError, match="offloaded .* a sync per lookup"):
         static_generate(model, torch.zeros(1, 3, dtype=torch.long), 2, cuda_graph=True)
+    with pytest.raises(ValueError, match="read an int8 copy .*cuda_graph=False"):
+        static_generate(_tiny("tiny-memory+", "int8-reads"), _prompt(), 2, cuda_graph=True)
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,8 @@ def tiny_args(run_dir, *overrides) -> TrainArgs:
         ["model.memory.value_dtype=bf16", "optim.value_master=false"],
         # the memory layers' own AdamW groups (optim.memory_lr) save and load as the rest
         ["optim.memory_lr=1e-2"],
+        # lookups that read an int8 copy of the table: not saved, rebuilt on load
+        ["model.memory.value_dtype=bf16", "model.memory.value_read=int8"],
     ],
     ids=[
         "sparse-adam",
@@ -81,6 +83,7 @@ def tiny_args(run_dir, *overrides) -> TrainArgs:
         "bf16-values-master-dcp",
         "bf16-values-stochastic",
         "memory-lr",
+        "bf16-values-int8-reads",
     ],
 )
 def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, extra):

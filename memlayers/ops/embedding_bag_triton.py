@@ -278,21 +278,25 @@ def _simple_fwd_kernel(
 
 @triton.jit
 def _score_grad_kernel(
-    values_ptr,  # [N, D]
+    values_ptr,  # [N, D] float, or int8 with SCALED
+    scales_ptr,  # [N] bf16 with SCALED: row r stands for values[r] · scales[r] (else unread)
     indices_ptr,  # [B, K] int64
     grad_out_ptr,  # [B, D]
-    dw_ptr,  # [B, K] fp32 out: grad_out[b] · values[indices[b, k]]
+    dw_ptr,  # [B, K] fp32 out: grad_out[b] · values[indices[b, k]] (· its scale)
     K,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,  # columns per load: a power of two, the row in cdiv(D, BLOCK_D)
     CHUNK: tl.constexpr,  # rows loaded (and reduced) together
     SPLIT: tl.constexpr,  # programs per bag, each taking every SPLIT-th chunk
+    SCALED: tl.constexpr,  # int8 rows with a scale each (a read copy: memlayers.ops.read_copy)
 ):
     """The score gradient alone: the forward's access pattern (one program per bag, or
     SPLIT per bag, its rows streamed once), a dot product per row instead of a weighted
     sum; no sort. Rows go in chunks: one reduction across the program per CHUNK rows, not
     per row; a row wider than BLOCK_D is multiplied tile by tile into the same [CHUNK,
-    BLOCK_D] products first (768 columns as 3 × 256: no lane idles on a padded 1024)."""
+    BLOCK_D] products first (768 columns as 3 × 256: no lane idles on a padded 1024).
+    ``SCALED``: the rows are int8 with one scale a row, which multiplies the row's dot
+    product once (D + 2 bytes a row read, against 2·D for bf16)."""
     pid = tl.program_id(0).to(tl.int64)
     bag = pid // SPLIT
     part = pid % SPLIT
@@ -308,7 +312,10 @@ def _score_grad_kernel(
             m = km[:, None] & dmask[None, :]
             rows = tl.load(values_ptr + idx[:, None] * D + cols[None, :], mask=m, other=0.0)
             acc += rows.to(tl.float32) * g[None, :]
-        tl.store(dw_ptr + bag * K + ks, tl.sum(acc, axis=1), mask=km)
+        dots = tl.sum(acc, axis=1)  # [CHUNK]
+        if SCALED:
+            dots *= tl.load(scales_ptr + idx, mask=km, other=0.0).to(tl.float32)
+        tl.store(dw_ptr + bag * K + ks, dots, mask=km)
 
 
 @triton.jit
@@ -825,9 +832,13 @@ def score_grad(
     num_stages: int | None = None,
     split: int = SCORE_GRAD_SPLIT,
     block_d: int | None = SCORE_GRAD_BLOCK_D,
+    scales: torch.Tensor | None = None,
 ):
     """``[B, K]`` fp32 score gradient ``grad_out[b] · values[indices[b, k]]`` (contiguous
-    inputs, indices in range: the forward checked them). ``chunk``: rows per reduction
+    inputs, indices in range: the forward checked them). ``scales [N]`` (or ``[N, 1]``):
+    ``values`` are int8 rows standing for ``values[r] · scales[r]`` (an int8 read copy,
+    :mod:`memlayers.ops.read_copy`), and the dot products are of those. ``chunk``: rows
+    per reduction
     (at most 64 loaded values per thread per tile, as many again in the products);
     ``split``: programs per bag (each takes every split-th chunk); ``block_d``: columns
     per load, a power of two (None: the whole row, padded to one); ``num_stages``: the
@@ -844,9 +855,10 @@ def score_grad(
         chunk = max(1, min(chunk, 64 * 32 * num_warps // block_d, triton.next_power_of_2(k)))
         split = max(1, min(split, triton.cdiv(k, chunk)))
         stages = {} if num_stages is None else {"num_stages": num_stages}
-        _score_grad_kernel[(b * split,)](values, indices, grad_out, dw, k, D=d, BLOCK_D=block_d,
-                                         CHUNK=chunk, SPLIT=split, num_warps=num_warps,
-                                         **stages)  # fmt: skip
+        _score_grad_kernel[(b * split,)](values, values if scales is None else scales, indices,
+                                         grad_out, dw, k, D=d, BLOCK_D=block_d, CHUNK=chunk,
+                                         SPLIT=split, SCALED=scales is not None,
+                                         num_warps=num_warps, **stages)  # fmt: skip
     return dw
 
 

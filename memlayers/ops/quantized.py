@@ -245,6 +245,44 @@ def embedding_bag_quantized_torch(
     return out.to(out_dtype)
 
 
+def score_grad_quantized_torch(
+    table: QuantizedRows, indices: torch.Tensor, grad_out: torch.Tensor
+) -> torch.Tensor:
+    """``[B, K]`` fp32 ``grad_out[b] · dequantize(table)[indices[b, k]]``: the score
+    gradient of a lookup that read the packed rows (a training read copy,
+    :mod:`memlayers.ops.read_copy`), the reference. No input checks; bags in chunks of
+    ~16M elements, as the lookup's reference."""
+    b, k = indices.shape
+    out = torch.empty(b, k, dtype=torch.float32, device=indices.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, k * table.dim))
+    for s in range(0, b, step):
+        idx = indices[s : s + step]  # [b', K]
+        rows = _dequantize(table.data[idx], table.scales[idx], *table[2:])  # [b', K, D]
+        g = grad_out[s : s + step].float().unsqueeze(-1)  # [b', D, 1]
+        out[s : s + step] = torch.bmm(rows, g).squeeze(-1)  # [b', K]
+    return out
+
+
+@torch.no_grad()
+def requantize_rows_torch(
+    table: QuantizedRows, weight: torch.Tensor, rows: torch.Tensor | None = None
+) -> None:
+    """Write ``table``'s packed ``rows`` (all when None) from ``weight [N, D]`` in place,
+    as :func:`quantize_rows` packs them: the reference of the read copy's refresh after an
+    optimizer step. Chunks of ~16M elements."""
+    n, d = weight.shape
+    count = n if rows is None else rows.numel()
+    step = max(1, _CHUNK_ELEMENTS // max(1, d))
+    for s in range(0, count, step):
+        if rows is None:
+            data, scales = _quantize_chunk(weight[s : s + step], table.bits, table.group)
+            table.data[s : s + step], table.scales[s : s + step] = data, scales
+        else:
+            r = rows[s : s + step]
+            data, scales = _quantize_chunk(weight[r], table.bits, table.group)
+            table.data[r], table.scales[r] = data, scales
+
+
 def embedding_bag_quantized(
     table: QuantizedRows,
     indices: torch.Tensor,

@@ -280,3 +280,70 @@ def embedding_bag_quantized_triton(
     return embedding_bag_quantized_op(
         data, scales, indices, weights, bits, group, dim, out_dtype, check_indices
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Packing rows (the int8 read copy's refresh after an optimizer step: read_copy.py).
+
+# 1.5 · 2**23: adding it and taking it away again rounds an fp32 number of magnitude under
+# 2**22 to an integer, ties to even (the product of the float adds, not a library call:
+# the interpreter has no rint), as torch.round does.
+_ROUND_MAGIC = 12582912.0
+
+
+@triton.jit
+def bf16_nearest(x):
+    """fp32 ``x`` rounded to the nearest bf16 number, ties to even, kept in fp32: done on
+    the bits, because the interpreter's conversion to bf16 truncates where the GPU's (and
+    torch's) rounds; both then store this exactly. Finite ``x`` only."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & tl.full([], 0xFFFF0000, tl.uint32)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int8_pack_kernel(
+    weight_ptr,  # [N, D] float: the table
+    rows_ptr,  # [U] int64: the rows to pack (unread with ALL)
+    data_ptr,  # [N, D] int8, written at the rows
+    scales_ptr,  # [N] bf16, written at the rows
+    U,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next_power_of_2(D): the whole row per program
+    ALL: tl.constexpr,  # pack rows 0 … U-1 (no row list)
+):
+    """Program u packs row ``rows[u]`` as :func:`memlayers.ops.quantized.quantize_rows`
+    does at 8 bits with one scale a row, bit for bit: ``s = bf16(absmax / 127)``, ``q =
+    clamp(round(w / s), ±127)`` (0 where ``s`` is 0), divisions correctly rounded."""
+    u = tl.program_id(0).to(tl.int64)
+    if ALL:
+        row = u
+    else:
+        row = tl.load(rows_ptr + u)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    w = tl.load(weight_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    s = bf16_nearest(tl.math.div_rn(tl.max(tl.abs(w), axis=0), 127.0))
+    q = tl.where(s > 0, tl.math.div_rn(w, tl.where(s > 0, s, 1.0)), 0.0)
+    q = (q + _ROUND_MAGIC) - _ROUND_MAGIC
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    tl.store(data_ptr + row * D + cols, q.to(tl.int8), mask=mask)
+    tl.store(scales_ptr + row, s.to(scales_ptr.dtype.element_ty))
+
+
+def pack_int8_rows_(
+    table: QuantizedRows, weight: torch.Tensor, rows: torch.Tensor | None = None
+) -> None:
+    """Pack ``weight``'s ``rows`` (all when None; int64, in range) into ``table`` (int8,
+    one scale a row, on ``weight``'s device) in place: the Triton path of
+    :func:`memlayers.ops.quantized.requantize_rows_torch`, bit for bit."""
+    n, d = weight.shape
+    u = n if rows is None else rows.numel()
+    if u == 0 or d == 0:
+        return
+    block = triton.next_power_of_2(d)
+    weight = weight.contiguous()
+    _int8_pack_kernel[(u,)](
+        weight, weight if rows is None else rows.contiguous(), table.data, table.scales, u,
+        D=d, BLOCK_D=block, ALL=rows is None, num_warps=max(1, min(8, block // 256)),
+    )  # fmt: skip
