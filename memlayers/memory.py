@@ -412,7 +412,7 @@ class MemoryValues(nn.Module):
             )
         if self.shard is not None:
             return self.shard.lookup(
-                self.weight, indices, weights, impl, self.sparse_grad, self.merged
+                self.weight, indices, weights, impl, self.sparse_grad, self.merged, self.read_copy
             )
         if self.read_copy is not None:
             return _read_copy_lookup(self, indices, weights, impl, check_indices)

@@ -33,6 +33,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from memlayers.memory import MemoryValues
+from memlayers.merged_grad import read_copy_lookup
 from memlayers.ops.embedding_bag import check_bags, embedding_bag
 from memlayers.optim import clip_grad_norm_
 from memlayers.value_optim import COLUMN_SHARD
@@ -165,16 +166,23 @@ class ColumnShard:
     # collectives' split sizes are host numbers and its gradient may be deferred to the
     # end of the backward (merged), neither of which a compiled graph can hold.
     @torch.compiler.disable
-    def lookup(self, weight, indices, weights, impl, sparse_grad, merged=None):
+    def lookup(self, weight, indices, weights, impl, sparse_grad, merged=None, read_copy=None):
         """Gather every rank's bags → local lookup on this shard → return the columns.
         ``merged``: the table's :class:`~memlayers.merged_grad.MergedValueGrad` (Memory+'s
         shared table): with ``sparse_grad``, the shard's gradient is deferred to one walk
-        over every layer's gathered bags at the end of the backward, as unsharded."""
+        over every layer's gathered bags at the end of the backward, as unsharded.
+        ``read_copy``: the shard's :class:`~memlayers.ops.read_copy.ReadCopy`
+        (``value_read=int8``): the local lookup reads the shard's int8 copy, whose scales
+        are per row *of the shard's columns* (mp scales a row over the group: not the
+        numbers of an unsharded table's copy, one scale a whole row)."""
         check_bags(indices, weights)  # on every rank before its first collective
         sizes = self.bag_counts(indices)
         idx_all, w_all = _GatherBags.apply(indices, weights, sizes, self.rank, self.group)
+        read = None if read_copy is None else read_copy.rows(weight, impl)
         if sparse_grad and merged is not None:
-            partial = merged.lookup(weight, idx_all, w_all, impl)
+            partial = merged.lookup(weight, idx_all, w_all, impl, read)
+        elif read is not None:
+            partial = read_copy_lookup(weight, read, idx_all, w_all, impl, sparse_grad)
         else:
             partial = embedding_bag(weight, idx_all, w_all, impl=impl, sparse_grad=sparse_grad)
         return _ReturnColumns.apply(partial, sizes, self.widths, self.rank, self.group)
@@ -186,11 +194,6 @@ def shard_values_(values: MemoryValues, group) -> MemoryValues:
     initialising it; build optimizers afterwards (the parameter object changes)."""
     if values.shard is not None:
         raise ValueError("values are already sharded")
-    if values.read_copy is not None:
-        raise ValueError(
-            "a value table that reads an int8 copy (model.memory.value_read=int8) cannot be "
-            "column-sharded yet: its scales are per whole row. Use value_read=table with mp > 1"
-        )
     shard = ColumnShard(group, values.v_dim)
     full = values.weight.detach()
     if full.is_meta:  # built on the meta device: to_empty + init_weights come later

@@ -67,6 +67,48 @@ def _lookup_worker(rank, world, sparse, equal=False):
     torch.testing.assert_close(grad, ref_t.grad[:, cols])
 
 
+def _read_copy_worker(rank, world, merged):
+    # A table whose lookups read an int8 copy (value_read=int8), column-sharded: each
+    # shard packs its own columns (a scale per row of the shard). The reference: one
+    # process reading the table those shard copies stand for, with the float table's
+    # value gradient (straight through).
+    from memlayers.ops.quantized import dequantize_rows, quantize_rows
+
+    table = torch.randn(N_ROWS, DIM, dtype=torch.float64).float()
+    sizes, idx, w, g = _bags(world)
+    widths = column_widths(DIM, world)
+    starts = [sum(widths[:r]) for r in range(world)]
+    pieces = [table[:, a : a + n] for a, n in zip(starts, widths, strict=True)]
+    seen = torch.cat([dequantize_rows(quantize_rows(p, 8)) for p in pieces], dim=1)
+    ref_t = seen.clone().requires_grad_()
+    ref_w = torch.cat(w).float().requires_grad_()
+    ref = embedding_bag(ref_t, torch.cat(idx), ref_w)
+    ref.backward(torch.cat(g).float())
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+
+    values = MemoryValues(N_ROWS, DIM, sparse_grad=True, merge_grads=merged, read="int8")
+    with torch.no_grad():
+        values.weight.copy_(table)
+    shard_values_(values, dist.group.WORLD)
+    cols = slice(values.shard.start, values.shard.start + values.shard.width)
+    mine = w[rank].float().clone().requires_grad_()
+    out = values.lookup(idx[rank], mine, impl="torch")
+    out.backward(g[rank].float())
+    torch.testing.assert_close(out, ref[rows])
+    torch.testing.assert_close(mine.grad, ref_w.grad[rows])
+    torch.testing.assert_close(values.weight.grad.to_dense(), ref_t.grad[:, cols])
+    # A step of the shard's rows packs them again from the shard's columns.
+    SparseValueAdam([values.weight], lr=0.1).step()
+    want = quantize_rows(values.weight.detach(), 8)
+    assert torch.equal(values.read_copy.packed.data, want.data)
+    assert torch.equal(values.read_copy.packed.scales, want.scales)
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["own-grad", "merged-grad"])
+def test_sharded_table_reading_its_int8_copy_matches_reference(merged):
+    _spawn(_read_copy_worker, 2, merged)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense-grad", "sparse-grad"])
 def test_sharded_lookup_matches_reference(world, sparse):

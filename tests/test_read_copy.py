@@ -262,10 +262,6 @@ def test_bad_settings_are_refused_by_name():
     cfg = MemoryConfig(n_keys=4, heads=1, topk=2, value_read="int8")
     with pytest.raises(ValueError, match="value_read='int8'.*reads 'table'"):
         ProductKeyMemory(8, cfg, MemoryValues(16, 8))
-    from memlayers.parallel import shard_values_
-
-    with pytest.raises(ValueError, match="cannot be column-sharded"):
-        shard_values_(MemoryValues(16, 8, read="int8"), group=None)
 
 
 def test_a_model_config_reaches_the_shared_table():
