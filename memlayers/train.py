@@ -331,13 +331,19 @@ def resume_layout_note(data_state: dict, saved_ranks: int, loader: PackedLoader)
 
 
 def _tables_note(model_cfg, optim) -> str:
-    """The start line's word on a bf16 value table (its master copy, or its rounding)."""
-    if not (model_cfg.memory_layers and model_cfg.memory.value_dtype == "bf16"):
+    """The start line's word on a bf16 value table (its master copy, or its rounding) and
+    on an int8 read copy."""
+    if not model_cfg.memory_layers:
         return ""
+    reads = ""
+    if model_cfg.memory.value_read == "int8":
+        reads = "; lookups read an int8 copy of the value tables (a bf16 scale a row)"
+    if model_cfg.memory.value_dtype != "bf16":
+        return reads
     # (a bf16 table always has a sparse value optimizer: build_optimizer refuses adamw)
     if optim.value_master:
-        return "; value tables bf16 (fp32 master copy in the value optimizer)"
-    return "; value tables bf16 (stochastically rounded)"
+        return "; value tables bf16 (fp32 master copy in the value optimizer)" + reads
+    return "; value tables bf16 (stochastically rounded)" + reads
 
 
 def train(args: TrainArgs, resume: str | None = None, overwrite: bool = False) -> list[dict]:

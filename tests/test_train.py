@@ -1017,3 +1017,15 @@ def test_expandable_segments_set_before_cuda_starts_and_the_users_setting_stands
     assert tr.expandable_segments()
     assert calls == ["expandable_segments:True"]
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+
+
+def test_int8_reads_train_on_cpu_and_say_so(tmp_path, capsys):
+    # model.memory.value_read=int8 with an fp32 table: the start line says so, the loss
+    # falls, and the checkpoint holds the float table alone (the copy is derived).
+    args = tiny_args(tmp_path, "steps=8", "checkpoint.every=8", "model.memory.value_read=int8")
+    losses = [r["loss"] for r in train(args)]
+    assert "lookups read an int8 copy of the value tables" in capsys.readouterr().out
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    model = load_model_from_checkpoint(tmp_path)
+    assert model.memory_values.read == "int8"
+    assert not any("read" in k or "qdata" in k for k in model.state_dict())
