@@ -277,8 +277,9 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> dict:
     for prm in params:
         prm.grad = torch.zeros_like(prm)
     add("  part: AdamW(fused) on the other parameters", timed(ropt.step))
+    reads = {}
     if not args.no_value_read:
-        bench_value_read(args, layer, values, x, gy, (vopt, ropt), idx, w, gyv, grad, add)
+        reads = bench_value_read(args, layer, values, x, gy, (vopt, ropt), idx, w, gyv, grad, add)
     t_compiled = None
     if args.compile:  # last, so nothing compiled runs before the eager parts are timed
         t_compiled = add("Memory+ step, compiled (torch.compile of the layer)",
@@ -289,29 +290,32 @@ def bench_triton_layer(args, x, gy, add, device, dtype) -> dict:
         search_compiled()  # compiles
         add("  part: query + norms + search + balance loss, compiled (fwd+bwd)",
             timed(search_compiled))  # fmt: skip
-    return {"step": t, "compiled": t_compiled, "value_step": value_ms}
+    return {"step": t, "compiled": t_compiled, "value_step": value_ms, "reads": reads}
 
 
-def bench_value_read(args, layer, values, x, gy, opts, idx, w, gyv, grad, add) -> None:
+def bench_value_read(args, layer, values, x, gy, opts, idx, w, gyv, grad, add) -> dict:
     """The int8 read copy (``value_read=int8``, memlayers/ops/read_copy.py) beside the
     table's rows, on the same layer and table. Both with merged gradients, as the
     presets' shared table trains (the score gradient its own pass, the walk without it),
     so that the two differ only in what the lookups read: the whole step each way, the
-    lookup alone each way, and the packing of the stepped rows after the value step."""
+    lookup alone each way, and the packing of the stepped rows after the value step.
+    Returns the ms of the two steps (``table``, ``int8``; ``int8_compiled`` with
+    ``--compile``) and of the packing (``pack``)."""
+    out = {}
     from memlayers.merged_grad import MergedValueGrad, read_copy_lookup
     from memlayers.ops.read_copy import ReadCopy, requantize_rows_
 
     values.merged = MergedValueGrad()
     try:
-        add("Memory+ step, merged grads (the presets' shared table), table reads",
-            timed(lambda: train_step(layer, x, gy, opts)))  # fmt: skip
+        out["table"] = add("Memory+ step, merged grads (the presets' shared table), table reads",
+                           timed(lambda: train_step(layer, x, gy, opts)))  # fmt: skip
         values.read_copy = ReadCopy()
-        add("Memory+ step, merged grads, value_read=int8",
-            timed(lambda: train_step(layer, x, gy, opts)),
-            "reads an int8 copy (a bf16 scale a row), packed again after each step")  # fmt: skip
+        note = "reads an int8 copy (a bf16 scale a row), packed again after each step"
+        out["int8"] = add("Memory+ step, merged grads, value_read=int8",
+                          timed(lambda: train_step(layer, x, gy, opts)), note)  # fmt: skip
         if args.compile:
-            add("Memory+ step, merged grads, value_read=int8, compiled",
-                timed_compiled(layer, x, gy, opts))  # fmt: skip
+            out["int8_compiled"] = add("Memory+ step, merged grads, value_read=int8, compiled",
+                                       timed_compiled(layer, x, gy, opts))  # fmt: skip
         packed = values.read_copy.rows(values.weight)
         merged = MergedValueGrad()
 
@@ -331,12 +335,14 @@ def bench_value_read(args, layer, values, x, gy, opts, idx, w, gyv, grad, add) -
             add("    of which the forward, table reads", timed(table_fwd))
             add("    of which the forward, int8 reads", timed(int8_fwd))
         rows = grad._indices()[0]
-        add("  part: packing the stepped rows into the int8 copy",
-            timed(lambda: requantize_rows_(packed, values.weight.detach(), rows, "triton")),
-            f"{rows.numel()} rows")  # fmt: skip
+        out["pack"] = add("  part: packing the stepped rows into the int8 copy",
+                          timed(lambda: requantize_rows_(packed, values.weight.detach(), rows,
+                                                         "triton")),
+                          f"{rows.numel()} rows")  # fmt: skip
     finally:
         values.merged, values.read_copy = None, None
         values.weight.grad = None
+    return out
 
 
 def search_recall(layer, x, chunk: int = 4096) -> tuple[float, float]:
@@ -599,6 +605,21 @@ def ratio_rows(args, tri: dict, t_ffn: float, t_ffn_c: float | None) -> list[str
         rows += [
             f"| the same, both compiled, the whole value step | {tri['compiled'] / t_ffn_c:.2f} |",
             f"| both compiled, a third of the (eager) value step | {share_c / t_ffn_c:.2f} |",
+        ]
+    reads = tri.get("reads") or {}
+    if reads:
+        rows.append(
+            f"| merged-grad step reading the int8 copy / reading the table (eager) "
+            f"| {reads['int8'] / reads['table']:.3f} |"
+        )
+    if "int8_compiled" in reads and t_ffn_c is not None:
+        # The packing runs once a training step for the shared table, as the value step.
+        share_i = reads["int8_compiled"] - (tri["value_step"] + reads["pack"]) * 2 / 3
+        rows += [
+            f"| value_read=int8, merged grads, compiled / SwiGLU FFN compiled, the whole "
+            f"value step | {reads['int8_compiled'] / t_ffn_c:.2f} |",
+            f"| the same, a third of the (eager) value step and of the packing "
+            f"| {share_i / t_ffn_c:.2f} |",
         ]
     return rows
 

@@ -15,6 +15,7 @@ import torch
 from benchmark_scripts import load
 
 from memlayers import MemoryValues, SparseValueAdam, get_preset
+from memlayers.ops import embedding_bag
 
 NEVER_TAKEN = "never taken"
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the scripts' own pick
@@ -192,6 +193,39 @@ def test_the_layer_is_the_memory_plus_presets_and_its_step_trains_the_balance_lo
             ml.train_step(layer, x, gy, (vopt, ropt))
     assert not [w for w in caught if NEVER_TAKEN in str(w.message)]
     assert layer.aux_loss is None
+
+
+def test_the_int8_reads_are_timed_beside_the_table_reads_and_leave_the_layer_as_it_was(
+    ml, monkeypatch
+):
+    args = small_args(ml, "--compile")
+    monkeypatch.setattr(ml, "timed", lambda fn, rep_ms=100.0: (fn(), 1.0)[1])
+    monkeypatch.setattr(ml, "timed_compiled", lambda module, x, gy, opts, profile=0: 2.0)
+    cpu = torch.device("cpu")
+    layer, values, vopt, ropt = ml.build(args, "triton", True, cpu, torch.float32)
+    x, gy = torch.randn(16, 32), torch.randn(16, 32)
+    idx, w = (t.detach() for t in layer.lookup(x))
+    layer.take_aux_loss()
+    w.requires_grad_()
+    gyv = torch.randn(16, 32)
+    embedding_bag(values.weight, idx, w.detach(), impl="torch", sparse_grad=True).backward(gyv)
+    grad = values.weight.grad
+    rows = []
+    add = lambda n, ms, note="": rows.append(n.strip()) or ms  # noqa: E731
+    out = ml.bench_value_read(args, layer, values, x, gy, (vopt, ropt), idx, w, gyv, grad, add)
+    assert set(out) == {"table", "int8", "int8_compiled", "pack"}
+    assert rows[:3] == [
+        "Memory+ step, merged grads (the presets' shared table), table reads",
+        "Memory+ step, merged grads, value_read=int8",
+        "Memory+ step, merged grads, value_read=int8, compiled",
+    ]
+    assert rows[-1] == "part: packing the stepped rows into the int8 copy"
+    assert values.merged is None and values.read_copy is None and values.weight.grad is None
+    tri = {"step": 9.0, "compiled": 3.0, "value_step": 3.0, "reads": out}
+    ratios = ml.ratio_rows(args, tri, 1.0, 1.0)
+    assert any("reading the int8 copy / reading the table (eager) | 1.000 |" in r for r in ratios)
+    # 2.0 ms compiled, less two thirds of the value step (3.0) and the packing (1.0).
+    assert ratios[-1].endswith("| -0.67 |") and "a third of the (eager) value step" in ratios[-1]
 
 
 def test_each_timed_value_step_gets_a_gradient_not_yet_flagged_coalesced(ml):
