@@ -259,6 +259,18 @@ class MemoryValues(nn.Module):
             )
         return super().__getattr__(name)
 
+    def _apply(self, fn, recurse=True):
+        # A move or a cast (model.to, .float(), to_empty) may land the new table where the
+        # old one was: the read copy's stamp could not tell. Forget it.
+        if self.read_copy is not None:
+            self.read_copy.invalidate()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        if self.read_copy is not None:
+            self.read_copy.invalidate()
+        return super()._load_from_state_dict(*args, **kwargs)
+
     @property
     def read(self) -> str:
         """What the lookups read: ``"table"`` or ``"int8"`` (the read copy)."""
@@ -463,7 +475,7 @@ def _read_copy_lookup(values: MemoryValues, indices, weights, impl: str, check_i
     table's version counter) is a question for the host before each lookup."""
     read = values.read_copy.rows(values.weight, impl)
     if values.merged is not None and values.sparse_grad:
-        return values.merged.lookup(values.weight, indices, weights, impl, read)
+        return values.merged.lookup(values.weight, indices, weights, impl, read, check_indices)
     return read_copy_lookup(
         values.weight, read, indices, weights, impl, values.sparse_grad, check_indices
     )

@@ -37,7 +37,7 @@ from memlayers.ops.embedding_bag import (
     embedding_bag_grads,
 )
 from memlayers.ops.quantized import QuantizedRows, embedding_bag_quantized
-from memlayers.ops.read_copy import score_grad_read
+from memlayers.ops.read_copy import check_read_copy, score_grad_read
 
 _HOOKS = ("_backward_hooks", "_post_accumulate_grad_hooks")
 
@@ -70,15 +70,19 @@ class MergedValueGrad:
         weights: torch.Tensor,
         impl: str,
         read: QuantizedRows | None = None,
+        check_indices: bool = True,
     ) -> torch.Tensor:
         """``[B, D]`` weighted sums, as :func:`memlayers.ops.embedding_bag` with
         ``sparse_grad=True``, the table's gradient deferred to the end of the backward.
         ``read``: the table's int8 read copy, which the sums and the score gradient read
-        instead of its rows (:func:`read_copy_lookup`)."""
+        instead of its rows (:func:`read_copy_lookup`); ``check_indices``: as the lookup's."""
         if not (torch.is_grad_enabled() and weight.requires_grad):
             if read is not None:
-                return read_copy_lookup(weight, read, indices, weights, impl, True)
-            return embedding_bag(weight, indices, weights, impl=impl)
+                return read_copy_lookup(weight, read, indices, weights, impl, True, check_indices)
+            return embedding_bag(weight, indices, weights, impl=impl, check_indices=check_indices)
+        if read is not None:
+            check_embedding_bag_inputs(weight, indices, weights)
+            check_read_copy(read, weight)
         if not self.warned and any(_hooks(weight, kind) for kind in _HOOKS):
             self.warned = True
             warnings.warn(
@@ -88,7 +92,7 @@ class MergedValueGrad:
                 "merge_grads=False for hooks that need every lookup's gradient",
                 stacklevel=3,
             )
-        return _TableLookup.apply(weight, indices, weights, self, impl, read, True)
+        return _TableLookup.apply(weight, indices, weights, self, impl, read, True, check_indices)
 
     def add(self, weight, indices, weights, grad_out, impl) -> bool:
         """Hand over one lookup's ``(indices, weights, grad_out)`` from its backward.
@@ -153,6 +157,7 @@ def read_copy_lookup(
     ``sparse_grad``) the lookup's as if it had read ``weight``'s rows (straight through).
     Inputs checked as :func:`memlayers.ops.embedding_bag` checks them."""
     check_embedding_bag_inputs(weight, indices, weights)
+    check_read_copy(read, weight)
     if torch.is_grad_enabled() and (weight.requires_grad or weights.requires_grad):
         return _TableLookup.apply(weight, indices, weights, None, impl, read, sparse_grad,
                                   check_indices)  # fmt: skip
@@ -171,7 +176,7 @@ class _TableLookup(torch.autograd.Function):
         ctx.save_for_backward(weight, indices, weights)
         ctx.merged, ctx.impl, ctx.read, ctx.sparse_grad = merged, impl, read, sparse_grad
         if read is None:
-            return embedding_bag(weight, indices, weights, impl=impl)
+            return embedding_bag(weight, indices, weights, impl=impl, check_indices=check)
         return embedding_bag_quantized(
             read, indices, weights, impl=impl, out_dtype=weight.dtype, check_indices=check
         )

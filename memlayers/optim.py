@@ -364,6 +364,17 @@ def build_optimizer(model: nn.Module, args: OptimArgs, impl: str = "auto") -> Op
     optimizers["adamw"] = torch.optim.AdamW(
         adamw_groups, lr=args.lr, betas=betas, eps=args.eps, fused=fused or None
     )
+    copies = [t.read_copy for t in tables if t.read_copy is not None]
+    if groups["values"] and not sparse and copies:
+        # Tables read through an int8 copy (value_read=int8), stepped by AdamW: its fused
+        # kernel moves no version counter, so the copies are told after each step (the
+        # next lookup packs the whole table again; a dense step changes every row).
+
+        def stale(*_) -> None:
+            for copy in copies:
+                copy.invalidate()
+
+        optimizers["adamw"].register_step_post_hook(stale)
     if groups["values"] and sparse:
         optimizers["values"] = SparseValueAdam(
             [values_group], betas=betas, eps=args.eps, impl=impl, rowwise_v=rowwise_v,

@@ -99,12 +99,14 @@ def test_score_gradient_of_the_copy_matches_the_dequantized_rows(impl):
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("mode", ["dense", "sparse", "merged"])
-def test_lookup_reads_the_copy_with_straight_through_gradients(impl, mode):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lookup_reads_the_copy_with_straight_through_gradients(impl, mode, dtype):
     dev = DEVICES[impl]
-    table = _table(device=dev)
+    table = _table(device=dev, dtype=dtype)
     packed = quantize_rows(table, 8)
     deq = dequantize_rows(packed)  # fp32: exactly the rows the copy stands for
     idx, w0, gy = (t.to(dev) for t in _bags())
+    gy = gy.to(dtype).float()  # a bf16 lookup's output gradient is bf16: the same numbers
     weight = table.clone().requires_grad_()
     w = w0.clone().requires_grad_()
     if mode == "merged":
@@ -125,11 +127,13 @@ def test_lookup_reads_the_copy_with_straight_through_gradients(impl, mode):
         loss = loss + (embedding_bag(ref_vals, idx.flip(0), ref_w, impl="torch") * gy).sum()
     loss.backward()
     assert out.dtype == table.dtype
-    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+    # A bf16 table's lookup gives bf16 sums (of fp32 sums) and a bf16 value gradient.
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out.float(), ref.detach(), **tol)
     torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-5, atol=1e-5)
     grad = weight.grad
-    assert grad.is_sparse == (mode != "dense")
-    torch.testing.assert_close(grad.to_dense(), ref_vals.grad, rtol=1e-5, atol=1e-6)
+    assert grad.is_sparse == (mode != "dense") and grad.dtype == dtype
+    torch.testing.assert_close(grad.to_dense().float(), ref_vals.grad, **tol)
 
 
 def test_lookup_checks_its_inputs_by_name():
@@ -140,6 +144,18 @@ def test_lookup_checks_its_inputs_by_name():
         read_copy_lookup(table, packed, idx.int(), w)
     with pytest.raises(ValueError, match="weights must have the shape"):
         read_copy_lookup(table, packed, idx, w[:, :2])
+    # A copy of another table: more rows (indices the table does not have would pass the
+    # copy's range check), another width, another format.
+    for other, message in [
+        (quantize_rows(_table(n=50), 8), r"read copy is \[50, 24\] but the table is \[40, 24\]"),
+        (quantize_rows(_table(d=12), 8), r"read copy is \[40, 12\]"),
+        (quantize_rows(table, 4), "int8 with one scale a row, got bits=4"),
+        (quantize_rows(table, 8, group=8), "got bits=8, group=8 for dim=24"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            read_copy_lookup(table, other, idx, w)
+        with pytest.raises(ValueError, match=message):
+            MergedValueGrad().lookup(table.clone().requires_grad_(), idx, w, "torch", other)
     bad = idx.clone()
     bad[1, 1] = 40
     with pytest.raises(ValueError, match="index 40 is out of range"):
@@ -208,6 +224,68 @@ def test_any_other_change_of_the_table_is_seen_at_the_next_lookup():
     assert (
         _copy_is_current(values) and values.read_copy.packed.data.data_ptr() == copy.data.data_ptr()
     )
+
+
+def test_the_trainers_fused_adamw_on_a_dense_table_keeps_the_copy_current():
+    # torch's fused AdamW moves no version counter: build_optimizer tells the copies.
+    from memlayers import build_model, get_preset
+    from memlayers.optim import OptimArgs, build_optimizer
+
+    cfg = get_preset("tiny-memory+")
+    cfg.vocab_size, cfg.memory.value_read, cfg.memory.impl = 64, "int8", "torch"
+    model = build_model(cfg, "cpu", seed=0)
+    values = model.memory_values
+    weight = values.weight.detach().clone()
+    opt = torch.optim.AdamW([weight.requires_grad_()], lr=0.1, fused=True)
+    weight.grad = torch.randn_like(weight)
+    version = weight._version
+    opt.step()
+    assert weight._version == version  # what the trainer's hook is there for
+    args = OptimArgs(value_optimizer="adamw", warmup_steps=0)
+    optim = build_optimizer(model, args, impl="torch")
+    assert isinstance(optim.optimizers["adamw"], torch.optim.AdamW)
+    with torch.no_grad():
+        optim.optimizers["adamw"].defaults["fused"] = True
+        for group in optim.optimizers["adamw"].param_groups:
+            group["fused"], group["foreach"] = True, False
+    x = torch.randint(0, 64, (2, 9))
+    for _ in range(2):
+        model(x[:, :-1], targets=x[:, 1:]).backward()
+        optim.step()
+        optim.zero_grad()
+        with torch.no_grad():
+            model(x[:, :-1])
+        assert _copy_is_current(values)
+
+
+def test_a_first_lookup_in_inference_mode_leaves_a_copy_training_can_refresh():
+    layer, values = _layer("torch")
+    x = torch.randn(5, 16)
+    with torch.inference_mode():
+        layer(x)  # an evaluation before training packs the copy
+    assert not values.read_copy.packed.data.is_inference()
+    optim = SparseValueSGD([values.weight], lr=0.05, impl="torch")
+    layer(x).sum().backward()
+    optim.step()
+    assert _copy_is_current(values)
+
+
+@pytest.mark.parametrize("change", ["cast-round-trip", "load"])
+def test_a_move_or_a_load_forgets_the_copy(change):
+    layer, values = _layer("torch")
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        layer(x)
+    if change == "load":
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        state["owned_values.weight"].mul_(-1)
+        layer.load_state_dict(state)
+    else:
+        layer.bfloat16().float()  # new storage each time; an allocator may reuse an address
+    assert values.read_copy.packed is None
+    with torch.no_grad():
+        layer(x)
+    assert _copy_is_current(values)
 
 
 def test_an_unreported_change_before_a_row_step_is_not_lost():

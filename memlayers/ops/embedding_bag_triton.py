@@ -847,6 +847,11 @@ def score_grad(
     launch); the benchmark's sweep tries them."""
     if block_d is not None and (block_d < 1 or block_d & (block_d - 1)):
         raise ValueError(f"score_grad: block_d must be a power of two, got block_d={block_d}")
+    if scales is not None and scales.numel() != values.shape[0]:
+        raise ValueError(
+            f"score_grad: scales must be one a row of values ({values.shape[0]}), got "
+            f"{tuple(scales.shape)}"
+        )
     b, k = indices.shape
     d = values.shape[1]
     dw = torch.empty(b, k, dtype=torch.float32, device=values.device)

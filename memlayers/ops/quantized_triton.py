@@ -287,8 +287,10 @@ def embedding_bag_quantized_triton(
 
 # 1.5 · 2**23: adding it and taking it away again rounds an fp32 number of magnitude under
 # 2**22 to an integer, ties to even (the product of the float adds, not a library call:
-# the interpreter has no rint), as torch.round does.
-_ROUND_MAGIC = 12582912.0
+# the interpreter has no rint), as torch.round does. A constexpr: a kernel compiled for a
+# GPU may read no other global (the interpreter would not notice:
+# tests/test_triton_compile.py compiles the kernel for a GPU target on the CPU).
+_ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit

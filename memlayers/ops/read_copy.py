@@ -22,13 +22,15 @@ tested before the kernels were written (benchmarks/read_precision_quality.py: 81
 benchmarks/results/read_precision_quality_cpu_20261205.md).
 
 The copy is derived state: not saved, rebuilt from the table at the first lookup after a
-load, a move to another device, or any in-place change the optimizer did not report
-(:class:`ReadCopy` stamps it with the table's version counter and storage). The row-wise
-value optimizers (:mod:`memlayers.value_optim`) report their steps and refresh only the
-rows they stepped; any other optimizer's step is seen by the version counter and the
-whole copy is packed again at the next lookup (1.6 GB read for a 1M × 768 bf16 table).
-A write the version counter cannot see (a kernel of one's own on ``weight.data``) is not
-seen: call :meth:`ReadCopy.invalidate` after it.
+load, a move to another device or dtype, or an in-place change the optimizer did not
+report (:class:`ReadCopy` stamps it with the table's version counter and storage;
+:class:`memlayers.MemoryValues` forgets it on a load or a move). The row-wise value
+optimizers (:mod:`memlayers.value_optim`) report their steps and refresh only the rows
+they stepped; the trainer's AdamW on a dense-gradient table forgets the copies after each
+step (its fused kernel moves no version counter), and the whole copy is packed again at
+the next lookup (1.6 GB read for a 1M × 768 bf16 table). Any other write the version
+counter cannot see (torch's fused optimizers of one's own, a kernel on ``weight.data``)
+is not seen: call :meth:`ReadCopy.invalidate` after it.
 """
 
 from __future__ import annotations
@@ -85,6 +87,25 @@ def score_grad_read(
     return score_grad_quantized_torch(table, indices, grad_out)
 
 
+def check_read_copy(read: QuantizedRows, weight: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the value when ``read`` is not an int8 copy of
+    ``weight [N, D]`` (one scale a row, the same rows and width, on its device)."""
+    if not isinstance(read, QuantizedRows):
+        raise ValueError(f"read must be a QuantizedRows, got {type(read).__name__}")
+    if read.bits != 8 or read.group < read.dim:
+        raise ValueError(
+            f"a read copy is int8 with one scale a row, got bits={read.bits}, "
+            f"group={read.group} for dim={read.dim}"
+        )
+    if weight.dim() != 2 or (read.n_rows, read.dim) != tuple(weight.shape):
+        raise ValueError(
+            f"the read copy is [{read.n_rows}, {read.dim}] but the table is "
+            f"{list(weight.shape)}: it must be a copy of the table's rows"
+        )
+    if read.data.device != weight.device:
+        raise ValueError(f"the read copy is on {read.data.device} but the table on {weight.device}")
+
+
 def _stamp(weight: torch.Tensor) -> tuple:
     """What a copy of ``weight`` is a copy of: its storage, shape, dtype and version."""
     return (weight.device, weight.data_ptr(), tuple(weight.shape), weight.dtype, weight._version)
@@ -117,10 +138,13 @@ class ReadCopy:
             if (
                 packed is None
                 or packed.data.device != weight.device
-                or packed.n_rows != n
-                or packed.dim != d
+                or (packed.n_rows, packed.dim) != (n, d)
+                or packed.data.is_inference()
             ):
-                packed = empty_quantized(n, d, 8, None, weight.device)
+                # Normal tensors even when the first lookup runs under inference_mode (an
+                # evaluation before training): the optimizer writes into them later.
+                with torch.inference_mode(False):
+                    packed = empty_quantized(n, d, 8, None, weight.device)
             requantize_rows_(packed, weight.detach(), None, impl)
             self.packed, self.stamp = packed, _stamp(weight)
         setattr(weight, READ_COPY, self)  # for the optimizer that steps it (value_optim)
@@ -136,7 +160,8 @@ class ReadCopy:
     @torch.no_grad()
     def refresh_rows_(self, weight: torch.Tensor, rows: torch.Tensor | None, impl="auto") -> None:
         """After an optimizer stepped ``weight``'s ``rows`` (None: all): pack them again
-        and take the table as it now is (its version moved with the step)."""
+        and take the table as it now is (the stamp is taken again: a step may or may not
+        move the version counter)."""
         if self.packed is None:
             return
         requantize_rows_(self.packed, weight.detach(), rows, impl)

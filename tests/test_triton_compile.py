@@ -1,0 +1,81 @@
+"""Triton kernels compiled for a GPU target on the CPU: what the interpreter cannot see.
+
+CI runs the kernels in Triton's interpreter, which executes their Python: a kernel that
+reads a plain global (``X = 1.5`` instead of ``X = tl.constexpr(1.5)``), or uses an op the
+GPU compiler refuses, passes there and fails at its first launch on a GPU. So the kernels
+named here are also compiled to PTX for an H100 (sm_90), in a process without the
+interpreter (Triton's wheel brings the CUDA compiler; no GPU is needed), and the PTX is
+checked where a property of it matters.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import json
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from memlayers.ops.embedding_bag_triton import _score_grad_kernel
+    from memlayers.ops.quantized_triton import _int8_pack_kernel
+
+    target = GPUTarget("cuda", 90, 32)
+    out = {}
+
+    def build(name, fn, signature, constexprs, warps=4):
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        out[name] = triton.compile(src, target=target, options={"num_warps": warps}).asm["ptx"]
+
+    pack = {"weight_ptr": "*bf16", "rows_ptr": "*i64", "data_ptr": "*i8",
+            "scales_ptr": "*bf16", "U": "i32", "D": "constexpr", "BLOCK_D": "constexpr",
+            "ALL": "constexpr"}
+    for weight in ("bf16", "fp32"):
+        for all_rows in (False, True):
+            build(f"pack-{weight}-{all_rows}", _int8_pack_kernel,
+                  {**pack, "weight_ptr": "*" + weight},
+                  {"D": 768, "BLOCK_D": 1024, "ALL": all_rows})
+    build("pack-d1", _int8_pack_kernel, {**pack, "weight_ptr": "*fp32"},
+          {"D": 1, "BLOCK_D": 1, "ALL": False}, warps=1)
+    score = {"values_ptr": "*i8", "scales_ptr": "*bf16", "indices_ptr": "*i64",
+             "grad_out_ptr": "*bf16", "dw_ptr": "*fp32", "K": "i32", "D": "constexpr",
+             "BLOCK_D": "constexpr", "CHUNK": "constexpr", "SPLIT": "constexpr",
+             "SCALED": "constexpr"}
+    build("score-int8", _score_grad_kernel, score,
+          {"D": 768, "BLOCK_D": 256, "CHUNK": 8, "SPLIT": 2, "SCALED": True}, warps=1)
+    build("score-bf16", _score_grad_kernel, {**score, "values_ptr": "*bf16"},
+          {"D": 768, "BLOCK_D": 256, "CHUNK": 8, "SPLIT": 2, "SCALED": False}, warps=1)
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def ptx():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns when unset (its default: on)
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_kernels_compile_for_a_gpu(ptx):
+    assert set(ptx) == {"pack-bf16-False", "pack-bf16-True", "pack-fp32-False",
+                        "pack-fp32-True", "pack-d1", "score-int8", "score-bf16"}  # fmt: skip
+    assert all(".entry" in code for code in ptx.values())
+
+
+def test_the_packing_rounds_as_torch_does(ptx):
+    # Correctly rounded divisions (absmax / 127, w / s) without flushing subnormals, and
+    # the round-to-even by adding and taking away 1.5 · 2**23, not folded away.
+    for name in ("pack-bf16-False", "pack-fp32-True"):
+        code = ptx[name]
+        assert "div.rn.f32" in code and "div.full" not in code and "div.approx" not in code
+        assert ".ftz" not in code
+        assert "0f4B400000" in code and "0fCB400000" in code  # + 1.5·2**23, − 1.5·2**23
