@@ -150,6 +150,29 @@ def bench_replay(path, args, table, device, summary, compare) -> None:
                                      compare)  # fmt: skip
 
 
+def bench_int8_reads(tag, values, indices, weights, grad, args, table, small) -> None:
+    """The two kernels that read the int8 read copy of a training table
+    (``value_read=int8``, memlayers/ops/read_copy.py) on the same lookups: the forward
+    (the quantized kernel's training launch) and the score gradient (the shipped launch,
+    and the score sweep's with ``--sweep``), at ``D + 2`` bytes a row read."""
+    from memlayers.ops import quantized_triton as qt
+    from memlayers.ops.quantized import quantize_rows
+
+    packed = quantize_rows(values, 8)
+    b, k = indices.shape
+    nbytes = b * k * (values.shape[1] + 2) + small
+    table.add(f"{tag}: int8 reads: forward", timed(
+        lambda: qt._qfwd_launch(packed, indices, weights, values.dtype, check=False)), nbytes,
+        "SPLIT={} warps={} stages={} ROWS={}".format(*qt.QFWD_CONFIG))  # fmt: skip
+    data, scales = packed.data, packed.scales
+    shipped = lambda: ebt.score_grad(data, indices, grad, scales=scales)  # noqa: E731
+    table.add(f"{tag}: int8 reads: score gradient (shipped)", timed(shipped), nbytes)
+    for a in args.score_launches or (SCORE_SWEEP if args.sweep else ()):
+        fn = lambda a=a: ebt.score_grad(data, indices, grad, *a, scales=scales)  # noqa: E731
+        name = "chunk={} warps={} stages={} split={} block_d={}".format(*a)
+        table.add(f"{tag}: int8 reads: sweep score gradient {name}", timed(fn), nbytes)
+
+
 def bench_lookups(tag, values, indices, weights, grad, args, table, compare) -> dict:
     """Forward, backward and both through autograd on one set of lookups."""
     d, (b, k) = values.shape[1], indices.shape
@@ -191,6 +214,8 @@ def bench_lookups(tag, values, indices, weights, grad, args, table, compare) -> 
         fn = lambda a=a: ebt.score_grad(values, indices, grad, *a)  # noqa: E731
         name = "chunk={} warps={} stages={} split={} block_d={}".format(*a)
         table.add(f"{tag}: sweep score gradient {name}", timed(fn), fwd_bytes)
+    if args.int8_reads:
+        bench_int8_reads(tag, values, indices, weights, grad, args, table, small)
     bench_walk(tag, values, indices, weights, grad, table, args)
     if args.sweep and grad.dtype == torch.float32:
         # Half the bytes of grad_out, which the walk reads once per lookup.
@@ -363,6 +388,10 @@ def main() -> None:
         "split, block_d; block_d 0: the whole row), e.g. 8,1,3,1,256",
     )  # fmt: skip
     p.add_argument("--torch-ref", action="store_true", help="F.embedding_bag fp32 fwd+bwd")
+    p.add_argument(
+        "--int8-reads", action="store_true",
+        help="also the forward and score gradient reading an int8 copy (value_read=int8)",
+    )  # fmt: skip
     p.add_argument("--compare-bwd", help="module file with sparse_backward(...) to time too")
     p.add_argument(
         "--compare-walk", help="an earlier embedding_bag_triton.py whose walk to time too"
