@@ -58,3 +58,33 @@ def test_a_group_the_format_refuses_stops_before_any_run(capsys):
     with pytest.raises(SystemExit):
         rq.main(["--bits", "4", "--group", "3", "--", "steps=1"])
     assert "4-bit groups must be even" in capsys.readouterr().err
+
+
+def test_patched_value_gradients_read_the_output_gradient_packed():
+    torch.manual_seed(2)
+    table = torch.randn(12, 16)
+    idx = torch.randint(0, 12, (5, 3))
+    w = torch.rand(5, 3)
+    gy = torch.randn(5, 16)
+    packed_gy = rq.read_copy(gy, 8)
+    assert not torch.equal(packed_gy, gy)
+    want_v, _ = merged_grad.embedding_bag_grads(table, idx, w, packed_gy, impl="torch")
+    _, want_w = merged_grad.embedding_bag_grads(table, idx, w, gy, impl="torch")
+    original = merged_grad.embedding_bag_grads
+    restore = rq.patch_grads(8)
+    try:
+        # the merged walk and a lookup's own backward (both gradients in one call)
+        gv, dw = merged_grad.embedding_bag_grads(table, idx, w, gy, impl="torch")
+        t = table.clone().requires_grad_()
+        wt = w.clone().requires_grad_()
+        own = torch.autograd.grad(embedding_bag(t, idx, wt, impl="torch", sparse_grad=True),
+                                  (t, wt), gy)  # fmt: skip
+    finally:
+        restore()
+    assert merged_grad.embedding_bag_grads is original
+    for v, s in ((gv, dw), own):
+        torch.testing.assert_close(v.to_dense(), want_v.to_dense(), rtol=0, atol=0)
+        torch.testing.assert_close(s, want_w, rtol=0, atol=0)
+    t = table.clone().requires_grad_()
+    plain = torch.autograd.grad(embedding_bag(t, idx, w, impl="torch", sparse_grad=True), t, gy)
+    assert not torch.equal(plain[0].to_dense(), want_v.to_dense())  # restored: plain again
