@@ -332,9 +332,14 @@ def test_lookup_rows_say_bytes_per_lookup_and_the_torch_reference_what_it_runs(
     weights = torch.rand(8, 6, generator=g, device=DEV).softmax(-1)
     grad = torch.randn(8, 16, generator=g, device=DEV)
     args = argparse.Namespace(score_launches=None, sweep=False, walk_sweep=False,
-                              walk_before=None, torch_ref=True)  # fmt: skip
+                              walk_before=None, torch_ref=True, int8_reads=True)  # fmt: skip
     s = eb.bench_lookups("smoke uniform", values, indices, weights, grad, args, table, None)
     notes = {name: note for name, _, _, _, note in table.rows}
+    # --int8-reads: the two kernels reading the int8 copy, at D + 2 bytes a row read.
+    int8 = {name: nbytes for name, _, nbytes, *_ in table.rows if "int8 reads" in name}
+    assert set(int8) == {"smoke uniform: int8 reads: forward",
+                         "smoke uniform: int8 reads: score gradient (shipped)"}  # fmt: skip
+    assert set(int8.values()) == {8 * 6 * (16 + 2) + 8 * 6 * 12 + 8 * 16 * 4}
     for row in ("forward, simple baseline", "forward (shipped)", "score gradient (shipped)"):
         assert "per lookup" in notes[f"smoke uniform: {row}"]
     names = list(notes)
