@@ -51,17 +51,19 @@ VALUE_READS = ("table", "int8")
 READ_COPY = "_memlayers_read_copy"
 
 
+def is_row_int8(table: QuantizedRows) -> bool:
+    """Whether ``table`` is in the read copy's format: int8 with one scale a row (what
+    the Triton packing and score-gradient kernels take)."""
+    return table.bits == 8 and table.group >= table.dim
+
+
 def requantize_rows_(
     table: QuantizedRows, weight: torch.Tensor, rows: torch.Tensor | None = None, impl="auto"
 ) -> None:
     """Pack ``weight``'s ``rows`` (all when None; int64, in range) into ``table`` in place,
     as :func:`memlayers.ops.quantized.quantize_rows` packs them (int8, one scale a row):
     Triton on CUDA, the PyTorch reference elsewhere, the same bits."""
-    if (
-        resolve_impl(impl, weight.device) == "triton"
-        and table.bits == 8
-        and table.group >= table.dim
-    ):
+    if resolve_impl(impl, weight.device) == "triton" and is_row_int8(table):
         from memlayers.ops.quantized_triton import pack_int8_rows_
 
         pack_int8_rows_(table, weight, rows)
@@ -76,11 +78,7 @@ def score_grad_read(
     gradient of a lookup that read the copy (indices in range: the forward checked them).
     Triton on CUDA for int8 rows with a scale a row, the PyTorch reference elsewhere."""
     grad_out = grad_out.contiguous()
-    if (
-        resolve_impl(impl, indices.device) == "triton"
-        and table.bits == 8
-        and table.group >= table.dim
-    ):
+    if resolve_impl(impl, indices.device) == "triton" and is_row_int8(table):
         from memlayers.ops.embedding_bag_triton import score_grad
 
         return score_grad(table.data, indices.contiguous(), grad_out, scales=table.scales)
@@ -92,7 +90,7 @@ def check_read_copy(read: QuantizedRows, weight: torch.Tensor) -> None:
     ``weight [N, D]`` (one scale a row, the same rows and width, on its device)."""
     if not isinstance(read, QuantizedRows):
         raise ValueError(f"read must be a QuantizedRows, got {type(read).__name__}")
-    if read.bits != 8 or read.group < read.dim:
+    if not is_row_int8(read):
         raise ValueError(
             f"a read copy is int8 with one scale a row, got bits={read.bits}, "
             f"group={read.group} for dim={read.dim}"
