@@ -298,12 +298,20 @@ def bench_value_read(args, layer, values, x, gy, opts, idx, w, gyv, grad, add) -
     table's rows, on the same layer and table. Both with merged gradients, as the
     presets' shared table trains (the score gradient its own pass, the walk without it),
     so that the two differ only in what the lookups read: the whole step each way, the
-    lookup alone each way, and the packing of the stepped rows after the value step.
-    Returns the ms of the two steps (``table``, ``int8``; ``int8_compiled`` with
-    ``--compile``) and of the packing (``pack``)."""
+    lookup alone each way, and the packing of the stepped rows after the value step;
+    then the walk reading int8 output gradients (``grad_read=int8``) beside the float
+    one. Returns the ms of the steps (``table``, ``int8``, ``int8_walk`` with both;
+    ``int8_compiled`` with ``--compile``) and of the packing (``pack``)."""
     out = {}
     from memlayers.merged_grad import MergedValueGrad, read_copy_lookup
-    from memlayers.ops.read_copy import READ_COPY, ReadCopy, requantize_rows_
+    from memlayers.ops.embedding_bag import embedding_bag_grads
+    from memlayers.ops.read_copy import (
+        READ_COPY,
+        ReadCopy,
+        pack_rows,
+        requantize_rows_,
+        value_grad_packed,
+    )
 
     values.merged = MergedValueGrad()
     try:
@@ -313,10 +321,18 @@ def bench_value_read(args, layer, values, x, gy, opts, idx, w, gyv, grad, add) -
         note = "reads an int8 copy (a bf16 scale a row), packed again after each step"
         out["int8"] = add("Memory+ step, merged grads, value_read=int8",
                           timed(lambda: train_step(layer, x, gy, opts)), note)  # fmt: skip
+        values.merged = MergedValueGrad("int8")
+        out["int8_walk"] = add(
+            "Memory+ step, merged grads, value_read=int8 + grad_read=int8",
+            timed(lambda: train_step(layer, x, gy, opts)),
+            "the walk also reads the output gradient as int8 rows",
+        )
+        values.merged = MergedValueGrad()
         packed = values.read_copy.rows(values.weight)
-        merged = MergedValueGrad()
 
-        def lookup(read):
+        def lookup(read, grad_read="float"):
+            merged = MergedValueGrad(grad_read)
+
             def fn():
                 y = merged.lookup(values.weight, idx, w, "triton", read)
                 torch.autograd.backward([y], [gyv])
@@ -326,6 +342,17 @@ def bench_value_read(args, layer, values, x, gy, opts, idx, w, gyv, grad, add) -
 
         add("  part: value lookup, merged grads (fwd+bwd), table reads", timed(lookup(None)))
         add("  part: value lookup, merged grads (fwd+bwd), int8 reads", timed(lookup(packed)))
+        add("  part: value lookup, merged grads (fwd+bwd), int8 reads + int8 walk",
+            timed(lookup(packed, "int8")))  # fmt: skip
+        g = gyv.contiguous()
+        table_walk = functools.partial(embedding_bag_grads, values.weight.detach(), idx, w, g,
+                                       True, False, "triton", True)  # fmt: skip
+        int8_walk = functools.partial(value_grad_packed, values.weight.detach(), idx, w,
+                                      pack_rows(g, "triton"), "triton")  # fmt: skip
+        with torch.no_grad():
+            add("    of which the walk, float output gradient", timed(table_walk))
+            add("    of which the walk, int8 output gradient", timed(int8_walk))
+            add("    packing the output gradient", timed(lambda: pack_rows(g, "triton")))
         table_fwd = functools.partial(embedding_bag, values.weight, idx, w, impl="triton")
         int8_fwd = functools.partial(read_copy_lookup, values.weight, packed, idx, w, "triton")
         with torch.no_grad():
@@ -615,6 +642,10 @@ def ratio_rows(args, tri: dict, t_ffn: float, t_ffn_c: float | None) -> list[str
         rows.append(
             f"| merged-grad step reading the int8 copy / reading the table (eager) "
             f"| {reads['int8'] / reads['table']:.3f} |"
+        )
+        rows.append(
+            f"| the same reading int8 output gradients in the walk too (grad_read=int8) / "
+            f"reading the table (eager) | {reads['int8_walk'] / reads['table']:.3f} |"
         )
     if "int8_compiled" in reads and t_ffn_c is not None:
         # The packing runs once a training step for the shared table, as the value step.

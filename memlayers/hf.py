@@ -259,7 +259,12 @@ def add_memory(
     ref = next(model.parameters())  # the model's device and dtype (meta while loading)
     merge = config.merge_grads and len(layers) > 1
     values = MemoryValues(
-        config.n_rows, v_dim, merge_grads=merge, device=ref.device, read=config.value_read
+        config.n_rows,
+        v_dim,
+        merge_grads=merge,
+        device=ref.device,
+        read=config.value_read,
+        grad_read=config.grad_read,
     )
     # value_dtype=bf16 keeps a bf16 table in a model of any dtype (an exported run's);
     # fp32, the default, takes the model's.

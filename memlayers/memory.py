@@ -35,7 +35,7 @@ from memlayers.ops.quantized import (
     empty_quantized,
     quantize_rows,
 )
-from memlayers.ops.read_copy import VALUE_READS, ReadCopy
+from memlayers.ops.read_copy import GRAD_READS, VALUE_READS, ReadCopy
 from memlayers.router import ProductKeyRouter, balance_loss, load_old_router_names
 from memlayers.usage import MemoryUsage, RowCounts
 
@@ -117,6 +117,12 @@ class MemoryConfig:
     # score gradient are of the dequantized rows. Read where the tables are made, as
     # share_values; a table passed to a layer must have been made with it.
     value_read: str = "table"
+    # What the value-gradient walk of a shared table (merged gradients: Memory+) reads of
+    # the lookups' output gradient: "float" | "int8" (packed as int8 rows, a bf16 scale a
+    # row: half the bytes of the walk's reads; memlayers/merged_grad.py). The score
+    # gradients still take the float output gradient. Needs merge_grads (a table shared
+    # by several layers) and a row-sparse value optimizer. Read where the tables are made.
+    grad_read: str = "float"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -176,6 +182,10 @@ class MemoryConfig:
             raise ValueError(
                 f"value_read must be one of {VALUE_READS}, got value_read={self.value_read!r}"
             )
+        if self.grad_read not in GRAD_READS:
+            raise ValueError(
+                f"grad_read must be one of {GRAD_READS}, got grad_read={self.grad_read!r}"
+            )
 
     def resolved_dims(self, dim: int) -> tuple[int, int]:
         """``(k_dim, v_dim)`` for a model of width ``dim``, validated."""
@@ -212,6 +222,9 @@ class MemoryValues(nn.Module):
     (:mod:`memlayers.ops.read_copy`): half the bytes of a bf16 table's rows for the
     forward and the score gradient. Derived state, never saved; quantizing or offloading
     the table drops it.
+
+    ``grad_read="int8"`` (``MemoryConfig.grad_read``, with ``merge_grads``): the merged
+    walk reads the lookups' output gradients packed as int8 rows (half the bytes of bf16).
     """
 
     def __init__(
@@ -223,6 +236,7 @@ class MemoryValues(nn.Module):
         sparse_grad: bool = False,
         merge_grads: bool = False,
         read: str = "table",
+        grad_read: str = "float",
     ) -> None:
         super().__init__()
         _positive_int("n_rows", n_rows)
@@ -236,7 +250,13 @@ class MemoryValues(nn.Module):
         self.n_rows, self.v_dim, self.sparse_grad = n_rows, v_dim, sparse_grad
         # Several layers reading this table (Memory+): with sparse_grad, one backward over
         # all their lookups at the end of the pass (memlayers/merged_grad.py).
-        self.merged = MergedValueGrad() if merge_grads else None
+        if grad_read != "float" and not merge_grads:
+            raise ValueError(
+                f"grad_read={grad_read!r} packs the output gradient a shared table's merged "
+                f"walk reads: it needs merge_grads=True (a table shared by several memory "
+                f"layers with MemoryConfig merge_grads), got merge_grads={merge_grads}"
+            )
+        self.merged = MergedValueGrad(grad_read) if merge_grads else None
         self.weight = nn.Parameter(torch.empty(n_rows, v_dim, dtype=dtype, device=device))
         # Set from outside by memlayers.parallel: then ``weight`` holds only this rank's
         # columns and lookups go through the shard's gather → lookup → redistribute.
@@ -275,6 +295,11 @@ class MemoryValues(nn.Module):
     def read(self) -> str:
         """What the lookups read: ``"table"`` or ``"int8"`` (the read copy)."""
         return "table" if self.read_copy is None else "int8"
+
+    @property
+    def grad_read(self) -> str:
+        """What the merged walk reads of the output gradient: ``"float"`` or ``"int8"``."""
+        return "float" if self.merged is None else self.merged.grad_read
 
     @property
     def quantized(self) -> QuantizedRows | None:
@@ -455,6 +480,8 @@ class MemoryValues(nn.Module):
         s = f"n_rows={self.n_rows}, v_dim={self.v_dim}, {fmt or f'dtype={self.dtype}'}"
         if self.read_copy is not None:
             s += ", read=int8"
+        if self.grad_read != "float":
+            s += f", grad_read={self.grad_read}"
         if self.offloaded is not None:
             s += f", offloaded={self.offloaded.file or 'host'}"
             if self.offloaded.mode != "gather":
@@ -546,6 +573,12 @@ class ProductKeyMemory(nn.Module):
         k_dim, v_dim = config.resolved_dims(dim)
         self.dim, self.k_dim, self.v_dim, self.config = dim, k_dim, v_dim, config
         if values is None:
+            if config.grad_read != "float":
+                raise ValueError(
+                    f"grad_read={config.grad_read!r} is for a value table shared by several "
+                    f"memory layers (merged gradients), but this layer makes its own table: "
+                    f"use share_values with two or more memory layers, or grad_read='float'"
+                )
             self.owned_values = MemoryValues(
                 config.n_rows, v_dim, dtype=config.table_dtype, device=device,
                 read=config.value_read,
@@ -573,6 +606,12 @@ class ProductKeyMemory(nn.Module):
                     f"config value_read={config.value_read!r} but the values table passed in "
                     f"reads {values.read!r}: build it with MemoryValues(..., "
                     f"read={config.value_read!r})"
+                )
+            if config.grad_read != "float" and values.grad_read != config.grad_read:
+                raise ValueError(
+                    f"config grad_read={config.grad_read!r} but the values table passed in "
+                    f"walks {values.grad_read!r} output gradients: build it with "
+                    f"MemoryValues(..., merge_grads=True, grad_read={config.grad_read!r})"
                 )
             self.owned_values = None
             self._shared_values = (values,)  # a tuple: not registered as a submodule

@@ -37,7 +37,13 @@ from memlayers.ops.embedding_bag import (
     embedding_bag_grads,
 )
 from memlayers.ops.quantized import QuantizedRows, embedding_bag_quantized
-from memlayers.ops.read_copy import check_read_copy, score_grad_read
+from memlayers.ops.read_copy import (
+    GRAD_READS,
+    check_read_copy,
+    pack_rows,
+    score_grad_read,
+    value_grad_packed,
+)
 
 _HOOKS = ("_backward_hooks", "_post_accumulate_grad_hooks")
 
@@ -56,9 +62,17 @@ class MergedValueGrad:
     pass would wait on; its list is dropped with the next pass. A lookup whose table takes
     no gradient in this pass (``torch.autograd.grad`` for other inputs, ``backward(inputs=)``
     without the table) hands nothing over, as its AccumulateGrad node would not run.
+
+    ``grad_read="int8"`` (``MemoryConfig.grad_read``): the walk reads the lookups' output
+    gradients packed as int8 rows, a bf16 scale a row (:func:`memlayers.ops.read_copy.
+    pack_rows`), half the bytes of bf16 rows; each lookup's score gradient still takes
+    its float output gradient.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, grad_read: str = "float") -> None:
+        if grad_read not in GRAD_READS:
+            raise ValueError(f"grad_read must be one of {GRAD_READS}, got grad_read={grad_read!r}")
+        self.grad_read = grad_read
         self.task = -1  # the graph task the list below belongs to
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.warned = False  # the one warning about hooks on the table (lookup)
@@ -128,10 +142,13 @@ class MergedValueGrad:
         g = torch.cat([x for _, _, x in items])  # [ΣB, D]
         items.clear()
         with torch.no_grad():
-            grad, _ = embedding_bag_grads(
-                weight.detach(), idx, w.detach(), g, need_values=True, need_weights=False,
-                impl=impl, sparse_grad=True,
-            )  # fmt: skip
+            if self.grad_read == "int8":
+                grad = value_grad_packed(weight.detach(), idx, w.detach(), pack_rows(g, impl), impl)
+            else:
+                grad, _ = embedding_bag_grads(
+                    weight.detach(), idx, w.detach(), g, need_values=True, need_weights=False,
+                    impl=impl, sparse_grad=True,
+                )  # fmt: skip
         for hook in _hooks(weight, "_backward_hooks"):
             changed = hook(grad)
             grad = grad if changed is None else changed

@@ -337,6 +337,7 @@ class Transformer(nn.Module):
             self.memory_values = MemoryValues(
                 cfg.memory.n_rows, v_dim, dtype=cfg.memory.table_dtype,
                 merge_grads=cfg.memory.merge_grads and shared_by > 1, read=cfg.memory.value_read,
+                grad_read=cfg.memory.grad_read,
             )  # fmt: skip
         self.layers = nn.ModuleList(
             Block(cfg, i, kind, self.memory_values) for i, kind in enumerate(kinds)

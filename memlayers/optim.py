@@ -343,6 +343,14 @@ def build_optimizer(model: nn.Module, args: OptimArgs, impl: str = "auto") -> Op
             f"optim.value_optimizer=sparse_adam (or _rowwise, _bf16), not "
             f"{args.value_optimizer!r}"
         )
+    if not sparse and any(t.grad_read != "float" for t in tables):
+        # The packed output gradient is read by the merged walk, which only row-sparse
+        # value gradients run: with a dense one the setting would do nothing.
+        raise ValueError(
+            f"model.memory.grad_read=int8 packs the output gradient that the merged walk of "
+            f"row-sparse value gradients reads: use optim.value_optimizer=sparse_adam (or "
+            f"_rowwise, _bf16), not {args.value_optimizer!r}"
+        )
     rowwise_v = args.value_optimizer == "sparse_adam_rowwise"
     sharded = [t.shard.world for t in tables if t.shard is not None and t.shard.world > 1]
     if rowwise_v and sharded:

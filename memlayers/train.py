@@ -338,6 +338,8 @@ def _tables_note(model_cfg, optim) -> str:
     reads = ""
     if model_cfg.memory.value_read == "int8":
         reads = "; lookups read an int8 copy of the value tables (a bf16 scale a row)"
+    if model_cfg.memory.grad_read == "int8":
+        reads += "; the value-gradient walk reads int8 output gradients"
     if model_cfg.memory.value_dtype != "bf16":
         return reads
     # (a bf16 table always has a sparse value optimizer: build_optimizer refuses adamw)

@@ -214,11 +214,14 @@ def test_the_int8_reads_are_timed_beside_the_table_reads_and_leave_the_layer_as_
     rows = []
     add = lambda n, ms, note="": rows.append(n.strip()) or ms  # noqa: E731
     out = ml.bench_value_read(args, layer, values, x, gy, (vopt, ropt), idx, w, gyv, grad, add)
-    assert set(out) == {"table", "int8", "int8_compiled", "pack"}
-    assert rows[:2] == [
+    assert set(out) == {"table", "int8", "int8_walk", "int8_compiled", "pack"}
+    assert rows[:3] == [
         "Memory+ step, merged grads (the presets' shared table), table reads",
         "Memory+ step, merged grads, value_read=int8",
+        "Memory+ step, merged grads, value_read=int8 + grad_read=int8",
     ]
+    assert {"of which the walk, float output gradient", "of which the walk, int8 output "
+            "gradient", "packing the output gradient"} <= set(rows)  # fmt: skip
     # The compiled step last: nothing compiled runs before the eager parts are timed.
     assert rows[-2:] == [
         "part: packing the stepped rows into the int8 copy",
@@ -229,6 +232,7 @@ def test_the_int8_reads_are_timed_beside_the_table_reads_and_leave_the_layer_as_
     tri = {"step": 9.0, "compiled": 3.0, "value_step": 3.0, "reads": out}
     ratios = ml.ratio_rows(args, tri, 1.0, 1.0)
     assert any("reading the int8 copy / reading the table (eager) | 1.000 |" in r for r in ratios)
+    assert any("(grad_read=int8) / reading the table (eager) | 1.000 |" in r for r in ratios)
     # 2.0 ms compiled, less two thirds of the value step (3.0) and the packing (1.0).
     assert ratios[-1].endswith("| -0.67 |") and "a third of the (eager) value step" in ratios[-1]
 

@@ -67,12 +67,14 @@ def _lookup_worker(rank, world, sparse, equal=False):
     torch.testing.assert_close(grad, ref_t.grad[:, cols])
 
 
-def _read_copy_worker(rank, world, merged):
+def _read_copy_worker(rank, world, merged, grad_read="float"):
     # A table whose lookups read an int8 copy (value_read=int8), column-sharded: each
     # shard packs its own columns (a scale per row of the shard). The reference: one
     # process reading the table those shard copies stand for, with the float table's
-    # value gradient (straight through).
+    # value gradient (straight through). grad_read=int8: the shard's merged walk reads
+    # the output gradient of its columns packed (a scale per bag and shard).
     from memlayers.ops.quantized import dequantize_rows, quantize_rows
+    from memlayers.ops.read_copy import value_grad_packed
 
     table = torch.randn(N_ROWS, DIM, dtype=torch.float64).float()
     sizes, idx, w, g = _bags(world)
@@ -86,7 +88,8 @@ def _read_copy_worker(rank, world, merged):
     ref.backward(torch.cat(g).float())
     rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
 
-    values = MemoryValues(N_ROWS, DIM, sparse_grad=True, merge_grads=merged, read="int8")
+    values = MemoryValues(N_ROWS, DIM, sparse_grad=True, merge_grads=merged, read="int8",
+                          grad_read=grad_read)  # fmt: skip
     with torch.no_grad():
         values.weight.copy_(table)
     shard_values_(values, dist.group.WORLD)
@@ -96,7 +99,13 @@ def _read_copy_worker(rank, world, merged):
     out.backward(g[rank].float())
     torch.testing.assert_close(out, ref[rows])
     torch.testing.assert_close(mine.grad, ref_w.grad[rows])
-    torch.testing.assert_close(values.weight.grad.to_dense(), ref_t.grad[:, cols])
+    want = ref_t.grad[:, cols]
+    if grad_read == "int8":
+        packed = quantize_rows(torch.cat(g).float()[:, cols].contiguous(), 8)
+        want = value_grad_packed(table[:, cols], torch.cat(idx), torch.cat(w).float(), packed,
+                                 "torch").to_dense()  # fmt: skip
+        assert not torch.allclose(want, ref_t.grad[:, cols])  # the packing shows
+    torch.testing.assert_close(values.weight.grad.to_dense(), want)
     # A step of the shard's rows packs them again from the shard's columns.
     SparseValueAdam([values.weight], lr=0.1).step()
     want = quantize_rows(values.weight.detach(), 8)
@@ -104,9 +113,13 @@ def _read_copy_worker(rank, world, merged):
     assert torch.equal(values.read_copy.packed.scales, want.scales)
 
 
-@pytest.mark.parametrize("merged", [False, True], ids=["own-grad", "merged-grad"])
-def test_sharded_table_reading_its_int8_copy_matches_reference(merged):
-    _spawn(_read_copy_worker, 2, merged)
+@pytest.mark.parametrize(
+    "merged, grad_read",
+    [(False, "float"), (True, "float"), (True, "int8")],
+    ids=["own-grad", "merged-grad", "merged-grad-int8-walk"],
+)
+def test_sharded_table_reading_its_int8_copy_matches_reference(merged, grad_read):
+    _spawn(_read_copy_worker, 2, merged, grad_read)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -1019,13 +1019,20 @@ def test_expandable_segments_set_before_cuda_starts_and_the_users_setting_stands
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
 
 
-def test_int8_reads_train_on_cpu_and_say_so(tmp_path, capsys):
+@pytest.mark.parametrize("walk", [False, True], ids=["reads", "reads-and-walk"])
+def test_int8_reads_train_on_cpu_and_say_so(tmp_path, capsys, walk):
     # model.memory.value_read=int8 with an fp32 table: the start line says so, the loss
-    # falls, and the checkpoint holds the float table alone (the copy is derived).
-    args = tiny_args(tmp_path, "steps=8", "checkpoint.every=8", "model.memory.value_read=int8")
+    # falls, and the checkpoint holds the float table alone (the copy is derived). With
+    # grad_read=int8 too, the merged walk reads int8 output gradients.
+    extra = ["model.memory.grad_read=int8"] if walk else []
+    args = tiny_args(tmp_path, "steps=8", "checkpoint.every=8", "model.memory.value_read=int8",
+                     *extra)  # fmt: skip
     losses = [r["loss"] for r in train(args)]
-    assert "lookups read an int8 copy of the value tables" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "lookups read an int8 copy of the value tables" in out
+    assert ("the value-gradient walk reads int8 output gradients" in out) == walk
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     model = load_model_from_checkpoint(tmp_path)
     assert model.memory_values.read == "int8"
+    assert model.memory_values.grad_read == ("int8" if walk else "float")
     assert not any("read" in k or "qdata" in k for k in model.state_dict())

@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from memlayers.ops.embedding_bag_triton import _score_grad_kernel
+    from memlayers.ops.embedding_bag_triton import _bwd_kernel, _score_grad_kernel
     from memlayers.ops.quantized_triton import _int8_pack_kernel
 
     target = GPUTarget("cuda", 90, 32)
@@ -50,6 +50,18 @@ SCRIPT = textwrap.dedent(
           {"D": 768, "BLOCK_D": 256, "CHUNK": 8, "SPLIT": 2, "SCALED": True}, warps=1)
     build("score-bf16", _score_grad_kernel, {**score, "values_ptr": "*bf16"},
           {"D": 768, "BLOCK_D": 256, "CHUNK": 8, "SPLIT": 2, "SCALED": False}, warps=1)
+    walk = {"grad_out_ptr": "*i8", "values_ptr": "*bf16", "ws_ptr": "*fp32",
+            "bags_ptr": "*i64", "srows_ptr": "*i32", "ordinal_ptr": "*i32", "seg_ptr": "*i64",
+            "grad_values_ptr": "*bf16", "heads_ptr": "*fp32", "tails_ptr": "*fp32",
+            "parts_ptr": "*fp32", "gscales_ptr": "*bf16", "E": "i32", "CHUNK": "i32",
+            "D": "constexpr", "DENSE_OUT": "constexpr", "WRITE_DV": "constexpr",
+            "WRITE_DW": "constexpr", "BLOCK_D": "constexpr", "STAGES": "constexpr",
+            "GSCALED": "constexpr"}
+    for gscaled in (True, False):
+        build(f"walk-{'int8' if gscaled else 'bf16'}", _bwd_kernel,
+              {**walk, "grad_out_ptr": "*i8" if gscaled else "*bf16"},
+              {"D": 768, "DENSE_OUT": False, "WRITE_DV": True, "WRITE_DW": False,
+               "BLOCK_D": 256, "STAGES": 1, "GSCALED": gscaled}, warps=1)
     print(json.dumps(out))
     """
 )
@@ -67,7 +79,8 @@ def ptx():
 
 def test_the_kernels_compile_for_a_gpu(ptx):
     assert set(ptx) == {"pack-bf16-False", "pack-bf16-True", "pack-fp32-False",
-                        "pack-fp32-True", "pack-d1", "score-int8", "score-bf16"}  # fmt: skip
+                        "pack-fp32-True", "pack-d1", "score-int8", "score-bf16",
+                        "walk-int8", "walk-bf16"}  # fmt: skip
     assert all(".entry" in code for code in ptx.values())
 
 

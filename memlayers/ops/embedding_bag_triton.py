@@ -421,6 +421,7 @@ def _bwd_kernel(
     heads_ptr,  # [C, D] fp32: chunk c's piece of a long row that began before chunk c
     tails_ptr,  # [C, D] fp32: chunk c's piece of a long row that begins in c, ends later
     parts_ptr,  # [n_tiles, E] fp32: each column tile's part of each score gradient
+    gscales_ptr,  # [B] bf16 with GSCALED: grad_out's rows are int8, times these
     E,
     CHUNK,  # lookups per program (C = cdiv(E, CHUNK) programs per tile)
     D: tl.constexpr,  # a constant: row offsets row * D then carry its alignment
@@ -429,6 +430,7 @@ def _bwd_kernel(
     WRITE_DW: tl.constexpr,
     BLOCK_D: tl.constexpr,
     STAGES: tl.constexpr,
+    GSCALED: tl.constexpr,  # grad_out packed as int8 rows with a scale a row (no WRITE_DW)
 ):
     """Program (c, t) walks the sorted lookups of chunk c (:func:`_chunk_bounds`) over
     column tile t, row by row: an outer loop over the rows that meet the chunk (their
@@ -438,7 +440,9 @@ def _bwd_kernel(
     a longer row goes to heads or tails (fp32) for :func:`_combine_kernel`. Axis 0 varies
     fastest in launch order, so the grid runs (mostly) through tile 0 before tile 1, and
     only a [B, BLOCK_D] slice of grad_out is being read at a time: L2 keeps it far better
-    than all of grad_out."""
+    than all of grad_out. GSCALED: grad_out's rows are int8 (``MemoryConfig.grad_read``),
+    each standing for itself times its bag's scale: a lookup adds ``(w · s) · q``, half
+    the bytes of a bf16 row."""
     c = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1).to(tl.int64)  # tile * E passes 2**31 for large batches
     begin, end = _chunk_bounds(ordinal_ptr, seg_ptr, c, E, CHUNK)
@@ -461,7 +465,10 @@ def _bwd_kernel(
             bag = tl.load(bags_ptr + e)
             g = tl.load(grad_out_ptr + bag * D + cols, mask=dmask, other=0.0).to(tl.float32)
             if WRITE_DV:
-                acc += tl.load(ws_ptr + e) * g
+                if GSCALED:
+                    acc += (tl.load(ws_ptr + e) * tl.load(gscales_ptr + bag).to(tl.float32)) * g
+                else:
+                    acc += tl.load(ws_ptr + e) * g
             if WRITE_DW:
                 tl.store(parts_ptr + tile * E + e, tl.sum(g * v))
         if WRITE_DV:
@@ -705,12 +712,17 @@ def _bwd_launch(
     num_warps: int | None = None,
     stages: int | None = None,
     chunk: int | None = None,
+    grad_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the backward walk (and the pass over long rows): fills ``grad_values`` (row u's
     gradient at row u, or at its table row when ``dense_out``) and returns the score
     gradient of each flat (bag, slot) ``[E]`` fp32 (empty when not asked for). ``values``
-    is read only for the score gradient. Launch parameters default to the BWD_* constants.
+    is read only for the score gradient. ``grad_scales [B]``: ``grad_out`` is int8 rows,
+    each times its scale (the value gradient only). Launch parameters default to the
+    BWD_* constants.
     """
+    if grad_scales is not None and write_dw:
+        raise ValueError("the walk reads an int8 grad_out for the value gradient only")
     d = grad_out.shape[1]
     bound, e = segments.rows.numel(), segments.perm.numel()
     block_d, default_warps = bwd_launch(d, block_d)
@@ -730,9 +742,11 @@ def _bwd_launch(
     _bwd_kernel[(n_chunks, n_tiles)](
         grad_out, dummy if values is None else values, segments.ws, segments.bags,
         segments.sorted_rows, segments.ordinal, segments.seg,
-        dummy if grad_values is None else grad_values, heads, tails, parts, e, chunk,
+        dummy if grad_values is None else grad_values, heads, tails, parts,
+        dummy if grad_scales is None else grad_scales, e, chunk,
         D=d, DENSE_OUT=dense_out, WRITE_DV=grad_values is not None, WRITE_DW=write_dw,
         BLOCK_D=block_d, STAGES=stages or BWD_STAGES, num_warps=num_warps or default_warps,
+        GSCALED=grad_scales is not None,
     )  # fmt: skip
     if grad_values is not None:
         cblock = min(_COMBINE_BLOCK_D, triton.next_power_of_2(d))

@@ -37,15 +37,20 @@ from __future__ import annotations
 
 import torch
 
-from memlayers.ops.embedding_bag import resolve_impl
+from memlayers.ops.embedding_bag import embedding_bag_grads, resolve_impl
 from memlayers.ops.quantized import (
     QuantizedRows,
+    dequantize_rows,
     empty_quantized,
     requantize_rows_torch,
     score_grad_quantized_torch,
 )
 
 VALUE_READS = ("table", "int8")
+# What a shared table's merged value-gradient walk reads of the lookups' output gradient
+# (``MemoryConfig.grad_read``): the float rows, or the same packed as int8 rows with a
+# bf16 scale a row (:func:`pack_rows`, :func:`value_grad_packed`).
+GRAD_READS = ("float", "int8")
 # The attribute a table's parameter carries its ReadCopy in (set by MemoryValues when it
 # builds the copy), so an optimizer stepping the parameter can refresh the rows it steps.
 READ_COPY = "_memlayers_read_copy"
@@ -69,6 +74,51 @@ def requantize_rows_(
         pack_int8_rows_(table, weight, rows)
     else:
         requantize_rows_torch(table, weight, rows)
+
+
+def pack_rows(x: torch.Tensor, impl: str = "auto") -> QuantizedRows:
+    """``x [B, D]`` (float) packed as int8 rows with one bf16 scale a row, the read copy's
+    format (:func:`requantize_rows_`): what a merged walk with ``grad_read="int8"`` reads
+    of the output gradient."""
+    b, d = x.shape
+    packed = empty_quantized(b, d, 8, None, x.device)
+    requantize_rows_(packed, x.detach(), None, impl)
+    return packed
+
+
+def value_grad_packed(
+    weight: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    grad: QuantizedRows,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """The row-sparse (coalesced COO, ``weight``'s dtype) value gradient of the lookups
+    ``(indices [B, K], weights)`` into ``weight [N, D]`` for the output gradient ``grad``
+    packed by :func:`pack_rows`: row ``r`` gets ``Σ w[b, k] · dequantize(grad)[b]`` over
+    the lookups of ``r``. Triton's walk on CUDA reads the int8 rows (``D + 2`` bytes a
+    lookup against ``2·D`` for bf16); elsewhere the lookup's PyTorch backward of the
+    dequantized rows, the reference. Run eagerly (a merged walk's end-of-pass callback);
+    inputs as the lookup's, indices in range."""
+    if (grad.n_rows, grad.dim) != (indices.shape[0], weight.shape[1]) or not is_row_int8(grad):
+        raise ValueError(
+            f"the packed output gradient must be int8 rows [B={indices.shape[0]}, "
+            f"D={weight.shape[1]}] with a scale a row, got [{grad.n_rows}, {grad.dim}], "
+            f"bits={grad.bits}, group={grad.group}"
+        )
+    if resolve_impl(impl, weight.device) == "triton":
+        from memlayers.ops.embedding_bag_triton import _bwd_sparse
+
+        rows, grad_rows, _ = _bwd_sparse(
+            grad.data, weight.contiguous(), indices.contiguous(), weights.contiguous(), False,
+            grad_scales=grad.scales,
+        )  # fmt: skip
+        return torch.sparse_coo_tensor(
+            rows.unsqueeze(0), grad_rows, weight.shape, is_coalesced=True, check_invariants=False
+        )
+    g = dequantize_rows(grad)
+    gv, _ = embedding_bag_grads(weight, indices, weights, g, True, False, "torch", True)
+    return gv
 
 
 def score_grad_read(
