@@ -258,6 +258,12 @@ def add_memory(
 
     ref = next(model.parameters())  # the model's device and dtype (meta while loading)
     merge = config.merge_grads and len(layers) > 1
+    if config.grad_read != "float" and not merge:
+        raise ValueError(
+            f"config grad_read={config.grad_read!r} is read by the merged walk of a table "
+            f"shared by two or more memory layers, but layers={list(layers)} with "
+            f"merge_grads={config.merge_grads}: use grad_read='float'"
+        )
     values = MemoryValues(
         config.n_rows,
         v_dim,

@@ -447,6 +447,19 @@ class MemoryValues(nn.Module):
             return embedding_bag_quantized(
                 self.quantized, indices, weights, impl=impl, check_indices=check_indices
             )
+        if (
+            not self.sparse_grad
+            and self.grad_read != "float"
+            and torch.is_grad_enabled()
+            and self.weight.requires_grad
+        ):
+            # Only row-sparse gradients take the merged walk: refused, not ignored.
+            raise ValueError(
+                f"grad_read={self.grad_read!r} is read by the merged walk of row-sparse value "
+                f"gradients, but this table has sparse_grad=False: set values.sparse_grad = "
+                f"True (a SparseValueAdam/SparseValueSGD steps it; the trainer does so for "
+                f"optim.value_optimizer=sparse_adam*) or use grad_read='float'"
+            )
         if self.shard is not None:
             return self.shard.lookup(
                 self.weight, indices, weights, impl, self.sparse_grad, self.merged, self.read_copy

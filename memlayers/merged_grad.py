@@ -66,7 +66,9 @@ class MergedValueGrad:
     ``grad_read="int8"`` (``MemoryConfig.grad_read``): the walk reads the lookups' output
     gradients packed as int8 rows, a bf16 scale a row (:func:`memlayers.ops.read_copy.
     pack_rows`), half the bytes of bf16 rows; each lookup's score gradient still takes
-    its float output gradient.
+    its float output gradient. A pass that asks for the table's gradient itself
+    (``torch.autograd.grad(loss, [table, ...])``) gets each lookup's own float walk, as
+    with ``merge_grads=False``.
     """
 
     def __init__(self, grad_read: str = "float") -> None:

@@ -334,6 +334,13 @@ class Transformer(nn.Module):
         if "memory" in kinds and cfg.memory.share_values:
             _, v_dim = cfg.memory.resolved_dims(cfg.dim)
             shared_by = kinds.count("memory")
+            if cfg.memory.grad_read != "float" and not (cfg.memory.merge_grads and shared_by > 1):
+                raise ValueError(
+                    f"model.memory.grad_read={cfg.memory.grad_read!r} is read by the merged walk "
+                    f"of a table shared by two or more memory layers, but this model has "
+                    f"{shared_by} memory layer(s) with model.memory.merge_grads="
+                    f"{cfg.memory.merge_grads}: use grad_read=float"
+                )
             self.memory_values = MemoryValues(
                 cfg.memory.n_rows, v_dim, dtype=cfg.memory.table_dtype,
                 merge_grads=cfg.memory.merge_grads and shared_by > 1, read=cfg.memory.value_read,

@@ -60,7 +60,7 @@ def test_the_walk_over_packed_rows_is_the_backward_of_the_dequantized_ones(impl,
                                  gy.cpu().double(), True, False, "torch", True)  # fmt: skip
     bound = torch.zeros(40, dtype=torch.float64).index_add_(
         0, idx.cpu().reshape(-1),
-        (w.cpu().double() * ref_packed.scales.double() / 2).reshape(-1),
+        (w.cpu().double().abs() * ref_packed.scales.double() / 2).reshape(-1),
     )[flt._indices()[0]]  # fmt: skip
     err = (got._values().cpu().double() - flt._values()).abs().amax(1)
     slack = flt._values().abs().amax(1) * (1e-6 if dtype == torch.float32 else 8e-3)
@@ -143,6 +143,49 @@ def test_a_model_config_reaches_the_shared_table_and_a_dense_optimizer_is_refuse
         build_optimizer(dense, OptimArgs(value_optimizer="adamw"))
     cfg.memory.grad_read = "float"
     assert build_model(cfg, "cpu", seed=0).memory_values.grad_read == "float"
+
+
+def test_a_table_without_row_sparse_gradients_is_refused_at_its_training_lookup():
+    # The merged walk runs for row-sparse gradients only: grad_read=int8 on a dense-gradient
+    # table would do nothing, so its training lookup is refused; evaluation is not.
+    values = MemoryValues(40, 24, merge_grads=True, grad_read="int8")
+    idx, w, _ = _lookups()
+    with pytest.raises(ValueError, match="grad_read='int8'.*sparse_grad=False"):
+        values.lookup(idx, w, "torch")
+    with torch.no_grad():
+        values.lookup(idx, w, "torch")
+    values.sparse_grad = True  # as memlayers.hf users set it for SparseValueAdam
+    values.lookup(idx, w, "torch").sum().backward()
+    assert values.weight.grad.is_sparse
+
+
+def test_a_model_or_retrofit_with_one_memory_layer_is_refused_by_its_key():
+    from memlayers import build_model, get_preset
+
+    cfg = get_preset("tiny-memory+")
+    cfg.vocab_size = 64
+    cfg.memory_layers = cfg.memory_layers[:1]
+    cfg.memory.grad_read = "int8"
+    with pytest.raises(ValueError, match=r"model.memory.grad_read='int8'.*1 memory layer"):
+        build_model(cfg, "cpu", seed=0, sparse_values=True)
+    cfg.memory_layers = get_preset("tiny-memory+").memory_layers
+    cfg.memory.merge_grads = False
+    with pytest.raises(ValueError, match="merge_grads=False"):
+        build_model(cfg, "cpu", seed=0, sparse_values=True)
+
+
+def test_a_retrofit_passes_it_to_the_shared_table():
+    pytest.importorskip("transformers")
+    from test_hf import small_config, tiny_model
+
+    from memlayers.hf import add_memory
+
+    cfg = small_config()
+    cfg.grad_read = "int8"
+    model = add_memory(tiny_model(), [0, 2], cfg)
+    assert model.model.memory_values.grad_read == "int8"
+    with pytest.raises(ValueError, match=r"grad_read='int8'.*layers=\[1\]"):
+        add_memory(tiny_model(), [1], cfg)
 
 
 def test_lookups_without_grad_are_the_float_tables():
