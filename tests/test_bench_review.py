@@ -202,13 +202,13 @@ def test_the_int8_reads_are_timed_beside_the_table_reads_and_leave_the_layer_as_
     args = small_args(ml, "--compile")
     monkeypatch.setattr(ml, "timed", lambda fn, rep_ms=100.0: (fn(), 1.0)[1])
     monkeypatch.setattr(ml, "timed_compiled", lambda module, x, gy, opts, profile=0: 2.0)
-    cpu = torch.device("cpu")
-    layer, values, vopt, ropt = ml.build(args, "triton", True, cpu, torch.float32)
-    x, gy = torch.randn(16, 32), torch.randn(16, 32)
+    # The bench's Triton paths: CUDA tensors on a GPU machine, the interpreter's CPU ones in CI.
+    layer, values, vopt, ropt = ml.build(args, "triton", True, DEV, torch.float32)
+    x, gy = torch.randn(16, 32, device=DEV), torch.randn(16, 32, device=DEV)
     idx, w = (t.detach() for t in layer.lookup(x))
     layer.take_aux_loss()
     w.requires_grad_()
-    gyv = torch.randn(16, 32)
+    gyv = torch.randn(16, 32, device=DEV)
     embedding_bag(values.weight, idx, w.detach(), impl="torch", sparse_grad=True).backward(gyv)
     grad = values.weight.grad
     rows = []

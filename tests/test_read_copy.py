@@ -168,7 +168,9 @@ def _layer(impl, read="int8", sparse=True, merge=False):
     cfg = MemoryConfig(n_keys=8, heads=2, topk=3, impl=impl, value_read=read)
     torch.manual_seed(0)
     if merge:
+        # A table passed in is not the layer's submodule: .to() below does not move it.
         values = MemoryValues(64, 16, sparse_grad=sparse, merge_grads=True, read=read)
+        values.to(DEVICES[impl])
         layer = ProductKeyMemory(16, cfg, values)
     else:
         layer = ProductKeyMemory(16, cfg)

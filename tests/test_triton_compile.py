@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent(
         for all_rows in (False, True):
             build(f"pack-{weight}-{all_rows}", _int8_pack_kernel,
                   {**pack, "weight_ptr": "*" + weight},
-                  {"D": 768, "BLOCK_D": 1024, "ALL": all_rows})
+                  {"D": 768, "BLOCK_D": 256, "ALL": all_rows})
     build("pack-d1", _int8_pack_kernel, {**pack, "weight_ptr": "*fp32"},
           {"D": 1, "BLOCK_D": 1, "ALL": False}, warps=1)
     score = {"values_ptr": "*i8", "scales_ptr": "*bf16", "indices_ptr": "*i64",
