@@ -41,7 +41,7 @@ def _empty(n, d, device):
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("d", [1, 24, 300])
+@pytest.mark.parametrize("d", [1, 24, 300, 768])  # 768: whole 256-column tiles, as trained
 def test_packing_is_the_serving_formats_bit_for_bit(impl, dtype, d):
     dev = DEVICES[impl]
     w = _table(d=d, dtype=dtype, device=dev)

@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from memlayers.ops.embedding_bag_triton import _bwd_kernel, _score_grad_kernel
-    from memlayers.ops.quantized_triton import _int8_pack_kernel
+    from memlayers.ops.quantized_triton import PACK_BLOCK_D, PACK_WARPS, _int8_pack_kernel
 
     target = GPUTarget("cuda", 90, 32)
     out = {}
@@ -39,7 +39,9 @@ SCRIPT = textwrap.dedent(
         for all_rows in (False, True):
             build(f"pack-{weight}-{all_rows}", _int8_pack_kernel,
                   {**pack, "weight_ptr": "*" + weight},
-                  {"D": 768, "BLOCK_D": 256, "ALL": all_rows})
+                  {"D": 768, "BLOCK_D": PACK_BLOCK_D, "ALL": all_rows}, warps=PACK_WARPS)
+    build("pack-d300", _int8_pack_kernel, pack,  # a partial last tile
+          {"D": 300, "BLOCK_D": PACK_BLOCK_D, "ALL": False}, warps=PACK_WARPS)
     build("pack-d1", _int8_pack_kernel, {**pack, "weight_ptr": "*fp32"},
           {"D": 1, "BLOCK_D": 1, "ALL": False}, warps=1)
     score = {"values_ptr": "*i8", "scales_ptr": "*bf16", "indices_ptr": "*i64",
@@ -79,7 +81,7 @@ def ptx():
 
 def test_the_kernels_compile_for_a_gpu(ptx):
     assert set(ptx) == {"pack-bf16-False", "pack-bf16-True", "pack-fp32-False",
-                        "pack-fp32-True", "pack-d1", "score-int8", "score-bf16",
+                        "pack-fp32-True", "pack-d1", "pack-d300", "score-int8", "score-bf16",
                         "walk-int8", "walk-bf16"}  # fmt: skip
     assert all(".entry" in code for code in ptx.values())
 
@@ -87,7 +89,7 @@ def test_the_kernels_compile_for_a_gpu(ptx):
 def test_the_packing_rounds_as_torch_does(ptx):
     # Correctly rounded divisions (absmax / 127, w / s) without flushing subnormals, and
     # the round-to-even by adding and taking away 1.5 · 2**23, not folded away.
-    for name in ("pack-bf16-False", "pack-fp32-True"):
+    for name in ("pack-bf16-False", "pack-fp32-True", "pack-d300"):
         code = ptx[name]
         assert "div.rn.f32" in code and "div.full" not in code and "div.approx" not in code
         assert ".ftz" not in code
