@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from memlayers.memory import MemoryConfig, MemoryValues, ProductKeyMemory
+from memlayers.memory import MemoryConfig, MemoryValues, ProductKeyMemory, merges_grads
 
 MODES = ("parallel", "replace")
 CONFIG_KEY = "memlayers"  # model.config.memlayers: what load_pretrained_with_memory rebuilds
@@ -257,13 +257,7 @@ def add_memory(
         raise ValueError(f"memory config does not fit hidden_size={hidden}: {e}") from e
 
     ref = next(model.parameters())  # the model's device and dtype (meta while loading)
-    merge = config.merge_grads and len(layers) > 1
-    if config.grad_read != "float" and not merge:
-        raise ValueError(
-            f"config grad_read={config.grad_read!r} is read by the merged walk of a table "
-            f"shared by two or more memory layers, but layers={list(layers)} with "
-            f"merge_grads={config.merge_grads}: use grad_read='float'"
-        )
+    merge = merges_grads(config, len(layers), "config ", f"layers={list(layers)}")
     values = MemoryValues(
         config.n_rows,
         v_dim,

@@ -199,6 +199,22 @@ class MemoryConfig:
         return k_dim, self.v_dim if self.v_dim is not None else dim
 
 
+def merges_grads(config: MemoryConfig, n_layers: int, key: str, where: str) -> bool:
+    """Whether the table ``n_layers`` memory layers share, made from ``config``, merges
+    their gradients: ``merge_grads`` and two or more layers (the rule of the models and of
+    :func:`memlayers.hf.add_memory`). ``grad_read`` other than float needs it, and is
+    refused without it, naming the setting (``key``: its prefix) and ``where`` (the
+    layers)."""
+    merge = config.merge_grads and n_layers > 1
+    if config.grad_read != "float" and not merge:
+        raise ValueError(
+            f"{key}grad_read={config.grad_read!r} is read by the merged walk of a table "
+            f"shared by two or more memory layers, but {where} with {key}merge_grads="
+            f"{config.merge_grads}: use grad_read='float'"
+        )
+    return merge
+
+
 class MemoryValues(nn.Module):
     """The value table ``[n_rows, v_dim]``, passed explicitly to every layer sharing it.
 

@@ -38,6 +38,7 @@ from memlayers.memory import (
     ProductKeyMemory,
     _positive_int,
     _positive_number,
+    merges_grads,
     with_aux_losses,
 )
 from memlayers.moe import MoE, MoEConfig
@@ -334,17 +335,11 @@ class Transformer(nn.Module):
         if "memory" in kinds and cfg.memory.share_values:
             _, v_dim = cfg.memory.resolved_dims(cfg.dim)
             shared_by = kinds.count("memory")
-            if cfg.memory.grad_read != "float" and not (cfg.memory.merge_grads and shared_by > 1):
-                raise ValueError(
-                    f"model.memory.grad_read={cfg.memory.grad_read!r} is read by the merged walk "
-                    f"of a table shared by two or more memory layers, but this model has "
-                    f"{shared_by} memory layer(s) with model.memory.merge_grads="
-                    f"{cfg.memory.merge_grads}: use grad_read=float"
-                )
+            merge = merges_grads(cfg.memory, shared_by, "model.memory.",
+                                 f"this model has {shared_by} memory layer(s)")  # fmt: skip
             self.memory_values = MemoryValues(
-                cfg.memory.n_rows, v_dim, dtype=cfg.memory.table_dtype,
-                merge_grads=cfg.memory.merge_grads and shared_by > 1, read=cfg.memory.value_read,
-                grad_read=cfg.memory.grad_read,
+                cfg.memory.n_rows, v_dim, dtype=cfg.memory.table_dtype, merge_grads=merge,
+                read=cfg.memory.value_read, grad_read=cfg.memory.grad_read,
             )  # fmt: skip
         self.layers = nn.ModuleList(
             Block(cfg, i, kind, self.memory_values) for i, kind in enumerate(kinds)

@@ -881,16 +881,21 @@ def score_grad(
     return dw
 
 
+def row_sparse(rows: torch.Tensor, grad_rows: torch.Tensor, shape) -> torch.Tensor:
+    """The walk's row-sparse gradient as a COO tensor of ``shape``: its rows come out of a
+    sort and are distinct, so it is coalesced as built (no invariant check)."""
+    return torch.sparse_coo_tensor(
+        rows.unsqueeze(0), grad_rows, shape, is_coalesced=True, check_invariants=False
+    )
+
+
 def triton_grads(values, indices, weights, grad_out, need_values, need_weights, sparse_grad):
     """:func:`memlayers.ops.embedding_bag.embedding_bag_grads` on the Triton path."""
     args = (grad_out.contiguous(), values.contiguous(), indices.contiguous(),
             weights.contiguous())  # fmt: skip
     if need_values and sparse_grad:
         rows, grad_rows, dw = embedding_bag_bwd_sparse(*args, need_weights)
-        gv = torch.sparse_coo_tensor(
-            rows.unsqueeze(0), grad_rows, values.shape, is_coalesced=True, check_invariants=False
-        )
-        return gv, (dw if need_weights else None)
+        return row_sparse(rows, grad_rows, values.shape), (dw if need_weights else None)
     if need_values:
         gv, dw = embedding_bag_bwd(*args, True, need_weights)
         return gv, (dw if need_weights else None)
@@ -982,10 +987,7 @@ def _backward(ctx, grad_out):
         rows, grad_rows, dw = embedding_bag_bwd_sparse(
             grad_out, values, indices, weights, need_weights
         )
-        # Rows come out of a sort and are distinct: the COO tensor is coalesced as built.
-        grad_values = torch.sparse_coo_tensor(
-            rows.unsqueeze(0), grad_rows, values.shape, is_coalesced=True, check_invariants=False
-        )
+        grad_values = row_sparse(rows, grad_rows, values.shape)
     elif need_values or need_weights:
         gv, dw = embedding_bag_bwd(grad_out, values, indices, weights, need_values, need_weights)
         grad_values = gv if need_values else None

@@ -107,15 +107,13 @@ def value_grad_packed(
             f"bits={grad.bits}, group={grad.group}"
         )
     if resolve_impl(impl, weight.device) == "triton":
-        from memlayers.ops.embedding_bag_triton import _bwd_sparse
+        from memlayers.ops.embedding_bag_triton import _bwd_sparse, row_sparse
 
         rows, grad_rows, _ = _bwd_sparse(
             grad.data, weight.contiguous(), indices.contiguous(), weights.contiguous(), False,
             grad_scales=grad.scales,
         )  # fmt: skip
-        return torch.sparse_coo_tensor(
-            rows.unsqueeze(0), grad_rows, weight.shape, is_coalesced=True, check_invariants=False
-        )
+        return row_sparse(rows, grad_rows, weight.shape)
     g = dequantize_rows(grad)
     gv, _ = embedding_bag_grads(weight, indices, weights, g, True, False, "torch", True)
     return gv
