@@ -12,7 +12,10 @@ relation (``Q: ...\\nA: ...\\n`` twice, then ``Q: <question>\\nA:``; the example
 are used for nothing else), answered greedily, scored by exact match. The run answers a
 pool of ``--pool`` questions balanced over the relations. Of the ones it gets wrong,
 ``--teach`` are the new facts: taught through their statements alone (the relation's three
-statement templates, ``--exposures`` times each, one a line). Of the ones it gets right,
+statement templates, ``--exposures`` times each, one a line), or with ``--teach-as qa`` as
+question-answer pairs in the relation's *other* question phrasing (``Q: ...\nA: ...``, as
+many documents a fact as the statements give; the asked phrasing stays held out), or
+``both``. Of the ones it gets right,
 ``--keep`` are the forgetting test (the share still answered right), with the loss on
 ``--val-tokens`` of the run's held-out corpus text. Every method gets the same data, steps,
 batch and seed, and is evaluated every ``--eval-every`` steps (a lora model with its
@@ -62,13 +65,29 @@ def records(facts, shots: dict) -> list[dict]:
     return out
 
 
-def statements(facts, exposures: int, seed: int) -> list[str]:
-    docs = [
-        t.format(s=f.subject, o=f.object)
-        for f in facts
-        for t in RELATIONS[f.relation][0]
-        for _ in range(exposures)
-    ]
+TEACH_AS = ("statements", "qa", "both")
+
+
+def statements(facts, exposures: int, seed: int, teach_as: str = "statements") -> list[str]:
+    """The documents that teach ``facts``, shuffled: each statement template ``exposures``
+    times (``statements``); question-answer pairs in every question phrasing but the asked
+    one (:func:`question`), as many a fact as its statements (``qa``); or both."""
+    if teach_as not in TEACH_AS:
+        raise ValueError(f"teach_as must be one of {TEACH_AS}, got {teach_as!r}")
+    docs = []
+    for f in facts:
+        said, asked = RELATIONS[f.relation]
+        n = len(said) * exposures
+        if teach_as != "qa":
+            docs += [t.format(s=f.subject, o=f.object) for t in said for _ in range(exposures)]
+        if teach_as != "statements":
+            other = asked[1:]
+            if not other:
+                raise ValueError(
+                    f"relation {f.relation!r} has one question phrasing: none to teach"
+                )
+            docs += [f"Q: {other[i % len(other)].format(s=f.subject)}\nA: {f.object}"
+                     for i in range(n)]  # fmt: skip
     random.Random(seed).shuffle(docs)
     return docs
 
@@ -122,6 +141,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teach", type=at_least(1), default=40)
     p.add_argument("--keep", type=at_least(1), default=60)
     p.add_argument("--exposures", type=at_least(1), default=2, help="per statement template")
+    p.add_argument("--teach-as", choices=TEACH_AS, default="statements",
+                   help="the taught documents: statements, QA pairs in the other question "
+                        "phrasing (the asked one stays held out), or both")  # fmt: skip
     p.add_argument("--val-tokens", type=at_least(1), default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -184,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     keep = rng.sample(known, min(a.keep, len(known)))
     check_split(len(pool), len(wrong), len(known), len(teach), len(keep))
     taught_recs, kept_recs = records(teach, shots), records(keep, shots)
-    docs = statements(teach, a.exposures, a.seed)
+    docs = statements(teach, a.exposures, a.seed, a.teach_as)
     tokens = np.concatenate([np.asarray([*tok.encode(d), tok.eos_id]) for d in docs])
     print(f"pool {len(pool)}: {len(known)} right; teach {len(teach)}, keep {len(keep)}; "
           f"{len(docs)} documents, {len(tokens):,} tokens ({pool_secs:.0f}s)")  # fmt: skip
@@ -235,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Device: {cpu}; {time.strftime('%Y-%m-%d')}; {time.perf_counter() - t_start:.0f} s in "
         f"all. Run: {base.run_dir} (step {base.step}). Pool: {len(pool)} questions, "
         f"{len(known)} answered right before. Taught: {len(teach)} facts it got wrong, "
-        f"{len(docs)} statement documents ({len(tokens):,} tokens); {a.steps} steps of "
+        f"{len(docs)} documents as {a.teach_as} ({len(tokens):,} tokens); {a.steps} steps of "
         f"{a.batch_size} x {seq_len} tokens. Forgetting: the {len(keep)} kept questions (right "
         f"before), loss on {a.val_tokens:,} held-out corpus tokens.",
         "",

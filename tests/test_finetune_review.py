@@ -235,6 +235,28 @@ def test_bench_retrofit_lr_per_method(bench):
     assert a.lrs == bench.DEFAULT_LR | {"lora": 5e-4}
 
 
+@pytest.mark.parametrize("teach_as", ["statements", "qa", "both"])
+def test_bench_retrofit_teach_as_keeps_the_asked_phrasing_out(bench, teach_as):
+    from memlayers.data.facts import RELATIONS, Fact
+
+    facts = [
+        Fact("Helium", "element_symbol", "He", "t"),
+        Fact("Ohio", "state_capital", "Columbus", "t"),
+    ]
+    docs = bench.statements(facts, 2, 0, teach_as)
+    # as many documents a fact in each form as its statements: three templates, twice
+    qa = [d for d in docs if d.startswith("Q: ")]
+    assert len(docs) - len(qa) == (0 if teach_as == "qa" else 12)
+    assert len(qa) == (0 if teach_as == "statements" else 12)
+    for f in facts:
+        asked = bench.question(f)
+        assert not any(asked in d for d in docs)  # the evaluation's phrasing stays held out
+        other = RELATIONS[f.relation][1][1].format(s=f.subject)
+        assert sum(d == f"Q: {other}\nA: {f.object}" for d in qa) == len(qa) // 2
+    with pytest.raises(ValueError, match="teach_as must be one of"):
+        bench.statements(facts, 1, 0, "questions")
+
+
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
     """A tiny run on a text file of fact statements (bytes: any text encodes)."""
