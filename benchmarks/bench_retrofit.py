@@ -150,6 +150,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--background-batches", type=at_least(1), default=4,
         help="sparse-memory: batches of corpus text whose row reads set the rows' specificity",
     )  # fmt: skip
+    p.add_argument(
+        "--background-qa", type=at_least(0), default=0, metavar="N",
+        help="sparse-memory: N facts outside the pool, written as the taught documents "
+             "are (--teach-as), make half the background (the corpus the other half)",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="markdown results (+ .json beside it)")
     p.add_argument("--plot", default=None, help="learned vs forgotten over steps (png)")
@@ -205,6 +210,15 @@ def main(argv: list[str] | None = None) -> None:
     teach = rng.sample(wrong, min(a.teach, len(wrong)))
     keep = rng.sample(known, min(a.keep, len(known)))
     check_split(len(pool), len(wrong), len(known), len(teach), len(keep))
+    if a.background_qa:
+        # facts never asked, taught or shown, in the taught documents' form: rows that
+        # form reads for any fact (the "Q: ... A:" frame) then score low in the TF-IDF
+        asked = set(pool) | {f for fs in shots.values() for f in fs}
+        others = [f for rel in sorted(by_rel) for f in by_rel[rel] if f not in asked]
+        picked = random.Random(a.seed + 1).sample(others, min(a.background_qa, len(others)))
+        form = list(dict.fromkeys(statements(picked, 1, a.seed, a.teach_as)))
+        qa = np.concatenate([np.asarray([*tok.encode(d), tok.eos_id]) for d in form])
+        background = np.concatenate([qa, background[: len(qa)]])
     taught_recs, kept_recs = records(teach, shots), records(keep, shots)
     docs = statements(teach, a.exposures, a.seed, a.teach_as)
     tokens = np.concatenate([np.asarray([*tok.encode(d), tok.eos_id]) for d in docs])
@@ -272,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
         label = method + (
             f", t = {a.top_t}{' per document' if a.per_document else ''}, "
             f"{a.background_batches} background batches"
+            + (f" (about half of them {a.teach_as} of {a.background_qa} other facts)"
+               if a.background_qa else "")
             if method == "sparse-memory" else ""
         )  # fmt: skip
         label += f", r = {a.rank}" if method == "lora" else ""

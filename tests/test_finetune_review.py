@@ -33,6 +33,7 @@ from memlayers.data.datasets import bios_from_args
 from memlayers.eval.validation import track_memory_usage, usage_report
 from memlayers.finetune import FinetuneArgs, finetune, finetune_model
 from memlayers.quantize import quantize_run
+from memlayers.run import load_run
 from memlayers.train import NonFiniteLossError, train
 from memlayers.usage import MemoryUsage, gini, kl_from_uniform
 
@@ -311,6 +312,41 @@ def test_bench_retrofit_seconds_leave_the_evaluations_out(bench, text_run, tmp_p
     curves = json.loads(out.with_suffix(".json").read_text())["sparse-memory"]
     assert curves["eval_seconds"] == 200.0  # two evaluations
     assert curves["train_seconds"] == 0.0
+
+
+def test_bench_retrofit_background_qa_is_half_the_background(bench, text_run, tmp_path,
+                                                              monkeypatch):  # fmt: skip
+    # --background-qa N: N facts outside the pool, in the taught form, then as many corpus
+    # tokens; without it the corpus alone
+    monkeypatch.setattr(
+        bench, "em", lambda model, tok, recs: [i % 2 == 0 for i, _ in enumerate(recs)]
+    )
+    monkeypatch.setattr(bench, "measure", lambda *a, **k: {"learned": 0.5, "kept": 0.5,
+                                                           "val_loss": 1.0})  # fmt: skip
+    seen, real = [], bench.finetune_model
+    monkeypatch.setattr(
+        bench, "finetune_model",
+        lambda model, tokens, args, *rest, **kw: seen.append(rest[3]) or real(
+            model, tokens, args, *rest, **kw),
+    )  # fmt: skip
+    runs = {}
+    for extra in ([], ["--teach-as", "qa", "--background-qa", "5"]):
+        out = tmp_path / f"r{len(extra)}.md"
+        monkeypatch.setattr(sys, "argv", ["b", str(text_run), *BENCH_ARGV, *extra, "--out",
+                                          str(out)])  # fmt: skip
+        bench.main()
+        runs[len(extra)] = (seen[-1], out.read_text())
+    corpus, plain_md = runs[0]
+    mixed, qa_md = runs[4]
+    half = len(mixed) // 2
+    assert len(mixed) == 2 * half and 0 < half < len(corpus)
+    assert np.array_equal(mixed[half:], corpus[:half])  # the corpus half, from its start
+    tok = load_run(text_run).tokenizer
+    ends = np.where(mixed[:half] == tok.eos_id)[0]
+    assert ends[-1] == half - 1  # whole documents, each ended by EOS
+    docs = [tok.decode(d[:-1].tolist()) for d in np.split(mixed[:half], ends[:-1] + 1)]
+    assert len(docs) == 5 and all(d.startswith("Q: ") and "\nA: " in d for d in docs)
+    assert "other facts" in qa_md and "other facts" not in plain_md
 
 
 def test_bench_retrofit_refuses_a_pool_with_nothing_to_keep(bench, text_run, monkeypatch):
