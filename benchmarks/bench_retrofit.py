@@ -92,6 +92,12 @@ def statements(facts, exposures: int, seed: int, teach_as: str = "statements") -
     return docs
 
 
+def encode(tok, docs: list[str]) -> np.ndarray:
+    """The token stream of ``docs``: each encoded and ended by EOS (as
+    :func:`memlayers.finetune.read_documents` reads a file's lines)."""
+    return np.concatenate([np.asarray([*tok.encode(d), tok.eos_id]) for d in docs])
+
+
 def em(model, tok, recs) -> list[bool]:
     preds = greedy_answers(model, tok, recs, max_new_tokens=6, batch_size=64, progress=False)
     return [exact_match(p, r["answers"]) == 1.0 for p, r in zip(preds, recs, strict=True)]
@@ -217,11 +223,11 @@ def main(argv: list[str] | None = None) -> None:
         others = [f for rel in sorted(by_rel) for f in by_rel[rel] if f not in asked]
         picked = random.Random(a.seed + 1).sample(others, min(a.background_qa, len(others)))
         form = list(dict.fromkeys(statements(picked, 1, a.seed, a.teach_as)))
-        qa = np.concatenate([np.asarray([*tok.encode(d), tok.eos_id]) for d in form])
+        qa = encode(tok, form)
         background = np.concatenate([qa, background[: len(qa)]])
     taught_recs, kept_recs = records(teach, shots), records(keep, shots)
     docs = statements(teach, a.exposures, a.seed, a.teach_as)
-    tokens = np.concatenate([np.asarray([*tok.encode(d), tok.eos_id]) for d in docs])
+    tokens = encode(tok, docs)
     print(f"pool {len(pool)}: {len(known)} right; teach {len(teach)}, keep {len(keep)}; "
           f"{len(docs)} documents, {len(tokens):,} tokens ({pool_secs:.0f}s)")  # fmt: skip
 
