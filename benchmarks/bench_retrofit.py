@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from profile_step import at_least
 
-from memlayers.data.facts import RELATIONS, load_facts
+from memlayers.data.facts import RELATIONS, load_facts, qa_pair, split_shown
 from memlayers.data.loader import load_dataset
 from memlayers.eval import perplexity
 from memlayers.eval.knowledge import greedy_answers
@@ -59,8 +59,8 @@ def records(facts, shots: dict) -> list[dict]:
     """QA records with two solved examples of the relation as context."""
     out = []
     for f in facts:
-        ctx = "".join(f"Q: {question(e)}\nA: {e.object}\n" for e in shots[f.relation])
-        out.append({"question": f"{ctx}Q: {question(f)}\nA:", "answers": [f.object],
+        ctx = "".join(qa_pair(question(e), e.object) + "\n" for e in shots[f.relation])
+        out.append({"question": ctx + qa_pair(question(f), "").rstrip(), "answers": [f.object],
                     "relation": f.relation})  # fmt: skip
     return out
 
@@ -86,7 +86,7 @@ def statements(facts, exposures: int, seed: int, teach_as: str = "statements") -
                 raise ValueError(
                     f"relation {f.relation!r} has one question phrasing: none to teach"
                 )
-            docs += [f"Q: {other[i % len(other)].format(s=f.subject)}\nA: {f.object}"
+            docs += [qa_pair(other[i % len(other)].format(s=f.subject), f.object)
                      for i in range(n)]  # fmt: skip
     random.Random(seed).shuffle(docs)
     return docs
@@ -98,16 +98,28 @@ def encode(tok, docs: list[str]) -> np.ndarray:
     return np.concatenate([np.asarray([*tok.encode(d), tok.eos_id]) for d in docs])
 
 
-def em(model, tok, recs) -> list[bool]:
-    preds = greedy_answers(model, tok, recs, max_new_tokens=6, batch_size=64, progress=False)
+def answers(model, tok, recs) -> list[str]:
+    return greedy_answers(model, tok, recs, max_new_tokens=6, batch_size=64, progress=False)
+
+
+def right(preds: list[str], recs) -> list[bool]:
     return [exact_match(p, r["answers"]) == 1.0 for p, r in zip(preds, recs, strict=True)]
 
 
+def em(model, tok, recs) -> list[bool]:
+    return right(answers(model, tok, recs), recs)
+
+
 def measure(model, tok, taught, kept, val, seq_len) -> dict:
+    """Facts learned, kept answers still right, held-out loss; ``lost``: what each kept
+    question now gets instead of its answer (the question without its examples)."""
     ppl = perplexity(model, val, seq_len, 4, None, None, progress=False)
-    learned, still = em(model, tok, taught), em(model, tok, kept)
-    return {"learned": float(np.mean(learned)), "kept": float(np.mean(still)),
-            "val_loss": ppl["loss"]}  # fmt: skip
+    said = answers(model, tok, kept)
+    still = right(said, kept)
+    lost = {r["question"].rsplit("Q: ", 1)[1].removesuffix("\nA:"): f"{p} (was {r['answers'][0]})"
+            for p, r, ok in zip(said, kept, still, strict=True) if not ok}  # fmt: skip
+    return {"learned": float(np.mean(em(model, tok, taught))), "kept": float(np.mean(still)),
+            "val_loss": ppl["loss"], "lost": lost}  # fmt: skip
 
 
 def _method_lr(text: str) -> tuple[str, float]:
@@ -161,12 +173,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="sparse-memory: N facts outside the pool, written as the taught documents "
              "are (--teach-as), make half the background (the corpus the other half)",
     )  # fmt: skip
+    p.add_argument(
+        "--unseen-like", type=float, default=None, metavar="FRAC",
+        help="draw every question from the facts a corpus run with data.corpus.facts_qa=FRAC "
+             "would not show (default: the run's own facts_qa): the same questions for a "
+             "run trained without them",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="markdown results (+ .json beside it)")
     p.add_argument("--plot", default=None, help="learned vs forgotten over steps (png)")
     a = p.parse_args(argv)
     if a.seed < 0:
         p.error(f"argument --seed: must be >= 0, got {a.seed}")
+    if a.unseen_like is not None and not 0 < a.unseen_like < 1:
+        p.error(f"argument --unseen-like: must be in (0, 1), got {a.unseen_like}")
     a.lrs = DEFAULT_LR | dict(a.lr)
     return a
 
@@ -187,6 +207,32 @@ def check_split(pool: int, wrong: int, known: int, teach: int, keep: int) -> Non
     )
 
 
+def unseen_facts(data_args, like: float | None = None) -> tuple[list, int]:
+    """The facts the run's training never showed, and how many it showed: a corpus run
+    with ``data.corpus.facts_qa`` > 0 saw that share of them as question-answer pairs
+    (:func:`memlayers.data.facts.split_shown`), so none of those may be asked, taught,
+    kept or given as an example. ``like``: leave out the share such a run would have shown
+    (its ``facts_qa``, with the run's ``facts_qa_seed``) whatever this run showed, so that a
+    run without them draws the same questions (the control of an A/B)."""
+    corpus = data_args.corpus
+    is_corpus = data_args.dataset == "corpus"
+    # data.path is a corpus run's package cache (and the file of a text run)
+    facts = load_facts(data_args.path if is_corpus else None)
+    shown_by_run = is_corpus and corpus.facts_qa > 0
+    frac = corpus.facts_qa if shown_by_run else 0.0
+    if like is not None:
+        if shown_by_run and like != frac:
+            raise SystemExit(
+                f"bench_retrofit: --unseen-like {like} differs from the run's own "
+                f"data.corpus.facts_qa={frac}: its training showed those facts"
+            )
+        frac = like
+    if not frac:
+        return facts, 0
+    shown, unseen = split_shown(facts, frac, corpus.facts_qa_seed)
+    return unseen, len(shown)
+
+
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     lrs = a.lrs
@@ -199,9 +245,12 @@ def main(argv: list[str] | None = None) -> None:
     background = np.asarray(data.train[: 64 * 1024])
 
     rng = random.Random(a.seed)
+    facts, shown = unseen_facts(base.args.data, a.unseen_like)
     by_rel = defaultdict(list)
-    for f in load_facts():
+    for f in facts:
         by_rel[f.relation].append(f)
+    if shown:
+        print(f"{shown} facts left out (shown as QA pairs in training, or --unseen-like)")
     shots, pool = {}, []
     per_rel = a.pool // len(by_rel)
     for rel in sorted(by_rel):
@@ -247,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
                 m = measure(model, tok, taught_recs, kept_recs, val, seq_len) | {"step": step}
                 eval_seconds[0] += time.perf_counter() - t  # not the training's
                 points.append(m)
-                print(method, m, flush=True)
+                print(method, {k: v for k, v in m.items() if k != "lost"}, flush=True)
 
         args = FinetuneArgs(method=method, steps=a.steps, lr=lrs[method], top_t=a.top_t,
                             rank=a.rank, batch_size=a.batch_size,
@@ -275,7 +324,14 @@ def main(argv: list[str] | None = None) -> None:
         f"`{cmd}`",
         "",
         f"Device: {cpu}; {time.strftime('%Y-%m-%d')}; {time.perf_counter() - t_start:.0f} s in "
-        f"all. Run: {base.run_dir} (step {base.step}). Pool: {len(pool)} questions, "
+        f"all. Run: {base.run_dir} (step {base.step}"
+        + (
+            f"; {shown} facts left out of every question: its training showed them as QA "
+            f"pairs, or a run like it would (--unseen-like)"
+            if shown
+            else ""
+        )
+        + f"). Pool: {len(pool)} questions, "
         f"{len(known)} answered right before. Taught: {len(teach)} facts it got wrong, "
         f"{len(docs)} documents as {a.teach_as} ({len(tokens):,} tokens); {a.steps} steps of "
         f"{a.batch_size} x {seq_len} tokens. Forgetting: the {len(keep)} kept questions (right "

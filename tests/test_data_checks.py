@@ -176,3 +176,55 @@ def test_bios_without_qa_or_company_documents_builds():
     full = build_bios(20, 2)
     assert 0 < plain.tokens.size < full.tokens.size
     assert plain.qa_eval == full.qa_eval and plain.val_tokens.size > 0
+
+
+# ---- questions and answers of real facts in a corpus run ------------------------------------
+
+
+class _WordTok:
+    """Whitespace words as ids 1..; EOS 0."""
+
+    eos_id = 0
+
+    def encode_batch(self, texts):
+        return [[len(w) for w in t.split()] for t in texts]
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5, 0.9])
+def test_mixed_documents_make_their_share_of_the_stream(share):
+    from memlayers.data.datasets import mix_documents
+
+    stream = np.full(1000, 7, dtype=np.uint16)
+    docs = ["a bb", "ccc dddd eeeee", "ffffff"]
+    out = mix_documents(stream, _WordTok(), docs, share, seed=1)
+    assert out.dtype == np.uint16
+    assert (out[:1000] == 7).all()  # the corpus first, untouched
+    block = out[1000:]
+    assert block[-1] == 0  # whole documents, each ended by EOS
+    docs_out = [tuple(d) for d in np.split(block, np.flatnonzero(block == 0) + 1) if len(d)]
+    assert set(docs_out) == {(1, 2, 0), (3, 4, 5, 0), (6, 0)}
+    # at least the share, by less than one document more
+    assert len(block) / len(out) >= share
+    assert (len(block) - 4) / (len(out) - 4) < share
+    assert (mix_documents(stream, _WordTok(), docs, share, seed=1) == out).all()
+
+
+def test_mixed_documents_refuse_what_cannot_mix():
+    from memlayers.data.datasets import mix_documents
+
+    stream = np.zeros(10, dtype=np.uint16)
+    with pytest.raises(ValueError, match="no documents"):
+        mix_documents(stream, _WordTok(), [], 0.5)
+    with pytest.raises(ValueError, match=r"in \(0, 1\), got 1.0"):
+        mix_documents(stream, _WordTok(), ["a"], 1.0)
+
+
+@pytest.mark.parametrize(
+    "opt, named",
+    [("data.corpus.facts_qa=1.0", "data.corpus.facts_qa must be in [0, 1), got 1.0"),
+     ("data.corpus.facts_qa_share=0", "data.corpus.facts_qa_share must be in (0, 1), got 0")],
+)  # fmt: skip
+def test_a_corpus_runs_facts_options_are_checked_by_name(opt, named):
+    with pytest.raises(ValueError) as e:
+        load_config([], ["data.dataset=corpus", opt])
+    assert named in str(e.value)

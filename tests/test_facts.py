@@ -82,3 +82,30 @@ def test_one_qa_format_for_records_training_text_and_prompts():
     assert qa_prompt("Q?", "Ctx.") == "Ctx. Q?" and qa_prompt("Q?", "") == "Q?"
     d = render_facts(FACTS, exposures=2, seed=0, qa_train_frac=0.5)
     assert {qa_text(r) for r in d.qa_train} <= set(d.train_docs)
+
+
+def test_split_shown_is_a_stable_partition():
+    from memlayers.data.facts import split_shown
+
+    many = [Fact(f"S{i}", "element_symbol", f"X{i}", "t") for i in range(400)] + FACTS
+    shown, unseen = split_shown(many, 0.5, seed=3)
+    assert sorted(shown + unseen, key=repr) == sorted(many, key=repr)
+    assert not set(shown) & set(unseen)
+    assert 150 < len(shown) < 250  # about half, by a hash
+    # a fact's side depends on the fact and the seed alone, not on the rest of the list
+    sub_shown, _ = split_shown(FACTS, 0.5, seed=3)
+    assert sub_shown == [f for f in FACTS if f in set(shown)]
+    assert split_shown(many, 0.5, seed=4)[0] != shown
+    assert split_shown(many, 0.0)[0] == []
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=rf"in \[0, 1\), got {bad}"):
+            split_shown(many, bad)
+
+
+def test_qa_documents_ask_every_phrasing():
+    from memlayers.data.facts import qa_documents
+
+    docs = qa_documents(FACTS[:2])
+    iron = [q.format(s="Iron") for q in RELATIONS["element_symbol"][1]]
+    assert docs[: len(iron)] == [f"Q: {q}\nA: Fe" for q in iron]
+    assert len(docs) == sum(len(RELATIONS[f.relation][1]) for f in FACTS[:2])

@@ -423,3 +423,46 @@ def test_shared_table_lookups_are_tokens():
         report = usage_report(model, trackers)
     assert report["block_0"]["lookups"] == report["block_1"]["lookups"] == 32
     assert report["shared_table"]["lookups"] == 32
+
+
+def test_bench_retrofit_asks_only_facts_the_run_never_showed(bench, monkeypatch):
+    # a corpus run with data.corpus.facts_qa trained on that share of the facts as QA
+    # pairs: none of them may be asked; --unseen-like draws the same facts for a control
+    from memlayers.data.facts import Fact, split_shown
+
+    facts = [Fact(f"S{i}", "element_symbol", f"X{i}", "t") for i in range(200)]
+    monkeypatch.setattr(bench, "load_facts", lambda cache=None: list(facts))
+
+    def data(dataset="corpus", frac=0.0, seed=0):
+        corpus = SimpleNamespace(facts_qa=frac, facts_qa_seed=seed)
+        return SimpleNamespace(path=None, dataset=dataset, corpus=corpus)
+
+    shown, unseen = split_shown(facts, 0.4, seed=2)
+    assert bench.unseen_facts(data(frac=0.4, seed=2)) == (unseen, len(shown))
+    assert bench.unseen_facts(data()) == (facts, 0)
+    assert bench.unseen_facts(data("text", 0.4, 2)) == (facts, 0)  # only a corpus run mixes
+    assert bench.unseen_facts(data(seed=2), like=0.4) == (unseen, len(shown))
+    assert bench.unseen_facts(data(frac=0.4, seed=2), like=0.4) == (unseen, len(shown))
+    with pytest.raises(SystemExit, match="differs from the run's own"):
+        bench.unseen_facts(data(frac=0.4, seed=2), like=0.2)
+
+
+@pytest.mark.parametrize("frac", ["0", "1", "1.5"])
+def test_bench_retrofit_refuses_an_unseen_share_outside_0_1(bench, capsys, frac):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["RUN", "--unseen-like", frac])
+    assert f"must be in (0, 1), got {float(frac)}" in capsys.readouterr().err
+
+
+def test_bench_retrofit_records_what_a_kept_question_gets_instead(bench, monkeypatch):
+    from memlayers.data.facts import Fact
+
+    shots = {"element_symbol": [Fact("Iron", "element_symbol", "Fe", "t")] * 2}
+    facts = [Fact(s, "element_symbol", o, "t") for s, o in (("Gold", "Au"), ("Tin", "Sn"))]
+    recs = bench.records(facts, shots)
+    said = {id(recs[0]): "Au", id(recs[1]): "Au"}  # Tin now answered with Gold's symbol
+    monkeypatch.setattr(bench, "answers", lambda model, tok, rs: [said[id(r)] for r in rs])
+    monkeypatch.setattr(bench, "perplexity", lambda *a, **k: {"loss": 2.5})
+    m = bench.measure(None, None, recs[:1], recs, None, 8)
+    assert m["learned"] == 1.0 and m["kept"] == 0.5 and m["val_loss"] == 2.5
+    assert m["lost"] == {bench.question(facts[1]): "Au (was Sn)"}

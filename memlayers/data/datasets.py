@@ -29,6 +29,7 @@ name              options: ``data.<name>.*``
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,22 @@ class CorpusArgs:
     sources: str | None = None  # comma-separated source names; None or "default": all
     tokenizer: str = "bpe-8192"  # "bpe-<vocab>" (trained on the corpus), a path or hf:<model>
     val_frac: float = 0.01
+    # Questions and answers of real facts (memlayers.data.facts) in the training stream:
+    # this share of the facts, picked by a hash (facts_qa_seed), each in every question
+    # phrasing (``Q: ...\nA: ...``, a document each), repeated to facts_qa_share of the
+    # training tokens; the validation split stays corpus text. 0: the corpus alone. The
+    # facts not shown are what bench_retrofit asks about (facts.split_shown).
+    facts_qa: float = 0.0
+    facts_qa_share: float = 0.25
+    facts_qa_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.facts_qa < 1:  # 1 would leave no fact unseen to ask about
+            raise ValueError(f"data.corpus.facts_qa must be in [0, 1), got {self.facts_qa}")
+        if not 0 < self.facts_qa_share < 1:
+            raise ValueError(
+                f"data.corpus.facts_qa_share must be in (0, 1), got {self.facts_qa_share}"
+            )
 
 
 @dataclass
@@ -202,7 +219,38 @@ def corpus_dataset(data_args: Any) -> Built:
     opt: CorpusArgs = data_args.corpus
     tok = opt.tokenizer if opt.tokenizer.startswith("bpe-") else tokenizer_path(opt.tokenizer)
     shards = build(opt.sources, tok, data_args.path, opt.val_frac)
-    return shards.train, shards.val, shards.tokenizer.vocab_size, shards.tokenizer
+    train = shards.train
+    if opt.facts_qa:
+        from memlayers.data.facts import load_facts, qa_documents, split_shown
+
+        shown, _ = split_shown(load_facts(data_args.path), opt.facts_qa, opt.facts_qa_seed)
+        qa = qa_documents(shown)
+        train = mix_documents(train, shards.tokenizer, qa, opt.facts_qa_share, opt.facts_qa_seed)
+    return train, shards.val, shards.tokenizer.vocab_size, shards.tokenizer
+
+
+def mix_documents(
+    stream: np.ndarray, tok: Tokenizer, docs: list[str], share: float, seed: int = 0
+) -> np.ndarray:
+    """``stream`` followed by ``docs`` (each ended by EOS), reshuffled and repeated until
+    they make ``share`` of the result's tokens (whole documents: a little over). The
+    packed loader shuffles sequences, so an appended block is mixed in as well as any."""
+    if not docs:
+        raise ValueError("no documents to mix into the training stream")
+    if not 0 < share < 1:
+        raise ValueError(f"the documents' share of the stream must be in (0, 1), got {share}")
+    encoded = [np.asarray([*ids, tok.eos_id]) for ids in tok.encode_batch(docs)]
+    # the block's tokens n: n / (len + n) >= share (less a rounding error: 0.9 / 0.1 > 9)
+    target = math.ceil(share / (1 - share) * len(stream) - 1e-6)
+    rng = np.random.default_rng([seed, 11])
+    parts, n = [], 0
+    while n < target:
+        for i in rng.permutation(len(encoded)):
+            parts.append(encoded[i])
+            n += len(encoded[i])
+            if n >= target:
+                break
+    return np.concatenate([np.asarray(stream), *parts]).astype(stream.dtype)
 
 
 def encode_documents(tok: Tokenizer, docs: list[str]) -> np.ndarray:

@@ -376,6 +376,34 @@ def render_facts(
     return FactsData(facts, [train_docs[i] for i in order], val_docs, qa_eval, qa_train)
 
 
+def qa_pair(question: str, answer: str) -> str:
+    """A question and its answer as few-shot and retrofit text: ``Q: <question>\nA: <answer>``
+    (the retrofit benchmark's shots, taught documents and prompts share it)."""
+    return f"Q: {question}\nA: {answer}"
+
+
+def split_shown(facts: list[Fact], frac: float, seed: int = 0) -> tuple[list[Fact], list[Fact]]:
+    """``(shown, unseen)``: the ``frac`` share of ``facts`` that a pretraining stream shows
+    as question-answer pairs (picked by a hash of (subject, relation) and ``seed``, so the
+    same facts whatever else the list holds) and the rest. Whatever later measures knowledge
+    learned or kept draws from ``unseen`` alone (``benchmarks/bench_retrofit.py`` does)."""
+    if not 0 <= frac < 1:
+        raise ValueError(f"the shown share of the facts must be in [0, 1), got {frac}")
+    shown: list[Fact] = []
+    unseen: list[Fact] = []
+    for f in facts:
+        u = _stable_unit("shown", str(seed), f.subject, f.relation)
+        (shown if u < frac else unseen).append(f)
+    return shown, unseen
+
+
+def qa_documents(facts: list[Fact]) -> list[str]:
+    """One :func:`qa_pair` document a fact and question phrasing of its relation."""
+    return [
+        qa_pair(q.format(s=f.subject), f.object) for f in facts for q in RELATIONS[f.relation][1]
+    ]
+
+
 def build_facts(
     cache: str | Path | None = None,
     exposures: int = 20,
