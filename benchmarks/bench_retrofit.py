@@ -174,10 +174,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "are (--teach-as), make half the background (the corpus the other half)",
     )  # fmt: skip
     p.add_argument(
-        "--unseen-like", type=float, default=None, metavar="FRAC",
+        "--unseen-like", type=_share_seed, default=None, metavar="FRAC[:SEED]",
         help="draw every question from the facts a corpus run with data.corpus.facts_qa=FRAC "
-             "would not show (default: the run's own facts_qa): the same questions for a "
-             "run trained without them",
+             "(and facts_qa_seed=SEED, default 0) would not show (default: the run's own): "
+             "the same questions for a run trained without them",
     )  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="markdown results (+ .json beside it)")
@@ -185,8 +185,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.seed < 0:
         p.error(f"argument --seed: must be >= 0, got {a.seed}")
-    if a.unseen_like is not None and not 0 < a.unseen_like < 1:
-        p.error(f"argument --unseen-like: must be in (0, 1), got {a.unseen_like}")
     a.lrs = DEFAULT_LR | dict(a.lr)
     return a
 
@@ -207,30 +205,45 @@ def check_split(pool: int, wrong: int, known: int, teach: int, keep: int) -> Non
     )
 
 
-def unseen_facts(data_args, like: float | None = None) -> tuple[list, int]:
-    """The facts the run's training never showed, and how many it showed: a corpus run
-    with ``data.corpus.facts_qa`` > 0 saw that share of them as question-answer pairs
-    (:func:`memlayers.data.facts.split_shown`), so none of those may be asked, taught,
-    kept or given as an example. ``like``: leave out the share such a run would have shown
-    (its ``facts_qa``, with the run's ``facts_qa_seed``) whatever this run showed, so that a
-    run without them draws the same questions (the control of an A/B)."""
+def _share_seed(text: str) -> tuple[float, int]:
+    """``FRAC[:SEED]`` of ``--unseen-like``: a share in (0, 1) and a seed >= 0 (default 0)."""
+    frac, _, seed = text.partition(":")
+    try:
+        share, n = float(frac), int(seed or 0)
+    except ValueError:
+        share, n = math.nan, -1
+    if not (0 < share < 1 and n >= 0):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not FRAC[:SEED] with FRAC in (0, 1) and SEED an integer >= 0"
+        )
+    return share, n
+
+
+def unseen_facts(data_args, like: tuple[float, int] | None = None) -> tuple[list, int, tuple]:
+    """The facts the run's training never showed, how many were left out, and the
+    ``(facts_qa, facts_qa_seed)`` that left them out (None: none): a corpus run with
+    ``data.corpus.facts_qa`` > 0 saw that share of them as question-answer pairs
+    (:func:`memlayers.data.facts.split_shown`), so none of those may be asked, taught, kept
+    or given as an example. ``like``: leave out what a run with that ``(facts_qa,
+    facts_qa_seed)`` would have shown, whatever this run showed, so that a run without
+    them draws the same questions (the control of an A/B)."""
     corpus = data_args.corpus
     is_corpus = data_args.dataset == "corpus"
     # data.path is a corpus run's package cache (and the file of a text run)
     facts = load_facts(data_args.path if is_corpus else None)
-    shown_by_run = is_corpus and corpus.facts_qa > 0
-    frac = corpus.facts_qa if shown_by_run else 0.0
+    split = (corpus.facts_qa, corpus.facts_qa_seed) if is_corpus and corpus.facts_qa else None
     if like is not None:
-        if shown_by_run and like != frac:
+        if split is not None and tuple(like) != split:
             raise SystemExit(
-                f"bench_retrofit: --unseen-like {like} differs from the run's own "
-                f"data.corpus.facts_qa={frac}: its training showed those facts"
+                f"bench_retrofit: --unseen-like {like[0]}:{like[1]} differs from the run's "
+                f"own data.corpus.facts_qa={split[0]} (facts_qa_seed={split[1]}): its "
+                f"training showed those facts"
             )
-        frac = like
-    if not frac:
-        return facts, 0
-    shown, unseen = split_shown(facts, frac, corpus.facts_qa_seed)
-    return unseen, len(shown)
+        split = tuple(like)
+    if split is None:
+        return facts, 0, None
+    shown, unseen = split_shown(facts, *split)
+    return unseen, len(facts) - len(unseen), split
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -245,12 +258,15 @@ def main(argv: list[str] | None = None) -> None:
     background = np.asarray(data.train[: 64 * 1024])
 
     rng = random.Random(a.seed)
-    facts, shown = unseen_facts(base.args.data, a.unseen_like)
+    facts, shown, split = unseen_facts(base.args.data, a.unseen_like)
     by_rel = defaultdict(list)
     for f in facts:
         by_rel[f.relation].append(f)
-    if shown:
-        print(f"{shown} facts left out (shown as QA pairs in training, or --unseen-like)")
+    if split:
+        print(
+            f"{shown} facts left out: shown as QA pairs with facts_qa={split[0]}, "
+            f"facts_qa_seed={split[1]} (or pairing their entities)"
+        )
     shots, pool = {}, []
     per_rel = a.pool // len(by_rel)
     for rel in sorted(by_rel):
@@ -258,10 +274,10 @@ def main(argv: list[str] | None = None) -> None:
         shots[rel], pool = fs[:2], pool + fs[2:]
     pool_recs = records(pool, shots)
     t0 = time.perf_counter()
-    right = em(base.model, tok, pool_recs)
+    was_right = em(base.model, tok, pool_recs)
     pool_secs = time.perf_counter() - t0
-    wrong = [f for f, r in zip(pool, right, strict=True) if not r]
-    known = [f for f, r in zip(pool, right, strict=True) if r]
+    wrong = [f for f, r in zip(pool, was_right, strict=True) if not r]
+    known = [f for f, r in zip(pool, was_right, strict=True) if r]
     teach = rng.sample(wrong, min(a.teach, len(wrong)))
     keep = rng.sample(known, min(a.keep, len(known)))
     check_split(len(pool), len(wrong), len(known), len(teach), len(keep))
@@ -285,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     m0 = {"learned": 0.0, "kept": 1.0, "val_loss": loss0}
     print("before", m0, flush=True)
     curves = {"before": m0}
+    if split:  # the facts left out of every question: the A/B's pairing
+        curves["unseen"] = {"facts_qa": split[0], "facts_qa_seed": split[1], "left_out": shown}
     seconds = {}
     for method in a.methods:
         run = load_run(a.run, a.device)
@@ -326,9 +344,11 @@ def main(argv: list[str] | None = None) -> None:
         f"Device: {cpu}; {time.strftime('%Y-%m-%d')}; {time.perf_counter() - t_start:.0f} s in "
         f"all. Run: {base.run_dir} (step {base.step}"
         + (
-            f"; {shown} facts left out of every question: its training showed them as QA "
-            f"pairs, or a run like it would (--unseen-like)"
-            if shown
+            f"; {shown} facts left out of every question: those a corpus run with "
+            f"data.corpus.facts_qa={split[0]}, facts_qa_seed={split[1]} shows as QA pairs "
+            f"(or pairs in another relation): "
+            + ("this run" if a.unseen_like is None else "not this run (--unseen-like)")
+            if split
             else ""
         )
         + f"). Pool: {len(pool)} questions, "

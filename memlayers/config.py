@@ -355,13 +355,27 @@ def _flat(node, prefix: str = "") -> dict:
     return out
 
 
+# Keys added after runs were saved whose value here is what every run saved before them
+# did: a file without one is the same config where ``args`` holds that value (mixing in no
+# facts makes the share and seed of the mix inert). Other new keys stay changes.
+SAME_WHEN_ABSENT = {
+    "data.corpus.facts_qa": 0.0,
+    "data.corpus.facts_qa_share": 0.25,
+    "data.corpus.facts_qa_seed": 0,
+}
+
+
 def config_changes(saved: str | Path, args: TrainArgs) -> list[str]:
     """``["optim.lr: 0.001 -> 0.0001", ...]``: every key whose value in ``args`` differs
     from the config file ``saved`` as written (no preset or default filled in: a key the
-    file lacks is a change, ``<absent>``), in key order."""
+    file lacks is a change, ``<absent>``, unless :data:`SAME_WHEN_ABSENT` says its value
+    does what the file's run did), in key order."""
     old = _flat(OmegaConf.to_container(OmegaConf.load(saved)))
     new = _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(args))))
     missing = "<absent>"
+    for k, v in SAME_WHEN_ABSENT.items():
+        if k not in old and new.get(k, missing) == v:
+            old[k] = v
     return [
         f"{k}: {old.get(k, missing)} -> {new.get(k, missing)}"
         for k in sorted(old.keys() | new.keys())

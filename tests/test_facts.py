@@ -109,3 +109,21 @@ def test_qa_documents_ask_every_phrasing():
     iron = [q.format(s="Iron") for q in RELATIONS["element_symbol"][1]]
     assert docs[: len(iron)] == [f"Q: {q}\nA: Fe" for q in iron]
     assert len(docs) == sum(len(RELATIONS[f.relation][1]) for f in FACTS[:2])
+
+
+def test_a_fact_paired_by_a_shown_one_is_neither_shown_nor_unseen():
+    # Paris in France shown as a QA pair answers France's capital: that question must not
+    # be asked of a model trained on it
+    from memlayers.data.facts import split_shown
+
+    pair = [Fact("Paris", "city_country", "France", "t"),
+            Fact("France", "country_capital", "Paris", "t")]  # fmt: skip
+    one_shown = 0
+    for seed in range(40):
+        shown, unseen = split_shown(pair, 0.5, seed)
+        if len(shown) == 1:  # the other fact is dropped
+            one_shown += 1
+            assert unseen == []
+        else:
+            assert len(shown) + len(unseen) == 2
+    assert one_shown > 5

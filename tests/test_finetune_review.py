@@ -438,20 +438,27 @@ def test_bench_retrofit_asks_only_facts_the_run_never_showed(bench, monkeypatch)
         return SimpleNamespace(path=None, dataset=dataset, corpus=corpus)
 
     shown, unseen = split_shown(facts, 0.4, seed=2)
-    assert bench.unseen_facts(data(frac=0.4, seed=2)) == (unseen, len(shown))
-    assert bench.unseen_facts(data()) == (facts, 0)
-    assert bench.unseen_facts(data("text", 0.4, 2)) == (facts, 0)  # only a corpus run mixes
-    assert bench.unseen_facts(data(seed=2), like=0.4) == (unseen, len(shown))
-    assert bench.unseen_facts(data(frac=0.4, seed=2), like=0.4) == (unseen, len(shown))
-    with pytest.raises(SystemExit, match="differs from the run's own"):
-        bench.unseen_facts(data(frac=0.4, seed=2), like=0.2)
+    out = len(facts) - len(unseen)
+    assert out == len(shown) > 0
+    assert bench.unseen_facts(data(frac=0.4, seed=2)) == (unseen, out, (0.4, 2))
+    assert bench.unseen_facts(data()) == (facts, 0, None)
+    assert bench.unseen_facts(data("text", 0.4, 2)) == (facts, 0, None)  # only corpus runs mix
+    # the control: a run without them, the treated run's share and seed
+    assert bench.unseen_facts(data(), like=(0.4, 2)) == (unseen, out, (0.4, 2))
+    assert bench.unseen_facts(data(frac=0.4, seed=2), like=(0.4, 2))[0] == unseen
+    assert bench.unseen_facts(data(), like=(0.4, 3))[0] != unseen
+    for like in ((0.2, 2), (0.4, 0)):  # not what the run's own training showed
+        with pytest.raises(SystemExit, match="differs from the run's own"):
+            bench.unseen_facts(data(frac=0.4, seed=2), like=like)
+    assert bench.parse_args(["RUN", "--unseen-like", "0.4:2"]).unseen_like == (0.4, 2)
+    assert bench.parse_args(["RUN", "--unseen-like", "0.4"]).unseen_like == (0.4, 0)
 
 
-@pytest.mark.parametrize("frac", ["0", "1", "1.5"])
-def test_bench_retrofit_refuses_an_unseen_share_outside_0_1(bench, capsys, frac):
+@pytest.mark.parametrize("like", ["0", "1", "1.5", "0.5:-1", "0.5:x", "half"])
+def test_bench_retrofit_refuses_an_unseen_share_outside_0_1(bench, capsys, like):
     with pytest.raises(SystemExit):
-        bench.parse_args(["RUN", "--unseen-like", frac])
-    assert f"must be in (0, 1), got {float(frac)}" in capsys.readouterr().err
+        bench.parse_args(["RUN", "--unseen-like", like])
+    assert "FRAC in (0, 1) and SEED an integer >= 0" in capsys.readouterr().err
 
 
 def test_bench_retrofit_records_what_a_kept_question_gets_instead(bench, monkeypatch):

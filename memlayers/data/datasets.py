@@ -21,7 +21,8 @@ name              options: ``data.<name>.*``
 ``bios``          :class:`BiosArgs`: any :class:`~memlayers.data.bios.BiosConfig` field but
                   ``compact``, and ``tokenizer``; defaults are the main job's CPU size
 ``bios_compact``  the same, its own section (``BiosConfig`` defaults), ``compact=True``
-``corpus``        :class:`CorpusArgs` (``memlayers data build``'s shards)
+``corpus``        :class:`CorpusArgs` (``memlayers data build``'s shards; ``facts_qa``: question-
+                  answer pairs of a share of the real facts mixed into the training stream)
 ``facts``         :class:`FactsArgs`
 ================  =======================================================================
 """
@@ -84,6 +85,8 @@ class CorpusArgs:
             raise ValueError(
                 f"data.corpus.facts_qa_share must be in (0, 1), got {self.facts_qa_share}"
             )
+        if self.facts_qa_seed < 0:
+            raise ValueError(f"data.corpus.facts_qa_seed must be >= 0, got {self.facts_qa_seed}")
 
 
 @dataclass
@@ -223,7 +226,13 @@ def corpus_dataset(data_args: Any) -> Built:
     if opt.facts_qa:
         from memlayers.data.facts import load_facts, qa_documents, split_shown
 
-        shown, _ = split_shown(load_facts(data_args.path), opt.facts_qa, opt.facts_qa_seed)
+        facts = load_facts(data_args.path)
+        shown, _ = split_shown(facts, opt.facts_qa, opt.facts_qa_seed)
+        if not shown:
+            raise ValueError(
+                f"data.corpus.facts_qa={opt.facts_qa} (facts_qa_seed={opt.facts_qa_seed}) "
+                f"picks none of the {len(facts)} facts: a larger share"
+            )
         qa = qa_documents(shown)
         train = mix_documents(train, shards.tokenizer, qa, opt.facts_qa_share, opt.facts_qa_seed)
     return train, shards.val, shards.tokenizer.vocab_size, shards.tokenizer
@@ -239,7 +248,12 @@ def mix_documents(
         raise ValueError("no documents to mix into the training stream")
     if not 0 < share < 1:
         raise ValueError(f"the documents' share of the stream must be in (0, 1), got {share}")
+    dtype = np.asarray(stream[:0]).dtype
     encoded = [np.asarray([*ids, tok.eos_id]) for ids in tok.encode_batch(docs)]
+    top = max(int(e.max()) for e in encoded)
+    if np.issubdtype(dtype, np.integer) and top > np.iinfo(dtype).max:
+        raise ValueError(f"token id {top} does not fit the stream's {dtype}")
+    encoded = [e.astype(dtype) for e in encoded]
     # the block's tokens n: n / (len + n) >= share (less a rounding error: 0.9 / 0.1 > 9)
     target = math.ceil(share / (1 - share) * len(stream) - 1e-6)
     rng = np.random.default_rng([seed, 11])
@@ -250,7 +264,7 @@ def mix_documents(
             n += len(encoded[i])
             if n >= target:
                 break
-    return np.concatenate([np.asarray(stream), *parts]).astype(stream.dtype)
+    return np.concatenate([stream, *parts])  # one copy, in the stream's dtype
 
 
 def encode_documents(tok: Tokenizer, docs: list[str]) -> np.ndarray:

@@ -385,16 +385,19 @@ def qa_pair(question: str, answer: str) -> str:
 def split_shown(facts: list[Fact], frac: float, seed: int = 0) -> tuple[list[Fact], list[Fact]]:
     """``(shown, unseen)``: the ``frac`` share of ``facts`` that a pretraining stream shows
     as question-answer pairs (picked by a hash of (subject, relation) and ``seed``, so the
-    same facts whatever else the list holds) and the rest. Whatever later measures knowledge
-    learned or kept draws from ``unseen`` alone (``benchmarks/bench_retrofit.py`` does)."""
+    same facts whatever else the list holds) and the rest, less any fact whose two entities
+    a shown fact pairs in another relation (Paris in France shown: France's capital is
+    neither shown nor unseen). Whatever later measures knowledge learned or kept draws from
+    ``unseen`` alone (``benchmarks/bench_retrofit.py`` does)."""
     if not 0 <= frac < 1:
         raise ValueError(f"the shown share of the facts must be in [0, 1), got {frac}")
     shown: list[Fact] = []
-    unseen: list[Fact] = []
+    rest: list[Fact] = []
     for f in facts:
         u = _stable_unit("shown", str(seed), f.subject, f.relation)
-        (shown if u < frac else unseen).append(f)
-    return shown, unseen
+        (shown if u < frac else rest).append(f)
+    paired = {frozenset((f.subject, f.object)) for f in shown}
+    return shown, [f for f in rest if frozenset((f.subject, f.object)) not in paired]
 
 
 def qa_documents(facts: list[Fact]) -> list[str]:
