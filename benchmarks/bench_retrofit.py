@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     loss0 = perplexity(base.model, val, seq_len, 4, None, None, progress=False)["loss"]
     m0 = {"learned": 0.0, "kept": 1.0, "val_loss": loss0}
     print("before", m0, flush=True)
-    curves = {"before": m0}
+    curves = {"before": m0, "taught": [(f.subject, f.relation, f.object) for f in teach],
+              "kept": [(f.subject, f.relation, f.object) for f in keep]}  # fmt: skip
     if split:  # the facts left out of every question: the A/B's pairing
         curves["unseen"] = {"facts_qa": split[0], "facts_qa_seed": split[1], "left_out": shown}
     seconds = {}

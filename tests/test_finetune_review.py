@@ -309,9 +309,13 @@ def test_bench_retrofit_seconds_leave_the_evaluations_out(bench, text_run, tmp_p
     row = next(ln for ln in out.read_text().splitlines() if ln.startswith("| sparse-memory"))
     assert row.split("|")[3].strip() == "0"  # the table's seconds: the training's
     assert "| train seconds |" in out.read_text()
-    curves = json.loads(out.with_suffix(".json").read_text())["sparse-memory"]
+    saved = json.loads(out.with_suffix(".json").read_text())
+    curves = saved["sparse-memory"]
     assert curves["eval_seconds"] == 200.0  # two evaluations
     assert curves["train_seconds"] == 0.0
+    # the facts taught and kept, named: what a lost answer turned into can be traced
+    assert len(saved["taught"]) == 2 and len(saved["kept"]) == 2
+    assert not {tuple(f) for f in saved["taught"]} & {tuple(f) for f in saved["kept"]}
 
 
 def test_bench_retrofit_background_qa_is_half_the_background(bench, text_run, tmp_path,
