@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from profile_step import at_least
 
+from memlayers.data.datasets import encode_documents
 from memlayers.data.facts import RELATIONS, load_facts, qa_pair, split_shown
 from memlayers.data.loader import load_dataset
 from memlayers.eval import perplexity
@@ -56,12 +57,13 @@ def question(fact) -> str:
 
 
 def records(facts, shots: dict) -> list[dict]:
-    """QA records with two solved examples of the relation as context."""
+    """QA records with two solved examples of the relation as context; ``asked``: the
+    question alone (what a lost answer is filed under)."""
     out = []
     for f in facts:
         ctx = "".join(qa_pair(question(e), e.object) + "\n" for e in shots[f.relation])
         out.append({"question": ctx + qa_pair(question(f), "").rstrip(), "answers": [f.object],
-                    "relation": f.relation})  # fmt: skip
+                    "relation": f.relation, "asked": question(f)})  # fmt: skip
     return out
 
 
@@ -92,12 +94,6 @@ def statements(facts, exposures: int, seed: int, teach_as: str = "statements") -
     return docs
 
 
-def encode(tok, docs: list[str]) -> np.ndarray:
-    """The token stream of ``docs``: each encoded and ended by EOS (as
-    :func:`memlayers.finetune.read_documents` reads a file's lines)."""
-    return np.concatenate([np.asarray([*tok.encode(d), tok.eos_id]) for d in docs])
-
-
 def answers(model, tok, recs) -> list[str]:
     return greedy_answers(model, tok, recs, max_new_tokens=6, batch_size=64, progress=False)
 
@@ -116,7 +112,7 @@ def measure(model, tok, taught, kept, val, seq_len) -> dict:
     ppl = perplexity(model, val, seq_len, 4, None, None, progress=False)
     said = answers(model, tok, kept)
     still = right(said, kept)
-    lost = {r["question"].rsplit("Q: ", 1)[1].removesuffix("\nA:"): f"{p} (was {r['answers'][0]})"
+    lost = {r["asked"]: f"{p} (was {r['answers'][0]})"
             for p, r, ok in zip(said, kept, still, strict=True) if not ok}  # fmt: skip
     return {"learned": float(np.mean(em(model, tok, taught))), "kept": float(np.mean(still)),
             "val_loss": ppl["loss"], "lost": lost}  # fmt: skip
@@ -242,7 +238,7 @@ def unseen_facts(data_args, like: tuple[float, int] | None = None) -> tuple[list
         split = tuple(like)
     if split is None:
         return facts, 0, None
-    shown, unseen = split_shown(facts, *split)
+    _, unseen = split_shown(facts, *split)
     return unseen, len(facts) - len(unseen), split
 
 
@@ -288,11 +284,11 @@ def main(argv: list[str] | None = None) -> None:
         others = [f for rel in sorted(by_rel) for f in by_rel[rel] if f not in asked]
         picked = random.Random(a.seed + 1).sample(others, min(a.background_qa, len(others)))
         form = list(dict.fromkeys(statements(picked, 1, a.seed, a.teach_as)))
-        qa = encode(tok, form)
+        qa = encode_documents(tok, form)
         background = np.concatenate([qa, background[: len(qa)]])
     taught_recs, kept_recs = records(teach, shots), records(keep, shots)
     docs = statements(teach, a.exposures, a.seed, a.teach_as)
-    tokens = encode(tok, docs)
+    tokens = encode_documents(tok, docs)
     print(f"pool {len(pool)}: {len(known)} right; teach {len(teach)}, keep {len(keep)}; "
           f"{len(docs)} documents, {len(tokens):,} tokens ({pool_secs:.0f}s)")  # fmt: skip
 

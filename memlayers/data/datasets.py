@@ -144,12 +144,15 @@ def synthetic_dataset(data_args: Any) -> Built:
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255, ``eos_id = 256``."""
+    """UTF-8 bytes as tokens 0..255, ``eos_id = 256``. Not a :class:`Tokenizer` subclass:
+    it has no ``save`` (a text run writes no tokenizer file), but the rest of the interface."""
 
     vocab_size, eos_id = 257, 256
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    encode_batch = Tokenizer.encode_batch  # every text, one by one
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
@@ -248,12 +251,7 @@ def mix_documents(
         raise ValueError("no documents to mix into the training stream")
     if not 0 < share < 1:
         raise ValueError(f"the documents' share of the stream must be in (0, 1), got {share}")
-    dtype = np.asarray(stream[:0]).dtype
-    encoded = [np.asarray([*ids, tok.eos_id]) for ids in tok.encode_batch(docs)]
-    top = max(int(e.max()) for e in encoded)
-    if np.issubdtype(dtype, np.integer) and top > np.iinfo(dtype).max:
-        raise ValueError(f"token id {top} does not fit the stream's {dtype}")
-    encoded = [e.astype(dtype) for e in encoded]
+    encoded = encoded_documents(tok, docs, stream.dtype)
     # the block's tokens n: n / (len + n) >= share (less a rounding error: 0.9 / 0.1 > 9)
     target = math.ceil(share / (1 - share) * len(stream) - 1e-6)
     rng = np.random.default_rng([seed, 11])
@@ -267,10 +265,21 @@ def mix_documents(
     return np.concatenate([stream, *parts])  # one copy, in the stream's dtype
 
 
+def encoded_documents(tok: Tokenizer, docs: list[str], dtype) -> list[np.ndarray]:
+    """Each of ``docs`` encoded and followed by EOS, as ``dtype``; an id that does not fit
+    ``dtype`` is refused, not wrapped."""
+    dtype = np.dtype(dtype)
+    encoded = [np.asarray([*ids, tok.eos_id]) for ids in tok.encode_batch(docs)]
+    top = max((int(e.max()) for e in encoded), default=0)
+    if top > np.iinfo(dtype).max:
+        raise ValueError(f"token id {top} does not fit the stream's {dtype}")
+    return [e.astype(dtype) for e in encoded]
+
+
 def encode_documents(tok: Tokenizer, docs: list[str]) -> np.ndarray:
     """Documents → one stream, each followed by EOS (uint16 when the vocabulary fits)."""
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-    parts = [np.asarray([*ids, tok.eos_id], dtype=dtype) for ids in tok.encode_batch(docs)]
+    parts = encoded_documents(tok, docs, dtype)
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
