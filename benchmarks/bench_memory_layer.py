@@ -66,6 +66,8 @@ VALUE_OPTIMIZERS = {
     # The paper presets' step (presets.PRESET_OPTIM: bf16 moments, optim.value_master):
     # an fp32 master copy of the bf16 table.
     "sparse_adam_bf16+master": {"moments": "bf16", "master": True},
+    # The same master split: the table and int16 remainders (optim.value_master_split).
+    "sparse_adam_bf16+split": {"moments": "bf16", "master": "split"},
 }
 # The presets' (presets.PRESET_OPTIM: optim.value_optimizer=sparse_adam_bf16 with
 # optim.value_master on by default).

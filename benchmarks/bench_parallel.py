@@ -65,8 +65,9 @@ def check_steps(steps: int) -> None:
 def table_bytes_per_value(args) -> float:
     """Bytes per value of the memory table plus its optimizer state as ``args`` (the
     trainer's resolved config: the preset's ``value_dtype`` and ``optim.*``) build them:
-    ``build_optimizer``'s value optimizer (fp32 master, moments in their dtype, a
-    row-wise second moment) measured on a 16-row table of the model's width, on the CPU."""
+    ``build_optimizer``'s value optimizer (its master: fp32, or a split one's int16
+    remainders; moments in their dtype; a row-wise second moment) measured on a 16-row
+    table of the model's width, on the CPU."""
     cfg = args.model.to_config()
     width = cfg.memory.resolved_dims(cfg.dim)[1]
     holder = nn.Module()

@@ -7,7 +7,9 @@
 Paper shape (docs/method.md §4): a 1,048,576-row bf16 table with fp32 moments, the rows
 that 16,384 × 128 uniform lookups touch (~907k); the table is stored stochastically
 rounded, as with ``model.memory.value_dtype=bf16 optim.value_master=false``, or from an
-fp32 master copy (the default: the master read and written, the table written). Bytes are
+fp32 master copy (the default: the master read and written, the table written), or from
+a split master (``optim.value_master_split``: the table and int16 remainders, both read
+and written). Bytes are
 the fewest a step moves: Adam reads and writes param and both moments (fp32; or bf16 with
 stochastic rounding) of the touched rows and reads their gradient rows; SGD reads and
 writes param and reads the gradient.
@@ -45,9 +47,11 @@ def bench_dim(args, table: Table, d: int, device) -> None:
     per_row = {"adam": d * (2 * elt + elt + 16), "rowwise": d * (2 * elt + elt + 8) + 8,
                "bf16": d * (2 * elt + elt + 8), "sgd": d * 3 * elt,
                "master": d * (8 + elt + 16 + elt),
-               "master_bf16": d * (8 + elt + 8 + elt)}  # fmt: skip
+               "master_bf16": d * (8 + elt + 8 + elt),
+               "split_bf16": d * (2 * elt + 4 + 8 + elt)}  # fmt: skip
     m16, v16 = m.bfloat16(), v.bfloat16()
     master = values.float()
+    rem = torch.zeros(n, d, dtype=torch.int16, device=device)  # a split master's remainders
     adam_bytes = u * (per_row["adam"] + 8)
     note = f"{u} of {n} rows"
     table.add(f"D={d}: row Adam step (bf16 table, fp32 moments)",
@@ -68,6 +72,13 @@ def bench_dim(args, table: Table, d: int, device) -> None:
                                                  master=master, grad_scale=scale)),
               u * (per_row["master_bf16"] + 8),
               f"{note}; {per_row['master_bf16']} B/row")  # fmt: skip
+    # The same fp32 values kept split (optim.value_master_split): the table its high half,
+    # int16 remainders beside it; both read and written, the master's 4 + 4 bytes gone.
+    table.add(f"D={d}: the trainer's step, split master (bf16 table + int16 remainders)",
+              timed(lambda: row_adam_step_triton(values, rows, grad, m16, v16, 1, **hp,
+                                                 master=rem, grad_scale=scale)),
+              u * (per_row["split_bf16"] + 8),
+              f"{note}; {per_row['split_bf16']} B/row")  # fmt: skip
     checked = {**hp, "check_range": True}
     table.add(f"D={d}: the trainer's step with the rows' range check (check_range=True)",
               timed(lambda: row_adam_step_triton(values, rows, grad, m16, v16, 1, **checked,

@@ -181,6 +181,7 @@ USED_BY = {
         "model.memory_mode",
         "optim.value_optimizer",
         "optim.value_master",
+        "optim.value_master_split",
         "logging.usage",  # the usage counters: memory layers' reads
     ),
     "moe": ("model.moe",),

@@ -316,6 +316,17 @@ def _check_dcp_moments(saved: dict, optimizer) -> None:
             values.check_saved_sq(meta.size, table, what=key)
 
 
+def _read_as_saved(entry: dict, key: str, dtype: torch.dtype, wrapped: list) -> None:
+    """Let DCP read ``entry[key]`` into a tensor of the saved ``dtype`` (a DTensor view
+    stays one, of the same placements), so the load reads the saved values rather than
+    casting them into this state's dtype; the caller converts them after the load."""
+    new = entry[key].to(dtype)
+    entry[key] = new
+    for i, (container, k, _) in enumerate(wrapped):
+        if container is entry and k == key:
+            wrapped[i] = (container, k, new.to_local())
+
+
 def _load_dcp(path: Path, model: nn.Module, optimizer=None, plan=None) -> bool:
     """Load a DCP checkpoint in place; True when it held optimizer state for
     ``optimizer`` (False: none given, or saved without: the optimizer stays fresh)."""
@@ -342,10 +353,15 @@ def _load_dcp(path: Path, model: nn.Module, optimizer=None, plan=None) -> bool:
     sections = {key.split(".", 1)[0] for key in saved}
     state = {k: v for k, v in state.items() if k in sections}
     # A value table's master copy saved without one (a run of optim.value_master=false or
-    # older): not read; the optimizer makes it from the loaded table.
+    # older): not read; the optimizer makes it from the loaded table. One saved as the
+    # other kind (fp32 values, or a split master's int16 remainders:
+    # optim.value_master_split changed) is read as it was saved and converted after.
     for prefix, entry in state.get("values_optim", {}).items():
-        if "master" in entry and f"values_optim.{prefix}.master" not in saved:
+        key = f"values_optim.{prefix}.master"
+        if "master" in entry and key not in saved:
             del entry["master"]
+        elif "master" in entry and entry["master"].dtype != saved[key].properties.dtype:
+            _read_as_saved(entry, "master", saved[key].properties.dtype, wrapped)
     dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=no_dist)
     for container, key, local in wrapped:  # loaded in place; hand back the plain shards
         if key in container:

@@ -362,6 +362,9 @@ SAME_WHEN_ABSENT = {
     "data.corpus.facts_qa": 0.0,
     "data.corpus.facts_qa_share": 0.25,
     "data.corpus.facts_qa_seed": 0,
+    # The split master steps the fp32 master's values bit for bit (its table differs from
+    # the fp32 master's rounding at exact ties only), and a resume converts the saved one.
+    "optim.value_master_split": True,
 }
 
 

@@ -70,7 +70,7 @@ from memlayers.data.loader import PackedLoader, load_dataset
 from memlayers.data.tokenizer import load_tokenizer
 from memlayers.memory import MemoryValues, ProductKeyMemory, _positive_number
 from memlayers.model import Attention, SwiGLU
-from memlayers.optim import build_optimizer, clip_grad_norm_, uses_sparse_values
+from memlayers.optim import build_optimizer, clip_grad_norm_, uses_sparse_values, value_master
 from memlayers.quantize import value_tables, write_derived_run
 from memlayers.router import ProductKeyRouter
 from memlayers.run import Run, load_run
@@ -537,7 +537,7 @@ def finetune_model(
         touched = [torch.zeros(t.n_rows, dtype=torch.bool) for t in tables]
         opt = SparseValueAdam(
             [t.weight for t in tables], lr=lr, betas=betas, eps=optim.eps,
-            impl=model.config.memory.impl, master=optim.value_master,
+            impl=model.config.memory.impl, master=value_master(optim),
         )  # fmt: skip
         trained = [t.weight for t in tables]
     elif args.method == "full":

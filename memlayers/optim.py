@@ -26,7 +26,10 @@ stochastic rounding (``SparseValueAdam(moments="bf16")``): half the state, 29-36
 bytes per step. ``value_master`` (default on) keeps an fp32 master copy of a bf16 table
 (``model.memory.value_dtype=bf16``) in the value optimizer's state, the table stored
 rounded to nearest from it (mixed precision, as autocast treats every other weight);
-off, the bf16 table alone is stored stochastically rounded.
+off, the bf16 table alone is stored stochastically rounded. ``value_master_split``
+(default on) keeps that master as the table and a 16-bit remainder a value
+(``SparseValueAdam(master="split")``): the same steps bit for bit in 2 bytes of state a
+value instead of 4, and 2 fewer bytes moved a touched value.
 
 The schedule is a multiplier of each group's ``base_lr``: linear warmup, then cosine or
 linear decay to ``min_lr_ratio``. It is a pure function of the step, so the checkpoint
@@ -70,6 +73,13 @@ class OptimArgs:
     # A bf16 value table's fp32 master copy in the sparse optimizer's state (no effect on
     # an fp32 table); false: the table alone, stochastically rounded.
     value_master: bool = True
+    # That master kept as the table (its high half) and an int16 remainder a value: the
+    # same steps, 2 bytes of state a value instead of 4 and 2 fewer moved a touched value
+    # (SparseValueAdam(master="split")); false: a separate fp32 copy; no effect without
+    # value_master (or on an fp32 table). On an H100 the
+    # presets' step 4.65 -> 4.15 ms at 134m's table, 134m-memory+ +1.0-1.4% tokens/s, 1.5
+    # GiB less (benchmarks/results/split_master_h100_20261206.md).
+    value_master_split: bool = True
     schedule: str = "cosine"  # cosine | linear | constant
     # shorter than the run's steps (0: none); left unset, fitted to a short run
     # (memlayers.config.fit_warmup)
@@ -106,6 +116,13 @@ class OptimArgs:
             raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+
+
+def value_master(args: OptimArgs) -> bool | str:
+    """``SparseValueAdam``'s ``master`` for ``args``: False, True (fp32) or ``"split"``."""
+    if args.value_master and args.value_master_split:
+        return "split"
+    return args.value_master
 
 
 def _undecayed(model: nn.Module) -> set[int]:
@@ -277,7 +294,7 @@ class Optimizers:
         optimizers or groups is refused. Hyperparameters
         stay those of the current config, as in :meth:`load_state_dict`. A master copy
         the checkpoint lacks (the entry without ``"master"``: saved without one) is made
-        from the loaded table."""
+        from the loaded table; one saved as the other kind (fp32 or split) is converted."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         with self.current_hyperparameters():
@@ -289,6 +306,9 @@ class Optimizers:
                 opt.state[weight]["step"] = int(entry["step"])
                 if "master" not in entry:
                     opt.set_master(weight, None)
+                elif entry["master"] is not opt.state[weight].get("master"):
+                    # Saved as the other kind of master (checkpoint._read_as_saved).
+                    opt.set_master(weight, entry["master"])
 
 
 def uses_sparse_values(args: OptimArgs) -> bool:
@@ -387,7 +407,7 @@ def build_optimizer(model: nn.Module, args: OptimArgs, impl: str = "auto") -> Op
         optimizers["values"] = SparseValueAdam(
             [values_group], betas=betas, eps=args.eps, impl=impl, rowwise_v=rowwise_v,
             moments="bf16" if args.value_optimizer == "sparse_adam_bf16" else "fp32",
-            master=args.value_master,
+            master=value_master(args),
         )  # fmt: skip
     return Optimizers(model, optimizers)
 

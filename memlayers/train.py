@@ -343,6 +343,9 @@ def _tables_note(model_cfg, optim) -> str:
     if model_cfg.memory.value_dtype != "bf16":
         return reads
     # (a bf16 table always has a sparse value optimizer: build_optimizer refuses adamw)
+    if optim.value_master and optim.value_master_split:
+        split = "fp32 master split: the table and a 16-bit remainder in the value optimizer"
+        return f"; value tables bf16 ({split})" + reads
     if optim.value_master:
         return "; value tables bf16 (fp32 master copy in the value optimizer)" + reads
     return "; value tables bf16 (stochastically rounded)" + reads

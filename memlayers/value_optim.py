@@ -34,6 +34,14 @@ every other weight (fp32 weights, bf16 copies for the products): no update is lo
 the lookups still read half the bytes of an fp32 table's rows (the forward, the score
 gradient), for 28·D bytes per touched row in the step, as an fp32 table's. State: 4 + 8
 bytes per element beside the 2 of the table, against 4 + 8 for an fp32 table.
+``master="split"`` (``optim.value_master_split``) keeps the same fp32 values in half the
+bytes: the table is their high half (rounded to nearest, ties away from zero) and the
+state ``state["master"]`` an int16 ``[N, D]`` of the remainders
+(:func:`memlayers.ops.row_adam.split_master`). The steps are the fp32 master's bit for
+bit, 2 bytes fewer a touched value (18·D with bf16 moments against 20·D) and 2 bytes of
+state fewer a value. A saved master of either kind loads into either (an fp32 one into a
+split master moves the table to the master's high half: the two roundings differ at
+exact ties).
 
 The steps run as Triton kernels on CUDA (``impl="auto"``) and as the PyTorch references
 elsewhere; both live in :mod:`memlayers.ops.row_adam`.
@@ -48,7 +56,7 @@ import torch
 from memlayers.memory import _positive_number
 from memlayers.ops.embedding_bag import IMPLS, resolve_impl
 from memlayers.ops.read_copy import READ_COPY
-from memlayers.ops.row_adam import row_adam_step_, row_sgd_step_
+from memlayers.ops.row_adam import join_master, row_adam_step_, row_sgd_step_, split_master
 
 __all__ = [
     "SparseValueAdam",
@@ -60,6 +68,8 @@ __all__ = [
 
 
 MOMENTS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# SparseValueAdam's ``master``: none, an fp32 copy, or the table's remainders (int16).
+MASTERS = {False: None, True: torch.float32, "fp32": torch.float32, "split": torch.int16}
 
 # The attribute :func:`memlayers.parallel.shard_values_` sets on a column-sharded table's
 # parameter (its :class:`~memlayers.parallel.ColumnShard`).
@@ -183,6 +193,18 @@ class _RowOptimizer(torch.optim.Optimizer):
         return loss
 
 
+# Elements a piece of a master's conversion (fp32 <-> split) holds: its int64 temporaries
+# are 8 bytes a value, 32 MB a temporary.
+CONVERT_ELEMENTS = 1 << 22
+
+
+def _row_pieces(n: int, per_row: int):
+    """Slices of ``n`` rows of ``per_row`` elements, about ``CONVERT_ELEMENTS`` a piece."""
+    step = max(1, CONVERT_ELEMENTS // max(1, per_row))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
 class SparseValueAdam(_RowOptimizer):
     """Row-wise lazy Adam(W) for value tables; sparse or dense gradients.
 
@@ -190,8 +212,11 @@ class SparseValueAdam(_RowOptimizer):
     ``exp_avg_sq`` is ``[N]``, one second moment per row, updated with the row's mean of
     ``g²`` (``m`` stays ``[N, D]``). ``moments``: ``"fp32"`` | ``"bf16"`` (stochastically
     rounded; a row-wise ``exp_avg_sq`` stays fp32). ``master``: a bf16 (any non-fp32)
-    table gets an fp32 master copy in the state, the table stored rounded to nearest from
-    it; without, the table is stored stochastically rounded.
+    table gets an fp32 master copy in the state (``True`` or ``"fp32"``), the table stored
+    rounded to nearest from it, or a bf16 table a split master (``"split"``: the int16
+    remainders of the fp32 values whose high half the table is; other non-fp32 tables
+    then keep the fp32 copy); without (``False``), the table is stored stochastically
+    rounded.
     """
 
     def __init__(
@@ -202,7 +227,11 @@ class SparseValueAdam(_RowOptimizer):
             raise ValueError(f"moments must be one of {tuple(MOMENTS)}, got moments={moments!r}")
         self.rowwise_v = bool(rowwise_v)  # before the groups: their check reads it
         self.moments = moments
-        self.master = bool(master)
+        if isinstance(master, str) and master not in MASTERS or not isinstance(master, bool | str):
+            raise ValueError(f"master must be one of False, True, 'fp32', 'split', got "
+                             f"master={master!r}")  # fmt: skip
+        self.master = MASTERS[master] is not None
+        self.master_dtype = MASTERS[master]
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, impl)
 
@@ -226,8 +255,14 @@ class SparseValueAdam(_RowOptimizer):
                     )
 
     def has_master(self, p: torch.Tensor) -> bool:
-        """Whether ``p``'s state holds an fp32 master copy (``master`` and a non-fp32 ``p``)."""
+        """Whether ``p``'s state holds a master copy (``master`` and a non-fp32 ``p``)."""
         return self.master and p.dtype != torch.float32
+
+    def master_kind(self, p: torch.Tensor) -> torch.dtype:
+        """The dtype of ``p``'s master: int16 remainders for a bf16 table with
+        ``master="split"`` (only bf16 is an fp32 value's high half), else fp32."""
+        split = self.master_dtype == torch.int16 and p.dtype == torch.bfloat16
+        return torch.int16 if split else torch.float32
 
     def moment_dtype(self, key: str) -> torch.dtype:
         """The dtype ``exp_avg`` / ``exp_avg_sq`` are kept in."""
@@ -252,8 +287,9 @@ class SparseValueAdam(_RowOptimizer):
         dtype, which for a bf16 table would round fp32 moments. Saved moments of the other
         dtype are converted (fp32 → bf16 rounds once, to nearest), as a DCP load into this
         optimizer's state does (:meth:`memlayers.optim.Optimizers.distributed_state_dict`).
-        A master copy is kept in fp32 when saved, made from the (loaded) table when not,
-        and dropped when this optimizer keeps none."""
+        A saved master copy of either kind is converted to this optimizer's
+        (:meth:`set_master`), made from the (loaded) table when none was saved, and
+        dropped when this optimizer keeps none."""
         saved = state_dict["state"]
         params = [p for g in self.param_groups for p in g["params"]]
         # The saved state is keyed by the ids its param_groups list (0..n-1 from
@@ -299,15 +335,40 @@ class SparseValueAdam(_RowOptimizer):
                 f"with the run's own optim.value_optimizer"
             )
 
+    @torch.no_grad()
     def set_master(self, p: torch.Tensor, saved: torch.Tensor | None) -> None:
-        """``p``'s master copy (its state made or loaded): ``saved`` (in fp32), or ``p``
-        itself when nothing was saved; none when this optimizer keeps none."""
+        """``p``'s master copy (its state made or loaded): ``saved``, or ``p`` itself when
+        nothing was saved; none when this optimizer keeps none. ``saved`` may be of either
+        kind (fp32 values or a split master's int16 remainders beside ``p``): it is
+        converted to this optimizer's, exactly; an fp32 one into a split master sets ``p``
+        to the values' high half (:func:`memlayers.ops.row_adam.split_master`)."""
         state = self.state[p]
         if not self.has_master(p):
             state.pop("master", None)
-        elif state:
-            src = p.detach() if saved is None else saved
-            state["master"] = src.to(p.device, torch.float32).contiguous().clone()
+            return
+        if not state:
+            return
+        split = self.master_kind(p) == torch.int16
+        if saved is None:  # the table's own values: a bf16 value's remainder is 0
+            if split:
+                state["master"] = torch.zeros_like(p, dtype=torch.int16)
+            else:
+                state["master"] = p.detach().float().contiguous()
+            return
+        saved = saved.to(p.device)
+        if split == (saved.dtype == torch.int16):  # the same kind: as saved
+            state["master"] = saved.to(self.master_kind(p)).contiguous().clone()
+            return
+        # The other kind, converted a piece of rows at a time: the bit arithmetic's int64
+        # temporaries are 8 bytes a value (a whole 1M × 768 table's would be GBs).
+        out = torch.empty_like(p, dtype=self.master_kind(p))
+        table = p.detach()
+        for rows in _row_pieces(p.shape[0], p[0].numel()):
+            if split:
+                table[rows], out[rows] = split_master(saved[rows].float())
+            else:
+                out[rows] = join_master(table[rows], saved[rows])
+        state["master"] = out
 
     def _update(self, p, group, rows, grad, scale):
         state = self.init_state(p)

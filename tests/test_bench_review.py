@@ -430,8 +430,12 @@ def test_big_sizes_the_table_by_the_resolved_bytes_per_value(bp):
     from memlayers.config import load_config, with_vocab
 
     args = with_vocab(load_config([], ["model.preset=134m-memory+"]), 32000)
-    # a bf16 table, its fp32 master and bf16 moments (presets.PRESET_OPTIM)
-    assert bp.table_bytes_per_value(args) == 10.0
+    # a bf16 table, its master's int16 remainders and bf16 moments (presets.PRESET_OPTIM,
+    # optim.value_master_split), and with an fp32 master instead
+    assert bp.table_bytes_per_value(args) == 8.0
+    fp32 = with_vocab(load_config([], ["model.preset=134m-memory+",
+                                       "optim.value_master_split=false"]), 32000)  # fmt: skip
+    assert bp.table_bytes_per_value(fp32) == 10.0
     gpu = 80 * 10**9
     over = bp.big_overrides(types.SimpleNamespace(impl="torch", batch=8), gpu, 2)
     n_keys = int(next(o for o in over if o.startswith("model.memory.n_keys=")).split("=")[1])

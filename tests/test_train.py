@@ -66,6 +66,13 @@ def tiny_args(run_dir, *overrides) -> TrainArgs:
         # running query statistics are buffers: saved, restored, compared below
         ["model.memory.query_batch_norm=true", "model.memory.balance_loss=0.5"],
         # a bf16 table with its fp32 master copy (optimizer state), in both checkpoint layouts
+        ["model.memory.value_dtype=bf16", "optim.value_master_split=false"],
+        [
+            "model.memory.value_dtype=bf16",
+            "optim.value_master_split=false",
+            "checkpoint.format=dcp",
+        ],
+        # the same master split into the table and int16 remainders (the default), both layouts
         ["model.memory.value_dtype=bf16"],
         ["model.memory.value_dtype=bf16", "checkpoint.format=dcp"],
         # a bf16 table alone: its stochastic rounding repeats (the bits follow the step)
@@ -81,6 +88,8 @@ def tiny_args(run_dir, *overrides) -> TrainArgs:
         "query-batch-norm-balance-loss",
         "bf16-values-master",
         "bf16-values-master-dcp",
+        "bf16-values-split-master",
+        "bf16-values-split-master-dcp",
         "bf16-values-stochastic",
         "memory-lr",
         "bf16-values-int8-reads",
@@ -783,7 +792,8 @@ def test_bf16_value_table_trains_on_cpu(tmp_path, capsys):
     # bf16 through training and the checkpoint, the loss falls, rows move.
     args = tiny_args(tmp_path, "steps=8", "checkpoint.every=4", "model.memory.value_dtype=bf16")
     losses = [r["loss"] for r in train(args)]
-    assert "value tables bf16 (fp32 master copy in the value optimizer)" in capsys.readouterr().out
+    split = "value tables bf16 (fp32 master split: the table and a 16-bit remainder in the"
+    assert split in capsys.readouterr().out
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     tables = [
         load_model_from_checkpoint(tmp_path / "checkpoints" / f"step_00000{s}").memory_values

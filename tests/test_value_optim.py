@@ -812,7 +812,8 @@ def test_master_copy_through_dcp_checkpoints(tmp_path):
 
     def run(master: bool, seed: int):
         model = build_model(cfg, seed=seed, sparse_values=True)
-        opt = build_optimizer(model, OptimArgs(value_master=master), impl="torch")
+        opt = build_optimizer(model, OptimArgs(value_master=master, value_master_split=False),
+                              impl="torch")  # fmt: skip
         compute_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
         opt.step()
         return model, opt

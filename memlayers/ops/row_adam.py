@@ -41,6 +41,16 @@ table the lookups read is bf16 (half the bytes of every row read) and no update 
 Bytes per touched element: ``2·4 + 2·4 + 2·4 + g + 2`` (28 with a bf16 gradient: as an
 fp32 table's step, 4 of them the bf16 copy written), no hash.
 
+A *split* master (``master``: an int16 ``[N, D]`` tensor) holds the same fp32 values in
+half the bytes: the bf16 table is the fp32 value's high half rounded to nearest (ties
+away from zero), the int16 its signed remainder, so ``bits(fp32) = bits(bf16) · 2¹⁶ +
+remainder`` exactly (:func:`split_master`, :func:`join_master`). The step reads both
+halves and writes both: ``2·2 + 2·2`` bytes per element for the parameter against the
+fp32 master's ``2·4 + 2``, 2 fewer a touched element (18 against 20 with bf16 moments)
+and 2 fewer bytes of state a value. Its steps are the fp32 master's bit for bit; the
+table differs from the fp32 master's rounding only at exact ties (a remainder of half a
+bf16 step, one value in 2¹⁶), which round away from zero instead of to even.
+
 The PyTorch functions here are the references (and the CPU path), beside the argument
 checks and the dispatchers; the Triton kernels and their launchers live in
 :mod:`memlayers.ops.row_adam_triton` and do the same fp32 arithmetic in the same order,
@@ -97,6 +107,30 @@ def rounding_noise(offsets: torch.Tensor, seed: int) -> torch.Tensor:
     return _hash32((off & _M32) ^ hi)
 
 
+def split_master(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (fp32) as a bf16 high half and an int16 remainder, exactly: the high half is
+    ``x`` rounded to the nearest bf16 (ties away from zero), the remainder the low 16
+    bits' signed distance to it, so :func:`join_master` gives ``x`` back bit for bit. NaN:
+    a quiet NaN of ``x``'s sign and remainder 0 (the joined value is NaN, not ``x``'s bits)."""
+    bits = x.float().contiguous().view(torch.int32).to(torch.int64) & _M32
+    low = bits & 0xFFFF
+    rem = (low ^ 0x8000) - 0x8000  # [-2**15, 2**15): round up from half a step on
+    hi = ((bits - rem) & _M32) >> 16
+    nan = x.isnan()
+    hi = torch.where(nan, (hi & 0x8000) | 0x7FC0, hi)
+    rem = torch.where(nan, 0, rem)
+    hi = torch.where(hi >= 1 << 15, hi - (1 << 16), hi)  # back to int16's range
+    return hi.to(torch.int16).view(torch.bfloat16), rem.to(torch.int16)
+
+
+def join_master(hi: torch.Tensor, rem: torch.Tensor) -> torch.Tensor:
+    """The fp32 values :func:`split_master` split into ``hi`` (bf16) and ``rem`` (int16)."""
+    hi_bits = hi.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    bits = ((hi_bits << 16) + rem.to(torch.int64)) & _M32
+    bits = torch.where(bits >= 1 << 31, bits - (1 << 32), bits)
+    return bits.to(torch.int32).view(torch.float32)
+
+
 def stochastic_round_bf16(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """``x`` (fp32) stochastically rounded to bf16: ``noise`` (16 random bits per element,
     e.g. from :func:`rounding_noise`) is added to the low half of the fp32 bits, which are
@@ -135,8 +169,10 @@ def row_adam_step_torch(
     ``rowwise_v``: ``exp_avg_sq`` is ``[N]``, ``v_row = beta2·v_row + (1 - beta2)·
     mean_d(g²)``, and every element of a row divides by the same denominator.
     ``master``: fp32 ``[N, D]``, the parameter's exact values (read and written), ``param``
-    its copy rounded to nearest. ``grad_scale``: a one-element fp32 tensor the gradient is
-    multiplied by (in fp32) as it is read: a clip's rescale (:func:`check_grad_scale`).
+    its copy rounded to nearest; or int16 ``[N, D]`` beside a bf16 ``param``, the split
+    master's remainders (:func:`split_master`: both read and written). ``grad_scale``: a
+    one-element fp32 tensor the gradient is multiplied by (in fp32) as it is read: a
+    clip's rescale (:func:`check_grad_scale`).
     Arguments checked as the Triton path's (:func:`check_adam_args`; ``check_range=False``
     skips the rows' range, for rows known to be in the table: a coalesced gradient's).
     """
@@ -186,7 +222,12 @@ def _row_adam_piece(
         v = exp_avg_sq[sel].float().mul_(beta2).add_(g2, alpha=1 - beta2)  # [U]
     else:
         v = exp_avg_sq[sel].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)  # [U, D]
-    p = (param if master is None else master)[sel].float()
+    if master is None:
+        p = param[sel].float()
+    elif master.dtype == torch.int16:
+        p = join_master(param[sel], master[sel])
+    else:
+        p = master[sel].float()
     if weight_decay:
         p.mul_(1 - lr * weight_decay)
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
@@ -197,7 +238,9 @@ def _row_adam_piece(
     exp_avg[sel] = stochastic_round_bf16(m, noise) if bf16[0] else m
     # A bf16 v is element-wise (a row-wise v is fp32): the noise's high 16 bits.
     exp_avg_sq[sel] = stochastic_round_bf16(v, noise >> 16) if bf16[1] else v
-    if master is not None:
+    if master is not None and master.dtype == torch.int16:
+        param[sel], master[sel] = split_master(p)
+    elif master is not None:
         master[sel] = p
         param[sel] = p.to(param.dtype)
     else:
@@ -247,6 +290,8 @@ def row_sgd_step_torch(
 
 
 MOMENT_DTYPES = (torch.float32, torch.bfloat16)
+# A master copy: fp32 values, or the int16 remainders of a split one (split_master).
+MASTER_DTYPES = (torch.float32, torch.int16)
 
 
 def check_rows(
@@ -254,8 +299,9 @@ def check_rows(
 ) -> None:
     """Raise ``ValueError`` naming the offending shape, dtype, device or layout, or a row
     outside ``[0, N)``. ``state``: fp32 or bf16 ``[N, D]`` tensors; ``row_state``: fp32
-    ``[N]`` tensors (a row-wise second moment); ``master``: None or the fp32 ``[N, D]``
-    master copy of ``param``; ``grad_scale``: as :func:`check_grad_scale` takes it. Every
+    ``[N]`` tensors (a row-wise second moment); ``master``: None, the fp32 ``[N, D]``
+    master copy of ``param``, or the int16 ``[N, D]`` remainders of a bf16 ``param``'s
+    split master; ``grad_scale``: as :func:`check_grad_scale` takes it. Every
     tensor must be on ``param``'s device. The rows' range is checked on the host for a
     CPU table; on a GPU by a device-side assert (no wait for the device: a bad row stops
     the process at the next synchronisation, with this message on its stderr) run
@@ -270,9 +316,12 @@ def check_rows(
         if t is not None and t.device != param.device:
             raise ValueError(f"{name} is on {t.device} but param is on {param.device}")
     n, d = param.shape
-    if master is not None and (master.shape != param.shape or master.dtype != torch.float32):
-        raise ValueError(f"master must be fp32 {tuple(param.shape)}, got "
+    if master is not None and (master.shape != param.shape or master.dtype not in MASTER_DTYPES):
+        raise ValueError(f"master must be fp32 or int16 {tuple(param.shape)}, got "
                          f"{tuple(master.shape)} {master.dtype}")  # fmt: skip
+    if master is not None and master.dtype == torch.int16 and param.dtype != torch.bfloat16:
+        raise ValueError(f"an int16 master (the remainders of a split master) is for a bf16 "
+                         f"param, got param {param.dtype}")  # fmt: skip
     if rows is not None and (rows.dim() != 1 or rows.dtype != torch.int64):
         raise ValueError(f"rows must be 1-D int64, got {tuple(rows.shape)} {rows.dtype}")
     u = n if rows is None else rows.shape[0]
@@ -353,9 +402,9 @@ def row_adam_step_(
 ) -> None:  # fmt: skip
     """Dispatch a row-wise Adam(W) step to Triton (CUDA) or PyTorch (``impl``);
     ``rowwise_v``: ``exp_avg_sq`` is one fp32 per row (``[N]``); ``master``: the fp32
-    master copy of a bf16 ``param``; ``grad_scale``: a one-element fp32 tensor the
-    gradient is multiplied by as it is read. Either path checks its arguments first
-    (:func:`check_adam_args`)."""
+    master copy of a bf16 ``param``, or its split master's int16 remainders;
+    ``grad_scale``: a one-element fp32 tensor the gradient is multiplied by as it is read.
+    Either path checks its arguments first (:func:`check_adam_args`)."""
     fn = row_adam_step_torch
     if resolve_impl(impl, param.device) == "triton":
         from memlayers.ops.row_adam_triton import row_adam_step_triton as fn

@@ -105,11 +105,22 @@ def _stored(x, noise, BF16: tl.constexpr):
     return x
 
 
+# What ``master_ptr`` holds (the kernels' MASTER): none, the fp32 master copy, or the int16
+# remainders of a split master (the parameter its bf16 high half: row_adam.split_master).
+NO_MASTER, FP32_MASTER, SPLIT_MASTER = 0, 1, 2
+
+
 @triton.jit
 def _load_param(param_ptr, master_ptr, offs, mask, MASTER: tl.constexpr):
-    """The parameter at ``offs`` in fp32: from the fp32 master copy when there is one."""
-    if MASTER:
+    """The parameter at ``offs`` in fp32: from the fp32 master copy when there is one, or
+    joined from the bf16 parameter and its int16 remainder (row_adam.join_master)."""
+    if MASTER == 1:
         p = tl.load(master_ptr + offs, mask=mask, other=0.0)
+    elif MASTER == 2:
+        hi = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.uint16, bitcast=True)
+        rem = tl.load(master_ptr + offs, mask=mask, other=0).to(tl.int32)
+        bits = (hi.to(tl.uint32) << 16) + rem.to(tl.uint32, bitcast=True)  # wraps mod 2**32
+        p = bits.to(tl.float32, bitcast=True)
     else:
         p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     return p
@@ -121,13 +132,26 @@ def _store_param(
     MASTER: tl.constexpr,
 ):  # fmt: skip
     """Store the new parameter ``p`` (fp32) at ``offs`` (consecutive from ``first``): in
-    the master copy exactly and the parameter rounded to nearest when there is a master,
-    else stochastically rounded with the bits of ``param_seed`` when bf16, else cast."""
-    if MASTER:
-        tl.store(master_ptr + offs, p, mask=mask)
-    elif BF16_P:
-        p = _stored(p, _noise(offs, first, param_seed), True)
-    tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
+    the master copy exactly and the parameter rounded to nearest when there is a master;
+    split into the bf16 parameter and its int16 remainder (row_adam.split_master, the same
+    bits); else stochastically rounded with the bits of ``param_seed`` when bf16, else cast."""
+    if MASTER == 2:
+        bits = p.to(tl.uint32, bitcast=True)
+        low = (bits & 0xFFFF).to(tl.int32)
+        rem = (low ^ 0x8000) - 0x8000  # [-2**15, 2**15): round up from half a step on
+        hi = (bits - rem.to(tl.uint32, bitcast=True)) >> 16
+        # NaN: a quiet NaN of its sign, remainder 0 (as the reference).
+        nan = p != p
+        hi = tl.where(nan, (hi & 0x8000) | 0x7FC0, hi)
+        rem = tl.where(nan, 0, rem)
+        tl.store(master_ptr + offs, rem.to(tl.int16), mask=mask)
+        tl.store(param_ptr + offs, hi.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        if MASTER == 1:
+            tl.store(master_ptr + offs, p, mask=mask)
+        elif BF16_P:
+            p = _stored(p, _noise(offs, first, param_seed), True)
+        tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed", "param_seed"])
@@ -149,7 +173,7 @@ def row_adam_kernel(
     neg_step_size,  # -lr / bc1
     seed,  # stochastic rounding seed of this step (bf16 moments)
     param_seed,  # the same for a bf16 param: another stream (row_adam.param_round_seed)
-    master_ptr,  # [N, D] fp32 master copy of param (unused unless MASTER)
+    master_ptr,  # [N, D] fp32 master copy, or int16 remainders (unused when MASTER is 0)
     scale_ptr,  # [1] fp32 the gradient is multiplied by (unused unless SCALE)
     DENSE: tl.constexpr,
     DECAY: tl.constexpr,
@@ -157,7 +181,7 @@ def row_adam_kernel(
     BF16_M: tl.constexpr,  # exp_avg is bf16
     BF16_V: tl.constexpr,  # exp_avg_sq is bf16
     BF16_P: tl.constexpr,  # param is bf16: stored stochastically rounded (without MASTER)
-    MASTER: tl.constexpr,  # p read from and written to master_ptr; param rounded to nearest
+    MASTER: tl.constexpr,  # NO_MASTER | FP32_MASTER (param rounded to nearest) | SPLIT_MASTER
     SCALE: tl.constexpr,
 ):
     row, cols, mask, g = _row_tile(rows_ptr, grad_ptr, scale_ptr, D, n_dtiles, DENSE, BLOCK_D,
@@ -204,7 +228,7 @@ def row_adam_rowwise_kernel(
     neg_step_size,  # -lr / bc1
     seed,  # stochastic rounding seed of this step (bf16 exp_avg)
     param_seed,  # the same for a bf16 param: another stream (row_adam.param_round_seed)
-    master_ptr,  # [N, D] fp32 master copy of param (unused unless MASTER)
+    master_ptr,  # [N, D] fp32 master copy, or int16 remainders (unused when MASTER is 0)
     scale_ptr,  # [1] fp32 the gradient is multiplied by (unused unless SCALE)
     DENSE: tl.constexpr,
     DECAY: tl.constexpr,
@@ -276,7 +300,7 @@ def row_sgd_kernel(
     p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p - lr * g
     first = row * D + (tl.program_id(0).to(tl.int64) % n_dtiles) * BLOCK_D  # the tile's first
-    _store_param(param_ptr, param_ptr, offs, mask, p, first, param_seed, BF16_P, False)
+    _store_param(param_ptr, param_ptr, offs, mask, p, first, param_seed, BF16_P, 0)
 
 
 def _launch_shape(u: int, d: int, block_d: int) -> tuple[int, int]:
@@ -293,6 +317,13 @@ def _seed_arg(seed: int) -> int:
     29 of every run, H200, 2026-12-02). As int32 and in ``do_not_specialize``, one
     variant serves every step."""
     return seed - (1 << 32) if seed >= 1 << 31 else seed
+
+
+def _master_kind(master: torch.Tensor | None) -> int:
+    """The kernels' MASTER for a step's ``master`` argument."""
+    if master is None:
+        return NO_MASTER
+    return SPLIT_MASTER if master.dtype == torch.int16 else FP32_MASTER
 
 
 def row_adam_step_triton(
@@ -325,7 +356,7 @@ def row_adam_step_triton(
         param if master is None else master, grad if grad_scale is None else grad_scale,
         DENSE=rows is None, DECAY=weight_decay != 0, BLOCK_D=block_d,
         BF16_M=exp_avg.dtype == torch.bfloat16, BF16_V=exp_avg_sq.dtype == torch.bfloat16,
-        BF16_P=param.dtype == torch.bfloat16, MASTER=master is not None,
+        BF16_P=param.dtype == torch.bfloat16, MASTER=_master_kind(master),
         SCALE=grad_scale is not None, num_warps=num_warps,
     )  # fmt: skip
 
