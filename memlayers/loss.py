@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import torch
 
-# Rows per chunk: [chunk, V] fp32 is ~256 MB at V = 32k, small next to a step's activations
-# and large enough that each chunk's three matmuls keep the card busy.
-DEFAULT_CHUNK = 2048
+# Rows per chunk: [chunk, V] bf16 logits are ~262 MB at V = 32k (and so are their
+# gradient's), small next to a step's activations. 4,096 against 2,048: the loss's
+# forward + backward at 32 × 1024 tokens, D 768, 9.96 against 10.77 ms on an H100 (fewer
+# weight-gradient sums, larger products; 8,192: 9.85), +0.4 GiB
+# (benchmarks/results/loss_h100_20261206.md).
+DEFAULT_CHUNK = 4096
 
 
 def _chunk_loss(logits, targets, valid, acc):
@@ -45,6 +48,21 @@ def _chunk_grad(logits, targets, valid, acc):
     cols = torch.arange(lf.shape[1], device=lf.device)[None, :]  # [1, V]
     p = torch.exp(lf - lse) - (cols == safe).to(acc)
     return loss, torch.where(valid[:, None], p, 0.0).to(logits.dtype)
+
+
+def accumulate_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` in place, ``acc`` fp32 and ``a``, ``b`` at the compute dtype. On
+    CUDA one GEMM that adds into ``acc`` in its epilogue (``addmm`` with an fp32
+    ``out_dtype``); elsewhere, or for inputs already fp32, the product then an add.
+
+    The head's weight gradient is summed over the loss's chunks this way: as a product
+    and an add it wrote a bf16 ``[V, D]`` product and read it back beside the fp32 sum,
+    16 times a 32 × 1024-token step (an add of ~0.1 ms each at V = 32k, D = 768 on an
+    H100: issue 15's profiles, ``aten::add_``)."""
+    if acc.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and acc.dtype == torch.float32:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(a @ b)
 
 
 # On CUDA the chunk's elementwise work runs compiled (fused); elsewhere eagerly.
@@ -85,7 +103,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_h:
                 grad_h[s : s + chunk] = p @ w  # [c, D]
             if need_w:
-                grad_w.add_(p.t() @ hc)  # [V, D], summed over chunks in fp32
+                accumulate_mm_(grad_w, p.t(), hc)  # [V, D], summed over chunks in fp32
         count = count.clamp(min=1).to(acc)
         ctx.save_for_backward(grad_h, grad_w, count)
         ctx.weight_dtype = weight.dtype

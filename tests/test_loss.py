@@ -109,3 +109,68 @@ def test_chunk_grad_compiles_whole_and_matches_eager():
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(p.float(), ref_p.float(), rtol=0, atol=1e-2)  # bf16 rounding
     assert p.dtype == torch.bfloat16 and (p[2] == 0).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_weight_gradient_sum_adds_into_fp32(device):
+    # accumulate_mm_: acc += a @ b with bf16 a, b and an fp32 acc. On CUDA one GEMM adds
+    # into the fp32 sum (addmm's out_dtype); elsewhere the product, then an add.
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (addmm with an fp32 out_dtype is CUDA-only)")
+    from memlayers.loss import accumulate_mm_
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(48, 64, generator=g).bfloat16().to(device)
+    b = torch.randn(64, 40, generator=g).bfloat16().to(device)
+    start = torch.randn(48, 40, generator=g).to(device) * 100
+    acc = start.clone()
+    accumulate_mm_(acc, a, b)
+    assert acc.dtype == torch.float32
+    exact = start.double() + a.double() @ b.double()
+    # The product rounded to bf16 before the add would be ~2**-9 off relative to it; the
+    # fp32 sum is far closer on CUDA (fp32 accumulation, no bf16 round trip).
+    err = (acc.double() - exact).abs().max().item()
+    prod = (a.double() @ b.double()).abs().max().item()
+    if device == "cuda":  # fp32 rounding of the sum (the old bf16 product: ~prod * 2**-9)
+        bound = 1e-5 * (start.abs().max().item() + prod)
+    else:  # the bf16 product's rounding, half a bf16 step
+        bound = prod * 2**-8
+    assert err < bound, err
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (the trainer's path)"
+)
+def test_cuda_autocast_matches_the_fp32_reference():
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(300, 64, generator=g).cuda().requires_grad_()
+    w = (torch.randn(500, 64, generator=g) * 0.1).cuda().requires_grad_()
+    t = torch.randint(0, 500, (300,), generator=g).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, t, chunk=64)  # 5 chunks summed into W's gradient
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    ref = _reference(h, w, t)  # fp32 logits
+    rh, rw = torch.autograd.grad(ref, (h, w))
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gh, rh, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(gw, rw, rtol=2e-2, atol=2e-3)
+
+
+def test_bench_loss_times_every_variant_and_restores_the_sum(tmp_path):
+    # benchmarks/bench_loss.py --smoke: a row per chunk and way of summing, the unchunked
+    # reference, each within rounding of the first; the product-then-add variant is put
+    # back after its rows (the library's sum is the one GEMM again).
+    from benchmark_scripts import load
+
+    from memlayers import loss
+
+    bench = load("bench_loss")
+    shipped = loss.accumulate_mm_
+    out = tmp_path / "loss.md"
+    bench.main(["--smoke", "--out", str(out)])
+    assert loss.accumulate_mm_ is shipped
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| chunk")]
+    assert len(rows) == 4 and "unchunked" in out.read_text()
+    for row in rows:
+        diffs = [float(x.split()[-1]) for x in row.split("first: ")[1].split(" |")[0].split(", ")]
+        assert max(diffs) < 1e-5, row
