@@ -139,16 +139,30 @@ def dp_link(card: Card, dp: int, mp: int, gpus_per_node: int) -> tuple[float, st
     return card.ib, "IB"
 
 
+# The value table's master copy (optim.value_master, value_master_split): bytes of state a
+# value, and bytes a step moves a touched value beyond the table's read and write.
+MASTERS = {
+    "none": (0, 0),  # the bf16 table alone, stochastically rounded
+    "split": (2, 4),  # int16 remainders beside the table, read and written
+    "fp32": (4, 6),  # an fp32 copy read and written; the table written, not read
+}
+
+
 def step_model(m: Model, card: Card, dp: int, mp: int, tokens: int, seq: int, moments: str,
                gpus_per_node: int = 8, overhead_ms_per_layer: float = 0.0,
-               activations_gb: float = 20.0, dp_exchange: str = "all_gather") -> dict:  # fmt: skip
+               activations_gb: float = 20.0, dp_exchange: str = "all_gather",
+               master: str = "none") -> dict:  # fmt: skip
     """One GPU's step (ms) and memory (bytes) at layout (dp, mp), ``tokens`` per GPU.
 
     ``dp_exchange``: how the table's row-sparse gradient is summed over the dp replicas —
     ``"all_gather"`` as the library does it (parallel.py ``_all_reduce_sparse``), or
-    ``"ring"``, an ideal ring all-reduce of the union of touched rows (not built)."""
+    ``"ring"``, an ideal ring all-reduce of the union of touched rows (not built).
+    ``master``: the table's master copy (:data:`MASTERS`)."""
     if dp_exchange not in ("all_gather", "ring"):
         raise ValueError(f"dp_exchange must be 'all_gather' or 'ring', got {dp_exchange!r}")
+    if master not in MASTERS:
+        raise ValueError(f"master must be one of {sorted(MASTERS)}, got {master!r}")
+    master_state, master_moved = MASTERS[master]
     world = dp * mp
     cols = m.dim / mp  # value columns per rank
     rb = cols * m.table_bytes  # bytes of one row of the shard (and of its gradient)
@@ -166,7 +180,7 @@ def step_model(m: Model, card: Card, dp: int, mp: int, tokens: int, seq: int, mo
     touched = m.rows * (1 - math.exp(-lookups / m.rows))
     union = m.rows * (1 - math.exp(-dp * lookups / m.rows))
     state = {"fp32": 8, "bf16": 4}[moments]  # m + v bytes per value
-    opt_bytes = union * cols * (2 * m.table_bytes + m.table_bytes + 2 * state)
+    opt_bytes = union * cols * (2 * m.table_bytes + m.table_bytes + 2 * state + master_moved)
     opt_ms = opt_bytes / (card.copy * card.adam_frac[moments]) * 1e3
     # --- communication (bytes one GPU sends or receives; link by where the peers are) ---
     mp_link = card.nvlink if mp <= gpus_per_node else card.ib
@@ -212,7 +226,7 @@ def step_model(m: Model, card: Card, dp: int, mp: int, tokens: int, seq: int, mo
     step_ms = max(compute_ms, fsdp_ms) + mem_comm_ms + overhead_ms + dp_sync_ms
     dense_twin_ms = max(dense_ms * _ffn_ratio(m), fsdp_ms)
     # --- memory per GPU: what stays, plus the largest of what each phase adds ---
-    table = m.rows * cols * (m.table_bytes + state)
+    table = m.rows * cols * (m.table_bytes + state + master_state)
     dense_state = 16 * p / shard  # fp32 param + grad + Adam moments, sharded in the node
     g_out = lookups / bag * rb  # the output gradients of the gathered bags, all layers
     # Backward: activations, every layer's gathered bags (saved from the forward), the
@@ -281,10 +295,11 @@ def _fits(r: dict) -> str:
 
 def table_rows(args) -> str:
     card = CARDS[args.card]
-    kw = dict(overhead_ms_per_layer=args.overhead_ms, activations_gb=args.activations_gb)
+    kw = dict(overhead_ms_per_layer=args.overhead_ms, activations_gb=args.activations_gb,
+              master=args.master)  # fmt: skip
     lines = [
         f"{PAPER_8B.name}, {card.name}, {args.tokens} tokens per GPU (seq {args.seq}), "
-        f"{args.moments} value moments; dense MFU {DENSE_MFU:.0%} assumed; "
+        f"{args.moments} value moments, master {args.master}; dense MFU {DENSE_MFU:.0%} assumed; "
         f"{args.overhead_ms:g} ms unexplained exchange overhead per Memory+ layer; "
         f"HBM at measured copy bandwidth ({card.copy / 1e12:.2f} TB/s) × the kernels' "
         f"measured fractions; fits: peak < 95% of {card.memory / GB:.0f} GB",
@@ -320,9 +335,10 @@ def table_rows(args) -> str:
 def memory_rows(args) -> str:
     """Where each layout's memory goes: what stays and each phase's additions."""
     card = CARDS[args.card]
-    kw = dict(overhead_ms_per_layer=args.overhead_ms, activations_gb=args.activations_gb)
+    kw = dict(overhead_ms_per_layer=args.overhead_ms, activations_gb=args.activations_gb,
+              master=args.master)  # fmt: skip
     lines = [
-        f"memory per GPU ({card.name}, {args.moments} moments), GB",
+        f"memory per GPU ({card.name}, {args.moments} moments, master {args.master}), GB",
         "",
         "| dp × mp | table + state | dense state | backward (act. + saved bags) | "
         "merged walk | dp sum (gathered, one copy) | peak | fits |",
@@ -374,6 +390,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--card", choices=sorted(CARDS), default="h100")
     p.add_argument("--moments", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument(
+        "--master", choices=sorted(MASTERS), default="none",
+        help="the table's master copy: none (stochastic rounding), split (int16 "
+        "remainders, optim.value_master_split), fp32",
+    )  # fmt: skip
     p.add_argument("--tokens", type=int, default=16384, help="tokens per GPU per step")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument(

@@ -29,6 +29,22 @@ def test_table_state_and_exchange_bytes(sm):
     assert sm.step_model(m, card, 64, 1, T, SEQ, "fp32")["mem_comm_gb"] == 0
 
 
+def test_the_master_copy_adds_state_and_step_bytes(sm):
+    # A master copy of the bf16 table: 2 bytes of state a value split (int16 remainders),
+    # 4 as an fp32 copy; the step moves 4 (remainder read + write) or 6 (fp32 read +
+    # write, less the table's read) more bytes a touched value.
+    m, card = sm.PAPER_8B, sm.CARDS["h200"]
+    base = sm.step_model(m, card, 1, 64, T, SEQ, "bf16")
+    assert base == sm.step_model(m, card, 1, 64, T, SEQ, "bf16", master="none")
+    for master, state, moved in (("split", 2, 4), ("fp32", 4, 6)):
+        r = sm.step_model(m, card, 1, 64, T, SEQ, "bf16", master=master)
+        assert (r["table_gb"] - base["table_gb"]) * 64 == pytest.approx(N * 4096 * state / 1e9)
+        # The optimizer's bytes per touched value: 2 + 2 table, 2 gradient, 8 moments.
+        assert r["opt_ms"] / base["opt_ms"] == pytest.approx((14 + moved) / 14)
+    with pytest.raises(ValueError, match="master must be one of"):
+        sm.step_model(m, card, 1, 64, T, SEQ, "bf16", master="bf16")
+
+
 def test_grouped_query_attention_and_dense_twin(sm):
     m = sm.PAPER_8B
     d = 4096
