@@ -21,7 +21,7 @@ Paper shape (docs/method.md §1): dim 1024, 1024² = 1,048,576 value rows of 102
 memory+ presets' memory config (:data:`PRESET`'s: qk-norm, swilu, batch-normalised
 queries, the balance loss at 0.1, whose gradient each step adds as the trainer's loss
 does) with the shape given here; its value table steps with the presets' value optimizer
-(bf16 moments, fp32 master) unless ``--value-optimizers`` says otherwise.
+(bf16 moments, the fp32 master kept split) unless ``--value-optimizers`` says otherwise.
 
 Memory+ shares one value table over its three layers, and the value step runs once a
 training step for all three: the ratio to the FFN is given with this layer's whole value
@@ -63,15 +63,16 @@ VALUE_OPTIMIZERS = {
     "sparse_adam": {},
     "sparse_adam_bf16": {"moments": "bf16"},
     "sparse_adam_rowwise": {"rowwise_v": True},
-    # The paper presets' step (presets.PRESET_OPTIM: bf16 moments, optim.value_master):
-    # an fp32 master copy of the bf16 table.
+    # The paper presets' step before 2026-12-06 (bf16 moments, optim.value_master): an
+    # fp32 master copy of the bf16 table.
     "sparse_adam_bf16+master": {"moments": "bf16", "master": True},
-    # The same master split: the table and int16 remainders (optim.value_master_split).
+    # The presets' step now: the same master split, the table and int16 remainders
+    # (optim.value_master_split).
     "sparse_adam_bf16+split": {"moments": "bf16", "master": "split"},
 }
 # The presets' (presets.PRESET_OPTIM: optim.value_optimizer=sparse_adam_bf16 with
-# optim.value_master on by default).
-PRESET_VALUE_OPTIMIZER = "sparse_adam_bf16+master"
+# optim.value_master and optim.value_master_split on by default).
+PRESET_VALUE_OPTIMIZER = "sparse_adam_bf16+split"
 
 
 def ffn_hidden(dim: int, override: int | None = None) -> int:
@@ -598,7 +599,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=list(VALUE_OPTIMIZERS),
         help="the value table's lazy Adam (the first in the whole step and the ratio; the "
         "others timed beside it: their step and the whole step with them); default the "
-        "presets' (bf16 moments, fp32 master)",
+        "presets' (bf16 moments, the fp32 master split)",
     )  # fmt: skip
     p.add_argument(
         "--compile", action="store_true",

@@ -356,14 +356,18 @@ def _flat(node, prefix: str = "") -> dict:
 
 
 # Keys added after runs were saved whose value here is what every run saved before them
-# did: a file without one is the same config where ``args`` holds that value (mixing in no
-# facts makes the share and seed of the mix inert). Other new keys stay changes.
+# did (or, as said at the key, differs only in a way not worth a rerun): a file without
+# one is the same config where ``args`` holds that value (mixing in no facts makes the
+# share and seed of the mix inert). Other new keys stay changes.
 SAME_WHEN_ABSENT = {
     "data.corpus.facts_qa": 0.0,
     "data.corpus.facts_qa_share": 0.25,
     "data.corpus.facts_qa_seed": 0,
-    # The split master steps the fp32 master's values bit for bit (its table differs from
-    # the fp32 master's rounding at exact ties only), and a resume converts the saved one.
+    # Not the same to the bit for a bf16 table: the split master steps the fp32 master's
+    # values bit for bit, but its table rounds exact ties (one value in 2**16) away from
+    # zero where the fp32 master's rounds them to even, and a resume converts the saved
+    # master. Counted the same so that compare does not retrain every earlier run for it
+    # (an fp32 table has no master: there it is the same).
     "optim.value_master_split": True,
 }
 

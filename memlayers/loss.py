@@ -60,9 +60,12 @@ def accumulate_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     16 times a 32 × 1024-token step (an add of ~0.1 ms each at V = 32k, D = 768 on an
     H100: issue 15's profiles, ``aten::add_``)."""
     if acc.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and acc.dtype == torch.float32:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.add_(a @ b)
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except TypeError:  # a torch without addmm's out_dtype (added in 2.8)
+            pass
+    acc.add_(a @ b)
 
 
 # On CUDA the chunk's elementwise work runs compiled (fused); elsewhere eagerly.

@@ -78,7 +78,7 @@ class OptimArgs:
     # (SparseValueAdam(master="split")); false: a separate fp32 copy; no effect without
     # value_master (or on an fp32 table). On an H100 the
     # presets' step 4.65 -> 4.15 ms at 134m's table, 134m-memory+ +1.0-1.4% tokens/s, 1.5
-    # GiB less (benchmarks/results/split_master_h100_20261206.md).
+    # GiB less (benchmarks/results/row_adam_h100_20261206.md, train_h100_20261206e.md).
     value_master_split: bool = True
     schedule: str = "cosine"  # cosine | linear | constant
     # shorter than the run's steps (0: none); left unset, fitted to a short run
@@ -301,6 +301,13 @@ class Optimizers:
             if "optim" in state:
                 set_optimizer_state_dict(self.model, self.optimizers["adamw"], state["optim"])
             opt = self.optimizers.get("values")
+            if opt is not None and "values_optim" not in state:
+                # No optimizer state saved: the moments start fresh, and a master copy
+                # made (distributed_state_dict) before the tables loaded is the tables'.
+                from memlayers.parallel import value_tables
+
+                for _, table in value_tables(self.model):
+                    opt.set_master(table.weight, None)
             for prefix, entry in state.get("values_optim", {}).items():
                 weight = self.model.get_submodule(prefix).weight
                 opt.state[weight]["step"] = int(entry["step"])

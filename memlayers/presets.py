@@ -16,7 +16,8 @@ cores); variants:
 
 Paper-size memories: 1024 half-keys (1,048,576 values), 4 heads, top-32, v_dim = dim,
 and a bf16 value table (``value_dtype="bf16"``; the value optimizer keeps its fp32 master
-copy, ``optim.value_master``): mixed precision as autocast does it for every other
+copy, ``optim.value_master``, split into the table and an int16 remainder a value,
+``optim.value_master_split``): mixed precision as autocast does it for every other
 weight, and half the bytes of each row the lookups read. 134m-memory+ with the reads
 spread over the table: 90.6 against 98.6 ms a step with an fp32 table (H200,
 benchmarks/results/profile_134m_h200_20261203b.md). Tiny presets keep fp32 tables (a
@@ -148,7 +149,9 @@ PRESETS: dict[str, ModelConfig] = {
 # (H200), and a spread 134m-memory+ trainer step went 368k -> 376k tokens/s, 24.0 -> 21.0
 # GiB (benchmarks/results/train_h200_20261203c.md); bios exact match within the fp32
 # moments' seed spread on the CPU main job, eight seeds
-# (benchmarks/results/value_optimizer_quality_cpu_20261201.md).
+# (benchmarks/results/value_optimizer_quality_cpu_20261201.md). With the master split
+# (optim.value_master_split, the default since 2026-12-06) 18 bytes against 20, 4.15
+# against 4.65 ms at 134m's table on an H100 (benchmarks/results/row_adam_h100_20261206.md).
 PRESET_OPTIM: dict[str, dict] = {
     **{f"tiny-{variant}": {"value_lr": 3e-2} for variant in VARIANTS},
     **{f"{size}-{variant}": {"value_optimizer": "sparse_adam_bf16"}

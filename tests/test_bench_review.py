@@ -177,7 +177,7 @@ def test_the_ffn_at_the_8b_width_is_the_papers_8b_and_its_size_is_printed(ml, mo
 
 def test_the_layer_is_the_memory_plus_presets_and_its_step_trains_the_balance_loss(ml):
     args = small_args(ml)
-    assert args.value_optimizers == ["sparse_adam_bf16+master"]  # the presets' value step
+    assert args.value_optimizers == ["sparse_adam_bf16+split"]  # the presets' value step
     layer, values, vopt, ropt = ml.build(args, "torch", True, torch.device("cpu"),
                                          torch.float32)  # fmt: skip
     preset = get_preset("134m-memory+").memory

@@ -158,8 +158,9 @@ def test_cuda_autocast_matches_the_fp32_reference():
 
 def test_bench_loss_times_every_variant_and_restores_the_sum(tmp_path):
     # benchmarks/bench_loss.py --smoke: a row per chunk and way of summing, the unchunked
-    # reference, each within rounding of the first; the product-then-add variant is put
-    # back after its rows (the library's sum is the one GEMM again).
+    # reference, each within rounding of the first (the product-then-add rows within a
+    # bf16 product's: on a GPU they round each chunk's product, ~2e-3); the
+    # product-then-add variant is put back after its rows (the library's sum again).
     from benchmark_scripts import load
 
     from memlayers import loss
@@ -173,4 +174,4 @@ def test_bench_loss_times_every_variant_and_restores_the_sum(tmp_path):
     assert len(rows) == 4 and "unchunked" in out.read_text()
     for row in rows:
         diffs = [float(x.split()[-1]) for x in row.split("first: ")[1].split(" |")[0].split(", ")]
-        assert max(diffs) < 1e-5, row
+        assert max(diffs) < (1e-2 if "then add" in row else 1e-5), row

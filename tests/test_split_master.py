@@ -229,3 +229,53 @@ def test_split_master_through_dcp_checkpoints(tmp_path, saved_split, loaded_spli
     got = other_values_opt.state[other]["master"]
     assert got.dtype == (torch.int16 if loaded_split else torch.float32)
     assert torch.equal(_bits(_values(other, other_values_opt)), _bits(want))
+
+
+@pytest.mark.parametrize("fn", [row_adam_step_torch, row_adam_step_triton], ids=["torch", "triton"])
+def test_a_table_written_outside_the_step_keeps_its_value(fn):
+    # A row set to ±0 or ±inf by someone else beside remainders of either sign: the join
+    # stays within the table value's bf16 step, on its side of zero (the remainder dropped
+    # where it would cross zero or turn inf into NaN), never a NaN.
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(7))
+    hi, rem = (t.to(DEVICE) for t in split_master(x))
+    assert (rem < 0).any() and (rem > 0).any()
+    for value in (0.0, -0.0, float("inf"), -float("inf")):
+        table = hi.clone()
+        table[1] = value
+        joined = join_master(table, rem)
+        assert not joined.isnan().any()
+        assert torch.equal(joined[1].signbit(), table[1].signbit())
+        if value == 0:  # at most a subnormal of the remainder's size
+            assert (joined[1].abs() < 2**-126).all()
+        else:  # inf, or a finite value past the largest bf16 below it
+            assert (joined[1].abs() >= 3.38e38).all()
+        assert torch.equal(_bits(joined[0]), _bits(x[0].to(DEVICE)))  # untouched rows
+        stepped, r = table.clone(), rem.clone()
+        _lr0_step(fn, stepped, r)
+        assert not stepped.isnan().any()
+        assert torch.equal(stepped[1].view(torch.int16), table[1].view(torch.int16))
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["fp32-master", "split-master"])
+def test_dcp_without_optimizer_state_gives_a_master_of_the_loaded_table(tmp_path, split):
+    # A DCP checkpoint saved without optimizer state (weights for a run to start from):
+    # the master is the loaded table's, not the one made from the initial weights before
+    # the load (the first step would pull the rows back towards those).
+    from memlayers.checkpoint import load_checkpoint, save_distributed_checkpoint
+    from memlayers.memory import MemoryValues
+    from memlayers.model import build_model
+    from memlayers.optim import build_optimizer
+    from memlayers.presets import get_preset
+
+    cfg = get_preset("tiny-memory+")
+    cfg.memory.value_dtype = "bf16"
+    saved = build_model(cfg, seed=0, sparse_values=True)
+    save_distributed_checkpoint(tmp_path, 1, saved, None, {}, cfg.to_dict())
+    model = build_model(cfg, seed=1, sparse_values=True)
+    opt = build_optimizer(model, OptimArgs(value_master_split=split), impl="torch")
+    load_checkpoint(tmp_path, model, opt)
+    (table,) = [t.weight for t in model.modules() if isinstance(t, MemoryValues)]
+    (want,) = [t.weight for t in saved.modules() if isinstance(t, MemoryValues)]
+    assert torch.equal(table, want)
+    values = _values(table, opt.optimizers["values"])
+    assert torch.equal(values, want.detach().float())

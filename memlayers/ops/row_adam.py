@@ -124,9 +124,16 @@ def split_master(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def join_master(hi: torch.Tensor, rem: torch.Tensor) -> torch.Tensor:
-    """The fp32 values :func:`split_master` split into ``hi`` (bf16) and ``rem`` (int16)."""
+    """The fp32 values :func:`split_master` split into ``hi`` (bf16) and ``rem`` (int16).
+    A pair no split makes (the table written by something else than the step: a row set
+    to ±0 beside a negative remainder, or to ±inf beside a positive one) drops the
+    remainder: ``hi`` itself, never a value across zero or from inf into NaN."""
     hi_bits = hi.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
-    bits = ((hi_bits << 16) + rem.to(torch.int64)) & _M32
+    rem = rem.to(torch.int64)
+    mag = hi_bits & 0x7FFF
+    off = ((mag == 0x7F80) & (rem > 0)) | ((mag == 0) & (rem < 0))
+    rem = torch.where(off, 0, rem)
+    bits = ((hi_bits << 16) + rem) & _M32
     bits = torch.where(bits >= 1 << 31, bits - (1 << 32), bits)
     return bits.to(torch.int32).view(torch.float32)
 

@@ -118,8 +118,14 @@ def _load_param(param_ptr, master_ptr, offs, mask, MASTER: tl.constexpr):
         p = tl.load(master_ptr + offs, mask=mask, other=0.0)
     elif MASTER == 2:
         hi = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.uint16, bitcast=True)
+        hi = hi.to(tl.uint32)
         rem = tl.load(master_ptr + offs, mask=mask, other=0).to(tl.int32)
-        bits = (hi.to(tl.uint32) << 16) + rem.to(tl.uint32, bitcast=True)  # wraps mod 2**32
+        # A pair no split makes (±0 with a negative remainder, ±inf with a positive one:
+        # a table written by someone else) keeps hi alone, as join_master does.
+        mag = hi & 0x7FFF
+        off = ((mag == 0x7F80) & (rem > 0)) | ((mag == 0) & (rem < 0))
+        rem = tl.where(off, 0, rem)
+        bits = (hi << 16) + rem.to(tl.uint32, bitcast=True)  # wraps mod 2**32
         p = bits.to(tl.float32, bitcast=True)
     else:
         p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
