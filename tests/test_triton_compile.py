@@ -10,6 +10,7 @@ checked where a property of it matters.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -24,6 +25,8 @@ SCRIPT = textwrap.dedent(
     from triton.compiler import ASTSource
     from memlayers.ops.embedding_bag_triton import _bwd_kernel, _score_grad_kernel
     from memlayers.ops.quantized_triton import PACK_BLOCK_D, PACK_WARPS, _int8_pack_kernel
+    from memlayers.ops.row_adam_triton import (
+        ADAM_BLOCK_D, ADAM_WARPS, SPLIT_MASTER, row_adam_kernel, row_adam_rowwise_kernel)
 
     target = GPUTarget("cuda", 90, 32)
     out = {}
@@ -64,6 +67,22 @@ SCRIPT = textwrap.dedent(
               {**walk, "grad_out_ptr": "*i8" if gscaled else "*bf16"},
               {"D": 768, "DENSE_OUT": False, "WRITE_DV": True, "WRITE_DW": False,
                "BLOCK_D": 256, "STAGES": 1, "GSCALED": gscaled}, warps=1)
+    # The presets' row Adam step with the split master (bf16 table, int16 remainders,
+    # bf16 moments, the clip's scale), element-wise and with a row-wise v.
+    adam = {"param_ptr": "*bf16", "rows_ptr": "*i64", "grad_ptr": "*bf16",
+            "exp_avg_ptr": "*bf16", "exp_avg_sq_ptr": "*bf16", "D": "i32", "n_dtiles": "i32",
+            "beta1": "fp32", "one_minus_beta1": "fp32", "beta2": "fp32",
+            "one_minus_beta2": "fp32", "decay": "fp32", "sqrt_bc2": "fp32", "eps": "fp32",
+            "neg_step_size": "fp32", "seed": "i32", "param_seed": "i32", "master_ptr": "*i16",
+            "scale_ptr": "*fp32", "DENSE": "constexpr", "DECAY": "constexpr",
+            "BLOCK_D": "constexpr", "BF16_M": "constexpr", "BF16_V": "constexpr",
+            "BF16_P": "constexpr", "MASTER": "constexpr", "SCALE": "constexpr"}
+    flags = {"DENSE": False, "DECAY": False, "BF16_M": True, "BF16_P": True,
+             "MASTER": SPLIT_MASTER, "SCALE": True}
+    build("adam-split", row_adam_kernel, adam,
+          {**flags, "BLOCK_D": ADAM_BLOCK_D, "BF16_V": True}, warps=ADAM_WARPS)
+    build("adam-split-rowwise", row_adam_rowwise_kernel, {**adam, "exp_avg_sq_ptr": "*fp32"},
+          {**flags, "BLOCK_D": 1024, "BF16_V": False}, warps=4)
     print(json.dumps(out))
     """
 )
@@ -82,7 +101,8 @@ def ptx():
 def test_the_kernels_compile_for_a_gpu(ptx):
     assert set(ptx) == {"pack-bf16-False", "pack-bf16-True", "pack-fp32-False",
                         "pack-fp32-True", "pack-d1", "pack-d300", "score-int8", "score-bf16",
-                        "walk-int8", "walk-bf16"}  # fmt: skip
+                        "walk-int8", "walk-bf16", "adam-split",
+                        "adam-split-rowwise"}  # fmt: skip
     assert all(".entry" in code for code in ptx.values())
 
 
@@ -94,3 +114,15 @@ def test_the_packing_rounds_as_torch_does(ptx):
         assert "div.rn.f32" in code and "div.full" not in code and "div.approx" not in code
         assert ".ftz" not in code
         assert "0f4B400000" in code and "0fCB400000" in code  # + 1.5·2**23, − 1.5·2**23
+
+
+def test_the_split_master_step_keeps_ieee_arithmetic(ptx):
+    # The step's square root and divisions correctly rounded, subnormals kept (the
+    # reference's bits); every element-wise store 16 bits wide (table, remainder, moments:
+    # no fp32 master written), the row-wise v's one fp32 a row.
+    for name in ("adam-split", "adam-split-rowwise"):
+        code = ptx[name]
+        assert "sqrt.rn.f32" in code and "div.rn.f32" in code and ".ftz" not in code
+        stores = re.findall(r"\bst\.global\.(\w+)", code)
+        assert stores.count("b16") >= 3 and set(stores) <= {"b16", "b32"}
+        assert stores.count("b32") == (1 if "rowwise" in name else 0)
