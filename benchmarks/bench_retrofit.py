@@ -170,6 +170,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "are (--teach-as), make half the background (the corpus the other half)",
     )  # fmt: skip
     p.add_argument(
+        "--background-by-kind", action="store_true",
+        help="with --background-qa: score rows against the corpus half and the QA half "
+             "apart (each row its lowest idf of the two), not against one mixed stream",
+    )  # fmt: skip
+    p.add_argument(
         "--unseen-like", type=_share_seed, default=None, metavar="FRAC[:SEED]",
         help="draw every question from the facts a corpus run with data.corpus.facts_qa=FRAC "
              "(and facts_qa_seed=SEED, default 0) would not show (default: the run's own): "
@@ -181,6 +186,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.seed < 0:
         p.error(f"argument --seed: must be >= 0, got {a.seed}")
+    if a.background_by_kind and not a.background_qa:
+        p.error("argument --background-by-kind: scores the corpus and QA halves of the "
+                "background apart, so it needs --background-qa N > 0")  # fmt: skip
     a.lrs = DEFAULT_LR | dict(a.lr)
     return a
 
@@ -285,7 +293,11 @@ def main(argv: list[str] | None = None) -> None:
         picked = random.Random(a.seed + 1).sample(others, min(a.background_qa, len(others)))
         form = list(dict.fromkeys(statements(picked, 1, a.seed, a.teach_as)))
         qa = encode_documents(tok, form)
-        background = np.concatenate([qa, background[: len(qa)]])
+        corpus_half = background[: len(qa)]
+        if a.background_by_kind:  # two streams, scored apart (finetune_model's kinds)
+            background = [corpus_half, qa]
+        else:
+            background = np.concatenate([qa, corpus_half])
     taught_recs, kept_recs = records(teach, shots), records(keep, shots)
     docs = statements(teach, a.exposures, a.seed, a.teach_as)
     tokens = encode_documents(tok, docs)
@@ -365,7 +377,8 @@ def main(argv: list[str] | None = None) -> None:
         label = method + (
             f", t = {a.top_t}{' per document' if a.per_document else ''}, "
             f"{a.background_batches} background batches"
-            + (f" (about half of them {a.teach_as} of {a.background_qa} other facts)"
+            + (f" (about half of them {a.teach_as} of {a.background_qa} other facts"
+               + ("; the two kinds scored apart" if a.background_by_kind else "") + ")"
                if a.background_qa else "")
             if method == "sparse-memory" else ""
         )  # fmt: skip

@@ -54,7 +54,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -270,9 +270,16 @@ def specificity_scores(
     return tf * _idf(background, background_docs)
 
 
-def _idf(background: torch.Tensor, background_docs: int) -> torch.Tensor:
-    """``log((N + 1) / (df + 1))`` per row (:func:`specificity_scores`), float64."""
-    return torch.log((background_docs + 1) / (background.double() + 1))
+def _idf(background: torch.Tensor, background_docs: int | Sequence[int]) -> torch.Tensor:
+    """``log((N + 1) / (df + 1))`` per row (:func:`specificity_scores`), float64. A
+    background of several kinds (``background [K, n_rows]``, ``background_docs`` K counts:
+    :func:`finetune_model`'s list of streams) gives each row its lowest idf over the
+    kinds: a row every sequence of one kind reads scores 0, however rare the other kinds
+    make it (in one mixed stream a row read by all of half the sequences keeps log 2)."""
+    if background.dim() == 1:
+        return torch.log((background_docs + 1) / (background.double() + 1))
+    docs = torch.as_tensor(background_docs, dtype=torch.float64, device=background.device)
+    return torch.log((docs[:, None] + 1) / (background.double() + 1)).min(dim=0).values
 
 
 def top_rows(
@@ -355,7 +362,7 @@ def top_rows_per_document(
     token n read (every layer reading the table), ``docs [N]`` its document
     (:func:`document_ids`). Every fact then gets rows of its own, where a batch-wide top-t
     favours the rows several documents of the batch read."""
-    n_rows = background.numel()
+    n_rows = background.shape[-1]  # [n_rows], or [K, n_rows] for K kinds of background
     pair = docs[:, None] * n_rows + indices  # [N, R]: (document, row)
     keys, counts = pair.reshape(-1).unique(return_counts=True)  # ascending: by document
     doc, row = keys // n_rows, keys % n_rows
@@ -495,14 +502,17 @@ def finetune_model(
     seq_len: int,
     batch_size: int,
     optim,
-    background: np.ndarray | None = None,
+    background: np.ndarray | Sequence[np.ndarray] | None = None,
     after_step: Callable[[int, nn.Module], object] | None = None,
     eos_id: int | None = None,
 ) -> Finetuned:
     """Train ``model`` in place on ``tokens`` by ``args.method`` (module docstring).
     ``optim``: the run's :class:`~memlayers.optim.OptimArgs` (betas, eps, default learning
     rates, the full method's optimizer); ``background``: the token stream the sparse-memory
-    scores compare against (how many of its sequences read each row). ``after_step(step,
+    scores compare against (how many of its sequences read each row), or a list of streams
+    of different kinds (e.g. corpus text and QA pairs), each read for its share of
+    ``args.background_batches`` and scored apart, a row taking its lowest idf over them
+    (:func:`_idf`). ``after_step(step,
     model)``: called after each optimizer step (1-based), e.g. to evaluate the model so far
     (a lora model with its adapters live); the model goes back to training mode after it.
     A lora model comes back merged. ``eos_id``: the token that ends each document
@@ -520,7 +530,8 @@ def finetune_model(
     stream = training_stream(tokens, batch_size, seq_len)
     loader = PackedLoader(stream, batch_size, seq_len, seed=args.seed)
     betas = (optim.beta1, optim.beta2)
-    bg_df: list[torch.Tensor] = []  # per table [n_rows]: background sequences reading a row
+    # per table [n_rows] ([K, n_rows] for K kinds): background sequences reading a row
+    bg_df: list[torch.Tensor] = []
     bg_docs = 0
     if args.method == "sparse-memory":
         if not tables:
@@ -528,12 +539,14 @@ def finetune_model(
                 "method 'sparse-memory' trains value-table rows, but the model has no memory "
                 "layers: use --method full or lora"
             )
-        check_background(background, seq_len)
+        kinds = list(background) if isinstance(background, (list, tuple)) else [background]
+        for i, stream in enumerate(kinds):
+            check_background(stream, seq_len, f"background {i}" if len(kinds) > 1 else "")
         model.requires_grad_(False)
         for t in tables:
             t.weight.requires_grad_(True)
             t.sparse_grad = True  # row-sparse gradients: the lazy optimizer's input
-        bg_df, bg_docs = _background_counts(model, background, args, seq_len, batch_size)
+        bg_df, bg_docs = _background_counts(model, kinds, args, seq_len, batch_size)
         touched = [torch.zeros(t.n_rows, dtype=torch.bool) for t in tables]
         opt = SparseValueAdam(
             [t.weight for t in tables], lr=lr, betas=betas, eps=optim.eps,
@@ -641,27 +654,39 @@ def _diverged(what: str, step: int, args: FinetuneArgs, lr: float, after: bool =
 
 
 @torch.no_grad()
-def _background_counts(model, background, args, seq_len, batch_size):
-    """Per table, in how many sequences of ``args.background_batches`` batches of
-    ``background`` each row is read (eval mode), and the number of sequences."""
+def _background_counts(model, kinds, args, seq_len, batch_size):
+    """Per table, in how many sequences of ``args.background_batches`` batches of the
+    background each row is read (eval mode), and the number of sequences: ``([n_rows]
+    per table, N)`` for one stream (``kinds`` a stream, or a list of one); for several,
+    each read for its share of the batches (at least one), ``([K, n_rows] per table,
+    [N_k])``."""
+    if not isinstance(kinds, (list, tuple)):
+        kinds = [kinds]  # one stream
     device = next(model.parameters()).device
-    n = (len(background) - 1) // seq_len
-    b = min(batch_size, n)
-    loader = PackedLoader(background, b, seq_len, seed=args.seed)
-    n_batches = min(args.background_batches, len(loader))
     was_training = model.training
     model.eval()
     tables = value_tables(model)
-    df = [torch.zeros(t.n_rows, dtype=torch.int64, device=t.weight.device) for t in tables]
+    per_kind = max(1, args.background_batches // len(kinds))
+    dfs, docs = [], []
     with counting_reads(model) as take:
-        for _ in range(n_batches):
-            x, _ = next(loader)
-            for seq in x.to(device):  # one sequence a pass: its rows, not their reads
-                model(seq[None])
-                for d, c in zip(df, take(), strict=True):
-                    d += (c > 0).long()
+        for stream in kinds:
+            n = (len(stream) - 1) // seq_len
+            b = min(batch_size, n)
+            loader = PackedLoader(stream, b, seq_len, seed=args.seed)
+            n_batches = min(per_kind, len(loader))
+            df = [torch.zeros(t.n_rows, dtype=torch.int64, device=t.weight.device) for t in tables]
+            for _ in range(n_batches):
+                x, _ = next(loader)
+                for seq in x.to(device):  # one sequence a pass: its rows, not their reads
+                    model(seq[None])
+                    for d, c in zip(df, take(), strict=True):
+                        d += (c > 0).long()
+            dfs.append(df)
+            docs.append(n_batches * b)
     model.train(was_training)
-    return df, n_batches * b
+    if len(kinds) == 1:
+        return dfs[0], docs[0]
+    return [torch.stack(per_table) for per_table in zip(*dfs, strict=True)], docs
 
 
 # ---- the run directory ---------------------------------------------------------------------

@@ -3,6 +3,7 @@ table move), full finetuning, LoRA (unchanged at step 0, merged on save), the ne
 directory, and the refusals."""
 
 import json
+import math
 import re
 from dataclasses import replace
 
@@ -78,6 +79,34 @@ def test_background_counts_sequences_that_read_a_row_not_reads():
     # a row can be read by many tokens of a sequence (and by both layers): counted once
     assert int(df.max()) == n_seq and int(df.min()) >= 0
     assert int(df.sum()) < n_seq * T * 2 * 2 * 4  # fewer than the reads
+
+
+def test_kinds_of_background_give_each_row_its_lowest_idf():
+    # Two kinds of 10 sequences each: row 0 read by every sequence of the first kind, row 1
+    # by every one of the second, row 2 by none. In one mixed stream of 20 each common row
+    # keeps idf log(21 / 11); scored apart each is as common as its own kind says: 0.
+    counts = torch.tensor([5, 5, 5])
+    by_kind = torch.tensor([[10, 0, 0], [0, 10, 0]])
+    score = specificity_scores(counts, by_kind, [10, 10])
+    assert score[0] == score[1] == 0 and score[2] > 0
+    mixed = specificity_scores(counts, by_kind.sum(0), 20)
+    assert (mixed[:2] > 0).all() and mixed[2] == score[2] * math.log(21) / math.log(11)
+    assert top_rows(counts, by_kind, [10, 10], 1).tolist() == [2]
+    # per document: the same idf
+    indices, docs = torch.tensor([[0], [1], [2]]), torch.tensor([0, 0, 0])
+    assert top_rows_per_document(indices, docs, by_kind, [10, 10], 1).tolist() == [2]
+
+
+def test_background_counts_by_kind_splits_the_batches():
+    model = _model()
+    args = FinetuneArgs(background_batches=4)
+    kinds = [_tokens(4000, 2, 0, VOCAB // 2), _tokens(4000, 3, VOCAB // 2)]
+    df, n_seq = _background_counts(model, kinds, args, T, B)
+    assert n_seq == [2 * B, 2 * B]  # half the batches each
+    (df,) = df
+    assert df.shape == (2, model.memory_values.n_rows)
+    alone, n = _background_counts(model, kinds[1:], FinetuneArgs(background_batches=2), T, B)
+    assert n == 2 * B and torch.equal(alone[0], df[1])  # each kind as if read alone
 
 
 @pytest.mark.parametrize("steps", [1, 3])

@@ -353,6 +353,37 @@ def test_bench_retrofit_background_qa_is_half_the_background(bench, text_run, tm
     assert "other facts" in qa_md and "other facts" not in plain_md
 
 
+def test_bench_retrofit_background_by_kind_passes_the_two_halves(bench, text_run, tmp_path,
+                                                                 monkeypatch):  # fmt: skip
+    # --background-by-kind: the same corpus and QA halves as --background-qa's mixed
+    # stream, handed to finetune_model as two kinds; refused without --background-qa
+    monkeypatch.setattr(
+        bench, "em", lambda model, tok, recs: [i % 2 == 0 for i, _ in enumerate(recs)]
+    )
+    monkeypatch.setattr(bench, "measure", lambda *a, **k: {"learned": 0.5, "kept": 0.5,
+                                                           "val_loss": 1.0})  # fmt: skip
+    seen, real = [], bench.finetune_model
+    monkeypatch.setattr(
+        bench, "finetune_model",
+        lambda model, tokens, args, *rest, **kw: seen.append(rest[3]) or real(
+            model, tokens, args, *rest, **kw),
+    )  # fmt: skip
+    outs = {}
+    for extra in ([], ["--background-by-kind"]):
+        out = tmp_path / f"k{len(extra)}.md"
+        argv = [*BENCH_ARGV, "--teach-as", "qa", "--background-qa", "5", *extra]
+        monkeypatch.setattr(sys, "argv", ["b", str(text_run), *argv, "--out", str(out)])
+        bench.main()
+        outs[len(extra)] = (seen[-1], out.read_text())
+    mixed, kinds = outs[0][0], outs[1][0]
+    assert isinstance(kinds, list) and len(kinds) == 2
+    corpus, qa = kinds
+    assert np.array_equal(np.concatenate([qa, corpus]), mixed)
+    assert "scored apart" in outs[1][1] and "scored apart" not in outs[0][1]
+    with pytest.raises(SystemExit):
+        bench.parse_args([str(text_run), "--background-by-kind"])
+
+
 def test_bench_retrofit_refuses_a_pool_with_nothing_to_keep(bench, text_run, monkeypatch):
     monkeypatch.setattr(bench, "em", lambda model, tok, recs: [False] * len(recs))
     monkeypatch.setattr(sys, "argv", ["b", str(text_run), *BENCH_ARGV])
