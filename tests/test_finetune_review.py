@@ -318,10 +318,9 @@ def test_bench_retrofit_seconds_leave_the_evaluations_out(bench, text_run, tmp_p
     assert not {tuple(f) for f in saved["taught"]} & {tuple(f) for f in saved["kept"]}
 
 
-def test_bench_retrofit_background_qa_is_half_the_background(bench, text_run, tmp_path,
-                                                              monkeypatch):  # fmt: skip
-    # --background-qa N: N facts outside the pool, in the taught form, then as many corpus
-    # tokens; without it the corpus alone
+def _backgrounds_seen(bench, monkeypatch) -> list:
+    """bench_retrofit with every other pool question right and no evaluation; the list
+    each finetune_model call's background is appended to."""
     monkeypatch.setattr(
         bench, "em", lambda model, tok, recs: [i % 2 == 0 for i, _ in enumerate(recs)]
     )
@@ -333,6 +332,14 @@ def test_bench_retrofit_background_qa_is_half_the_background(bench, text_run, tm
         lambda model, tokens, args, *rest, **kw: seen.append(rest[3]) or real(
             model, tokens, args, *rest, **kw),
     )  # fmt: skip
+    return seen
+
+
+def test_bench_retrofit_background_qa_is_half_the_background(bench, text_run, tmp_path,
+                                                              monkeypatch):  # fmt: skip
+    # --background-qa N: N facts outside the pool, in the taught form, then as many corpus
+    # tokens; without it the corpus alone
+    seen = _backgrounds_seen(bench, monkeypatch)
     runs = {}
     for extra in ([], ["--teach-as", "qa", "--background-qa", "5"]):
         out = tmp_path / f"r{len(extra)}.md"
@@ -357,17 +364,7 @@ def test_bench_retrofit_background_by_kind_passes_the_two_halves(bench, text_run
                                                                  monkeypatch):  # fmt: skip
     # --background-by-kind: the same corpus and QA halves as --background-qa's mixed
     # stream, handed to finetune_model as two kinds; refused without --background-qa
-    monkeypatch.setattr(
-        bench, "em", lambda model, tok, recs: [i % 2 == 0 for i, _ in enumerate(recs)]
-    )
-    monkeypatch.setattr(bench, "measure", lambda *a, **k: {"learned": 0.5, "kept": 0.5,
-                                                           "val_loss": 1.0})  # fmt: skip
-    seen, real = [], bench.finetune_model
-    monkeypatch.setattr(
-        bench, "finetune_model",
-        lambda model, tokens, args, *rest, **kw: seen.append(rest[3]) or real(
-            model, tokens, args, *rest, **kw),
-    )  # fmt: skip
+    seen = _backgrounds_seen(bench, monkeypatch)
     outs = {}
     for extra in ([], ["--background-by-kind"]):
         out = tmp_path / f"k{len(extra)}.md"
