@@ -170,6 +170,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "are (--teach-as), make half the background (the corpus the other half)",
     )  # fmt: skip
     p.add_argument(
+        "--background-qa-known", action="store_true",
+        help="with --background-qa N: N facts the model answers right before (asked with "
+             "the pool's examples; up to 3N candidates tried), not any N others",
+    )  # fmt: skip
+    p.add_argument(
+        "--background-corpus-whole", action="store_true",
+        help="with --background-qa: the whole corpus background beside the QA pairs, not "
+             "as many corpus tokens as they hold",
+    )  # fmt: skip
+    p.add_argument(
         "--background-by-kind", action="store_true",
         help="with --background-qa: score rows against the corpus half and the QA half "
              "apart (each row its lowest idf of the two), not against one mixed stream",
@@ -186,9 +196,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.seed < 0:
         p.error(f"argument --seed: must be >= 0, got {a.seed}")
-    if a.background_by_kind and not a.background_qa:
-        p.error("argument --background-by-kind: scores the corpus and QA halves of the "
-                "background apart, so it needs --background-qa N > 0")  # fmt: skip
+    for flag in ("background_by_kind", "background_qa_known", "background_corpus_whole"):
+        if getattr(a, flag) and not a.background_qa:
+            p.error(f"argument --{flag.replace('_', '-')}: shapes the QA pairs of the "
+                    f"background, so it needs --background-qa N > 0")  # fmt: skip
     a.lrs = DEFAULT_LR | dict(a.lr)
     return a
 
@@ -290,10 +301,18 @@ def main(argv: list[str] | None = None) -> None:
         # form reads for any fact (the "Q: ... A:" frame) then score low in the TF-IDF
         asked = set(pool) | {f for fs in shots.values() for f in fs}
         others = [f for rel in sorted(by_rel) for f in by_rel[rel] if f not in asked]
-        picked = random.Random(a.seed + 1).sample(others, min(a.background_qa, len(others)))
+        if a.background_qa_known:  # the facts it answers right: their rows protected
+            tried = random.Random(a.seed + 1).sample(
+                others, min(3 * a.background_qa, len(others)))  # fmt: skip
+            ok = em(base.model, tok, records(tried, shots))
+            picked = [f for f, r in zip(tried, ok, strict=True) if r][: a.background_qa]
+            print(f"background QA: {len(picked)} facts answered right of {len(tried)} tried")
+        else:
+            picked = random.Random(a.seed + 1).sample(
+                others, min(a.background_qa, len(others)))  # fmt: skip
         form = list(dict.fromkeys(statements(picked, 1, a.seed, a.teach_as)))
         qa = encode_documents(tok, form)
-        corpus_half = background[: len(qa)]
+        corpus_half = background if a.background_corpus_whole else background[: len(qa)]
         if a.background_by_kind:  # two streams, scored apart (finetune_model's kinds)
             background = [corpus_half, qa]
         else:
@@ -377,7 +396,10 @@ def main(argv: list[str] | None = None) -> None:
         label = method + (
             f", t = {a.top_t}{' per document' if a.per_document else ''}, "
             f"{a.background_batches} background batches"
-            + (f" (about half of them {a.teach_as} of {a.background_qa} other facts"
+            + (f" ({a.teach_as} of {a.background_qa} other facts"
+               + (" it answered right" if a.background_qa_known else "")
+               + (" beside the whole corpus background" if a.background_corpus_whole
+                  else ", about half of them")
                + ("; the two kinds scored apart" if a.background_by_kind else "") + ")"
                if a.background_qa else "")
             if method == "sparse-memory" else ""

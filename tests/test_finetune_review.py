@@ -318,9 +318,9 @@ def test_bench_retrofit_seconds_leave_the_evaluations_out(bench, text_run, tmp_p
     assert not {tuple(f) for f in saved["taught"]} & {tuple(f) for f in saved["kept"]}
 
 
-def _backgrounds_seen(bench, monkeypatch) -> list:
-    """bench_retrofit with every other pool question right and no evaluation; the list
-    each finetune_model call's background is appended to."""
+def _run_backgrounds(bench, text_run, tmp_path, monkeypatch, *extras) -> list[tuple]:
+    """bench_retrofit once per list of ``extras`` (every other pool question right, no
+    evaluation): ``(the background finetune_model got, the results markdown)`` each."""
     monkeypatch.setattr(
         bench, "em", lambda model, tok, recs: [i % 2 == 0 for i, _ in enumerate(recs)]
     )
@@ -332,23 +332,23 @@ def _backgrounds_seen(bench, monkeypatch) -> list:
         lambda model, tokens, args, *rest, **kw: seen.append(rest[3]) or real(
             model, tokens, args, *rest, **kw),
     )  # fmt: skip
-    return seen
+    runs = []
+    for i, extra in enumerate(extras):
+        out = tmp_path / f"run{i}.md"
+        monkeypatch.setattr(sys, "argv", ["b", str(text_run), *BENCH_ARGV, *extra, "--out",
+                                          str(out)])  # fmt: skip
+        bench.main()
+        runs.append((seen[-1], out.read_text()))
+    return runs
 
 
 def test_bench_retrofit_background_qa_is_half_the_background(bench, text_run, tmp_path,
                                                               monkeypatch):  # fmt: skip
     # --background-qa N: N facts outside the pool, in the taught form, then as many corpus
     # tokens; without it the corpus alone
-    seen = _backgrounds_seen(bench, monkeypatch)
-    runs = {}
-    for extra in ([], ["--teach-as", "qa", "--background-qa", "5"]):
-        out = tmp_path / f"r{len(extra)}.md"
-        monkeypatch.setattr(sys, "argv", ["b", str(text_run), *BENCH_ARGV, *extra, "--out",
-                                          str(out)])  # fmt: skip
-        bench.main()
-        runs[len(extra)] = (seen[-1], out.read_text())
-    corpus, plain_md = runs[0]
-    mixed, qa_md = runs[4]
+    (corpus, plain_md), (mixed, qa_md) = _run_backgrounds(
+        bench, text_run, tmp_path, monkeypatch, [], ["--teach-as", "qa", "--background-qa", "5"]
+    )
     half = len(mixed) // 2
     assert len(mixed) == 2 * half and 0 < half < len(corpus)
     assert np.array_equal(mixed[half:], corpus[:half])  # the corpus half, from its start
@@ -364,14 +364,10 @@ def test_bench_retrofit_background_by_kind_passes_the_two_halves(bench, text_run
                                                                  monkeypatch):  # fmt: skip
     # --background-by-kind: the same corpus and QA halves as --background-qa's mixed
     # stream, handed to finetune_model as two kinds; refused without --background-qa
-    seen = _backgrounds_seen(bench, monkeypatch)
-    outs = {}
-    for extra in ([], ["--background-by-kind"]):
-        out = tmp_path / f"k{len(extra)}.md"
-        argv = [*BENCH_ARGV, "--teach-as", "qa", "--background-qa", "5", *extra]
-        monkeypatch.setattr(sys, "argv", ["b", str(text_run), *argv, "--out", str(out)])
-        bench.main()
-        outs[len(extra)] = (seen[-1], out.read_text())
+    qa = ["--teach-as", "qa", "--background-qa", "5"]
+    runs = _run_backgrounds(bench, text_run, tmp_path, monkeypatch, qa,
+                            [*qa, "--background-by-kind"])  # fmt: skip
+    outs = dict(enumerate(runs))
     mixed, kinds = outs[0][0], outs[1][0]
     assert isinstance(kinds, list) and len(kinds) == 2
     corpus, qa = kinds
@@ -379,6 +375,31 @@ def test_bench_retrofit_background_by_kind_passes_the_two_halves(bench, text_run
     assert "scored apart" in outs[1][1] and "scored apart" not in outs[0][1]
     with pytest.raises(SystemExit):
         bench.parse_args([str(text_run), "--background-by-kind"])
+
+
+def test_bench_retrofit_background_of_known_facts_beside_the_whole_corpus(
+    bench, text_run, tmp_path, monkeypatch, capsys
+):
+    # --background-qa-known: the QA pairs of facts the model answers right (the em stub:
+    # every other record of a call), up to N of 3N tried; --background-corpus-whole: the
+    # whole corpus background after them, not a piece as long as the QA pairs
+    known = ["--teach-as", "qa", "--background-qa", "4", "--background-qa-known",
+             "--background-corpus-whole"]  # fmt: skip
+    (corpus, _), (whole, known_md) = _run_backgrounds(
+        bench, text_run, tmp_path, monkeypatch, [], known
+    )
+    assert "background QA: 4 facts answered right of 12 tried" in capsys.readouterr().out
+    assert len(whole) > len(corpus) and np.array_equal(whole[-len(corpus) :], corpus)
+    tok = load_run(text_run).tokenizer
+    qa = whole[: len(whole) - len(corpus)]
+    docs = [
+        tok.decode(d[:-1].tolist()) for d in np.split(qa, np.where(qa == tok.eos_id)[0][:-1] + 1)
+    ]
+    assert len(docs) == 4 and all(d.startswith("Q: ") for d in docs)
+    assert "4 other facts it answered right beside the whole corpus background" in known_md
+    for flag in ("--background-qa-known", "--background-corpus-whole"):
+        with pytest.raises(SystemExit):
+            bench.parse_args([str(text_run), flag])
 
 
 def test_bench_retrofit_refuses_a_pool_with_nothing_to_keep(bench, text_run, monkeypatch):
