@@ -253,7 +253,9 @@ def test_a_table_written_outside_the_step_keeps_its_value(fn):
         stepped, r = table.clone(), rem.clone()
         _lr0_step(fn, stepped, r)
         assert not stepped.isnan().any()
-        assert torch.equal(stepped[1].view(torch.int16), table[1].view(torch.int16))
+        # as values: the step's p + 0·u may give +0 for -0 (Triton 3.8's interpreter passes
+        # the lr-0 step size -0.0 as +0.0), a zero either way
+        assert torch.equal(stepped[1].float(), table[1].float())
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["fp32-master", "split-master"])
