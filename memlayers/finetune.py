@@ -539,7 +539,7 @@ def finetune_model(
                 "method 'sparse-memory' trains value-table rows, but the model has no memory "
                 "layers: use --method full or lora"
             )
-        kinds = list(background) if isinstance(background, (list, tuple)) else [background]
+        kinds = _kinds(background)
         for i, stream in enumerate(kinds):
             check_background(stream, seq_len, f"background {i}" if len(kinds) > 1 else "")
         model.requires_grad_(False)
@@ -653,6 +653,12 @@ def _diverged(what: str, step: int, args: FinetuneArgs, lr: float, after: bool =
     )
 
 
+def _kinds(background) -> list:
+    """The background's streams: a list or tuple of them as a list, one stream alone as
+    a list of one."""
+    return list(background) if isinstance(background, (list, tuple)) else [background]
+
+
 @torch.no_grad()
 def _background_counts(model, kinds, args, seq_len, batch_size):
     """Per table, in how many sequences of ``args.background_batches`` batches of the
@@ -660,8 +666,7 @@ def _background_counts(model, kinds, args, seq_len, batch_size):
     per table, N)`` for one stream (``kinds`` a stream, or a list of one); for several,
     each read for its share of the batches (at least one), ``([K, n_rows] per table,
     [N_k])``."""
-    if not isinstance(kinds, (list, tuple)):
-        kinds = [kinds]  # one stream
+    kinds = _kinds(kinds)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

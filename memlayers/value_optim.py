@@ -56,7 +56,13 @@ import torch
 from memlayers.memory import _positive_number
 from memlayers.ops.embedding_bag import IMPLS, resolve_impl
 from memlayers.ops.read_copy import READ_COPY
-from memlayers.ops.row_adam import join_master, row_adam_step_, row_sgd_step_, split_master
+from memlayers.ops.row_adam import (
+    join_master,
+    row_adam_step_,
+    row_sgd_step_,
+    row_slices,
+    split_master,
+)
 
 __all__ = [
     "SparseValueAdam",
@@ -191,18 +197,6 @@ class _RowOptimizer(torch.optim.Optimizer):
                     if copy is not None:
                         copy.refresh_rows_(p, rows, self.impl)
         return loss
-
-
-# Elements a piece of a master's conversion (fp32 <-> split) holds: its int64 temporaries
-# are 8 bytes a value, 32 MB a temporary.
-CONVERT_ELEMENTS = 1 << 22
-
-
-def _row_pieces(n: int, per_row: int):
-    """Slices of ``n`` rows of ``per_row`` elements, about ``CONVERT_ELEMENTS`` a piece."""
-    step = max(1, CONVERT_ELEMENTS // max(1, per_row))
-    for start in range(0, n, step):
-        yield slice(start, min(n, start + step))
 
 
 class SparseValueAdam(_RowOptimizer):
@@ -359,11 +353,11 @@ class SparseValueAdam(_RowOptimizer):
         if split == (saved.dtype == torch.int16):  # the same kind: as saved
             state["master"] = saved.to(self.master_kind(p)).contiguous().clone()
             return
-        # The other kind, converted a piece of rows at a time: the bit arithmetic's int64
-        # temporaries are 8 bytes a value (a whole 1M × 768 table's would be GBs).
+        # The other kind, converted a piece of rows at a time (as the reference step
+        # walks them): the bit arithmetic's int64 temporaries are 8 bytes a value.
         out = torch.empty_like(p, dtype=self.master_kind(p))
         table = p.detach()
-        for rows in _row_pieces(p.shape[0], p[0].numel()):
+        for rows in row_slices(*p.shape):
             if split:
                 table[rows], out[rows] = split_master(saved[rows].float())
             else:

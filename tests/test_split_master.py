@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memlayers import SparseValueAdam, value_optim
+from memlayers import SparseValueAdam
+from memlayers.ops import row_adam
 from memlayers.ops.row_adam import join_master, row_adam_step_torch, split_master
 from memlayers.ops.row_adam_triton import row_adam_step_triton
 from memlayers.optim import OptimArgs
@@ -158,7 +159,7 @@ def test_either_master_loads_into_either(saved, loaded, piece, monkeypatch):
     # three more steps: the fp32 values of an uninterrupted run's, bit for bit. A
     # conversion walks the rows a piece at a time (48 elements: 3 rows a piece).
     if piece is not None:
-        monkeypatch.setattr(value_optim, "CONVERT_ELEMENTS", piece)
+        monkeypatch.setattr(row_adam, "PIECE_ELEMENTS", piece)
     start = torch.randn(20, 16, generator=torch.Generator().manual_seed(2)).bfloat16()
     whole, whole_opt = _optimizer_run(loaded, start, 6)
     first, first_opt = _optimizer_run(saved, start, 3)

@@ -200,14 +200,22 @@ def row_adam_step_torch(
 PIECE_ELEMENTS = 1 << 24
 
 
+def row_slices(n: int, width: int):
+    """Slices of ``n`` rows of ``width`` elements, :data:`PIECE_ELEMENTS` a slice (at least
+    one row): the pieces a step or a conversion of a whole table walks, so that its
+    temporaries stay a piece's size."""
+    per = max(1, PIECE_ELEMENTS // max(1, width))
+    for start in range(0, n, per):
+        yield slice(start, min(n, start + per))
+
+
 def _pieces(param: torch.Tensor, rows: torch.Tensor | None, grad: torch.Tensor):
     """``(sel, rows, grad)`` of each piece of the touched rows: ``sel`` indexes ``param``
     (a slice when all rows are stepped), ``rows`` the piece's row numbers (the rounding
     noise's offsets), ``grad`` its gradient rows."""
     total = param.shape[0] if rows is None else rows.shape[0]
-    per = max(1, PIECE_ELEMENTS // max(1, param.shape[1]))
-    for start in range(0, total, per):
-        end = min(total, start + per)
+    for cut in row_slices(total, param.shape[1]):
+        start, end = cut.start, cut.stop
         if rows is None:
             piece = torch.arange(start, end, device=param.device)
             yield slice(start, end), piece, grad[start:end]
